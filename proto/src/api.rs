@@ -1,0 +1,141 @@
+//! The control API between the stages / operator commands and the daemon: JSON over HTTP
+//! on the daemon's Unix socket.
+//!
+//! Routes: `POST /v1/leases` ([`AcquireRequest`] -> [`Lease`]), `GET /v1/leases/{id}`,
+//! `GET /v1/leases?job_key=K`, `POST /v1/leases/{id}/release` ([`ReleaseRequest`]),
+//! `GET /v1/status` ([`StatusResponse`]). Errors are [`ApiError`] with a matching status.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub const LEASES_PATH: &str = "/v1/leases";
+pub const STATUS_PATH: &str = "/v1/status";
+
+/// Ask for a machine. Idempotent per `job_key`: asking again while the job holds a lease
+/// returns that lease, so a `prepare` that crashed after the grant does not leak a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquireRequest {
+    /// Identifies the job (e.g. `<runner short token>-<job id>`).
+    pub job_key: String,
+    /// Machine class; `None` means the daemon's default class.
+    #[serde(default)]
+    pub class: Option<String>,
+    /// How long the daemon may hold the request waiting for a machine.
+    pub timeout_ms: u64,
+}
+
+/// A machine granted to one job until released.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub lease_id: String,
+    pub job_key: String,
+    pub machine_id: String,
+    pub instance_id: String,
+    pub class: String,
+    /// The machine's private IP: where its dockerd listens.
+    pub address: String,
+    pub docker_port: u16,
+    /// The DNS name the machine's server certificate carries; verify this, not the IP.
+    pub server_name: String,
+    pub acquired_at: DateTime<Utc>,
+    /// Jobs the machine ran before this one (0 on a fresh machine).
+    pub previous_builds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseOutcome {
+    /// The machine may be reused (subject to `max_builds` and the idle policy).
+    Healthy,
+    /// The machine must never be leased again; it is terminated and replaced.
+    Broken,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub outcome: ReleaseOutcome,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseResponse {
+    /// False when the lease was already gone (release is idempotent).
+    pub released: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownClass,
+    /// No machine became free within the request's timeout.
+    Timeout,
+    NotFound,
+    /// The daemon is draining and grants no new leases.
+    Draining,
+    /// The lease's machine was lost (terminated, reclaimed, unreachable).
+    MachineLost,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Lifecycle of a machine as the daemon tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineState {
+    /// Launched; waiting for its dockerd to answer over mTLS.
+    Booting,
+    /// Ready and unleased.
+    Idle,
+    /// Held by a job.
+    Leased,
+    /// Failed; never leased again; will be terminated.
+    Broken,
+    /// Termination requested.
+    Terminating,
+}
+
+impl MachineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Booting => "booting",
+            Self::Idle => "idle",
+            Self::Leased => "leased",
+            Self::Broken => "broken",
+            Self::Terminating => "terminating",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineStatus {
+    pub machine_id: String,
+    pub instance_id: String,
+    pub class: String,
+    pub instance_type: String,
+    pub state: MachineState,
+    pub address: String,
+    pub builds: u32,
+    pub launched_at: DateTime<Utc>,
+    #[serde(default)]
+    pub ready_at: Option<DateTime<Utc>>,
+    /// The job holding the machine, when leased.
+    #[serde(default)]
+    pub job_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub fleet: String,
+    pub draining: bool,
+    pub machines: Vec<MachineStatus>,
+    /// Acquire requests currently waiting, per class.
+    pub waiting: std::collections::BTreeMap<String, u32>,
+}

@@ -1,0 +1,426 @@
+//! The `flotilla.toml` schema: read by the daemon and the stages, written by the
+//! provisioner and the sandbox with these same types, so a file one side writes is always
+//! one the other side accepts.
+//!
+//! Loading is two steps (ripgrep's "validate, then resolve"): [`Config::from_toml`] parses
+//! with unknown keys rejected and the offending key named, then [`Config::validate`] checks
+//! cross-field rules. Nothing here touches the network.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::HumanDuration;
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "FLOTILLA_CONFIG";
+/// Where the config lives when neither `--config` nor `FLOTILLA_CONFIG` is set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/flotilla/flotilla.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Fleet name: the value of the `flotilla:fleet` tag on every instance this daemon
+    /// launches and the only instances it will ever terminate.
+    pub fleet: String,
+    /// Holds the CA, the state file and (by default) the control socket.
+    pub state_dir: PathBuf,
+    /// Control socket path; defaults to `<state_dir>/flotilla.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// Class used by jobs that do not set `FLOTILLA_CLASS`.
+    pub default_class: String,
+    /// Machines in any state, all classes together.
+    #[serde(default = "defaults::max_machines")]
+    pub max_machines: u32,
+    /// How often the daemon observes EC2 when nothing else wakes it.
+    #[serde(default = "defaults::reconcile_interval")]
+    pub reconcile_interval: HumanDuration,
+    /// An instance tagged with this fleet but unknown to the daemon is terminated once it
+    /// has been seen for this long.
+    #[serde(default = "defaults::orphan_grace")]
+    pub orphan_grace: HumanDuration,
+    #[serde(default)]
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub job: JobConfig,
+    /// Named machine classes; a job picks one with the `FLOTILLA_CLASS` variable.
+    pub classes: BTreeMap<String, ClassConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Overrides the SDK's region chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Overrides the SDK's endpoint chain (`AWS_ENDPOINT_URL` also works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+/// What the stages need to run a job on a leased machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Where the builds volume is mounted in the job's containers.
+    #[serde(default = "defaults::builds_dir")]
+    pub builds_dir: String,
+    /// Where the cache volume is mounted in the job's containers.
+    #[serde(default = "defaults::cache_dir")]
+    pub cache_dir: String,
+    /// Image for jobs without `image:`.
+    #[serde(default = "defaults::default_image")]
+    pub default_image: String,
+    /// Image that runs the predefined stages (git, cache, artifacts).
+    #[serde(default = "defaults::helper_image")]
+    pub helper_image: String,
+    /// How long `prepare` waits for a machine before failing with a system failure.
+    #[serde(default = "defaults::acquire_timeout")]
+    pub acquire_timeout: HumanDuration,
+    /// Docker API timeout for single calls (not for script execution).
+    #[serde(default = "defaults::docker_timeout")]
+    pub docker_timeout: HumanDuration,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            builds_dir: defaults::builds_dir(),
+            cache_dir: defaults::cache_dir(),
+            default_image: defaults::default_image(),
+            helper_image: defaults::helper_image(),
+            acquire_timeout: defaults::acquire_timeout(),
+            docker_timeout: defaults::docker_timeout(),
+        }
+    }
+}
+
+/// One kind of build machine and the pool policy that keeps it warm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    pub ami: String,
+    /// Tried in order when launching.
+    pub instance_types: Vec<String>,
+    /// Private subnets the class may launch into.
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// IAM instance profile name for the machines (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_profile: Option<String>,
+    /// Root volume size in GiB; the AMI's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume_gb: Option<u32>,
+    /// Idle (ready, unleased) machines to keep.
+    #[serde(default)]
+    pub idle_count: u32,
+    /// An idle machine beyond `idle_count` is terminated after this long without a job.
+    #[serde(default = "defaults::idle_time")]
+    pub idle_time: HumanDuration,
+    /// Machines of this class in any state.
+    #[serde(default = "defaults::max_machines")]
+    pub max_machines: u32,
+    /// Jobs per machine before it is replaced; 0 means unlimited.
+    #[serde(default)]
+    pub max_builds: u32,
+    /// A machine whose dockerd does not answer over mTLS within this is replaced.
+    #[serde(default = "defaults::boot_timeout")]
+    pub boot_timeout: HumanDuration,
+}
+
+mod defaults {
+    use super::HumanDuration;
+    pub fn max_machines() -> u32 {
+        10
+    }
+    pub fn reconcile_interval() -> HumanDuration {
+        HumanDuration::from_secs(10)
+    }
+    pub fn orphan_grace() -> HumanDuration {
+        HumanDuration::from_secs(600)
+    }
+    pub fn builds_dir() -> String {
+        "/builds".into()
+    }
+    pub fn cache_dir() -> String {
+        "/cache".into()
+    }
+    pub fn default_image() -> String {
+        "alpine:3".into()
+    }
+    pub fn helper_image() -> String {
+        "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-v18.6.0".into()
+    }
+    pub fn acquire_timeout() -> HumanDuration {
+        HumanDuration::from_secs(900)
+    }
+    pub fn docker_timeout() -> HumanDuration {
+        HumanDuration::from_secs(120)
+    }
+    pub fn idle_time() -> HumanDuration {
+        HumanDuration::from_secs(600)
+    }
+    pub fn boot_timeout() -> HumanDuration {
+        HumanDuration::from_secs(300)
+    }
+}
+
+/// A config file that could not be used. The message names the file and, where there is
+/// one, the key and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A rule the parsed config breaks, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key `{}`: {}", self.key, self.message)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let config = Self::from_toml(&text).map_err(invalid)?;
+        config.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Parses TOML, naming the key and line of the first problem.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let de = toml::Deserializer::parse(text).map_err(|e| describe_toml_error(text, &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let what = describe_toml_error(text, &inner);
+            if key.is_empty() || key == "." {
+                what
+            } else {
+                format!("key `{key}`: {what}")
+            }
+        })
+    }
+
+    /// Cross-field rules that serde cannot express.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let bad = |key: &str, message: String| {
+            Err(Invalid {
+                key: key.into(),
+                message,
+            })
+        };
+        if !is_tag_safe(&self.fleet) {
+            return bad(
+                "fleet",
+                format!(
+                    "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                    self.fleet
+                ),
+            );
+        }
+        if self.classes.is_empty() {
+            return bad("classes", "at least one machine class is required".into());
+        }
+        if !self.classes.contains_key(&self.default_class) {
+            return bad(
+                "default_class",
+                format!(
+                    "{:?} is not a configured class (have: {})",
+                    self.default_class,
+                    self.class_names().join(", ")
+                ),
+            );
+        }
+        if self.reconcile_interval.0.is_zero() {
+            return bad("reconcile_interval", "must be greater than zero".into());
+        }
+        for (name, class) in &self.classes {
+            let key = |k: &str| format!("classes.{name}.{k}");
+            if !is_tag_safe(name) {
+                return bad(
+                    &format!("classes.{name}"),
+                    "class names are letters, digits, '-', '_' or '.'".into(),
+                );
+            }
+            if class.ami.trim().is_empty() {
+                return bad(&key("ami"), "must name an AMI id".into());
+            }
+            if class.instance_types.is_empty() {
+                return bad(
+                    &key("instance_types"),
+                    "must list at least one instance type".into(),
+                );
+            }
+            if class.subnets.is_empty() {
+                return bad(
+                    &key("subnets"),
+                    "must list at least one private subnet id".into(),
+                );
+            }
+            if class.max_machines == 0 {
+                return bad(&key("max_machines"), "must be at least 1".into());
+            }
+            if class.idle_count > class.max_machines {
+                return bad(
+                    &key("idle_count"),
+                    format!(
+                        "{} is more than max_machines ({})",
+                        class.idle_count, class.max_machines
+                    ),
+                );
+            }
+            if class.boot_timeout.0.is_zero() {
+                return bad(&key("boot_timeout"), "must be greater than zero".into());
+            }
+        }
+        for (key, dir) in [
+            ("job.builds_dir", &self.job.builds_dir),
+            ("job.cache_dir", &self.job.cache_dir),
+        ] {
+            if !dir.starts_with('/') {
+                return bad(key, format!("{dir:?} must be an absolute path"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn class_names(&self) -> Vec<&str> {
+        self.classes.keys().map(String::as_str).collect()
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("flotilla.sock"))
+    }
+
+    /// Renders the config as TOML; the provisioner and the sandbox write files this way.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+}
+
+fn is_tag_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end().to_owned();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+fleet = "ci"
+state_dir = "/var/lib/flotilla"
+default_class = "small"
+
+[classes.small]
+ami = "ami-123"
+instance_types = ["t3.small"]
+subnets = ["subnet-1"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.job.builds_dir, "/builds");
+        assert_eq!(
+            c.socket_path(),
+            PathBuf::from("/var/lib/flotilla/flotilla.sock")
+        );
+        assert_eq!(c.classes["small"].idle_time, HumanDuration::from_secs(600));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let text = MINIMAL.replace("ami = ", "amii = \"x\"\nami = ");
+        let err = Config::from_toml(&text).unwrap_err();
+        assert!(err.contains("classes.small"), "{err}");
+        assert!(err.contains("amii"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_expectation() {
+        let text = MINIMAL.replace(
+            "subnets = [\"subnet-1\"]",
+            "subnets = [\"subnet-1\"]\nidle_time = \"ten minutes\"",
+        );
+        let err = Config::from_toml(&text).unwrap_err();
+        assert!(err.contains("classes.small.idle_time"), "{err}");
+        assert!(err.contains("duration"), "{err}");
+    }
+
+    #[test]
+    fn default_class_must_exist() {
+        let c = Config::from_toml(
+            &MINIMAL.replace("default_class = \"small\"", "default_class = \"big\""),
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.key, "default_class");
+        assert!(err.message.contains("small"));
+    }
+
+    #[test]
+    fn idle_count_above_max_is_rejected() {
+        let text = MINIMAL.replace(
+            "subnets = [\"subnet-1\"]",
+            "subnets = [\"subnet-1\"]\nidle_count = 5\nmax_machines = 2",
+        );
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.idle_count");
+    }
+
+    #[test]
+    fn written_config_loads_back_identically() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        let again = Config::from_toml(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let err = Config::load(Path::new("/nonexistent/flotilla.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/flotilla.toml"));
+    }
+}

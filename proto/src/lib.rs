@@ -1,0 +1,10 @@
+//! What Flotilla's programs and its build machines must agree on.
+//!
+//! Invariant: this crate does no I/O beyond reading a config file it is handed, and
+//! depends on no AWS, Docker or async crate, so every side can use it cheaply.
+
+pub mod api;
+pub mod bootstrap;
+pub mod config;
+pub mod duration;
+pub mod tags;
