@@ -1,0 +1,587 @@
+//! The machine emulator: plays the part of EC2 build machines. It watches the instances of
+//! one fleet in moto; for each one that is `running` it reads the user data, writes the
+//! files cloud-init would write under a per-machine root, and after a boot delay starts a
+//! real dockerd configured from exactly those files, listening on the instance's private
+//! IP (a loopback address). When the instance is terminated or gone, that dockerd is
+//! stopped and the machine's directories removed.
+//!
+//! Invariants: never the default bridge (`--bridge=none`), distinct data/exec roots, pid
+//! files and `--default-address-pool`s per machine (10.<slot>.<k>.0/24), so several
+//! dockerd (also of other sandboxes) run side by side; every dockerd is stopped when the
+//! emulator is dropped.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use flotilla_proto::bootstrap::{CloudConfig, DockerdConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+use crate::moto::{fleet_instances, InstanceInfo};
+use crate::util::{stop_child, tail, wait_until};
+
+/// Options of the emulator.
+#[derive(Debug, Clone)]
+pub struct EmulatorOptions {
+    /// Fleet whose instances to emulate.
+    pub fleet: String,
+    /// Per-machine roots go under this directory (keep it short: unix socket paths are
+    /// limited to 108 bytes).
+    pub dir: PathBuf,
+    /// The sandbox slot: machines get Docker address pools inside 10.<slot>.0.0/16.
+    pub slot: u8,
+    /// Time between "running" in moto and starting dockerd, like a real boot.
+    pub boot_delay: Duration,
+    /// How often moto is polled.
+    pub poll_interval: Duration,
+}
+
+/// Where an emulated machine is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MachinePhase {
+    /// Files written; dockerd not started or not answering yet.
+    Booting,
+    /// dockerd answers on its local socket.
+    Running,
+    /// Bootstrap failed (bad user data, dockerd died); the message says why.
+    Failed(String),
+}
+
+/// A machine as the emulator runs it; a snapshot.
+#[derive(Debug, Clone)]
+pub struct EmulatedMachine {
+    pub instance_id: String,
+    /// The `flotilla:machine` tag (or the machine id in the user data).
+    pub machine_id: Option<String>,
+    pub private_ip: String,
+    /// The machine's root directory (cloud-init files under `fs/`).
+    pub root: PathBuf,
+    /// dockerd's local unix socket: no TLS, for tests to inspect the machine.
+    pub docker_socket: PathBuf,
+    /// The TCP port dockerd was told to listen on (from daemon.json).
+    pub tls_port: Option<u16>,
+    pub phase: MachinePhase,
+    pub dockerd_pid: Option<u32>,
+}
+
+impl EmulatedMachine {
+    /// `unix://...` for `docker -H`.
+    pub fn docker_host(&self) -> String {
+        format!("unix://{}", self.docker_socket.display())
+    }
+    /// Path of a file the machine's cloud-init wrote (e.g. `/etc/flotilla/tls/ca.pem`).
+    pub fn file(&self, path: &str) -> PathBuf {
+        self.root.join("fs").join(path.trim_start_matches('/'))
+    }
+    pub fn dockerd_log(&self) -> PathBuf {
+        self.root.join("dockerd.log")
+    }
+}
+
+struct Entry {
+    machine: EmulatedMachine,
+    child: Option<Child>,
+}
+
+struct Shared {
+    opts: EmulatorOptions,
+    machines: Mutex<BTreeMap<String, Entry>>,
+    next_pool: Mutex<u8>,
+    log: Mutex<Option<File>>,
+}
+
+impl Shared {
+    fn machines(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn event(&self, msg: &str) {
+        tracing::info!(target: "emulator", "{msg}");
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = log.as_mut() {
+            let now = chrono_like_now();
+            let _ = writeln!(f, "{now} {msg}");
+        }
+    }
+}
+
+fn chrono_like_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}
+
+/// The running emulator; dropping it stops every dockerd it started.
+pub struct Emulator {
+    shared: Arc<Shared>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("fleet", &self.shared.opts.fleet)
+            .finish()
+    }
+}
+
+impl Emulator {
+    /// Starts watching moto for the fleet's instances.
+    pub fn start(ec2: aws_sdk_ec2::Client, opts: EmulatorOptions) -> Result<Self> {
+        std::fs::create_dir_all(&opts.dir)
+            .with_context(|| format!("creating {}", opts.dir.display()))?;
+        let log = File::create(opts.dir.join("emulator.log")).ok();
+        let shared = Arc::new(Shared {
+            opts,
+            machines: Mutex::new(BTreeMap::new()),
+            next_pool: Mutex::new(0),
+            log: Mutex::new(log),
+        });
+        let task = tokio::spawn(watch(ec2, shared.clone()));
+        Ok(Self {
+            shared,
+            task: Some(task),
+        })
+    }
+
+    /// The machines currently emulated (booting, running or failed).
+    pub fn machines(&self) -> Vec<EmulatedMachine> {
+        self.shared
+            .machines()
+            .values()
+            .map(|e| e.machine.clone())
+            .collect()
+    }
+
+    pub fn machine(&self, instance_id: &str) -> Option<EmulatedMachine> {
+        self.shared
+            .machines()
+            .get(instance_id)
+            .map(|e| e.machine.clone())
+    }
+
+    /// Waits until at least `n` machines are running and returns them.
+    pub async fn wait_running(&self, n: usize, timeout: Duration) -> Result<Vec<EmulatedMachine>> {
+        wait_until(
+            &format!("{n} emulated machine(s) to be running"),
+            timeout,
+            Duration::from_millis(200),
+            || {
+                let running: Vec<_> = self
+                    .machines()
+                    .into_iter()
+                    .filter(|m| m.phase == MachinePhase::Running)
+                    .collect();
+                let failed: Vec<_> = self
+                    .machines()
+                    .into_iter()
+                    .filter_map(|m| match m.phase {
+                        MachinePhase::Failed(why) => Some(format!("{}: {why}", m.instance_id)),
+                        _ => None,
+                    })
+                    .collect();
+                async move {
+                    if !failed.is_empty() {
+                        bail!("machine bootstrap failed: {}", failed.join("; "));
+                    }
+                    Ok((running.len() >= n).then_some(running))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Stops watching and stops every dockerd (blocking; also done on drop).
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let entries: Vec<Entry> = std::mem::take(&mut *self.shared.machines())
+            .into_values()
+            .collect();
+        let handles: Vec<_> = entries
+            .into_iter()
+            .map(|e| {
+                let shared = self.shared.clone();
+                std::thread::spawn(move || stop_machine(&shared, e, true))
+            })
+            .collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn watch(ec2: aws_sdk_ec2::Client, shared: Arc<Shared>) {
+    let mut last_error: Option<String> = None;
+    loop {
+        match fleet_instances(&ec2, &shared.opts.fleet).await {
+            Ok(list) => {
+                last_error = None;
+                reconcile(&ec2, &shared, &list);
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if last_error.as_deref() != Some(&msg) {
+                    shared.event(&format!("describe failed: {msg}"));
+                    last_error = Some(msg);
+                }
+            }
+        }
+        tokio::time::sleep(shared.opts.poll_interval).await;
+    }
+}
+
+fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceInfo]) {
+    let mut gone = Vec::new();
+    {
+        let mut machines = shared.machines();
+        for inst in list.iter().filter(|i| i.is_running()) {
+            if machines.contains_key(&inst.instance_id) {
+                continue;
+            }
+            let Some(ip) = inst.private_ip.clone() else {
+                continue;
+            };
+            let root = shared.opts.dir.join(&inst.instance_id);
+            let machine = EmulatedMachine {
+                instance_id: inst.instance_id.clone(),
+                machine_id: inst.machine_id.clone(),
+                private_ip: ip,
+                docker_socket: root.join("docker.sock"),
+                root,
+                tls_port: None,
+                phase: MachinePhase::Booting,
+                dockerd_pid: None,
+            };
+            shared.event(&format!(
+                "{} is running in moto at {}: booting",
+                inst.instance_id, machine.private_ip
+            ));
+            machines.insert(
+                inst.instance_id.clone(),
+                Entry {
+                    machine: machine.clone(),
+                    child: None,
+                },
+            );
+            let (ec2, shared) = (ec2.clone(), shared.clone());
+            tokio::spawn(async move {
+                let id = machine.instance_id.clone();
+                if let Err(e) = boot(&ec2, &shared, machine).await {
+                    let msg = format!("{e:#}");
+                    shared.event(&format!("{id} failed to boot: {msg}"));
+                    if let Some(entry) = shared.machines().get_mut(&id) {
+                        entry.machine.phase = MachinePhase::Failed(msg);
+                    }
+                }
+            });
+        }
+        let alive: Vec<&str> = list
+            .iter()
+            .filter(|i| matches!(i.state.as_str(), "pending" | "running"))
+            .map(|i| i.instance_id.as_str())
+            .collect();
+        let dead: Vec<String> = machines
+            .keys()
+            .filter(|id| !alive.contains(&id.as_str()))
+            .cloned()
+            .collect();
+        for id in dead {
+            if let Some(e) = machines.remove(&id) {
+                gone.push(e);
+            }
+        }
+    }
+    for entry in gone {
+        let state = list
+            .iter()
+            .find(|i| i.instance_id == entry.machine.instance_id)
+            .map(|i| i.state.clone())
+            .unwrap_or_else(|| "gone".into());
+        shared.event(&format!(
+            "{} is {state} in moto: stopping its dockerd",
+            entry.machine.instance_id
+        ));
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || stop_machine(&shared, entry, false));
+    }
+}
+
+/// Reads user data, writes the files, waits the boot delay, starts dockerd, waits for it.
+async fn boot(
+    ec2: &aws_sdk_ec2::Client,
+    shared: &Arc<Shared>,
+    machine: EmulatedMachine,
+) -> Result<()> {
+    let id = &machine.instance_id;
+    let attr = ec2
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .context("DescribeInstanceAttribute userData")?;
+    let b64 = attr
+        .user_data()
+        .and_then(|u| u.value())
+        .context("instance has no user data")?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .context("user data is not base64")?;
+    let text = String::from_utf8(raw).context("user data is not UTF-8")?;
+    let cloud = CloudConfig::parse(&text).context("parsing user data as cloud-config")?;
+    let dockerd_config = cloud
+        .dockerd_config()
+        .context("reading dockerd config from user data")?;
+
+    let fs_root = machine.root.join("fs");
+    for f in &cloud.write_files {
+        let mode = u32::from_str_radix(f.permissions.trim_start_matches("0o"), 8)
+            .with_context(|| format!("bad permissions {:?} for {}", f.permissions, f.path))?;
+        let dest = fs_root.join(f.path.trim_start_matches('/'));
+        crate::util::write_file(&dest, f.content.as_bytes(), mode)?;
+    }
+    std::fs::write(machine.root.join("user-data"), &text)?;
+    shared.event(&format!(
+        "{id}: wrote {} cloud-init files; dockerd in {:?}",
+        cloud.write_files.len(),
+        shared.opts.boot_delay
+    ));
+    let machine_id = machine
+        .machine_id
+        .clone()
+        .or_else(|| cloud.machine_id().map(str::to_owned));
+
+    tokio::time::sleep(shared.opts.boot_delay).await;
+
+    let pool = {
+        let mut n = shared.next_pool.lock().unwrap_or_else(|p| p.into_inner());
+        let k = *n;
+        *n = n.wrapping_add(1);
+        k
+    };
+    let (args, tls_port) =
+        dockerd_args(&machine, &dockerd_config, &fs_root, shared.opts.slot, pool)?;
+    std::fs::write(machine.root.join("daemon-flags.json"), b"{}")?;
+    let log = File::create(machine.dockerd_log())?;
+    let err = log.try_clone()?;
+    let mut cmd = Command::new("dockerd");
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0);
+    use std::os::unix::process::CommandExt;
+    let child = cmd.spawn().context("starting dockerd")?;
+    let pid = child.id();
+    {
+        let mut machines = shared.machines();
+        match machines.get_mut(id) {
+            Some(entry) => {
+                entry.child = Some(child);
+                entry.machine.dockerd_pid = Some(pid);
+                entry.machine.tls_port = tls_port;
+                entry.machine.machine_id = machine_id;
+            }
+            None => {
+                // Terminated while booting.
+                drop(machines);
+                let entry = Entry {
+                    machine: machine.clone(),
+                    child: Some(child),
+                };
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || stop_machine(&shared, entry, false));
+                return Ok(());
+            }
+        }
+    }
+    shared.event(&format!(
+        "{id}: dockerd pid {pid} started: dockerd {}",
+        args.join(" ")
+    ));
+
+    let socket = machine.docker_socket.clone();
+    let start = Instant::now();
+    let ready = wait_until(
+        "dockerd to answer on its local socket",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            let socket = socket.clone();
+            let exited = shared
+                .machines()
+                .get_mut(id)
+                .and_then(|e| e.child.as_mut())
+                .and_then(|c| c.try_wait().ok().flatten());
+            async move {
+                if let Some(status) = exited {
+                    bail!("dockerd exited with {status}");
+                }
+                Ok(ping(&socket).await.then_some(()))
+            }
+        },
+    )
+    .await;
+    if let Err(e) = ready {
+        bail!("{e:#}\ndockerd log:\n{}", tail(&machine.dockerd_log(), 20));
+    }
+    if let Some(entry) = shared.machines().get_mut(id) {
+        entry.machine.phase = MachinePhase::Running;
+    }
+    shared.event(&format!(
+        "{id}: dockerd ready after {:?} at {}:{}",
+        start.elapsed(),
+        machine.private_ip,
+        tls_port
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into())
+    ));
+    Ok(())
+}
+
+/// dockerd's command line from the machine's daemon.json, mapped into the machine root.
+fn dockerd_args(
+    m: &EmulatedMachine,
+    c: &DockerdConfig,
+    fs_root: &Path,
+    slot: u8,
+    pool: u8,
+) -> Result<(Vec<String>, Option<u16>)> {
+    let map = |p: &str| {
+        fs_root
+            .join(p.trim_start_matches('/'))
+            .display()
+            .to_string()
+    };
+    let mut args = Vec::new();
+    if c.tlsverify {
+        args.push("--tlsverify".to_owned());
+        args.push(format!("--tlscacert={}", map(&c.tlscacert)));
+    } else if c.tls {
+        args.push("--tls".to_owned());
+    }
+    if c.tls || c.tlsverify {
+        args.push(format!("--tlscert={}", map(&c.tlscert)));
+        args.push(format!("--tlskey={}", map(&c.tlskey)));
+    }
+    let mut tls_port = None;
+    for host in &c.hosts {
+        if let Some(addr) = host.strip_prefix("tcp://") {
+            let port: u16 = addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .with_context(|| format!("daemon.json host {host:?} has no port"))?;
+            tls_port = Some(port);
+            args.push(format!("-H=tcp://{}:{port}", m.private_ip));
+        } else if host.starts_with("unix://") {
+            args.push(format!("-H=unix://{}", m.docker_socket.display()));
+        } else {
+            bail!("daemon.json host {host:?} is neither tcp:// nor unix://");
+        }
+    }
+    if tls_port.is_none() {
+        bail!("daemon.json has no tcp:// host: the machine would not be reachable");
+    }
+    if !c.hosts.iter().any(|h| h.starts_with("unix://")) {
+        // The emulator always needs its local socket for readiness and inspection.
+        args.push(format!("-H=unix://{}", m.docker_socket.display()));
+    }
+    let r = &m.root;
+    args.extend([
+        format!("--data-root={}", r.join("d").display()),
+        format!("--exec-root={}", r.join("x").display()),
+        format!("--pidfile={}", r.join("docker.pid").display()),
+        "--bridge=none".to_owned(),
+        format!("--default-address-pool=base=10.{slot}.{pool}.0/24,size=28"),
+        format!("--config-file={}", r.join("daemon-flags.json").display()),
+        "--shutdown-timeout=3".to_owned(),
+    ]);
+    Ok((args, tls_port))
+}
+
+/// `GET /_ping` on a dockerd unix socket.
+pub async fn ping(socket: &Path) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::UnixStream::connect(socket).await.ok()?;
+        s.write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        Some(text.starts_with("HTTP/1.") && text.contains(" 200 ") && text.ends_with("OK"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// Stops a machine's dockerd and removes its directories (unless `keep`).
+fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
+    let id = entry.machine.instance_id.clone();
+    if let Some(child) = entry.child.as_mut() {
+        let clean = stop_child(child, Duration::from_secs(15), false);
+        if !clean {
+            // SIGKILL'ed dockerd leaves its containerd (same process group) behind.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        shared.event(&format!(
+            "{id}: dockerd stopped ({})",
+            if clean { "SIGTERM" } else { "SIGKILL" }
+        ));
+    }
+    unmount_under(&entry.machine.root);
+    if !keep_dirs || std::env::var_os("FLOTILLA_KEEP_SANDBOX").is_none() {
+        match std::fs::remove_dir_all(&entry.machine.root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => shared.event(&format!(
+                "{id}: cannot remove {}: {e}",
+                entry.machine.root.display()
+            )),
+        }
+    }
+}
+
+/// Lazily unmounts every mount point under `root`, deepest first.
+pub fn unmount_under(root: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&p)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,19 @@
+//! flotilla-sandbox: a local cloud for Flotilla's end-to-end tests and demos.
+//!
+//! moto plays EC2/IAM ([`moto`]), Debian's docker-registry serves busybox test images
+//! ([`registry`]), the machine emulator turns the fleet's instances into real dockerd
+//! ([`emulator`]), the runner emulator calls the `flotilla` stages like gitlab-runner
+//! ([`runner`], [`script`]), and [`sandbox`] ties them together with a running
+//! `flotilla daemon`. Nothing here talks to anything but loopback and its own containers.
+
+pub mod emulator;
+pub mod moto;
+pub mod registry;
+pub mod runner;
+pub mod sandbox;
+pub mod script;
+pub mod util;
+
+pub use emulator::{EmulatedMachine, Emulator, MachinePhase};
+pub use runner::{Cancel, CancelWhen, Job, JobResult, Outcome, RunnerOptions, StageResult};
+pub use sandbox::{docker_on, Sandbox, SandboxOptions};

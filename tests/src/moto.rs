@@ -1,0 +1,340 @@
+//! A private moto server (AWS API emulator) on 127.0.0.1 and the network a sandbox's
+//! fleet launches into: an IAM instance profile, a VPC inside 127.0.0.0/8, a subnet and a
+//! security group.
+//!
+//! Invariant: the server lives exactly as long as [`Moto`]; dropping it kills it. The VPC
+//! of slot N is 127.N.0.0/16, so the private IPs moto hands out (127.N.1.x) are loopback
+//! addresses on Linux and never collide between sandboxes holding different slots.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use aws_sdk_ec2::types::{Filter, InstanceStateName};
+
+use crate::util::{free_port, stop_child, tail, wait_until};
+
+/// The region every sandbox uses.
+pub const REGION: &str = "us-east-1";
+/// An AMI id that moto lists.
+pub const AMI: &str = "ami-12c6146b";
+
+/// A fake SigV4 header: moto routes by the credential scope and does not verify signatures.
+fn fake_auth(service: &str) -> String {
+    format!(
+        "AWS4-HMAC-SHA256 Credential=test/20260101/{REGION}/{service}/aws4_request, \
+         SignedHeaders=host, Signature=0"
+    )
+}
+
+/// A running moto server.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Moto {
+    /// Starts `moto_server` from `$FLOTILLA_VENV` (default /root/.cache/flotilla/venv)
+    /// and waits until it answers.
+    pub async fn start(log: &Path) -> Result<Self> {
+        let venv = std::env::var_os("FLOTILLA_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root/.cache/flotilla/venv"));
+        let bin = venv.join("bin/moto_server");
+        if !bin.exists() {
+            bail!(
+                "{} not found: install moto with `scripts/sandbox up` or set FLOTILLA_VENV",
+                bin.display()
+            );
+        }
+        let port = free_port()?;
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut moto = Self {
+            child,
+            port,
+            log: log.to_owned(),
+        };
+        let url = format!("{}/moto-api/", moto.url());
+        let started = wait_until(
+            "moto to answer",
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            || {
+                let url = url.clone();
+                let exited = moto.child.try_wait().ok().flatten();
+                async move {
+                    if let Some(status) = exited {
+                        bail!("moto_server exited with {status}");
+                    }
+                    let ok = tokio::task::spawn_blocking(move || {
+                        ureq::get(&url)
+                            .timeout(Duration::from_secs(2))
+                            .call()
+                            .is_ok()
+                    })
+                    .await?;
+                    Ok(ok.then_some(()))
+                }
+            },
+        )
+        .await;
+        if let Err(e) = started {
+            bail!("{e:#}\nmoto log:\n{}", tail(&moto.log, 30));
+        }
+        Ok(moto)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An EC2 client pointed at this moto.
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        ec2_client(&self.url()).await
+    }
+
+    /// Creates an IAM instance profile (moto validates the one named in RunInstances).
+    pub fn create_instance_profile(&self, name: &str) -> Result<()> {
+        post_query(
+            &self.url(),
+            "iam",
+            &[
+                ("Action", "CreateInstanceProfile"),
+                ("InstanceProfileName", name),
+                ("Version", "2010-05-08"),
+            ],
+        )
+        .with_context(|| format!("creating IAM instance profile {name} in moto"))?;
+        Ok(())
+    }
+
+    /// Stops the server now (also done on drop).
+    pub fn stop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(5), false);
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A plain AWS query-API POST to moto; returns the response body.
+pub fn post_query(url: &str, service: &str, params: &[(&str, &str)]) -> Result<String> {
+    let resp = ureq::post(&format!("{url}/"))
+        .set("Authorization", &fake_auth(service))
+        .timeout(Duration::from_secs(20))
+        .send_form(params);
+    match resp {
+        Ok(r) => Ok(r.into_string()?),
+        Err(ureq::Error::Status(code, r)) => {
+            bail!("HTTP {code}: {}", r.into_string().unwrap_or_default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Instance ids of `fleet` that are not terminated, through the query API (no SDK, no
+/// async: usable from Drop).
+pub fn fleet_instance_ids_blocking(url: &str, fleet: &str) -> Result<Vec<String>> {
+    let tag = format!("tag:{}", flotilla_proto::tags::FLEET);
+    let body = post_query(
+        url,
+        "ec2",
+        &[
+            ("Action", "DescribeInstances"),
+            ("Version", "2016-11-15"),
+            ("Filter.1.Name", &tag),
+            ("Filter.1.Value.1", fleet),
+            ("Filter.2.Name", "instance-state-name"),
+            ("Filter.2.Value.1", "pending"),
+            ("Filter.2.Value.2", "running"),
+            ("Filter.2.Value.3", "stopping"),
+            ("Filter.2.Value.4", "stopped"),
+            ("Filter.2.Value.5", "shutting-down"),
+        ],
+    )?;
+    let mut ids: Vec<String> = body
+        .split("<instanceId>")
+        .skip(1)
+        .filter_map(|s| s.split_once("</instanceId>").map(|(id, _)| id.to_owned()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Terminates these instances through the query API.
+pub fn terminate_blocking(url: &str, ids: &[String]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<String> = (1..=ids.len()).map(|i| format!("InstanceId.{i}")).collect();
+    let mut params: Vec<(&str, &str)> =
+        vec![("Action", "TerminateInstances"), ("Version", "2016-11-15")];
+    params.extend(
+        keys.iter()
+            .map(String::as_str)
+            .zip(ids.iter().map(String::as_str)),
+    );
+    post_query(url, "ec2", &params)?;
+    Ok(())
+}
+
+/// An EC2 client for an endpoint (moto), with test credentials and us-east-1.
+pub async fn ec2_client(endpoint: &str) -> aws_sdk_ec2::Client {
+    let creds = aws_sdk_ec2::config::Credentials::new("test", "test", None, None, "sandbox");
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(creds)
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&shared)
+}
+
+/// What a sandbox's fleet launches into.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub security_group_id: String,
+    pub instance_profile: String,
+}
+
+/// Creates the VPC 127.N.0.0/16, subnet 127.N.1.0/24 and a security group.
+pub async fn create_network(
+    ec2: &aws_sdk_ec2::Client,
+    slot: u8,
+    instance_profile: &str,
+) -> Result<Network> {
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block(format!("127.{slot}.0.0/16"))
+        .send()
+        .await
+        .context("CreateVpc in moto")?;
+    let vpc_id = vpc
+        .vpc()
+        .and_then(|v| v.vpc_id())
+        .context("CreateVpc returned no VpcId")?
+        .to_owned();
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(&vpc_id)
+        .cidr_block(format!("127.{slot}.1.0/24"))
+        .availability_zone(format!("{REGION}a"))
+        .send()
+        .await
+        .context("CreateSubnet in moto")?;
+    let subnet_id = subnet
+        .subnet()
+        .and_then(|s| s.subnet_id())
+        .context("CreateSubnet returned no SubnetId")?
+        .to_owned();
+    let sg = ec2
+        .create_security_group()
+        .group_name(format!("flotilla-builders-{slot}"))
+        .description("flotilla sandbox build machines")
+        .vpc_id(&vpc_id)
+        .send()
+        .await
+        .context("CreateSecurityGroup in moto")?;
+    let security_group_id = sg
+        .group_id()
+        .context("CreateSecurityGroup returned no GroupId")?
+        .to_owned();
+    Ok(Network {
+        vpc_id,
+        subnet_id,
+        security_group_id,
+        instance_profile: instance_profile.to_owned(),
+    })
+}
+
+/// One instance of a fleet as moto reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub instance_id: String,
+    pub state: String,
+    pub private_ip: Option<String>,
+    /// The `flotilla:machine` tag.
+    pub machine_id: Option<String>,
+    pub class: Option<String>,
+    pub launch_time: Option<i64>,
+}
+
+impl InstanceInfo {
+    pub fn is_running(&self) -> bool {
+        self.state == InstanceStateName::Running.as_str()
+    }
+    pub fn is_terminated(&self) -> bool {
+        self.state == InstanceStateName::Terminated.as_str()
+    }
+}
+
+/// Every instance tagged `flotilla:fleet=<fleet>` in any state, oldest launch first.
+pub async fn fleet_instances(ec2: &aws_sdk_ec2::Client, fleet: &str) -> Result<Vec<InstanceInfo>> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let resp = ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{}", flotilla_proto::tags::FLEET))
+                    .values(fleet)
+                    .build(),
+            )
+            .set_next_token(token.take())
+            .send()
+            .await
+            .context("DescribeInstances in moto")?;
+        for r in resp.reservations() {
+            for i in r.instances() {
+                let tag = |k: &str| {
+                    i.tags()
+                        .iter()
+                        .find(|t| t.key() == Some(k))
+                        .and_then(|t| t.value())
+                        .map(str::to_owned)
+                };
+                out.push(InstanceInfo {
+                    instance_id: i.instance_id().unwrap_or_default().to_owned(),
+                    state: i
+                        .state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_owned())
+                        .unwrap_or_default(),
+                    private_ip: i.private_ip_address().map(str::to_owned),
+                    machine_id: tag(flotilla_proto::tags::MACHINE),
+                    class: tag(flotilla_proto::tags::CLASS),
+                    launch_time: i.launch_time().map(|t| t.secs()),
+                });
+            }
+        }
+        match resp.next_token() {
+            Some(t) if !t.is_empty() => token = Some(t.to_owned()),
+            _ => break,
+        }
+    }
+    out.sort_by(|a, b| (a.launch_time, &a.instance_id).cmp(&(b.launch_time, &b.instance_id)));
+    Ok(out)
+}

@@ -1,0 +1,513 @@
+//! One local cloud: moto (EC2 + IAM) with a VPC inside 127.0.0.0/8, a registry with the
+//! busybox test images, a `flotilla.toml` written with flotilla-proto's own types, the
+//! `flotilla daemon` itself, and the machine emulator turning the daemon's instances into
+//! real dockerd.
+//!
+//! Invariant: teardown (explicit [`Sandbox::shutdown`] or Drop) stops the daemon, then
+//! terminates every instance of the fleet in moto, stops every dockerd, the registry and
+//! moto, and removes the sandbox directory unless `FLOTILLA_KEEP_SANDBOX` is set.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flotilla_proto::config::{AwsConfig, ClassConfig, Config, JobConfig};
+use flotilla_proto::duration::HumanDuration;
+
+use crate::emulator::{EmulatedMachine, Emulator, EmulatorOptions};
+use crate::moto::{self, InstanceInfo, Moto, Network};
+use crate::registry::Registry;
+use crate::runner::{self, Job, JobResult, RunnerOptions};
+use crate::util::{self, stop_child, tail, wait_until, Slot};
+
+/// Knobs of one sandbox; `Default` is what most tests want.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    /// Idle machines the default class keeps warm.
+    pub idle_count: u32,
+    /// An idle machine beyond idle_count is terminated after this long.
+    pub idle_time: Duration,
+    /// Jobs per machine; 0 = unlimited.
+    pub max_builds: u32,
+    pub max_machines: u32,
+    /// Emulated boot time between `running` in moto and dockerd starting.
+    pub boot_delay: Duration,
+    pub orphan_grace: Duration,
+    pub acquire_timeout: Duration,
+    /// Exact directory to use (emptied first); default: a new `flt-*` dir under `base_dir`.
+    pub dir: Option<PathBuf>,
+    /// Where the sandbox dir is made when `dir` is unset (default: the system temp dir).
+    /// Keep it short: unix socket paths are limited to 108 bytes.
+    pub base_dir: Option<PathBuf>,
+    /// The `flotilla` binary (default: `$FLOTILLA_BIN`, else next to this executable).
+    pub flotilla_bin: Option<PathBuf>,
+    /// Start `flotilla daemon` (turn off to exercise the cloud parts alone).
+    pub start_daemon: bool,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            idle_count: 0,
+            idle_time: Duration::from_secs(20),
+            max_builds: 0,
+            max_machines: 5,
+            boot_delay: Duration::from_secs(2),
+            orphan_grace: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(90),
+            dir: None,
+            base_dir: None,
+            flotilla_bin: None,
+            start_daemon: true,
+        }
+    }
+}
+
+/// The class every sandbox configures.
+pub const CLASS: &str = "default";
+
+/// A running sandbox.
+pub struct Sandbox {
+    pub dir: PathBuf,
+    pub fleet: String,
+    pub slot: u8,
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub flotilla_bin: PathBuf,
+    pub network: Network,
+    pub job_image: String,
+    pub helper_image: String,
+    ec2: aws_sdk_ec2::Client,
+    moto_url: String,
+    // Teardown order matters: fields are stopped explicitly in `teardown`.
+    daemon: Option<Child>,
+    emulator: Option<Emulator>,
+    registry: Option<Registry>,
+    moto: Option<Moto>,
+    _slot: Option<Slot>,
+    torn_down: bool,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("dir", &self.dir)
+            .field("fleet", &self.fleet)
+            .field("moto", &self.moto_url)
+            .finish()
+    }
+}
+
+/// The `flotilla` binary: `$FLOTILLA_BIN`, else `flotilla` next to (or one directory above)
+/// the current executable (`<target>/debug/deps/e2e-*` or `<target>/debug/flotilla-sandbox`).
+pub fn find_flotilla_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FLOTILLA_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("FLOTILLA_BIN={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating the current executable")?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("flotilla"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "the flotilla binary is not built (looked at {}); run `cargo build -p flotilla` \
+                 with the same CARGO_TARGET_DIR, or set FLOTILLA_BIN",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+impl Sandbox {
+    /// Starts everything and returns once the daemon's control socket accepts connections.
+    pub async fn start(opts: SandboxOptions) -> Result<Self> {
+        let flotilla_bin = match &opts.flotilla_bin {
+            Some(p) => p.clone(),
+            None if opts.start_daemon => find_flotilla_bin()?,
+            None => find_flotilla_bin().unwrap_or_else(|_| PathBuf::from("flotilla")),
+        };
+        let slot = Slot::acquire()?;
+        let n = slot.n;
+        let dir = match &opts.dir {
+            Some(d) => {
+                if d.exists() {
+                    crate::emulator::unmount_under(d);
+                    std::fs::remove_dir_all(d)
+                        .with_context(|| format!("emptying {}", d.display()))?;
+                }
+                std::fs::create_dir_all(d)?;
+                d.clone()
+            }
+            None => {
+                let base = opts.base_dir.clone().unwrap_or_else(std::env::temp_dir);
+                std::fs::create_dir_all(&base)?;
+                tempfile::Builder::new()
+                    .prefix("flt-")
+                    .tempdir_in(&base)
+                    .context("creating the sandbox dir")?
+                    .keep()
+            }
+        };
+        let fleet = format!("sbx{n}-{}", util::unique_token());
+        tracing::info!("sandbox {fleet} in {} (slot {n})", dir.display());
+
+        let moto = Moto::start(&dir.join("moto.log")).await?;
+        let moto_url = moto.url();
+        let ec2 = moto.ec2().await;
+        let profile = format!("flotilla-builder-{n}");
+        moto.create_instance_profile(&profile)?;
+        let network = moto::create_network(&ec2, n, &profile).await?;
+
+        let reg_dir = dir.join("registry");
+        std::fs::create_dir_all(&reg_dir)?;
+        let registry = Registry::start(&reg_dir).await?;
+        let (job_image, helper_image) = {
+            let r = &registry;
+            let job = r.push_busybox_image("flotilla/busybox", "latest", "job")?;
+            let helper = r.push_busybox_image("flotilla/helper", "latest", "helper")?;
+            (job, helper)
+        };
+
+        let state_dir = dir.join("state");
+        let config = Config {
+            fleet: fleet.clone(),
+            state_dir: state_dir.clone(),
+            socket: None,
+            default_class: CLASS.into(),
+            max_machines: opts.max_machines,
+            reconcile_interval: HumanDuration::from_secs(1),
+            orphan_grace: HumanDuration(opts.orphan_grace),
+            aws: AwsConfig {
+                region: Some(moto::REGION.into()),
+                endpoint_url: Some(moto_url.clone()),
+            },
+            job: JobConfig {
+                default_image: job_image.clone(),
+                helper_image: helper_image.clone(),
+                acquire_timeout: HumanDuration(opts.acquire_timeout),
+                ..JobConfig::default()
+            },
+            classes: [(
+                CLASS.to_owned(),
+                ClassConfig {
+                    ami: moto::AMI.into(),
+                    instance_types: vec!["t3.micro".into()],
+                    subnets: vec![network.subnet_id.clone()],
+                    security_groups: vec![network.security_group_id.clone()],
+                    instance_profile: Some(profile.clone()),
+                    root_volume_gb: None,
+                    idle_count: opts.idle_count,
+                    idle_time: HumanDuration(opts.idle_time),
+                    max_machines: opts.max_machines,
+                    max_builds: opts.max_builds,
+                    boot_timeout: HumanDuration::from_secs(60),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("sandbox config is invalid: {e}"))?;
+        let config_path = dir.join("flotilla.toml");
+        std::fs::write(&config_path, config.to_toml()?)?;
+
+        let emulator = Emulator::start(
+            ec2.clone(),
+            EmulatorOptions {
+                fleet: fleet.clone(),
+                dir: dir.join("m"),
+                slot: n,
+                boot_delay: opts.boot_delay,
+                poll_interval: Duration::from_millis(250),
+            },
+        )?;
+
+        let mut sb = Self {
+            dir,
+            fleet,
+            slot: n,
+            config,
+            config_path,
+            flotilla_bin,
+            network,
+            job_image,
+            helper_image,
+            ec2,
+            moto_url,
+            daemon: None,
+            emulator: Some(emulator),
+            registry: Some(registry),
+            moto: Some(moto),
+            _slot: Some(slot),
+            torn_down: false,
+        };
+        if opts.start_daemon {
+            sb.start_daemon().await?;
+        }
+        Ok(sb)
+    }
+
+    /// Environment for the daemon and the stages: fake credentials, no instance metadata.
+    pub fn aws_env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", moto::REGION),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    async fn start_daemon(&mut self) -> Result<()> {
+        let log_path = self.daemon_log();
+        let log = File::create(&log_path)?;
+        let err = log.try_clone()?;
+        let mut cmd = Command::new(&self.flotilla_bin);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("daemon")
+            .envs(self.aws_env())
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} daemon", self.flotilla_bin.display()))?;
+        self.daemon = Some(child);
+        let socket = self.config.socket_path();
+        let daemon = &mut self.daemon;
+        let ready = wait_until(
+            "the daemon's control socket",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || {
+                let exited = daemon.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let socket = socket.clone();
+                async move {
+                    if let Some(status) = exited {
+                        bail!("flotilla daemon exited with {status}");
+                    }
+                    Ok(tokio::net::UnixStream::connect(&socket)
+                        .await
+                        .ok()
+                        .map(|_| ()))
+                }
+            },
+        )
+        .await;
+        if let Err(e) = ready {
+            bail!(
+                "{e:#}\ndaemon log ({}):\n{}",
+                log_path.display(),
+                tail(&log_path, 40)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn daemon_log(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    pub fn moto_url(&self) -> &str {
+        &self.moto_url
+    }
+
+    pub fn ec2(&self) -> &aws_sdk_ec2::Client {
+        &self.ec2
+    }
+
+    /// The machine emulator.
+    pub fn emulator(&self) -> &Emulator {
+        // Only None after teardown, which consumes or drops the sandbox.
+        self.emulator
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("emulator used after teardown"))
+    }
+
+    pub fn machines(&self) -> Vec<EmulatedMachine> {
+        self.emulator().machines()
+    }
+
+    /// Every instance of the fleet in moto, any state, oldest first.
+    pub async fn instances(&self) -> Result<Vec<InstanceInfo>> {
+        moto::fleet_instances(&self.ec2, &self.fleet).await
+    }
+
+    /// Instances of the fleet in moto in this state (`pending`, `running`, `terminated`...).
+    pub async fn count_instances(&self, state: &str) -> Result<usize> {
+        Ok(self
+            .instances()
+            .await?
+            .iter()
+            .filter(|i| i.state == state)
+            .count())
+    }
+
+    /// Waits until `pred` holds for the fleet's instances; returns them.
+    pub async fn wait_instances(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[InstanceInfo]) -> bool,
+    ) -> Result<Vec<InstanceInfo>> {
+        let pred = &pred;
+        wait_until(what, timeout, Duration::from_millis(250), || async move {
+            let list = self.instances().await?;
+            Ok(pred(&list).then_some(list))
+        })
+        .await
+        .with_context(|| format!("instances now: {}", self.describe_instances_now()))
+    }
+
+    fn describe_instances_now(&self) -> String {
+        match moto::fleet_instance_ids_blocking(&self.moto_url, &self.fleet) {
+            Ok(ids) => format!("not terminated: {ids:?}"),
+            Err(e) => format!("(cannot describe: {e:#})"),
+        }
+    }
+
+    /// How the runner emulator calls this sandbox's flotilla.
+    pub fn runner_options(&self) -> RunnerOptions {
+        let mut o = RunnerOptions::new(&self.flotilla_bin, Some(&self.config_path));
+        o.env = self.aws_env();
+        o.env.push(("RUST_LOG".into(), "info".into()));
+        o.work_dir = Some(self.dir.join("runner"));
+        o
+    }
+
+    /// Runs one job through every stage.
+    pub async fn run_job(&self, job: Job) -> Result<JobResult> {
+        runner::run_job(self.runner_options(), job).await
+    }
+
+    /// `flotilla --config F status` output (stdout + stderr).
+    pub async fn status(&self) -> Result<String> {
+        let out = tokio::process::Command::new(&self.flotilla_bin)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("status")
+            .envs(self.aws_env())
+            .output()
+            .await?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    /// Diagnostics for a failed assertion: daemon log tail, emulator log, machines.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "sandbox {}\n--- daemon.log (tail)\n{}\n--- emulator.log (tail)\n{}\n--- machines\n{:#?}",
+            self.dir.display(),
+            tail(&self.daemon_log(), 60),
+            tail(&self.dir.join("m/emulator.log"), 30),
+            self.emulator.as_ref().map(|e| e.machines()).unwrap_or_default()
+        )
+    }
+
+    /// Stops everything (see the module invariant).
+    pub async fn shutdown(mut self) -> Result<()> {
+        tokio::task::spawn_blocking(move || self.teardown())
+            .await
+            .context("sandbox teardown panicked")
+    }
+
+    /// Blocking teardown; idempotent.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        if let Some(mut d) = self.daemon.take() {
+            stop_child(&mut d, Duration::from_secs(15), true);
+        }
+        match moto::fleet_instance_ids_blocking(&self.moto_url, &self.fleet) {
+            Ok(ids) => {
+                if let Err(e) = moto::terminate_blocking(&self.moto_url, &ids) {
+                    eprintln!("sandbox: terminating {ids:?} in moto failed: {e:#}");
+                }
+            }
+            Err(e) => eprintln!("sandbox: listing the fleet in moto failed: {e:#}"),
+        }
+        if let Some(mut e) = self.emulator.take() {
+            e.stop();
+        }
+        if let Some(mut r) = self.registry.take() {
+            r.stop();
+        }
+        if let Some(mut m) = self.moto.take() {
+            m.stop();
+        }
+        if std::env::var_os("FLOTILLA_KEEP_SANDBOX").is_some() {
+            eprintln!(
+                "sandbox: FLOTILLA_KEEP_SANDBOX is set: kept {}",
+                self.dir.display()
+            );
+        } else {
+            crate::emulator::unmount_under(&self.dir);
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                eprintln!("sandbox: cannot remove {}: {e}", self.dir.display());
+            }
+        }
+        self._slot = None;
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Runs the docker CLI against a machine's local unix socket (no TLS); returns stdout.
+pub async fn docker_on(machine: &EmulatedMachine, args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new("docker")
+        .arg("-H")
+        .arg(machine.docker_host())
+        .args(args)
+        .env_remove("DOCKER_HOST")
+        .env_remove("DOCKER_TLS_VERIFY")
+        .env_remove("DOCKER_CERT_PATH")
+        .output()
+        .await
+        .context("running the docker CLI")?;
+    if !out.status.success() {
+        bail!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

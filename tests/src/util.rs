@@ -1,0 +1,211 @@
+//! Small process, port, polling and slot helpers shared by the sandbox's parts.
+//!
+//! Invariant: every child the harness starts is owned by a [`Child`]-holding guard that
+//! stops it (SIGTERM, then SIGKILL) when dropped, so a failing test never leaks processes.
+
+use std::fs::File;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Polls `check` every `every` until it returns `Some`, or fails after `timeout` naming
+/// `what` and the last error `check` returned.
+pub async fn wait_until<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err: Option<anyhow::Error> = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() >= timeout {
+            match last_err {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Blocking twin of [`wait_until`] for sync contexts (Drop, spawn_blocking).
+pub fn wait_until_blocking<T>(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Stops a child we started: SIGTERM (to its process group when `group`), waits up to
+/// `grace`, then SIGKILL. Returns whether it exited within the grace period.
+pub fn stop_child(child: &mut Child, grace: Duration, group: bool) -> bool {
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = if group {
+        killpg(pid, Signal::SIGTERM)
+    } else {
+        kill(pid, Signal::SIGTERM)
+    };
+    let exited = wait_until_blocking(grace, Duration::from_millis(50), || {
+        matches!(child.try_wait(), Ok(Some(_))).then_some(())
+    })
+    .is_some();
+    if !exited {
+        let _ = if group {
+            killpg(pid, Signal::SIGKILL)
+        } else {
+            kill(pid, Signal::SIGKILL)
+        };
+        let _ = child.wait();
+    }
+    exited
+}
+
+/// Whether a process with this pid exists (and is not a zombie we could reap).
+pub fn pid_alive(pid: i32) -> bool {
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    // A zombie still answers kill(0); treat it as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// The last `lines` lines of a log file, for error messages.
+pub fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            all[from..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// A short, unique-enough token: pid, time and a process-wide counter.
+pub fn unique_token() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}{n:x}", std::process::id() % 0xffff, t % 0xfffff)
+}
+
+/// Directory of the cross-process slot locks.
+fn slot_dir() -> PathBuf {
+    std::env::temp_dir().join("flotilla-sandbox-slots")
+}
+
+/// First and last slot number. A slot N gives the sandbox 127.N.0.0/16 for its VPC and
+/// 10.N.0.0/16 for its machines' Docker networks, so the range avoids the host's own
+/// 10.x networks as far as we know them (checked again at allocation).
+const SLOTS: std::ops::RangeInclusive<u8> = 100..=199;
+
+/// A number held exclusively (flock) by one sandbox across all processes on the host,
+/// released when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    pub n: u8,
+    _lock: Flock<File>,
+}
+
+impl Slot {
+    pub fn acquire() -> Result<Self> {
+        let dir = slot_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let busy = host_ten_networks();
+        for n in SLOTS {
+            if busy.contains(&n) {
+                continue;
+            }
+            let path = dir.join(format!("{n}.lock"));
+            let file =
+                File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                return Ok(Self { n, _lock: lock });
+            }
+        }
+        bail!(
+            "all sandbox slots {}..={} are taken (locks in {})",
+            SLOTS.start(),
+            SLOTS.end(),
+            dir.display()
+        )
+    }
+}
+
+/// Second octets of 10.x.0.0/16 networks that the host routes already use.
+fn host_ten_networks() -> Vec<u8> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/route") else {
+        return Vec::new();
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let dest = l.split_whitespace().nth(1)?;
+            let v = u32::from_str_radix(dest, 16).ok()?;
+            // /proc/net/route stores the address little-endian.
+            let [a, b, _, _] = v.to_le_bytes();
+            (a == 10).then_some(b)
+        })
+        .collect()
+}
+
+/// Writes `text` to `path` with the given mode, creating parent directories.
+pub fn write_file(path: &Path, text: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
+    Ok(())
+}
