@@ -1,1 +1,191 @@
-fn main() {}
+//! `flotilla`: argument parsing and exit codes; everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flotilla::control::ControlClient;
+use flotilla::stages::{self, JobEnv, StageError};
+use flotilla_proto::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Autoscaled EC2 build machines for GitLab CI (custom executor + daemon)"
+)]
+struct Cli {
+    /// Config file [default: $FLOTILLA_CONFIG, else /etc/flotilla/flotilla.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Custom executor config stage: print the driver JSON.
+    Config,
+    /// Custom executor prepare stage: lease a machine and create the job's containers.
+    Prepare,
+    /// Custom executor run stage: run a stage script on the leased machine.
+    Run { script: PathBuf, stage: String },
+    /// Custom executor cleanup stage: remove the job's containers and release the machine.
+    Cleanup,
+    /// Run the fleet manager.
+    Daemon,
+    /// Show the pool.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config file and exit.
+    CheckConfig,
+}
+
+fn config_path(cli: &Option<PathBuf>) -> PathBuf {
+    cli.clone()
+        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn main() -> ExitCode {
+    let env = JobEnv::from_env();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = e.render().to_string();
+            let line = rendered
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("flotilla: {line} (see flotilla --help)");
+            return exit(env.system_failure_code);
+        }
+    };
+    let is_stage = matches!(
+        cli.command,
+        Command::Config | Command::Prepare | Command::Run { .. } | Command::Cleanup
+    );
+    init_logging(if is_stage { "warn" } else { "info" });
+    flotilla::tls::install_crypto_provider();
+
+    let path = config_path(&cli.config);
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flotilla: {e}");
+            return exit(if is_stage { env.system_failure_code } else { 2 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("flotilla: cannot start the async runtime: {e}");
+            return exit(env.system_failure_code);
+        }
+    };
+    if is_stage {
+        let result = runtime.block_on(run_stage(&config, &env, cli.command));
+        return stage_exit(&env, result);
+    }
+    let result = runtime.block_on(run_command(config, cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flotilla: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_stage(config: &Config, env: &JobEnv, command: Command) -> Result<(), StageError> {
+    match command {
+        Command::Config => {
+            println!("{}", stages::config::render(config));
+            Ok(())
+        }
+        Command::Prepare => stages::prepare::run(config, env).await,
+        Command::Run { script, stage } => stages::run::run(config, env, &script, &stage).await,
+        Command::Cleanup => stages::cleanup::run(config, env).await,
+        _ => Ok(()),
+    }
+}
+
+fn stage_exit(env: &JobEnv, result: Result<(), StageError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(StageError::Build { code, message }) => {
+            if let Some(m) = message {
+                eprintln!("flotilla: {m}");
+            }
+            if let Some(file) = &env.build_exit_code_file {
+                if let Err(e) = std::fs::write(file, format!("{code}\n")) {
+                    eprintln!("flotilla: cannot write {}: {e}", file.display());
+                    return exit(env.system_failure_code);
+                }
+            }
+            exit(env.build_failure_code)
+        }
+        Err(StageError::System(m)) => {
+            eprintln!("flotilla: {m}");
+            exit(env.system_failure_code)
+        }
+    }
+}
+
+async fn run_command(config: Config, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Daemon => flotilla::daemon::run(config).await,
+        Command::Status { json } => {
+            let status = ControlClient::new(&config.socket_path())
+                .status()
+                .await
+                .context("cannot read the pool status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", flotilla::status::render_table(&status));
+            }
+            Ok(())
+        }
+        Command::CheckConfig => {
+            println!(
+                "config OK: fleet {}, classes {}",
+                config.fleet,
+                config.class_names().join(", ")
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

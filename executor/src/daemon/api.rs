@@ -1,0 +1,281 @@
+//! The control API on the daemon's Unix socket (axum, JSON types from `flotilla_proto::api`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use flotilla_proto::api::{
+    AcquireRequest, ApiError, ErrorCode, Lease, ReleaseRequest, ReleaseResponse, StatusResponse,
+    LEASES_PATH, STATUS_PATH,
+};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::{new_id, Shared};
+
+/// Longest an acquire may wait, whatever the client asks.
+const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::UnixListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route(LEASES_PATH, post(acquire).get(find_lease))
+        .route(&format!("{LEASES_PATH}/{{id}}"), get(get_lease))
+        .route(&format!("{LEASES_PATH}/{{id}}/release"), post(release))
+        .route(STATUS_PATH, get(status))
+        .with_state(shared);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "control API stopped");
+    }
+}
+
+struct Failure(StatusCode, ApiError);
+
+impl Failure {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(
+            status,
+            ApiError {
+                code,
+                message: message.into(),
+            },
+        )
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+/// Counts a request as waiting for its class while it lives (also when the client hangs
+/// up and axum drops the handler), so the plan launches for real demand only.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    class: String,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(shared: &'a Shared, class: &str) -> Self {
+        *shared.pool().waiting.entry(class.to_owned()).or_default() += 1;
+        shared.wake.notify_one();
+        Self {
+            shared,
+            class: class.to_owned(),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.shared.pool();
+        if let Some(n) = pool.waiting.get_mut(&self.class) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pool.waiting.remove(&self.class);
+            }
+        }
+    }
+}
+
+enum Attempt {
+    Have(Lease),
+    Granted(Lease, u64),
+    Draining,
+    Wait,
+}
+
+async fn acquire(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<AcquireRequest>,
+) -> Result<Json<Lease>, Failure> {
+    let class = req
+        .class
+        .clone()
+        .unwrap_or_else(|| shared.config.default_class.clone());
+    if !shared.config.classes.contains_key(&class) {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::UnknownClass,
+            format!(
+                "unknown machine class {class:?}; configured classes: {}",
+                shared.config.class_names().join(", ")
+            ),
+        ));
+    }
+    if req.job_key.is_empty() {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "job_key is empty",
+        ));
+    }
+    let wait = Duration::from_millis(req.timeout_ms).min(MAX_ACQUIRE_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let started = std::time::Instant::now();
+    let mut waiting = None;
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let attempt = {
+            let (attempt, gen) = shared.update(|pool| {
+                if let Some(l) = pool.lease_for_job(&req.job_key) {
+                    return Attempt::Have(l.to_api());
+                }
+                if pool.draining {
+                    return Attempt::Draining;
+                }
+                match pool.try_lease(&req.job_key, &class, new_id("l-"), Utc::now()) {
+                    Some(l) => Attempt::Granted(l.to_api(), 0),
+                    None => Attempt::Wait,
+                }
+            });
+            match attempt {
+                Attempt::Granted(l, _) => Attempt::Granted(l, gen),
+                other => other,
+            }
+        };
+        match attempt {
+            Attempt::Have(l) => return Ok(Json(l)),
+            Attempt::Granted(lease, gen) => {
+                if !shared.commit(gen).await {
+                    return Err(Failure::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        ErrorCode::Internal,
+                        "could not persist the lease; see the daemon log",
+                    ));
+                }
+                tracing::info!(
+                    lease = %lease.lease_id,
+                    machine = %lease.machine_id,
+                    class = %lease.class,
+                    wait_ms = started.elapsed().as_millis() as u64,
+                    "leased machine"
+                );
+                // Top the idle pool back up now rather than at the next tick.
+                shared.wake.notify_one();
+                return Ok(Json(lease));
+            }
+            Attempt::Draining => {
+                return Err(Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Draining,
+                    "the daemon is draining and grants no new leases",
+                ))
+            }
+            Attempt::Wait => {
+                if waiting.is_none() {
+                    waiting = Some(Waiting::new(&shared, &class));
+                }
+            }
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Timeout,
+                    format!("no {class} machine became available within {}s", wait.as_secs()),
+                ));
+            }
+        }
+    }
+}
+
+fn lease_response(
+    shared: &Shared,
+    lease_id: Option<&str>,
+    job_key: Option<&str>,
+) -> Result<Json<Lease>, Failure> {
+    let pool = shared.pool();
+    let record = match (lease_id, job_key) {
+        (Some(id), _) => pool.leases.get(id),
+        (None, Some(key)) => pool.lease_for_job(key),
+        (None, None) => None,
+    };
+    let Some(record) = record else {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such lease",
+        ));
+    };
+    if let Some(why) = &record.lost {
+        return Err(Failure::new(
+            StatusCode::GONE,
+            ErrorCode::MachineLost,
+            format!(
+                "build machine {} ({}) was lost: {why}",
+                record.machine_id, record.machine.instance_id
+            ),
+        ));
+    }
+    Ok(Json(record.to_api()))
+}
+
+async fn get_lease(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<Lease>, Failure> {
+    lease_response(&shared, Some(&id), None)
+}
+
+#[derive(Deserialize)]
+struct FindLease {
+    job_key: String,
+}
+
+async fn find_lease(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<FindLease>,
+) -> Result<Json<Lease>, Failure> {
+    lease_response(&shared, None, Some(&q.job_key))
+}
+
+async fn release(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Json(req): Json<ReleaseRequest>,
+) -> Json<ReleaseResponse> {
+    let (released, gen) = shared.update(|pool| {
+        let machine = pool.leases.get(&id).map(|l| l.machine_id.clone());
+        (
+            pool.release(&id, req.outcome, req.reason.clone(), Utc::now()),
+            machine,
+        )
+    });
+    shared.commit(gen).await;
+    if let (true, Some(machine)) = &released {
+        tracing::info!(lease = %id, machine = %machine, outcome = ?req.outcome, "released");
+        shared.changed.notify_waiters();
+        shared.wake.notify_one();
+    }
+    Json(ReleaseResponse {
+        released: released.0,
+    })
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
+    let pool = shared.pool();
+    Json(StatusResponse {
+        fleet: shared.config.fleet.clone(),
+        draining: pool.draining,
+        machines: pool.machines.values().map(|m| m.status(&pool)).collect(),
+        waiting: pool.waiting.clone(),
+    })
+}

@@ -1,0 +1,180 @@
+//! `flotilla daemon`: owns the pool of build machines.
+//!
+//! Three kinds of tasks share one [`Shared`]: the reconcile loop (observe EC2, plan, act),
+//! one boot probe per booting machine, and the control API on the Unix socket. Pool changes
+//! happen under one short synchronous lock and are persisted before they are acknowledged.
+
+mod api;
+mod probe;
+mod reconcile;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use flotilla_proto::config::Config;
+use tokio::sync::{watch, Notify};
+
+use crate::ec2::Ec2Client;
+use crate::pki::FleetCa;
+use crate::plan::Policy;
+use crate::pool::Pool;
+use crate::state_store::StateStore;
+
+pub struct Shared {
+    pub config: Config,
+    pub policy: Policy,
+    pool: Mutex<Pool>,
+    store: StateStore,
+    /// Pool changed in a way a waiting acquire may care about.
+    pub changed: Notify,
+    /// Something the reconcile loop should act on without waiting for its next tick.
+    pub wake: Notify,
+    pub ca: FleetCa,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub ec2: Ec2Client,
+    probing: Mutex<HashSet<String>>,
+    launch_backoff: Mutex<HashMap<String, (Instant, std::time::Duration)>>,
+}
+
+impl Shared {
+    pub fn pool(&self) -> MutexGuard<'_, Pool> {
+        // A panic while holding the lock cannot leave the pool half-updated in a way
+        // worse than stopping the daemon would; keep serving.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a change to the pool and returns the generation to persist.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> (R, u64) {
+        let mut pool = self.pool();
+        let r = f(&mut pool);
+        (r, self.store.bump())
+    }
+
+    /// Writes generation `gen` to disk; failures are logged (the next change retries).
+    pub async fn commit(&self, gen: u64) -> bool {
+        match self.store.persist(&self.pool, gen).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "could not persist pool state");
+                false
+            }
+        }
+    }
+}
+
+/// Refuses a second daemon on the same state directory (two daemons would both launch,
+/// and each would reap the other's machines as orphans).
+fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another flotilla daemon holds {} ({e}); only one daemon may own a state directory",
+            path.display()
+        )
+    })
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let state_dir = config.state_dir.clone();
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {}", state_dir.display()))?;
+    let _lock = lock_state_dir(&state_dir)?;
+
+    let ca = FleetCa::load_or_create(&state_dir, &config.fleet).context("fleet CA")?;
+    let tls = crate::tls::machine_client_config(&state_dir).context("stage client certificate")?;
+    let store = StateStore::new(&state_dir);
+    let pool = store.load()?;
+    let ec2 = Ec2Client::new(&config.aws).await;
+
+    let socket = config.socket_path();
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            bail!("{} is already served by a running daemon", socket.display());
+        }
+        std::fs::remove_file(&socket)
+            .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+    }
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions on {}", socket.display()))?;
+
+    tracing::info!(
+        fleet = %config.fleet,
+        socket = %socket.display(),
+        machines = pool.machines.len(),
+        leases = pool.leases.len(),
+        "daemon starting"
+    );
+    let shared = Arc::new(Shared {
+        policy: Policy::from_config(&config),
+        config,
+        pool: Mutex::new(pool),
+        store,
+        changed: Notify::new(),
+        wake: Notify::new(),
+        ca,
+        tls,
+        ec2,
+        probing: Mutex::new(HashSet::new()),
+        launch_backoff: Mutex::new(HashMap::new()),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = tokio::spawn(api::serve(shared.clone(), listener, stop_rx.clone()));
+    probe::resume(&shared);
+    let reconciler = tokio::spawn(reconcile::run(shared.clone(), stop_rx));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: leases and machines are kept for the next start");
+    let _ = stop_tx.send(true);
+    let _ = reconciler.await;
+    let _ = api.await;
+    let gen = shared.update(|_| ()).1;
+    shared.commit(gen).await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon can only be killed; keep running.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Random ids: machine ids name machines in DNS, so lowercase letters and digits only.
+pub fn new_id(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let tail: String = (0..12)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("{prefix}{tail}")
+}

@@ -1,0 +1,296 @@
+//! The reconcile loop: observe EC2 (one paginated Describe per interval), fold it into
+//! the pool, plan, act. Woken early by acquires and releases, which need a plan but not a
+//! fresh observation, so EC2 calls stay proportional to launches, not to jobs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use flotilla_proto::api::MachineState;
+use flotilla_proto::bootstrap::{CloudConfig, MachineBootstrap};
+use tokio::sync::watch;
+
+use super::{new_id, probe, Shared};
+use crate::ec2::LaunchSpec;
+use crate::observe::{fold, Graces};
+use crate::plan::{plan, Action};
+use crate::pool::{Machine, TerminateReason};
+
+const LAUNCH_BACKOFF_START: Duration = Duration::from_secs(5);
+const LAUNCH_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Re-send a termination EC2 has not carried out after this long.
+const TERMINATE_RETRY: Duration = Duration::from_secs(120);
+
+pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let interval = shared.config.reconcile_interval.0;
+    let graces = Graces {
+        visibility: (interval * 3).max(Duration::from_secs(30)),
+        orphan: shared.config.orphan_grace.0,
+    };
+    let mut unknown_since = HashMap::new();
+    let mut last_observe: Option<Instant> = None;
+    loop {
+        if last_observe.is_none_or(|t| t.elapsed() >= interval) {
+            last_observe = Some(Instant::now());
+            observe(&shared, &graces, &mut unknown_since).await;
+        }
+        act(&shared).await;
+        let next = interval.saturating_sub(last_observe.map_or(Duration::ZERO, |t| t.elapsed()));
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = shared.wake.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn observe(
+    shared: &Arc<Shared>,
+    graces: &Graces,
+    unknown_since: &mut HashMap<String, chrono::DateTime<Utc>>,
+) {
+    let observed = match shared.ec2.describe_fleet(&shared.config.fleet).await {
+        Ok(o) => o,
+        Err(e) => {
+            // Unknown is not dead: keep every machine as it was.
+            tracing::warn!(error = %e, "could not observe the fleet; keeping the pool as it is");
+            return;
+        }
+    };
+    let now = Utc::now();
+    let (outcome, gen) = shared.update(|pool| fold(pool, &observed, now, graces, unknown_since));
+    for (machine, why) in &outcome.lost {
+        tracing::warn!(machine = %machine, reason = %why, "machine lost");
+    }
+    if !outcome.lost.is_empty() {
+        shared.changed.notify_waiters();
+    }
+    shared.commit(gen).await;
+    if !outcome.orphans.is_empty() {
+        tracing::warn!(instances = ?outcome.orphans, "terminating orphaned instances of this fleet");
+        if let Err(e) = shared.ec2.terminate(&outcome.orphans).await {
+            tracing::warn!(error = %e, "could not terminate orphans; will retry");
+        } else {
+            for id in &outcome.orphans {
+                unknown_since.remove(id);
+            }
+        }
+    }
+}
+
+async fn act(shared: &Arc<Shared>) {
+    let now = Utc::now();
+    let actions = plan(&shared.policy, &shared.pool(), now);
+    let mut launches = Vec::new();
+    let (to_terminate, gen) = shared.update(|pool| {
+        for action in &actions {
+            match action {
+                Action::Terminate { machine_id, reason } => {
+                    if let Some(m) = pool.machines.get_mut(machine_id) {
+                        tracing::info!(machine = %m.id, instance = %m.instance_id, reason = reason.as_str(), "terminating machine");
+                        m.state = MachineState::Terminating;
+                        m.terminate_reason = Some(*reason);
+                    }
+                }
+                Action::Launch { class, count } => launches.push((class.clone(), *count)),
+            }
+        }
+        // Everything terminating whose termination is not yet (or long ago) sent.
+        pool.machines
+            .values()
+            .filter(|m| m.state == MachineState::Terminating && !m.instance_id.is_empty())
+            .filter(|m| {
+                m.terminate_sent_at
+                    .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= TERMINATE_RETRY)
+            })
+            .map(|m| (m.id.clone(), m.instance_id.clone()))
+            .collect::<Vec<_>>()
+    });
+    shared.commit(gen).await;
+
+    if !to_terminate.is_empty() {
+        let ids: Vec<String> = to_terminate.iter().map(|(_, i)| i.clone()).collect();
+        match shared.ec2.terminate(&ids).await {
+            Ok(()) => {
+                let gen = shared
+                    .update(|pool| {
+                        for (m, _) in &to_terminate {
+                            if let Some(m) = pool.machines.get_mut(m) {
+                                m.terminate_sent_at = Some(now);
+                            }
+                        }
+                    })
+                    .1;
+                shared.commit(gen).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "terminate failed; will retry"),
+        }
+    }
+
+    let mut tasks = Vec::new();
+    for (class, count) in launches {
+        if in_backoff(shared, &class) {
+            continue;
+        }
+        for _ in 0..count {
+            tasks.push(launch_one(shared.clone(), class.clone()));
+        }
+    }
+    futures_util::future::join_all(tasks).await;
+}
+
+fn in_backoff(shared: &Shared, class: &str) -> bool {
+    let map = shared
+        .launch_backoff
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    map.get(class)
+        .is_some_and(|(until, _)| Instant::now() < *until)
+}
+
+fn note_launch_result(shared: &Shared, class: &str, ok: bool) {
+    let mut map = shared
+        .launch_backoff
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if ok {
+        map.remove(class);
+    } else {
+        let next = map.get(class).map_or(LAUNCH_BACKOFF_START, |(_, d)| {
+            (*d * 2).min(LAUNCH_BACKOFF_MAX)
+        });
+        map.insert(class.to_owned(), (Instant::now() + next, next));
+    }
+}
+
+/// EC2 error codes that mean "try another instance type or zone", not "give up".
+fn is_capacity_error(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some(
+            "InsufficientInstanceCapacity"
+                | "InsufficientCapacity"
+                | "Unsupported"
+                | "InsufficientFreeAddressesInSubnet"
+                | "InstanceLimitExceeded"
+                | "MaxSpotInstanceCountExceeded"
+                | "SpotMaxPriceTooLow"
+        )
+    )
+}
+
+async fn launch_one(shared: Arc<Shared>, class_name: String) {
+    let Some(class) = shared.config.classes.get(&class_name).cloned() else {
+        return;
+    };
+    let machine_id = new_id("m-");
+    let user_data = match shared
+        .ca
+        .issue_server(&machine_id)
+        .map_err(|e| e.to_string())
+        .and_then(|cert| {
+            CloudConfig::for_machine(&MachineBootstrap {
+                machine_id: &machine_id,
+                ca_cert_pem: shared.ca.cert_pem(),
+                server_cert_pem: &cert.cert_pem,
+                server_key_pem: &cert.key_pem,
+            })
+            .render()
+            .map_err(|e| e.to_string())
+        }) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(class = %class_name, error = %e, "cannot build machine bootstrap");
+            note_launch_result(&shared, &class_name, false);
+            return;
+        }
+    };
+    let first_type = class.instance_types.first().cloned().unwrap_or_default();
+    // Record first, then launch: a crash in between leaves a record the next observation
+    // adopts by its machine tag instead of an orphan.
+    let gen = shared
+        .update(|pool| {
+            pool.machines.insert(
+                machine_id.clone(),
+                Machine::booting(
+                    machine_id.clone(),
+                    class_name.clone(),
+                    first_type,
+                    Utc::now(),
+                ),
+            )
+        })
+        .1;
+    shared.commit(gen).await;
+
+    let mut last_error = None;
+    let mut attempt = 0;
+    'outer: for instance_type in &class.instance_types {
+        for subnet in &class.subnets {
+            attempt += 1;
+            let spec = LaunchSpec {
+                fleet: shared.config.fleet.clone(),
+                machine_id: machine_id.clone(),
+                client_token: format!("{machine_id}-{attempt}"),
+                class: class_name.clone(),
+                ami: class.ami.clone(),
+                instance_type: instance_type.clone(),
+                subnet: subnet.clone(),
+                security_groups: class.security_groups.clone(),
+                instance_profile: class.instance_profile.clone(),
+                root_volume_gb: class.root_volume_gb,
+                user_data: user_data.clone(),
+            };
+            let started = Instant::now();
+            match shared.ec2.launch(&spec).await {
+                Ok(launched) => {
+                    tracing::info!(
+                        machine = %machine_id,
+                        instance = %launched.instance_id,
+                        class = %class_name,
+                        instance_type = %instance_type,
+                        address = %launched.private_ip,
+                        call_ms = started.elapsed().as_millis() as u64,
+                        "launched machine"
+                    );
+                    let gen = shared
+                        .update(|pool| {
+                            if let Some(m) = pool.machines.get_mut(&machine_id) {
+                                m.instance_id = launched.instance_id.clone();
+                                m.address = launched.private_ip.clone();
+                                m.instance_type = instance_type.clone();
+                            }
+                        })
+                        .1;
+                    shared.commit(gen).await;
+                    note_launch_result(&shared, &class_name, true);
+                    probe::spawn(shared.clone(), machine_id.clone());
+                    return;
+                }
+                Err(e) if is_capacity_error(e.code.as_deref()) => {
+                    tracing::warn!(class = %class_name, %instance_type, %subnet, error = %e, "no capacity; trying the next type or subnet");
+                    last_error = Some(e);
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    break 'outer;
+                }
+            }
+        }
+    }
+    if let Some(e) = last_error {
+        tracing::error!(class = %class_name, error = %e, "launch failed");
+    }
+    note_launch_result(&shared, &class_name, false);
+    let gen = shared
+        .update(|pool| {
+            if let Some(m) = pool.machines.get_mut(&machine_id) {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(TerminateReason::Broken);
+                m.note = Some("launch failed".into());
+            }
+        })
+        .1;
+    shared.commit(gen).await;
+}

@@ -1,0 +1,150 @@
+//! A bollard client for one build machine, over mutual TLS.
+//!
+//! bollard's own `connect_with_ssl` does not fit (it trusts OS roots, verifies the IP, and
+//! re-reads files per handshake), so this wraps a hyper-util client whose rustls connector
+//! trusts only the fleet CA and verifies the machine's DNS name. Requests are pinned to
+//! Docker API 1.41 (Docker 20.10+), which every supported dockerd speaks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::{ClientVersion, Docker};
+use http_body_util::BodyExt;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+
+/// The API version Flotilla speaks to every machine.
+pub const API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid machine server name {0:?}")]
+    ServerName(String),
+    #[error("docker client: {0}")]
+    Docker(#[from] bollard::errors::Error),
+}
+
+/// bollard's request body type is crate-private; name it through the public request type.
+trait BodyOf {
+    type Body;
+}
+impl<B> BodyOf for hyper::Request<B> {
+    type Body = B;
+}
+type BodyType = <bollard::BollardRequest as BodyOf>::Body;
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, BodyType>;
+
+fn https_client(
+    tls: Arc<ClientConfig>,
+    server_name: &str,
+    connect_timeout: Duration,
+) -> Result<HttpsClient, ConnectError> {
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| ConnectError::ServerName(server_name.to_owned()))?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_only()
+        .with_server_name_resolver(FixedServerNameResolver::new(name))
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector))
+}
+
+/// Connects (lazily) to `https://address:port`, verifying `server_name`.
+pub fn connect(
+    tls: Arc<ClientConfig>,
+    address: &str,
+    port: u16,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<Docker, ConnectError> {
+    let client = https_client(tls, server_name, timeout.min(Duration::from_secs(10)))?;
+    let transport = move |mut req: bollard::BollardRequest| {
+        let client = client.clone();
+        async move {
+            pin_api_version(&mut req);
+            client
+                .request(req)
+                .await
+                .map_err(bollard::errors::Error::from)
+        }
+    };
+    let docker = Docker::connect_with_custom_transport(
+        transport,
+        Some(format!("https://{address}:{port}")),
+        timeout.as_secs().max(1),
+        &API_VERSION,
+    )?;
+    Ok(docker)
+}
+
+/// bollard 0.21 drops the `/v1.xx` prefix when joining paths; put it back so requests mean
+/// the same thing on every dockerd version.
+fn pin_api_version(req: &mut bollard::BollardRequest) {
+    let uri = req.uri();
+    let path = uri.path();
+    if path.starts_with("/v1.") {
+        return;
+    }
+    let pq = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| path.to_owned());
+    let versioned = format!(
+        "/v{}.{}{}",
+        API_VERSION.major_version, API_VERSION.minor_version, pq
+    );
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = versioned.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(new_uri) = hyper::Uri::from_parts(parts) {
+            *req.uri_mut() = new_uri;
+        }
+    }
+}
+
+/// One `GET /_ping` over mTLS: the readiness check for a booting machine.
+pub async fn ping(
+    tls: Arc<ClientConfig>,
+    address: &str,
+    port: u16,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let client = https_client(tls, server_name, timeout).map_err(|e| e.to_string())?;
+    let uri: hyper::Uri = format!("https://{address}:{port}/_ping")
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| e.to_string())?;
+    let req = hyper::Request::get(uri)
+        .body(bollard::body_full(hyper::body::Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status.is_success() && body.as_ref() == b"OK" {
+        Ok(())
+    } else {
+        Err(format!("unexpected answer {status}"))
+    }
+}

@@ -1,0 +1,404 @@
+//! The scaling decision: a pure function of policy, the pool and the time.
+//!
+//! Invariants: never awaits, never reads a clock, never terminates a leased machine, never
+//! plans more machines than `max_machines` (per class and in total). Unit tests drive it
+//! with a fake clock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flotilla_proto::api::MachineState;
+use flotilla_proto::config::Config;
+
+use crate::pool::{Pool, TerminateReason};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassPolicy {
+    pub idle_count: u32,
+    pub idle_time: Duration,
+    pub max_machines: u32,
+    pub max_builds: u32,
+    pub boot_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub classes: BTreeMap<String, ClassPolicy>,
+    pub max_machines: u32,
+}
+
+impl Policy {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            classes: c
+                .classes
+                .iter()
+                .map(|(name, k)| {
+                    (
+                        name.clone(),
+                        ClassPolicy {
+                            idle_count: k.idle_count,
+                            idle_time: k.idle_time.0,
+                            max_machines: k.max_machines,
+                            max_builds: k.max_builds,
+                            boot_timeout: k.boot_timeout.0,
+                        },
+                    )
+                })
+                .collect(),
+            max_machines: c.max_machines,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Launch {
+        class: String,
+        count: u32,
+    },
+    Terminate {
+        machine_id: String,
+        reason: TerminateReason,
+    },
+}
+
+fn elapsed(since: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    (now - since).to_std().unwrap_or(Duration::ZERO)
+}
+
+/// Decides which machines to terminate and how many to launch.
+pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let mut doomed = std::collections::BTreeSet::new();
+    let terminate = |id: &str,
+                     reason,
+                     actions: &mut Vec<Action>,
+                     doomed: &mut std::collections::BTreeSet<String>| {
+        if doomed.insert(id.to_owned()) {
+            actions.push(Action::Terminate {
+                machine_id: id.to_owned(),
+                reason,
+            });
+        }
+    };
+
+    // Machines that must go whatever the demand.
+    for m in pool.machines.values() {
+        let Some(class) = policy.classes.get(&m.class) else {
+            if matches!(
+                m.state,
+                MachineState::Idle | MachineState::Booting | MachineState::Broken
+            ) {
+                terminate(
+                    &m.id,
+                    TerminateReason::ClassRemoved,
+                    &mut actions,
+                    &mut doomed,
+                );
+            }
+            continue;
+        };
+        match m.state {
+            MachineState::Broken => {
+                terminate(&m.id, TerminateReason::Broken, &mut actions, &mut doomed)
+            }
+            MachineState::Booting if elapsed(m.launched_at, now) >= class.boot_timeout => {
+                terminate(
+                    &m.id,
+                    TerminateReason::BootTimeout,
+                    &mut actions,
+                    &mut doomed,
+                )
+            }
+            MachineState::Idle if class.max_builds > 0 && m.builds >= class.max_builds => {
+                terminate(&m.id, TerminateReason::MaxBuilds, &mut actions, &mut doomed)
+            }
+            MachineState::Idle if pool.draining => {
+                terminate(&m.id, TerminateReason::Drained, &mut actions, &mut doomed)
+            }
+            _ => {}
+        }
+    }
+
+    // Per class: scale idle machines down, count what is left.
+    struct Left {
+        live: u32,
+        available: u32,
+    }
+    let mut left: BTreeMap<&str, Left> = BTreeMap::new();
+    for (name, class) in &policy.classes {
+        let waiting = pool.waiting.get(name).copied().unwrap_or(0);
+        let demand = if pool.draining {
+            0
+        } else {
+            class.idle_count + waiting
+        };
+        let mine: Vec<_> = pool
+            .machines
+            .values()
+            .filter(|m| &m.class == name && !doomed.contains(&m.id))
+            .collect();
+        let booting = mine
+            .iter()
+            .filter(|m| m.state == MachineState::Booting)
+            .count() as u32;
+        let mut idle: Vec<_> = mine
+            .iter()
+            .filter(|m| m.state == MachineState::Idle)
+            .collect();
+        idle.sort_by_key(|m| (m.idle_since, m.id.clone()));
+        let live = mine
+            .iter()
+            .filter(|m| m.state != MachineState::Terminating)
+            .count() as u32;
+
+        let mut surplus = (idle.len() as u32 + booting).saturating_sub(demand);
+        let mut over = live.saturating_sub(class.max_machines);
+        let mut removed = 0u32;
+        let mut victims = Vec::new();
+        for m in &idle {
+            if over > 0 {
+                victims.push((m.id.clone(), TerminateReason::OverCapacity));
+                over -= 1;
+                surplus = surplus.saturating_sub(1);
+            } else if surplus > 0 && elapsed(m.idle_since, now) >= class.idle_time {
+                victims.push((m.id.clone(), TerminateReason::IdleTimeout));
+                surplus -= 1;
+            } else {
+                continue;
+            }
+            removed += 1;
+        }
+        for (id, reason) in victims {
+            terminate(&id, reason, &mut actions, &mut doomed);
+        }
+        left.insert(
+            name,
+            Left {
+                live: live - removed,
+                available: idle.len() as u32 - removed + booting,
+            },
+        );
+    }
+
+    // Launches: jobs waiting first, then idle_count top-ups, within both caps.
+    if pool.draining {
+        return actions;
+    }
+    let total_live: u32 = pool
+        .machines
+        .values()
+        .filter(|m| m.state != MachineState::Terminating && !doomed.contains(&m.id))
+        .count() as u32;
+    let mut global_room = policy.max_machines.saturating_sub(total_live);
+    let mut launches: BTreeMap<String, u32> = BTreeMap::new();
+    for pass in [Pass::Waiting, Pass::IdleCount] {
+        for (name, class) in &policy.classes {
+            let Some(l) = left.get_mut(name.as_str()) else {
+                continue;
+            };
+            let waiting = pool.waiting.get(name).copied().unwrap_or(0);
+            let want = match pass {
+                Pass::Waiting => waiting,
+                Pass::IdleCount => waiting + class.idle_count,
+            };
+            let planned = launches.get(name).copied().unwrap_or(0);
+            let need = want.saturating_sub(l.available + planned);
+            let class_room = class.max_machines.saturating_sub(l.live + planned);
+            let n = need.min(class_room).min(global_room);
+            if n > 0 {
+                *launches.entry(name.clone()).or_default() += n;
+                global_room -= n;
+            }
+        }
+    }
+    for (class, count) in launches {
+        actions.push(Action::Launch { class, count });
+    }
+    actions
+}
+
+#[derive(Clone, Copy)]
+enum Pass {
+    Waiting,
+    IdleCount,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Machine;
+    use chrono::TimeZone;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap()
+    }
+
+    fn policy(idle_count: u32, idle_time: u64, max: u32, max_builds: u32) -> Policy {
+        Policy {
+            classes: BTreeMap::from([(
+                "c".to_string(),
+                ClassPolicy {
+                    idle_count,
+                    idle_time: Duration::from_secs(idle_time),
+                    max_machines: max,
+                    max_builds,
+                    boot_timeout: Duration::from_secs(300),
+                },
+            )]),
+            max_machines: 100,
+        }
+    }
+
+    fn add(pool: &mut Pool, id: &str, state: MachineState, since: i64) {
+        let mut m = Machine::booting(id.into(), "c".into(), "t3.micro".into(), t(since));
+        m.state = state;
+        m.idle_since = t(since);
+        pool.machines.insert(id.into(), m);
+    }
+
+    fn launches(actions: &[Action]) -> u32 {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Launch { count, .. } => *count,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn terminated(actions: &[Action]) -> Vec<(String, TerminateReason)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Terminate { machine_id, reason } => Some((machine_id.clone(), *reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn empty_pool_launches_idle_count() {
+        let actions = plan(&policy(2, 600, 10, 0), &Pool::default(), t(0));
+        assert_eq!(launches(&actions), 2);
+    }
+
+    #[test]
+    fn waiting_jobs_launch_beyond_idle_count_but_within_max() {
+        let mut pool = Pool::default();
+        pool.waiting.insert("c".into(), 7);
+        add(&mut pool, "a", MachineState::Leased, 0);
+        let actions = plan(&policy(0, 600, 5, 0), &pool, t(0));
+        assert_eq!(launches(&actions), 4, "{actions:?}");
+    }
+
+    #[test]
+    fn booting_machines_count_as_coming_capacity() {
+        let mut pool = Pool::default();
+        pool.waiting.insert("c".into(), 1);
+        add(&mut pool, "a", MachineState::Booting, 0);
+        assert_eq!(launches(&plan(&policy(0, 600, 5, 0), &pool, t(1))), 0);
+    }
+
+    #[test]
+    fn idle_machine_is_kept_until_idle_time_then_terminated() {
+        let mut pool = Pool::default();
+        add(&mut pool, "a", MachineState::Idle, 0);
+        let p = policy(0, 600, 5, 0);
+        assert!(terminated(&plan(&p, &pool, t(599))).is_empty());
+        assert_eq!(
+            terminated(&plan(&p, &pool, t(600))),
+            vec![("a".to_string(), TerminateReason::IdleTimeout)]
+        );
+    }
+
+    #[test]
+    fn idle_count_machines_survive_idle_time() {
+        let mut pool = Pool::default();
+        add(&mut pool, "old", MachineState::Idle, 0);
+        add(&mut pool, "new", MachineState::Idle, 100);
+        let actions = plan(&policy(1, 60, 5, 0), &pool, t(1000));
+        assert_eq!(
+            terminated(&actions),
+            vec![("old".to_string(), TerminateReason::IdleTimeout)]
+        );
+        assert_eq!(launches(&actions), 0);
+    }
+
+    #[test]
+    fn leased_machine_is_never_terminated() {
+        let mut pool = Pool::default();
+        add(&mut pool, "a", MachineState::Leased, 0);
+        let mut p = policy(0, 1, 1, 1);
+        p.max_machines = 0;
+        assert!(terminated(&plan(&p, &pool, t(10_000))).is_empty());
+    }
+
+    #[test]
+    fn max_builds_replaces_machine() {
+        let mut pool = Pool::default();
+        add(&mut pool, "a", MachineState::Idle, 0);
+        pool.machines.get_mut("a").unwrap().builds = 1;
+        let actions = plan(&policy(1, 600, 5, 1), &pool, t(1));
+        assert_eq!(
+            terminated(&actions),
+            vec![("a".to_string(), TerminateReason::MaxBuilds)]
+        );
+        assert_eq!(launches(&actions), 1, "replacement keeps idle_count");
+    }
+
+    #[test]
+    fn broken_and_boot_timeout_machines_are_replaced() {
+        let mut pool = Pool::default();
+        pool.waiting.insert("c".into(), 2);
+        add(&mut pool, "broken", MachineState::Broken, 0);
+        add(&mut pool, "slow", MachineState::Booting, 0);
+        let actions = plan(&policy(0, 600, 5, 0), &pool, t(301));
+        let mut got = terminated(&actions);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("broken".to_string(), TerminateReason::Broken),
+                ("slow".to_string(), TerminateReason::BootTimeout)
+            ]
+        );
+        assert_eq!(launches(&actions), 2);
+    }
+
+    #[test]
+    fn global_cap_limits_launches_across_classes() {
+        let mut p = policy(3, 600, 10, 0);
+        p.max_machines = 2;
+        assert_eq!(launches(&plan(&p, &Pool::default(), t(0))), 2);
+    }
+
+    #[test]
+    fn draining_terminates_idle_and_launches_nothing() {
+        let mut pool = Pool::default();
+        pool.draining = true;
+        pool.waiting.insert("c".into(), 3);
+        add(&mut pool, "a", MachineState::Idle, 0);
+        add(&mut pool, "b", MachineState::Leased, 0);
+        let actions = plan(&policy(2, 600, 5, 0), &pool, t(1));
+        assert_eq!(launches(&actions), 0);
+        assert_eq!(
+            terminated(&actions),
+            vec![("a".to_string(), TerminateReason::Drained)]
+        );
+    }
+
+    #[test]
+    fn removed_class_machines_go_when_idle() {
+        let mut pool = Pool::default();
+        add(&mut pool, "a", MachineState::Idle, 0);
+        pool.machines.get_mut("a").unwrap().class = "gone".into();
+        let actions = plan(&policy(0, 600, 5, 0), &pool, t(1));
+        assert_eq!(
+            terminated(&actions),
+            vec![("a".to_string(), TerminateReason::ClassRemoved)]
+        );
+    }
+}

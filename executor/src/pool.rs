@@ -1,0 +1,338 @@
+//! The daemon's model of its machines and leases, and the synchronous operations on it.
+//!
+//! Invariants: a machine is leased to at most one job; a `Broken` or `Terminating` machine
+//! is never leased; a lease outlives its machine only as a record that the machine was lost
+//! (so the job's next stage fails with a system failure instead of a timeout). Nothing
+//! here does I/O; the daemon persists [`Pool`] after every change.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use flotilla_proto::api::{Lease, MachineState, MachineStatus, ReleaseOutcome};
+use flotilla_proto::bootstrap::{machine_dns_name, DOCKER_TLS_PORT};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminateReason {
+    IdleTimeout,
+    MaxBuilds,
+    Broken,
+    BootTimeout,
+    OverCapacity,
+    Drained,
+    ClassRemoved,
+    Orphan,
+    Shutdown,
+}
+
+impl TerminateReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IdleTimeout => "idle_timeout",
+            Self::MaxBuilds => "max_builds",
+            Self::Broken => "broken",
+            Self::BootTimeout => "boot_timeout",
+            Self::OverCapacity => "over_capacity",
+            Self::Drained => "drained",
+            Self::ClassRemoved => "class_removed",
+            Self::Orphan => "orphan",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: String,
+    /// Empty until RunInstances answered (the record is persisted before the call, so a
+    /// crash mid-launch leaves a record the next observation can adopt by machine tag).
+    pub instance_id: String,
+    pub class: String,
+    pub instance_type: String,
+    pub address: String,
+    pub state: MachineState,
+    pub launched_at: DateTime<Utc>,
+    pub ready_at: Option<DateTime<Utc>>,
+    /// When the machine last became idle (ready, or its last job ended).
+    pub idle_since: DateTime<Utc>,
+    pub builds: u32,
+    pub lease_id: Option<String>,
+    /// Why the machine is broken or being terminated, for operators.
+    pub note: Option<String>,
+    pub terminate_reason: Option<TerminateReason>,
+    /// Set once TerminateInstances succeeded for it.
+    #[serde(default)]
+    pub terminate_sent_at: Option<DateTime<Utc>>,
+}
+
+impl Machine {
+    pub fn booting(id: String, class: String, instance_type: String, now: DateTime<Utc>) -> Self {
+        Self {
+            id,
+            instance_id: String::new(),
+            class,
+            instance_type,
+            address: String::new(),
+            state: MachineState::Booting,
+            launched_at: now,
+            ready_at: None,
+            idle_since: now,
+            builds: 0,
+            lease_id: None,
+            note: None,
+            terminate_reason: None,
+            terminate_sent_at: None,
+        }
+    }
+
+    pub fn status(&self, pool: &Pool) -> MachineStatus {
+        MachineStatus {
+            machine_id: self.id.clone(),
+            instance_id: self.instance_id.clone(),
+            class: self.class.clone(),
+            instance_type: self.instance_type.clone(),
+            state: self.state,
+            address: self.address.clone(),
+            builds: self.builds,
+            launched_at: self.launched_at,
+            ready_at: self.ready_at,
+            job_key: self
+                .lease_id
+                .as_ref()
+                .and_then(|l| pool.leases.get(l))
+                .map(|l| l.job_key.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub lease_id: String,
+    pub job_key: String,
+    pub machine_id: String,
+    pub acquired_at: DateTime<Utc>,
+    /// Set when the machine was lost while leased.
+    pub lost: Option<String>,
+    /// The machine as it was when leased (kept so a lost machine can still be named).
+    pub machine: LeasedMachine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeasedMachine {
+    pub instance_id: String,
+    pub class: String,
+    pub address: String,
+    pub previous_builds: u32,
+}
+
+/// Everything the daemon persists, plus volatile demand counters.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Pool {
+    pub machines: BTreeMap<String, Machine>,
+    pub leases: BTreeMap<String, LeaseRecord>,
+    /// Acquire requests waiting, per class (not persisted: waiters die with the daemon).
+    #[serde(skip)]
+    pub waiting: BTreeMap<String, u32>,
+    #[serde(skip)]
+    pub draining: bool,
+}
+
+impl LeaseRecord {
+    pub fn to_api(&self) -> Lease {
+        Lease {
+            lease_id: self.lease_id.clone(),
+            job_key: self.job_key.clone(),
+            machine_id: self.machine_id.clone(),
+            instance_id: self.machine.instance_id.clone(),
+            class: self.machine.class.clone(),
+            address: self.machine.address.clone(),
+            docker_port: DOCKER_TLS_PORT,
+            server_name: machine_dns_name(&self.machine_id),
+            acquired_at: self.acquired_at,
+            previous_builds: self.machine.previous_builds,
+        }
+    }
+}
+
+impl Pool {
+    pub fn lease_for_job(&self, job_key: &str) -> Option<&LeaseRecord> {
+        self.leases.values().find(|l| l.job_key == job_key)
+    }
+
+    /// Leases an idle machine of `class` to the job, preferring the most recently used
+    /// one (warm caches; lets the oldest idle machines age out and be scaled down).
+    pub fn try_lease(
+        &mut self,
+        job_key: &str,
+        class: &str,
+        lease_id: String,
+        now: DateTime<Utc>,
+    ) -> Option<&LeaseRecord> {
+        let machine = self
+            .machines
+            .values_mut()
+            .filter(|m| m.class == class && m.state == MachineState::Idle)
+            .max_by_key(|m| (m.idle_since, m.id.clone()))?;
+        machine.state = MachineState::Leased;
+        machine.lease_id = Some(lease_id.clone());
+        let record = LeaseRecord {
+            lease_id: lease_id.clone(),
+            job_key: job_key.to_owned(),
+            machine_id: machine.id.clone(),
+            acquired_at: now,
+            lost: None,
+            machine: LeasedMachine {
+                instance_id: machine.instance_id.clone(),
+                class: machine.class.clone(),
+                address: machine.address.clone(),
+                previous_builds: machine.builds,
+            },
+        };
+        self.leases.insert(lease_id.clone(), record);
+        self.leases.get(&lease_id)
+    }
+
+    /// Ends a lease. Healthy machines go back to idle (the plan decides whether they stay);
+    /// broken ones are never leased again. Returns false when the lease was already gone.
+    pub fn release(
+        &mut self,
+        lease_id: &str,
+        outcome: ReleaseOutcome,
+        reason: Option<String>,
+        now: DateTime<Utc>,
+    ) -> bool {
+        let Some(lease) = self.leases.remove(lease_id) else {
+            return false;
+        };
+        if let Some(m) = self.machines.get_mut(&lease.machine_id) {
+            if m.lease_id.as_deref() == Some(lease_id) {
+                m.lease_id = None;
+                m.builds = m.builds.saturating_add(1);
+                if m.state == MachineState::Leased {
+                    match outcome {
+                        ReleaseOutcome::Healthy => {
+                            m.state = MachineState::Idle;
+                            m.idle_since = now;
+                        }
+                        ReleaseOutcome::Broken => {
+                            m.state = MachineState::Broken;
+                            m.note =
+                                Some(reason.unwrap_or_else(|| "reported broken by a job".into()));
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// A booting machine's dockerd answered over mTLS.
+    pub fn mark_ready(&mut self, machine_id: &str, now: DateTime<Utc>) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m) if m.state == MachineState::Booting => {
+                m.state = MachineState::Idle;
+                m.ready_at = Some(now);
+                m.idle_since = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The machine is gone or unusable: never lease it again, and tell its job.
+    pub fn mark_broken(&mut self, machine_id: &str, why: &str) {
+        let Some(m) = self.machines.get_mut(machine_id) else {
+            return;
+        };
+        if matches!(m.state, MachineState::Terminating | MachineState::Broken) {
+            return;
+        }
+        m.state = MachineState::Broken;
+        m.note = Some(why.to_owned());
+        if let Some(lease_id) = m.lease_id.take() {
+            if let Some(lease) = self.leases.get_mut(&lease_id) {
+                lease.lost = Some(why.to_owned());
+            }
+        }
+    }
+
+    pub fn count(&self, class: &str, state: MachineState) -> u32 {
+        self.machines
+            .values()
+            .filter(|m| m.class == class && m.state == state)
+            .count() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap()
+    }
+
+    fn idle(pool: &mut Pool, id: &str, since: i64) {
+        let mut m = Machine::booting(id.into(), "c".into(), "t3.micro".into(), t(0));
+        m.instance_id = format!("i-{id}");
+        pool.machines.insert(id.into(), m);
+        assert!(pool.mark_ready(id, t(since)));
+    }
+
+    #[test]
+    fn lease_prefers_most_recently_idle_machine() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        idle(&mut pool, "b", 20);
+        let lease = pool.try_lease("job-1", "c", "l1".into(), t(30)).unwrap();
+        assert_eq!(lease.machine_id, "b");
+        assert_eq!(pool.machines["b"].state, MachineState::Leased);
+    }
+
+    #[test]
+    fn broken_machine_is_never_leased_again() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        pool.try_lease("job-1", "c", "l1".into(), t(30)).unwrap();
+        assert!(pool.release(
+            "l1",
+            ReleaseOutcome::Broken,
+            Some("docker died".into()),
+            t(40)
+        ));
+        assert!(pool.try_lease("job-2", "c", "l2".into(), t(50)).is_none());
+        assert_eq!(pool.machines["a"].state, MachineState::Broken);
+    }
+
+    #[test]
+    fn release_is_idempotent_and_counts_builds() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        pool.try_lease("job-1", "c", "l1".into(), t(30)).unwrap();
+        assert!(pool.release("l1", ReleaseOutcome::Healthy, None, t(40)));
+        assert!(!pool.release("l1", ReleaseOutcome::Healthy, None, t(41)));
+        assert_eq!(pool.machines["a"].builds, 1);
+        assert_eq!(pool.machines["a"].idle_since, t(40));
+    }
+
+    #[test]
+    fn losing_a_leased_machine_marks_its_lease_lost() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        pool.try_lease("job-1", "c", "l1".into(), t(30)).unwrap();
+        pool.mark_broken("a", "instance terminated outside flotilla");
+        assert!(pool.leases["l1"].lost.is_some());
+        assert_eq!(pool.lease_for_job("job-1").unwrap().lease_id, "l1");
+    }
+
+    #[test]
+    fn other_class_is_not_leased() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        assert!(pool
+            .try_lease("job-1", "other", "l1".into(), t(30))
+            .is_none());
+    }
+}

@@ -1,0 +1,174 @@
+//! What a stage knows about its job: gitlab-runner's environment contract, and the names
+//! of the Docker objects the job owns on its machine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Label on every container, network and volume a job creates; cleanup removes by it.
+pub const JOB_LABEL: &str = "flotilla.job";
+/// Per-machine cache volume, shared by the jobs that run on the machine one after another.
+pub const CACHE_VOLUME: &str = "flotilla-cache";
+
+#[derive(Debug, Clone)]
+pub struct JobEnv {
+    pub build_failure_code: i32,
+    pub system_failure_code: i32,
+    pub build_exit_code_file: Option<PathBuf>,
+    pub tmpdir: PathBuf,
+    /// Job variables (`CUSTOM_ENV_<NAME>` with the prefix stripped). May hold secrets:
+    /// never log values.
+    pub vars: BTreeMap<String, String>,
+}
+
+impl JobEnv {
+    pub fn from_env() -> Self {
+        Self::from_vars(std::env::vars())
+    }
+
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut env = Self {
+            build_failure_code: 1,
+            system_failure_code: 2,
+            build_exit_code_file: None,
+            tmpdir: std::env::temp_dir(),
+            vars: BTreeMap::new(),
+        };
+        let mut tmpdir = None;
+        for (k, v) in vars {
+            match k.as_str() {
+                "BUILD_FAILURE_EXIT_CODE" => env.build_failure_code = v.trim().parse().unwrap_or(1),
+                "SYSTEM_FAILURE_EXIT_CODE" => {
+                    env.system_failure_code = v.trim().parse().unwrap_or(2)
+                }
+                "BUILD_EXIT_CODE_FILE" if !v.is_empty() => {
+                    env.build_exit_code_file = Some(v.into())
+                }
+                "TMPDIR" if !v.is_empty() => tmpdir = Some(PathBuf::from(v)),
+                _ => {
+                    if let Some(name) = k.strip_prefix("CUSTOM_ENV_") {
+                        env.vars.insert(name.to_owned(), v);
+                    }
+                }
+            }
+        }
+        // gitlab-runner makes the per-job temp dir both cwd and TMPDIR.
+        env.tmpdir = tmpdir
+            .or_else(|| std::env::current_dir().ok())
+            .unwrap_or_else(std::env::temp_dir);
+        env
+    }
+
+    pub fn var(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Identifies the job to the daemon and names its Docker objects. The job id is unique
+    /// per GitLab instance; without one (a hand-driven stage) the temp dir stands in.
+    pub fn job_key(&self) -> String {
+        match self.var("CI_JOB_ID") {
+            Some(id) if id.chars().all(|c| c.is_ascii_alphanumeric()) => format!("job-{id}"),
+            _ => {
+                // FNV-1a: stable across processes, unlike std's randomized hasher.
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in self.tmpdir.as_os_str().as_encoded_bytes() {
+                    h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+                }
+                format!("tmp-{h:016x}")
+            }
+        }
+    }
+}
+
+/// Docker object names for one job.
+pub struct JobNames {
+    pub key: String,
+    pub network: String,
+    pub builds_volume: String,
+    pub helper: String,
+    pub build: String,
+}
+
+impl JobNames {
+    pub fn new(job_key: &str) -> Self {
+        let base = format!("flotilla-{job_key}");
+        Self {
+            key: job_key.to_owned(),
+            network: base.clone(),
+            builds_volume: format!("{base}-builds"),
+            helper: format!("{base}-helper"),
+            build: format!("{base}-build"),
+        }
+    }
+}
+
+/// Stages the job image's container runs; every other stage (the predefined ones and any
+/// stage name gitlab-runner adds later) runs in the helper container, as on the docker
+/// executor.
+pub fn runs_in_build_container(stage: &str) -> bool {
+    stage == "build_script" || stage == "after_script" || stage.starts_with("step_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> JobEnv {
+        JobEnv::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn reads_exit_codes_from_the_runner_not_hard_coded() {
+        let e = env(&[
+            ("BUILD_FAILURE_EXIT_CODE", "7"),
+            ("SYSTEM_FAILURE_EXIT_CODE", "9"),
+        ]);
+        assert_eq!((e.build_failure_code, e.system_failure_code), (7, 9));
+    }
+
+    #[test]
+    fn job_variables_lose_their_prefix() {
+        let e = env(&[
+            ("CUSTOM_ENV_CI_JOB_ID", "42"),
+            ("PATH", "/bin"),
+            ("TMPDIR", "/tmp/x"),
+        ]);
+        assert_eq!(e.var("CI_JOB_ID"), Some("42"));
+        assert_eq!(e.var("PATH"), None);
+        assert_eq!(e.job_key(), "job-42");
+    }
+
+    #[test]
+    fn job_key_without_job_id_is_stable_per_temp_dir() {
+        let a = env(&[("TMPDIR", "/tmp/custom-executor1")]);
+        let b = env(&[("TMPDIR", "/tmp/custom-executor1")]);
+        let c = env(&[("TMPDIR", "/tmp/custom-executor2")]);
+        assert_eq!(a.job_key(), b.job_key());
+        assert_ne!(a.job_key(), c.job_key());
+    }
+
+    #[test]
+    fn stages_route_like_the_docker_executor() {
+        for s in [
+            "build_script",
+            "step_script",
+            "step_release",
+            "after_script",
+        ] {
+            assert!(runs_in_build_container(s), "{s}");
+        }
+        for s in [
+            "prepare_script",
+            "get_sources",
+            "restore_cache",
+            "archive_cache_on_failure",
+            "upload_artifacts_on_success",
+            "cleanup_file_variables",
+            "some_future_stage",
+        ] {
+            assert!(!runs_in_build_container(s), "{s}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The GitLab custom-executor stages. Each is a short-lived process started by
+//! gitlab-runner with the job's environment; see `gitlab-custom-executor.md`.
+//!
+//! Every failure is classified: the user's script failing is a build failure (its exit code
+//! goes to `BUILD_EXIT_CODE_FILE`); anything about machines, Docker or the daemon is a
+//! system failure, which gitlab-runner may retry.
+
+pub mod cleanup;
+pub mod config;
+pub mod job;
+pub mod prepare;
+pub mod run;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::api::Lease;
+use flotilla_proto::config::Config;
+
+pub use job::JobEnv;
+
+#[derive(Debug)]
+pub enum StageError {
+    /// The job's own fault: script exit code, unknown image or class.
+    Build { code: i32, message: Option<String> },
+    /// Infrastructure: no machine, Docker unreachable, machine lost, daemon down.
+    System(String),
+}
+
+impl StageError {
+    pub fn system(msg: impl Into<String>) -> Self {
+        Self::System(msg.into())
+    }
+    pub fn build_message(msg: impl Into<String>) -> Self {
+        Self::Build {
+            code: 1,
+            message: Some(msg.into()),
+        }
+    }
+}
+
+pub type StageResult = Result<(), StageError>;
+
+/// Where `prepare` leaves the lease for the later stages of the same job (the per-job
+/// temp dir gitlab-runner gives every stage as cwd and TMPDIR).
+pub const LEASE_FILE: &str = "flotilla-lease.json";
+
+pub fn lease_file(env: &JobEnv) -> PathBuf {
+    env.tmpdir.join(LEASE_FILE)
+}
+
+pub fn read_lease(path: &Path) -> Option<Lease> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// A Docker client for the leased machine, over mTLS with the fleet's client certificate.
+pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker, StageError> {
+    let tls: Arc<rustls::ClientConfig> = crate::tls::machine_client_config(&config.state_dir)
+        .map_err(|e| {
+            StageError::system(format!("cannot load flotilla's client certificate: {e}"))
+        })?;
+    crate::docker::connect(
+        tls,
+        &lease.address,
+        lease.docker_port,
+        &lease.server_name,
+        config.job.docker_timeout.0.max(Duration::from_secs(1)),
+    )
+    .map_err(|e| {
+        StageError::system(format!(
+            "cannot connect to build machine {}: {e}",
+            lease.machine_id
+        ))
+    })
+}
+
+/// A Docker error as the job log should say it: naming the machine for system failures.
+pub fn docker_failure(lease: &Lease, what: &str, err: &bollard::errors::Error) -> StageError {
+    StageError::system(format!(
+        "{what} on build machine {} ({}, {}): {}",
+        lease.machine_id,
+        lease.instance_id,
+        lease.address,
+        describe_docker_error(err)
+    ))
+}
+
+pub fn describe_docker_error(err: &bollard::errors::Error) -> String {
+    use bollard::errors::Error as E;
+    match err {
+        E::DockerResponseServerError {
+            status_code,
+            message,
+        } => format!("HTTP {status_code}: {message}"),
+        E::HyperLegacyError { err } => format!("connection failed: {err:?}"),
+        E::RequestTimeoutError => "Docker did not answer in time".into(),
+        other => other.to_string(),
+    }
+}
+
+/// True when the error means the machine (not the request) is at fault.
+pub fn is_unreachable(err: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    matches!(
+        err,
+        E::HyperLegacyError { .. }
+            | E::RequestTimeoutError
+            | E::IOError { .. }
+            | E::HyperResponseError { .. }
+    )
+}

@@ -1,0 +1,300 @@
+//! `flotilla prepare`: lease a machine, pull the images, create the job's network, builds
+//! volume, helper and build containers. The lease is written to the job's temp dir before
+//! anything else, so `cleanup` (which gitlab-runner runs after every failed prepare) can
+//! always undo a half-done prepare.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    VolumeCreateRequest,
+};
+use bollard::query_parameters::{CreateContainerOptions, CreateImageOptions};
+use bollard::Docker;
+use flotilla_proto::api::{AcquireRequest, ErrorCode, Lease};
+use flotilla_proto::config::Config;
+use futures_util::StreamExt;
+
+use super::job::{JobNames, CACHE_VOLUME, JOB_LABEL};
+use super::{docker_failure, lease_file, machine_docker, JobEnv, StageError, StageResult};
+use crate::control::{ControlClient, ControlError};
+
+/// Keeps a job container alive between stages; exits promptly on `docker stop`.
+pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
+
+/// Tells the job log what is happening (stdout goes to the job log in prepare).
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
+    let class = env
+        .var("FLOTILLA_CLASS")
+        .map(str::to_owned)
+        .unwrap_or_else(|| config.default_class.clone());
+    if !config.classes.contains_key(&class) {
+        return Err(StageError::build_message(format!(
+            "FLOTILLA_CLASS={class:?} is not a machine class of this runner; available: {}",
+            config.class_names().join(", ")
+        )));
+    }
+    let image = env
+        .var("CI_JOB_IMAGE")
+        .map(str::to_owned)
+        .unwrap_or_else(|| config.job.default_image.clone());
+    let job_key = env.job_key();
+
+    say(&format!(
+        "Requesting a {class} machine from flotilla (fleet {})...",
+        config.fleet
+    ));
+    let client = ControlClient::new(&config.socket_path());
+    let lease = client
+        .acquire(&AcquireRequest {
+            job_key: job_key.clone(),
+            class: Some(class.clone()),
+            timeout_ms: config.job.acquire_timeout.0.as_millis() as u64,
+        })
+        .await
+        .map_err(|e| match e {
+            ControlError::Api(api) if api.code == ErrorCode::UnknownClass => {
+                StageError::build_message(api.message)
+            }
+            other => StageError::system(other.to_string()),
+        })?;
+    let path = lease_file(env);
+    let bytes = serde_json::to_vec(&lease).map_err(|e| StageError::system(e.to_string()))?;
+    std::fs::write(&path, bytes)
+        .map_err(|e| StageError::system(format!("cannot write {}: {e}", path.display())))?;
+    say(&format!(
+        "Running on build machine {} ({}, {}), job {} on this machine",
+        lease.machine_id,
+        lease.instance_id,
+        lease.address,
+        lease.previous_builds + 1
+    ));
+
+    let docker = machine_docker(config, &lease)?;
+    let names = JobNames::new(&job_key);
+    let helper_image = config.job.helper_image.clone();
+    let (a, b) = tokio::join!(
+        pull(&docker, &lease, &image, PullPolicy::Always),
+        pull(&docker, &lease, &helper_image, PullPolicy::IfNotPresent),
+    );
+    a?;
+    b?;
+    create_network_and_volumes(&docker, &lease, &names).await?;
+    let helper = container_body(config, &names, &helper_image, "helper");
+    let build = container_body(config, &names, &image, "build");
+    let (a, b) = tokio::join!(
+        create_and_start(&docker, &lease, &names.helper, helper),
+        create_and_start(&docker, &lease, &names.build, build),
+    );
+    a?;
+    b?;
+    say(&format!("Using image {image} (helper {helper_image})"));
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PullPolicy {
+    Always,
+    IfNotPresent,
+}
+
+fn labels(names: &JobNames, role: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (JOB_LABEL.to_owned(), names.key.clone()),
+        ("flotilla.role".to_owned(), role.to_owned()),
+    ])
+}
+
+async fn pull(docker: &Docker, lease: &Lease, image: &str, policy: PullPolicy) -> StageResult {
+    if policy == PullPolicy::IfNotPresent && docker.inspect_image(image).await.is_ok() {
+        return Ok(());
+    }
+    say(&format!("Pulling image {image}..."));
+    let options = CreateImageOptions {
+        from_image: Some(image.to_owned()),
+        ..Default::default()
+    };
+    let mut stream = docker.create_image(Some(options), None, None);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                    return Err(pull_error(lease, image, &err));
+                }
+            }
+            Err(bollard::errors::Error::DockerStreamError { error }) => {
+                return Err(pull_error(lease, image, &error));
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code,
+                message,
+            }) if status_code == 404
+                || message.contains("not found")
+                || message.contains("manifest unknown") =>
+            {
+                return Err(pull_error(lease, image, &message));
+            }
+            Err(e) => {
+                return Err(docker_failure(
+                    lease,
+                    &format!("pulling {image} failed"),
+                    &e,
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A missing image or refused credentials is the job's problem; anything else (registry
+/// down, network) is infrastructure.
+fn pull_error(lease: &Lease, image: &str, message: &str) -> StageError {
+    let m = message.to_lowercase();
+    if m.contains("not found")
+        || m.contains("manifest unknown")
+        || m.contains("unauthorized")
+        || m.contains("denied")
+        || m.contains("invalid reference")
+    {
+        StageError::build_message(format!("cannot pull image {image}: {message}"))
+    } else {
+        StageError::system(format!(
+            "pulling {image} on build machine {} failed: {message}",
+            lease.machine_id
+        ))
+    }
+}
+
+fn is_conflict(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            ..
+        }
+    )
+}
+
+async fn create_network_and_volumes(
+    docker: &Docker,
+    lease: &Lease,
+    names: &JobNames,
+) -> StageResult {
+    let network = NetworkCreateRequest {
+        name: names.network.clone(),
+        driver: Some("bridge".into()),
+        labels: Some(labels(names, "network")),
+        ..Default::default()
+    };
+    let volume = VolumeCreateRequest {
+        name: Some(names.builds_volume.clone()),
+        labels: Some(labels(names, "builds")),
+        ..Default::default()
+    };
+    let cache = VolumeCreateRequest {
+        name: Some(CACHE_VOLUME.into()),
+        ..Default::default()
+    };
+    let (n, v, c) = tokio::join!(
+        docker.create_network(network),
+        docker.create_volume(volume),
+        docker.create_volume(cache)
+    );
+    match n {
+        Ok(_) => {}
+        // A retried prepare finds the network of its first attempt.
+        Err(e) if is_conflict(&e) => {}
+        Err(e) => return Err(docker_failure(lease, "creating the job network failed", &e)),
+    }
+    v.map_err(|e| docker_failure(lease, "creating the builds volume failed", &e))?;
+    c.map_err(|e| docker_failure(lease, "creating the cache volume failed", &e))?;
+    Ok(())
+}
+
+fn container_body(
+    config: &Config,
+    names: &JobNames,
+    image: &str,
+    role: &str,
+) -> ContainerCreateBody {
+    ContainerCreateBody {
+        image: Some(image.to_owned()),
+        entrypoint: Some(vec!["sh".into(), "-c".into(), KEEPALIVE.into()]),
+        cmd: Some(vec![]),
+        labels: Some(labels(names, role)),
+        host_config: Some(HostConfig {
+            binds: Some(vec![
+                format!("{}:{}", names.builds_volume, config.job.builds_dir),
+                format!("{CACHE_VOLUME}:{}", config.job.cache_dir),
+            ]),
+            network_mode: Some(names.network.clone()),
+            ..Default::default()
+        }),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                names.network.clone(),
+                EndpointSettings {
+                    aliases: Some(vec![role.to_owned()]),
+                    ..Default::default()
+                },
+            )])),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create_and_start(
+    docker: &Docker,
+    lease: &Lease,
+    name: &str,
+    body: ContainerCreateBody,
+) -> StageResult {
+    let options = CreateContainerOptions {
+        name: Some(name.to_owned()),
+        ..Default::default()
+    };
+    match docker.create_container(Some(options), body).await {
+        Ok(_) => {}
+        Err(e) if is_conflict(&e) => {
+            // Left by an earlier prepare attempt of this job: replace it.
+            let _ = docker
+                .remove_container(
+                    name,
+                    Some(bollard::query_parameters::RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            return Err(StageError::system(format!(
+                "container {name} already existed on build machine {}; removed it, retry",
+                lease.machine_id
+            )));
+        }
+        Err(e) => {
+            let msg = super::describe_docker_error(&e);
+            if msg.contains("No such image") {
+                return Err(StageError::build_message(format!(
+                    "image for {name} is missing: {msg}"
+                )));
+            }
+            return Err(docker_failure(
+                lease,
+                &format!("creating container {name} failed"),
+                &e,
+            ));
+        }
+    }
+    docker
+        .start_container(name, None)
+        .await
+        .map_err(|e| docker_failure(lease, &format!("starting container {name} failed"), &e))
+}

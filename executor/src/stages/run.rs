@@ -1,0 +1,263 @@
+//! `flotilla run <script> <stage>`: feeds the stage script to the right container's shell
+//! and streams its output back as it is produced.
+//!
+//! The script goes to the shell's stdin (as the docker executor does), read from the file
+//! in chunks, so neither script nor output is ever held whole in memory. On SIGTERM or
+//! SIGINT (gitlab-runner cancelling or timing out the job) every process the stage started
+//! in the container is signalled, then killed after a short grace, and the stage exits.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::Docker;
+use flotilla_proto::api::{ErrorCode, Lease};
+use flotilla_proto::config::Config;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::job::{runs_in_build_container, JobNames};
+use super::{
+    docker_failure, lease_file, machine_docker, read_lease, JobEnv, StageError, StageResult,
+};
+use crate::control::{ControlClient, ControlError};
+
+/// gitlab-runner's shell detection: the first shell found, reading the script from stdin.
+pub const DETECT_SHELL: &str = "if [ -x /usr/local/bin/bash ]; then exec /usr/local/bin/bash; \
+elif [ -x /usr/bin/bash ]; then exec /usr/bin/bash; \
+elif [ -x /bin/bash ]; then exec /bin/bash; \
+elif [ -x /usr/local/bin/sh ]; then exec /usr/local/bin/sh; \
+elif [ -x /usr/bin/sh ]; then exec /usr/bin/sh; \
+elif [ -x /bin/sh ]; then exec /bin/sh; \
+elif [ -x /busybox/sh ]; then exec /busybox/sh; \
+else echo shell not found; exit 1; fi";
+
+/// Signals every process in the container but PID 1 (the keep-alive) and itself.
+const TERM_ALL: &str = "kill -TERM -1 2>/dev/null; exit 0";
+const KILL_ALL: &str = "kill -KILL -1 2>/dev/null; exit 0";
+/// How long a cancelled stage's processes get to exit before SIGKILL.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> StageResult {
+    let lease = current_lease(config, env).await?;
+    let names = JobNames::new(&lease.job_key);
+    let container = if runs_in_build_container(stage) {
+        names.build.clone()
+    } else {
+        names.helper.clone()
+    };
+    let file = tokio::fs::File::open(script).await.map_err(|e| {
+        StageError::system(format!(
+            "cannot read stage script {}: {e}",
+            script.display()
+        ))
+    })?;
+    let docker = machine_docker(config, &lease)?;
+    let code = exec_script(&docker, &lease, &container, file).await?;
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(StageError::Build {
+            code,
+            message: None,
+        })
+    }
+}
+
+/// The lease `prepare` wrote, confirmed with the daemon so a lost machine fails the stage
+/// at once with a message saying so. A daemon that is down (restarting) does not fail the
+/// job: the machine may well be fine.
+async fn current_lease(config: &Config, env: &JobEnv) -> Result<Lease, StageError> {
+    let path = lease_file(env);
+    let lease = read_lease(&path).ok_or_else(|| {
+        StageError::system(format!(
+            "this job holds no build machine ({} is missing): did prepare succeed?",
+            path.display()
+        ))
+    })?;
+    match ControlClient::new(&config.socket_path())
+        .lease(&lease.lease_id)
+        .await
+    {
+        Ok(_) => Ok(lease),
+        Err(ControlError::Api(e)) if e.code == ErrorCode::MachineLost => {
+            Err(StageError::system(e.message))
+        }
+        Err(ControlError::Api(e)) if e.code == ErrorCode::NotFound => {
+            Err(StageError::system(format!(
+                "the lease on build machine {} is no longer held (released or expired)",
+                lease.machine_id
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not confirm the lease with the daemon; continuing");
+            Ok(lease)
+        }
+    }
+}
+
+async fn exec_script(
+    docker: &Docker,
+    lease: &Lease,
+    container: &str,
+    mut script: tokio::fs::File,
+) -> Result<i32, StageError> {
+    let exec = docker
+        .create_exec(
+            container,
+            CreateExecOptions::<String> {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(vec!["sh".into(), "-c".into(), DETECT_SHELL.into()]),
+                ..Default::default()
+            },
+        )
+        .await;
+    let exec = match exec {
+        Ok(e) => e,
+        Err(e) if is_not_running(&e) => {
+            // A cancelled earlier stage may have stopped it; after_script must still run.
+            docker.start_container(container, None).await.map_err(|e| {
+                docker_failure(lease, &format!("restarting {container} failed"), &e)
+            })?;
+            return Box::pin(exec_script(docker, lease, container, script)).await;
+        }
+        Err(e) => {
+            return Err(docker_failure(
+                lease,
+                &format!("starting the stage in {container} failed"),
+                &e,
+            ))
+        }
+    };
+    let started = docker
+        .start_exec(&exec.id, None)
+        .await
+        .map_err(|e| docker_failure(lease, "attaching to the stage failed", &e))?;
+    let StartExecResults::Attached {
+        mut output,
+        mut input,
+    } = started
+    else {
+        return Err(StageError::system("Docker started the stage detached"));
+    };
+
+    let feed = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = script.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            input.write_all(&buf[..n]).await?;
+        }
+        input.flush().await?;
+        // The half-close is what gives the shell EOF.
+        input.shutdown().await
+    };
+    let pump = async {
+        let mut stdout = tokio::io::stdout();
+        let mut stderr = tokio::io::stderr();
+        while let Some(item) = output.next().await {
+            match item {
+                Ok(bollard::container::LogOutput::StdErr { message }) => {
+                    stderr.write_all(&message).await?;
+                    stderr.flush().await?;
+                }
+                Ok(bollard::container::LogOutput::StdOut { message })
+                | Ok(bollard::container::LogOutput::Console { message }) => {
+                    stdout.write_all(&message).await?;
+                    stdout.flush().await?;
+                }
+                Ok(_) => {}
+                Err(e) => return Err(std::io::Error::other(super::describe_docker_error(&e))),
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| StageError::system(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| StageError::system(e.to_string()))?;
+    tokio::pin!(pump);
+    let feed = tokio::spawn(feed);
+    let cancelled = tokio::select! {
+        r = &mut pump => {
+            r.map_err(|e| StageError::system(format!("stage output from build machine {} broke off: {e}", lease.machine_id)))?;
+            false
+        }
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+    };
+    if cancelled {
+        eprintln!(
+            "flotilla: stage cancelled; stopping its processes on build machine {}",
+            lease.machine_id
+        );
+        let _ = run_quick(docker, container, TERM_ALL).await;
+        if tokio::time::timeout(CANCEL_GRACE, &mut pump).await.is_err() {
+            let _ = run_quick(docker, container, KILL_ALL).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut pump).await;
+        }
+    }
+    feed.abort();
+    exit_code(docker, lease, &exec.id).await
+}
+
+fn is_not_running(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            ..
+        }
+    )
+}
+
+/// Runs a tiny command in the container and waits for it (used to signal the stage).
+async fn run_quick(
+    docker: &Docker,
+    container: &str,
+    script: &str,
+) -> Result<(), bollard::errors::Error> {
+    let exec = docker
+        .create_exec(
+            container,
+            CreateExecOptions::<String> {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+                ..Default::default()
+            },
+        )
+        .await?;
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
+    {
+        while output.next().await.is_some() {}
+    }
+    Ok(())
+}
+
+/// The exec's exit code; Docker may report it a moment after the stream ends.
+async fn exit_code(docker: &Docker, lease: &Lease, exec_id: &str) -> Result<i32, StageError> {
+    let mut delay = Duration::from_millis(5);
+    for _ in 0..40 {
+        let info = docker
+            .inspect_exec(exec_id)
+            .await
+            .map_err(|e| docker_failure(lease, "reading the stage's exit code failed", &e))?;
+        if info.running != Some(true) {
+            if let Some(code) = info.exit_code {
+                return Ok(code as i32);
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+    Err(StageError::system(format!(
+        "build machine {} did not report the stage's exit code",
+        lease.machine_id
+    )))
+}

@@ -1,0 +1,49 @@
+//! `flotilla status`: the pool as a table for humans, or the daemon's JSON.
+
+use std::fmt::Write;
+
+use chrono::Utc;
+use flotilla_proto::api::StatusResponse;
+
+pub fn render_table(s: &StatusResponse) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "fleet {}{}: {} machines, waiting {}",
+        s.fleet,
+        if s.draining { " (draining)" } else { "" },
+        s.machines.len(),
+        if s.waiting.is_empty() {
+            "none".to_string()
+        } else {
+            s.waiting
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:<20} {:<10} {:<12} {:<11} {:<16} {:>6} {:>8}  JOB",
+        "MACHINE", "INSTANCE", "CLASS", "TYPE", "STATE", "ADDRESS", "BUILDS", "AGE"
+    );
+    let now = Utc::now();
+    for m in &s.machines {
+        let age = (now - m.launched_at).num_seconds().max(0);
+        let _ = writeln!(
+            out,
+            "{:<16} {:<20} {:<10} {:<12} {:<11} {:<16} {:>6} {:>7}s  {}",
+            m.machine_id,
+            m.instance_id,
+            m.class,
+            m.instance_type,
+            m.state.as_str(),
+            m.address,
+            m.builds,
+            age,
+            m.job_key.as_deref().unwrap_or("-")
+        );
+    }
+    out
+}
