@@ -537,6 +537,11 @@ pub async fn ping(socket: &Path) -> bool {
 /// Stops a machine's dockerd and removes its directories (unless `keep`).
 fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
     let id = entry.machine.instance_id.clone();
+    let bridges = if entry.child.is_some() {
+        release_host_resources(&entry.machine)
+    } else {
+        Vec::new()
+    };
     if let Some(child) = entry.child.as_mut() {
         let clean = stop_child(child, Duration::from_secs(15), false);
         if !clean {
@@ -551,6 +556,11 @@ fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
             if clean { "SIGTERM" } else { "SIGKILL" }
         ));
     }
+    for b in bridges {
+        if Path::new("/sys/class/net").join(&b).exists() {
+            let _ = quiet("ip", &["link", "delete", &b]);
+        }
+    }
     unmount_under(&entry.machine.root);
     if !keep_dirs || std::env::var_os("FLOTILLA_KEEP_SANDBOX").is_none() {
         match std::fs::remove_dir_all(&entry.machine.root) {
@@ -562,6 +572,70 @@ fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
             )),
         }
     }
+}
+
+/// Runs a command with no output, bounded by 20 s; returns its stdout when it succeeded.
+fn quiet(program: &str, args: &[&str]) -> Option<String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdout = child.stdout.take()?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let ok = crate::util::wait_until_blocking(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || child.try_wait().ok().flatten(),
+    );
+    match ok {
+        Some(status) if status.success() => reader.join().ok(),
+        Some(_) => None,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+    }
+}
+
+/// What a real machine's death releases but a stopped dockerd leaves on this host: the
+/// bridges and iptables rules of its networks. Removes containers and networks through
+/// the machine's local socket; returns the bridge names for a last-resort delete.
+fn release_host_resources(m: &EmulatedMachine) -> Vec<String> {
+    let host = m.docker_host();
+    let docker = |args: &[&str]| {
+        let mut full = vec!["-H", host.as_str()];
+        full.extend_from_slice(args);
+        quiet("docker", &full)
+    };
+    let bridges: Vec<String> = docker(&[
+        "network",
+        "ls",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        "driver=bridge",
+    ])
+    .unwrap_or_default()
+    .lines()
+    .map(|id| format!("br-{}", &id[..id.len().min(12)]))
+    .collect();
+    let containers = docker(&["ps", "-aq"]).unwrap_or_default();
+    let ids: Vec<&str> = containers.lines().collect();
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(ids);
+        let _ = docker(&args);
+    }
+    let _ = docker(&["network", "prune", "-f"]);
+    bridges
 }
 
 /// Lazily unmounts every mount point under `root`, deepest first.

@@ -43,6 +43,7 @@ impl Registry {
         let out = File::create(&log)?;
         let err = out.try_clone()?;
         let child = Command::new("docker-registry")
+            .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(out)

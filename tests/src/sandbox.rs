@@ -164,6 +164,30 @@ impl Sandbox {
                     .keep()
             }
         };
+        match Self::start_in(opts, flotilla_bin, slot, dir.clone()).await {
+            Ok(sb) => Ok(sb),
+            Err(e) => {
+                if std::env::var_os("FLOTILLA_KEEP_SANDBOX").is_none() {
+                    crate::emulator::unmount_under(&dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                } else {
+                    eprintln!(
+                        "sandbox: FLOTILLA_KEEP_SANDBOX is set: kept {}",
+                        dir.display()
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_in(
+        opts: SandboxOptions,
+        flotilla_bin: PathBuf,
+        slot: Slot,
+        dir: PathBuf,
+    ) -> Result<Self> {
+        let n = slot.n;
         let fleet = format!("sbx{n}-{}", util::unique_token());
         tracing::info!("sandbox {fleet} in {} (slot {n})", dir.display());
 

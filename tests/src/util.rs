@@ -21,8 +21,8 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Polls `check` every `every` until it returns `Some`, or fails after `timeout` naming
-/// `what` and the last error `check` returned.
+/// Polls `check` every `every` until it returns `Some`; fails at once when `check` fails
+/// and after `timeout` naming `what`.
 pub async fn wait_until<T, F, Fut>(
     what: &str,
     timeout: Duration,
@@ -34,20 +34,15 @@ where
     Fut: Future<Output = Result<Option<T>>>,
 {
     let start = Instant::now();
-    let mut last_err: Option<anyhow::Error> = None;
     loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
+        if let Some(v) = check()
+            .await
+            .with_context(|| format!("while waiting for {what}"))?
+        {
+            return Ok(v);
         }
         if start.elapsed() >= timeout {
-            match last_err {
-                Some(e) => {
-                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
-                }
-                None => bail!("timed out after {timeout:?} waiting for {what}"),
-            }
+            bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(every).await;
     }
