@@ -42,6 +42,18 @@ pub struct Config {
     /// has been seen for this long.
     #[serde(default = "defaults::orphan_grace")]
     pub orphan_grace: HumanDuration,
+    /// Most launches started in one reconcile pass (docker+machine's `MaxGrowthRate`).
+    #[serde(default = "defaults::max_growth_rate")]
+    pub max_growth_rate: u32,
+    /// How often idle machines are pinged over mTLS; one that stops answering is replaced.
+    #[serde(default = "defaults::health_interval")]
+    pub health_interval: HumanDuration,
+    /// What SIGTERM does to idle machines: `keep` them for the next start, or `terminate` them.
+    #[serde(default)]
+    pub on_shutdown: ShutdownPolicy,
+    /// Prometheus metrics listen address (e.g. `127.0.0.1:9402`); off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
     #[serde(default)]
     pub aws: AwsConfig,
     #[serde(default)]
@@ -50,7 +62,7 @@ pub struct Config {
     pub classes: BTreeMap<String, ClassConfig>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// Overrides the SDK's region chain.
@@ -59,6 +71,62 @@ pub struct AwsConfig {
     /// Overrides the SDK's endpoint chain (`AWS_ENDPOINT_URL` also works).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+    /// Client-side budget for EC2 calls, shared by every call the daemon makes.
+    #[serde(default = "defaults::max_requests_per_second")]
+    pub max_requests_per_second: u32,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self {
+            region: None,
+            endpoint_url: None,
+            max_requests_per_second: defaults::max_requests_per_second(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownPolicy {
+    /// Leave machines running; the next daemon adopts them from its state file.
+    #[default]
+    Keep,
+    /// Terminate idle (and booting) machines; leased ones are left to finish their jobs.
+    Terminate,
+}
+
+/// How a class buys capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Market {
+    #[default]
+    OnDemand,
+    Spot,
+    /// Spot first (every type and subnet), then on-demand for the shortfall.
+    SpotWithFallback,
+}
+
+/// A time window that overrides a class's idle policy, like docker+machine's
+/// `[[runners.machine.autoscaling]]`: the LAST matching schedule wins. Fields left out keep
+/// the class's own value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// 5-field cron patterns (minute hour day-of-month month day-of-week); the schedule is
+    /// active during every minute one of them matches, e.g. `"* 8-18 * * mon-fri"`.
+    pub periods: Vec<String>,
+    /// IANA time zone the periods are read in.
+    #[serde(default = "defaults::timezone")]
+    pub timezone: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_count_min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_scale_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_time: Option<HumanDuration>,
 }
 
 /// What the stages need to run a job on a leased machine.
@@ -99,7 +167,7 @@ impl Default for JobConfig {
 }
 
 /// One kind of build machine and the pool policy that keeps it warm.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClassConfig {
     pub ami: String,
@@ -115,9 +183,18 @@ pub struct ClassConfig {
     /// Root volume size in GiB; the AMI's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_volume_gb: Option<u32>,
-    /// Idle (ready, unleased) machines to keep.
+    #[serde(default)]
+    pub market: Market,
+    /// Idle (ready, unleased) machines to keep; with `idle_scale_factor` this is the cap.
     #[serde(default)]
     pub idle_count: u32,
+    /// With `idle_scale_factor`: keep at least this many idle machines.
+    #[serde(default)]
+    pub idle_count_min: u32,
+    /// When above 0, keep `idle_scale_factor x machines in use` idle machines, between
+    /// `idle_count_min` and `idle_count` (docker+machine's `IdleScaleFactor`).
+    #[serde(default)]
+    pub idle_scale_factor: f64,
     /// An idle machine beyond `idle_count` is terminated after this long without a job.
     #[serde(default = "defaults::idle_time")]
     pub idle_time: HumanDuration,
@@ -130,6 +207,55 @@ pub struct ClassConfig {
     /// A machine whose dockerd does not answer over mTLS within this is replaced.
     #[serde(default = "defaults::boot_timeout")]
     pub boot_timeout: HumanDuration,
+    /// Idle-policy overrides by time of day; the last matching one wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
+}
+
+impl Default for ClassConfig {
+    /// Empty AMI, types and subnets (invalid until set); every policy knob at its default.
+    /// For writing configs in code: `ClassConfig { ami, .., ..Default::default() }`.
+    fn default() -> Self {
+        Self {
+            ami: String::new(),
+            instance_types: Vec::new(),
+            subnets: Vec::new(),
+            security_groups: Vec::new(),
+            instance_profile: None,
+            root_volume_gb: None,
+            market: Market::default(),
+            idle_count: 0,
+            idle_count_min: 0,
+            idle_scale_factor: 0.0,
+            idle_time: defaults::idle_time(),
+            max_machines: defaults::max_machines(),
+            max_builds: 0,
+            boot_timeout: defaults::boot_timeout(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+impl Default for Config {
+    /// Empty fleet and classes (invalid until set); everything else at its default.
+    fn default() -> Self {
+        Self {
+            fleet: String::new(),
+            state_dir: PathBuf::from("/var/lib/flotilla"),
+            socket: None,
+            default_class: "default".into(),
+            max_machines: defaults::max_machines(),
+            reconcile_interval: defaults::reconcile_interval(),
+            orphan_grace: defaults::orphan_grace(),
+            max_growth_rate: defaults::max_growth_rate(),
+            health_interval: defaults::health_interval(),
+            on_shutdown: ShutdownPolicy::default(),
+            metrics_addr: None,
+            aws: AwsConfig::default(),
+            job: JobConfig::default(),
+            classes: BTreeMap::new(),
+        }
+    }
 }
 
 mod defaults {
@@ -142,6 +268,18 @@ mod defaults {
     }
     pub fn orphan_grace() -> HumanDuration {
         HumanDuration::from_secs(600)
+    }
+    pub fn max_growth_rate() -> u32 {
+        10
+    }
+    pub fn health_interval() -> HumanDuration {
+        HumanDuration::from_secs(30)
+    }
+    pub fn max_requests_per_second() -> u32 {
+        20
+    }
+    pub fn timezone() -> String {
+        "UTC".into()
     }
     pub fn builds_dir() -> String {
         "/builds".into()
@@ -257,6 +395,17 @@ impl Config {
                 ),
             );
         }
+        if self.max_growth_rate == 0 {
+            return bad("max_growth_rate", "must be at least 1".into());
+        }
+        if self.aws.max_requests_per_second == 0 {
+            return bad("aws.max_requests_per_second", "must be at least 1".into());
+        }
+        if let Some(addr) = &self.metrics_addr {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return bad("metrics_addr", format!("{addr:?} is not an address like 127.0.0.1:9402"));
+            }
+        }
         if self.reconcile_interval.0.is_zero() {
             return bad("reconcile_interval", "must be greater than zero".into());
         }
@@ -297,6 +446,29 @@ impl Config {
             }
             if class.boot_timeout.0.is_zero() {
                 return bad(&key("boot_timeout"), "must be greater than zero".into());
+            }
+            if !(0.0..=100.0).contains(&class.idle_scale_factor) {
+                return bad(&key("idle_scale_factor"), "must be between 0 and 100".into());
+            }
+            if class.idle_count_min > class.idle_count && class.idle_scale_factor > 0.0 {
+                return bad(
+                    &key("idle_count_min"),
+                    format!("{} is more than idle_count ({})", class.idle_count_min, class.idle_count),
+                );
+            }
+            for (i, schedule) in class.schedules.iter().enumerate() {
+                let skey = |k: &str| format!("classes.{name}.schedules[{i}].{k}");
+                if schedule.periods.is_empty() {
+                    return bad(&skey("periods"), "must list at least one cron pattern".into());
+                }
+                for p in &schedule.periods {
+                    if let Err(e) = crate::schedule::parse_period(p) {
+                        return bad(&skey("periods"), e);
+                    }
+                }
+                if let Err(e) = crate::schedule::parse_timezone(&schedule.timezone) {
+                    return bad(&skey("timezone"), e);
+                }
             }
         }
         for (key, dir) in [
@@ -416,6 +588,22 @@ subnets = ["subnet-1"]
         let c = Config::from_toml(MINIMAL).unwrap();
         let again = Config::from_toml(&c.to_toml().unwrap()).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn bad_schedule_names_the_schedule_key() {
+        let text = format!("{MINIMAL}\n[[classes.small.schedules]]\nperiods = [\"* 8-18 * * mon-fri\"]\ntimezone = \"Mars/Olympus\"\nidle_count = 3\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.schedules[0].timezone");
+        let text = format!("{MINIMAL}\n[[classes.small.schedules]]\nperiods = [\"99 * * * *\"]\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.schedules[0].periods");
+    }
+
+    #[test]
+    fn market_reads_kebab_case() {
+        let text = MINIMAL.replace("subnets = [\"subnet-1\"]", "subnets = [\"subnet-1\"]\nmarket = \"spot-with-fallback\"");
+        assert_eq!(Config::from_toml(&text).unwrap().classes["small"].market, Market::SpotWithFallback);
     }
 
     #[test]

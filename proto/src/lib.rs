@@ -7,4 +7,5 @@ pub mod api;
 pub mod bootstrap;
 pub mod config;
 pub mod duration;
+pub mod schedule;
 pub mod tags;
