@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_proto::api::{
-    AcquireRequest, ApiError, Lease, ReleaseOutcome, ReleaseRequest, ReleaseResponse,
-    StatusResponse, LEASES_PATH, STATUS_PATH,
+    AcquireRequest, ApiError, AuditResponse, DrainRequest, Lease, ReleaseOutcome, ReleaseRequest,
+    ReleaseResponse, StatusResponse, AUDIT_PATH, DRAIN_PATH, LEASES_PATH, STATUS_PATH,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -156,5 +156,35 @@ impl ControlClient {
             Duration::from_secs(30),
         )
         .await
+    }
+
+    pub async fn drain(&self, draining: bool) -> Result<StatusResponse, ControlError> {
+        self.call(
+            Method::POST,
+            DRAIN_PATH,
+            Some(&DrainRequest { draining }),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn audit(&self, terminate: bool) -> Result<AuditResponse, ControlError> {
+        if terminate {
+            self.call(
+                Method::POST,
+                &format!("{AUDIT_PATH}/terminate"),
+                Some(&()),
+                Duration::from_secs(120),
+            )
+            .await
+        } else {
+            self.call(
+                Method::GET,
+                AUDIT_PATH,
+                None::<&()>,
+                Duration::from_secs(30),
+            )
+            .await
+        }
     }
 }

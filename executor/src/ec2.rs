@@ -4,18 +4,22 @@
 //! anything about a machine's health: callers must treat it as "unknown".
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, ResourceType,
-    ShutdownBehavior, Tag, TagSpecification, VolumeType,
+    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
+    InstanceType, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions,
+    Tag, TagSpecification, VolumeType,
 };
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use flotilla_proto::tags;
+
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("EC2 {operation} failed: {}{message}", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default())]
@@ -54,6 +58,107 @@ impl Ec2Error {
             Some("RequestLimitExceeded" | "Throttling" | "ThrottlingException")
         )
     }
+
+    /// "Try another instance type, zone or market", not "give up".
+    pub fn is_capacity(&self) -> bool {
+        matches!(
+            self.code.as_deref(),
+            Some(
+                "InsufficientInstanceCapacity"
+                    | "InsufficientCapacity"
+                    | "InsufficientHostCapacity"
+                    | "InsufficientReservedInstanceCapacity"
+                    | "Unsupported"
+                    | "InsufficientFreeAddressesInSubnet"
+                    | "InstanceLimitExceeded"
+                    | "MaxSpotInstanceCountExceeded"
+                    | "SpotMaxPriceTooLow"
+                    | "capacity-not-available"
+            )
+        )
+    }
+}
+
+/// How one launch buys its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purchase {
+    OnDemand,
+    Spot,
+}
+
+impl Purchase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnDemand => "on-demand",
+            Self::Spot => "spot",
+        }
+    }
+}
+
+/// One client-side budget for every EC2 call: a token bucket at the configured rate, and
+/// after a throttling error a cool-down (exponential, with jitter) that every caller
+/// waits out. This is what keeps a throttling storm from turning into more calls.
+pub struct Budget {
+    rate: f64,
+    state: tokio::sync::Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    tokens: f64,
+    refilled: Instant,
+    cool_down_until: Option<Instant>,
+    penalty: Duration,
+}
+
+impl Budget {
+    pub fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second.max(1));
+        Self {
+            rate,
+            state: tokio::sync::Mutex::new(BudgetState {
+                tokens: rate,
+                refilled: Instant::now(),
+                cool_down_until: None,
+                penalty: Duration::ZERO,
+            }),
+        }
+    }
+
+    /// Waits for a token (and any cool-down). Holding the lock while sleeping queues callers
+    /// fairly.
+    pub async fn take(&self) {
+        let mut s = self.state.lock().await;
+        if let Some(until) = s.cool_down_until {
+            tokio::time::sleep_until(until.into()).await;
+            s.cool_down_until = None;
+        }
+        loop {
+            let now = Instant::now();
+            let refill = now.duration_since(s.refilled).as_secs_f64() * self.rate;
+            s.tokens = (s.tokens + refill).min(self.rate);
+            s.refilled = now;
+            if s.tokens >= 1.0 {
+                s.tokens -= 1.0;
+                return;
+            }
+            let wait = Duration::from_secs_f64((1.0 - s.tokens) / self.rate);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    pub async fn throttled(&self) {
+        use rand::Rng;
+        let mut s = self.state.lock().await;
+        s.penalty = (s.penalty * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+        let jitter = rand::rng().random_range(0.5..1.0);
+        s.cool_down_until = Some(Instant::now() + s.penalty.mul_f64(jitter));
+        s.tokens = 0.0;
+    }
+
+    pub async fn succeeded(&self) {
+        let mut s = self.state.lock().await;
+        s.penalty = Duration::ZERO;
+    }
 }
 
 /// What a launch needs; everything a machine is and owns is decided before the call.
@@ -70,6 +175,7 @@ pub struct LaunchSpec {
     pub security_groups: Vec<String>,
     pub instance_profile: Option<String>,
     pub root_volume_gb: Option<u32>,
+    pub purchase: Purchase,
     pub user_data: String,
 }
 
@@ -115,10 +221,12 @@ pub struct Ec2Client {
     client: aws_sdk_ec2::Client,
     calls: Mutex<BTreeMap<&'static str, u64>>,
     root_devices: Mutex<BTreeMap<String, String>>,
+    budget: Budget,
+    metrics: Arc<Metrics>,
 }
 
 impl Ec2Client {
-    pub async fn new(aws: &flotilla_proto::config::AwsConfig) -> Self {
+    pub async fn new(aws: &flotilla_proto::config::AwsConfig, metrics: Arc<Metrics>) -> Self {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
         if let Some(region) = &aws.region {
@@ -132,13 +240,31 @@ impl Ec2Client {
             client: aws_sdk_ec2::Client::new(&sdk),
             calls: Mutex::new(BTreeMap::new()),
             root_devices: Mutex::new(BTreeMap::new()),
+            budget: Budget::new(aws.max_requests_per_second),
+            metrics,
         }
     }
 
-    fn count(&self, op: &'static str) {
+    /// Every call goes through here: budget first, then counted.
+    async fn count(&self, op: &'static str) {
+        self.budget.take().await;
         if let Ok(mut c) = self.calls.lock() {
             *c.entry(op).or_default() += 1;
         }
+        self.metrics.ec2_call(op);
+    }
+
+    /// Feeds a call's outcome back into the budget.
+    async fn settle<T>(&self, result: Result<T, Ec2Error>) -> Result<T, Ec2Error> {
+        match &result {
+            Err(e) if e.is_throttling() => {
+                self.metrics.ec2_throttled(e.operation);
+                self.budget.throttled().await;
+            }
+            Ok(_) => self.budget.succeeded().await,
+            Err(_) => {}
+        }
+        result
     }
 
     /// EC2 calls made so far, by operation.
@@ -172,9 +298,11 @@ impl Ec2Client {
             .into_paginator()
             .send();
         let mut out = Vec::new();
+        self.count("DescribeInstances").await;
         while let Some(page) = pages.next().await {
-            self.count("DescribeInstances");
-            let page = page.map_err(|e| Ec2Error::from_sdk("DescribeInstances", e))?;
+            let page = self
+                .settle(page.map_err(|e| Ec2Error::from_sdk("DescribeInstances", e)))
+                .await?;
             for inst in page.reservations().iter().flat_map(|r| r.instances()) {
                 let tag = |key: &str| {
                     inst.tags()
@@ -210,6 +338,9 @@ impl Ec2Client {
                         .and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
                 });
             }
+            if page.next_token().is_some_and(|t| !t.is_empty()) {
+                self.count("DescribeInstances").await;
+            }
         }
         Ok(out)
     }
@@ -223,14 +354,17 @@ impl Ec2Client {
         {
             return Ok(d);
         }
-        self.count("DescribeImages");
+        self.count("DescribeImages").await;
         let out = self
-            .client
-            .describe_images()
-            .image_ids(ami)
-            .send()
-            .await
-            .map_err(|e| Ec2Error::from_sdk("DescribeImages", e))?;
+            .settle(
+                self.client
+                    .describe_images()
+                    .image_ids(ami)
+                    .send()
+                    .await
+                    .map_err(|e| Ec2Error::from_sdk("DescribeImages", e)),
+            )
+            .await?;
         let device = out
             .images()
             .first()
@@ -316,11 +450,27 @@ impl Ec2Client {
                     .build(),
             );
         }
-        self.count("RunInstances");
-        let out = req
-            .send()
-            .await
-            .map_err(|e| Ec2Error::from_sdk("RunInstances", e))?;
+        if spec.purchase == Purchase::Spot {
+            req = req.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(
+                        SpotMarketOptions::builder()
+                            .spot_instance_type(SpotInstanceType::OneTime)
+                            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        self.count("RunInstances").await;
+        let out = self
+            .settle(
+                req.send()
+                    .await
+                    .map_err(|e| Ec2Error::from_sdk("RunInstances", e)),
+            )
+            .await?;
         let inst = out.instances().first().ok_or_else(|| Ec2Error {
             operation: "RunInstances",
             code: None,
@@ -335,13 +485,16 @@ impl Ec2Client {
     /// Terminates in batches. Callers pass only instances proven to carry this fleet's tag.
     pub async fn terminate(&self, instance_ids: &[String]) -> Result<(), Ec2Error> {
         for chunk in instance_ids.chunks(500) {
-            self.count("TerminateInstances");
-            self.client
-                .terminate_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| Ec2Error::from_sdk("TerminateInstances", e))?;
+            self.count("TerminateInstances").await;
+            self.settle(
+                self.client
+                    .terminate_instances()
+                    .set_instance_ids(Some(chunk.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| Ec2Error::from_sdk("TerminateInstances", e)),
+            )
+            .await?;
         }
         Ok(())
     }

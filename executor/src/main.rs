@@ -40,6 +40,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the instances the daemon would reap (orphans, broken machines) and why.
+    Audit {
+        /// Terminate the listed orphans now instead of after orphan_grace.
+        #[arg(long)]
+        terminate: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop granting leases and terminate machines as they become idle.
+    Drain {
+        /// Leave drain mode.
+        #[arg(long)]
+        off: bool,
+        /// Wait until every machine is gone.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Validate the config file and exit.
     CheckConfig,
 }
@@ -175,6 +192,56 @@ async fn run_command(config: Config, command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", flotilla::status::render_table(&status));
+            }
+            Ok(())
+        }
+        Command::Audit { terminate, json } => {
+            let audit = ControlClient::new(&config.socket_path())
+                .audit(terminate)
+                .await
+                .context("cannot audit the fleet")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&audit)?);
+            } else if audit.entries.is_empty() {
+                println!("nothing to reap");
+            } else {
+                for e in &audit.entries {
+                    let when = e
+                        .reap_at
+                        .map(|t| format!(" (reaped at {})", t.format("%H:%M:%S UTC")))
+                        .unwrap_or_default();
+                    let verb = if audit.terminated && e.reap_at.is_some() {
+                        "terminated "
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{verb}{} {}: {}{when}",
+                        e.instance_id,
+                        e.machine_id.as_deref().unwrap_or("-"),
+                        e.reason
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Drain { off, wait } => {
+            let client = ControlClient::new(&config.socket_path());
+            let status = client
+                .drain(!off)
+                .await
+                .context("cannot change drain mode")?;
+            print!("{}", flotilla::status::render_table(&status));
+            while wait && !off {
+                let status = client
+                    .status()
+                    .await
+                    .context("cannot read the pool status")?;
+                if status.machines.is_empty() {
+                    println!("drained: no machines left");
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
             Ok(())
         }

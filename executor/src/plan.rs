@@ -9,23 +9,63 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flotilla_proto::api::MachineState;
-use flotilla_proto::config::Config;
+use flotilla_proto::config::{Config, Schedule};
+use flotilla_proto::schedule;
 
 use crate::pool::{Pool, TerminateReason};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClassPolicy {
-    pub idle_count: u32,
-    pub idle_time: Duration,
+    pub idle: IdlePolicy,
     pub max_machines: u32,
     pub max_builds: u32,
     pub boot_timeout: Duration,
+    pub schedules: Vec<Schedule>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The knobs a schedule may override.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdlePolicy {
+    pub idle_count: u32,
+    pub idle_count_min: u32,
+    pub idle_scale_factor: f64,
+    pub idle_time: Duration,
+}
+
+impl IdlePolicy {
+    /// Idle machines to keep with `in_use` machines leased: `idle_count`, or with a scale
+    /// factor, `factor x in_use` clamped to `[idle_count_min, idle_count]`.
+    pub fn target(&self, in_use: u32) -> u32 {
+        if self.idle_scale_factor > 0.0 {
+            let scaled = (self.idle_scale_factor * f64::from(in_use)).ceil() as u32;
+            scaled.clamp(self.idle_count_min.min(self.idle_count), self.idle_count)
+        } else {
+            self.idle_count
+        }
+    }
+}
+
+impl ClassPolicy {
+    /// The idle policy in force at `now`: the class's own, overridden field by field by the
+    /// last matching schedule.
+    pub fn idle_at(&self, now: DateTime<Utc>) -> IdlePolicy {
+        let mut p = self.idle;
+        if let Some(s) = schedule::active(&self.schedules, now) {
+            p.idle_count = s.idle_count.unwrap_or(p.idle_count);
+            p.idle_count_min = s.idle_count_min.unwrap_or(p.idle_count_min);
+            p.idle_scale_factor = s.idle_scale_factor.unwrap_or(p.idle_scale_factor);
+            p.idle_time = s.idle_time.map_or(p.idle_time, |d| d.0);
+        }
+        p
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub classes: BTreeMap<String, ClassPolicy>,
     pub max_machines: u32,
+    /// Most machines booting at once, all classes together.
+    pub max_growth_rate: u32,
 }
 
 impl Policy {
@@ -38,16 +78,22 @@ impl Policy {
                     (
                         name.clone(),
                         ClassPolicy {
-                            idle_count: k.idle_count,
-                            idle_time: k.idle_time.0,
+                            idle: IdlePolicy {
+                                idle_count: k.idle_count,
+                                idle_count_min: k.idle_count_min,
+                                idle_scale_factor: k.idle_scale_factor,
+                                idle_time: k.idle_time.0,
+                            },
                             max_machines: k.max_machines,
                             max_builds: k.max_builds,
                             boot_timeout: k.boot_timeout.0,
+                            schedules: k.schedules.clone(),
                         },
                     )
                 })
                 .collect(),
             max_machines: c.max_machines,
+            max_growth_rate: c.max_growth_rate,
         }
     }
 }
@@ -128,12 +174,16 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
         available: u32,
     }
     let mut left: BTreeMap<&str, Left> = BTreeMap::new();
+    let mut idle_targets: BTreeMap<&str, u32> = BTreeMap::new();
     for (name, class) in &policy.classes {
         let waiting = pool.waiting.get(name).copied().unwrap_or(0);
+        let idle_policy = class.idle_at(now);
+        let idle_target = idle_policy.target(pool.count(name, MachineState::Leased));
+        idle_targets.insert(name, idle_target);
         let demand = if pool.draining {
             0
         } else {
-            class.idle_count + waiting
+            idle_target + waiting
         };
         let mine: Vec<_> = pool
             .machines
@@ -163,7 +213,7 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
                 victims.push((m.id.clone(), TerminateReason::OverCapacity));
                 over -= 1;
                 surplus = surplus.saturating_sub(1);
-            } else if surplus > 0 && elapsed(m.idle_since, now) >= class.idle_time {
+            } else if surplus > 0 && elapsed(m.idle_since, now) >= idle_policy.idle_time {
                 victims.push((m.id.clone(), TerminateReason::IdleTimeout));
                 surplus -= 1;
             } else {
@@ -192,7 +242,15 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
         .values()
         .filter(|m| m.state != MachineState::Terminating && !doomed.contains(&m.id))
         .count() as u32;
-    let mut global_room = policy.max_machines.saturating_sub(total_live);
+    let booting_total = pool
+        .machines
+        .values()
+        .filter(|m| m.state == MachineState::Booting && !doomed.contains(&m.id))
+        .count() as u32;
+    let mut global_room = policy
+        .max_machines
+        .saturating_sub(total_live)
+        .min(policy.max_growth_rate.saturating_sub(booting_total));
     let mut launches: BTreeMap<String, u32> = BTreeMap::new();
     for pass in [Pass::Waiting, Pass::IdleCount] {
         for (name, class) in &policy.classes {
@@ -202,7 +260,7 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
             let waiting = pool.waiting.get(name).copied().unwrap_or(0);
             let want = match pass {
                 Pass::Waiting => waiting,
-                Pass::IdleCount => waiting + class.idle_count,
+                Pass::IdleCount => waiting + idle_targets.get(name.as_str()).copied().unwrap_or(0),
             };
             let planned = launches.get(name).copied().unwrap_or(0);
             let need = want.saturating_sub(l.available + planned);
@@ -241,14 +299,20 @@ mod tests {
             classes: BTreeMap::from([(
                 "c".to_string(),
                 ClassPolicy {
-                    idle_count,
-                    idle_time: Duration::from_secs(idle_time),
+                    idle: IdlePolicy {
+                        idle_count,
+                        idle_count_min: 0,
+                        idle_scale_factor: 0.0,
+                        idle_time: Duration::from_secs(idle_time),
+                    },
                     max_machines: max,
                     max_builds,
                     boot_timeout: Duration::from_secs(300),
+                    schedules: Vec::new(),
                 },
             )]),
             max_machines: 100,
+            max_growth_rate: 100,
         }
     }
 
@@ -388,6 +452,47 @@ mod tests {
             terminated(&actions),
             vec![("a".to_string(), TerminateReason::Drained)]
         );
+    }
+
+    #[test]
+    fn growth_rate_caps_machines_booting_at_once() {
+        let mut p = policy(0, 600, 50, 0);
+        p.max_growth_rate = 3;
+        let mut pool = Pool::default();
+        pool.waiting.insert("c".into(), 10);
+        add(&mut pool, "b1", MachineState::Booting, 0);
+        assert_eq!(launches(&plan(&p, &pool, t(1))), 2);
+    }
+
+    #[test]
+    fn scale_factor_keeps_idle_proportional_to_use_within_bounds() {
+        let idle = IdlePolicy {
+            idle_count: 10,
+            idle_count_min: 2,
+            idle_scale_factor: 0.5,
+            idle_time: Duration::from_secs(60),
+        };
+        assert_eq!(idle.target(0), 2);
+        assert_eq!(idle.target(9), 5);
+        assert_eq!(idle.target(100), 10);
+    }
+
+    #[test]
+    fn schedule_switches_idle_count_at_the_right_local_time() {
+        let mut p = policy(0, 600, 20, 0);
+        p.classes.get_mut("c").unwrap().schedules = vec![Schedule {
+            periods: vec!["* 9-17 * * mon-fri".into()],
+            timezone: "America/New_York".into(),
+            idle_count: Some(4),
+            idle_count_min: None,
+            idle_scale_factor: None,
+            idle_time: None,
+        }];
+        // Monday 2026-11-30: 09:00 in New York is 14:00 UTC.
+        let at = |h| Utc.with_ymd_and_hms(2026, 11, 30, h, 0, 0).unwrap();
+        assert_eq!(launches(&plan(&p, &Pool::default(), at(13))), 0);
+        assert_eq!(launches(&plan(&p, &Pool::default(), at(14))), 4);
+        assert_eq!(launches(&plan(&p, &Pool::default(), at(23))), 0);
     }
 
     #[test]

@@ -134,7 +134,8 @@ pub struct Pool {
     /// Acquire requests waiting, per class (not persisted: waiters die with the daemon).
     #[serde(skip)]
     pub waiting: BTreeMap<String, u32>,
-    #[serde(skip)]
+    /// Persisted: a drained daemon stays drained across restarts until undrained.
+    #[serde(default)]
     pub draining: bool,
 }
 

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 pub const LEASES_PATH: &str = "/v1/leases";
 pub const STATUS_PATH: &str = "/v1/status";
+pub const DRAIN_PATH: &str = "/v1/drain";
+pub const AUDIT_PATH: &str = "/v1/audit";
 
 /// Ask for a machine. Idempotent per `job_key`: asking again while the job holds a lease
 /// returns that lease, so a `prepare` that crashed after the grant does not leak a machine.
@@ -138,4 +140,30 @@ pub struct StatusResponse {
     pub machines: Vec<MachineStatus>,
     /// Acquire requests currently waiting, per class.
     pub waiting: std::collections::BTreeMap<String, u32>,
+}
+
+/// Turn draining on (no new leases; idle machines terminated) or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainRequest {
+    pub draining: bool,
+}
+
+/// One instance the daemon would terminate, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub instance_id: String,
+    /// The `flotilla:machine` tag, when the instance has one.
+    #[serde(default)]
+    pub machine_id: Option<String>,
+    pub reason: String,
+    /// When the daemon reaps it on its own (orphans: first seen + orphan_grace).
+    #[serde(default)]
+    pub reap_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditResponse {
+    pub entries: Vec<AuditEntry>,
+    /// True when the entries were terminated by this request (`audit --terminate`).
+    pub terminated: bool,
 }

@@ -403,7 +403,10 @@ impl Config {
         }
         if let Some(addr) = &self.metrics_addr {
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                return bad("metrics_addr", format!("{addr:?} is not an address like 127.0.0.1:9402"));
+                return bad(
+                    "metrics_addr",
+                    format!("{addr:?} is not an address like 127.0.0.1:9402"),
+                );
             }
         }
         if self.reconcile_interval.0.is_zero() {
@@ -448,18 +451,27 @@ impl Config {
                 return bad(&key("boot_timeout"), "must be greater than zero".into());
             }
             if !(0.0..=100.0).contains(&class.idle_scale_factor) {
-                return bad(&key("idle_scale_factor"), "must be between 0 and 100".into());
+                return bad(
+                    &key("idle_scale_factor"),
+                    "must be between 0 and 100".into(),
+                );
             }
             if class.idle_count_min > class.idle_count && class.idle_scale_factor > 0.0 {
                 return bad(
                     &key("idle_count_min"),
-                    format!("{} is more than idle_count ({})", class.idle_count_min, class.idle_count),
+                    format!(
+                        "{} is more than idle_count ({})",
+                        class.idle_count_min, class.idle_count
+                    ),
                 );
             }
             for (i, schedule) in class.schedules.iter().enumerate() {
                 let skey = |k: &str| format!("classes.{name}.schedules[{i}].{k}");
                 if schedule.periods.is_empty() {
-                    return bad(&skey("periods"), "must list at least one cron pattern".into());
+                    return bad(
+                        &skey("periods"),
+                        "must list at least one cron pattern".into(),
+                    );
                 }
                 for p in &schedule.periods {
                     if let Err(e) = crate::schedule::parse_period(p) {
@@ -602,8 +614,14 @@ subnets = ["subnet-1"]
 
     #[test]
     fn market_reads_kebab_case() {
-        let text = MINIMAL.replace("subnets = [\"subnet-1\"]", "subnets = [\"subnet-1\"]\nmarket = \"spot-with-fallback\"");
-        assert_eq!(Config::from_toml(&text).unwrap().classes["small"].market, Market::SpotWithFallback);
+        let text = MINIMAL.replace(
+            "subnets = [\"subnet-1\"]",
+            "subnets = [\"subnet-1\"]\nmarket = \"spot-with-fallback\"",
+        );
+        assert_eq!(
+            Config::from_toml(&text).unwrap().classes["small"].market,
+            Market::SpotWithFallback
+        );
     }
 
     #[test]

@@ -13,8 +13,9 @@ pub fn parse_period(pattern: &str) -> Result<Cron, String> {
 }
 
 pub fn parse_timezone(name: &str) -> Result<chrono_tz::Tz, String> {
-    chrono_tz::Tz::from_str(name)
-        .map_err(|_| format!("unknown time zone {name:?} (expected an IANA name like \"Europe/Berlin\")"))
+    chrono_tz::Tz::from_str(name).map_err(|_| {
+        format!("unknown time zone {name:?} (expected an IANA name like \"Europe/Berlin\")")
+    })
 }
 
 /// True when one of the schedule's periods matches `now` in its time zone. Invalid
@@ -68,7 +69,10 @@ mod tests {
 
     #[test]
     fn last_matching_schedule_wins() {
-        let s = [sched(&["* * * * *"], "UTC", 1), sched(&["* 12 * * *"], "UTC", 9)];
+        let s = [
+            sched(&["* * * * *"], "UTC", 1),
+            sched(&["* 12 * * *"], "UTC", 9),
+        ];
         let noon = Utc.with_ymd_and_hms(2026, 11, 30, 12, 30, 0).unwrap();
         let night = Utc.with_ymd_and_hms(2026, 11, 30, 2, 0, 0).unwrap();
         assert_eq!(active(&s, noon).unwrap().idle_count, Some(9));

@@ -10,7 +10,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use flotilla_proto::api::{
-    AcquireRequest, ApiError, ErrorCode, Lease, ReleaseRequest, ReleaseResponse, StatusResponse,
+    AcquireRequest, ApiError, AuditEntry, AuditResponse, DrainRequest, ErrorCode, Lease,
+    MachineState, ReleaseRequest, ReleaseResponse, StatusResponse, AUDIT_PATH, DRAIN_PATH,
     LEASES_PATH, STATUS_PATH,
 };
 use serde::Deserialize;
@@ -31,6 +32,9 @@ pub async fn serve(
         .route(&format!("{LEASES_PATH}/{{id}}"), get(get_lease))
         .route(&format!("{LEASES_PATH}/{{id}}/release"), post(release))
         .route(STATUS_PATH, get(status))
+        .route(DRAIN_PATH, post(drain))
+        .route(AUDIT_PATH, get(audit))
+        .route(&format!("{AUDIT_PATH}/terminate"), post(audit_terminate))
         .with_state(shared);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -160,6 +164,10 @@ async fn acquire(
                         "could not persist the lease; see the daemon log",
                     ));
                 }
+                shared
+                    .metrics
+                    .lease_wait
+                    .observe(started.elapsed().as_secs_f64());
                 tracing::info!(
                     lease = %lease.lease_id,
                     machine = %lease.machine_id,
@@ -278,4 +286,131 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
         machines: pool.machines.values().map(|m| m.status(&pool)).collect(),
         waiting: pool.waiting.clone(),
     })
+}
+
+async fn drain(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<DrainRequest>,
+) -> Json<StatusResponse> {
+    let gen = shared.update(|pool| pool.draining = req.draining).1;
+    shared.commit(gen).await;
+    tracing::info!(draining = req.draining, "drain mode changed");
+    // Waiting acquires must learn they will not be served.
+    shared.changed.notify_waiters();
+    shared.wake.notify_one();
+    status(State(shared)).await
+}
+
+/// What the daemon would reap, and why: orphans (with when), and machines it already
+/// decided to terminate.
+fn audit_entries(shared: &Shared) -> Vec<AuditEntry> {
+    let grace = chrono::Duration::from_std(shared.config.orphan_grace.0).unwrap_or_default();
+    let mut entries: Vec<AuditEntry> = shared
+        .unknown
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(id, (tag, first))| AuditEntry {
+            instance_id: id.clone(),
+            machine_id: tag.clone(),
+            reason: format!(
+                "orphan: tagged {}={} but unknown to this daemon, first seen {}",
+                flotilla_proto::tags::FLEET,
+                shared.config.fleet,
+                first.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+            reap_at: Some(*first + grace),
+        })
+        .collect();
+    let pool = shared.pool();
+    for m in pool.machines.values() {
+        let why = match m.state {
+            MachineState::Broken => {
+                format!("broken: {}", m.note.as_deref().unwrap_or("unknown reason"))
+            }
+            MachineState::Terminating => format!(
+                "terminating: {}",
+                m.terminate_reason.map_or("requested", |r| r.as_str())
+            ),
+            _ => continue,
+        };
+        if m.instance_id.is_empty() {
+            continue;
+        }
+        entries.push(AuditEntry {
+            instance_id: m.instance_id.clone(),
+            machine_id: Some(m.id.clone()),
+            reason: why,
+            reap_at: None,
+        });
+    }
+    entries
+}
+
+async fn audit(State(shared): State<Arc<Shared>>) -> Json<AuditResponse> {
+    Json(AuditResponse {
+        entries: audit_entries(&shared),
+        terminated: false,
+    })
+}
+
+/// Terminates the orphans now, without waiting out the grace (the operator asked).
+async fn audit_terminate(
+    State(shared): State<Arc<Shared>>,
+) -> Result<Json<AuditResponse>, Failure> {
+    let entries = audit_entries(&shared);
+    let orphans: Vec<String> = entries
+        .iter()
+        .filter(|e| e.reap_at.is_some())
+        .map(|e| e.instance_id.clone())
+        .collect();
+    if !orphans.is_empty() {
+        shared.ec2.terminate(&orphans).await.map_err(|e| {
+            Failure::new(StatusCode::BAD_GATEWAY, ErrorCode::Internal, e.to_string())
+        })?;
+        shared.metrics.orphans(orphans.len() as u64);
+        shared.metrics.terminated("orphan", orphans.len() as u64);
+        let mut unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &orphans {
+            unknown.remove(id);
+        }
+        tracing::warn!(instances = ?orphans, "terminated orphans on operator request");
+    }
+    shared.wake.notify_one();
+    Ok(Json(AuditResponse {
+        entries,
+        terminated: true,
+    }))
+}
+
+/// Prometheus scrape endpoint on its own TCP listener.
+pub async fn serve_metrics(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(shared): State<Arc<Shared>>| async move {
+                let classes = shared.config.class_names();
+                let body = shared.metrics.render(&shared.pool(), &classes);
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+            }),
+        )
+        .with_state(shared);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "metrics endpoint stopped");
+    }
 }

@@ -8,17 +8,20 @@ mod api;
 mod probe;
 mod reconcile;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use flotilla_proto::config::Config;
+use chrono::{DateTime, Utc};
+use flotilla_proto::api::MachineState;
+use flotilla_proto::config::{Config, ShutdownPolicy};
 use tokio::sync::{watch, Notify};
 
 use crate::ec2::Ec2Client;
+use crate::metrics::Metrics;
 use crate::pki::FleetCa;
 use crate::plan::Policy;
 use crate::pool::Pool;
@@ -38,6 +41,9 @@ pub struct Shared {
     pub ec2: Ec2Client,
     probing: Mutex<HashSet<String>>,
     launch_backoff: Mutex<HashMap<String, (Instant, std::time::Duration)>>,
+    pub metrics: Arc<Metrics>,
+    /// Fleet-tagged instances unknown to the pool: instance id -> (machine tag, first seen).
+    pub unknown: Mutex<BTreeMap<String, (Option<String>, DateTime<Utc>)>>,
 }
 
 impl Shared {
@@ -96,7 +102,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tls = crate::tls::machine_client_config(&state_dir).context("stage client certificate")?;
     let store = StateStore::new(&state_dir);
     let pool = store.load()?;
-    let ec2 = Ec2Client::new(&config.aws).await;
+    let metrics = Arc::new(Metrics::new());
+    let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
 
     let socket = config.socket_path();
     if socket.exists() {
@@ -134,22 +141,70 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ec2,
         probing: Mutex::new(HashSet::new()),
         launch_backoff: Mutex::new(HashMap::new()),
+        metrics,
+        unknown: Mutex::new(BTreeMap::new()),
     });
+
+    let metrics_listener = match &shared.config.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = tokio::spawn(api::serve(shared.clone(), listener, stop_rx.clone()));
+    if let Some(l) = metrics_listener {
+        tokio::spawn(api::serve_metrics(shared.clone(), l, stop_rx.clone()));
+    }
     probe::resume(&shared);
+    tokio::spawn(probe::watch_health(shared.clone(), stop_rx.clone()));
     let reconciler = tokio::spawn(reconcile::run(shared.clone(), stop_rx));
 
     wait_for_signal().await;
-    tracing::info!("shutting down: leases and machines are kept for the next start");
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
     let _ = api.await;
+    match shared.config.on_shutdown {
+        ShutdownPolicy::Keep => {
+            tracing::info!("shutting down: leases and machines are kept for the next start")
+        }
+        ShutdownPolicy::Terminate => terminate_unleased(&shared).await,
+    }
     let gen = shared.update(|_| ()).1;
     shared.commit(gen).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// `on_shutdown = "terminate"`: idle and booting machines go; leased ones finish their jobs
+/// and are reaped by the next daemon (or adopted, if it shares the state directory).
+async fn terminate_unleased(shared: &Shared) {
+    let (ids, gen) = shared.update(|pool| {
+        let mut ids = Vec::new();
+        for m in pool.machines.values_mut() {
+            if matches!(
+                m.state,
+                MachineState::Idle | MachineState::Booting | MachineState::Broken
+            ) && !m.instance_id.is_empty()
+            {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(crate::pool::TerminateReason::Shutdown);
+                ids.push(m.instance_id.clone());
+            }
+        }
+        ids
+    });
+    shared.commit(gen).await;
+    tracing::info!(
+        machines = ids.len(),
+        "shutting down: terminating unleased machines"
+    );
+    if let Err(e) = shared.ec2.terminate(&ids).await {
+        tracing::error!(error = %e, "could not terminate machines at shutdown; the next start reaps them");
+    }
 }
 
 async fn wait_for_signal() {

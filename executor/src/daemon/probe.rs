@@ -89,6 +89,7 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
                 });
                 shared.commit(gen).await;
                 if let Some(boot_ms) = boot_ms {
+                    shared.metrics.boot_time.observe(boot_ms as f64 / 1000.0);
                     tracing::info!(machine = machine_id, %address, boot_ms, "machine ready");
                     shared.changed.notify_waiters();
                     shared.wake.notify_one();
@@ -104,5 +105,77 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
+/// Consecutive failed pings before a ready machine is declared lost.
+const HEALTH_FAILURES: u32 = 3;
+
+/// Pings every idle and leased machine each `health_interval`. A machine whose dockerd
+/// stops answering (spot reclaim, crash) is marked broken: never leased again, replaced,
+/// and its job's next stage fails with a system failure saying the machine was lost.
+pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut failures: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.health_interval.0) => {}
+            _ = stop.changed() => return,
+        }
+        let targets: Vec<(String, String)> = shared
+            .pool()
+            .machines
+            .values()
+            .filter(|m| matches!(m.state, MachineState::Idle | MachineState::Leased))
+            .map(|m| (m.id.clone(), m.address.clone()))
+            .collect();
+        failures.retain(|id, _| targets.iter().any(|(t, _)| t == id));
+        let pings: Vec<_> = targets
+            .iter()
+            .cloned()
+            .map(|(id, address)| {
+                let tls = shared.tls.clone();
+                async move {
+                    let name = machine_dns_name(&id);
+                    let r =
+                        crate::docker::ping(tls, &address, DOCKER_TLS_PORT, &name, PING_TIMEOUT)
+                            .await;
+                    (id, r)
+                }
+            })
+            .collect();
+        use futures_util::StreamExt;
+        let results: Vec<_> = futures_util::stream::iter(pings)
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut lost = Vec::new();
+        for (id, result) in results {
+            match result {
+                Ok(()) => {
+                    failures.remove(&id);
+                }
+                Err(e) => {
+                    let n = failures.entry(id.clone()).or_default();
+                    *n += 1;
+                    tracing::warn!(machine = %id, failures = *n, error = %e, "machine did not answer its health check");
+                    if *n >= HEALTH_FAILURES {
+                        lost.push((id, e));
+                    }
+                }
+            }
+        }
+        if lost.is_empty() {
+            continue;
+        }
+        let gen = shared
+            .update(|pool| {
+                for (id, e) in &lost {
+                    pool.mark_broken(id, &format!("its Docker daemon stopped answering ({e})"));
+                }
+            })
+            .1;
+        shared.commit(gen).await;
+        shared.changed.notify_waiters();
+        shared.wake.notify_one();
     }
 }

@@ -12,10 +12,11 @@ use flotilla_proto::bootstrap::{CloudConfig, MachineBootstrap};
 use tokio::sync::watch;
 
 use super::{new_id, probe, Shared};
-use crate::ec2::LaunchSpec;
+use crate::ec2::{LaunchSpec, Purchase};
 use crate::observe::{fold, Graces};
 use crate::plan::{plan, Action};
 use crate::pool::{Machine, TerminateReason};
+use flotilla_proto::config::Market;
 
 const LAUNCH_BACKOFF_START: Duration = Duration::from_secs(5);
 const LAUNCH_BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -28,12 +29,13 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         visibility: (interval * 3).max(Duration::from_secs(30)),
         orphan: shared.config.orphan_grace.0,
     };
-    let mut unknown_since = HashMap::new();
     let mut last_observe: Option<Instant> = None;
+    let mut accounted: HashMap<String, Instant> = HashMap::new();
     loop {
         if last_observe.is_none_or(|t| t.elapsed() >= interval) {
             last_observe = Some(Instant::now());
-            observe(&shared, &graces, &mut unknown_since).await;
+            observe(&shared, &graces).await;
+            account_machine_time(&shared, &mut accounted);
         }
         act(&shared).await;
         let next = interval.saturating_sub(last_observe.map_or(Duration::ZERO, |t| t.elapsed()));
@@ -45,11 +47,26 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn observe(
-    shared: &Arc<Shared>,
-    graces: &Graces,
-    unknown_since: &mut HashMap<String, chrono::DateTime<Utc>>,
-) {
+/// Adds each live machine's running time since the last pass to the cost counter.
+fn account_machine_time(shared: &Shared, accounted: &mut HashMap<String, Instant>) {
+    let now = Instant::now();
+    let pool = shared.pool();
+    accounted.retain(|id, _| pool.machines.contains_key(id));
+    for m in pool.machines.values() {
+        if m.instance_id.is_empty() {
+            continue;
+        }
+        let since = accounted.insert(m.id.clone(), now).unwrap_or(now);
+        let secs = now.duration_since(since).as_secs_f64();
+        if secs > 0.0 {
+            shared
+                .metrics
+                .machine_time(&m.class, &m.instance_type, secs);
+        }
+    }
+}
+
+async fn observe(shared: &Arc<Shared>, graces: &Graces) {
     let observed = match shared.ec2.describe_fleet(&shared.config.fleet).await {
         Ok(o) => o,
         Err(e) => {
@@ -59,7 +76,27 @@ async fn observe(
         }
     };
     let now = Utc::now();
-    let (outcome, gen) = shared.update(|pool| fold(pool, &observed, now, graces, unknown_since));
+    let mut since: HashMap<String, chrono::DateTime<Utc>> = {
+        let unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        unknown
+            .iter()
+            .map(|(id, (_, t))| (id.clone(), *t))
+            .collect()
+    };
+    let (outcome, gen) = shared.update(|pool| fold(pool, &observed, now, graces, &mut since));
+    {
+        let mut unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        *unknown = since
+            .into_iter()
+            .map(|(id, t)| {
+                let tag = observed
+                    .iter()
+                    .find(|o| o.instance_id == id)
+                    .and_then(|o| o.machine_id.clone());
+                (id, (tag, t))
+            })
+            .collect();
+    }
     for (machine, why) in &outcome.lost {
         tracing::warn!(machine = %machine, reason = %why, "machine lost");
     }
@@ -72,8 +109,13 @@ async fn observe(
         if let Err(e) = shared.ec2.terminate(&outcome.orphans).await {
             tracing::warn!(error = %e, "could not terminate orphans; will retry");
         } else {
+            shared.metrics.orphans(outcome.orphans.len() as u64);
+            shared
+                .metrics
+                .terminated("orphan", outcome.orphans.len() as u64);
+            let mut unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
             for id in &outcome.orphans {
-                unknown_since.remove(id);
+                unknown.remove(id);
             }
         }
     }
@@ -104,18 +146,23 @@ async fn act(shared: &Arc<Shared>) {
                 m.terminate_sent_at
                     .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= TERMINATE_RETRY)
             })
-            .map(|m| (m.id.clone(), m.instance_id.clone()))
+            .map(|m| (m.id.clone(), m.instance_id.clone(), m.terminate_reason))
             .collect::<Vec<_>>()
     });
     shared.commit(gen).await;
 
     if !to_terminate.is_empty() {
-        let ids: Vec<String> = to_terminate.iter().map(|(_, i)| i.clone()).collect();
+        let ids: Vec<String> = to_terminate.iter().map(|(_, i, _)| i.clone()).collect();
         match shared.ec2.terminate(&ids).await {
             Ok(()) => {
+                for (_, _, reason) in &to_terminate {
+                    shared
+                        .metrics
+                        .terminated(reason.map_or("unknown", |r| r.as_str()), 1);
+                }
                 let gen = shared
                     .update(|pool| {
-                        for (m, _) in &to_terminate {
+                        for (m, _, _) in &to_terminate {
                             if let Some(m) = pool.machines.get_mut(m) {
                                 m.terminate_sent_at = Some(now);
                             }
@@ -164,22 +211,6 @@ fn note_launch_result(shared: &Shared, class: &str, ok: bool) {
     }
 }
 
-/// EC2 error codes that mean "try another instance type or zone", not "give up".
-fn is_capacity_error(code: Option<&str>) -> bool {
-    matches!(
-        code,
-        Some(
-            "InsufficientInstanceCapacity"
-                | "InsufficientCapacity"
-                | "Unsupported"
-                | "InsufficientFreeAddressesInSubnet"
-                | "InstanceLimitExceeded"
-                | "MaxSpotInstanceCountExceeded"
-                | "SpotMaxPriceTooLow"
-        )
-    )
-}
-
 async fn launch_one(shared: Arc<Shared>, class_name: String) {
     let Some(class) = shared.config.classes.get(&class_name).cloned() else {
         return;
@@ -224,57 +255,77 @@ async fn launch_one(shared: Arc<Shared>, class_name: String) {
         .1;
     shared.commit(gen).await;
 
+    let purchases: &[Purchase] = match class.market {
+        Market::OnDemand => &[Purchase::OnDemand],
+        Market::Spot => &[Purchase::Spot],
+        Market::SpotWithFallback => &[Purchase::Spot, Purchase::OnDemand],
+    };
     let mut last_error = None;
     let mut attempt = 0;
-    'outer: for instance_type in &class.instance_types {
-        for subnet in &class.subnets {
-            attempt += 1;
-            let spec = LaunchSpec {
-                fleet: shared.config.fleet.clone(),
-                machine_id: machine_id.clone(),
-                client_token: format!("{machine_id}-{attempt}"),
-                class: class_name.clone(),
-                ami: class.ami.clone(),
-                instance_type: instance_type.clone(),
-                subnet: subnet.clone(),
-                security_groups: class.security_groups.clone(),
-                instance_profile: class.instance_profile.clone(),
-                root_volume_gb: class.root_volume_gb,
-                user_data: user_data.clone(),
-            };
-            let started = Instant::now();
-            match shared.ec2.launch(&spec).await {
-                Ok(launched) => {
-                    tracing::info!(
-                        machine = %machine_id,
-                        instance = %launched.instance_id,
-                        class = %class_name,
-                        instance_type = %instance_type,
-                        address = %launched.private_ip,
-                        call_ms = started.elapsed().as_millis() as u64,
-                        "launched machine"
-                    );
-                    let gen = shared
-                        .update(|pool| {
-                            if let Some(m) = pool.machines.get_mut(&machine_id) {
-                                m.instance_id = launched.instance_id.clone();
-                                m.address = launched.private_ip.clone();
-                                m.instance_type = instance_type.clone();
-                            }
-                        })
-                        .1;
-                    shared.commit(gen).await;
-                    note_launch_result(&shared, &class_name, true);
-                    probe::spawn(shared.clone(), machine_id.clone());
-                    return;
-                }
-                Err(e) if is_capacity_error(e.code.as_deref()) => {
-                    tracing::warn!(class = %class_name, %instance_type, %subnet, error = %e, "no capacity; trying the next type or subnet");
-                    last_error = Some(e);
-                }
-                Err(e) => {
-                    last_error = Some(e);
-                    break 'outer;
+    // Shortfall-only fallback: each capacity error moves this one machine to the next
+    // subnet, then the next type, then (where allowed) on-demand.
+    'outer: for &purchase in purchases {
+        for instance_type in &class.instance_types {
+            for subnet in &class.subnets {
+                attempt += 1;
+                let spec = LaunchSpec {
+                    fleet: shared.config.fleet.clone(),
+                    machine_id: machine_id.clone(),
+                    client_token: format!("{machine_id}-{attempt}"),
+                    class: class_name.clone(),
+                    ami: class.ami.clone(),
+                    instance_type: instance_type.clone(),
+                    subnet: subnet.clone(),
+                    security_groups: class.security_groups.clone(),
+                    instance_profile: class.instance_profile.clone(),
+                    root_volume_gb: class.root_volume_gb,
+                    purchase,
+                    user_data: user_data.clone(),
+                };
+                let started = Instant::now();
+                match shared.ec2.launch(&spec).await {
+                    Ok(launched) => {
+                        tracing::info!(
+                            machine = %machine_id,
+                            instance = %launched.instance_id,
+                            class = %class_name,
+                            instance_type = %instance_type,
+                            market = purchase.as_str(),
+                            address = %launched.private_ip,
+                            call_ms = started.elapsed().as_millis() as u64,
+                            "launched machine"
+                        );
+                        let gen = shared
+                            .update(|pool| {
+                                if let Some(m) = pool.machines.get_mut(&machine_id) {
+                                    m.instance_id = launched.instance_id.clone();
+                                    m.address = launched.private_ip.clone();
+                                    m.instance_type = instance_type.clone();
+                                }
+                            })
+                            .1;
+                        shared.commit(gen).await;
+                        note_launch_result(&shared, &class_name, true);
+                        shared
+                            .metrics
+                            .launched(&class_name, instance_type, purchase.as_str());
+                        probe::spawn(shared.clone(), machine_id.clone());
+                        return;
+                    }
+                    Err(e) if e.is_capacity() => {
+                        tracing::warn!(class = %class_name, %instance_type, %subnet, market = purchase.as_str(), error = %e, "no capacity; trying the next subnet, type or market");
+                        shared
+                            .metrics
+                            .launch_failed(&class_name, e.code.as_deref().unwrap_or("capacity"));
+                        last_error = Some(e);
+                    }
+                    Err(e) => {
+                        shared
+                            .metrics
+                            .launch_failed(&class_name, e.code.as_deref().unwrap_or("error"));
+                        last_error = Some(e);
+                        break 'outer;
+                    }
                 }
             }
         }

@@ -1,0 +1,232 @@
+//! Prometheus metrics (text format), served on `metrics_addr`. Counters are bumped where
+//! things happen; pool gauges are recomputed from the pool at scrape time so they can
+//! never drift from it.
+
+use std::sync::Mutex;
+
+use flotilla_proto::api::MachineState;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::pool::Pool;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+pub struct Metrics {
+    registry: Registry,
+    machines: Family<Labels, Gauge>,
+    leases: Gauge,
+    waiting: Family<Labels, Gauge>,
+    pub lease_wait: Histogram,
+    pub boot_time: Histogram,
+    launches: Family<Labels, Counter>,
+    launch_failures: Family<Labels, Counter>,
+    terminations: Family<Labels, Counter>,
+    orphans_reaped: Counter,
+    ec2_calls: Family<Labels, Counter>,
+    ec2_throttles: Family<Labels, Counter>,
+    machine_seconds: Family<Labels, Counter<f64>>,
+    /// Serializes scrapes (gauges are rewritten per scrape).
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flotilla");
+        let m = Self {
+            machines: Family::default(),
+            leases: Gauge::default(),
+            waiting: Family::default(),
+            lease_wait: Histogram::new(exponential_buckets(0.005, 2.0, 18)),
+            boot_time: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
+            launches: Family::default(),
+            launch_failures: Family::default(),
+            terminations: Family::default(),
+            orphans_reaped: Counter::default(),
+            ec2_calls: Family::default(),
+            ec2_throttles: Family::default(),
+            machine_seconds: Family::default(),
+            registry: Registry::default(),
+            scrape: Mutex::new(()),
+        };
+        registry.register(
+            "machines",
+            "Machines by class and state",
+            m.machines.clone(),
+        );
+        registry.register("leases", "Leases currently held by jobs", m.leases.clone());
+        registry.register(
+            "waiting_requests",
+            "Acquire requests waiting for a machine, by class",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "lease_wait_seconds",
+            "Time a job waited for a machine",
+            m.lease_wait.clone(),
+        );
+        registry.register(
+            "boot_seconds",
+            "Launch to dockerd answering over mTLS",
+            m.boot_time.clone(),
+        );
+        registry.register(
+            "launches",
+            "Machines launched, by class, instance type and market",
+            m.launches.clone(),
+        );
+        registry.register(
+            "launch_failures",
+            "Launch attempts that failed, by class and reason",
+            m.launch_failures.clone(),
+        );
+        registry.register(
+            "terminations",
+            "Machines terminated, by reason",
+            m.terminations.clone(),
+        );
+        registry.register(
+            "orphans_reaped",
+            "Instances of this fleet unknown to the daemon, terminated",
+            m.orphans_reaped.clone(),
+        );
+        registry.register(
+            "ec2_calls",
+            "EC2 API calls by operation",
+            m.ec2_calls.clone(),
+        );
+        registry.register(
+            "ec2_throttles",
+            "EC2 API calls throttled (RequestLimitExceeded), by operation",
+            m.ec2_throttles.clone(),
+        );
+        registry.register(
+            "machine_seconds",
+            "Machine running time by class and instance type (for cost)",
+            m.machine_seconds.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn launched(&self, class: &str, instance_type: &str, market: &str) {
+        self.launches
+            .get_or_create(&labels(&[
+                ("class", class),
+                ("instance_type", instance_type),
+                ("market", market),
+            ]))
+            .inc();
+    }
+
+    pub fn launch_failed(&self, class: &str, reason: &str) {
+        self.launch_failures
+            .get_or_create(&labels(&[("class", class), ("reason", reason)]))
+            .inc();
+    }
+
+    pub fn terminated(&self, reason: &str, n: u64) {
+        self.terminations
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(n);
+    }
+
+    pub fn orphans(&self, n: u64) {
+        self.orphans_reaped.inc_by(n);
+    }
+
+    pub fn ec2_call(&self, operation: &str) {
+        self.ec2_calls
+            .get_or_create(&labels(&[("operation", operation)]))
+            .inc();
+    }
+
+    pub fn ec2_throttled(&self, operation: &str) {
+        self.ec2_throttles
+            .get_or_create(&labels(&[("operation", operation)]))
+            .inc();
+    }
+
+    pub fn machine_time(&self, class: &str, instance_type: &str, seconds: f64) {
+        self.machine_seconds
+            .get_or_create(&labels(&[
+                ("class", class),
+                ("instance_type", instance_type),
+            ]))
+            .inc_by(seconds);
+    }
+
+    /// The text exposition, with pool gauges taken from `pool` now.
+    pub fn render(&self, pool: &Pool, classes: &[&str]) -> String {
+        let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let states = [
+            MachineState::Booting,
+            MachineState::Idle,
+            MachineState::Leased,
+            MachineState::Broken,
+            MachineState::Terminating,
+        ];
+        let mut all_classes: Vec<&str> = classes.to_vec();
+        for m in pool.machines.values() {
+            if !all_classes.contains(&m.class.as_str()) {
+                all_classes.push(&m.class);
+            }
+        }
+        for class in &all_classes {
+            for state in states {
+                self.machines
+                    .get_or_create(&labels(&[("class", class), ("state", state.as_str())]))
+                    .set(i64::from(pool.count(class, state)));
+            }
+            self.waiting
+                .get_or_create(&labels(&[("class", class)]))
+                .set(i64::from(pool.waiting.get(*class).copied().unwrap_or(0)));
+        }
+        self.leases.set(pool.leases.len() as i64);
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_counts() {
+        let m = Metrics::new();
+        m.launched("small", "t3.micro", "on-demand");
+        m.launched("small", "t3.micro", "on-demand");
+        m.terminated("idle_timeout", 1);
+        let text = m.render(&Pool::default(), &["small"]);
+        assert!(text.contains(r#"flotilla_launches_total{class="small",instance_type="t3.micro",market="on-demand"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"flotilla_terminations_total{reason="idle_timeout"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"flotilla_machines{class="small",state="idle"} 0"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
