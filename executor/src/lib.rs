@@ -5,6 +5,7 @@ pub mod control;
 pub mod daemon;
 pub mod docker;
 pub mod ec2;
+pub mod forecast;
 pub mod metrics;
 pub mod observe;
 pub mod pki;

@@ -137,6 +137,9 @@ pub struct Pool {
     /// Persisted: a drained daemon stays drained across restarts until undrained.
     #[serde(default)]
     pub draining: bool,
+    /// Job arrivals the policy learns from (bounded).
+    #[serde(default)]
+    pub history: crate::forecast::DemandHistory,
 }
 
 impl LeaseRecord {

@@ -132,6 +132,7 @@ async fn acquire(
     let deadline = tokio::time::Instant::now() + wait;
     let started = std::time::Instant::now();
     let mut waiting = None;
+    let mut first_try = true;
     loop {
         let notified = shared.changed.notified();
         tokio::pin!(notified);
@@ -143,6 +144,9 @@ async fn acquire(
                 }
                 if pool.draining {
                     return Attempt::Draining;
+                }
+                if first_try {
+                    pool.history.record(&class, Utc::now());
                 }
                 match pool.try_lease(&req.job_key, &class, new_id("l-"), Utc::now()) {
                     Some(l) => Attempt::Granted(l.to_api(), 0),
@@ -187,6 +191,7 @@ async fn acquire(
                 ))
             }
             Attempt::Wait => {
+                first_try = false;
                 if waiting.is_none() {
                     waiting = Some(Waiting::new(&shared, &class));
                 }
