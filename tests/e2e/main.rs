@@ -8,3 +8,7 @@
 
 mod common;
 mod harness;
+mod jobs;
+mod pool;
+mod stages;
+mod tls;

@@ -7,8 +7,9 @@
 //!
 //! Invariants: never the default bridge (`--bridge=none`), distinct data/exec roots, pid
 //! files and `--default-address-pool`s per machine (10.<slot>.<k>.0/24), so several
-//! dockerd (also of other sandboxes) run side by side; every dockerd is stopped when the
-//! emulator is dropped.
+//! dockerd (also of other sandboxes) run side by side; they share the host's iptables
+//! through a guard that keeps one dockerd's start from wiping the chains of the others
+//! (see [`IPTABLES_GUARD`]); every dockerd is stopped when the emulator is dropped.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -138,6 +139,7 @@ impl Emulator {
     pub fn start(ec2: aws_sdk_ec2::Client, opts: EmulatorOptions) -> Result<Self> {
         std::fs::create_dir_all(&opts.dir)
             .with_context(|| format!("creating {}", opts.dir.display()))?;
+        install_iptables_guard(&opts.dir.join("bin"))?;
         let log = File::create(opts.dir.join("emulator.log")).ok();
         let shared = Arc::new(Shared {
             opts,
@@ -378,15 +380,118 @@ async fn boot(
     let (args, tls_port) =
         dockerd_args(&machine, &dockerd_config, &fs_root, shared.opts.slot, pool)?;
     std::fs::write(machine.root.join("daemon-flags.json"), b"{}")?;
-    let log = File::create(machine.dockerd_log())?;
+    let start = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // dockerd's network controller recreates the shared iptables chains at start; two
+        // starting at once race ("Chain already exists"). One start at a time per host.
+        let lock = tokio::task::spawn_blocking(dockerd_start_lock).await??;
+        let started = start_dockerd(shared, &machine, &args, tls_port, machine_id.clone()).await;
+        drop(lock);
+        match started {
+            Ok(true) => break,
+            Ok(false) => return Ok(()), // terminated while booting
+            Err(e) if attempt < 3 && !shared.machines().contains_key(id) => {
+                return Err(e);
+            }
+            Err(e) if attempt < 3 => {
+                shared.event(&format!(
+                    "{id}: dockerd failed to start (attempt {attempt}), retrying: {e:#}"
+                ));
+                if let Some(entry) = shared.machines().get_mut(id) {
+                    if let Some(mut c) = entry.child.take() {
+                        stop_child(&mut c, Duration::from_secs(5), true);
+                    }
+                }
+                unmount_under(&machine.root.join("x"));
+                unmount_under(&machine.root.join("d"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(entry) = shared.machines().get_mut(id) {
+        entry.machine.phase = MachinePhase::Running;
+    }
+    shared.event(&format!(
+        "{id}: dockerd ready after {:?} at {}:{}",
+        start.elapsed(),
+        machine.private_ip,
+        tls_port
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into())
+    ));
+    Ok(())
+}
+
+/// Real machines each have their own iptables; the emulated ones share the host's. At
+/// start dockerd deletes and recreates the shared chains (DOCKER, DOCKER-ISOLATION-*),
+/// which wipes the rules of the dockerd already running and makes their network calls
+/// fail meanwhile. This `iptables` (first in dockerd's PATH) keeps those shared chains:
+/// it skips their flush/delete and the removal of the jumps to them, and makes creating
+/// an existing chain a no-op. Everything else goes to the real iptables.
+const IPTABLES_GUARD: &str = r#"#!/bin/sh
+real=/usr/sbin/iptables
+[ -x "$real" ] || real=/sbin/iptables
+table=filter; op=; chain=; prev=
+for a in "$@"; do
+  case "$prev" in
+    -t) table=$a ;;
+    -F|-X|-N|-D) op=$prev; chain=$a ;;
+  esac
+  prev=$a
+done
+case "$op:$chain" in
+  -F:DOCKER|-X:DOCKER|-F:DOCKER-ISOLATION*|-X:DOCKER-ISOLATION*) exit 0 ;;
+  -D:PREROUTING|-D:OUTPUT)
+    case " $* " in *" -j DOCKER "*) exit 0 ;; esac ;;
+  -N:DOCKER*) "$real" --wait -t "$table" -n -L "$chain" >/dev/null 2>&1 && exit 0 ;;
+esac
+exec "$real" "$@"
+"#;
+
+fn install_iptables_guard(bin: &Path) -> Result<()> {
+    crate::util::write_file(&bin.join("iptables"), IPTABLES_GUARD.as_bytes(), 0o755)
+}
+
+/// Host-wide lock serializing dockerd starts (also across sandboxes in other processes).
+fn dockerd_start_lock() -> Result<nix::fcntl::Flock<File>> {
+    let dir = std::env::temp_dir().join("flotilla-sandbox-slots");
+    std::fs::create_dir_all(&dir)?;
+    let file = File::create(dir.join("dockerd-start.lock"))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking dockerd-start.lock: {e}"))
+}
+
+/// Starts dockerd and waits until it answers on its local socket. `Ok(false)` when the
+/// machine was terminated meanwhile (dockerd then stopped again).
+async fn start_dockerd(
+    shared: &Arc<Shared>,
+    machine: &EmulatedMachine,
+    args: &[String],
+    tls_port: Option<u16>,
+    machine_id: Option<String>,
+) -> Result<bool> {
+    use std::os::unix::process::CommandExt;
+    let id = &machine.instance_id;
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(machine.dockerd_log())?;
     let err = log.try_clone()?;
     let mut cmd = Command::new("dockerd");
-    cmd.args(&args)
+    let path = format!(
+        "{}:{}",
+        shared.opts.dir.join("bin").display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
+    cmd.args(args)
+        .env("PATH", path)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err)
         .process_group(0);
-    use std::os::unix::process::CommandExt;
     let child = cmd.spawn().context("starting dockerd")?;
     let pid = child.id();
     {
@@ -399,7 +504,6 @@ async fn boot(
                 entry.machine.machine_id = machine_id;
             }
             None => {
-                // Terminated while booting.
                 drop(machines);
                 let entry = Entry {
                     machine: machine.clone(),
@@ -407,7 +511,7 @@ async fn boot(
                 };
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || stop_machine(&shared, entry, false));
-                return Ok(());
+                return Ok(false);
             }
         }
     }
@@ -415,9 +519,7 @@ async fn boot(
         "{id}: dockerd pid {pid} started: dockerd {}",
         args.join(" ")
     ));
-
     let socket = machine.docker_socket.clone();
-    let start = Instant::now();
     let ready = wait_until(
         "dockerd to answer on its local socket",
         Duration::from_secs(60),
@@ -441,18 +543,7 @@ async fn boot(
     if let Err(e) = ready {
         bail!("{e:#}\ndockerd log:\n{}", tail(&machine.dockerd_log(), 20));
     }
-    if let Some(entry) = shared.machines().get_mut(id) {
-        entry.machine.phase = MachinePhase::Running;
-    }
-    shared.event(&format!(
-        "{id}: dockerd ready after {:?} at {}:{}",
-        start.elapsed(),
-        machine.private_ip,
-        tls_port
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "-".into())
-    ));
-    Ok(())
+    Ok(true)
 }
 
 /// dockerd's command line from the machine's daemon.json, mapped into the machine root.

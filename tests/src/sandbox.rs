@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use flotilla_proto::config::{AwsConfig, ClassConfig, Config, JobConfig};
+use flotilla_proto::config::Config;
 use flotilla_proto::duration::HumanDuration;
 
 use crate::emulator::{EmulatedMachine, Emulator, EmulatorOptions};
@@ -143,7 +143,6 @@ impl Sandbox {
             None => find_flotilla_bin().unwrap_or_else(|_| PathBuf::from("flotilla")),
         };
         let slot = Slot::acquire()?;
-        let n = slot.n;
         let dir = match &opts.dir {
             Some(d) => {
                 if d.exists() {
@@ -209,43 +208,40 @@ impl Sandbox {
         };
 
         let state_dir = dir.join("state");
-        let config = Config {
-            fleet: fleet.clone(),
-            state_dir: state_dir.clone(),
-            socket: None,
-            default_class: CLASS.into(),
-            max_machines: opts.max_machines,
-            reconcile_interval: HumanDuration::from_secs(1),
-            orphan_grace: HumanDuration(opts.orphan_grace),
-            aws: AwsConfig {
-                region: Some(moto::REGION.into()),
-                endpoint_url: Some(moto_url.clone()),
-            },
-            job: JobConfig {
-                default_image: job_image.clone(),
-                helper_image: helper_image.clone(),
-                acquire_timeout: HumanDuration(opts.acquire_timeout),
-                ..JobConfig::default()
-            },
-            classes: [(
-                CLASS.to_owned(),
-                ClassConfig {
-                    ami: moto::AMI.into(),
-                    instance_types: vec!["t3.micro".into()],
-                    subnets: vec![network.subnet_id.clone()],
-                    security_groups: vec![network.security_group_id.clone()],
-                    instance_profile: Some(profile.clone()),
-                    root_volume_gb: None,
-                    idle_count: opts.idle_count,
-                    idle_time: HumanDuration(opts.idle_time),
-                    max_machines: opts.max_machines,
-                    max_builds: opts.max_builds,
-                    boot_timeout: HumanDuration::from_secs(60),
-                },
-            )]
-            .into_iter()
-            .collect(),
-        };
+        // Parse a skeleton, then set fields: new keys in flotilla-proto keep their defaults.
+        let q = |v: &str| serde_json::to_string(v).unwrap_or_default();
+        let skeleton = format!(
+            "fleet = {}\nstate_dir = {}\ndefault_class = {}\n\n[classes.{CLASS}]\nami = {}\n\
+             instance_types = [\"t3.micro\"]\nsubnets = [{}]\n",
+            q(&fleet),
+            q(&state_dir.display().to_string()),
+            q(CLASS),
+            q(moto::AMI),
+            q(&network.subnet_id),
+        );
+        let mut config = Config::from_toml(&skeleton)
+            .map_err(|e| anyhow::anyhow!("sandbox config skeleton: {e}"))?;
+        config.max_machines = opts.max_machines;
+        config.reconcile_interval = HumanDuration::from_secs(1);
+        config.orphan_grace = HumanDuration(opts.orphan_grace);
+        config.aws.region = Some(moto::REGION.into());
+        config.aws.endpoint_url = Some(moto_url.clone());
+        config.job.default_image = job_image.clone();
+        config.job.helper_image = helper_image.clone();
+        config.job.acquire_timeout = HumanDuration(opts.acquire_timeout);
+        {
+            let class = config
+                .classes
+                .get_mut(CLASS)
+                .context("skeleton has no default class")?;
+            class.security_groups = vec![network.security_group_id.clone()];
+            class.instance_profile = Some(profile.clone());
+            class.idle_count = opts.idle_count;
+            class.idle_time = HumanDuration(opts.idle_time);
+            class.max_machines = opts.max_machines;
+            class.max_builds = opts.max_builds;
+            class.boot_timeout = HumanDuration::from_secs(60);
+        }
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("sandbox config is invalid: {e}"))?;

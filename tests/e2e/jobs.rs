@@ -1,0 +1,242 @@
+//! Jobs through every stage: output, exit codes, cancellation and what a job leaves behind.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use flotilla_sandbox::runner::BUILD_FAILURE_EXIT_CODE;
+use flotilla_sandbox::{
+    docker_on, Cancel, CancelWhen, EmulatedMachine, Job, Outcome, Sandbox, SandboxOptions,
+};
+
+use crate::common::{bounded, run_job_tracking_machine, JOB_LABEL};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_job_output_appears_in_build_script_stdout() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let job = Job::new(101, &[r#"echo "hello from $((6*7))""#, "id -u"]);
+        let token = job.token.clone();
+        let r = sb.run_job(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        let build = r
+            .stage("build_script")
+            .context("build_script did not run")?;
+        ensure!(build.stdout.contains("hello from 42\n"), "{}", ctx());
+        ensure!(r.cleanup_exit == Some(0), "{}", ctx());
+        // The job token is a secret: no stage output and no daemon log line carries it.
+        for s in &r.stages {
+            ensure!(
+                !s.stdout.contains(&token) && !s.stderr.contains(&token),
+                "{} leaked the job token",
+                s.name
+            );
+        }
+        let log = std::fs::read_to_string(sb.daemon_log()).unwrap_or_default();
+        ensure!(
+            !log.contains(&token),
+            "the daemon log carries the job token"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predefined_stages_run_in_the_helper_image_and_share_the_builds_volume() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let mut job = Job::new(102, &["cat /etc/flotilla-image", "cat .flotilla-sources"]);
+        job.stage_bodies.insert(
+            "get_sources".into(),
+            vec![
+                r#"mkdir -p "$CI_PROJECT_DIR""#.into(),
+                r#"cd "$CI_PROJECT_DIR""#.into(),
+                r#"echo "sources of job $CI_JOB_ID" > .flotilla-sources"#.into(),
+                "echo stage-image=$(cat /etc/flotilla-image)".into(),
+            ],
+        );
+        let r = sb.run_job(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        let sources = r.stage("get_sources").context("get_sources did not run")?;
+        ensure!(
+            sources.stdout.contains("stage-image=helper"),
+            "get_sources did not run in the helper image\n{}",
+            ctx()
+        );
+        let build = r
+            .stage("build_script")
+            .context("build_script did not run")?;
+        ensure!(
+            build.stdout.contains("job\n"),
+            "build_script did not run in the job image\n{}",
+            ctx()
+        );
+        ensure!(
+            build.stdout.contains("sources of job 102"),
+            "the builds volume is not shared\n{}",
+            ctx()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_exiting_3_is_a_build_failure_with_3_in_the_exit_code_file_and_after_script_runs(
+) -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let job = Job::new(
+            103,
+            &["echo before-failure", "exit 3", "echo never-printed"],
+        )
+        .with_after_script(&["echo after-script-ran"]);
+        let r = sb.run_job(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let build = r
+            .stage("build_script")
+            .context("build_script did not run")?;
+        ensure!(
+            build.exit_code == Some(BUILD_FAILURE_EXIT_CODE),
+            "build_script exit\n{}",
+            ctx()
+        );
+        ensure!(
+            build.build_exit_code == Some(3),
+            "BUILD_EXIT_CODE_FILE did not hold 3\n{}",
+            ctx()
+        );
+        ensure!(
+            build.stdout.contains("before-failure") && !build.stdout.contains("never-printed\n"),
+            "{}",
+            ctx()
+        );
+        let after = r
+            .stage("after_script")
+            .context("after_script did not run")?;
+        ensure!(
+            after.ok() && after.stdout.contains("after-script-ran"),
+            "{}",
+            ctx()
+        );
+        ensure!(
+            r.outcome
+                == Outcome::BuildFailure {
+                    stage: "build_script".into(),
+                    exit_code: Some(3)
+                },
+            "{}",
+            ctx()
+        );
+        ensure!(r.cleanup_exit == Some(0), "{}", ctx());
+        sb.shutdown().await
+    })
+    .await
+}
+
+/// Docker objects on a machine that carry the job's label or name.
+async fn job_objects(m: &EmulatedMachine, job_key: &str) -> Result<Vec<String>> {
+    let label = format!("label={JOB_LABEL}={job_key}");
+    let mut found = Vec::new();
+    for (kind, args) in [
+        (
+            "container",
+            vec!["ps", "-a", "--format", "{{.ID}} {{.Names}} {{.Labels}}"],
+        ),
+        (
+            "network",
+            vec!["network", "ls", "--format", "{{.ID}} {{.Name}} {{.Labels}}"],
+        ),
+        (
+            "volume",
+            vec!["volume", "ls", "--format", "{{.Name}} {{.Labels}}"],
+        ),
+    ] {
+        let out = docker_on(m, &args).await?;
+        for line in out.lines() {
+            if line.contains(job_key) || line.contains(&label[6..]) {
+                found.push(format!("{kind}: {line}"));
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_script_ends_the_run_stage_within_10s_and_cleanup_leaves_nothing_of_the_job(
+) -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let mut opts = sb.runner_options();
+        opts.graceful_kill_timeout = Duration::from_secs(30);
+        opts.cancel = Some(Cancel {
+            stage: "build_script".into(),
+            when: CancelWhen::OutputContains("ready-2".into()),
+        });
+        let job_id = 104;
+        let job_key = format!("job-{job_id}");
+        let job = Job::new(
+            job_id,
+            &[
+                "sleep 3",
+                "echo ready-$((1+1))",
+                "while true; do sleep 1; done",
+            ],
+        )
+        .with_after_script(&["echo after-cancel-ran"]);
+
+        // Watch the machines while the job runs: the job's containers must exist then, so
+        // that their absence afterwards means something.
+        let (r, machine) = run_job_tracking_machine(&sb, opts, job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let build = r
+            .stage("build_script")
+            .context("build_script did not run")?;
+        let took = build
+            .cancelled_after
+            .context("the cancel marker never appeared")?;
+        ensure!(
+            took < Duration::from_secs(10) && !build.killed,
+            "run stage took {took:?} after SIGTERM (killed: {})\n{}",
+            build.killed,
+            ctx()
+        );
+        ensure!(
+            r.outcome
+                == Outcome::Cancelled {
+                    stage: "build_script".into()
+                },
+            "{}",
+            ctx()
+        );
+        let after = r
+            .stage("after_script")
+            .context("after_script did not run after the cancel")?;
+        ensure!(
+            after.ok() && after.stdout.contains("after-cancel-ran"),
+            "after_script after cancel\n{}",
+            ctx()
+        );
+        ensure!(r.cleanup_exit == Some(0), "{}", ctx());
+        let machine = machine.with_context(|| {
+            format!(
+                "never saw a container labelled {JOB_LABEL}={job_key} during the job\n{}",
+                ctx()
+            )
+        })?;
+        let m = sb
+            .emulator()
+            .machine(&machine)
+            .with_context(|| format!("{machine} is gone\n{}", ctx()))?;
+        let left = job_objects(&m, &job_key).await?;
+        ensure!(
+            left.is_empty(),
+            "left on the machine after cleanup: {left:#?}\n{}",
+            ctx()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
