@@ -403,6 +403,9 @@ impl JobContext {
             .as_ref()
             .filter(|c| c.stage == stage)
             .map(|c| c.when.clone());
+        if self.opts.echo {
+            eprintln!("\x1b[1m==> flotilla {}\x1b[0m", args.join(" "));
+        }
         let mut result = run_process(
             cmd,
             stage,
@@ -419,6 +422,16 @@ impl JobContext {
                 args.join(" ")
             )
         })?;
+        if self.opts.echo {
+            eprintln!(
+                "\x1b[1m<== {stage}: exit {} in {:.1}s\x1b[0m",
+                result
+                    .exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| format!("signal {:?}", result.signal)),
+                result.duration.as_secs_f64()
+            );
+        }
         if result.exit_code == Some(BUILD_FAILURE_EXIT_CODE) {
             let file = self.build_exit_code_file();
             if let Ok(text) = std::fs::read_to_string(&file) {

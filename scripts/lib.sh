@@ -1,0 +1,63 @@
+# Shared by scripts/sandbox and scripts/demo (source it; do not run it).
+# Installs what the sandbox needs when it is missing and builds the binaries.
+
+set -euo pipefail
+
+FLOTILLA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME}/.cache/flotilla/target}"
+export FLOTILLA_VENV="${FLOTILLA_VENV:-${HOME}/.cache/flotilla/venv}"
+export FLOTILLA_SANDBOX_DIR="${FLOTILLA_SANDBOX_DIR:-/tmp/flotilla-sandbox}"
+SANDBOX_BIN="${CARGO_TARGET_DIR}/debug/flotilla-sandbox"
+export FLOTILLA_BIN="${FLOTILLA_BIN:-${CARGO_TARGET_DIR}/debug/flotilla}"
+
+log() { printf '\033[1;34m[sandbox]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[sandbox]\033[0m %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    die "need root for: $*"
+  fi
+}
+
+# Debian packages: dockerd (docker.io), docker-registry, busybox-static; curl, python3-venv.
+install_system_packages() {
+  local missing=()
+  command -v dockerd >/dev/null || missing+=(docker.io)
+  command -v docker-registry >/dev/null || missing+=(docker-registry)
+  # The test images are built from a static busybox.
+  if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
+    missing+=(busybox-static)
+  fi
+  command -v curl >/dev/null || missing+=(curl)
+  command -v iptables >/dev/null || missing+=(iptables)
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# moto's standalone server in its own venv.
+install_moto() {
+  if [ -x "${FLOTILLA_VENV}/bin/moto_server" ]; then
+    return
+  fi
+  log "installing moto[server] into ${FLOTILLA_VENV}"
+  python3 -m venv "${FLOTILLA_VENV}"
+  "${FLOTILLA_VENV}/bin/pip" install -q --upgrade pip
+  "${FLOTILLA_VENV}/bin/pip" install -q 'moto[server]'
+}
+
+build_binaries() {
+  command -v cargo >/dev/null || die "cargo is not installed (https://rustup.rs)"
+  log "building flotilla and flotilla-sandbox (CARGO_TARGET_DIR=${CARGO_TARGET_DIR})"
+  (cd "${FLOTILLA_ROOT}" && cargo build -q -p flotilla -p flotilla-sandbox)
+}
+
+prepare_sandbox() {
+  [ "$(id -u)" -eq 0 ] || die "the sandbox runs dockerd and needs root"
+  install_system_packages
+  install_moto
+  build_binaries
+}
