@@ -151,6 +151,43 @@ pub struct JobConfig {
     /// Docker API timeout for single calls (not for script execution).
     #[serde(default = "defaults::docker_timeout")]
     pub docker_timeout: HumanDuration,
+    /// Pull policy for images whose job sets none; a list is tried in order.
+    #[serde(default = "defaults::pull_policy")]
+    pub pull_policy: Vec<PullPolicy>,
+    /// Policies a job may ask for with `pull_policy:`; empty means those in `pull_policy`.
+    #[serde(default)]
+    pub allowed_pull_policies: Vec<PullPolicy>,
+    /// How long prepare waits for services' exposed ports before warning and going on.
+    #[serde(default = "defaults::service_wait")]
+    pub service_wait: HumanDuration,
+}
+
+/// gitlab-runner's image pull policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::IfNotPresent => "if-not-present",
+            Self::Never => "never",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "always" => Some(Self::Always),
+            "if-not-present" => Some(Self::IfNotPresent),
+            "never" => Some(Self::Never),
+            _ => None,
+        }
+    }
 }
 
 impl Default for JobConfig {
@@ -162,6 +199,9 @@ impl Default for JobConfig {
             helper_image: defaults::helper_image(),
             acquire_timeout: defaults::acquire_timeout(),
             docker_timeout: defaults::docker_timeout(),
+            pull_policy: defaults::pull_policy(),
+            allowed_pull_policies: Vec::new(),
+            service_wait: defaults::service_wait(),
         }
     }
 }
@@ -298,6 +338,12 @@ mod defaults {
     }
     pub fn docker_timeout() -> HumanDuration {
         HumanDuration::from_secs(120)
+    }
+    pub fn pull_policy() -> Vec<super::PullPolicy> {
+        vec![super::PullPolicy::Always]
+    }
+    pub fn service_wait() -> HumanDuration {
+        HumanDuration::from_secs(30)
     }
     pub fn idle_time() -> HumanDuration {
         HumanDuration::from_secs(600)
@@ -482,6 +528,9 @@ impl Config {
                     return bad(&skey("timezone"), e);
                 }
             }
+        }
+        if self.job.pull_policy.is_empty() {
+            return bad("job.pull_policy", "must list at least one policy".into());
         }
         for (key, dir) in [
             ("job.builds_dir", &self.job.builds_dir),

@@ -14,6 +14,8 @@ pub struct JobEnv {
     pub build_failure_code: i32,
     pub system_failure_code: i32,
     pub build_exit_code_file: Option<PathBuf>,
+    /// GitLab's job payload (mode 0600; holds the job token).
+    pub job_response_file: Option<PathBuf>,
     pub tmpdir: PathBuf,
     /// Job variables (`CUSTOM_ENV_<NAME>` with the prefix stripped). May hold secrets:
     /// never log values.
@@ -30,6 +32,7 @@ impl JobEnv {
             build_failure_code: 1,
             system_failure_code: 2,
             build_exit_code_file: None,
+            job_response_file: None,
             tmpdir: std::env::temp_dir(),
             vars: BTreeMap::new(),
         };
@@ -44,6 +47,7 @@ impl JobEnv {
                     env.build_exit_code_file = Some(v.into())
                 }
                 "TMPDIR" if !v.is_empty() => tmpdir = Some(PathBuf::from(v)),
+                "JOB_RESPONSE_FILE" if !v.is_empty() => env.job_response_file = Some(v.into()),
                 _ => {
                     if let Some(name) = k.strip_prefix("CUSTOM_ENV_") {
                         env.vars.insert(name.to_owned(), v);

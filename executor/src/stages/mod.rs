@@ -7,9 +7,12 @@
 
 pub mod cleanup;
 pub mod config;
+pub mod images;
 pub mod job;
 pub mod prepare;
 pub mod run;
+pub mod services;
+pub mod spec;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +44,14 @@ impl StageError {
 }
 
 pub type StageResult = Result<(), StageError>;
+
+/// Tells the job log what is happening (prepare's and run's stdout go to the job log).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
 
 /// Where `prepare` leaves the lease for the later stages of the same job (the per-job
 /// temp dir gitlab-runner gives every stage as cwd and TMPDIR).

@@ -4,31 +4,26 @@
 //! always undo a half-done prepare.
 
 use std::collections::HashMap;
-use std::io::Write;
 
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
     VolumeCreateRequest,
 };
-use bollard::query_parameters::{CreateContainerOptions, CreateImageOptions};
+use bollard::query_parameters::CreateContainerOptions;
 use bollard::Docker;
 use flotilla_proto::api::{AcquireRequest, ErrorCode, Lease};
-use flotilla_proto::config::Config;
-use futures_util::StreamExt;
+use flotilla_proto::config::{Config, PullPolicy};
 
 use super::job::{JobNames, CACHE_VOLUME, JOB_LABEL};
-use super::{docker_failure, lease_file, machine_docker, JobEnv, StageError, StageResult};
+use super::spec::{ImageSpec, JobSpec};
+use super::{
+    docker_failure, images, lease_file, machine_docker, say, services, JobEnv, StageError,
+    StageResult,
+};
 use crate::control::{ControlClient, ControlError};
 
 /// Keeps a job container alive between stages; exits promptly on `docker stop`.
 pub const KEEPALIVE: &str = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done";
-
-/// Tells the job log what is happening (stdout goes to the job log in prepare).
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
 
 pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     let class = env
@@ -41,10 +36,13 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
             config.class_names().join(", ")
         )));
     }
-    let image = env
-        .var("CI_JOB_IMAGE")
-        .map(str::to_owned)
-        .unwrap_or_else(|| config.job.default_image.clone());
+    let spec = JobSpec::from_env(env, env.job_response_file.as_deref())?;
+    let image = spec.image.clone().unwrap_or_else(|| ImageSpec {
+        name: config.job.default_image.clone(),
+        entrypoint: None,
+        pull_policy: Vec::new(),
+    });
+    let image_policies = images::policies_for(&config.job, &image.pull_policy, &image.name)?;
     let job_key = env.job_key();
 
     say(&format!(
@@ -80,29 +78,29 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     let docker = machine_docker(config, &lease)?;
     let names = JobNames::new(&job_key);
     let helper_image = config.job.helper_image.clone();
-    let (a, b) = tokio::join!(
-        pull(&docker, &lease, &image, PullPolicy::Always),
-        pull(&docker, &lease, &helper_image, PullPolicy::IfNotPresent),
+    let helper_policies = [PullPolicy::IfNotPresent];
+    let (a, b, c) = tokio::join!(
+        images::ensure(&docker, &lease, &spec, &image.name, &image_policies),
+        images::ensure(&docker, &lease, &spec, &helper_image, &helper_policies),
+        create_network_and_volumes(&docker, &lease, &names),
     );
     a?;
     b?;
-    create_network_and_volumes(&docker, &lease, &names).await?;
-    let helper = container_body(config, &names, &helper_image, "helper");
-    let build = container_body(config, &names, &image, "build");
-    let (a, b) = tokio::join!(
-        create_and_start(&docker, &lease, &names.helper, helper),
+    c?;
+    let helper = container_body(config, &names, &helper_image, &Some(vec![]), "helper");
+    create_and_start(&docker, &lease, &names.helper, helper).await?;
+    let services = services::start_all(&docker, &lease, config, &names, &spec).await?;
+    let build = container_body(config, &names, &image.name, &image.entrypoint, "build");
+    let ((), build_started) = tokio::join!(
+        services::check_health(&docker, &names.helper, &services, config.job.service_wait.0),
         create_and_start(&docker, &lease, &names.build, build),
     );
-    a?;
-    b?;
-    say(&format!("Using image {image} (helper {helper_image})"));
+    build_started?;
+    say(&format!(
+        "Using image {} (helper {helper_image})",
+        image.name
+    ));
     Ok(())
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PullPolicy {
-    Always,
-    IfNotPresent,
 }
 
 fn labels(names: &JobNames, role: &str) -> HashMap<String, String> {
@@ -110,66 +108,6 @@ fn labels(names: &JobNames, role: &str) -> HashMap<String, String> {
         (JOB_LABEL.to_owned(), names.key.clone()),
         ("flotilla.role".to_owned(), role.to_owned()),
     ])
-}
-
-async fn pull(docker: &Docker, lease: &Lease, image: &str, policy: PullPolicy) -> StageResult {
-    if policy == PullPolicy::IfNotPresent && docker.inspect_image(image).await.is_ok() {
-        return Ok(());
-    }
-    say(&format!("Pulling image {image}..."));
-    let options = CreateImageOptions {
-        from_image: Some(image.to_owned()),
-        ..Default::default()
-    };
-    let mut stream = docker.create_image(Some(options), None, None);
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(info) => {
-                if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                    return Err(pull_error(lease, image, &err));
-                }
-            }
-            Err(bollard::errors::Error::DockerStreamError { error }) => {
-                return Err(pull_error(lease, image, &error));
-            }
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code,
-                message,
-            }) if status_code == 404
-                || message.contains("not found")
-                || message.contains("manifest unknown") =>
-            {
-                return Err(pull_error(lease, image, &message));
-            }
-            Err(e) => {
-                return Err(docker_failure(
-                    lease,
-                    &format!("pulling {image} failed"),
-                    &e,
-                ))
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A missing image or refused credentials is the job's problem; anything else (registry
-/// down, network) is infrastructure.
-fn pull_error(lease: &Lease, image: &str, message: &str) -> StageError {
-    let m = message.to_lowercase();
-    if m.contains("not found")
-        || m.contains("manifest unknown")
-        || m.contains("unauthorized")
-        || m.contains("denied")
-        || m.contains("invalid reference")
-    {
-        StageError::build_message(format!("cannot pull image {image}: {message}"))
-    } else {
-        StageError::system(format!(
-            "pulling {image} on build machine {} failed: {message}",
-            lease.machine_id
-        ))
-    }
 }
 
 fn is_conflict(e: &bollard::errors::Error) -> bool {
@@ -218,16 +156,20 @@ async fn create_network_and_volumes(
     Ok(())
 }
 
+/// A job container kept alive between stages by [`KEEPALIVE`] as its command, behind the
+/// image's entrypoint (or the job's `entrypoint:`; `[""]` for none), so an entrypoint that
+/// prepares the environment and `exec "$@"`s runs as it would on the docker executor.
 fn container_body(
     config: &Config,
     names: &JobNames,
     image: &str,
+    entrypoint: &Option<Vec<String>>,
     role: &str,
 ) -> ContainerCreateBody {
     ContainerCreateBody {
         image: Some(image.to_owned()),
-        entrypoint: Some(vec!["sh".into(), "-c".into(), KEEPALIVE.into()]),
-        cmd: Some(vec![]),
+        entrypoint: services::entrypoint_override(entrypoint),
+        cmd: Some(vec!["sh".into(), "-c".into(), KEEPALIVE.into()]),
         labels: Some(labels(names, role)),
         host_config: Some(HostConfig {
             binds: Some(vec![

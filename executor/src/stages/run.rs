@@ -54,7 +54,14 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
         ))
     })?;
     let docker = machine_docker(config, &lease)?;
-    let code = exec_script(&docker, &lease, &container, file).await?;
+    // Predefined stages run with umask 0000 (gitlab-runner-helper's approach) so the build
+    // container's user, whoever it is, can modify what they create.
+    let shell = if runs_in_build_container(stage) {
+        DETECT_SHELL.to_owned()
+    } else {
+        format!("umask 0000; {DETECT_SHELL}")
+    };
+    let code = exec_script(&docker, &lease, &container, &shell, file, true).await?;
     if code == 0 {
         Ok(())
     } else {

@@ -1,0 +1,222 @@
+//! Job services (`services:` in .gitlab-ci.yml): containers on the job network with the
+//! aliases gitlab-runner derives, their variables, entrypoint and command; then a TCP
+//! check of their exposed ports from inside the job network. A service that never opens
+//! its port is a warning with its logs, never a failure (the docker executor's behaviour).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
+use bollard::query_parameters::{CreateContainerOptions, LogsOptions};
+use bollard::Docker;
+use flotilla_proto::api::Lease;
+use flotilla_proto::config::Config;
+use futures_util::StreamExt;
+
+use super::images;
+use super::job::{JobNames, JOB_LABEL};
+use super::spec::{JobSpec, ServiceSpec};
+use super::{docker_failure, say, StageError};
+
+/// One started service and the ports to check.
+pub struct Started {
+    pub container: String,
+    pub host: String,
+    pub image: String,
+    pub ports: Vec<u16>,
+}
+
+/// Entrypoint for the create call: `None` keeps the image's, `[""]` clears it.
+pub fn entrypoint_override(entrypoint: &Option<Vec<String>>) -> Option<Vec<String>> {
+    match entrypoint {
+        None => None,
+        Some(e) if e.is_empty() => Some(vec![String::new()]),
+        Some(e) => Some(e.clone()),
+    }
+}
+
+pub async fn start_all(
+    docker: &Docker,
+    lease: &Lease,
+    config: &Config,
+    names: &JobNames,
+    spec: &JobSpec,
+) -> Result<Vec<Started>, StageError> {
+    let mut started = Vec::new();
+    for (i, svc) in spec.services.iter().enumerate() {
+        started.push(start_one(docker, lease, config, names, spec, i, svc).await?);
+    }
+    Ok(started)
+}
+
+async fn start_one(
+    docker: &Docker,
+    lease: &Lease,
+    config: &Config,
+    names: &JobNames,
+    spec: &JobSpec,
+    index: usize,
+    svc: &ServiceSpec,
+) -> Result<Started, StageError> {
+    let image = &svc.image.name;
+    let policies = images::policies_for(&config.job, &svc.image.pull_policy, image)?;
+    images::ensure(docker, lease, spec, image, &policies).await?;
+    let ports = docker
+        .inspect_image(image)
+        .await
+        .ok()
+        .and_then(|i| i.config)
+        .and_then(|c| c.exposed_ports)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.strip_suffix("/tcp").and_then(|n| n.parse().ok()))
+        .collect();
+    let name = format!("{}-svc-{index}", names.network);
+    let mut env: Vec<String> = spec
+        .variables
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    env.extend(svc.variables.iter().map(|(k, v)| format!("{k}={v}")));
+    let body = ContainerCreateBody {
+        image: Some(image.clone()),
+        entrypoint: entrypoint_override(&svc.image.entrypoint),
+        cmd: (!svc.command.is_empty()).then(|| svc.command.clone()),
+        env: Some(env),
+        labels: Some(HashMap::from([
+            (JOB_LABEL.to_owned(), names.key.clone()),
+            ("flotilla.role".to_owned(), "service".to_owned()),
+        ])),
+        host_config: Some(HostConfig {
+            network_mode: Some(names.network.clone()),
+            ..Default::default()
+        }),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                names.network.clone(),
+                EndpointSettings {
+                    aliases: Some(svc.aliases.clone()),
+                    ..Default::default()
+                },
+            )])),
+        }),
+        ..Default::default()
+    };
+    docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: Some(name.clone()),
+                ..Default::default()
+            }),
+            body,
+        )
+        .await
+        .map_err(|e| docker_failure(lease, &format!("creating service {image} failed"), &e))?;
+    docker
+        .start_container(&name, None)
+        .await
+        .map_err(|e| docker_failure(lease, &format!("starting service {image} failed"), &e))?;
+    say(&format!(
+        "Started service {image} as {}",
+        svc.aliases.join(", ")
+    ));
+    Ok(Started {
+        container: name,
+        host: svc.aliases.first().cloned().unwrap_or_default(),
+        image: image.clone(),
+        ports,
+    })
+}
+
+/// Shell that waits until `host:port` accepts TCP connections, with whatever the helper
+/// image has: bash's /dev/tcp, `nc -z`, or busybox `nc ... -e true`.
+fn port_check_script(host: &str, port: u16, wait: Duration) -> String {
+    let tries = (wait.as_millis() / 250).max(1);
+    format!(
+        "i=0; while [ $i -lt {tries} ]; do \
+         if (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null; then exit 0; fi; \
+         if nc -z -w 1 {host} {port} >/dev/null 2>&1; then exit 0; fi; \
+         if nc -w 1 {host} {port} -e true >/dev/null 2>&1; then exit 0; fi; \
+         sleep 0.25 2>/dev/null || sleep 1; i=$((i+1)); done; exit 1"
+    )
+}
+
+/// Checks every exposed TCP port of every service, in parallel, from the helper
+/// container; prints a warning with the service's logs for any that never opened.
+pub async fn check_health(docker: &Docker, helper: &str, services: &[Started], wait: Duration) {
+    let checks = services
+        .iter()
+        .flat_map(|s| s.ports.iter().map(move |p| (s, *p)))
+        .map(|(s, port)| async move {
+            let ok = run_check(
+                docker,
+                helper,
+                &port_check_script(&s.host, port, wait),
+                wait,
+            )
+            .await;
+            (s, port, ok)
+        });
+    for (s, port, ok) in futures_util::future::join_all(checks).await {
+        if ok {
+            continue;
+        }
+        let logs = service_logs(docker, &s.container).await;
+        say(&format!(
+            "\x1b[0;33m*** WARNING:\x1b[0m Service {} probably didn't start properly: port {port}/tcp of {} did not accept connections within {}s.\nService container logs:\n{logs}\n*********",
+            s.image,
+            s.host,
+            wait.as_secs()
+        ));
+    }
+}
+
+async fn run_check(docker: &Docker, container: &str, script: &str, wait: Duration) -> bool {
+    let exec = match docker
+        .create_exec(
+            container,
+            CreateExecOptions::<String> {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+                ..Default::default()
+            },
+        )
+        .await
+    {
+        Ok(e) => e,
+        Err(_) => return false,
+    };
+    let drained = async {
+        if let Ok(StartExecResults::Attached { mut output, .. }) =
+            docker.start_exec(&exec.id, None).await
+        {
+            while output.next().await.is_some() {}
+        }
+    };
+    if tokio::time::timeout(wait + Duration::from_secs(5), drained)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    matches!(docker.inspect_exec(&exec.id).await, Ok(info) if info.exit_code == Some(0))
+}
+
+async fn service_logs(docker: &Docker, container: &str) -> String {
+    let mut stream = docker.logs(
+        container,
+        Some(LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: "100".into(),
+            ..Default::default()
+        }),
+    );
+    let mut out = Vec::new();
+    while let Some(Ok(chunk)) = stream.next().await {
+        out.extend_from_slice(&chunk.into_bytes());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
