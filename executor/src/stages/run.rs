@@ -108,7 +108,9 @@ async fn exec_script(
     docker: &Docker,
     lease: &Lease,
     container: &str,
+    shell: &str,
     mut script: tokio::fs::File,
+    may_restart: bool,
 ) -> Result<i32, StageError> {
     let exec = docker
         .create_exec(
@@ -117,19 +119,25 @@ async fn exec_script(
                 attach_stdin: Some(true),
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
-                cmd: Some(vec!["sh".into(), "-c".into(), DETECT_SHELL.into()]),
+                cmd: Some(vec!["sh".into(), "-c".into(), shell.into()]),
                 ..Default::default()
             },
         )
         .await;
     let exec = match exec {
         Ok(e) => e,
-        Err(e) if is_not_running(&e) => {
-            // A cancelled earlier stage may have stopped it; after_script must still run.
+        Err(e) if is_not_running(&e) && may_restart => {
+            // The container stopped (machine reboot, OOM kill): start it again so the
+            // remaining stages (after_script, uploads) still run.
             docker.start_container(container, None).await.map_err(|e| {
                 docker_failure(lease, &format!("restarting {container} failed"), &e)
             })?;
-            return Box::pin(exec_script(docker, lease, container, script)).await;
+            return Box::pin(exec_script(docker, lease, container, shell, script, false)).await;
+        }
+        Err(e) if is_not_running(&e) => {
+            return Err(StageError::build_message(format!(
+                "the job container {container} exits as soon as it starts: the image's entrypoint must run the command it is given (exec \"$@\"), or set `entrypoint: [\"\"]` on the image"
+            )))
         }
         Err(e) => {
             return Err(docker_failure(
