@@ -55,6 +55,16 @@ build_binaries() {
   (cd "${FLOTILLA_ROOT}" && cargo build -q -p flotilla -p flotilla-sandbox)
 }
 
+# What only the test suite needs beyond the sandbox: Debian's cloud-init (the provisioner's
+# tests validate generated user data with `cloud-init schema`; nothing is started).
+install_test_extras() {
+  if ! command -v cloud-init >/dev/null; then
+    log "installing cloud-init (for cloud-init schema)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends cloud-init >/dev/null
+  fi
+}
+
 prepare_sandbox() {
   [ "$(id -u)" -eq 0 ] || die "the sandbox runs dockerd and needs root"
   install_system_packages
