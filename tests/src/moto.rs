@@ -96,6 +96,10 @@ impl Moto {
         Ok(moto)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -146,6 +146,7 @@ impl Sandbox {
         let dir = match &opts.dir {
             Some(d) => {
                 if d.exists() {
+                    util::stop_leftovers(d);
                     crate::emulator::unmount_under(d);
                     std::fs::remove_dir_all(d)
                         .with_context(|| format!("emptying {}", d.display()))?;
@@ -191,6 +192,7 @@ impl Sandbox {
         tracing::info!("sandbox {fleet} in {} (slot {n})", dir.display());
 
         let moto = Moto::start(&dir.join("moto.log")).await?;
+        util::record_pid(&dir, "moto_server", moto.pid());
         let moto_url = moto.url();
         let ec2 = moto.ec2().await;
         let profile = format!("flotilla-builder-{n}");
@@ -200,6 +202,7 @@ impl Sandbox {
         let reg_dir = dir.join("registry");
         std::fs::create_dir_all(&reg_dir)?;
         let registry = Registry::start(&reg_dir).await?;
+        util::record_pid(&dir, "docker-registry", registry.pid());
         let (job_image, helper_image) = {
             let r = &registry;
             let job = r.push_busybox_image("flotilla/busybox", "latest", "job")?;
@@ -317,6 +320,7 @@ impl Sandbox {
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {} daemon", self.flotilla_bin.display()))?;
+        util::record_pid(&self.dir, "flotilla", child.id());
         self.daemon = Some(child);
         let socket = self.config.socket_path();
         let daemon = &mut self.daemon;

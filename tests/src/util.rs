@@ -204,3 +204,55 @@ pub fn write_file(path: &Path, text: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
     Ok(())
 }
+
+/// Notes a child's pid in `<dir>/pids` so a later start in the same directory can stop
+/// what a crashed run left behind.
+pub fn record_pid(dir: &Path, what: &str, pid: u32) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("pids"))
+    {
+        let _ = writeln!(f, "{what} {pid}");
+    }
+}
+
+/// Stops the processes a previous run in `dir` recorded (`<dir>/pids`, and the dockerd
+/// pid files under `<dir>/m/*/docker.pid`) that are still alive and still what they were.
+pub fn stop_leftovers(dir: &Path) {
+    let mut pids: Vec<(String, i32)> = std::fs::read_to_string(dir.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (what, pid) = l.split_once(' ')?;
+            Some((what.to_owned(), pid.trim().parse().ok()?))
+        })
+        .collect();
+    if let Ok(machines) = std::fs::read_dir(dir.join("m")) {
+        for m in machines.flatten() {
+            if let Ok(text) = std::fs::read_to_string(m.path().join("docker.pid")) {
+                if let Ok(pid) = text.trim().parse() {
+                    pids.push(("dockerd".into(), pid));
+                }
+            }
+        }
+    }
+    for (what, pid) in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !pid_alive(pid) || !cmdline.contains(&what) {
+            continue;
+        }
+        eprintln!("sandbox: stopping leftover {what} (pid {pid}) of a previous run");
+        let p = Pid::from_raw(pid);
+        let _ = kill(p, Signal::SIGTERM);
+        if wait_until_blocking(Duration::from_secs(15), Duration::from_millis(100), || {
+            (!pid_alive(pid)).then_some(())
+        })
+        .is_none()
+        {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+    }
+}
