@@ -16,6 +16,8 @@ pub struct JobEnv {
     pub build_exit_code_file: Option<PathBuf>,
     /// GitLab's job payload (mode 0600; holds the job token).
     pub job_response_file: Option<PathBuf>,
+    /// `DOCKER_AUTH_CONFIG` from the runner's own environment (secret).
+    pub runner_docker_auth_config: Option<String>,
     pub tmpdir: PathBuf,
     /// Job variables (`CUSTOM_ENV_<NAME>` with the prefix stripped). May hold secrets:
     /// never log values.
@@ -33,6 +35,7 @@ impl JobEnv {
             system_failure_code: 2,
             build_exit_code_file: None,
             job_response_file: None,
+            runner_docker_auth_config: None,
             tmpdir: std::env::temp_dir(),
             vars: BTreeMap::new(),
         };
@@ -48,6 +51,7 @@ impl JobEnv {
                 }
                 "TMPDIR" if !v.is_empty() => tmpdir = Some(PathBuf::from(v)),
                 "JOB_RESPONSE_FILE" if !v.is_empty() => env.job_response_file = Some(v.into()),
+                "DOCKER_AUTH_CONFIG" if !v.is_empty() => env.runner_docker_auth_config = Some(v),
                 _ => {
                     if let Some(name) = k.strip_prefix("CUSTOM_ENV_") {
                         env.vars.insert(name.to_owned(), v);

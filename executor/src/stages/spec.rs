@@ -198,6 +198,10 @@ impl JobSpec {
                 password: c.password,
             })
             .collect();
+        // The runner host's own DOCKER_AUTH_CONFIG (its `environment`), then the job's.
+        if let Some(cfg) = env.runner_docker_auth_config.as_deref() {
+            credentials.extend(parse_docker_auth_config(cfg)?);
+        }
         if let Some(cfg) = env.var("DOCKER_AUTH_CONFIG") {
             credentials.extend(parse_docker_auth_config(cfg)?);
         }
