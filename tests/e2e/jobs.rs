@@ -240,3 +240,64 @@ async fn sigterm_mid_script_ends_the_run_stage_within_10s_and_cleanup_leaves_not
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_named_by_the_job_is_pulled_from_the_registry_and_runs_build_script() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let image = sb.push_image("team/custom", "custom")?;
+        let job = Job::new(105, &["cat /etc/flotilla-image"]).with_image(&image);
+        let r = sb.run_job(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        let build = r
+            .stage("build_script")
+            .context("build_script did not run")?;
+        ensure!(
+            build.stdout.contains("custom\n"),
+            "build_script did not run in {image}\n{}",
+            ctx()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_machine_class_is_a_build_failure_and_launches_nothing() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let mut opts = sb.runner_options();
+        opts.prepare_attempts = 3;
+        opts.prepare_retry_delay = Duration::from_millis(100);
+        let job =
+            Job::new(106, &["echo should-not-run"]).with_variable("FLOTILLA_CLASS", "gpu-huge");
+        let r = flotilla_sandbox::runner::run_job(opts, job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let prepare = r.stage("prepare").context("prepare did not run")?;
+        ensure!(
+            prepare.exit_code == Some(BUILD_FAILURE_EXIT_CODE),
+            "prepare should fail the build\n{}",
+            ctx()
+        );
+        ensure!(
+            format!("{}{}", prepare.stdout, prepare.stderr).contains("gpu-huge"),
+            "prepare's message does not name the class\n{}",
+            ctx()
+        );
+        let prepares = r.stages.iter().filter(|s| s.name == "prepare").count();
+        ensure!(
+            prepares == 1,
+            "a build failure in prepare must not be retried ({prepares} attempts)"
+        );
+        ensure!(!r.ran("build_script"), "{}", ctx());
+        ensure!(r.cleanup_exit == Some(0), "{}", ctx());
+        let all = sb.instances().await?;
+        ensure!(
+            all.is_empty(),
+            "instances launched for an unknown class: {all:#?}"
+        );
+        sb.shutdown().await
+    })
+    .await
+}

@@ -353,6 +353,15 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Pushes another busybox image (`/etc/flotilla-image` holds `flavour`) to the
+    /// sandbox registry; returns its reference.
+    pub fn push_image(&self, repo: &str, flavour: &str) -> Result<String> {
+        self.registry
+            .as_ref()
+            .context("registry already stopped")?
+            .push_busybox_image(repo, "latest", flavour)
+    }
+
     pub fn daemon_log(&self) -> PathBuf {
         self.dir.join("daemon.log")
     }
