@@ -76,7 +76,8 @@ async fn max_builds_1_gives_each_job_a_fresh_machine_and_terminates_the_used_one
             .with_context(|| sb.diagnostics())?;
         ensure!(
             all.len() == 2,
-            "expected two instances launched, moto has {all:#?}"
+            "expected two instances launched (one per job), moto has {all:#?}\n{}",
+            sb.diagnostics()
         );
         sb.shutdown().await
     })
