@@ -6,10 +6,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use aws_sdk_ec2::types::{
-    IamInstanceProfileSpecification, InstanceType, ResourceType, Tag, TagSpecification,
-};
-use base64::Engine;
 use flotilla_proto::bootstrap::{machine_dns_name, CloudConfig, MachineBootstrap};
 use flotilla_proto::tags;
 use flotilla_sandbox::runner::{self, Cancel, CancelWhen, Job, Outcome, RunnerOptions};
@@ -39,36 +35,13 @@ async fn emulated_machine_serves_docker_only_over_mutual_tls_and_stops_on_termin
             server_key_pem: &server.key_pem,
         })
         .render()?;
-        let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
-        let run = sb
-            .ec2()
-            .run_instances()
-            .image_id(flotilla_sandbox::moto::AMI)
-            .instance_type(InstanceType::T3Micro)
-            .min_count(1)
-            .max_count(1)
-            .subnet_id(&sb.network.subnet_id)
-            .security_group_ids(&sb.network.security_group_id)
-            .iam_instance_profile(
-                IamInstanceProfileSpecification::builder()
-                    .name(&sb.network.instance_profile)
-                    .build(),
-            )
-            .user_data(base64::engine::general_purpose::STANDARD.encode(&user_data))
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .tags(tag(tags::FLEET, &sb.fleet))
-                    .tags(tag(tags::MACHINE, machine_id))
-                    .build(),
-            )
-            .send()
-            .await
-            .context("RunInstances")?;
-        let id = run.instances()[0]
-            .instance_id()
-            .unwrap_or_default()
-            .to_owned();
+        let id = flotilla_sandbox::moto::launch_instance(
+            sb.ec2(),
+            &sb.network,
+            &[(tags::FLEET, &sb.fleet), (tags::MACHINE, machine_id)],
+            Some(&user_data),
+        )
+        .await?;
 
         let machines = sb
             .emulator()

@@ -126,3 +126,67 @@ async fn idle_machine_is_terminated_after_idle_time() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_with_the_fleet_tag_is_reaped_and_instances_of_other_fleets_are_never_touched(
+) -> Result<()> {
+    use flotilla_proto::tags;
+    use flotilla_sandbox::moto::{instance_state, launch_instance};
+    bounded(Duration::from_secs(300), async {
+        let grace = Duration::from_secs(5);
+        let sb = Sandbox::start(SandboxOptions {
+            orphan_grace: grace,
+            ..Default::default()
+        })
+        .await?;
+        let ec2 = sb.ec2();
+        let orphan = launch_instance(
+            ec2,
+            &sb.network,
+            &[(tags::FLEET, &sb.fleet), (tags::MACHINE, "m-orphan")],
+            None,
+        )
+        .await?;
+        let other = launch_instance(
+            ec2,
+            &sb.network,
+            &[
+                (tags::FLEET, "someone-elses-fleet"),
+                (tags::MACHINE, "m-other"),
+            ],
+            None,
+        )
+        .await?;
+        let untagged = launch_instance(ec2, &sb.network, &[("Name", "not-flotilla")], None).await?;
+        let launched = Instant::now();
+        sb.wait_instances(
+            "the orphan to be terminated",
+            grace + Duration::from_secs(60),
+            |l| {
+                l.iter()
+                    .any(|i| i.instance_id == orphan && i.is_terminated())
+            },
+        )
+        .await
+        .with_context(|| sb.diagnostics())?;
+        ensure!(
+            launched.elapsed() + Duration::from_secs(1) >= grace,
+            "the orphan was terminated after {:?}, before orphan_grace {grace:?}",
+            launched.elapsed()
+        );
+        // A few more reconcile rounds: the others must still be running.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for id in [&other, &untagged] {
+            let state = instance_state(ec2, id).await?;
+            ensure!(
+                state == "running",
+                "{id} (not of this fleet) is {state}\n{}",
+                sb.diagnostics()
+            );
+        }
+        sb.shutdown().await?;
+        // Teardown terminates only the sandbox fleet; the others are left as they are.
+        Ok(())
+    })
+    .await
+}

@@ -342,3 +342,63 @@ pub async fn fleet_instances(ec2: &aws_sdk_ec2::Client, fleet: &str) -> Result<V
     out.sort_by(|a, b| (a.launch_time, &a.instance_id).cmp(&(b.launch_time, &b.instance_id)));
     Ok(out)
 }
+
+/// Launches one instance the way the daemon would (tags in the launch call), for tests
+/// that need an instance the daemon did not launch; returns its id.
+pub async fn launch_instance(
+    ec2: &aws_sdk_ec2::Client,
+    network: &Network,
+    tags: &[(&str, &str)],
+    user_data: Option<&str>,
+) -> Result<String> {
+    use aws_sdk_ec2::types::{
+        IamInstanceProfileSpecification, InstanceType, ResourceType, Tag, TagSpecification,
+    };
+    use base64::Engine;
+    let mut spec = TagSpecification::builder().resource_type(ResourceType::Instance);
+    for (k, v) in tags {
+        spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+    }
+    let run = ec2
+        .run_instances()
+        .image_id(AMI)
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&network.subnet_id)
+        .security_group_ids(&network.security_group_id)
+        .iam_instance_profile(
+            IamInstanceProfileSpecification::builder()
+                .name(&network.instance_profile)
+                .build(),
+        )
+        .set_user_data(user_data.map(|u| base64::engine::general_purpose::STANDARD.encode(u)))
+        .tag_specifications(spec.build())
+        .send()
+        .await
+        .context("RunInstances in moto")?;
+    run.instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .map(str::to_owned)
+        .context("RunInstances returned no instance")
+}
+
+/// The state of one instance (any fleet).
+pub async fn instance_state(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<String> {
+    let resp = ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .with_context(|| format!("DescribeInstances {id}"))?;
+    resp.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .find_map(|i| {
+            i.state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned())
+        })
+        .with_context(|| format!("{id} not found"))
+}

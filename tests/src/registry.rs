@@ -245,6 +245,8 @@ pub const APPLETS: &[&str] = &[
     "readlink",
     "which",
     "ping",
+    "httpd",
+    "nslookup",
 ];
 
 /// The pieces of a one-layer image.
