@@ -21,7 +21,7 @@ async fn passing_job_output_appears_in_build_script_stdout() -> Result<()> {
         ensure!(r.outcome == Outcome::Success, "{}", ctx());
         let build = r
             .stage("build_script")
-            .context("build_script did not run")?;
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
         ensure!(build.stdout.contains("hello from 42\n"), "{}", ctx());
         ensure!(r.cleanup_exit == Some(0), "{}", ctx());
         // The job token is a secret: no stage output and no daemon log line carries it.
@@ -59,7 +59,9 @@ async fn predefined_stages_run_in_the_helper_image_and_share_the_builds_volume()
         let r = sb.run_job(job).await?;
         let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
         ensure!(r.outcome == Outcome::Success, "{}", ctx());
-        let sources = r.stage("get_sources").context("get_sources did not run")?;
+        let sources = r
+            .stage("get_sources")
+            .with_context(|| format!("get_sources did not run\n{}", ctx()))?;
         ensure!(
             sources.stdout.contains("stage-image=helper"),
             "get_sources did not run in the helper image\n{}",
@@ -67,7 +69,7 @@ async fn predefined_stages_run_in_the_helper_image_and_share_the_builds_volume()
         );
         let build = r
             .stage("build_script")
-            .context("build_script did not run")?;
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
         ensure!(
             build.stdout.contains("job\n"),
             "build_script did not run in the job image\n{}",
@@ -97,7 +99,7 @@ async fn script_exiting_3_is_a_build_failure_with_3_in_the_exit_code_file_and_af
         let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
         let build = r
             .stage("build_script")
-            .context("build_script did not run")?;
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
         ensure!(
             build.exit_code == Some(BUILD_FAILURE_EXIT_CODE),
             "build_script exit\n{}",
@@ -115,7 +117,7 @@ async fn script_exiting_3_is_a_build_failure_with_3_in_the_exit_code_file_and_af
         );
         let after = r
             .stage("after_script")
-            .context("after_script did not run")?;
+            .with_context(|| format!("after_script did not run\n{}", ctx()))?;
         ensure!(
             after.ok() && after.stdout.contains("after-script-ran"),
             "{}",
@@ -193,7 +195,7 @@ async fn sigterm_mid_script_ends_the_run_stage_within_10s_and_cleanup_leaves_not
         let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
         let build = r
             .stage("build_script")
-            .context("build_script did not run")?;
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
         let took = build
             .cancelled_after
             .context("the cancel marker never appeared")?;
@@ -213,7 +215,7 @@ async fn sigterm_mid_script_ends_the_run_stage_within_10s_and_cleanup_leaves_not
         );
         let after = r
             .stage("after_script")
-            .context("after_script did not run after the cancel")?;
+            .with_context(|| format!("after_script did not run after the cancel\n{}", ctx()))?;
         ensure!(
             after.ok() && after.stdout.contains("after-cancel-ran"),
             "after_script after cancel\n{}",
@@ -252,7 +254,7 @@ async fn image_named_by_the_job_is_pulled_from_the_registry_and_runs_build_scrip
         ensure!(r.outcome == Outcome::Success, "{}", ctx());
         let build = r
             .stage("build_script")
-            .context("build_script did not run")?;
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
         ensure!(
             build.stdout.contains("custom\n"),
             "build_script did not run in {image}\n{}",
@@ -274,7 +276,9 @@ async fn unknown_machine_class_is_a_build_failure_and_launches_nothing() -> Resu
             Job::new(106, &["echo should-not-run"]).with_variable("FLOTILLA_CLASS", "gpu-huge");
         let r = flotilla_sandbox::runner::run_job(opts, job).await?;
         let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
-        let prepare = r.stage("prepare").context("prepare did not run")?;
+        let prepare = r
+            .stage("prepare")
+            .with_context(|| format!("prepare did not run\n{}", ctx()))?;
         ensure!(
             prepare.exit_code == Some(BUILD_FAILURE_EXIT_CODE),
             "prepare should fail the build\n{}",
@@ -320,7 +324,7 @@ async fn service_is_reachable_from_the_build_script_by_its_alias() -> Result<()>
         let r = sb.run_job(job).await?;
         let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
         ensure!(r.outcome == Outcome::Success, "{}", ctx());
-        let build = r.stage("build_script").context("build_script did not run")?;
+        let build = r.stage("build_script").with_context(|| format!("build_script did not run\n{}", ctx()))?;
         ensure!(build.stdout.contains("service-says-hi"), "{}", ctx());
         sb.shutdown().await
     })
