@@ -1,0 +1,336 @@
+//! Build-machine launch templates, one per machine class (`flotilla-<stack>-<class>`):
+//! IMDSv2 required with hop limit 1 (job containers cannot reach the instance role), an
+//! encrypted root volume, no public IP, the build security group and instance profile,
+//! and the fleet/class tags on instances and volumes. Drift creates a new version and
+//! makes it the default. Also the AMI lookup (root device names) the hosts share.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_ec2::types::{
+    LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
+    LaunchTemplateHttpTokensState, LaunchTemplateIamInstanceProfileSpecificationRequest,
+    LaunchTemplateInstanceMetadataEndpointState, LaunchTemplateInstanceMetadataOptionsRequest,
+    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest,
+    LaunchTemplateTagSpecificationRequest, RequestLaunchTemplateData, ResourceType,
+    ResponseLaunchTemplateData, Tag, VolumeType,
+};
+use flotilla_proto::tags;
+
+use super::{find, tag_spec, Inventory};
+use crate::engine::Ctx;
+use crate::error::{Error, Result};
+use crate::naming::logical;
+use crate::plan::{pending, Action};
+
+/// Root device name of each AMI (`/dev/xvda`, `/dev/sda1`), so root volumes can be set.
+/// An AMI that does not exist is an error naming the stack key that asked for it.
+pub async fn root_devices(ctx: &Ctx<'_>) -> Result<BTreeMap<String, String>> {
+    let mut wanted: Vec<(String, String)> = vec![(
+        ctx.stack.runner_hosts.ami.clone(),
+        "runner_hosts.ami".into(),
+    )];
+    for (name, c) in &ctx.classes {
+        wanted.push((c.ami.clone(), format!("fleet.classes.{name}.ami")));
+    }
+    let mut out = BTreeMap::new();
+    for (ami, key) in wanted {
+        if out.contains_key(&ami) {
+            continue;
+        }
+        let res = ctx
+            .aws
+            .call(
+                "ec2:DescribeImages",
+                ctx.aws.ec2.describe_images().image_ids(&ami).send(),
+            )
+            .await;
+        let image = match res {
+            Ok(o) => o.images().first().cloned(),
+            Err(e) if e.code_is(&["InvalidAMIID.NotFound", "InvalidAMIID.Malformed"]) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(image) = image else {
+            return Err(Error::Refused(format!(
+                "key `{key}`: AMI {ami} does not exist in {}",
+                ctx.aws.region
+            )));
+        };
+        out.insert(
+            ami,
+            image.root_device_name().unwrap_or("/dev/xvda").to_owned(),
+        );
+    }
+    Ok(out)
+}
+
+/// What a template says, in a form that compares with what the stack wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Spec {
+    image: String,
+    instance_type: String,
+    profile: String,
+    http_tokens_required: bool,
+    hop_limit: i32,
+    root_device: String,
+    encrypted: bool,
+    volume_size: Option<i32>,
+    public_ip: bool,
+    groups: Vec<String>,
+    instance_tags: Vec<(String, String)>,
+}
+
+impl Spec {
+    fn from_response(d: &ResponseLaunchTemplateData) -> Self {
+        let md = d.metadata_options();
+        let bd = d.block_device_mappings().first();
+        let ni = d.network_interfaces().first();
+        let mut instance_tags: Vec<(String, String)> = d
+            .tag_specifications()
+            .iter()
+            .filter(|t| t.resource_type() == Some(&ResourceType::Instance))
+            .flat_map(|t| t.tags())
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        instance_tags.sort();
+        let mut groups: Vec<String> = ni.map(|n| n.groups().to_vec()).unwrap_or_default();
+        groups.sort();
+        Self {
+            image: d.image_id().unwrap_or_default().to_owned(),
+            instance_type: d
+                .instance_type()
+                .map(|t| t.as_str().to_owned())
+                .unwrap_or_default(),
+            profile: d
+                .iam_instance_profile()
+                .and_then(|p| p.name())
+                .unwrap_or_default()
+                .to_owned(),
+            http_tokens_required: md.and_then(|m| m.http_tokens())
+                == Some(&LaunchTemplateHttpTokensState::Required),
+            hop_limit: md
+                .and_then(|m| m.http_put_response_hop_limit())
+                .unwrap_or(0),
+            root_device: bd
+                .and_then(|b| b.device_name())
+                .unwrap_or_default()
+                .to_owned(),
+            encrypted: bd.and_then(|b| b.ebs()).and_then(|e| e.encrypted()) == Some(true),
+            volume_size: bd.and_then(|b| b.ebs()).and_then(|e| e.volume_size()),
+            public_ip: ni.and_then(|n| n.associate_public_ip_address()) != Some(false),
+            groups,
+            instance_tags,
+        }
+    }
+
+    fn request(&self) -> RequestLaunchTemplateData {
+        let tags: Vec<Tag> = self
+            .instance_tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        let tag_spec = |rt: ResourceType| {
+            LaunchTemplateTagSpecificationRequest::builder()
+                .resource_type(rt)
+                .set_tags(Some(tags.clone()))
+                .build()
+        };
+        RequestLaunchTemplateData::builder()
+            .image_id(&self.image)
+            .instance_type(self.instance_type.as_str().into())
+            .iam_instance_profile(
+                LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
+                    .name(&self.profile)
+                    .build(),
+            )
+            .metadata_options(
+                LaunchTemplateInstanceMetadataOptionsRequest::builder()
+                    .http_tokens(LaunchTemplateHttpTokensState::Required)
+                    .http_put_response_hop_limit(self.hop_limit)
+                    .http_endpoint(LaunchTemplateInstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .block_device_mappings(
+                LaunchTemplateBlockDeviceMappingRequest::builder()
+                    .device_name(&self.root_device)
+                    .ebs(
+                        LaunchTemplateEbsBlockDeviceRequest::builder()
+                            .encrypted(true)
+                            .delete_on_termination(true)
+                            .volume_type(VolumeType::Gp3)
+                            .set_volume_size(self.volume_size)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .network_interfaces(
+                LaunchTemplateInstanceNetworkInterfaceSpecificationRequest::builder()
+                    .device_index(0)
+                    .associate_public_ip_address(false)
+                    .delete_on_termination(true)
+                    .set_groups(Some(self.groups.clone()))
+                    .build(),
+            )
+            .tag_specifications(tag_spec(ResourceType::Instance))
+            .tag_specifications(tag_spec(ResourceType::Volume))
+            .build()
+    }
+
+    fn diff(&self, have: &Spec) -> Vec<String> {
+        let mut d = Vec::new();
+        macro_rules! cmp {
+            ($f:ident) => {
+                if self.$f != have.$f {
+                    d.push(format!("{} {:?} -> {:?}", stringify!($f), have.$f, self.$f));
+                }
+            };
+        }
+        cmp!(image);
+        cmp!(instance_type);
+        cmp!(profile);
+        cmp!(http_tokens_required);
+        cmp!(hop_limit);
+        cmp!(root_device);
+        cmp!(encrypted);
+        cmp!(volume_size);
+        cmp!(public_ip);
+        cmp!(groups);
+        cmp!(instance_tags);
+        d
+    }
+}
+
+/// Launch template name -> id (pending in plan mode when not created yet).
+pub async fn converge(
+    ctx: &Ctx<'_>,
+    inv: &Inventory,
+    roots: &BTreeMap<String, String>,
+    build_sg: &str,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let fleet = ctx.stack.fleet_name().to_owned();
+    for (class, c) in &ctx.classes {
+        let name = logical::launch_template(class);
+        let mut instance_tags = vec![
+            (tags::FLEET.to_owned(), fleet.clone()),
+            (tags::CLASS.to_owned(), class.clone()),
+        ];
+        instance_tags.sort();
+        let want = Spec {
+            image: c.ami.clone(),
+            instance_type: c.instance_types[0].clone(),
+            profile: ctx.names.build_role(),
+            http_tokens_required: true,
+            hop_limit: 1,
+            root_device: roots[&c.ami].clone(),
+            encrypted: true,
+            volume_size: c.root_volume_gb.map(|g| g as i32),
+            public_ip: false,
+            groups: vec![build_sg.to_owned()],
+            instance_tags,
+        };
+        let template_name = ctx.names.launch_template(class);
+        let found = find(
+            &inv.templates,
+            |t| t.tags(),
+            |t| t.launch_template_id().unwrap_or(""),
+            &name,
+        );
+        let Some(t) = found else {
+            if !ctx.change(
+                Action::Create,
+                "ec2:launch-template",
+                &template_name,
+                format!("{} {}", want.image, want.instance_type),
+            ) {
+                out.insert(template_name, pending(&name));
+                continue;
+            }
+            let created = ctx
+                .aws
+                .call(
+                    "ec2:CreateLaunchTemplate",
+                    ctx.aws
+                        .ec2
+                        .create_launch_template()
+                        .launch_template_name(&template_name)
+                        .launch_template_data(want.request())
+                        .tag_specifications(tag_spec(ctx, ResourceType::LaunchTemplate, &name, &[]))
+                        .send(),
+                )
+                .await?;
+            let id = created
+                .launch_template()
+                .and_then(|t| t.launch_template_id())
+                .unwrap_or_default()
+                .to_owned();
+            ctx.created("ec2:launch-template", &template_name, &id);
+            out.insert(template_name, id);
+            continue;
+        };
+        let id = t.launch_template_id().unwrap_or_default().to_owned();
+        let versions = ctx
+            .aws
+            .call(
+                "ec2:DescribeLaunchTemplateVersions",
+                ctx.aws
+                    .ec2
+                    .describe_launch_template_versions()
+                    .launch_template_id(&id)
+                    .versions("$Default")
+                    .send(),
+            )
+            .await?;
+        let have = versions
+            .launch_template_versions()
+            .first()
+            .and_then(|v| v.launch_template_data())
+            .map(Spec::from_response);
+        let diff = match &have {
+            Some(h) => want.diff(h),
+            None => vec!["no default version".into()],
+        };
+        if !diff.is_empty()
+            && ctx.change(
+                Action::Update,
+                "ec2:launch-template",
+                &template_name,
+                format!("new version: {}", diff.join("; ")),
+            )
+        {
+            let v = ctx
+                .aws
+                .call(
+                    "ec2:CreateLaunchTemplateVersion",
+                    ctx.aws
+                        .ec2
+                        .create_launch_template_version()
+                        .launch_template_id(&id)
+                        .launch_template_data(want.request())
+                        .send(),
+                )
+                .await?;
+            let number = v
+                .launch_template_version()
+                .and_then(|v| v.version_number())
+                .unwrap_or_default();
+            ctx.aws
+                .call(
+                    "ec2:ModifyLaunchTemplate",
+                    ctx.aws
+                        .ec2
+                        .modify_launch_template()
+                        .launch_template_id(&id)
+                        .default_version(number.to_string())
+                        .send(),
+                )
+                .await?;
+        }
+        out.insert(template_name, id);
+    }
+    Ok(out)
+}

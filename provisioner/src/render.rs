@@ -1,0 +1,225 @@
+//! The two files a runner host is configured with: the daemon's `flotilla.toml`, built
+//! as a `flotilla_proto::config::Config` (so the daemon's own loader accepts it), and
+//! gitlab-runner's `config.toml` with the `[runners.custom]` section pointing at flotilla.
+//!
+//! Invariant: neither file ever contains the runner token; `config.toml` carries the
+//! placeholder [`TOKEN_PLACEHOLDER`], which the host replaces at boot from SSM.
+
+use flotilla_proto::config::Config;
+use serde::Serialize;
+
+use crate::naming::Names;
+use crate::stack::Stack;
+
+/// Where the daemon's config goes on a runner host (the daemon's default path).
+pub const FLOTILLA_TOML_PATH: &str = flotilla_proto::config::DEFAULT_CONFIG_PATH;
+/// The daemon's state directory on a runner host (CA, state file, socket).
+pub const STATE_DIR: &str = "/var/lib/flotilla";
+/// gitlab-runner's config, as written by the boot script (with the token).
+pub const RUNNER_CONFIG_PATH: &str = "/etc/gitlab-runner/config.toml";
+/// The token-less template cloud-init writes.
+pub const RUNNER_CONFIG_TEMPLATE_PATH: &str = "/etc/gitlab-runner/config.toml.in";
+/// Replaced at boot with the runner authentication token read from SSM.
+pub const TOKEN_PLACEHOLDER: &str = "@FLOTILLA_RUNNER_TOKEN@";
+pub const FLOTILLA_BIN: &str = "/usr/local/bin/flotilla";
+pub const GITLAB_RUNNER_BIN: &str = "/usr/local/bin/gitlab-runner";
+
+/// What the stack creates that the daemon's config refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetIds {
+    /// Private subnet ids, in `network.zones` order.
+    pub private_subnets: Vec<String>,
+    pub build_security_group: String,
+    pub build_instance_profile: String,
+    pub region: Option<String>,
+}
+
+impl FleetIds {
+    /// Stand-ins for ids not known before `apply` (used by validation and `plan`).
+    pub fn placeholders(stack: &Stack) -> Self {
+        Self {
+            private_subnets: stack
+                .network
+                .zones
+                .iter()
+                .map(|z| format!("(subnet/private/{z})"))
+                .collect(),
+            build_security_group: "(sg/build-machine)".into(),
+            build_instance_profile: Names::new(&stack.name).build_role(),
+            region: stack.aws.region.clone(),
+        }
+    }
+}
+
+/// The daemon's config for one runner host of this stack (`fleet` is that host's fleet
+/// name, see [`host_fleets`]).
+pub fn flotilla_config(stack: &Stack, ids: &FleetIds, fleet: &str) -> Result<Config, String> {
+    stack.fleet_config(ids, fleet).map_err(|e| e.to_string())
+}
+
+/// One fleet name per runner host: the fleet name itself for a single host, else
+/// `<fleet>-<index>`. Each daemon reaps instances of its own fleet that it does not know,
+/// so two daemons must never share one.
+pub fn host_fleets(stack: &Stack) -> Vec<String> {
+    let base = stack.fleet_name();
+    match stack.runner_hosts.count {
+        0 | 1 => vec![base.to_owned()],
+        n => (0..n).map(|i| format!("{base}-{i}")).collect(),
+    }
+}
+
+/// `flotilla.toml` as text, via the proto's own writer.
+pub fn flotilla_toml(config: &Config) -> String {
+    let body = config
+        .to_toml()
+        .expect("a Config always serializes to TOML");
+    format!("# Written by flotilla-provision; changes are overwritten by the next apply.\n{body}")
+}
+
+#[derive(Serialize)]
+struct RunnerConfig {
+    concurrent: u32,
+    check_interval: u32,
+    shutdown_timeout: u32,
+    runners: Vec<RunnerEntry>,
+}
+
+#[derive(Serialize)]
+struct RunnerEntry {
+    name: String,
+    url: String,
+    token: String,
+    executor: String,
+    builds_dir: String,
+    cache_dir: String,
+    custom: Custom,
+    cache: Cache,
+}
+
+#[derive(Serialize)]
+struct Custom {
+    config_exec: String,
+    config_args: Vec<String>,
+    prepare_exec: String,
+    prepare_args: Vec<String>,
+    run_exec: String,
+    run_args: Vec<String>,
+    cleanup_exec: String,
+    cleanup_args: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct Cache {
+    #[serde(rename = "Type")]
+    kind: String,
+    shared: bool,
+    #[serde(rename = "s3")]
+    s3: S3Cache,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct S3Cache {
+    server_address: String,
+    bucket_name: String,
+    bucket_location: String,
+    authentication_type: String,
+}
+
+/// gitlab-runner's `config.toml` with the token placeholder; the custom executor runs
+/// every stage through flotilla, and the cache goes to the stack's bucket with the
+/// host's instance-profile credentials.
+pub fn runner_config_toml(stack: &Stack, config: &Config, region: &str) -> String {
+    let exec = |stage: &str| (FLOTILLA_BIN.to_owned(), vec![stage.to_owned()]);
+    let (config_exec, config_args) = exec("config");
+    let (prepare_exec, prepare_args) = exec("prepare");
+    let (run_exec, run_args) = exec("run");
+    let (cleanup_exec, cleanup_args) = exec("cleanup");
+    let doc = RunnerConfig {
+        concurrent: stack.gitlab.concurrent,
+        check_interval: 3,
+        shutdown_timeout: 0,
+        runners: vec![RunnerEntry {
+            name: format!("flotilla-{}", stack.name),
+            url: stack.gitlab_url().to_owned(),
+            token: TOKEN_PLACEHOLDER.into(),
+            executor: "custom".into(),
+            builds_dir: config.job.builds_dir.clone(),
+            cache_dir: config.job.cache_dir.clone(),
+            custom: Custom {
+                config_exec,
+                config_args,
+                prepare_exec,
+                prepare_args,
+                run_exec,
+                run_args,
+                cleanup_exec,
+                cleanup_args,
+            },
+            cache: Cache {
+                kind: "s3".into(),
+                shared: true,
+                s3: S3Cache {
+                    server_address: "s3.amazonaws.com".into(),
+                    bucket_name: stack.bucket.name.clone(),
+                    bucket_location: region.to_owned(),
+                    authentication_type: "iam".into(),
+                },
+            },
+        }],
+    };
+    let body = toml::to_string_pretty(&doc).expect("runner config serializes");
+    format!(
+        "# Written by flotilla-provision. The token is filled in at boot from SSM by\n\
+         # /usr/local/sbin/flotilla-runner-token; it is never in user data.\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::tests::GOOD;
+
+    #[test]
+    fn rendered_flotilla_toml_loads_with_the_daemon_loader() {
+        let stack = Stack::from_toml(GOOD).unwrap();
+        let ids = FleetIds {
+            private_subnets: vec!["subnet-a".into(), "subnet-b".into()],
+            build_security_group: "sg-1".into(),
+            build_instance_profile: "flotilla-ci-build-machine".into(),
+            region: Some("us-east-1".into()),
+        };
+        let config = flotilla_config(&stack, &ids, "ci").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flotilla.toml");
+        std::fs::write(&path, flotilla_toml(&config)).unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded, config);
+        assert_eq!(loaded.fleet, "ci");
+        assert_eq!(loaded.classes["small"].subnets, ["subnet-a", "subnet-b"]);
+        assert_eq!(loaded.classes["small"].security_groups, ["sg-1"]);
+        // proto's defaults, not ours
+        assert_eq!(loaded.max_machines, 10);
+    }
+
+    #[test]
+    fn runner_config_has_custom_executor_and_no_token() {
+        let stack = Stack::from_toml(GOOD).unwrap();
+        let config = flotilla_config(&stack, &FleetIds::placeholders(&stack), "ci").unwrap();
+        let text = runner_config_toml(&stack, &config, "us-east-1");
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        let runner = &v["runners"].as_array().unwrap()[0];
+        assert_eq!(runner["executor"].as_str(), Some("custom"));
+        assert_eq!(runner["token"].as_str(), Some(TOKEN_PLACEHOLDER));
+        assert_eq!(runner["url"].as_str(), Some("https://gitlab.example.com"));
+        assert_eq!(
+            runner["custom"]["run_args"].as_array().unwrap()[0].as_str(),
+            Some("run")
+        );
+        assert_eq!(
+            runner["cache"]["s3"]["BucketName"].as_str(),
+            Some("ci-flotilla-cache")
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! S3: the cache/artifact bucket. Public access blocked, default encryption (SSE-S3, or
+//! SSE-KMS with `bucket.kms_key`), a bucket policy that denies any non-TLS request, and
+//! a lifecycle rule expiring objects after `bucket.expire_days` days. Each setting is
+//! read and rewritten only when it differs.
+//!
+//! Ownership: the bucket is the stack's when it carries the stack tag. A bucket with the
+//! stack's name, in this account, with no tags at all and no objects is adopted (that is
+//! what an apply interrupted between CreateBucket and PutBucketTagging leaves behind);
+//! any other existing bucket is refused.
+
+use aws_sdk_s3::types::{
+    AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, BucketLocationConstraint,
+    CreateBucketConfiguration, Delete, ExpirationStatus, LifecycleExpiration, LifecycleRule,
+    LifecycleRuleFilter, ObjectIdentifier, PublicAccessBlockConfiguration, ServerSideEncryption,
+    ServerSideEncryptionByDefault, ServerSideEncryptionConfiguration, ServerSideEncryptionRule,
+    Tag, Tagging,
+};
+use serde_json::{json, Value};
+
+use crate::engine::Ctx;
+use crate::error::{Error, Result};
+use crate::naming::{RESOURCE_TAG, STACK_TAG};
+use crate::plan::Action;
+
+pub const LIFECYCLE_RULE_ID: &str = "flotilla-expire";
+const KIND: &str = "s3:bucket";
+
+/// Denies every request that does not use TLS.
+pub fn bucket_policy(partition: &str, bucket: &str) -> Value {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "DenyInsecureTransport",
+            "Effect": "Deny",
+            "Principal": "*",
+            "Action": "s3:*",
+            "Resource": [
+                format!("arn:{partition}:s3:::{bucket}"),
+                format!("arn:{partition}:s3:::{bucket}/*")
+            ],
+            "Condition": { "Bool": { "aws:SecureTransport": "false" } }
+        }]
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    Missing,
+    Ours,
+    /// Exists, untagged, empty: left by an interrupted apply.
+    Adoptable,
+    NotOurs,
+}
+
+async fn find(ctx: &Ctx<'_>, bucket: &str) -> Result<Found> {
+    let s3 = &ctx.aws.s3;
+    match ctx
+        .aws
+        .call("s3:HeadBucket", s3.head_bucket().bucket(bucket).send())
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code_is(&["NotFound", "NoSuchBucket"]) => return Ok(Found::Missing),
+        Err(e) => return Err(e.into()),
+    }
+    let tags = match ctx
+        .aws
+        .call(
+            "s3:GetBucketTagging",
+            s3.get_bucket_tagging().bucket(bucket).send(),
+        )
+        .await
+    {
+        Ok(out) => out.tag_set().to_vec(),
+        Err(e) if e.code_is(&["NoSuchTagSet"]) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    if tags
+        .iter()
+        .any(|t| t.key() == STACK_TAG && t.value() == ctx.stack.name)
+    {
+        return Ok(Found::Ours);
+    }
+    if !tags.is_empty() {
+        return Ok(Found::NotOurs);
+    }
+    let objects = ctx
+        .aws
+        .call(
+            "s3:ListObjectsV2",
+            s3.list_objects_v2().bucket(bucket).max_keys(1).send(),
+        )
+        .await?;
+    Ok(if objects.contents().is_empty() {
+        Found::Adoptable
+    } else {
+        Found::NotOurs
+    })
+}
+
+fn tagging(ctx: &Ctx<'_>) -> Tagging {
+    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build().expect("tag");
+    Tagging::builder()
+        .tag_set(tag(STACK_TAG, &ctx.stack.name))
+        .tag_set(tag(RESOURCE_TAG, "bucket"))
+        .build()
+        .expect("tagging")
+}
+
+pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
+    let bucket = ctx.stack.bucket.name.clone();
+    let s3 = &ctx.aws.s3;
+    let found = find(ctx, &bucket).await?;
+    let fresh = match found {
+        Found::NotOurs => {
+            return Err(Error::NotOurs(format!(
+                "key `bucket.name`: bucket {bucket} exists but is not tagged \
+                 {STACK_TAG}={}: refusing to adopt it (pick another name)",
+                ctx.stack.name
+            )))
+        }
+        Found::Missing => {
+            if !ctx.change(
+                Action::Create,
+                KIND,
+                &bucket,
+                format!("expire after {} days", ctx.stack.bucket.expire_days),
+            ) {
+                return Ok(());
+            }
+            let mut req = s3.create_bucket().bucket(&bucket);
+            if ctx.aws.region != "us-east-1" {
+                req = req.create_bucket_configuration(
+                    CreateBucketConfiguration::builder()
+                        .location_constraint(BucketLocationConstraint::from(
+                            ctx.aws.region.as_str(),
+                        ))
+                        .build(),
+                );
+            }
+            ctx.aws.call("s3:CreateBucket", req.send()).await?;
+            ctx.created(KIND, &bucket, &bucket);
+            true
+        }
+        Found::Adoptable => {
+            tracing::warn!(
+                "bucket {bucket} exists untagged and empty (left by an interrupted apply): \
+                 adopting it"
+            );
+            ctx.change(
+                Action::Update,
+                KIND,
+                &bucket,
+                "tag (adopt untagged empty bucket)",
+            );
+            true
+        }
+        Found::Ours => false,
+    };
+    if fresh && ctx.applying() {
+        ctx.aws
+            .call(
+                "s3:PutBucketTagging",
+                s3.put_bucket_tagging()
+                    .bucket(&bucket)
+                    .tagging(tagging(ctx))
+                    .send(),
+            )
+            .await?;
+    }
+    if !ctx.applying() && fresh {
+        return Ok(());
+    }
+    // A setting is read only for a bucket that existed before this pass.
+    let check = |fresh: bool, differs: bool, what: &str| -> bool {
+        if fresh {
+            ctx.applying()
+        } else {
+            differs && ctx.change(Action::Update, KIND, &bucket, what)
+        }
+    };
+
+    // Public access block.
+    let pab_ok = !fresh && {
+        match ctx
+            .aws
+            .call(
+                "s3:GetPublicAccessBlock",
+                s3.get_public_access_block().bucket(&bucket).send(),
+            )
+            .await
+        {
+            Ok(out) => out.public_access_block_configuration().is_some_and(|c| {
+                c.block_public_acls() == Some(true)
+                    && c.ignore_public_acls() == Some(true)
+                    && c.block_public_policy() == Some(true)
+                    && c.restrict_public_buckets() == Some(true)
+            }),
+            Err(e) if e.code_is(&["NoSuchPublicAccessBlockConfiguration"]) => false,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if check(fresh, !pab_ok, "block all public access") {
+        ctx.aws
+            .call(
+                "s3:PutPublicAccessBlock",
+                s3.put_public_access_block()
+                    .bucket(&bucket)
+                    .public_access_block_configuration(
+                        PublicAccessBlockConfiguration::builder()
+                            .block_public_acls(true)
+                            .ignore_public_acls(true)
+                            .block_public_policy(true)
+                            .restrict_public_buckets(true)
+                            .build(),
+                    )
+                    .send(),
+            )
+            .await?;
+    }
+
+    // Default encryption.
+    let kms = ctx.stack.bucket.kms_key.clone();
+    let want_alg = if kms.is_some() {
+        ServerSideEncryption::AwsKms
+    } else {
+        ServerSideEncryption::Aes256
+    };
+    let enc_ok = !fresh && {
+        match ctx
+            .aws
+            .call(
+                "s3:GetBucketEncryption",
+                s3.get_bucket_encryption().bucket(&bucket).send(),
+            )
+            .await
+        {
+            Ok(out) => out
+                .server_side_encryption_configuration()
+                .and_then(|c| c.rules().first())
+                .and_then(|r| r.apply_server_side_encryption_by_default())
+                .is_some_and(|d| {
+                    *d.sse_algorithm() == want_alg && d.kms_master_key_id() == kms.as_deref()
+                }),
+            Err(e) if e.code_is(&["ServerSideEncryptionConfigurationNotFoundError"]) => false,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if check(
+        fresh,
+        !enc_ok,
+        &format!("default encryption {}", want_alg.as_str()),
+    ) {
+        let by_default = ServerSideEncryptionByDefault::builder()
+            .sse_algorithm(want_alg.clone())
+            .set_kms_master_key_id(kms.clone())
+            .build()
+            .expect("sse default");
+        ctx.aws
+            .call(
+                "s3:PutBucketEncryption",
+                s3.put_bucket_encryption()
+                    .bucket(&bucket)
+                    .server_side_encryption_configuration(
+                        ServerSideEncryptionConfiguration::builder()
+                            .rules(
+                                ServerSideEncryptionRule::builder()
+                                    .apply_server_side_encryption_by_default(by_default)
+                                    .build(),
+                            )
+                            .build()
+                            .expect("sse config"),
+                    )
+                    .send(),
+            )
+            .await?;
+    }
+
+    // TLS-only bucket policy.
+    let want_policy = bucket_policy(partition, &bucket);
+    let policy_ok = !fresh && {
+        match ctx
+            .aws
+            .call(
+                "s3:GetBucketPolicy",
+                s3.get_bucket_policy().bucket(&bucket).send(),
+            )
+            .await
+        {
+            Ok(out) => {
+                out.policy().and_then(crate::iam::parse_policy).as_ref() == Some(&want_policy)
+            }
+            Err(e) if e.code_is(&["NoSuchBucketPolicy"]) => false,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if check(fresh, !policy_ok, "policy: deny non-TLS access") {
+        ctx.aws
+            .call(
+                "s3:PutBucketPolicy",
+                s3.put_bucket_policy()
+                    .bucket(&bucket)
+                    .policy(want_policy.to_string())
+                    .send(),
+            )
+            .await?;
+    }
+
+    // Lifecycle expiry.
+    let days = ctx.stack.bucket.expire_days as i32;
+    let lc_ok = !fresh && {
+        match ctx
+            .aws
+            .call(
+                "s3:GetBucketLifecycleConfiguration",
+                s3.get_bucket_lifecycle_configuration()
+                    .bucket(&bucket)
+                    .send(),
+            )
+            .await
+        {
+            Ok(out) => {
+                let rules = out.rules();
+                rules.len() == 1
+                    && rules[0].id() == Some(LIFECYCLE_RULE_ID)
+                    && rules[0].status() == &ExpirationStatus::Enabled
+                    && rules[0].expiration().and_then(|e| e.days()) == Some(days)
+            }
+            Err(e) if e.code_is(&["NoSuchLifecycleConfiguration"]) => false,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if check(fresh, !lc_ok, &format!("expire objects after {days} days")) {
+        let rule = LifecycleRule::builder()
+            .id(LIFECYCLE_RULE_ID)
+            .status(ExpirationStatus::Enabled)
+            .filter(LifecycleRuleFilter::builder().prefix("").build())
+            .expiration(LifecycleExpiration::builder().days(days).build())
+            .abort_incomplete_multipart_upload(
+                AbortIncompleteMultipartUpload::builder()
+                    .days_after_initiation(1)
+                    .build(),
+            )
+            .build()
+            .expect("lifecycle rule");
+        ctx.aws
+            .call(
+                "s3:PutBucketLifecycleConfiguration",
+                s3.put_bucket_lifecycle_configuration()
+                    .bucket(&bucket)
+                    .lifecycle_configuration(
+                        BucketLifecycleConfiguration::builder()
+                            .rules(rule)
+                            .build()
+                            .expect("lifecycle"),
+                    )
+                    .send(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Empties and deletes the bucket if it is the stack's.
+pub async fn destroy(ctx: &Ctx<'_>) -> Result<()> {
+    let bucket = ctx.stack.bucket.name.clone();
+    let s3 = &ctx.aws.s3;
+    match find(ctx, &bucket).await? {
+        Found::Missing => return Ok(()),
+        Found::NotOurs | Found::Adoptable => {
+            ctx.plan.note(format!(
+                "bucket {bucket} is not tagged as the stack's: left alone"
+            ));
+            return Ok(());
+        }
+        Found::Ours => {}
+    }
+    if !ctx.change(Action::Delete, KIND, &bucket, "with all its objects") {
+        return Ok(());
+    }
+    loop {
+        let page = ctx
+            .aws
+            .call(
+                "s3:ListObjectsV2",
+                s3.list_objects_v2().bucket(&bucket).max_keys(1000).send(),
+            )
+            .await?;
+        let keys: Vec<ObjectIdentifier> = page
+            .contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .map(|k| ObjectIdentifier::builder().key(k).build().expect("key"))
+            .collect();
+        if keys.is_empty() {
+            break;
+        }
+        tracing::info!("deleting {} objects from {bucket}", keys.len());
+        ctx.aws
+            .call(
+                "s3:DeleteObjects",
+                s3.delete_objects()
+                    .bucket(&bucket)
+                    .delete(
+                        Delete::builder()
+                            .set_objects(Some(keys))
+                            .quiet(true)
+                            .build()
+                            .expect("delete"),
+                    )
+                    .send(),
+            )
+            .await?;
+    }
+    ctx.aws
+        .call("s3:DeleteBucket", s3.delete_bucket().bucket(&bucket).send())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,954 @@
+//! The stack file (`stack.toml`): its schema, and the checks that run before anything
+//! touches the network ("validate, then resolve").
+//!
+//! Parsing rejects unknown keys and names the offending key and line; [`Stack::validate`]
+//! checks the rules serde cannot express (CIDRs inside the VPC, one subnet per zone, S3
+//! bucket naming, the fleet section as the daemon's own validator sees it). Every error
+//! names the file and the key.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use flotilla_proto::config::Config;
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::Cidr;
+use crate::render::FleetIds;
+
+/// One stack: every resource `apply` creates carries `flotilla:stack = <name>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stack {
+    /// Lower-case letters, digits and '-', at most 32 characters; prefixes resource names.
+    pub name: String,
+    #[serde(default)]
+    pub aws: AwsSection,
+    pub network: Network,
+    pub bucket: Bucket,
+    pub runner_hosts: RunnerHosts,
+    pub gitlab: Gitlab,
+    /// The daemon's `flotilla.toml`: any of its keys, minus what the stack creates
+    /// (each class's `subnets`, `security_groups`, `instance_profile`), which apply
+    /// fills in; `name` is the fleet name (the stack name by default). Checked by
+    /// `flotilla_proto`'s own parser and validator, so every key the daemon accepts is
+    /// accepted here with the daemon's defaults.
+    pub fleet: toml::Table,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSection {
+    /// Overrides the SDK's region chain (`AWS_REGION`, profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// The VPC's CIDR block, /16 to /28.
+    pub cidr: String,
+    /// Availability zones, at least two; subnet lists are indexed like this one.
+    pub zones: Vec<String>,
+    /// One public subnet per zone (NAT gateways live here).
+    pub public_subnets: Vec<String>,
+    /// One private subnet per zone (runner hosts and build machines live here).
+    pub private_subnets: Vec<String>,
+    /// One NAT gateway for the stack, or one per zone.
+    #[serde(default)]
+    pub nat: NatMode,
+    /// When set, runner hosts accept SSH (TCP 22) from this CIDR; nothing else inbound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_cidr: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatMode {
+    #[default]
+    Single,
+    PerZone,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bucket {
+    /// Globally unique S3 bucket name for the runner cache and artifacts.
+    pub name: String,
+    /// Objects expire this many days after they were written.
+    #[serde(default = "defaults::expire_days")]
+    pub expire_days: u32,
+    /// Encrypt with this KMS key (id or ARN) instead of S3-managed keys (AES256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerHosts {
+    /// How many runner hosts (gitlab-runner + flotilla daemon) to run; they share one
+    /// GitLab runner registration.
+    #[serde(default = "defaults::host_count")]
+    pub count: u32,
+    pub ami: String,
+    pub instance_type: String,
+    #[serde(default = "defaults::host_root_gb")]
+    pub root_volume_gb: u32,
+    /// EC2 key pair for SSH (optional; pair it with `network.ssh_cidr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_name: Option<String>,
+    /// Where cloud-init downloads the gitlab-runner binary from.
+    #[serde(default = "defaults::gitlab_runner_url")]
+    pub gitlab_runner_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gitlab_runner_sha256: Option<String>,
+    /// Where cloud-init downloads the flotilla binary from.
+    pub flotilla_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flotilla_sha256: Option<String>,
+    /// OS packages cloud-init installs (the token script needs the AWS CLI and curl).
+    #[serde(default = "defaults::packages")]
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunnerType {
+    InstanceType,
+    GroupType,
+    ProjectType,
+}
+
+impl RunnerType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InstanceType => "instance_type",
+            Self::GroupType => "group_type",
+            Self::ProjectType => "project_type",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gitlab {
+    /// GitLab's base URL, e.g. `https://gitlab.example.com`.
+    pub url: String,
+    /// Environment variable holding a GitLab access token with the `create_runner` scope.
+    /// Without it, `apply` skips registration and says so.
+    #[serde(default = "defaults::token_env")]
+    pub token_env: String,
+    pub runner_type: RunnerType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<u64>,
+    /// The runner's description in GitLab; `flotilla <stack>` by default. Also how a
+    /// runner created by an interrupted apply is found again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub run_untagged: bool,
+    #[serde(default)]
+    pub locked: bool,
+    /// gitlab-runner's `concurrent`: jobs one runner host runs at once.
+    #[serde(default = "defaults::concurrent")]
+    pub concurrent: u32,
+}
+
+mod defaults {
+    pub fn expire_days() -> u32 {
+        30
+    }
+    pub fn host_count() -> u32 {
+        1
+    }
+    pub fn host_root_gb() -> u32 {
+        30
+    }
+    pub fn gitlab_runner_url() -> String {
+        "https://gitlab-runner-downloads.s3.amazonaws.com/v18.6.0/binaries/gitlab-runner-linux-amd64"
+            .into()
+    }
+    pub fn packages() -> Vec<String> {
+        ["awscli", "curl", "ca-certificates"]
+            .map(String::from)
+            .to_vec()
+    }
+    pub fn token_env() -> String {
+        "GITLAB_TOKEN".into()
+    }
+    pub fn concurrent() -> u32 {
+        10
+    }
+}
+
+/// A stack file that cannot be used, naming the file and (where there is one) the key.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("cannot read stack file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A broken rule, naming the key in stack-file terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key `{}`: {}", self.key, self.message)
+    }
+}
+
+fn bad<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
+    Err(Invalid {
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+/// The parsed networks of a validated stack.
+#[derive(Debug, Clone)]
+pub struct Cidrs {
+    pub vpc: Cidr,
+    pub public: Vec<Cidr>,
+    pub private: Vec<Cidr>,
+}
+
+impl Stack {
+    /// Reads, parses and validates a stack file. No network.
+    pub fn load(path: &Path) -> Result<Self, StackError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StackError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |message: String| StackError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let stack = Self::from_toml(&text).map_err(invalid)?;
+        if let Err(e) = stack.placeholder_config() {
+            return Err(invalid(with_line(&text, e)));
+        }
+        stack.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(stack)
+    }
+
+    /// Parses TOML with unknown keys rejected, naming the key and line of the first problem.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let de = toml::Deserializer::parse(text).map_err(|e| describe_toml_error(text, &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let what = describe_toml_error(text, &inner);
+            if key.is_empty() || key == "." {
+                what
+            } else {
+                format!("key `{key}`: {what}")
+            }
+        })
+    }
+
+    /// The fleet name: `fleet.name`, or the stack name.
+    pub fn fleet_name(&self) -> &str {
+        self.fleet
+            .get("name")
+            .and_then(toml::Value::as_str)
+            .unwrap_or(&self.name)
+    }
+
+    /// The daemon's config for one runner host: `[fleet]` with the ids the stack
+    /// created filled in, parsed by `flotilla_proto` (its defaults, its unknown-key
+    /// rejection). Errors name the key as written in the stack file (`fleet.<path>`).
+    pub fn fleet_config(&self, ids: &FleetIds, fleet: &str) -> Result<Config, Invalid> {
+        let mut t = self.fleet.clone();
+        if t.contains_key("fleet") {
+            return bad("fleet.fleet", "the fleet name is `fleet.name`");
+        }
+        if let Some(name) = t.remove("name") {
+            if !name.is_str() {
+                return bad("fleet.name", "must be a string");
+            }
+        }
+        t.insert("fleet".into(), fleet.into());
+        t.entry("state_dir")
+            .or_insert_with(|| crate::render::STATE_DIR.into());
+        if let Some(region) = &ids.region {
+            let aws = t
+                .entry("aws")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(aws) = aws.as_table_mut() {
+                aws.entry("region")
+                    .or_insert_with(|| region.as_str().into());
+            }
+        }
+        if let Some(classes) = t.get_mut("classes").and_then(toml::Value::as_table_mut) {
+            for (name, class) in classes.iter_mut() {
+                let Some(class) = class.as_table_mut() else {
+                    continue;
+                };
+                for key in OWNED_CLASS_KEYS {
+                    if class.contains_key(key) {
+                        return bad(
+                            format!("fleet.classes.{name}.{key}"),
+                            "is set by flotilla-provision from the stack's own resources; \
+                             remove it",
+                        );
+                    }
+                }
+                class.insert(
+                    "subnets".into(),
+                    toml::Value::Array(
+                        ids.private_subnets
+                            .iter()
+                            .map(|s| s.as_str().into())
+                            .collect(),
+                    ),
+                );
+                class.insert(
+                    "security_groups".into(),
+                    toml::Value::Array(vec![ids.build_security_group.as_str().into()]),
+                );
+                class.insert(
+                    "instance_profile".into(),
+                    ids.build_instance_profile.as_str().into(),
+                );
+            }
+        }
+        serde_path_to_error::deserialize(toml::Value::Table(t)).map_err(|e| {
+            let path: Vec<String> = e.path().iter().map(segment).collect();
+            let message = e.into_inner().message().trim_end().to_owned();
+            Invalid {
+                key: fleet_key(&path),
+                message,
+            }
+        })
+    }
+
+    /// The fleet config with placeholder ids: what validation and the AMI lookup use.
+    pub fn placeholder_config(&self) -> Result<Config, Invalid> {
+        let fleets = crate::render::host_fleets(self);
+        self.fleet_config(
+            &FleetIds::placeholders(self),
+            fleets.last().expect("one fleet at least"),
+        )
+    }
+
+    /// GitLab's runner description for this stack.
+    pub fn runner_description(&self) -> String {
+        self.gitlab
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("flotilla {}", self.name))
+    }
+
+    pub fn gitlab_url(&self) -> &str {
+        self.gitlab.url.trim_end_matches('/')
+    }
+
+    pub fn cidrs(&self) -> Cidrs {
+        let parse = |s: &String| s.parse::<Cidr>().expect("validated");
+        Cidrs {
+            vpc: parse(&self.network.cidr),
+            public: self.network.public_subnets.iter().map(parse).collect(),
+            private: self.network.private_subnets.iter().map(parse).collect(),
+        }
+    }
+
+    /// Cross-field rules; each error names the key as written in the stack file.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !is_stack_name(&self.name) {
+            return bad(
+                "name",
+                format!(
+                    "{:?} must be 1-32 characters of lower-case letters, digits and '-', \
+                     starting with a letter",
+                    self.name
+                ),
+            );
+        }
+        if let Some(region) = &self.aws.region {
+            if region.trim().is_empty() || region.contains(char::is_whitespace) {
+                return bad("aws.region", format!("{region:?} is not a region name"));
+            }
+        }
+        self.validate_network()?;
+        self.validate_bucket()?;
+        self.validate_hosts()?;
+        self.validate_gitlab()?;
+        self.validate_fleet()
+    }
+
+    fn validate_network(&self) -> Result<(), Invalid> {
+        let n = &self.network;
+        let vpc: Cidr = match n.cidr.parse() {
+            Ok(c) => c,
+            Err(e) => return bad("network.cidr", e),
+        };
+        if !(16..=28).contains(&vpc.prefix) {
+            return bad(
+                "network.cidr",
+                format!("{vpc}: a VPC's prefix must be /16 to /28"),
+            );
+        }
+        if n.zones.len() < 2 {
+            return bad(
+                "network.zones",
+                "list at least two availability zones (subnets are spread across them)",
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (i, zone) in n.zones.iter().enumerate() {
+            if zone.trim().is_empty() || zone.contains(char::is_whitespace) {
+                return bad(
+                    format!("network.zones[{i}]"),
+                    format!("{zone:?} is not a zone name"),
+                );
+            }
+            if let Some(region) = &self.aws.region {
+                if !zone.starts_with(region.as_str()) {
+                    return bad(
+                        format!("network.zones[{i}]"),
+                        format!("{zone:?} is not in aws.region {region:?}"),
+                    );
+                }
+            }
+            if !seen.insert(zone) {
+                return bad(
+                    format!("network.zones[{i}]"),
+                    format!("{zone:?} is listed twice"),
+                );
+            }
+        }
+        let mut all: Vec<(String, Cidr)> = Vec::new();
+        for (list, name) in [
+            (&n.public_subnets, "network.public_subnets"),
+            (&n.private_subnets, "network.private_subnets"),
+        ] {
+            if list.len() != n.zones.len() {
+                return bad(
+                    name,
+                    format!(
+                        "has {} entries but network.zones has {}: give one subnet per zone",
+                        list.len(),
+                        n.zones.len()
+                    ),
+                );
+            }
+            for (i, text) in list.iter().enumerate() {
+                let key = format!("{name}[{i}]");
+                let c: Cidr = match text.parse() {
+                    Ok(c) => c,
+                    Err(e) => return bad(key, e),
+                };
+                if !vpc.contains(c) {
+                    return bad(key, format!("{c} is not inside network.cidr {vpc}"));
+                }
+                if c.prefix > 28 {
+                    return bad(key, format!("{c}: a subnet's prefix must be /28 or larger"));
+                }
+                if let Some((other, _)) = all.iter().find(|(_, o)| o.overlaps(c)) {
+                    return bad(key, format!("{c} overlaps {other}"));
+                }
+                all.push((key, c));
+            }
+        }
+        if let Some(ssh) = &n.ssh_cidr {
+            if let Err(e) = ssh.parse::<Cidr>() {
+                return bad("network.ssh_cidr", e);
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_bucket(&self) -> Result<(), Invalid> {
+        let name = &self.bucket.name;
+        let ok_chars = name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        let ends_ok = name
+            .chars()
+            .next()
+            .zip(name.chars().last())
+            .is_some_and(|(a, b)| a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric());
+        if !(3..=63).contains(&name.len())
+            || !ok_chars
+            || !ends_ok
+            || name.contains("..")
+            || name.parse::<std::net::Ipv4Addr>().is_ok()
+        {
+            return bad(
+                "bucket.name",
+                format!(
+                    "{name:?} is not a valid S3 bucket name (3-63 lower-case letters, digits, \
+                     '-' or '.', starting and ending with a letter or digit)"
+                ),
+            );
+        }
+        if self.bucket.expire_days == 0 {
+            return bad("bucket.expire_days", "must be at least 1");
+        }
+        if let Some(key) = &self.bucket.kms_key {
+            if key.trim().is_empty() {
+                return bad("bucket.kms_key", "must name a KMS key id or ARN");
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_hosts(&self) -> Result<(), Invalid> {
+        let h = &self.runner_hosts;
+        if h.count > 20 {
+            return bad("runner_hosts.count", format!("{} is more than 20", h.count));
+        }
+        if !h.ami.starts_with("ami-") {
+            return bad(
+                "runner_hosts.ami",
+                format!("{:?} is not an AMI id (ami-...)", h.ami),
+            );
+        }
+        if h.instance_type.trim().is_empty() {
+            return bad("runner_hosts.instance_type", "must name an instance type");
+        }
+        if !(8..=16384).contains(&h.root_volume_gb) {
+            return bad("runner_hosts.root_volume_gb", "must be 8 to 16384 (GiB)");
+        }
+        for (key, url) in [
+            ("runner_hosts.gitlab_runner_url", &h.gitlab_runner_url),
+            ("runner_hosts.flotilla_url", &h.flotilla_url),
+        ] {
+            check_url(key, url)?;
+        }
+        for (key, sum) in [
+            ("runner_hosts.gitlab_runner_sha256", &h.gitlab_runner_sha256),
+            ("runner_hosts.flotilla_sha256", &h.flotilla_sha256),
+        ] {
+            if let Some(sum) = sum {
+                if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return bad(key, "must be 64 hexadecimal digits");
+                }
+            }
+        }
+        for (i, p) in h.packages.iter().enumerate() {
+            let ok = !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-' | '_'));
+            if !ok {
+                return bad(
+                    format!("runner_hosts.packages[{i}]"),
+                    format!("{p:?} is not a package name"),
+                );
+            }
+        }
+        if let Some(key) = &h.key_name {
+            if key.trim().is_empty() {
+                return bad("runner_hosts.key_name", "must name an EC2 key pair");
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_gitlab(&self) -> Result<(), Invalid> {
+        let g = &self.gitlab;
+        check_url("gitlab.url", &g.url)?;
+        let env_ok = g
+            .token_env
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+            && g.token_env
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !env_ok {
+            return bad(
+                "gitlab.token_env",
+                format!("{:?} is not an environment variable name", g.token_env),
+            );
+        }
+        match g.runner_type {
+            RunnerType::InstanceType => {
+                if g.group_id.is_some() {
+                    return bad("gitlab.group_id", "only for runner_type = \"group_type\"");
+                }
+                if g.project_id.is_some() {
+                    return bad(
+                        "gitlab.project_id",
+                        "only for runner_type = \"project_type\"",
+                    );
+                }
+            }
+            RunnerType::GroupType => {
+                if g.group_id.is_none() {
+                    return bad(
+                        "gitlab.group_id",
+                        "required for runner_type = \"group_type\"",
+                    );
+                }
+                if g.project_id.is_some() {
+                    return bad(
+                        "gitlab.project_id",
+                        "only for runner_type = \"project_type\"",
+                    );
+                }
+            }
+            RunnerType::ProjectType => {
+                if g.project_id.is_none() {
+                    return bad(
+                        "gitlab.project_id",
+                        "required for runner_type = \"project_type\"",
+                    );
+                }
+                if g.group_id.is_some() {
+                    return bad("gitlab.group_id", "only for runner_type = \"group_type\"");
+                }
+            }
+        }
+        for (i, t) in g.tags.iter().enumerate() {
+            if t.trim().is_empty() || t.contains(',') {
+                return bad(
+                    format!("gitlab.tags[{i}]"),
+                    format!("{t:?}: tags are non-empty and contain no ','"),
+                );
+            }
+        }
+        if g.tags.is_empty() && !g.run_untagged {
+            return bad(
+                "gitlab.tags",
+                "give at least one tag, or set gitlab.run_untagged = true",
+            );
+        }
+        if g.concurrent == 0 {
+            return bad("gitlab.concurrent", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn validate_fleet(&self) -> Result<(), Invalid> {
+        let config = self.placeholder_config()?;
+        for (name, class) in &config.classes {
+            if !class.ami.starts_with("ami-") {
+                return bad(
+                    format!("fleet.classes.{name}.ami"),
+                    format!("{:?} is not an AMI id (ami-...)", class.ami),
+                );
+            }
+        }
+        // The daemon's own cross-field rules.
+        config.validate().map_err(|e| Invalid {
+            key: fleet_key(&e.key.split('.').map(String::from).collect::<Vec<_>>()),
+            message: e.message,
+        })
+    }
+}
+
+/// Keys of a class that apply fills in.
+pub const OWNED_CLASS_KEYS: [&str; 3] = ["subnets", "security_groups", "instance_profile"];
+
+fn segment(s: &serde_path_to_error::Segment) -> String {
+    match s {
+        serde_path_to_error::Segment::Seq { index } => format!("[{index}]"),
+        serde_path_to_error::Segment::Map { key } => key.clone(),
+        serde_path_to_error::Segment::Enum { variant } => variant.clone(),
+        serde_path_to_error::Segment::Unknown => "?".into(),
+    }
+}
+
+/// A path inside the daemon's config, as a stack-file key (`fleet` is `fleet.name`).
+fn fleet_key(path: &[String]) -> String {
+    let mut key = String::from("fleet");
+    match path.first().map(String::as_str) {
+        Some("fleet") if path.len() == 1 => return "fleet.name".into(),
+        Some(".") | None => return key,
+        _ => {}
+    }
+    for p in path {
+        if p.starts_with('[') {
+            key.push_str(p);
+        } else {
+            key.push('.');
+            key.push_str(p);
+        }
+    }
+    key
+}
+
+/// Adds the line of the key an error names (or of its closest parent, or of the unknown
+/// field it names) from the stack file's text.
+fn with_line(text: &str, e: Invalid) -> String {
+    let line = key_span(text, &e).map(|pos| text[..pos.min(text.len())].matches('\n').count() + 1);
+    match line {
+        Some(l) => format!("{e} (line {l})"),
+        None => e.to_string(),
+    }
+}
+
+fn key_span(text: &str, e: &Invalid) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let mut parts: Vec<String> = Vec::new();
+    for part in e.key.split('.') {
+        match part.split_once('[') {
+            Some((name, rest)) => {
+                parts.push(name.to_owned());
+                parts.push(format!("[{rest}"));
+            }
+            None => parts.push(part.to_owned()),
+        }
+    }
+    // deny_unknown_fields names the field in the message, the path names its parent.
+    if let Some(field) = e
+        .message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next())
+    {
+        parts.push(field.to_owned());
+    }
+    let mut table: &DeTable<'_> = doc.get_ref();
+    let mut best: Option<usize> = None;
+    let mut value: Option<&DeValue<'_>> = None;
+    for part in &parts {
+        if let Some(index) = part.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
+            let Some(DeValue::Array(items)) = value else {
+                break;
+            };
+            let Some(item) = index.parse::<usize>().ok().and_then(|i| items.get(i)) else {
+                break;
+            };
+            best = Some(item.span().start);
+            value = Some(item.get_ref());
+            if let DeValue::Table(t) = item.get_ref() {
+                table = t;
+            }
+            continue;
+        }
+        let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref() == part) else {
+            break;
+        };
+        best = Some(k.span().start);
+        value = Some(v.get_ref());
+        if let DeValue::Table(t) = v.get_ref() {
+            table = t;
+        }
+    }
+    best
+}
+
+fn is_stack_name(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), Invalid> {
+    let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+    let chars_ok = !url
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '\'' | '"' | '\\' | '`'));
+    if !scheme_ok || !chars_ok || url.len() <= "https://".len() {
+        return bad(
+            key,
+            format!("{url:?} must be an http:// or https:// URL without quotes or spaces"),
+        );
+    }
+    Ok(())
+}
+
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end().to_owned();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub const GOOD: &str = r#"
+name = "ci"
+
+[network]
+cidr = "10.42.0.0/16"
+zones = ["us-east-1a", "us-east-1b"]
+public_subnets = ["10.42.0.0/24", "10.42.1.0/24"]
+private_subnets = ["10.42.16.0/20", "10.42.32.0/20"]
+
+[bucket]
+name = "ci-flotilla-cache"
+
+[runner_hosts]
+ami = "ami-12c6146b"
+instance_type = "t3.small"
+flotilla_url = "https://downloads.example.com/flotilla"
+
+[gitlab]
+url = "https://gitlab.example.com/"
+runner_type = "instance_type"
+tags = ["flotilla"]
+
+[fleet]
+default_class = "small"
+
+[fleet.classes.small]
+ami = "ami-12c6146b"
+instance_types = ["t3.medium"]
+"#;
+
+    fn err(text: &str) -> String {
+        match Stack::from_toml(text) {
+            Err(e) => e,
+            Ok(s) => s.validate().unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn good_stack_validates_with_defaults() {
+        let s = Stack::from_toml(GOOD).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.fleet_name(), "ci");
+        assert_eq!(s.bucket.expire_days, 30);
+        assert_eq!(s.gitlab_url(), "https://gitlab.example.com");
+        assert_eq!(s.runner_description(), "flotilla ci");
+        assert_eq!(s.network.nat, NatMode::Single);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_path_and_line() {
+        let e = err(&GOOD.replace(
+            "name = \"ci-flotilla-cache\"",
+            "name = \"ci-flotilla-cache\"\nexpire_dayz = 3",
+        ));
+        assert!(e.contains("key `bucket.expire_dayz`"), "{e}");
+        assert!(e.contains("expire_days"), "{e}");
+        assert!(e.contains("line 12"), "{e}");
+    }
+
+    fn load_err(text: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stack.toml");
+        std::fs::write(&path, text).unwrap();
+        let e = Stack::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
+        e
+    }
+
+    #[test]
+    fn wrong_type_in_fleet_is_named_with_line() {
+        let e = load_err(&GOOD.replace(
+            "instance_types = [\"t3.medium\"]",
+            "instance_types = \"t3\"",
+        ));
+        assert!(
+            e.contains("key `fleet.classes.small.instance_types`"),
+            "{e}"
+        );
+        assert!(e.contains("expected a sequence"), "{e}");
+        assert!(e.contains("line 28"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fleet_key_is_named_with_line() {
+        let e = load_err(&GOOD.replace(
+            "instance_types = [\"t3.medium\"]",
+            "instance_types = [\"t3.medium\"]\nidle_tme = \"5m\"",
+        ));
+        assert!(e.contains("key `fleet.classes.small.idle_tme`"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(e.contains("line 29"), "{e}");
+    }
+
+    #[test]
+    fn owned_class_keys_are_refused() {
+        let e = load_err(&GOOD.replace(
+            "instance_types = [\"t3.medium\"]",
+            "instance_types = [\"t3.medium\"]\nsubnets = [\"subnet-1\"]",
+        ));
+        assert!(e.contains("key `fleet.classes.small.subnets`"), "{e}");
+        assert!(e.contains("line 29"), "{e}");
+    }
+
+    #[test]
+    fn bad_fleet_name_is_named() {
+        let e = err(&GOOD.replace(
+            "default_class = \"small\"",
+            "default_class = \"small\"\nname = \"no spaces\"",
+        ));
+        assert!(e.contains("key `fleet.name`"), "{e}");
+    }
+
+    #[test]
+    fn subnet_outside_vpc_is_named_by_index() {
+        let e = err(&GOOD.replace("10.42.32.0/20", "10.43.32.0/20"));
+        assert!(e.contains("network.private_subnets[1]"), "{e}");
+        assert!(e.contains("not inside"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_subnets_are_rejected() {
+        let e = err(&GOOD.replace("10.42.1.0/24", "10.42.16.0/24"));
+        assert!(e.contains("key `network.private_subnets[0]`"), "{e}");
+        assert!(e.contains("overlaps network.public_subnets[1]"), "{e}");
+        let e = err(&GOOD.replace("10.42.1.0/24", "10.42.20.0/24"));
+        assert!(e.contains("network.private_subnets[0]"), "{e}");
+    }
+
+    #[test]
+    fn one_zone_is_not_enough() {
+        let e = err(&GOOD.replace(
+            "zones = [\"us-east-1a\", \"us-east-1b\"]",
+            "zones = [\"us-east-1a\"]",
+        ));
+        assert!(e.contains("network.zones"), "{e}");
+    }
+
+    #[test]
+    fn fleet_rules_come_from_the_daemon_validator() {
+        let e = err(&GOOD.replace("default_class = \"small\"", "default_class = \"big\""));
+        assert!(e.contains("key `fleet.default_class`"), "{e}");
+        let e = err(&GOOD.replace(
+            "instance_types = [\"t3.medium\"]",
+            "instance_types = [\"t3.medium\"]\nidle_count = 20\nmax_machines = 2",
+        ));
+        assert!(e.contains("fleet.classes.small.idle_count"), "{e}");
+    }
+
+    #[test]
+    fn group_runner_needs_group_id() {
+        let e = err(&GOOD.replace("instance_type\"\n", "group_type\"\n"));
+        assert!(e.contains("gitlab.group_id"), "{e}");
+    }
+
+    #[test]
+    fn bad_bucket_name_and_url() {
+        let e = err(&GOOD.replace("ci-flotilla-cache", "CI_cache"));
+        assert!(e.contains("bucket.name"), "{e}");
+        let e = err(&GOOD.replace(
+            "https://downloads.example.com/flotilla",
+            "https://x/'; rm -rf /",
+        ));
+        assert!(e.contains("runner_hosts.flotilla_url"), "{e}");
+    }
+
+    #[test]
+    fn untagged_needs_opt_in() {
+        let e = err(&GOOD.replace("tags = [\"flotilla\"]", "tags = []"));
+        assert!(e.contains("gitlab.tags"), "{e}");
+    }
+}
