@@ -837,6 +837,7 @@ async fn fleet_machines(ctx: &Ctx<'_>, inv: &Inventory) -> Result<Vec<Instance>>
     let Some(vpc) = inv.vpcs.first().and_then(|v| v.vpc_id()) else {
         return Ok(Vec::new());
     };
+    let fleets = render::host_fleets(ctx.stack);
     let out = ctx
         .aws
         .call(
@@ -847,7 +848,7 @@ async fn fleet_machines(ctx: &Ctx<'_>, inv: &Inventory) -> Result<Vec<Instance>>
                 .filters(
                     Filter::builder()
                         .name(format!("tag:{}", flotilla_proto::tags::FLEET))
-                        .set_values(Some(render::host_fleets(ctx.stack)))
+                        .set_values(Some(fleets.clone()))
                         .build(),
                 )
                 .filters(Filter::builder().name("vpc-id").values(vpc).build())
@@ -858,6 +859,7 @@ async fn fleet_machines(ctx: &Ctx<'_>, inv: &Inventory) -> Result<Vec<Instance>>
         .reservations()
         .iter()
         .flat_map(|r| r.instances())
+        .filter(|i| i.vpc_id() == Some(vpc))
         .filter(|i| {
             !matches!(
                 i.state().and_then(|s| s.name()).map(|n| n.as_str()),
@@ -865,6 +867,10 @@ async fn fleet_machines(ctx: &Ctx<'_>, inv: &Inventory) -> Result<Vec<Instance>>
             )
         })
         .filter(|i| ec2::logical(i.tags()).is_none())
+        .filter(|i| {
+            ec2::tag(i.tags(), flotilla_proto::tags::FLEET)
+                .is_some_and(|f| fleets.iter().any(|x| x == f))
+        })
         .cloned()
         .collect())
 }

@@ -178,6 +178,19 @@ pub async fn inventory(ctx: &Ctx<'_>) -> Result<Inventory, AwsError> {
             break;
         }
     }
+    // Never trust the server-side filter alone (moto, for one, ignores it on
+    // DescribeNatGateways): keep only what carries the stack's tag.
+    let ours = |tags: &[Tag]| tag(tags, STACK_TAG) == Some(ctx.stack.name.as_str());
+    inv.vpcs.retain(|x| ours(x.tags()));
+    inv.subnets.retain(|x| ours(x.tags()));
+    inv.igws.retain(|x| ours(x.tags()));
+    inv.addresses.retain(|x| ours(x.tags()));
+    inv.nats.retain(|x| ours(x.tags()));
+    inv.route_tables.retain(|x| ours(x.tags()));
+    inv.endpoints.retain(|x| ours(x.tags()));
+    inv.security_groups.retain(|x| ours(x.tags()));
+    inv.templates.retain(|x| ours(x.tags()));
+    inv.instances.retain(|x| ours(x.tags()));
     inv.instances.retain(|i| {
         !matches!(
             i.state().and_then(|s| s.name()).map(|n| n.as_str()),

@@ -1,1 +1,1352 @@
-//! placeholder
+//! flotilla-provision against moto on 127.0.0.1 and a stub of GitLab's runner API.
+//!
+//! Every test runs the real binary with the AWS SDK's standard environment
+//! (`AWS_ENDPOINT_URL` pointing at a counting proxy in front of moto) and checks the
+//! result with its own AWS clients, straight to moto.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use aws_sdk_ec2::types::Filter;
+use base64::Engine;
+use flotilla_proto::config::Config;
+use serde_json::Value;
+use support::*;
+
+const STACK_TAG: &str = "flotilla:stack";
+
+fn stack_filter(stack: &str) -> Filter {
+    Filter::builder()
+        .name(format!("tag:{STACK_TAG}"))
+        .values(stack)
+        .build()
+}
+
+/// The stack's live EC2 resources, counted by type (terminated instances and deleted NAT
+/// gateways, which AWS keeps listing for a while, are not live).
+async fn ec2_counts(c: &Clients, stack: &str) -> std::collections::BTreeMap<&'static str, usize> {
+    let f = || stack_filter(stack);
+    let ec2 = &c.ec2;
+    let mut m = std::collections::BTreeMap::new();
+    m.insert(
+        "vpc",
+        ec2.describe_vpcs()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .vpcs()
+            .len(),
+    );
+    m.insert(
+        "subnet",
+        ec2.describe_subnets()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .subnets()
+            .len(),
+    );
+    m.insert(
+        "igw",
+        ec2.describe_internet_gateways()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .internet_gateways()
+            .len(),
+    );
+    m.insert(
+        "eip",
+        ec2.describe_addresses()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .addresses()
+            .len(),
+    );
+    m.insert(
+        "nat",
+        ec2.describe_nat_gateways()
+            .filter(f())
+            .send()
+            .await
+            .unwrap()
+            .nat_gateways()
+            .iter()
+            // moto ignores the tag filter here: check the tag ourselves.
+            .filter(|n| {
+                n.tags()
+                    .iter()
+                    .any(|t| t.key() == Some(STACK_TAG) && t.value() == Some(stack))
+            })
+            .filter(|n| !matches!(n.state().map(|s| s.as_str()), Some("deleted" | "deleting")))
+            .count(),
+    );
+    m.insert(
+        "route-table",
+        ec2.describe_route_tables()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .route_tables()
+            .len(),
+    );
+    m.insert(
+        "vpc-endpoint",
+        ec2.describe_vpc_endpoints()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .vpc_endpoints()
+            .iter()
+            .filter(|e| {
+                e.state().map(|s| s.as_str().to_ascii_lowercase()) != Some("deleted".into())
+            })
+            .count(),
+    );
+    m.insert(
+        "security-group",
+        ec2.describe_security_groups()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .security_groups()
+            .len(),
+    );
+    m.insert(
+        "launch-template",
+        ec2.describe_launch_templates()
+            .filters(f())
+            .send()
+            .await
+            .unwrap()
+            .launch_templates()
+            .len(),
+    );
+    m.insert("instance", live_instances(c, stack).await.len());
+    m
+}
+
+async fn live_instances(c: &Clients, stack: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+    c.ec2
+        .describe_instances()
+        .filters(stack_filter(stack))
+        .send()
+        .await
+        .unwrap()
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| {
+            !matches!(
+                i.state().and_then(|s| s.name()).map(|n| n.as_str()),
+                Some("terminated" | "shutting-down")
+            )
+        })
+        .cloned()
+        .collect()
+}
+
+fn expected_counts() -> std::collections::BTreeMap<&'static str, usize> {
+    [
+        ("vpc", 1),
+        ("subnet", 4),
+        ("igw", 1),
+        ("eip", 1),
+        ("nat", 1),
+        ("route-table", 3),
+        ("vpc-endpoint", 1),
+        ("security-group", 2),
+        ("launch-template", 1),
+        ("instance", 1),
+    ]
+    .into()
+}
+
+async fn role_exists(c: &Clients, name: &str) -> bool {
+    c.iam.get_role().role_name(name).send().await.is_ok()
+}
+
+async fn profile_exists(c: &Clients, name: &str) -> bool {
+    c.iam
+        .get_instance_profile()
+        .instance_profile_name(name)
+        .send()
+        .await
+        .is_ok()
+}
+
+async fn bucket_exists(c: &Clients, name: &str) -> bool {
+    c.s3.head_bucket().bucket(name).send().await.is_ok()
+}
+
+async fn param_value(c: &Clients, name: &str) -> Option<String> {
+    c.ssm
+        .get_parameter()
+        .name(name)
+        .with_decryption(true)
+        .send()
+        .await
+        .ok()
+        .and_then(|o| o.parameter().and_then(|p| p.value()).map(str::to_owned))
+}
+
+async fn role_policy(c: &Clients, role: &str) -> Value {
+    let doc = c
+        .iam
+        .get_role_policy()
+        .role_name(role)
+        .policy_name("flotilla")
+        .send()
+        .await
+        .unwrap()
+        .policy_document()
+        .to_owned();
+    flotilla_provision::iam::parse_policy(&doc).expect("policy is JSON")
+}
+
+fn statement<'a>(doc: &'a Value, sid: &str) -> &'a Value {
+    doc["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == sid)
+        .unwrap_or_else(|| panic!("no statement {sid} in {doc}"))
+}
+
+/// The runner host's user data, decoded.
+async fn user_data(c: &Clients, instance: &str) -> String {
+    let out = c
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(instance)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let b64 = out.user_data().and_then(|v| v.value()).unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Makes sure Debian's cloud-init is there (installing it without starting anything).
+fn cloud_init() -> std::path::PathBuf {
+    let bin = std::path::PathBuf::from("/usr/bin/cloud-init");
+    if !bin.exists() {
+        let status = std::process::Command::new(
+            env!("CARGO_MANIFEST_DIR").to_owned() + "/tests/install-cloud-init.sh",
+        )
+        .status()
+        .expect("run tests/install-cloud-init.sh");
+        assert!(status.success(), "installing cloud-init failed");
+    }
+    bin
+}
+
+fn schema_check(dir: &Path, name: &str, text: &str) -> (bool, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(cloud_init())
+        .args(["schema", "--config-file"])
+        .arg(&path)
+        .output()
+        .expect("run cloud-init schema");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn write_file_content<'a>(cloud_config: &'a Value, path: &str) -> &'a str {
+    cloud_config["write_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == path)
+        .and_then(|f| f["content"].as_str())
+        .unwrap_or_else(|| panic!("user data writes no {path}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_creates_everything_converges_and_destroy_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).await;
+    let proxy = Proxy::start(&moto.url).await;
+    let gitlab = GitlabStub::start().await;
+    let c = Clients::new(&moto.url).await;
+    let stack = write_stack(
+        dir.path(),
+        "stack.toml",
+        &stack_toml("life", 31, &gitlab.url),
+    );
+    let mut printed: Vec<String> = Vec::new();
+
+    // plan: reads only, lists every resource.
+    let plan = run(&stack, &proxy.url, true, &["plan"]).await;
+    assert!(plan.ok, "{}", plan.stderr);
+    assert!(
+        proxy.writes().is_empty(),
+        "plan wrote: {:?}",
+        proxy.writes()
+    );
+    for kind in [
+        "ec2:vpc",
+        "ec2:subnet",
+        "ec2:internet-gateway",
+        "ec2:elastic-ip",
+        "ec2:nat-gateway",
+        "ec2:route-table",
+        "ec2:vpc-endpoint",
+        "ec2:security-group",
+        "s3:bucket",
+        "iam:role",
+        "iam:role-policy",
+        "iam:instance-profile",
+        "ec2:launch-template",
+        "ec2:instance",
+        "gitlab:runner",
+    ] {
+        assert!(
+            plan.stdout.contains(kind),
+            "plan lacks {kind}:\n{}",
+            plan.stdout
+        );
+    }
+    assert!(gitlab.runners().is_empty());
+    printed.push(plan.all());
+
+    // apply from scratch.
+    proxy.reset();
+    let apply = run(&stack, &proxy.url, true, &["apply"]).await;
+    assert!(apply.ok, "apply failed:\n{}", apply.stderr);
+    let writes = proxy.writes();
+    println!(
+        "measured: apply from scratch: {} AWS calls, {} writes",
+        proxy.calls().len(),
+        writes.len()
+    );
+    assert!(
+        apply.stderr.contains("creating ec2:vpc"),
+        "no progress lines"
+    );
+    printed.push(apply.all());
+    assert_eq!(ec2_counts(&c, "life").await, expected_counts());
+
+    // Network wiring.
+    let vpc = c
+        .ec2
+        .describe_vpcs()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let vpc = &vpc.vpcs()[0];
+    assert_eq!(vpc.cidr_block(), Some("127.31.0.0/16"));
+    let vpc_id = vpc.vpc_id().unwrap();
+    let subnets = c
+        .ec2
+        .describe_subnets()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let subnet = |cidr: &str| {
+        subnets
+            .subnets()
+            .iter()
+            .find(|s| s.cidr_block() == Some(cidr))
+            .unwrap_or_else(|| panic!("no subnet {cidr}"))
+            .clone()
+    };
+    assert_eq!(
+        subnet("127.31.0.0/24").availability_zone(),
+        Some("us-east-1a")
+    );
+    assert_eq!(
+        subnet("127.31.1.0/24").availability_zone(),
+        Some("us-east-1b")
+    );
+    assert_eq!(
+        subnet("127.31.16.0/20").availability_zone(),
+        Some("us-east-1a")
+    );
+    assert_eq!(
+        subnet("127.31.32.0/20").availability_zone(),
+        Some("us-east-1b")
+    );
+    let private: BTreeSet<String> = ["127.31.16.0/20", "127.31.32.0/20"]
+        .iter()
+        .map(|c| subnet(c).subnet_id().unwrap().to_owned())
+        .collect();
+    let public: BTreeSet<String> = ["127.31.0.0/24", "127.31.1.0/24"]
+        .iter()
+        .map(|c| subnet(c).subnet_id().unwrap().to_owned())
+        .collect();
+    let igw = c
+        .ec2
+        .describe_internet_gateways()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let igw = &igw.internet_gateways()[0];
+    assert_eq!(igw.attachments()[0].vpc_id(), Some(vpc_id));
+    let nats = c
+        .ec2
+        .describe_nat_gateways()
+        .filter(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let nat = &nats.nat_gateways()[0];
+    assert!(
+        public.contains(nat.subnet_id().unwrap()),
+        "NAT not in a public subnet"
+    );
+    let eips = c
+        .ec2
+        .describe_addresses()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        nat.nat_gateway_addresses()[0].allocation_id(),
+        eips.addresses()[0].allocation_id()
+    );
+    let rtbs = c
+        .ec2
+        .describe_route_tables()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let mut private_rtbs = BTreeSet::new();
+    for rt in rtbs.route_tables() {
+        let default = rt
+            .routes()
+            .iter()
+            .find(|r| r.destination_cidr_block() == Some("0.0.0.0/0"))
+            .expect("default route");
+        let assoc: BTreeSet<String> = rt
+            .associations()
+            .iter()
+            .filter_map(|a| a.subnet_id().map(str::to_owned))
+            .collect();
+        if default.gateway_id() == igw.internet_gateway_id() {
+            assert_eq!(assoc, public, "public route table associations");
+        } else {
+            assert_eq!(default.nat_gateway_id(), nat.nat_gateway_id());
+            assert_eq!(assoc.len(), 1);
+            assert!(private.is_superset(&assoc));
+            private_rtbs.insert(rt.route_table_id().unwrap().to_owned());
+        }
+    }
+    assert_eq!(private_rtbs.len(), 2);
+    let eps = c
+        .ec2
+        .describe_vpc_endpoints()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let ep = &eps.vpc_endpoints()[0];
+    assert_eq!(ep.service_name(), Some("com.amazonaws.us-east-1.s3"));
+    let ep_rtbs: BTreeSet<String> = ep.route_table_ids().iter().cloned().collect();
+    assert_eq!(ep_rtbs, private_rtbs);
+
+    // Security groups: runner no inbound; build only 2376 from runner.
+    let sgs = c
+        .ec2
+        .describe_security_groups()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let by_res = |r: &str| {
+        sgs.security_groups()
+            .iter()
+            .find(|g| g.tags().iter().any(|t| t.value() == Some(r)))
+            .unwrap()
+            .clone()
+    };
+    let runner_sg = by_res("sg/runner-host");
+    let build_sg = by_res("sg/build-machine");
+    assert!(
+        runner_sg.ip_permissions().is_empty(),
+        "runner SG has inbound rules"
+    );
+    let perms = build_sg.ip_permissions();
+    assert_eq!(perms.len(), 1);
+    assert_eq!(
+        (perms[0].from_port(), perms[0].to_port()),
+        (Some(2376), Some(2376))
+    );
+    assert!(perms[0].ip_ranges().is_empty(), "build SG open to a CIDR");
+    assert_eq!(
+        perms[0].user_id_group_pairs()[0].group_id(),
+        runner_sg.group_id()
+    );
+
+    // IAM.
+    for role in ["flotilla-life-runner-host", "flotilla-life-build-machine"] {
+        let r = c.iam.get_role().role_name(role).send().await.unwrap();
+        assert!(
+            r.role()
+                .unwrap()
+                .tags()
+                .iter()
+                .any(|t| t.key() == STACK_TAG && t.value() == "life"),
+            "{role} not tagged"
+        );
+        let p = c
+            .iam
+            .get_instance_profile()
+            .instance_profile_name(role)
+            .send()
+            .await
+            .unwrap();
+        let roles: Vec<&str> = p
+            .instance_profile()
+            .unwrap()
+            .roles()
+            .iter()
+            .map(|r| r.role_name())
+            .collect();
+        assert_eq!(roles, [role]);
+    }
+    let runner_policy = role_policy(&c, "flotilla-life-runner-host").await;
+    let launch = statement(&runner_policy, "LaunchOnlyWithFleetTag");
+    assert_eq!(
+        launch["Condition"]["StringEquals"]["aws:RequestTag/flotilla:fleet"],
+        serde_json::json!(["life"])
+    );
+    let terminate = statement(&runner_policy, "TerminateOnlyOwnFleet");
+    assert_eq!(
+        terminate["Condition"]["StringEquals"]["ec2:ResourceTag/flotilla:fleet"],
+        serde_json::json!(["life"])
+    );
+    let pass = statement(&runner_policy, "PassOnlyBuildMachineRole");
+    assert!(pass["Resource"]
+        .as_str()
+        .unwrap()
+        .ends_with(":role/flotilla-life-build-machine"));
+    let ssm_read = statement(&runner_policy, "ReadOwnRunnerToken");
+    assert!(ssm_read["Resource"]
+        .as_str()
+        .unwrap()
+        .ends_with(":parameter/flotilla/life/runner-token"));
+    let launch_from = statement(&runner_policy, "LaunchIntoStackNetwork").to_string();
+    for s in &private {
+        assert!(launch_from.contains(s.as_str()), "policy lacks subnet {s}");
+    }
+    let build_policy = role_policy(&c, "flotilla-life-build-machine").await;
+    assert_eq!(
+        build_policy["Statement"][0]["Resource"],
+        "arn:aws:s3:::life-cache/*"
+    );
+
+    // S3 bucket settings.
+    let pab =
+        c.s3.get_public_access_block()
+            .bucket("life-cache")
+            .send()
+            .await
+            .unwrap();
+    let pab = pab.public_access_block_configuration().unwrap();
+    assert_eq!(
+        (
+            pab.block_public_acls(),
+            pab.ignore_public_acls(),
+            pab.block_public_policy(),
+            pab.restrict_public_buckets()
+        ),
+        (Some(true), Some(true), Some(true), Some(true))
+    );
+    let enc =
+        c.s3.get_bucket_encryption()
+            .bucket("life-cache")
+            .send()
+            .await
+            .unwrap();
+    let alg = enc.server_side_encryption_configuration().unwrap().rules()[0]
+        .apply_server_side_encryption_by_default()
+        .unwrap()
+        .sse_algorithm()
+        .as_str()
+        .to_owned();
+    assert_eq!(alg, "AES256");
+    let policy =
+        c.s3.get_bucket_policy()
+            .bucket("life-cache")
+            .send()
+            .await
+            .unwrap();
+    let policy: Value = serde_json::from_str(policy.policy().unwrap()).unwrap();
+    let deny = &policy["Statement"][0];
+    assert_eq!(deny["Effect"], "Deny");
+    assert_eq!(deny["Condition"]["Bool"]["aws:SecureTransport"], "false");
+    let lc =
+        c.s3.get_bucket_lifecycle_configuration()
+            .bucket("life-cache")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(lc.rules()[0].expiration().and_then(|e| e.days()), Some(7));
+
+    // Launch template.
+    let lts = c
+        .ec2
+        .describe_launch_templates()
+        .filters(stack_filter("life"))
+        .send()
+        .await
+        .unwrap();
+    let lt = &lts.launch_templates()[0];
+    assert_eq!(lt.launch_template_name(), Some("flotilla-life-small"));
+    let v = c
+        .ec2
+        .describe_launch_template_versions()
+        .launch_template_id(lt.launch_template_id().unwrap())
+        .versions("$Default")
+        .send()
+        .await
+        .unwrap();
+    let data = v.launch_template_versions()[0]
+        .launch_template_data()
+        .unwrap();
+    let md = data.metadata_options().unwrap();
+    assert_eq!(md.http_tokens().map(|t| t.as_str()), Some("required"));
+    assert_eq!(md.http_put_response_hop_limit(), Some(1));
+    let bd = &data.block_device_mappings()[0];
+    assert_eq!(bd.device_name(), Some("/dev/xvda"));
+    assert_eq!(bd.ebs().and_then(|e| e.encrypted()), Some(true));
+    assert_eq!(bd.ebs().and_then(|e| e.volume_size()), Some(20));
+    let ni = &data.network_interfaces()[0];
+    assert_eq!(ni.associate_public_ip_address(), Some(false));
+    assert_eq!(ni.groups(), [build_sg.group_id().unwrap().to_owned()]);
+    assert_eq!(
+        data.iam_instance_profile().and_then(|p| p.name()),
+        Some("flotilla-life-build-machine")
+    );
+
+    // Runner host.
+    let hosts = live_instances(&c, "life").await;
+    let host = &hosts[0];
+    assert!(
+        private.contains(host.subnet_id().unwrap()),
+        "host not in a private subnet"
+    );
+    assert_eq!(host.public_ip_address(), None);
+    assert_eq!(
+        host.metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required")
+    );
+    assert!(host
+        .iam_instance_profile()
+        .and_then(|p| p.arn())
+        .unwrap()
+        .ends_with("/flotilla-life-runner-host"));
+    assert_eq!(host.security_groups()[0].group_id(), runner_sg.group_id());
+
+    // Registration: one runner, its token only in SSM.
+    let runners = gitlab.runners();
+    assert_eq!(runners.len(), 1, "{runners:?}");
+    assert_eq!(runners[0].description, "flotilla life");
+    assert_eq!(runners[0].tags, ["flotilla", "test"]);
+    assert_eq!(runners[0].runner_type, "instance_type");
+    assert_eq!(
+        param_value(&c, "/flotilla/life/runner-token")
+            .await
+            .as_deref(),
+        Some(runners[0].token.as_str())
+    );
+    let p = c.ssm.describe_parameters().send().await.unwrap();
+    let p = p
+        .parameters()
+        .iter()
+        .find(|p| p.name() == Some("/flotilla/life/runner-token"))
+        .unwrap();
+    assert_eq!(p.r#type().map(|t| t.as_str()), Some("SecureString"));
+
+    // User data: cloud-config that Debian's cloud-init accepts, carrying the parameter
+    // name, a flotilla.toml the daemon loads, and no secret.
+    let ud = user_data(&c, host.instance_id().unwrap()).await;
+    assert!(ud.starts_with("#cloud-config\n"));
+    assert!(ud.contains("/flotilla/life/runner-token"));
+    let (ok, report) = schema_check(dir.path(), "user-data.txt", &ud);
+    assert!(ok, "cloud-init schema rejected the user data:\n{report}");
+    // The check can fail: the same document with a wrong type is rejected.
+    let broken = ud.replacen("\"permissions\": \"0644\"", "\"permissions\": 644", 1);
+    assert_ne!(broken, ud);
+    let (ok, report) = schema_check(dir.path(), "broken.txt", &broken);
+    assert!(!ok, "cloud-init accepted a broken document:\n{report}");
+    let cc: Value = serde_json::from_str(ud.strip_prefix("#cloud-config\n").unwrap()).unwrap();
+    let toml_path = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &toml_path,
+        write_file_content(&cc, "/etc/flotilla/flotilla.toml"),
+    )
+    .unwrap();
+    let config = Config::load(&toml_path).expect("the executor's loader accepts flotilla.toml");
+    assert_eq!(config.fleet, "life");
+    let class = &config.classes["small"];
+    assert_eq!(
+        class.subnets.iter().cloned().collect::<BTreeSet<_>>(),
+        private
+    );
+    assert_eq!(
+        class.security_groups,
+        [build_sg.group_id().unwrap().to_owned()]
+    );
+    assert_eq!(
+        class.instance_profile.as_deref(),
+        Some("flotilla-life-build-machine")
+    );
+    assert_eq!(class.idle_count, 1);
+    let runner_toml: toml::Table =
+        toml::from_str(write_file_content(&cc, "/etc/gitlab-runner/config.toml.in")).unwrap();
+    assert_eq!(
+        runner_toml["runners"][0]["executor"].as_str(),
+        Some("custom")
+    );
+    assert_eq!(
+        runner_toml["runners"][0]["url"].as_str(),
+        Some(gitlab.url.as_str())
+    );
+    printed.push(ud.clone());
+
+    // Second apply: no write call at all; plan: nothing to do.
+    proxy.reset();
+    let again = run(&stack, &proxy.url, true, &["apply"]).await;
+    assert!(again.ok, "{}", again.stderr);
+    assert_eq!(proxy.writes(), Vec::<String>::new(), "second apply wrote");
+    println!(
+        "measured: no-op apply: {} AWS calls, 0 writes",
+        proxy.calls().len()
+    );
+    assert!(
+        again.stdout.contains("Nothing to apply"),
+        "{}",
+        again.stdout
+    );
+    assert_eq!(gitlab.runners().len(), 1);
+    printed.push(again.all());
+    let plan = run(&stack, &proxy.url, true, &["plan"]).await;
+    assert!(plan.stdout.contains("nothing to do"), "{}", plan.stdout);
+    printed.push(plan.all());
+
+    // output: ids, both config files; the JSON flotilla.toml loads too.
+    let out = run(&stack, &proxy.url, true, &["output"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains(vpc_id));
+    assert!(out.stdout.contains("[runners.custom]"));
+    assert!(out.stdout.contains("default_class = \"small\""));
+    printed.push(out.all());
+    let json = run(&stack, &proxy.url, true, &["output", "--json"]).await;
+    let v: Value = serde_json::from_str(&json.stdout).expect("output --json is JSON");
+    assert_eq!(v["vpc"], vpc_id);
+    assert_eq!(
+        v["runner_hosts"][0]["instance_id"],
+        host.instance_id().unwrap()
+    );
+    assert_eq!(v["gitlab_runner_id"], runners[0].id);
+    std::fs::write(
+        &toml_path,
+        v["runner_hosts"][0]["flotilla_toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(Config::load(&toml_path).unwrap(), config);
+    printed.push(json.all());
+
+    // destroy without --yes deletes nothing.
+    proxy.reset();
+    let dry = run(&stack, &proxy.url, true, &["destroy"]).await;
+    assert!(dry.ok, "{}", dry.stderr);
+    assert!(proxy.writes().is_empty());
+    assert!(dry.stdout.contains("destroy --yes"));
+    printed.push(dry.all());
+
+    // destroy: nothing tagged with the stack is left, anywhere.
+    proxy.reset();
+    let destroy = run(&stack, &proxy.url, true, &["destroy", "--yes"]).await;
+    assert!(destroy.ok, "destroy failed:\n{}", destroy.stderr);
+    println!(
+        "measured: destroy: {} AWS calls, {} writes",
+        proxy.calls().len(),
+        proxy.writes().len()
+    );
+    printed.push(destroy.all());
+    let left = ec2_counts(&c, "life").await;
+    assert!(left.values().all(|n| *n == 0), "left behind: {left:?}");
+    for name in ["flotilla-life-runner-host", "flotilla-life-build-machine"] {
+        assert!(!role_exists(&c, name).await, "role {name} left");
+        assert!(!profile_exists(&c, name).await, "profile {name} left");
+    }
+    assert!(!bucket_exists(&c, "life-cache").await, "bucket left");
+    assert_eq!(param_value(&c, "/flotilla/life/runner-token").await, None);
+    assert!(gitlab.runners().is_empty(), "GitLab runner left");
+
+    // A second destroy finds nothing.
+    let again = run(&stack, &proxy.url, true, &["destroy", "--yes"]).await;
+    assert!(
+        again.stdout.contains("Nothing to destroy"),
+        "{}",
+        again.stdout
+    );
+    printed.push(again.all());
+
+    // No token or key in anything printed or in the user data.
+    let texts: Vec<&str> = printed.iter().map(String::as_str).collect();
+    assert_no_secrets(&texts, &gitlab.issued_tokens());
+}
+
+/// Fails the N-th AWS write of an apply from scratch (either before it reaches moto or
+/// after, with the response lost), then applies again: the second apply must finish the
+/// stack with no duplicates, and a third must write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_half_way_through_apply_is_recovered_by_the_next_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).await;
+    let proxy = Proxy::start(&moto.url).await;
+    let gitlab = GitlabStub::start().await;
+    let c = Clients::new(&moto.url).await;
+
+    // How many writes a full apply makes, to aim at its middle and its edges.
+    let probe = write_stack(
+        dir.path(),
+        "probe.toml",
+        &stack_toml("probe", 40, &gitlab.url),
+    );
+    proxy.reset();
+    assert!(run(&probe, &proxy.url, true, &["apply"]).await.ok);
+    let total = proxy.writes().len() as u64;
+    assert!(total > 30, "a full apply made only {total} writes");
+
+    let points = [1, total / 4, total / 2, total / 2 + 1, 3 * total / 4, total];
+    for (i, n) in points.into_iter().enumerate() {
+        let fault = if i % 2 == 0 {
+            Fault::Reject
+        } else {
+            Fault::LoseResponse
+        };
+        let name = format!("fault{i}");
+        let stack = write_stack(
+            dir.path(),
+            &format!("{name}.toml"),
+            &stack_toml(&name, 41 + i as u8, &gitlab.url),
+        );
+        proxy.fail_nth_write(n, fault);
+        let failed = run(&stack, &proxy.url, true, &["apply"]).await;
+        let failed_op = proxy.writes().get(n as usize - 1).cloned();
+        assert!(
+            !failed.ok,
+            "apply with write {n} ({failed_op:?}, {fault:?}) failing succeeded"
+        );
+        assert!(
+            failed.stderr.contains("InjectedFault"),
+            "the error does not name the failure:\n{}",
+            failed
+                .stderr
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+
+        proxy.reset();
+        let recovered = run(&stack, &proxy.url, true, &["apply"]).await;
+        assert!(
+            recovered.ok,
+            "apply after failing write {n} ({failed_op:?}, {fault:?}) failed:\n{}",
+            recovered.stderr
+        );
+        assert_eq!(
+            ec2_counts(&c, &name).await,
+            expected_counts(),
+            "after failing write {n} ({failed_op:?}, {fault:?})"
+        );
+        let ours: Vec<_> = gitlab
+            .runners()
+            .into_iter()
+            .filter(|r| r.description == format!("flotilla {name}"))
+            .collect();
+        assert_eq!(ours.len(), 1, "runners after failing write {n}: {ours:?}");
+        assert_eq!(
+            param_value(&c, &format!("/flotilla/{name}/runner-token"))
+                .await
+                .as_deref(),
+            Some(ours[0].token.as_str()),
+            "stored token is not the runner's current token"
+        );
+        for role in ["runner-host", "build-machine"] {
+            assert!(role_exists(&c, &format!("flotilla-{name}-{role}")).await);
+            assert!(profile_exists(&c, &format!("flotilla-{name}-{role}")).await);
+        }
+        assert!(bucket_exists(&c, &format!("{name}-cache")).await);
+
+        proxy.reset();
+        let third = run(&stack, &proxy.url, true, &["apply"]).await;
+        assert!(third.ok, "{}", third.stderr);
+        assert_eq!(
+            proxy.writes(),
+            Vec::<String>::new(),
+            "apply after recovery (fault at write {n}, {failed_op:?}) still writes"
+        );
+        println!("recovered from {fault:?} at write {n}/{total}: {failed_op:?}");
+    }
+}
+
+/// GitLab created the runner but storing its token failed: the next apply must not
+/// create a second runner; it takes the first one over with a fresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_interrupted_before_the_token_was_stored_does_not_register_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).await;
+    let proxy = Proxy::start(&moto.url).await;
+    let gitlab = GitlabStub::start().await;
+    let c = Clients::new(&moto.url).await;
+    let stack = write_stack(dir.path(), "s.toml", &stack_toml("reg", 50, &gitlab.url));
+
+    proxy.fail_op("ssm:PutParameter", Fault::Reject);
+    let failed = run(&stack, &proxy.url, true, &["apply"]).await;
+    assert!(!failed.ok);
+    assert_eq!(gitlab.runners().len(), 1, "GitLab got the runner");
+    assert_eq!(param_value(&c, "/flotilla/reg/runner-token").await, None);
+    let first_token = gitlab.runners()[0].token.clone();
+
+    proxy.reset();
+    let plan = run(&stack, &proxy.url, true, &["plan"]).await;
+    assert!(plan.stdout.contains("take over runner"), "{}", plan.stdout);
+    let again = run(&stack, &proxy.url, true, &["apply"]).await;
+    assert!(again.ok, "{}", again.stderr);
+    let runners = gitlab.runners();
+    assert_eq!(
+        runners.len(),
+        1,
+        "a second runner was registered: {runners:?}"
+    );
+    assert_ne!(runners[0].token, first_token, "token was not reset");
+    assert_eq!(
+        param_value(&c, "/flotilla/reg/runner-token")
+            .await
+            .as_deref(),
+        Some(runners[0].token.as_str())
+    );
+
+    // The runner deleted in GitLab: the next apply registers it again.
+    let id = runners[0].id;
+    let all_tokens = gitlab.issued_tokens();
+    assert!(gitlab
+        .requests()
+        .iter()
+        .any(|r| r.contains("reset_authentication_token")));
+    drop(runners);
+    let destroyed = run(&stack, &proxy.url, true, &["destroy", "--yes"]).await;
+    assert!(destroyed.ok, "{}", destroyed.stderr);
+    assert!(gitlab.requests().contains(&format!("DELETE /runners/{id}")));
+    assert_no_secrets(
+        &[&failed.all(), &plan.all(), &again.all(), &destroyed.all()],
+        &all_tokens,
+    );
+}
+
+/// Without a GitLab token, apply builds everything, skips registration and says so;
+/// with the token, the next apply registers (and writes only the token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_gitlab_token_registration_is_skipped_and_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).await;
+    let proxy = Proxy::start(&moto.url).await;
+    let gitlab = GitlabStub::start().await;
+    let c = Clients::new(&moto.url).await;
+    let stack = write_stack(
+        dir.path(),
+        "s.toml",
+        &stack_toml("notoken", 60, &gitlab.url),
+    );
+
+    let apply = run(&stack, &proxy.url, false, &["apply"]).await;
+    assert!(apply.ok, "{}", apply.stderr);
+    assert!(
+        apply
+            .all()
+            .contains("GITLAB_TOKEN is not set: runner registration skipped"),
+        "{}",
+        apply.stdout
+    );
+    assert!(
+        gitlab.requests().is_empty(),
+        "GitLab was called without a token"
+    );
+    assert_eq!(
+        param_value(&c, "/flotilla/notoken/runner-token").await,
+        None
+    );
+    assert_eq!(ec2_counts(&c, "notoken").await, expected_counts());
+
+    proxy.reset();
+    let again = run(&stack, &proxy.url, true, &["apply"]).await;
+    assert!(again.ok, "{}", again.stderr);
+    assert_eq!(gitlab.runners().len(), 1);
+    assert_eq!(
+        proxy.writes(),
+        ["ssm:PutParameter"],
+        "registration should write only the token"
+    );
+    // The user data names the parameter, not the token, so the host is not replaced.
+}
+
+/// What drifted outside the tool is put back, and only that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_planned_and_converged() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).await;
+    let proxy = Proxy::start(&moto.url).await;
+    let gitlab = GitlabStub::start().await;
+    let c = Clients::new(&moto.url).await;
+    let text = stack_toml("drift", 70, &gitlab.url);
+    let stack = write_stack(dir.path(), "s.toml", &text);
+    assert!(run(&stack, &proxy.url, true, &["apply"]).await.ok);
+
+    // Someone opens the build machines to the world, drops the lifecycle rule and
+    // terminates the runner host; the stack file asks for 2 hosts and 3-day expiry.
+    let sg = c
+        .ec2
+        .describe_security_groups()
+        .filters(stack_filter("drift"))
+        .filters(
+            Filter::builder()
+                .name("tag:flotilla:resource")
+                .values("sg/build-machine")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let sg_id = sg.security_groups()[0].group_id().unwrap().to_owned();
+    c.ec2
+        .authorize_security_group_ingress()
+        .group_id(&sg_id)
+        .ip_permissions(
+            aws_sdk_ec2::types::IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(2376)
+                .to_port(2376)
+                .ip_ranges(
+                    aws_sdk_ec2::types::IpRange::builder()
+                        .cidr_ip("0.0.0.0/0")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    c.s3.delete_bucket_lifecycle()
+        .bucket("drift-cache")
+        .send()
+        .await
+        .unwrap();
+    let host = live_instances(&c, "drift").await[0]
+        .instance_id()
+        .unwrap()
+        .to_owned();
+    c.ec2
+        .terminate_instances()
+        .instance_ids(&host)
+        .send()
+        .await
+        .unwrap();
+    let stack = write_stack(
+        dir.path(),
+        "s.toml",
+        &text.replace("expire_days = 7", "expire_days = 3").replace(
+            "instance_type = \"t3.small\"",
+            "instance_type = \"t3.small\"\ncount = 2",
+        ),
+    );
+
+    proxy.reset();
+    let plan = run(&stack, &proxy.url, true, &["plan"]).await;
+    assert!(plan.ok, "{}", plan.stderr);
+    assert!(proxy.writes().is_empty());
+    assert!(
+        plan.stdout
+            .contains("revoke tcp 2376-2376 from cidr:0.0.0.0/0"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout.contains("expire objects after 3 days"),
+        "{}",
+        plan.stdout
+    );
+    assert!(plan.stdout.contains("+ ec2:instance") && plan.stdout.contains("host/1"));
+    // Two hosts: each gets its own fleet (demo-0, demo-1), so the IAM policy changes.
+    assert!(plan.stdout.contains("~ iam:role-policy"), "{}", plan.stdout);
+
+    assert!(run(&stack, &proxy.url, true, &["apply"]).await.ok);
+    let sg = c
+        .ec2
+        .describe_security_groups()
+        .group_ids(&sg_id)
+        .send()
+        .await
+        .unwrap();
+    assert!(sg.security_groups()[0].ip_permissions()[0]
+        .ip_ranges()
+        .is_empty());
+    let lc =
+        c.s3.get_bucket_lifecycle_configuration()
+            .bucket("drift-cache")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(lc.rules()[0].expiration().and_then(|e| e.days()), Some(3));
+    let hosts = live_instances(&c, "drift").await;
+    assert_eq!(hosts.len(), 2);
+    let mut fleets = Vec::new();
+    for h in &hosts {
+        let ud = user_data(&c, h.instance_id().unwrap()).await;
+        let cc: Value = serde_json::from_str(ud.strip_prefix("#cloud-config\n").unwrap()).unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            write_file_content(&cc, "/etc/flotilla/flotilla.toml"),
+        )
+        .unwrap();
+        fleets.push(Config::load(&path).unwrap().fleet);
+    }
+    fleets.sort();
+    assert_eq!(fleets, ["drift-0", "drift-1"]);
+
+    proxy.reset();
+    assert!(run(&stack, &proxy.url, true, &["apply"]).await.ok);
+    assert!(proxy.writes().is_empty(), "{:?}", proxy.writes());
+}
+
+/// destroy never touches what is not tagged with the stack, and refuses while the
+/// fleet's build machines still run in the VPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_touches_only_the_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).await;
+    let proxy = Proxy::start(&moto.url).await;
+    let gitlab = GitlabStub::start().await;
+    let c = Clients::new(&moto.url).await;
+    let a = write_stack(dir.path(), "a.toml", &stack_toml("alpha", 80, &gitlab.url));
+    let b = write_stack(dir.path(), "b.toml", &stack_toml("beta", 81, &gitlab.url));
+    assert!(run(&a, &proxy.url, true, &["apply"]).await.ok);
+    assert!(run(&b, &proxy.url, true, &["apply"]).await.ok);
+
+    // A build machine of alpha's fleet, as the daemon launches it (fleet tag, no stack tag).
+    let subnet = c
+        .ec2
+        .describe_subnets()
+        .filters(stack_filter("alpha"))
+        .filters(
+            Filter::builder()
+                .name("tag:flotilla:resource")
+                .values("subnet/private/us-east-1a")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .subnets()[0]
+        .subnet_id()
+        .unwrap()
+        .to_owned();
+    let machine = c
+        .ec2
+        .run_instances()
+        .image_id(AMI)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Medium)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&subnet)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key("flotilla:fleet")
+                        .value("alpha")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_owned();
+
+    let refused = run(&a, &proxy.url, true, &["destroy", "--yes"]).await;
+    assert!(!refused.ok);
+    assert!(refused.stderr.contains(&machine), "{}", refused.stderr);
+    assert!(refused.stderr.contains("--terminate-build-machines"));
+    assert_eq!(ec2_counts(&c, "alpha").await, expected_counts());
+
+    let done = run(
+        &a,
+        &proxy.url,
+        true,
+        &["destroy", "--yes", "--terminate-build-machines"],
+    )
+    .await;
+    assert!(done.ok, "{}", done.stderr);
+    assert!(ec2_counts(&c, "alpha").await.values().all(|n| *n == 0));
+    // beta is untouched, and still converged.
+    assert_eq!(ec2_counts(&c, "beta").await, expected_counts());
+    assert!(role_exists(&c, "flotilla-beta-runner-host").await);
+    assert!(bucket_exists(&c, "beta-cache").await);
+    proxy.reset();
+    assert!(run(&b, &proxy.url, true, &["apply"]).await.ok);
+    assert!(proxy.writes().is_empty());
+
+    // A bucket with the stack's name that is not the stack's is refused, not adopted.
+    c.s3.create_bucket()
+        .bucket("gamma-cache")
+        .send()
+        .await
+        .unwrap();
+    c.s3.put_object()
+        .bucket("gamma-cache")
+        .key("someone-elses")
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap();
+    let g = write_stack(dir.path(), "g.toml", &stack_toml("gamma", 82, &gitlab.url));
+    let refused = run(&g, &proxy.url, true, &["apply"]).await;
+    assert!(!refused.ok);
+    assert!(
+        refused.stderr.contains("key `bucket.name`"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("refusing to adopt"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_stack_applies_against_moto() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path()).await;
+    let proxy = Proxy::start(&moto.url).await;
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/stack.toml");
+    let apply = run(&example, &proxy.url, false, &["apply"]).await;
+    assert!(apply.ok, "{}", apply.stderr);
+    proxy.reset();
+    let again = run(&example, &proxy.url, false, &["apply"]).await;
+    assert!(again.ok);
+    assert!(proxy.writes().is_empty(), "{:?}", proxy.writes());
+    let destroy = run(&example, &proxy.url, false, &["destroy", "--yes"]).await;
+    assert!(destroy.ok, "{}", destroy.stderr);
+}
+
+/// Bad stack files: the error names the file and the key, before any network use (the
+/// endpoint given is a closed port).
+#[tokio::test]
+async fn bad_stack_files_get_an_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = stack_toml("bad", 90, "http://127.0.0.1:9");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "unknown key",
+            good.replace("expire_days = 7", "expire_days = 7\nexpiry = 3"),
+            "key `bucket.expiry`",
+        ),
+        (
+            "wrong type",
+            good.replace("expire_days = 7", "expire_days = \"seven\""),
+            "key `bucket.expire_days`",
+        ),
+        (
+            "subnet outside the VPC",
+            good.replace("127.90.32.0/20", "10.0.0.0/20"),
+            "key `network.private_subnets[1]`",
+        ),
+        (
+            "unknown key in a machine class",
+            good.replace("idle_count = 1", "idle_count = 1\nidel_time = \"5m\""),
+            "key `fleet.classes.small.idel_time`",
+        ),
+        (
+            "bad duration in a machine class",
+            good.replace("idle_count = 1", "idle_count = 1\nidle_time = \"soon\""),
+            "key `fleet.classes.small.idle_time`",
+        ),
+        (
+            "default class missing",
+            good.replace("default_class = \"small\"", "default_class = \"huge\""),
+            "key `fleet.default_class`",
+        ),
+        (
+            "missing section",
+            good.replace("[gitlab]", "[gitlab_]"),
+            "gitlab_",
+        ),
+        (
+            "id the stack owns",
+            good.replace("idle_count = 1", "idle_count = 1\nsubnets = [\"subnet-1\"]"),
+            "key `fleet.classes.small.subnets`",
+        ),
+        (
+            "bad stack name",
+            good.replace("name = \"bad\"", "name = \"Bad Name\""),
+            "key `name`",
+        ),
+    ];
+    for (what, text, key) in cases {
+        let path = write_stack(dir.path(), "stack.toml", text);
+        for cmd in ["validate", "plan"] {
+            let r = run(&path, &closed, false, &[cmd]).await;
+            assert!(!r.ok, "{what}: {cmd} accepted it");
+            let err = r.stderr.lines().last().unwrap_or_default().to_owned();
+            assert!(
+                err.contains(&path.display().to_string()),
+                "{what}: the error does not name the file: {err}"
+            );
+            assert!(
+                err.contains(key),
+                "{what}: the error does not name {key}: {err}"
+            );
+            assert!(
+                !r.stderr.contains("aws call"),
+                "{what}: AWS was called before the file was checked"
+            );
+        }
+    }
+    let path = write_stack(dir.path(), "stack.toml", &good);
+    let r = run(&path, &closed, false, &["validate"]).await;
+    assert!(r.ok, "{}", r.stderr);
+}
