@@ -106,6 +106,8 @@ struct Custom {
     run_args: Vec<String>,
     cleanup_exec: String,
     cleanup_args: Vec<String>,
+    /// Waiting for a machine happens in prepare: give it the acquire timeout and more.
+    prepare_exec_timeout: u64,
 }
 
 #[derive(Serialize)]
@@ -131,7 +133,16 @@ struct S3Cache {
 /// every stage through flotilla, and the cache goes to the stack's bucket with the
 /// host's instance-profile credentials.
 pub fn runner_config_toml(stack: &Stack, config: &Config, region: &str) -> String {
-    let exec = |stage: &str| (FLOTILLA_BIN.to_owned(), vec![stage.to_owned()]);
+    let exec = |stage: &str| {
+        (
+            FLOTILLA_BIN.to_owned(),
+            vec![
+                "--config".to_owned(),
+                FLOTILLA_TOML_PATH.to_owned(),
+                stage.to_owned(),
+            ],
+        )
+    };
     let (config_exec, config_args) = exec("config");
     let (prepare_exec, prepare_args) = exec("prepare");
     let (run_exec, run_args) = exec("run");
@@ -156,6 +167,7 @@ pub fn runner_config_toml(stack: &Stack, config: &Config, region: &str) -> Strin
                 run_args,
                 cleanup_exec,
                 cleanup_args,
+                prepare_exec_timeout: config.job.acquire_timeout.0.as_secs() + 300,
             },
             cache: Cache {
                 kind: "s3".into(),
@@ -213,9 +225,16 @@ mod tests {
         assert_eq!(runner["executor"].as_str(), Some("custom"));
         assert_eq!(runner["token"].as_str(), Some(TOKEN_PLACEHOLDER));
         assert_eq!(runner["url"].as_str(), Some("https://gitlab.example.com"));
+        let run_args: Vec<&str> = runner["custom"]["run_args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(run_args, ["--config", "/etc/flotilla/flotilla.toml", "run"]);
         assert_eq!(
-            runner["custom"]["run_args"].as_array().unwrap()[0].as_str(),
-            Some("run")
+            runner["custom"]["prepare_exec_timeout"].as_integer(),
+            Some(1200)
         );
         assert_eq!(
             runner["cache"]["s3"]["BucketName"].as_str(),
