@@ -492,6 +492,33 @@ pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
                     )
                     .await?;
             }
+            // Managed policies someone attached would block DeleteRole.
+            let attached = ctx
+                .aws
+                .call(
+                    "iam:ListAttachedRolePolicies",
+                    ctx.aws
+                        .iam
+                        .list_attached_role_policies()
+                        .role_name(name)
+                        .send(),
+                )
+                .await?;
+            for p in attached.attached_policies() {
+                if let Some(arn) = p.policy_arn() {
+                    ctx.aws
+                        .call(
+                            "iam:DetachRolePolicy",
+                            ctx.aws
+                                .iam
+                                .detach_role_policy()
+                                .role_name(name)
+                                .policy_arn(arn)
+                                .send(),
+                        )
+                        .await?;
+                }
+            }
             ctx.aws
                 .call(
                     "iam:DeleteRole",
