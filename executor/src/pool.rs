@@ -177,7 +177,7 @@ impl Pool {
             .machines
             .values_mut()
             .filter(|m| m.class == class && m.state == MachineState::Idle)
-            .max_by_key(|m| (m.idle_since, m.id.clone()))?;
+            .max_by(|a, b| (a.idle_since, &a.id).cmp(&(b.idle_since, &b.id)))?;
         machine.state = MachineState::Leased;
         machine.lease_id = Some(lease_id.clone());
         let record = LeaseRecord {

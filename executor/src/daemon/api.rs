@@ -18,6 +18,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use super::{new_id, Shared};
+use crate::state_store::JournalOp;
 
 /// Longest an acquire may wait, whatever the client asks.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(24 * 3600);
@@ -98,7 +99,7 @@ impl Drop for Waiting<'_> {
 
 enum Attempt {
     Have(Lease),
-    Granted(Lease, u64),
+    Granted(Lease),
     Draining,
     Wait,
 }
@@ -137,37 +138,51 @@ async fn acquire(
         let notified = shared.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let attempt = {
-            let (attempt, gen) = shared.update(|pool| {
-                if let Some(l) = pool.lease_for_job(&req.job_key) {
-                    return Attempt::Have(l.to_api());
+        let lease_id = new_id("l-");
+        let attempt = shared.update_journaled(|pool| {
+            if let Some(l) = pool.lease_for_job(&req.job_key) {
+                return (Attempt::Have(l.to_api()), None);
+            }
+            if pool.draining {
+                return (Attempt::Draining, None);
+            }
+            if first_try {
+                pool.history.record(&class, Utc::now());
+            }
+            match pool.try_lease(&req.job_key, &class, lease_id.clone(), Utc::now()) {
+                Some(l) => {
+                    let record = l.clone();
+                    (
+                        Attempt::Granted(record.to_api()),
+                        Some(JournalOp::Leased { lease: record }),
+                    )
                 }
-                if pool.draining {
-                    return Attempt::Draining;
-                }
-                if first_try {
-                    pool.history.record(&class, Utc::now());
-                }
-                match pool.try_lease(&req.job_key, &class, new_id("l-"), Utc::now()) {
-                    Some(l) => Attempt::Granted(l.to_api(), 0),
-                    None => Attempt::Wait,
-                }
-            });
-            match attempt {
-                Attempt::Granted(l, _) => Attempt::Granted(l, gen),
-                other => other,
+                None => (Attempt::Wait, None),
+            }
+        });
+        let attempt = match attempt {
+            Ok(a) => a,
+            Err(e) => {
+                // Not on disk, so not granted: undo it in memory too.
+                shared.update(|pool| {
+                    if let Some(l) = pool.leases.remove(&lease_id) {
+                        if let Some(m) = pool.machines.get_mut(&l.machine_id) {
+                            m.state = MachineState::Idle;
+                            m.lease_id = None;
+                        }
+                    }
+                });
+                tracing::error!(error = %e, "could not journal a lease");
+                return Err(Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    "could not persist the lease; see the daemon log",
+                ));
             }
         };
         match attempt {
             Attempt::Have(l) => return Ok(Json(l)),
-            Attempt::Granted(lease, gen) => {
-                if !shared.commit(gen).await {
-                    return Err(Failure::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        ErrorCode::Internal,
-                        "could not persist the lease; see the daemon log",
-                    ));
-                }
+            Attempt::Granted(lease) => {
                 shared
                     .metrics
                     .lease_wait
@@ -265,14 +280,28 @@ async fn release(
     Path(id): Path<String>,
     Json(req): Json<ReleaseRequest>,
 ) -> Json<ReleaseResponse> {
-    let (released, gen) = shared.update(|pool| {
+    let now = Utc::now();
+    let released = shared.update_journaled(|pool| {
         let machine = pool.leases.get(&id).map(|l| l.machine_id.clone());
-        (
-            pool.release(&id, req.outcome, req.reason.clone(), Utc::now()),
-            machine,
-        )
+        let released = pool.release(&id, req.outcome, req.reason.clone(), now);
+        let op = released.then(|| JournalOp::Released {
+            lease_id: id.clone(),
+            outcome: req.outcome,
+            reason: req.reason.clone(),
+            at: now,
+        });
+        ((released, machine), op)
     });
-    shared.commit(gen).await;
+    let released = match released {
+        Ok(r) => r,
+        Err(e) => {
+            // Released in memory; make sure a snapshot carries it.
+            tracing::error!(error = %e, "could not journal a release; writing a snapshot");
+            let gen = shared.update(|_| ()).1;
+            shared.commit(gen).await;
+            (true, None)
+        }
+    };
     if let (true, Some(machine)) = &released {
         tracing::info!(lease = %id, machine = %machine, outcome = ?req.outcome, "released");
         shared.changed.notify_waiters();

@@ -60,9 +60,43 @@ impl Shared {
         (r, self.store.bump())
     }
 
-    /// Writes generation `gen` to disk; failures are logged (the next change retries).
+    /// Applies a lease operation to the pool and journals it, under one lock hold.
+    pub fn journal(
+        &self,
+        op: crate::state_store::JournalOp,
+    ) -> Result<(), crate::state_store::StoreError> {
+        let mut pool = self.pool();
+        self.store.append(&op)?;
+        op.apply(&mut pool);
+        Ok(())
+    }
+
+    /// Runs `f` on the pool and journals the operation it returns, under one lock hold.
+    pub fn update_journaled<R>(
+        &self,
+        f: impl FnOnce(&mut Pool) -> (R, Option<crate::state_store::JournalOp>),
+    ) -> Result<R, crate::state_store::StoreError> {
+        let mut pool = self.pool();
+        let (r, op) = f(&mut pool);
+        if let Some(op) = op {
+            self.store.append(&op)?;
+        }
+        Ok(r)
+    }
+
+    /// Writes a snapshot including generation `gen` (atomic rename, no fsync); failures
+    /// are logged (the next change retries).
     pub async fn commit(&self, gen: u64) -> bool {
-        match self.store.persist(&self.pool, gen).await {
+        self.commit_with(gen, false).await
+    }
+
+    /// Like [`Shared::commit`], fsynced: for launches and terminations.
+    pub async fn commit_durable(&self, gen: u64) -> bool {
+        self.commit_with(gen, true).await
+    }
+
+    async fn commit_with(&self, gen: u64, durable: bool) -> bool {
+        match self.store.persist(&self.pool, gen, durable).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "could not persist pool state");
@@ -100,8 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let ca = FleetCa::load_or_create(&state_dir, &config.fleet).context("fleet CA")?;
     let tls = crate::tls::machine_client_config(&state_dir).context("stage client certificate")?;
-    let store = StateStore::new(&state_dir);
-    let pool = store.load()?;
+    let (store, pool) = StateStore::open(&state_dir)?;
     let metrics = Arc::new(Metrics::new());
     let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
 

@@ -125,6 +125,7 @@ async fn act(shared: &Arc<Shared>) {
     let now = Utc::now();
     let actions = plan(&shared.policy, &shared.pool(), now);
     let mut launches = Vec::new();
+    let mut changed = false;
     let (to_terminate, gen) = shared.update(|pool| {
         for action in &actions {
             match action {
@@ -133,6 +134,7 @@ async fn act(shared: &Arc<Shared>) {
                         tracing::info!(machine = %m.id, instance = %m.instance_id, reason = reason.as_str(), "terminating machine");
                         m.state = MachineState::Terminating;
                         m.terminate_reason = Some(*reason);
+                        changed = true;
                     }
                 }
                 Action::Launch { class, count } => launches.push((class.clone(), *count)),
@@ -149,7 +151,9 @@ async fn act(shared: &Arc<Shared>) {
             .map(|m| (m.id.clone(), m.instance_id.clone(), m.terminate_reason))
             .collect::<Vec<_>>()
     });
-    shared.commit(gen).await;
+    if changed {
+        shared.commit_durable(gen).await;
+    }
 
     if !to_terminate.is_empty() {
         let ids: Vec<String> = to_terminate.iter().map(|(_, i, _)| i.clone()).collect();
@@ -169,7 +173,7 @@ async fn act(shared: &Arc<Shared>) {
                         }
                     })
                     .1;
-                shared.commit(gen).await;
+                shared.commit_durable(gen).await;
             }
             Err(e) => tracing::warn!(error = %e, "terminate failed; will retry"),
         }
@@ -253,7 +257,7 @@ async fn launch_one(shared: Arc<Shared>, class_name: String) {
             )
         })
         .1;
-    shared.commit(gen).await;
+    shared.commit_durable(gen).await;
 
     let purchases: &[Purchase] = match class.market {
         Market::OnDemand => &[Purchase::OnDemand],
@@ -304,7 +308,7 @@ async fn launch_one(shared: Arc<Shared>, class_name: String) {
                                 }
                             })
                             .1;
-                        shared.commit(gen).await;
+                        shared.commit_durable(gen).await;
                         note_launch_result(&shared, &class_name, true);
                         shared
                             .metrics
