@@ -831,48 +831,53 @@ async fn wait_nats_deleted(ctx: &Ctx<'_>, ids: Vec<String>) -> Result<()> {
     }
 }
 
-/// Build machines the fleets launched into the stack's VPC (they carry the fleet tag,
-/// not the stack tag).
-async fn fleet_machines(ctx: &Ctx<'_>, inv: &Inventory) -> Result<Vec<Instance>> {
+/// Instances in the stack's VPC that are not its runner hosts: build machines of the
+/// stack's fleets (fleet tag `<fleet>` or `<fleet>-<n>`, as the daemons launch them) and
+/// anything else.
+async fn other_instances(ctx: &Ctx<'_>, inv: &Inventory) -> Result<(Vec<Instance>, Vec<Instance>)> {
     let Some(vpc) = inv.vpcs.first().and_then(|v| v.vpc_id()) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
-    let fleets = render::host_fleets(ctx.stack);
-    let out = ctx
-        .aws
-        .call(
-            "ec2:DescribeInstances",
-            ctx.aws
-                .ec2
-                .describe_instances()
-                .filters(
-                    Filter::builder()
-                        .name(format!("tag:{}", flotilla_proto::tags::FLEET))
-                        .set_values(Some(fleets.clone()))
-                        .build(),
-                )
-                .filters(Filter::builder().name("vpc-id").values(vpc).build())
-                .send(),
-        )
-        .await?;
-    Ok(out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| i.vpc_id() == Some(vpc))
-        .filter(|i| {
-            !matches!(
-                i.state().and_then(|s| s.name()).map(|n| n.as_str()),
-                Some("terminated")
+    let mut found = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let out = ctx
+            .aws
+            .call(
+                "ec2:DescribeInstances",
+                ctx.aws
+                    .ec2
+                    .describe_instances()
+                    .filters(Filter::builder().name("vpc-id").values(vpc).build())
+                    .set_next_token(token.clone())
+                    .send(),
             )
-        })
-        .filter(|i| ec2::logical(i.tags()).is_none())
-        .filter(|i| {
-            ec2::tag(i.tags(), flotilla_proto::tags::FLEET)
-                .is_some_and(|f| fleets.iter().any(|x| x == f))
-        })
-        .cloned()
-        .collect())
+            .await?;
+        found.extend(
+            out.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter(|i| i.vpc_id() == Some(vpc))
+                .filter(|i| {
+                    !matches!(
+                        i.state().and_then(|s| s.name()).map(|n| n.as_str()),
+                        Some("terminated")
+                    )
+                })
+                .filter(|i| {
+                    ec2::tag(i.tags(), crate::naming::STACK_TAG) != Some(ctx.stack.name.as_str())
+                })
+                .cloned(),
+        );
+        token = out.next_token().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    Ok(found.into_iter().partition(|i| {
+        ec2::tag(i.tags(), flotilla_proto::tags::FLEET)
+            .is_some_and(|f| render::is_stack_fleet(ctx.stack, f))
+    }))
 }
 
 /// One destroy pass (plan or act, per `ctx.mode`): runner hosts, build machines (only
@@ -882,7 +887,14 @@ pub async fn destroy(ctx: &Ctx<'_>, terminate_build_machines: bool) -> Result<()
     tracing::info!("reading stack {} in {}", ctx.stack.name, ctx.aws.region);
     let inv = ec2::inventory(ctx).await?;
 
-    let machines = fleet_machines(ctx, &inv).await?;
+    let (machines, foreign) = other_instances(ctx, &inv).await?;
+    if !foreign.is_empty() {
+        return Err(Error::Refused(format!(
+            "instances that are not the stack's run in its VPC ({}): they are never \
+             touched; remove them first",
+            id_list(&foreign, |i| i.instance_id()).join(", ")
+        )));
+    }
     if !machines.is_empty() {
         let ids = id_list(&machines, |i| i.instance_id());
         if !terminate_build_machines {

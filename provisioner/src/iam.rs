@@ -70,6 +70,8 @@ pub fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
         ec2(&format!("security-group/{}", p.build_security_group)),
         ec2("launch-template/*"),
         ec2("fleet/*"),
+        // Spot launches (class market = spot) create a request the daemon does not tag.
+        ec2("spot-instances-request/*"),
     ];
     for s in &p.private_subnets {
         launch_from.push(ec2(&format!("subnet/{s}")));

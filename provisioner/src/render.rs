@@ -57,15 +57,31 @@ pub fn flotilla_config(stack: &Stack, ids: &FleetIds, fleet: &str) -> Result<Con
     stack.fleet_config(ids, fleet).map_err(|e| e.to_string())
 }
 
-/// One fleet name per runner host: the fleet name itself for a single host, else
-/// `<fleet>-<index>`. Each daemon reaps instances of its own fleet that it does not know,
-/// so two daemons must never share one.
+/// One fleet name per runner host: the fleet name itself for host 0, `<fleet>-<n>` for
+/// host n. Each daemon reaps instances of its own fleet that it does not know, so two
+/// daemons must never share one; host 0 keeping the plain name means adding hosts never
+/// replaces the first one.
 pub fn host_fleets(stack: &Stack) -> Vec<String> {
     let base = stack.fleet_name();
-    match stack.runner_hosts.count {
-        0 | 1 => vec![base.to_owned()],
-        n => (0..n).map(|i| format!("{base}-{i}")).collect(),
-    }
+    (0..stack.runner_hosts.count.max(1))
+        .map(|i| {
+            if i == 0 {
+                base.to_owned()
+            } else {
+                format!("{base}-{i}")
+            }
+        })
+        .collect()
+}
+
+/// True for a fleet name this stack's hosts use or used (`<fleet>` or `<fleet>-<n>`).
+pub fn is_stack_fleet(stack: &Stack, fleet: &str) -> bool {
+    let base = stack.fleet_name();
+    fleet == base
+        || fleet
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// `flotilla.toml` as text, via the proto's own writer.
@@ -213,6 +229,17 @@ mod tests {
         assert_eq!(loaded.classes["small"].security_groups, ["sg-1"]);
         // proto's defaults, not ours
         assert_eq!(loaded.max_machines, 10);
+    }
+
+    #[test]
+    fn host_fleets_keep_the_first_name() {
+        let mut stack = Stack::from_toml(GOOD).unwrap();
+        assert_eq!(host_fleets(&stack), ["ci"]);
+        stack.runner_hosts.count = 3;
+        assert_eq!(host_fleets(&stack), ["ci", "ci-1", "ci-2"]);
+        assert!(is_stack_fleet(&stack, "ci-7"));
+        assert!(!is_stack_fleet(&stack, "ci-x"));
+        assert!(!is_stack_fleet(&stack, "cid"));
     }
 
     #[test]

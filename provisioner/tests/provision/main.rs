@@ -1103,7 +1103,7 @@ async fn drift_is_planned_and_converged() {
         plan.stdout
     );
     assert!(plan.stdout.contains("+ ec2:instance") && plan.stdout.contains("host/1"));
-    // Two hosts: each gets its own fleet (demo-0, demo-1), so the IAM policy changes.
+    // Two hosts: each gets its own fleet (drift, drift-1), so the IAM policy changes.
     assert!(plan.stdout.contains("~ iam:role-policy"), "{}", plan.stdout);
 
     assert!(run(&stack, &proxy.url, true, &["apply"]).await.ok);
@@ -1139,7 +1139,7 @@ async fn drift_is_planned_and_converged() {
         fleets.push(Config::load(&path).unwrap().fleet);
     }
     fleets.sort();
-    assert_eq!(fleets, ["drift-0", "drift-1"]);
+    assert_eq!(fleets, ["drift", "drift-1"]);
 
     proxy.reset();
     assert!(run(&stack, &proxy.url, true, &["apply"]).await.ok);
@@ -1210,6 +1210,54 @@ async fn destroy_touches_only_the_stack() {
     assert!(refused.stderr.contains(&machine), "{}", refused.stderr);
     assert!(refused.stderr.contains("--terminate-build-machines"));
     assert_eq!(ec2_counts(&c, "alpha").await, expected_counts());
+
+    // Someone else's instance in the VPC: refused even with the flag, and left alone.
+    let foreign = c
+        .ec2
+        .run_instances()
+        .image_id(AMI)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Medium)
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&subnet)
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_owned();
+    let refused = run(
+        &a,
+        &proxy.url,
+        true,
+        &["destroy", "--yes", "--terminate-build-machines"],
+    )
+    .await;
+    assert!(!refused.ok);
+    assert!(refused.stderr.contains(&foreign), "{}", refused.stderr);
+    let state = c
+        .ec2
+        .describe_instances()
+        .instance_ids(&foreign)
+        .send()
+        .await
+        .unwrap();
+    let state = state.reservations()[0].instances()[0]
+        .state()
+        .and_then(|s| s.name())
+        .map(|n| n.as_str().to_owned());
+    assert_eq!(
+        state.as_deref(),
+        Some("running"),
+        "destroy touched a foreign instance"
+    );
+    c.ec2
+        .terminate_instances()
+        .instance_ids(&foreign)
+        .send()
+        .await
+        .unwrap();
 
     let done = run(
         &a,
