@@ -9,6 +9,8 @@ use flotilla::control::ControlClient;
 use flotilla::stages::{self, JobEnv, StageError};
 use flotilla_proto::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
 
+mod simulate;
+
 #[derive(Parser)]
 #[command(
     name = "flotilla",
@@ -59,6 +61,10 @@ enum Command {
     },
     /// Validate the config file and exit.
     CheckConfig,
+    /// Replay a job trace through Flotilla's scaling policy and through docker+machine and
+    /// taskscaler, on simulated EC2; compare waits, idle machine-hours and cost. Uses
+    /// `--config` only when given (built-in defaults otherwise).
+    Simulate(simulate::Args),
 }
 
 fn config_path(cli: &Option<PathBuf>) -> PathBuf {
@@ -112,6 +118,15 @@ fn main() -> ExitCode {
         Command::Config | Command::Prepare | Command::Run { .. } | Command::Cleanup
     );
     init_logging(if is_stage { "warn" } else { "info" });
+    if let Command::Simulate(args) = &cli.command {
+        return match simulate::run(cli.config.as_deref(), args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flotilla: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     flotilla::tls::install_crypto_provider();
 
     let path = config_path(&cli.config);
@@ -233,16 +248,18 @@ async fn run_command(config: Config, command: Command) -> anyhow::Result<()> {
                 .await
                 .context("cannot change drain mode")?;
             print!("{}", flotilla::status::render_table(&status));
-            while wait && !off {
+            let mut watching = wait && !off;
+            while watching {
                 let status = client
                     .status()
                     .await
                     .context("cannot read the pool status")?;
-                if status.machines.is_empty() {
+                watching = !status.machines.is_empty();
+                if watching {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                } else {
                     println!("drained: no machines left");
-                    break;
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }
             Ok(())
         }

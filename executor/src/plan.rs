@@ -12,6 +12,7 @@ use flotilla_proto::api::MachineState;
 use flotilla_proto::config::{Config, Schedule};
 use flotilla_proto::schedule;
 
+use crate::forecast::DemandHistory;
 use crate::pool::{Pool, TerminateReason};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +22,34 @@ pub struct ClassPolicy {
     pub max_builds: u32,
     pub boot_timeout: Duration,
     pub schedules: Vec<Schedule>,
+    /// Machines kept warm from the arrival history (`None`: the idle policy alone).
+    pub learned: Option<Learned>,
+}
+
+/// Flotilla's default policy, on top of the configured idle target: keep warm a machine
+/// for each job the arrival history expects within `lookahead`, at the larger of the rate
+/// learned for this hour of the day on this kind of day (weekday or weekend, over past
+/// days) and the rate of the last `memory` (see [`crate::forecast`]); at most `max_idle`.
+/// Those machines are launched before the jobs arrive. Idle machines beyond the target go
+/// after `idle_time` or the class's idle time, whichever is shorter: the forecast, not a
+/// timer, decides what stays warm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learned {
+    pub max_idle: u32,
+    pub lookahead: Duration,
+    pub memory: Duration,
+    pub idle_time: Duration,
+}
+
+impl Learned {
+    /// Machines to keep warm for `class` at `now`: the whole jobs expected within the
+    /// look-ahead (rounded down, so a trickle of jobs does not keep a machine up).
+    pub fn warm(&self, history: &DemandHistory, class: &str, now: DateTime<Utc>) -> u32 {
+        let o = history.outlook(class, now, self.memory);
+        let rate = o.profile_per_hour.unwrap_or(0.0).max(o.recent_per_hour);
+        let expected = rate * self.lookahead.as_secs_f64() / 3600.0;
+        expected.floor().clamp(0.0, f64::from(self.max_idle)) as u32
+    }
 }
 
 /// The knobs a schedule may override.
@@ -88,6 +117,12 @@ impl Policy {
                             max_builds: k.max_builds,
                             boot_timeout: k.boot_timeout.0,
                             schedules: k.schedules.clone(),
+                            learned: k.forecast.enabled.then_some(Learned {
+                                max_idle: k.forecast.max_idle,
+                                lookahead: k.forecast.lookahead.0,
+                                memory: k.forecast.memory.0,
+                                idle_time: k.forecast.idle_time.0,
+                            }),
                         },
                     )
                 })
@@ -177,8 +212,12 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
     let mut idle_targets: BTreeMap<&str, u32> = BTreeMap::new();
     for (name, class) in &policy.classes {
         let waiting = pool.waiting.get(name).copied().unwrap_or(0);
-        let idle_policy = class.idle_at(now);
-        let idle_target = idle_policy.target(pool.count(name, MachineState::Leased));
+        let mut idle_policy = class.idle_at(now);
+        let mut idle_target = idle_policy.target(pool.count(name, MachineState::Leased));
+        if let Some(learned) = &class.learned {
+            idle_target = idle_target.max(learned.warm(&pool.history, name, now));
+            idle_policy.idle_time = idle_policy.idle_time.min(learned.idle_time);
+        }
         idle_targets.insert(name, idle_target);
         let demand = if pool.draining {
             0
@@ -309,6 +348,7 @@ mod tests {
                     max_builds,
                     boot_timeout: Duration::from_secs(300),
                     schedules: Vec::new(),
+                    learned: None,
                 },
             )]),
             max_machines: 100,
@@ -441,8 +481,10 @@ mod tests {
 
     #[test]
     fn draining_terminates_idle_and_launches_nothing() {
-        let mut pool = Pool::default();
-        pool.draining = true;
+        let mut pool = Pool {
+            draining: true,
+            ..Default::default()
+        };
         pool.waiting.insert("c".into(), 3);
         add(&mut pool, "a", MachineState::Idle, 0);
         add(&mut pool, "b", MachineState::Leased, 0);
@@ -493,6 +535,106 @@ mod tests {
         assert_eq!(launches(&plan(&p, &Pool::default(), at(13))), 0);
         assert_eq!(launches(&plan(&p, &Pool::default(), at(14))), 4);
         assert_eq!(launches(&plan(&p, &Pool::default(), at(23))), 0);
+    }
+
+    fn learned(max_idle: u32) -> Learned {
+        Learned {
+            max_idle,
+            lookahead: Duration::from_secs(300),
+            memory: Duration::from_secs(600),
+            idle_time: Duration::from_secs(60),
+        }
+    }
+
+    fn with_learned(mut p: Policy, l: Learned) -> Policy {
+        p.classes.get_mut("c").unwrap().learned = Some(l);
+        p
+    }
+
+    #[test]
+    fn without_history_the_forecast_changes_nothing() {
+        let p = with_learned(policy(0, 600, 10, 0), learned(20));
+        assert_eq!(launches(&plan(&p, &Pool::default(), t(0))), 0);
+        let p = with_learned(policy(2, 600, 10, 0), learned(20));
+        assert_eq!(launches(&plan(&p, &Pool::default(), t(0))), 2);
+    }
+
+    #[test]
+    fn forecast_keeps_a_machine_warm_per_job_expected_within_the_lookahead() {
+        let mut pool = Pool::default();
+        // 30 jobs in the last 10 minutes: 180 jobs/h, 15 expected in the next 5 minutes.
+        for i in 0..30 {
+            pool.history.record("c", t(-590 + i * 20));
+        }
+        let p = with_learned(policy(0, 600, 50, 0), learned(20));
+        assert_eq!(launches(&plan(&p, &pool, t(0))), 15);
+        // Capped by max_idle, and by the class's max_machines.
+        let p = with_learned(policy(0, 600, 50, 0), learned(4));
+        assert_eq!(launches(&plan(&p, &pool, t(0))), 4);
+        let p = with_learned(policy(0, 600, 3, 0), learned(20));
+        assert_eq!(launches(&plan(&p, &pool, t(0))), 3);
+        // Idle and booting machines count towards it; waiting jobs come on top.
+        add(&mut pool, "i", MachineState::Idle, 0);
+        add(&mut pool, "b", MachineState::Booting, 0);
+        pool.waiting.insert("c".into(), 2);
+        let p = with_learned(policy(0, 600, 50, 0), learned(20));
+        assert_eq!(launches(&plan(&p, &pool, t(1))), 15 + 2 - 2);
+        // A trickle (one job in 10 minutes: 0.5 expected) keeps nothing warm.
+        let mut trickle = Pool::default();
+        trickle.history.record("c", t(-60));
+        assert_eq!(launches(&plan(&p, &trickle, t(0))), 0);
+    }
+
+    #[test]
+    fn forecast_warms_up_for_the_usual_busy_hour_before_its_jobs_arrive() {
+        use chrono::TimeZone;
+        // Monday 10:00-11:00 UTC saw 120 jobs; on Tuesday at 10:00, before any job, the
+        // profile expects 120/h: 10 in the next 5 minutes.
+        let monday = |h, m| Utc.with_ymd_and_hms(2026, 11, 30, h, m, 0).unwrap();
+        let mut pool = Pool::default();
+        for i in 0..120 {
+            pool.history
+                .record("c", monday(10, 0) + chrono::Duration::seconds(i * 30));
+        }
+        pool.history.record("c", monday(23, 0));
+        let p = with_learned(policy(0, 600, 50, 0), learned(20));
+        let tuesday_10 = monday(10, 0) + chrono::Duration::days(1);
+        assert_eq!(launches(&plan(&p, &pool, tuesday_10)), 10);
+        // At 03:00, an hour that was quiet, nothing is kept warm.
+        let tuesday_3 = monday(3, 0) + chrono::Duration::days(1);
+        assert_eq!(launches(&plan(&p, &pool, tuesday_3)), 0);
+    }
+
+    #[test]
+    fn forecast_idle_time_releases_machines_it_does_not_need() {
+        let mut pool = Pool::default();
+        add(&mut pool, "a", MachineState::Idle, 0);
+        let p = with_learned(policy(0, 600, 5, 0), learned(20));
+        assert!(terminated(&plan(&p, &pool, t(59))).is_empty());
+        assert_eq!(
+            terminated(&plan(&p, &pool, t(60))),
+            vec![("a".to_string(), TerminateReason::IdleTimeout)]
+        );
+        // The class's idle_time still applies when it is the shorter one.
+        let p = with_learned(policy(0, 10, 5, 0), learned(20));
+        assert_eq!(terminated(&plan(&p, &pool, t(10))).len(), 1);
+        // A machine the forecast wants warm stays.
+        for i in 0..30 {
+            pool.history.record("c", t(i * 10));
+        }
+        let p = with_learned(policy(0, 600, 5, 0), learned(20));
+        assert!(terminated(&plan(&p, &pool, t(400))).is_empty());
+    }
+
+    #[test]
+    fn from_config_turns_the_forecast_on_by_default() {
+        let text = "fleet = \"f\"\nstate_dir = \"/s\"\ndefault_class = \"c\"\n[classes.c]\nami = \"a\"\ninstance_types = [\"t\"]\nsubnets = [\"s\"]\n";
+        let c = Config::from_toml(text).unwrap();
+        let p = Policy::from_config(&c);
+        assert_eq!(p.classes["c"].learned, Some(learned(20)));
+        let off = text.to_owned() + "[classes.c.forecast]\nenabled = false\n";
+        let p = Policy::from_config(&Config::from_toml(&off).unwrap());
+        assert_eq!(p.classes["c"].learned, None);
     }
 
     #[test]

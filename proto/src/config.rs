@@ -60,6 +60,10 @@ pub struct Config {
     pub job: JobConfig,
     /// Named machine classes; a job picks one with the `FLOTILLA_CLASS` variable.
     pub classes: BTreeMap<String, ClassConfig>,
+    /// USD per hour by instance type (`[prices]`, e.g. `"m5.large" = 0.096`); used by
+    /// `flotilla simulate` to cost a policy. Types not listed use built-in on-demand prices.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prices: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +254,52 @@ pub struct ClassConfig {
     /// Idle-policy overrides by time of day; the last matching one wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schedules: Vec<Schedule>,
+    /// Machines kept warm from the job arrivals the daemon has seen (`[classes.X.forecast]`).
+    #[serde(default, skip_serializing_if = "ForecastConfig::is_default")]
+    pub forecast: ForecastConfig,
+}
+
+/// Flotilla's learned warm pool, on top of `idle_count` and the schedules: a warm machine
+/// for each job expected within `lookahead`, at the larger of the job rate learned for this
+/// hour of the day (weekdays and weekends apart, over past days) and the rate of the last
+/// `memory`; at most `max_idle`. What it learns is kept in the daemon's state file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForecastConfig {
+    /// Off: the idle policy (`idle_count`, scale factor, schedules, `idle_time`) alone.
+    #[serde(default = "defaults::forecast_enabled")]
+    pub enabled: bool,
+    /// Most machines the forecast keeps idle (its spending cap).
+    #[serde(default = "defaults::forecast_max_idle")]
+    pub max_idle: u32,
+    /// Jobs expected within this look-ahead get a warm machine before they arrive.
+    #[serde(default = "defaults::forecast_lookahead")]
+    pub lookahead: HumanDuration,
+    /// How far back the recent job rate is taken.
+    #[serde(default = "defaults::forecast_memory")]
+    pub memory: HumanDuration,
+    /// Idle machines beyond the idle target and the forecast go after this long (or after
+    /// the class's `idle_time`, whichever is shorter): the forecast keeps what is needed.
+    #[serde(default = "defaults::forecast_idle_time")]
+    pub idle_time: HumanDuration,
+}
+
+impl Default for ForecastConfig {
+    fn default() -> Self {
+        Self {
+            enabled: defaults::forecast_enabled(),
+            max_idle: defaults::forecast_max_idle(),
+            lookahead: defaults::forecast_lookahead(),
+            memory: defaults::forecast_memory(),
+            idle_time: defaults::forecast_idle_time(),
+        }
+    }
+}
+
+impl ForecastConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for ClassConfig {
@@ -272,6 +322,7 @@ impl Default for ClassConfig {
             max_builds: 0,
             boot_timeout: defaults::boot_timeout(),
             schedules: Vec::new(),
+            forecast: ForecastConfig::default(),
         }
     }
 }
@@ -294,6 +345,7 @@ impl Default for Config {
             aws: AwsConfig::default(),
             job: JobConfig::default(),
             classes: BTreeMap::new(),
+            prices: BTreeMap::new(),
         }
     }
 }
@@ -350,6 +402,21 @@ mod defaults {
     }
     pub fn boot_timeout() -> HumanDuration {
         HumanDuration::from_secs(300)
+    }
+    pub fn forecast_enabled() -> bool {
+        true
+    }
+    pub fn forecast_max_idle() -> u32 {
+        20
+    }
+    pub fn forecast_lookahead() -> HumanDuration {
+        HumanDuration::from_secs(300)
+    }
+    pub fn forecast_memory() -> HumanDuration {
+        HumanDuration::from_secs(600)
+    }
+    pub fn forecast_idle_time() -> HumanDuration {
+        HumanDuration::from_secs(60)
     }
 }
 
@@ -511,6 +578,16 @@ impl Config {
                     ),
                 );
             }
+            let f = &class.forecast;
+            if f.memory.0.is_zero() || f.memory.0 > std::time::Duration::from_secs(6 * 3600) {
+                return bad(
+                    &key("forecast.memory"),
+                    "must be between 1s and 6h (recent arrivals are kept 6h)".into(),
+                );
+            }
+            if f.lookahead.0 > std::time::Duration::from_secs(3600) {
+                return bad(&key("forecast.lookahead"), "must be at most 1h".into());
+            }
             for (i, schedule) in class.schedules.iter().enumerate() {
                 let skey = |k: &str| format!("classes.{name}.schedules[{i}].{k}");
                 if schedule.periods.is_empty() {
@@ -531,6 +608,14 @@ impl Config {
         }
         if self.job.pull_policy.is_empty() {
             return bad("job.pull_policy", "must list at least one policy".into());
+        }
+        for (instance_type, price) in &self.prices {
+            if !(price.is_finite() && *price >= 0.0) {
+                return bad(
+                    &format!("prices.{instance_type}"),
+                    format!("{price} must be a number of USD per hour, 0 or more"),
+                );
+            }
         }
         for (key, dir) in [
             ("job.builds_dir", &self.job.builds_dir),
@@ -671,6 +756,40 @@ subnets = ["subnet-1"]
             Config::from_toml(&text).unwrap().classes["small"].market,
             Market::SpotWithFallback
         );
+    }
+
+    #[test]
+    fn prices_table_reads_and_validates_naming_the_type() {
+        let text = format!("{MINIMAL}\n[prices]\n\"t3.small\" = 0.0208\n");
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.prices["t3.small"], 0.0208);
+        let text = format!("{MINIMAL}\n[prices]\n\"t3.small\" = -1.0\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "prices.t3.small");
+    }
+
+    #[test]
+    fn forecast_is_on_by_default_and_its_keys_are_validated_by_name() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert!(c.classes["small"].forecast.enabled);
+        assert!(
+            !c.to_toml().unwrap().contains("forecast"),
+            "defaults are not written"
+        );
+        let text = format!("{MINIMAL}\n[classes.small.forecast]\nmemory = \"7h\"\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.forecast.memory");
+        let text = format!("{MINIMAL}\n[classes.small.forecast]\nlookahead = \"2h\"\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.forecast.lookahead");
+        let text = format!("{MINIMAL}\n[classes.small.forecast]\nenabeld = false\n");
+        let err = Config::from_toml(&text).unwrap_err();
+        assert!(err.contains("classes.small.forecast"), "{err}");
+        let text = format!("{MINIMAL}\n[classes.small.forecast]\nenabled = false\nmax_idle = 4\n");
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);
     }
 
     #[test]

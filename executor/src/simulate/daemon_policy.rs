@@ -1,0 +1,269 @@
+//! Flotilla in the simulator: the daemon's own [`Pool`] operations and the daemon's own
+//! [`plan`] function, driven by simulated time instead of the reconcile loop. What the
+//! daemon does on each event is mirrored here:
+//!
+//! - acquire (`daemon/api.rs`): record the arrival in `pool.history`, lease an idle machine
+//!   (`Pool::try_lease`) or count the request in `pool.waiting` and replan;
+//! - a machine answers its boot probe: `Pool::mark_ready`, waiters retry their lease;
+//! - release: `Pool::release`, replan (a machine at `max_builds` is terminated), waiters
+//!   retry, replan (top the idle pool back up);
+//! - every reconcile interval: replan;
+//! - plan actions: `Launch` adds a `Booting` machine (ready after the simulated boot),
+//!   `Terminate` removes it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use flotilla::plan::{plan, Action, Policy};
+use flotilla::pool::{Machine, Pool};
+use flotilla_proto::api::ReleaseOutcome;
+
+use super::engine::{Ctx, Scaler};
+
+pub struct Flotilla {
+    policy: Policy,
+    pub pool: Pool,
+    instance_types: BTreeMap<String, String>,
+    default_class: String,
+    queues: BTreeMap<String, VecDeque<usize>>,
+    engine_of: HashMap<String, usize>,
+    pool_of: HashMap<usize, String>,
+    lease_of: HashMap<usize, String>,
+    next_id: u64,
+}
+
+impl Flotilla {
+    /// `instance_types`: the type launched for each class (the daemon launches the first
+    /// of the class's list when it has capacity).
+    pub fn new(
+        policy: Policy,
+        instance_types: BTreeMap<String, String>,
+        default_class: String,
+        pool: Pool,
+    ) -> Self {
+        Self {
+            policy,
+            pool,
+            instance_types,
+            default_class,
+            queues: BTreeMap::new(),
+            engine_of: HashMap::new(),
+            pool_of: HashMap::new(),
+            lease_of: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
+    fn class_of(&self, ctx: &Ctx<'_>, job: usize) -> String {
+        let c = &ctx.jobs[job].class;
+        if self.policy.classes.contains_key(c) {
+            c.clone()
+        } else {
+            self.default_class.clone()
+        }
+    }
+
+    fn acquire(&mut self, ctx: &mut Ctx<'_>, job: usize) {
+        let class = self.class_of(ctx, job);
+        let now = ctx.now_utc();
+        self.pool.history.record(&class, now);
+        if !self.try_lease(ctx, job, &class) {
+            self.queues.entry(class.clone()).or_default().push_back(job);
+            *self.pool.waiting.entry(class).or_default() += 1;
+        }
+        self.replan(ctx);
+    }
+
+    fn try_lease(&mut self, ctx: &mut Ctx<'_>, job: usize, class: &str) -> bool {
+        self.next_id += 1;
+        let lease_id = format!("l-{}", self.next_id);
+        let job_key = format!("job-{job}-{}", self.next_id);
+        let Some(lease) = self
+            .pool
+            .try_lease(&job_key, class, lease_id.clone(), ctx.now_utc())
+        else {
+            return false;
+        };
+        let machine = lease.machine_id.clone();
+        if let Some(&m) = self.engine_of.get(&machine) {
+            ctx.start(job, m);
+        }
+        self.lease_of.insert(job, lease_id);
+        true
+    }
+
+    /// Waiting acquires retry (the daemon wakes them on every pool change).
+    fn serve(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let mut served = false;
+        let classes: Vec<String> = self.queues.keys().cloned().collect();
+        for class in classes {
+            while let Some(&job) = self.queues.get(&class).and_then(|q| q.front()) {
+                if !self.try_lease(ctx, job, &class) {
+                    break;
+                }
+                served = true;
+                if let Some(q) = self.queues.get_mut(&class) {
+                    q.pop_front();
+                }
+                if let Some(n) = self.pool.waiting.get_mut(&class) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.pool.waiting.remove(&class);
+                    }
+                }
+            }
+        }
+        served
+    }
+
+    fn replan(&mut self, ctx: &mut Ctx<'_>) {
+        let now = ctx.now_utc();
+        for action in plan(&self.policy, &self.pool, now) {
+            match action {
+                Action::Terminate { machine_id, .. } => {
+                    if self.pool.machines.remove(&machine_id).is_some() {
+                        if let Some(m) = self.engine_of.remove(&machine_id) {
+                            self.pool_of.remove(&m);
+                            ctx.terminate(m);
+                        }
+                    }
+                }
+                Action::Launch { class, count } => {
+                    let instance_type =
+                        self.instance_types.get(&class).cloned().unwrap_or_default();
+                    for _ in 0..count {
+                        let m = ctx.launch(&instance_type);
+                        let id = format!("m-{m}");
+                        self.pool.machines.insert(
+                            id.clone(),
+                            Machine::booting(id.clone(), class.clone(), instance_type.clone(), now),
+                        );
+                        self.engine_of.insert(id.clone(), m);
+                        self.pool_of.insert(m, id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Scaler for Flotilla {
+    fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize) {
+        self.acquire(ctx, job);
+    }
+
+    fn ready(&mut self, ctx: &mut Ctx<'_>, machine: usize) {
+        if let Some(id) = self.pool_of.get(&machine).cloned() {
+            self.pool.mark_ready(&id, ctx.now_utc());
+            self.serve(ctx);
+            self.replan(ctx);
+        }
+    }
+
+    fn finish(&mut self, ctx: &mut Ctx<'_>, job: usize, _machine: usize) {
+        if let Some(lease) = self.lease_of.remove(&job) {
+            self.pool
+                .release(&lease, ReleaseOutcome::Healthy, None, ctx.now_utc());
+        }
+        self.replan(ctx);
+        if self.serve(ctx) {
+            self.replan(ctx);
+        }
+    }
+
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+        if let Some(id) = self.pool_of.get(&machine).cloned() {
+            self.pool.mark_broken(&id, "spot instance reclaimed");
+        }
+        if let Some(j) = job {
+            if let Some(lease) = self.lease_of.remove(&j) {
+                self.pool.leases.remove(&lease);
+            }
+            // The job fails with a system failure; its retry is a new acquire.
+            self.acquire(ctx, j);
+        } else {
+            self.replan(ctx);
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Ctx<'_>) {
+        self.replan(ctx);
+        if self.serve(ctx) {
+            self.replan(ctx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::engine::tests::{env, trace};
+    use super::super::engine::{run, Outcome};
+    use super::super::{default_config, run_flotilla, run_taskscaler, taskscaler_from};
+    use super::*;
+    use flotilla_proto::duration::HumanDuration;
+
+    fn config(forecast: bool, idle_count: u32, idle_time_s: u64) -> flotilla_proto::config::Config {
+        let mut c = default_config(&["c".to_string()]);
+        let k = c.classes.get_mut("c").unwrap();
+        k.instance_types = vec!["t".into()];
+        k.idle_count = idle_count;
+        k.idle_time = HumanDuration::from_secs(idle_time_s);
+        k.forecast.enabled = forecast;
+        c
+    }
+
+    /// Bursts of three 100 s jobs every four minutes for two hours: a machine released
+    /// after a burst idles 140 s before the next one, longer than a 60 s idle time.
+    fn bursts() -> Vec<(i64, i64)> {
+        (0..30).flat_map(|i| [(i * 240, 100); 3]).collect()
+    }
+
+    fn late_waits(o: &Outcome) -> i64 {
+        o.waits_ms[30..].iter().copied().max().unwrap_or(0)
+    }
+
+    #[test]
+    fn without_the_forecast_the_daemons_plan_behaves_like_taskscaler() {
+        let t = trace(&bursts());
+        for (idle_count, idle_time) in [(0, 60), (2, 60), (1, 300)] {
+            let c = config(false, idle_count, idle_time);
+            let ours = run_flotilla("f", &c, &t, &env(60.0)).summary();
+            let theirs = run_taskscaler("t", taskscaler_from(&c), &t, &env(60.0)).summary();
+            assert_eq!(
+                (ours.p95_wait_s, ours.idle_machine_hours, ours.launches),
+                (
+                    theirs.p95_wait_s,
+                    theirs.idle_machine_hours,
+                    theirs.launches
+                ),
+                "idle_count {idle_count}, idle_time {idle_time}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_forecast_learns_the_stream_and_jobs_stop_waiting() {
+        let t = trace(&bursts());
+        let off = run_flotilla("off", &config(false, 0, 60), &t, &env(60.0));
+        let on = run_flotilla("on", &config(true, 0, 60), &t, &env(60.0));
+        assert_eq!(off.violations + on.violations, 0);
+        assert!(late_waits(&off) >= 60_000, "{:?}", off.waits_ms);
+        assert_eq!(late_waits(&on), 0, "{:?}", on.waits_ms);
+    }
+
+    #[test]
+    fn arrivals_are_recorded_in_the_pools_history_like_the_daemon_does() {
+        let t = trace(&bursts());
+        let c = config(true, 0, 60);
+        let mut s = Flotilla::new(
+            flotilla::plan::Policy::from_config(&c),
+            BTreeMap::from([("c".to_string(), "t".to_string())]),
+            "c".into(),
+            Pool::default(),
+        );
+        let out = run("f", &t, &mut s, &env(60.0));
+        assert_eq!(out.violations, 0);
+        assert_eq!(s.pool.history.classes().collect::<Vec<_>>(), vec!["c"]);
+        assert!(s.pool.waiting.is_empty(), "every waiter was served");
+        assert!(s.pool.leases.is_empty());
+    }
+}

@@ -1,0 +1,468 @@
+//! The simulated world: a clock, an event queue, simulated EC2 (launch-to-ready drawn from a
+//! distribution, optional spot reclaims, per-second billing with a one-minute minimum) and
+//! the job bookkeeping every policy is measured by. Policies only decide; the engine owns
+//! what actually happened, so every policy is measured the same way.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use super::rng::{Dist, Rng};
+use super::trace::{Job, Trace};
+
+/// EC2 bills Linux instances per second with a one-minute minimum.
+const MIN_BILLED_MS: i64 = 60_000;
+
+/// What a policy sees of the world and may do to it.
+pub trait Scaler {
+    /// A job asks for a machine.
+    fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize);
+    /// A launched machine finished booting.
+    fn ready(&mut self, ctx: &mut Ctx<'_>, machine: usize);
+    /// A job ended; its machine is free.
+    fn finish(&mut self, ctx: &mut Ctx<'_>, job: usize, machine: usize);
+    /// EC2 took the machine back (spot reclaim); `job` was running on it and must run again.
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>);
+    /// The periodic reconcile pass.
+    fn tick(&mut self, ctx: &mut Ctx<'_>);
+}
+
+/// The simulated environment, the same for every policy compared.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub boot: Dist,
+    pub seed: u64,
+    /// Mean spot reclaims per machine-hour (0: none).
+    pub reclaims_per_hour: f64,
+    /// Reconcile interval: how often policies get a pass without an event.
+    pub tick_ms: i64,
+    /// USD per hour by instance type.
+    pub prices: BTreeMap<String, f64>,
+    /// The replay starts this long before the first arrival, so pools that are kept warm
+    /// exist when the first job comes (their cost counts).
+    pub lead_ms: i64,
+    /// Keep a time series for plots.
+    pub timeline: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Arrival(usize),
+    Ready(usize),
+    Finish(usize, usize),
+    Reclaim(usize),
+    Tick,
+}
+
+#[derive(Debug, Clone)]
+struct SimMachine {
+    price_per_ms: f64,
+    launched: i64,
+    ready: Option<i64>,
+    ended: Option<i64>,
+    busy_ms: i64,
+    job: Option<(usize, i64)>,
+}
+
+/// One sample of the time series: jobs in the system (running or waiting), machines that
+/// exist (booting, idle or busy) and those not running a job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub t: i64,
+    pub demand: u32,
+    pub machines: u32,
+    pub idle: u32,
+}
+
+/// What a replay measured.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub name: String,
+    /// Per job, milliseconds between asking for a machine and running on one (time spent
+    /// running on a machine that was then reclaimed does not count as waiting).
+    pub waits_ms: Vec<i64>,
+    pub machine_ms: i64,
+    pub busy_ms: i64,
+    pub launches: u64,
+    pub cost: f64,
+    pub reclaims: u64,
+    /// Policy errors the engine refused (terminating a busy machine, running a job twice):
+    /// always zero for a correct policy.
+    pub violations: u64,
+    pub timeline: Vec<Sample>,
+    pub start: i64,
+    pub end: i64,
+}
+
+pub struct Ctx<'a> {
+    pub now: i64,
+    pub jobs: &'a [Job],
+    env: &'a Env,
+    rng: Rng,
+    events: BinaryHeap<Reverse<(i64, u64, Ev)>>,
+    seq: u64,
+    machines: Vec<SimMachine>,
+    started: Vec<Option<i64>>,
+    ran_before: Vec<i64>,
+    running_on: Vec<Option<usize>>,
+    alive: u32,
+    busy: u32,
+    arrived: u32,
+    done: u32,
+    launches: u64,
+    reclaims: u64,
+    violations: u64,
+}
+
+impl<'a> Ctx<'a> {
+    fn push(&mut self, at: i64, ev: Ev) {
+        self.seq += 1;
+        self.events.push(Reverse((at, self.seq, ev)));
+    }
+
+    pub fn now_utc(&self) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(self.now)
+            .single()
+            .unwrap_or_default()
+    }
+
+    /// Starts an instance of `instance_type`; it is ready after a draw from the boot
+    /// distribution. Returns the machine's index.
+    pub fn launch(&mut self, instance_type: &str) -> usize {
+        let id = self.machines.len();
+        let price = self.env.prices.get(instance_type).copied().unwrap_or(0.0);
+        self.machines.push(SimMachine {
+            price_per_ms: price / 3.6e6,
+            launched: self.now,
+            ready: None,
+            ended: None,
+            busy_ms: 0,
+            job: None,
+        });
+        self.alive += 1;
+        self.launches += 1;
+        let boot_ms = (self.env.boot.sample(&mut self.rng) * 1000.0).round() as i64;
+        self.push(self.now + boot_ms, Ev::Ready(id));
+        if self.env.reclaims_per_hour > 0.0 {
+            let life = self.rng.exponential(3.6e6 / self.env.reclaims_per_hour) as i64;
+            self.push(self.now + life.max(1), Ev::Reclaim(id));
+        }
+        id
+    }
+
+    /// Terminates a machine (no-op when it is already gone). Refused for a busy machine.
+    pub fn terminate(&mut self, m: usize) {
+        let Some(machine) = self.machines.get_mut(m) else {
+            self.violations += 1;
+            return;
+        };
+        if machine.ended.is_some() {
+            return;
+        }
+        if machine.job.is_some() {
+            self.violations += 1;
+            return;
+        }
+        machine.ended = Some(self.now);
+        self.alive -= 1;
+    }
+
+    /// Runs `job` on machine `m` (ready, alive and free).
+    pub fn start(&mut self, job: usize, m: usize) {
+        let ok = self
+            .machines
+            .get(m)
+            .is_some_and(|x| x.ended.is_none() && x.ready.is_some() && x.job.is_none())
+            && self.running_on[job].is_none()
+            && self.started[job].is_none();
+        if !ok {
+            self.violations += 1;
+            return;
+        }
+        self.machines[m].job = Some((job, self.now));
+        self.running_on[job] = Some(m);
+        self.busy += 1;
+        let duration = self.jobs[job].duration;
+        self.push(self.now + duration, Ev::Finish(job, m));
+    }
+
+    fn sample(&self) -> Sample {
+        Sample {
+            t: self.now,
+            demand: self.arrived - self.done,
+            machines: self.alive,
+            idle: self.alive - self.busy,
+        }
+    }
+}
+
+/// Replays `trace` through `scaler` and measures it.
+pub fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env) -> Outcome {
+    let n = trace.jobs.len();
+    let mut ctx = Ctx {
+        now: 0,
+        jobs: &trace.jobs,
+        env,
+        rng: Rng::new(env.seed),
+        events: BinaryHeap::new(),
+        seq: 0,
+        machines: Vec::new(),
+        started: vec![None; n],
+        ran_before: vec![0; n],
+        running_on: vec![None; n],
+        alive: 0,
+        busy: 0,
+        arrived: 0,
+        done: 0,
+        launches: 0,
+        reclaims: 0,
+        violations: 0,
+    };
+    let start = trace.jobs.first().map_or(0, |j| j.arrival) - env.lead_ms;
+    for (i, j) in trace.jobs.iter().enumerate() {
+        ctx.push(j.arrival, Ev::Arrival(i));
+    }
+    ctx.now = start;
+    ctx.push(start, Ev::Tick);
+    // A policy that never serves some job must not spin forever.
+    let horizon = trace.jobs.last().map_or(start, |j| j.arrival) + 7 * 86_400_000;
+    let mut timeline = Vec::new();
+    while ctx.done < n as u32 {
+        let Some(Reverse((t, _, ev))) = ctx.events.pop() else {
+            break;
+        };
+        if t > horizon {
+            break;
+        }
+        ctx.now = t;
+        match ev {
+            Ev::Arrival(j) => {
+                ctx.arrived += 1;
+                scaler.arrive(&mut ctx, j);
+            }
+            Ev::Ready(m) => {
+                let machine = &mut ctx.machines[m];
+                if machine.ended.is_none() && machine.ready.is_none() {
+                    machine.ready = Some(t);
+                    scaler.ready(&mut ctx, m);
+                }
+            }
+            Ev::Finish(j, m) => {
+                let machine = &mut ctx.machines[m];
+                if machine.ended.is_none() && machine.job.map(|(x, _)| x) == Some(j) {
+                    let (_, since) = machine.job.take().unwrap_or((j, t));
+                    machine.busy_ms += t - since;
+                    ctx.busy -= 1;
+                    ctx.running_on[j] = None;
+                    ctx.started[j] = Some(since);
+                    ctx.done += 1;
+                    scaler.finish(&mut ctx, j, m);
+                }
+            }
+            Ev::Reclaim(m) => {
+                let machine = &mut ctx.machines[m];
+                if machine.ended.is_none() {
+                    machine.ended = Some(t);
+                    let job = machine.job.take().map(|(j, since)| {
+                        machine.busy_ms += t - since;
+                        (j, t - since)
+                    });
+                    ctx.alive -= 1;
+                    ctx.reclaims += 1;
+                    if let Some((j, ran)) = job {
+                        ctx.busy -= 1;
+                        ctx.running_on[j] = None;
+                        ctx.ran_before[j] += ran;
+                    }
+                    scaler.lost(&mut ctx, m, job.map(|(j, _)| j));
+                }
+            }
+            Ev::Tick => {
+                scaler.tick(&mut ctx);
+                if env.timeline {
+                    timeline.push(ctx.sample());
+                }
+                let next = t + env.tick_ms;
+                ctx.push(next, Ev::Tick);
+            }
+        }
+    }
+    let end = ctx.now;
+    if env.timeline {
+        timeline.push(ctx.sample());
+    }
+    let mut out = Outcome {
+        name: name.to_owned(),
+        launches: ctx.launches,
+        reclaims: ctx.reclaims,
+        violations: ctx.violations,
+        timeline,
+        start,
+        end,
+        ..Outcome::default()
+    };
+    for m in &ctx.machines {
+        let life = m.ended.unwrap_or(end) - m.launched;
+        let busy = m.busy_ms + m.job.map_or(0, |(_, since)| end - since);
+        out.machine_ms += life;
+        out.busy_ms += busy;
+        out.cost += life.max(MIN_BILLED_MS) as f64 * m.price_per_ms;
+    }
+    // A job's wait: from arrival to its (last) start, minus time spent on reclaimed machines.
+    out.waits_ms = trace
+        .jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| match ctx.started[i] {
+            Some(s) => (s - j.arrival - ctx.ran_before[i]).max(0),
+            None => end - j.arrival,
+        })
+        .collect();
+    out
+}
+
+/// Summary numbers of one replay.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub p50_wait_s: f64,
+    pub p95_wait_s: f64,
+    pub max_wait_s: f64,
+    pub idle_machine_hours: f64,
+    pub busy_machine_hours: f64,
+    pub launches: u64,
+    pub cost: f64,
+}
+
+/// Nearest-rank percentile of sorted values (`p` in 0..=100).
+pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+impl Outcome {
+    pub fn summary(&self) -> Summary {
+        let mut w = self.waits_ms.clone();
+        w.sort_unstable();
+        let s = |ms: i64| (ms as f64 / 100.0).round() / 10.0;
+        let h = |ms: i64| (ms as f64 / 3.6e4).round() / 100.0;
+        Summary {
+            name: self.name.clone(),
+            p50_wait_s: s(percentile(&w, 50.0)),
+            p95_wait_s: s(percentile(&w, 95.0)),
+            max_wait_s: s(w.last().copied().unwrap_or(0)),
+            idle_machine_hours: h(self.machine_ms - self.busy_ms),
+            busy_machine_hours: h(self.busy_ms),
+            launches: self.launches,
+            cost: (self.cost * 100.0).round() / 100.0,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn env(boot: f64) -> Env {
+        Env {
+            boot: Dist::Fixed(boot),
+            seed: 1,
+            reclaims_per_hour: 0.0,
+            tick_ms: 10_000,
+            prices: BTreeMap::from([("t".to_string(), 3.6)]),
+            lead_ms: 900_000,
+            timeline: true,
+        }
+    }
+
+    pub fn trace(jobs: &[(i64, i64)]) -> Trace {
+        Trace {
+            jobs: jobs
+                .iter()
+                .map(|&(at, d)| Job {
+                    arrival: 1_700_000_000_000 + at * 1000,
+                    duration: d * 1000,
+                    class: "c".into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// One machine per job, launched on arrival, terminated on finish.
+    struct OnDemand {
+        waiting: Vec<(usize, usize)>,
+    }
+
+    impl Scaler for OnDemand {
+        fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize) {
+            let m = ctx.launch("t");
+            self.waiting.push((m, job));
+        }
+        fn ready(&mut self, ctx: &mut Ctx<'_>, machine: usize) {
+            if let Some(i) = self.waiting.iter().position(|(m, _)| *m == machine) {
+                let (m, j) = self.waiting.remove(i);
+                ctx.start(j, m);
+            }
+        }
+        fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
+            ctx.terminate(machine);
+        }
+        fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+            let booting = self.waiting.iter().position(|(m, _)| *m == machine);
+            if let Some(j) = job.or_else(|| booting.map(|i| self.waiting.remove(i).1)) {
+                self.arrive(ctx, j);
+            }
+        }
+        fn tick(&mut self, _ctx: &mut Ctx<'_>) {}
+    }
+
+    #[test]
+    fn on_demand_waits_the_boot_and_bills_the_minute_minimum() {
+        let t = trace(&[(0, 100), (5, 10)]);
+        let out = run("x", &t, &mut OnDemand { waiting: vec![] }, &env(40.0));
+        let s = out.summary();
+        assert_eq!(out.waits_ms, vec![40_000, 40_000]);
+        assert_eq!(s.launches, 2);
+        assert_eq!(
+            s.busy_machine_hours,
+            ((110.0 / 3600.0) * 100.0_f64).round() / 100.0
+        );
+        // Machine 1: 140 s; machine 2: 50 s billed as 60 s; $3.6/h = $0.001/s.
+        assert!((out.cost - 0.2).abs() < 1e-9, "{}", out.cost);
+        assert_eq!(
+            out.machine_ms - out.busy_ms,
+            80_000,
+            "boot time counts as idle"
+        );
+        assert_eq!(out.violations, 0);
+    }
+
+    #[test]
+    fn reclaimed_job_runs_again_and_only_waiting_counts() {
+        let mut e = env(10.0);
+        e.reclaims_per_hour = 40.0; // mean life 90 s, so a 10-minute job is reclaimed often
+        let t = trace(&[(0, 600)]);
+        let out = run("x", &t, &mut OnDemand { waiting: vec![] }, &e);
+        assert!(out.reclaims > 0);
+        assert!(out.waits_ms[0] >= 10_000, "{:?}", out.waits_ms);
+        assert!(
+            out.busy_ms >= 600_000,
+            "the reclaimed run counts as busy machine time"
+        );
+        assert!(out.launches > 1);
+        assert_eq!(out.violations, 0);
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<i64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 95.0), 95);
+        assert_eq!(percentile(&[7], 95.0), 7);
+        assert_eq!(percentile(&[], 95.0), 0);
+    }
+}
