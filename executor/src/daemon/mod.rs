@@ -42,9 +42,13 @@ pub struct Shared {
     probing: Mutex<HashSet<String>>,
     launch_backoff: Mutex<HashMap<String, (Instant, std::time::Duration)>>,
     pub metrics: Arc<Metrics>,
-    /// Fleet-tagged instances unknown to the pool: instance id -> (machine tag, first seen).
-    pub unknown: Mutex<BTreeMap<String, (Option<String>, DateTime<Utc>)>>,
+    /// Fleet-tagged instances unknown to the pool, by instance id.
+    pub unknown: Mutex<BTreeMap<String, UnknownInstance>>,
 }
+
+/// An instance carrying this fleet's tag that the pool does not know: its
+/// `flotilla:machine` tag, and when it was first seen (the orphan grace runs from there).
+pub type UnknownInstance = (Option<String>, DateTime<Utc>);
 
 impl Shared {
     pub fn pool(&self) -> MutexGuard<'_, Pool> {

@@ -162,8 +162,10 @@ mod tests {
 
     #[test]
     fn job_policy_must_be_allowed() {
-        let mut job = JobConfig::default();
-        job.pull_policy = vec![PullPolicy::IfNotPresent];
+        let mut job = JobConfig {
+            pull_policy: vec![PullPolicy::IfNotPresent],
+            ..JobConfig::default()
+        };
         assert_eq!(
             policies_for(&job, &[], "i").unwrap(),
             vec![PullPolicy::IfNotPresent]
