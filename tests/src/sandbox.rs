@@ -45,6 +45,8 @@ pub struct SandboxOptions {
     pub flotilla_bin: Option<PathBuf>,
     /// Start `flotilla daemon` (turn off to exercise the cloud parts alone).
     pub start_daemon: bool,
+    /// The learned warm pool (`[classes.default.forecast]`); off so idle_time is exact.
+    pub forecast: bool,
 }
 
 impl Default for SandboxOptions {
@@ -61,6 +63,7 @@ impl Default for SandboxOptions {
             base_dir: None,
             flotilla_bin: None,
             start_daemon: true,
+            forecast: false,
         }
     }
 }
@@ -244,6 +247,9 @@ impl Sandbox {
             class.max_machines = opts.max_machines;
             class.max_builds = opts.max_builds;
             class.boot_timeout = HumanDuration::from_secs(60);
+            // The pool tests assert idle_count/idle_time exactly; the learned warm pool
+            // would (rightly) keep a machine after a job. Tests of it turn it on.
+            class.forecast.enabled = opts.forecast;
         }
         config
             .validate()
