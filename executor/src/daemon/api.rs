@@ -72,6 +72,7 @@ impl IntoResponse for Failure {
 struct Waiting<'a> {
     shared: &'a Shared,
     class: String,
+    armed: bool,
 }
 
 impl<'a> Waiting<'a> {
@@ -81,18 +82,32 @@ impl<'a> Waiting<'a> {
         Self {
             shared,
             class: class.to_owned(),
+            armed: true,
         }
+    }
+
+    /// The count was already taken off under the pool lock (in the same critical section
+    /// that granted the lease, so no plan ever sees both the grant and the demand).
+    fn disarm(mut self) {
+        self.armed = false;
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let mut pool = self.shared.pool();
-        if let Some(n) = pool.waiting.get_mut(&self.class) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                pool.waiting.remove(&self.class);
-            }
+        uncount_waiting(&mut pool, &self.class);
+    }
+}
+
+fn uncount_waiting(pool: &mut crate::pool::Pool, class: &str) {
+    if let Some(n) = pool.waiting.get_mut(class) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            pool.waiting.remove(class);
         }
     }
 }
@@ -132,13 +147,14 @@ async fn acquire(
     let wait = Duration::from_millis(req.timeout_ms).min(MAX_ACQUIRE_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let started = std::time::Instant::now();
-    let mut waiting = None;
+    let mut waiting: Option<Waiting<'_>> = None;
     let mut first_try = true;
     loop {
         let notified = shared.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         let lease_id = new_id("l-");
+        let counted = waiting.is_some();
         let attempt = shared.update_journaled(|pool| {
             if let Some(l) = pool.lease_for_job(&req.job_key) {
                 return (Attempt::Have(l.to_api()), None);
@@ -152,6 +168,9 @@ async fn acquire(
             match pool.try_lease(&req.job_key, &class, lease_id.clone(), Utc::now()) {
                 Some(l) => {
                     let record = l.clone();
+                    if counted {
+                        uncount_waiting(pool, &class);
+                    }
                     (
                         Attempt::Granted(record.to_api()),
                         Some(JournalOp::Leased { lease: record }),
@@ -183,6 +202,9 @@ async fn acquire(
         match attempt {
             Attempt::Have(l) => return Ok(Json(l)),
             Attempt::Granted(lease) => {
+                if let Some(w) = waiting.take() {
+                    w.disarm();
+                }
                 shared
                     .metrics
                     .lease_wait
