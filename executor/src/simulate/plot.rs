@@ -85,7 +85,7 @@ pub fn svg(outcomes: &[Outcome]) -> String {
     const LEFT: f64 = 56.0;
     const RIGHT: f64 = 16.0;
     const PANEL: f64 = 190.0;
-    const GAP: f64 = 58.0;
+    const GAP: f64 = 72.0;
     const TOP: f64 = 54.0;
     const N: usize = 700;
     let plot_w = W - LEFT - RIGHT;
@@ -96,7 +96,7 @@ pub fn svg(outcomes: &[Outcome]) -> String {
         .flatten()
         .map(|b| b.1.max(b.2))
         .fold(1.0, f64::max);
-    let ymax = nice_ceiling(ymax);
+    let (ymax, ystep) = nice_axis(ymax);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -127,17 +127,17 @@ pub fn svg(outcomes: &[Outcome]) -> String {
         lx += 24.0 + label.len() as f64 * 6.6;
     }
     for (k, (o, b)) in outcomes.iter().zip(&series).enumerate() {
-        let y0 = TOP + k as f64 * (PANEL + GAP) + 26.0;
+        let y0 = TOP + k as f64 * (PANEL + GAP) + 40.0;
         let x = |t: i64| LEFT + (t - o.start) as f64 / (o.end - o.start).max(1) as f64 * plot_w;
         let y = |v: f64| y0 + PANEL - v / ymax * PANEL;
         let sum = o.summary();
         let _ = writeln!(
             s,
-            r##"<text x="{LEFT}" y="{:.1}" font-weight="bold">{}</text><text x="{:.1}" y="{:.1}" text-anchor="end">p95 wait {:.0} s · idle {:.0} machine-h · busy {:.0} machine-h · {} launches · ${:.2}</text>"##,
-            y0 - 8.0,
+            r##"<text x="{LEFT}" y="{:.1}" font-weight="bold">{}</text><text x="{LEFT}" y="{:.1}" fill="#333">p50 wait {:.0} s · p95 wait {:.0} s · idle {:.0} machine-h · busy {:.0} machine-h · {} launches · ${:.2}</text>"##,
+            y0 - 22.0,
             escape(&o.name),
-            W - RIGHT,
-            y0 - 8.0,
+            y0 - 7.0,
+            sum.p50_wait_s,
             sum.p95_wait_s,
             sum.idle_machine_hours,
             sum.busy_machine_hours,
@@ -145,8 +145,9 @@ pub fn svg(outcomes: &[Outcome]) -> String {
             sum.cost
         );
         // Grid and y labels.
-        for i in 0..=4 {
-            let v = ymax * f64::from(i) / 4.0;
+        let ticks = (ymax / ystep).round() as u32;
+        for i in 0..=ticks {
+            let v = ystep * f64::from(i);
             let yy = y(v);
             let _ = writeln!(
                 s,
@@ -210,14 +211,15 @@ fn label(day: DateTime<Utc>) -> String {
     format!("{} {:02}-{:02}", day.weekday(), day.month(), day.day())
 }
 
-fn nice_ceiling(v: f64) -> f64 {
+/// A round axis maximum at or above `v` and its tick step (at most six ticks).
+fn nice_axis(v: f64) -> (f64, f64) {
     let step = [
-        5.0, 10.0, 20.0, 25.0, 50.0, 100.0, 200.0, 250.0, 500.0, 1000.0,
+        1.0, 2.0, 5.0, 10.0, 20.0, 25.0, 50.0, 100.0, 200.0, 250.0, 500.0,
     ]
     .into_iter()
-    .find(|s| v / s <= 5.0)
-    .unwrap_or(1000.0);
-    (v / step).ceil() * step
+    .find(|s| v / s <= 6.0)
+    .unwrap_or_else(|| (v / 6.0).ceil());
+    ((v / step).ceil().max(1.0) * step, step)
 }
 
 pub fn write(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
@@ -255,6 +257,14 @@ mod tests {
         assert!(doc.contains("a&lt;b"));
         assert_eq!(doc.matches("<svg").count(), 1);
         assert!(doc.contains("Thu 01-01"), "day labels");
+    }
+
+    #[test]
+    fn axis_is_round() {
+        assert_eq!(nice_axis(37.0), (40.0, 10.0));
+        assert_eq!(nice_axis(3.2), (4.0, 1.0));
+        assert_eq!(nice_axis(120.0), (120.0, 20.0));
+        assert_eq!(nice_axis(130.0), (150.0, 25.0));
     }
 
     #[test]

@@ -46,6 +46,9 @@ impl Task {
     }
 }
 
+/// The busiest hours of the shared week (weekdays, 14:00-23:59 UTC), for the baselines'
+/// working-hours periods.
+const BUSY_HOURS: &str = "* 14-23 * * mon-fri";
 const IDLE_COUNTS: [u32; 12] = [0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50];
 const IDLE_TIMES: [u64; 6] = [60, 300, 600, 1200, 1800, 3600];
 
@@ -53,7 +56,7 @@ const IDLE_TIMES: [u64; 6] = [60, 300, 600, 1200, 1800, 3600];
 /// IdleCount cap. Other settings (limit, MaxBuilds, MaxGrowthRate, type) from the config.
 pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
     let base = super::docker_machine_from(config);
-    let with = |k: docker_machine::Knobs| {
+    let with_periods = |k: docker_machine::Knobs, periods: Vec<docker_machine::Period>| {
         let configs: BTreeMap<_, _> = base
             .iter()
             .map(|(n, c)| {
@@ -61,7 +64,7 @@ pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
                     n.clone(),
                     docker_machine::Config {
                         knobs: k,
-                        periods: Vec::new(),
+                        periods: periods.clone(),
                         ..c.clone()
                     },
                 )
@@ -74,6 +77,7 @@ pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
             .unwrap_or_default();
         Task::DockerMachine(format!("docker+machine {label}"), configs)
     };
+    let with = |k: docker_machine::Knobs| with_periods(k, Vec::new());
     let mut tasks = Vec::new();
     for idle_count in IDLE_COUNTS {
         for idle_time_s in IDLE_TIMES {
@@ -83,6 +87,27 @@ pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
                 idle_scale_factor: 0.0,
                 idle_time_s,
             }));
+        }
+    }
+    // Working-hours periods (the shared week's busy hours, weekdays 14-24 UTC), on-demand
+    // otherwise: docker+machine tuned with hindsight.
+    for idle_time_s in [60, 300] {
+        for busy_idle_count in [5, 10, 20] {
+            let off = docker_machine::Knobs {
+                idle_count: 0,
+                idle_count_min: 0,
+                idle_scale_factor: 0.0,
+                idle_time_s,
+            };
+            let period = docker_machine::Period {
+                periods: vec![BUSY_HOURS.into()],
+                timezone: "UTC".into(),
+                knobs: docker_machine::Knobs {
+                    idle_count: busy_idle_count,
+                    ..off
+                },
+            };
+            tasks.push(with_periods(off, vec![period]));
         }
     }
     for idle_scale_factor in [0.25, 0.5, 1.0] {
@@ -105,7 +130,7 @@ pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
 /// taskscaler: idle_count x idle_time, and scale_factor x scale_factor_limit.
 pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
     let base = super::taskscaler_from(config);
-    let with = |k: taskscaler::Knobs| {
+    let with_policies = |k: taskscaler::Knobs, policies: Vec<taskscaler::Policy>| {
         let configs: BTreeMap<_, _> = base
             .iter()
             .map(|(n, c)| {
@@ -113,7 +138,7 @@ pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
                     n.clone(),
                     taskscaler::Config {
                         knobs: k,
-                        policies: Vec::new(),
+                        policies: policies.clone(),
                         ..c.clone()
                     },
                 )
@@ -126,6 +151,7 @@ pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
             .unwrap_or_default();
         Task::Taskscaler(format!("taskscaler {label}"), configs)
     };
+    let with = |k: taskscaler::Knobs| with_policies(k, Vec::new());
     let mut tasks = Vec::new();
     for idle_count in IDLE_COUNTS {
         for idle_time_s in IDLE_TIMES {
@@ -135,6 +161,25 @@ pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
                 scale_factor: 0.0,
                 scale_factor_limit: 0,
             }));
+        }
+    }
+    for idle_time_s in [60, 300] {
+        for busy_idle_count in [2, 5, 10] {
+            let off = taskscaler::Knobs {
+                idle_count: 0,
+                idle_time_s,
+                scale_factor: 0.0,
+                scale_factor_limit: 0,
+            };
+            let policy = taskscaler::Policy {
+                periods: vec![BUSY_HOURS.into()],
+                timezone: "UTC".into(),
+                knobs: taskscaler::Knobs {
+                    idle_count: busy_idle_count,
+                    ..off
+                },
+            };
+            tasks.push(with_policies(off, vec![policy]));
         }
     }
     for scale_factor in [0.25, 0.5, 1.0, 2.0] {
