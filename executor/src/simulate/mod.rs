@@ -348,14 +348,45 @@ struct Report<'a> {
     policies: &'a [Summary],
 }
 
-pub fn print_table(rows: &[Summary]) {
+/// `writeln!` into the output buffer (formatting into a String cannot fail).
+macro_rules! outln {
+    ($buf:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($buf, $($arg)*);
+    }};
+}
+pub(crate) use outln;
+
+/// Writes the report to stdout; a closed pipe (`| head`) is not an error.
+pub fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+pub fn print_table(out: &mut String, rows: &[Summary]) {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(6).max(6);
-    println!(
+    outln!(
+        out,
         "{:<width$}  {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>10}",
-        "policy", "p50 wait", "p95 wait", "max wait", "idle m-h", "busy m-h", "launches", "cost"
+        "policy",
+        "p50 wait",
+        "p95 wait",
+        "max wait",
+        "idle m-h",
+        "busy m-h",
+        "launches",
+        "cost"
     );
     for r in rows {
-        println!(
+        outln!(
+            out,
             "{:<width$}  {:>8.1}s {:>8.1}s {:>8.1}s {:>10.1} {:>10.1} {:>8} {:>10}",
             r.name,
             r.p50_wait_s,
@@ -414,14 +445,13 @@ pub fn run(config_path: Option<&Path>, args: &Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the plot to {}", path.display()))?;
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&Report { policies: &rows })?
-        );
-        return Ok(());
+        let json = serde_json::to_string_pretty(&Report { policies: &rows })?;
+        return emit(&(json + "\n"));
     }
     let jobs = setup.trace.jobs.len();
-    println!(
+    let mut out = String::new();
+    outln!(
+        out,
         "{} jobs over {:.1} h ({:.1} job-hours), boot {}, seed {}, reconcile every {} ms",
         jobs,
         setup.trace.span_hours(),
@@ -430,23 +460,24 @@ pub fn run(config_path: Option<&Path>, args: &Args) -> anyhow::Result<()> {
         setup.env.seed,
         setup.env.tick_ms
     );
-    print_table(&rows);
+    print_table(&mut out, &rows);
     if let Some(o) = outcomes.first() {
-        println!("{:<16} {}", "demand", plot::demand_sparkline(o, 72));
+        outln!(out, "{:<16} {}", "demand", plot::demand_sparkline(o, 72));
     }
     for o in &outcomes {
-        println!("{:<16} {}", o.name, plot::sparkline(o, 72));
+        outln!(out, "{:<16} {}", o.name, plot::sparkline(o, 72));
         if o.reclaims > 0 {
-            println!("{:<16} {} spot reclaims", "", o.reclaims);
+            outln!(out, "{:<16} {} spot reclaims", "", o.reclaims);
         }
     }
-    println!(
+    outln!(
+        out,
         "replayed {} policies x {jobs} jobs in {elapsed:.2} s ({:.0} jobs/s)",
         outcomes.len(),
         (outcomes.len() * jobs) as f64 / elapsed.max(1e-9)
     );
     if let Some(path) = &args.plot {
-        println!("plot: {}", path.display());
+        outln!(out, "plot: {}", path.display());
     }
-    Ok(())
+    emit(&out)
 }

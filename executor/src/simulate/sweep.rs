@@ -12,7 +12,7 @@ use flotilla_proto::config::Config;
 
 use super::engine::{Env, Outcome, Summary};
 use super::trace::Trace;
-use super::{docker_machine, plot, print_table, taskscaler, Args, Report, Setup};
+use super::{docker_machine, emit, outln, plot, print_table, taskscaler, Args, Report, Setup};
 
 /// One simulated configuration.
 #[derive(Clone)]
@@ -337,33 +337,36 @@ pub fn run(setup: &Setup, args: &Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the plot to {}", path.display()))?;
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&Report { policies: &report })?
-        );
-        return Ok(());
+        let json = serde_json::to_string_pretty(&Report { policies: &report })?;
+        return emit(&(json + "\n"));
     }
+    let mut out = String::new();
     for (family, points) in &by_family {
-        println!(
+        outln!(
+            out,
             "\n{family}: {} configurations, Pareto front (idle machine-hours vs p95 wait):",
             points.len()
         );
-        print_table(&pareto(points));
+        print_table(&mut out, &pareto(points));
     }
-    println!("\nComparison: Flotilla as configured vs each baseline's best points");
-    print_table(&comparison);
+    outln!(
+        out,
+        "\nComparison: Flotilla as configured vs each baseline's best points"
+    );
+    print_table(&mut out, &comparison);
     for n in notes {
-        println!("  {n}");
+        outln!(out, "  {n}");
     }
-    println!(
+    outln!(
+        out,
         "\nswept {} configurations x {jobs} jobs in {elapsed:.1} s ({:.0} jobs/s)",
         tasks.len(),
         (tasks.len() * jobs) as f64 / elapsed.max(1e-9)
     );
     if let Some(path) = &args.plot {
-        println!("plot: {}", path.display());
+        outln!(out, "plot: {}", path.display());
     }
-    Ok(())
+    emit(&out)
 }
 
 #[cfg(test)]
