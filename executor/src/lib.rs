@@ -11,6 +11,7 @@ pub mod observe;
 pub mod pki;
 pub mod plan;
 pub mod pool;
+pub mod simulate;
 pub mod stages;
 pub mod state_store;
 pub mod status;

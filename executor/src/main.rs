@@ -9,8 +9,6 @@ use flotilla::control::ControlClient;
 use flotilla::stages::{self, JobEnv, StageError};
 use flotilla_proto::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
 
-mod simulate;
-
 #[derive(Parser)]
 #[command(
     name = "flotilla",
@@ -64,7 +62,7 @@ enum Command {
     /// Replay a job trace through Flotilla's scaling policy and through docker+machine and
     /// taskscaler, on simulated EC2; compare waits, idle machine-hours and cost. Uses
     /// `--config` only when given (built-in defaults otherwise).
-    Simulate(simulate::Args),
+    Simulate(flotilla::simulate::Args),
 }
 
 fn config_path(cli: &Option<PathBuf>) -> PathBuf {
@@ -119,7 +117,7 @@ fn main() -> ExitCode {
     );
     init_logging(if is_stage { "warn" } else { "info" });
     if let Command::Simulate(args) = &cli.command {
-        return match simulate::run(cli.config.as_deref(), args) {
+        return match flotilla::simulate::run(cli.config.as_deref(), args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("flotilla: {e:#}");

@@ -306,6 +306,20 @@ async fn release(
     let released = shared.update_journaled(|pool| {
         let machine = pool.leases.get(&id).map(|l| l.machine_id.clone());
         let released = pool.release(&id, req.outcome, req.reason.clone(), now);
+        // A machine at max_builds must not be leased by a waiter woken below before the
+        // plan retires it: retire it in the same critical section.
+        if let Some(m) = machine.as_ref().and_then(|m| pool.machines.get_mut(m)) {
+            let max_builds = shared
+                .policy
+                .classes
+                .get(&m.class)
+                .map_or(0, |c| c.max_builds);
+            if released && m.state == MachineState::Idle && max_builds > 0 && m.builds >= max_builds
+            {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(crate::pool::TerminateReason::MaxBuilds);
+            }
+        }
         let op = released.then(|| JournalOp::Released {
             lease_id: id.clone(),
             outcome: req.outcome,

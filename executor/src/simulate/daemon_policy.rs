@@ -13,8 +13,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use flotilla::plan::{plan, Action, Policy};
-use flotilla::pool::{Machine, Pool};
+use crate::plan::{plan, Action, Policy};
+use crate::pool::{Machine, Pool};
 use flotilla_proto::api::ReleaseOutcome;
 
 use super::engine::{Ctx, Scaler};
@@ -255,7 +255,7 @@ mod tests {
         let t = trace(&bursts());
         let c = config(true, 0, 60);
         let mut s = Flotilla::new(
-            flotilla::plan::Policy::from_config(&c),
+            crate::plan::Policy::from_config(&c),
             BTreeMap::from([("c".to_string(), "t".to_string())]),
             "c".into(),
             Pool::default(),

@@ -1,5 +1,5 @@
 //! `flotilla simulate`: replays a job trace through Flotilla's own scaling decision
-//! ([`flotilla::plan::plan`], the function the daemon runs) and through faithful models of
+//! ([`crate::plan::plan`], the function the daemon runs) and through faithful models of
 //! docker+machine and docker-autoscaler/taskscaler, on a simulated clock and simulated EC2,
 //! and reports what each one costs in idle machines and in jobs waiting for a machine.
 //!
@@ -218,7 +218,7 @@ pub fn flotilla_variants(config: &Config) -> Vec<(String, Config)> {
 
 /// Replays the trace through Flotilla's plan with `config`.
 pub fn run_flotilla(name: &str, config: &Config, trace: &trace::Trace, env: &Env) -> Outcome {
-    let policy = flotilla::plan::Policy::from_config(config);
+    let policy = crate::plan::Policy::from_config(config);
     let types = config
         .classes
         .iter()
@@ -233,7 +233,7 @@ pub fn run_flotilla(name: &str, config: &Config, trace: &trace::Trace, env: &Env
         policy,
         types,
         config.default_class.clone(),
-        flotilla::pool::Pool::default(),
+        crate::pool::Pool::default(),
     );
     engine::run(name, trace, &mut s, env)
 }
