@@ -64,17 +64,6 @@ impl Shared {
         (r, self.store.bump())
     }
 
-    /// Applies a lease operation to the pool and journals it, under one lock hold.
-    pub fn journal(
-        &self,
-        op: crate::state_store::JournalOp,
-    ) -> Result<(), crate::state_store::StoreError> {
-        let mut pool = self.pool();
-        self.store.append(&op)?;
-        op.apply(&mut pool);
-        Ok(())
-    }
-
     /// Runs `f` on the pool and journals the operation it returns, under one lock hold.
     pub fn update_journaled<R>(
         &self,
