@@ -159,6 +159,11 @@ async fn create_network_and_volumes(
 /// A job container kept alive between stages by [`KEEPALIVE`] as its command, behind the
 /// image's entrypoint (or the job's `entrypoint:`; `[""]` for none), so an entrypoint that
 /// prepares the environment and `exec "$@"`s runs as it would on the docker executor.
+///
+/// Stdin is kept open (never attached, never written): with the common
+/// `entrypoint: ["/bin/sh", "-c"]` the command's first word `sh` becomes the whole script,
+/// a shell reading stdin, as on the docker executor (where stdin brings the job script).
+/// That shell then waits on stdin and keeps the container up instead of exiting on EOF.
 fn container_body(
     config: &Config,
     names: &JobNames,
@@ -170,6 +175,7 @@ fn container_body(
         image: Some(image.to_owned()),
         entrypoint: services::entrypoint_override(entrypoint),
         cmd: Some(vec!["sh".into(), "-c".into(), KEEPALIVE.into()]),
+        open_stdin: Some(true),
         labels: Some(labels(names, role)),
         host_config: Some(HostConfig {
             binds: Some(vec![
