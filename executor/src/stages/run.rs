@@ -39,6 +39,24 @@ const KILL_ALL: &str = "kill -KILL -1 2>/dev/null; exit 0";
 /// How long a cancelled stage's processes get to exit before SIGKILL.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
+/// Shell (builtins, /proc and `sleep` only) that returns once no process is left in the
+/// container but PID 1, the keep-alive's `sleep` and this shell with its own children, or
+/// after `grace`.
+fn wait_quiet_script(grace: Duration) -> String {
+    let quarters = (grace.as_millis() / 250).max(1);
+    format!(
+        "n=0; while [ $n -lt {quarters} ]; do busy=; \
+         for d in /proc/[0-9]*; do p=${{d#/proc/}}; \
+         [ \"$p\" = 1 ] || [ \"$p\" = $$ ] && continue; \
+         read -r s 2>/dev/null < \"$d/stat\" || continue; set -- $s; \
+         [ \"$4\" = $$ ] && continue; \
+         [ \"$4\" = 1 ] && [ \"$2\" = '(sleep)' ] && continue; \
+         busy=1; break; done; \
+         [ -z \"$busy\" ] && exit 0; \
+         sleep 0.25 2>/dev/null || sleep 1; n=$((n+1)); done; exit 1"
+    )
+}
+
 pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> StageResult {
     let lease = current_lease(config, env).await?;
     let names = JobNames::new(&lease.job_key);
@@ -212,8 +230,21 @@ async fn exec_script(
             lease.machine_id
         );
         let _ = run_quick(docker, container, TERM_ALL).await;
-        if tokio::time::timeout(CANCEL_GRACE, &mut pump).await.is_err() {
-            let _ = run_quick(docker, container, KILL_ALL).await;
+        // The stage's shell exits at once on SIGTERM and its output stream ends, but what it
+        // started may live on (it handles or ignores SIGTERM, or was orphaned) beside the
+        // next stages: give that the grace period, then SIGKILL whatever is left, always.
+        let mut pumped = false;
+        let quiet = wait_quiet_script(CANCEL_GRACE);
+        let settle = run_quick(docker, container, &quiet);
+        let _ = tokio::time::timeout(CANCEL_GRACE + Duration::from_secs(1), async {
+            let _ = tokio::join!(settle, async {
+                let _ = (&mut pump).await;
+                pumped = true;
+            });
+        })
+        .await;
+        let _ = run_quick(docker, container, KILL_ALL).await;
+        if !pumped {
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut pump).await;
         }
     }
