@@ -30,6 +30,8 @@ install_system_packages() {
   fi
   command -v curl >/dev/null || missing+=(curl)
   command -v iptables >/dev/null || missing+=(iptables)
+  # htpasswd -B: bcrypt logins of the private registry in the e2e tests (tests/src/auth_registry.rs).
+  command -v htpasswd >/dev/null || missing+=(apache2-utils)
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]}"

@@ -305,28 +305,3 @@ async fn unknown_machine_class_is_a_build_failure_and_launches_nothing() -> Resu
     })
     .await
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_is_reachable_from_the_build_script_by_its_alias() -> Result<()> {
-    bounded(Duration::from_secs(300), async {
-        let sb = Sandbox::start(SandboxOptions::default()).await?;
-        let mut job = Job::new(
-            107,
-            &["for i in $(seq 1 20); do wget -qO- http://svc:8080/ && exit 0; sleep 1; done; exit 7"],
-        );
-        job.services.push(serde_json::json!({
-            "name": sb.job_image,
-            "alias": "svc",
-            "entrypoint": null,
-            "command": ["sh", "-c", "mkdir -p /www && echo service-says-$SERVICE_WORD > /www/index.html && exec httpd -f -p 8080 -h /www"],
-            "variables": [{"key": "SERVICE_WORD", "value": "hi"}],
-        }));
-        let r = sb.run_job(job).await?;
-        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
-        ensure!(r.outcome == Outcome::Success, "{}", ctx());
-        let build = r.stage("build_script").with_context(|| format!("build_script did not run\n{}", ctx()))?;
-        ensure!(build.stdout.contains("service-says-hi"), "{}", ctx());
-        sb.shutdown().await
-    })
-    .await
-}

@@ -7,6 +7,7 @@
 //! (default 3); `FLOTILLA_KEEP_SANDBOX=1` keeps their directories for inspection.
 
 mod common;
+mod compat;
 mod harness;
 mod jobs;
 mod pool;

@@ -6,6 +6,7 @@
 //! ([`runner`], [`script`]), and [`sandbox`] ties them together with a running
 //! `flotilla daemon`. Nothing here talks to anything but loopback and its own containers.
 
+pub mod auth_registry;
 pub mod emulator;
 pub mod moto;
 pub mod registry;

@@ -44,6 +44,9 @@ pub struct Job {
     pub stage_bodies: BTreeMap<String, Vec<String>>,
     /// Job timeout in seconds (CI_JOB_TIMEOUT).
     pub timeout_secs: u64,
+    /// Top-level keys of the job payload (JOB_RESPONSE_FILE) that replace the generated
+    /// ones: `image` with `entrypoint`/`pull_policy`, `credentials`, ...
+    pub payload: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Job {
@@ -60,6 +63,7 @@ impl Job {
             token: format!("glcbt-sandbox-secret-{id}-{}", crate::util::unique_token()),
             stage_bodies: BTreeMap::new(),
             timeout_secs: 3600,
+            payload: serde_json::Map::new(),
         }
     }
 
@@ -507,7 +511,7 @@ fn job_response(job: &Job, opts: &RunnerOptions, builds_dir: &str) -> serde_json
             "when": "always", "allow_failure": true,
         }));
     }
-    serde_json::json!({
+    let mut payload = serde_json::json!({
         "id": job.id,
         "token": job.token,
         "allow_git_fetch": true,
@@ -524,7 +528,11 @@ fn job_response(job: &Job, opts: &RunnerOptions, builds_dir: &str) -> serde_json
         "dependencies": [],
         "features": {"trace_sections": true},
         "runner": {"short_token": opts.runner_short_token},
-    })
+    });
+    if let Some(map) = payload.as_object_mut() {
+        map.extend(job.payload.clone());
+    }
+    payload
 }
 
 /// Runs one driver process to completion, collecting its output, applying cancellation.

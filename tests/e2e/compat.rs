@@ -1,0 +1,1201 @@
+//! Issue 5: jobs behave as they do on gitlab-runner's docker executor. Services (aliases,
+//! variables, entrypoint, command, port check), pull policies, private registries,
+//! entrypoints, the helper's files and a non-root build user, cancellation on the machine,
+//! and output (100 MB complete with flat memory, stdout/stderr order), plus the output
+//! throughput benchmark against `docker exec`.
+//!
+//! Some tests drive the stages one by one ([`Driver`]) instead of [`Sandbox::run_job`], to
+//! look at the machine between two stages or to read a stage's raw output.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use flotilla_proto::config::{JobConfig, PullPolicy};
+use flotilla_proto::duration::HumanDuration;
+use flotilla_sandbox::auth_registry::{busybox_image_with, image_id, push_image, AuthRegistry};
+use flotilla_sandbox::runner::{ConfigOutput, JobContext, StageResult, BUILD_FAILURE_EXIT_CODE};
+use flotilla_sandbox::{
+    docker_on, Cancel, CancelWhen, EmulatedMachine, Job, JobResult, Outcome, RunnerOptions,
+    Sandbox, SandboxOptions,
+};
+use serde_json::json;
+
+use crate::common::bounded;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+// --- helpers ---
+
+/// Runner options whose stages read a copy of the sandbox's flotilla.toml with `edit`
+/// applied to `[job]` (only the stages read those keys; the daemon keeps the original).
+fn runner_with_job_config(
+    sb: &Sandbox,
+    name: &str,
+    edit: impl FnOnce(&mut JobConfig),
+) -> Result<RunnerOptions> {
+    let mut config = sb.config.clone();
+    edit(&mut config.job);
+    let path = sb.dir.join(format!("flotilla-{name}.toml"));
+    std::fs::write(&path, config.to_toml()?)?;
+    let mut opts = sb.runner_options();
+    opts.config_path = Some(path);
+    Ok(opts)
+}
+
+fn all_policies_allowed(job: &mut JobConfig) {
+    job.allowed_pull_policies = vec![
+        PullPolicy::Always,
+        PullPolicy::IfNotPresent,
+        PullPolicy::Never,
+    ];
+}
+
+/// `http://127.0.0.1:<port>` of the sandbox's own registry.
+fn registry_url(sb: &Sandbox) -> String {
+    let host = sb.job_image.split('/').next().unwrap_or_default();
+    format!("http://{host}")
+}
+
+/// Pushes a busybox image with `config` patched into its image config to the sandbox's
+/// registry; returns its reference and image id.
+fn push_with(
+    sb: &Sandbox,
+    repo: &str,
+    flavour: &str,
+    config: serde_json::Value,
+) -> Result<(String, String)> {
+    let image = busybox_image_with(flavour, config)?;
+    push_image(&registry_url(sb), None, repo, "latest", &image)?;
+    let host = sb.job_image.split('/').next().unwrap_or_default();
+    Ok((format!("{host}/{repo}:latest"), image_id(&image)))
+}
+
+/// A job whose payload `image:` has this entrypoint and pull policy (as GitLab sends
+/// `image: {name, entrypoint, pull_policy}`).
+fn job_with_image(
+    id: u64,
+    image: &str,
+    entrypoint: Option<&[&str]>,
+    pull_policy: Option<&[&str]>,
+    script: &[&str],
+) -> Job {
+    let mut job = Job::new(id, script).with_image(image);
+    job.payload.insert(
+        "image".into(),
+        json!({"name": image, "entrypoint": entrypoint, "pull_policy": pull_policy}),
+    );
+    job
+}
+
+/// The image id on the machine, or `None` when the image is not there.
+async fn machine_image_id(m: &EmulatedMachine, image: &str) -> Option<String> {
+    docker_on(m, &["image", "inspect", "-f", "{{.Id}}", image])
+        .await
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// The sandbox's only machine (tests using it run with max_machines = 1).
+async fn the_machine(sb: &Sandbox) -> Result<EmulatedMachine> {
+    let mut running = sb
+        .emulator()
+        .wait_running(1, Duration::from_secs(90))
+        .await?;
+    ensure!(running.len() == 1, "expected one machine: {running:#?}");
+    Ok(running.remove(0))
+}
+
+fn all_output(s: &StageResult) -> String {
+    format!("{}{}", s.stdout, s.stderr)
+}
+
+/// The job ran prepare once (a build failure is not retried), which failed the build, and
+/// no script ran; returns prepare's output.
+fn prepare_build_failure(r: &JobResult, ctx: &dyn Fn() -> String) -> Result<String> {
+    let prepare = r
+        .stage("prepare")
+        .with_context(|| format!("prepare did not run\n{}", ctx()))?;
+    ensure!(
+        prepare.exit_code == Some(BUILD_FAILURE_EXIT_CODE),
+        "prepare should fail the build (not the system)\n{}",
+        ctx()
+    );
+    let attempts = r.stages.iter().filter(|s| s.name == "prepare").count();
+    ensure!(
+        attempts == 1,
+        "a build failure in prepare was retried ({attempts} attempts)\n{}",
+        ctx()
+    );
+    ensure!(!r.ran("build_script"), "{}", ctx());
+    ensure!(r.cleanup_exit == Some(0), "{}", ctx());
+    Ok(all_output(prepare))
+}
+
+/// Drives one job's stages by hand, like gitlab-runner, for tests that look at the machine
+/// between stages or read a stage's raw output.
+struct Driver {
+    ctx: JobContext,
+    trace: Vec<StageResult>,
+}
+
+impl Driver {
+    /// `config` then `prepare`; fails (with the trace) unless both succeed.
+    async fn prepare(opts: RunnerOptions, job: Job) -> Result<Self> {
+        let mut d = Self {
+            ctx: JobContext::new(opts, job)?,
+            trace: Vec::new(),
+        };
+        let cfg = d.ctx.call("config", &["config"]).await?;
+        let parsed: ConfigOutput = serde_json::from_str(cfg.stdout.trim())
+            .with_context(|| format!("config printed no JSON: {cfg:?}"))?;
+        d.trace.push(cfg);
+        if let Some(b) = parsed.builds_dir {
+            d.ctx.builds_dir = b;
+        }
+        if let Some(c) = parsed.cache_dir {
+            d.ctx.cache_dir = c;
+        }
+        d.ctx.job_env = parsed.job_env;
+        let prep = d.ctx.call("prepare", &["prepare"]).await?;
+        let ok = prep.ok();
+        d.trace.push(prep);
+        ensure!(ok, "prepare failed\n{}", d.describe());
+        Ok(d)
+    }
+
+    /// Runs a stage (its body from the job), recording it in the trace.
+    async fn stage(&mut self, stage: &str) -> Result<StageResult> {
+        let script = self.script(stage)?;
+        let r = self
+            .ctx
+            .call(stage, &["run", &script.display().to_string(), stage])
+            .await?;
+        self.trace.push(r.clone());
+        Ok(r)
+    }
+
+    /// Runs a stage that must succeed.
+    async fn stage_ok(&mut self, stage: &str) -> Result<StageResult> {
+        let r = self.stage(stage).await?;
+        ensure!(r.ok(), "stage {stage} failed\n{}", self.describe());
+        Ok(r)
+    }
+
+    fn script(&mut self, stage: &str) -> Result<PathBuf> {
+        let body = self.ctx.stage_body(stage);
+        ensure!(!body.is_empty(), "stage {stage} has no body");
+        self.ctx.write_script(stage, &body)
+    }
+
+    /// `flotilla run <script> <stage>` exactly as [`JobContext::call`] starts it, for the
+    /// caller to spawn with its own stdio.
+    fn run_command(&mut self, stage: &str) -> Result<std::process::Command> {
+        let script = self.script(stage)?;
+        let opts = &self.ctx.opts;
+        let mut cmd = std::process::Command::new(&opts.flotilla_bin);
+        if let Some(c) = &opts.config_path {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.arg("run")
+            .arg(&script)
+            .arg(stage)
+            .current_dir(self.ctx.dir())
+            .envs(self.ctx.env())
+            .stdin(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        Ok(cmd)
+    }
+
+    async fn cleanup(&mut self) -> Result<()> {
+        let r = self.ctx.call("cleanup", &["cleanup"]).await?;
+        let ok = r.ok();
+        self.trace.push(r);
+        ensure!(ok, "cleanup failed\n{}", self.describe());
+        Ok(())
+    }
+
+    /// The build container's name on the machine.
+    fn build_container(&self) -> String {
+        format!("flotilla-job-{}-build", self.ctx.job.id)
+    }
+
+    fn describe(&self) -> String {
+        JobResult {
+            config: None,
+            stages: self.trace.clone(),
+            outcome: Outcome::Success,
+            cleanup_exit: None,
+            project_dir: self.ctx.project_dir(),
+        }
+        .describe()
+    }
+}
+
+/// `/proc/<pid>/status` field in KiB (`VmHWM`, `VmRSS`).
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+// --- services ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_is_reached_by_its_derived_aliases_and_user_alias_with_variables_entrypoint_and_command(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions {
+            idle_count: 1,
+            max_machines: 1,
+            ..Default::default()
+        })
+        .await?;
+        // An image whose own entrypoint would fail: the job's entrypoint must replace it.
+        let (pushed, _) = push_with(
+            &sb,
+            "tests/svc-web",
+            "svc-web",
+            json!({
+                "Entrypoint": ["sh", "-c", "echo the image entrypoint ran; exit 3"],
+                "ExposedPorts": {"8080/tcp": {}},
+            }),
+        )?;
+        // gitlab-runner derives aliases from the name without registry host and tag; a
+        // registry with a port gives names no resolver accepts, so the image gets a Docker
+        // Hub style name on the machine (as `postgres` or `bitnami/redis` would have).
+        let m = the_machine(&sb).await?;
+        docker_on(&m, &["pull", &pushed]).await?;
+        docker_on(&m, &["tag", &pushed, "tests/svc-web:latest"]).await?;
+        let opts = runner_with_job_config(&sb, "services", all_policies_allowed)?;
+
+        let mut job = Job::new(
+            201,
+            &[r#"for h in tests-svc-web tests__svc-web web; do ok=; for i in 1 2 3 4 5; do if wget -qO- "http://$h:8080/"; then ok=1; break; fi; sleep 1; done; [ -n "$ok" ] || { echo "no answer from $h"; exit 7; }; done"#],
+        )
+        .with_variable("JOB_WORD", "from-the-job");
+        job.services.push(json!({
+            "name": "tests/svc-web:latest",
+            "alias": "web",
+            "entrypoint": ["sh", "-c"],
+            "command": ["mkdir -p /www && echo \"service-says-$SERVICE_WORD-$JOB_WORD via $(cat /etc/flotilla-image)\" > /www/index.html && exec httpd -f -p 8080 -h /www"],
+            "pull_policy": ["if-not-present"],
+            "variables": [{"key": "SERVICE_WORD", "value": "hi"}],
+        }));
+        let r = flotilla_sandbox::runner::run_job(opts, job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        let prepare = r.stage("prepare").context("prepare did not run")?;
+        ensure!(
+            !all_output(prepare).contains("WARNING"),
+            "the port check warned about a service that listens on its exposed port\n{}",
+            ctx()
+        );
+        let build = r
+            .stage("build_script")
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
+        let answers = build
+            .stdout
+            .matches("service-says-hi-from-the-job via svc-web")
+            .count();
+        ensure!(
+            answers == 3,
+            "expected the service's page by both derived aliases and the user alias, got {answers}\n{}",
+            ctx()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_that_never_opens_its_port_gives_a_warning_with_its_logs_and_the_job_runs(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let (image, _) = push_with(
+            &sb,
+            "tests/svc-silent",
+            "svc-silent",
+            json!({
+                "Cmd": ["sh", "-c", "echo silent-service-starting-$SERVICE_WORD; exec sleep 3600"],
+                "ExposedPorts": {"5432/tcp": {}},
+            }),
+        )?;
+        let opts = runner_with_job_config(&sb, "svc-wait", |j| {
+            j.service_wait = HumanDuration::from_secs(3)
+        })?;
+        let mut job = Job::new(202, &["echo job-ran-after-the-warning"]);
+        job.services.push(json!({
+            "name": image, "alias": "db",
+            "variables": [{"key": "SERVICE_WORD", "value": "quietly"}],
+        }));
+        let r = flotilla_sandbox::runner::run_job(opts, job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        let prepare = all_output(r.stage("prepare").context("prepare did not run")?);
+        for needle in [
+            "WARNING",
+            "probably didn't start properly",
+            "5432",
+            "silent-service-starting-quietly",
+        ] {
+            ensure!(
+                prepare.contains(needle),
+                "prepare's warning lacks {needle:?}\n{}",
+                ctx()
+            );
+        }
+        let build = r
+            .stage("build_script")
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
+        ensure!(
+            build.stdout.contains("job-ran-after-the-warning"),
+            "{}",
+            ctx()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+// --- images: pull policies, credentials, entrypoints ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_policies_never_if_not_present_always_and_a_list_follow_the_registry_and_the_machine(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions {
+            idle_count: 1,
+            max_machines: 1,
+            ..Default::default()
+        })
+        .await?;
+        let opts = runner_with_job_config(&sb, "policies", all_policies_allowed)?;
+        let (image, v1) = push_with(&sb, "tests/policy", "policy-v1", json!({}))?;
+        let m = the_machine(&sb).await?;
+        let run = |id: u64, policy: &'static [&'static str]| {
+            let job = job_with_image(id, &image, None, Some(policy), &["cat /etc/flotilla-image"]);
+            flotilla_sandbox::runner::run_job(opts.clone(), job)
+        };
+
+        // never, image not on the machine: a build failure that names the policy.
+        let r = run(301, &["never"]).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let out = prepare_build_failure(&r, &ctx)?;
+        ensure!(
+            out.contains("never") && out.contains(&image),
+            "the failure should name the image and the policy\n{}",
+            ctx()
+        );
+        ensure!(machine_image_id(&m, &image).await.is_none(), "{}", ctx());
+
+        // [never, if-not-present]: never fails, if-not-present pulls.
+        let r = run(302, &["never", "if-not-present"]).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(
+            r.stage("build_script")
+                .is_some_and(|b| b.stdout.contains("policy-v1")),
+            "{}",
+            ctx()
+        );
+        ensure!(
+            machine_image_id(&m, &image).await.as_deref() == Some(v1.as_str()),
+            "the machine does not have v1 ({v1})\n{}",
+            ctx()
+        );
+
+        // The registry gets a new image under the same tag.
+        let (_, v2) = push_with(&sb, "tests/policy", "policy-v2", json!({}))?;
+        ensure!(v1 != v2, "v1 and v2 have the same id");
+
+        // if-not-present and never keep what the machine has.
+        for (id, policy) in [(303, &["if-not-present"][..]), (304, &["never"][..])] {
+            let job = job_with_image(id, &image, None, Some(policy), &["cat /etc/flotilla-image"]);
+            let r = flotilla_sandbox::runner::run_job(opts.clone(), job).await?;
+            let ctx = || format!("{policy:?}\n{}\n{}", r.describe(), sb.diagnostics());
+            ensure!(r.outcome == Outcome::Success, "{}", ctx());
+            ensure!(
+                r.stage("build_script")
+                    .is_some_and(|b| b.stdout.contains("policy-v1")),
+                "{policy:?} re-pulled the image\n{}",
+                ctx()
+            );
+            ensure!(
+                machine_image_id(&m, &image).await.as_deref() == Some(v1.as_str()),
+                "{}",
+                ctx()
+            );
+        }
+
+        // always pulls the new image.
+        let r = run(305, &["always"]).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(
+            r.stage("build_script")
+                .is_some_and(|b| b.stdout.contains("policy-v2")),
+            "always did not pull the updated image\n{}",
+            ctx()
+        );
+        ensure!(
+            machine_image_id(&m, &image).await.as_deref() == Some(v2.as_str()),
+            "the machine does not have v2 ({v2})\n{}",
+            ctx()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_policy_outside_allowed_pull_policies_is_a_build_failure_before_any_machine(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let opts = runner_with_job_config(&sb, "allowed", |j| {
+            j.allowed_pull_policies = vec![PullPolicy::Always, PullPolicy::IfNotPresent];
+        })?;
+        let job = job_with_image(
+            311,
+            &sb.job_image,
+            None,
+            Some(&["if-not-present", "never"][..]),
+            &["echo should-not-run"],
+        );
+        let r = flotilla_sandbox::runner::run_job(opts, job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let out = prepare_build_failure(&r, &ctx)?;
+        ensure!(
+            out.contains("\"never\"")
+                && out.contains("not allowed")
+                && out.contains("always, if-not-present"),
+            "the failure should name the policy and the allowed ones\n{}",
+            ctx()
+        );
+        let launched = sb.instances().await?;
+        ensure!(
+            launched.is_empty(),
+            "a machine was launched for a job refused by policy: {launched:#?}"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_image_pulls_with_docker_auth_config_or_payload_credentials_and_is_refused_without(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let password = format!("pw-{}", flotilla_sandbox::util::unique_token());
+        let mut reg = AuthRegistry::start(
+            &sb.dir.join("auth-registry"),
+            &sb.dir,
+            "ci-puller",
+            &password,
+        )
+        .await?;
+        let image = reg.push(
+            "team/private",
+            "latest",
+            &busybox_image_with("private", json!({}))?,
+        )?;
+        let opts = sb.runner_options();
+        let script = ["cat /etc/flotilla-image"];
+
+        // No credentials: a clear build failure, not retried.
+        let r = sb
+            .run_job(Job::new(401, &script).with_image(&image))
+            .await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let out = prepare_build_failure(&r, &ctx)?;
+        ensure!(
+            out.contains(&format!("cannot pull image {image}")),
+            "the failure should say the image cannot be pulled\n{}",
+            ctx()
+        );
+
+        // A wrong password: refused too, and never echoed.
+        let wrong = format!("wrong-{password}");
+        let job = Job::new(402, &script)
+            .with_image(&image)
+            .with_variable("DOCKER_AUTH_CONFIG", &reg.docker_auth_config(Some(&wrong)));
+        let r = sb.run_job(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let out = prepare_build_failure(&r, &ctx)?;
+        ensure!(
+            out.contains(&format!("cannot pull image {image}")),
+            "{}",
+            ctx()
+        );
+        ensure!(
+            !r.describe().contains(&wrong),
+            "a password was echoed\n{}",
+            ctx()
+        );
+
+        // DOCKER_AUTH_CONFIG as a job variable.
+        let job = Job::new(403, &script)
+            .with_image(&image)
+            .with_variable("DOCKER_AUTH_CONFIG", &reg.docker_auth_config(None));
+        let r = sb.run_job(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(
+            r.stage("build_script")
+                .is_some_and(|b| b.stdout.contains("private\n")),
+            "{}",
+            ctx()
+        );
+        ensure!(
+            !r.describe().contains(&password),
+            "the password was echoed\n{}",
+            ctx()
+        );
+
+        // DOCKER_AUTH_CONFIG in the runner's own environment.
+        let mut runner_env = opts.clone();
+        runner_env
+            .env
+            .push(("DOCKER_AUTH_CONFIG".into(), reg.docker_auth_config(None)));
+        let r = flotilla_sandbox::runner::run_job(
+            runner_env,
+            Job::new(404, &script).with_image(&image),
+        )
+        .await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+
+        // The job payload's `credentials` (GitLab's own registry login). The default policy
+        // (always) pulls again, so the registry checks the login again.
+        let mut job = Job::new(405, &script).with_image(&image);
+        job.payload
+            .insert("credentials".into(), json!([reg.payload_credential()]));
+        let r = sb.run_job(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(
+            !r.describe().contains(&password),
+            "the password was echoed\n{}",
+            ctx()
+        );
+
+        reg.stop();
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entrypoint_that_does_not_exec_its_arguments_works_with_an_empty_entrypoint_and_sh_c_works(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let (no_exec, _) = push_with(
+            &sb,
+            "tests/no-exec-entrypoint",
+            "no-exec-entrypoint",
+            json!({"Entrypoint": ["sh", "-c", "echo this entrypoint ignores its arguments"]}),
+        )?;
+        let (execs, _) = push_with(
+            &sb,
+            "tests/exec-entrypoint",
+            "exec-entrypoint",
+            json!({"Entrypoint": ["sh", "-c", "echo prepared-by-the-entrypoint > /tmp/entrypoint-ran; exec \"$@\"", "entrypoint"]}),
+        )?;
+        let script = ["cat /etc/flotilla-image"];
+
+        // As on the docker executor, the job's container does not stay up: a build
+        // failure saying what to do.
+        let r = sb
+            .run_job(job_with_image(501, &no_exec, None, None, &script))
+            .await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let build = r
+            .stage("build_script")
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?;
+        ensure!(
+            build.exit_code == Some(BUILD_FAILURE_EXIT_CODE)
+                && all_output(build).contains(r#"entrypoint: [""]"#),
+            "expected a build failure pointing at entrypoint: [\"\"]\n{}",
+            ctx()
+        );
+
+        // entrypoint: [""] clears it.
+        let r = sb
+            .run_job(job_with_image(502, &no_exec, Some(&[""][..]), None, &script))
+            .await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(
+            r.stage("build_script")
+                .is_some_and(|b| b.stdout.contains("no-exec-entrypoint\n")),
+            "{}",
+            ctx()
+        );
+
+        // An entrypoint that execs its arguments runs before the stages.
+        let r = sb
+            .run_job(job_with_image(
+                503,
+                &execs,
+                None,
+                None,
+                &["cat /tmp/entrypoint-ran"],
+            ))
+            .await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(
+            r.stage("build_script")
+                .is_some_and(|b| b.stdout.contains("prepared-by-the-entrypoint")),
+            "the image's entrypoint did not run\n{}",
+            ctx()
+        );
+
+        // `entrypoint: ["/bin/sh", "-c"]`, common in .gitlab-ci.yml files: the docker
+        // executor's command (`sh -c <detect shell>`) then runs `sh`, which reads the script
+        // from the container's stdin.
+        let r = sb
+            .run_job(job_with_image(
+                504,
+                &sb.job_image,
+                Some(&["/bin/sh", "-c"][..]),
+                None,
+                &["echo shell-entrypoint-job-ran"],
+            ))
+            .await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(
+            r.stage("build_script")
+                .is_some_and(|b| b.stdout.contains("shell-entrypoint-job-ran\n")),
+            "{}",
+            ctx()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+// --- helper container and the build user ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_in_a_helper_stage_are_modified_by_a_non_root_build_user() -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let (by_name, _) = push_with(
+            &sb,
+            "tests/user-build",
+            "user-build",
+            json!({"User": "build"}),
+        )?;
+        let (by_uid, _) = push_with(
+            &sb,
+            "tests/user-1000",
+            "user-1000",
+            json!({"User": "1000:1000"}),
+        )?;
+        for (id, image) in [(601, &by_name), (602, &by_uid)] {
+            let mut job = Job::new(
+                id,
+                &[
+                    "echo build-user=$(id -u)",
+                    "echo changed-by-the-build >> src/file.txt",
+                    "cat src/file.txt",
+                    "touch src/created-by-the-build",
+                    "rm src/delete-me",
+                    "ls src",
+                ],
+            )
+            .with_image(image);
+            // get_sources as git would: directories and files, written by root in the
+            // helper container.
+            job.stage_bodies.insert(
+                "get_sources".into(),
+                vec![
+                    r#"mkdir -p "$CI_PROJECT_DIR/src""#.into(),
+                    r#"echo written-by-the-helper > "$CI_PROJECT_DIR/src/file.txt""#.into(),
+                    r#"touch "$CI_PROJECT_DIR/src/delete-me""#.into(),
+                    "echo helper-user=$(id -u)".into(),
+                ],
+            );
+            let r = sb.run_job(job).await?;
+            let ctx = || format!("{image}\n{}\n{}", r.describe(), sb.diagnostics());
+            ensure!(r.outcome == Outcome::Success, "{}", ctx());
+            ensure!(
+                r.stage("get_sources")
+                    .is_some_and(|s| s.stdout.contains("helper-user=0")),
+                "{}",
+                ctx()
+            );
+            let build = r
+                .stage("build_script")
+                .with_context(|| format!("build_script did not run\n{}", ctx()))?;
+            ensure!(
+                build.stdout.contains("build-user=1000")
+                    && build
+                        .stdout
+                        .contains("written-by-the-helper\nchanged-by-the-build\n")
+                    && build.stdout.split("$ ls src\n").nth(1).is_some_and(|ls| ls
+                        .contains("created-by-the-build")
+                        && !ls.contains("delete-me")),
+                "{}",
+                ctx()
+            );
+        }
+        sb.shutdown().await
+    })
+    .await
+}
+
+// --- cancellation ---
+
+/// Runs `script` as build_script, cancels it after 4 s like a UI cancel, and checks on the
+/// machine that nothing of it is left; then after_script and an on_failure stage run.
+async fn cancel_and_check_the_container(sb: &Sandbox, id: u64, script: &str) -> Result<()> {
+    let mut opts = sb.runner_options();
+    opts.graceful_kill_timeout = Duration::from_secs(30);
+    opts.cancel = Some(Cancel {
+        stage: "build_script".into(),
+        when: CancelWhen::After(Duration::from_secs(4)),
+    });
+    let mut job =
+        Job::new(id, &[script]).with_after_script(&["echo after-script-ran", "ps -o pid,args"]);
+    job.stage_bodies.insert(
+        "upload_artifacts_on_failure".into(),
+        vec!["echo upload-on-failure-ran".into()],
+    );
+    let mut d = Driver::prepare(opts, job).await?;
+    let m = the_machine(sb).await?;
+    let container = d.build_container();
+    d.stage_ok("prepare_script").await?;
+    d.stage_ok("get_sources").await?;
+
+    // The script's processes as the machine sees them, while it runs.
+    let top = |m: EmulatedMachine, c: String| async move {
+        docker_on(&m, &["top", &c, "-eo", "pid,args"]).await
+    };
+    let watch = async {
+        for _ in 0..100 {
+            if let Ok(t) = top(m.clone(), container.clone()).await {
+                if t.contains("sleep 1") {
+                    return Some(t);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    };
+    let (build, during) = tokio::join!(d.stage("build_script"), watch);
+    let build = build?;
+    let during = during.with_context(|| {
+        format!(
+            "never saw the script's sleep on the machine\n{}",
+            d.describe()
+        )
+    })?;
+    let took = build
+        .cancelled_after
+        .with_context(|| format!("the stage was not cancelled\n{}", d.describe()))?;
+    // SIGTERM, then SIGKILL after flotilla's 5 s grace for processes that ignore it.
+    ensure!(
+        took < Duration::from_secs(15) && !build.killed,
+        "run stage took {took:?} after SIGTERM (killed: {})\n{}",
+        build.killed,
+        d.describe()
+    );
+
+    // Nothing of the script is left: only the container's keep-alive and its sleep.
+    let after = top(m.clone(), container.clone()).await?;
+    let leftovers: Vec<&str> = after
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains("trap 'exit 0' TERM INT") && !l.trim_end().ends_with("sleep 3600"))
+        .collect();
+    ensure!(
+        leftovers.is_empty(),
+        "processes of the cancelled script still run in the container: {leftovers:#?}\n\
+         during the script:\n{during}\nafter:\n{after}\n{}",
+        d.describe()
+    );
+
+    // gitlab-runner goes on with after_script and the on_failure stages.
+    let after_script = d.stage_ok("after_script").await?;
+    ensure!(
+        after_script.stdout.contains("after-script-ran")
+            && !after_script.stdout.contains("sleep 1"),
+        "{}",
+        d.describe()
+    );
+    let upload = d.stage_ok("upload_artifacts_on_failure").await?;
+    ensure!(
+        upload.stdout.contains("upload-on-failure-ran"),
+        "{}",
+        d.describe()
+    );
+    d.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_in_a_sleep_loop_leaves_no_process_of_the_script_and_after_script_still_runs(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        cancel_and_check_the_container(&sb, 701, "while true; do sleep 1; done").await?;
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ignored_by_the_script_is_followed_by_sigkill_and_after_script_still_runs(
+) -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        cancel_and_check_the_container(&sb, 702, "trap '' TERM; while true; do sleep 1; done")
+            .await?;
+        sb.shutdown().await
+    })
+    .await
+}
+
+// --- output ---
+
+/// Bytes in the 100 MB output: binary, then invalid UTF-8, then text.
+const BINARY_BYTES: u64 = 10 * 1024 * 1024;
+const TEXT_BYTES: u64 = 90 * 1024 * 1024;
+
+/// A job whose `step_generate` writes `out.bin` (random bytes, invalid UTF-8, text lines)
+/// into the project dir and prints its size and sha256; `build_script` cats it.
+fn output_job(id: u64) -> Job {
+    let mut job = Job::new(id, &[]);
+    job.stage_bodies.insert(
+        "step_generate".into(),
+        vec![
+            // `yes | head` ends yes with SIGPIPE, which pipefail would make a failure.
+            "set +o pipefail".into(),
+            r#"f="$CI_PROJECT_DIR/out.bin""#.into(),
+            format!(r#"head -c {BINARY_BYTES} /dev/urandom > "$f""#),
+            r#"printf '\377\376 invalid utf-8 \300\200 \355\240\200\n' >> "$f""#.into(),
+            format!(
+                r#"yes 'flotilla output line, after the binary part' | head -c {TEXT_BYTES} >> "$f""#
+            ),
+            r#"echo "machine-bytes=$(wc -c < "$f")""#.into(),
+            r#"echo "machine-sha256=$(sha256sum "$f" | cut -d' ' -f1)""#.into(),
+        ],
+    );
+    job.stage_bodies.insert(
+        "build_script".into(),
+        vec![r#"cat "$CI_PROJECT_DIR/out.bin""#.into()],
+    );
+    job
+}
+
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_of_100_mb_with_binary_arrives_complete_while_run_stage_memory_stays_flat(
+) -> Result<()> {
+    /// Peak RSS allowed for `flotilla run` while streaming 100 MB (it holds chunks only).
+    const RSS_BOUND_KIB: u64 = 64 * 1024;
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let mut d = Driver::prepare(sb.runner_options(), output_job(801)).await?;
+        d.stage_ok("prepare_script").await?;
+        d.stage_ok("get_sources").await?;
+        let generated = d.stage_ok("step_generate").await?;
+        let machine_sha = field(&generated.stdout, "machine-sha256")
+            .context("no machine-sha256")?
+            .to_owned();
+        let machine_bytes: u64 = field(&generated.stdout, "machine-bytes")
+            .context("no machine-bytes")?
+            .parse()?;
+        ensure!(machine_bytes > BINARY_BYTES + TEXT_BYTES, "{}", d.describe());
+
+        // `flotilla run` read by a consumer slower than the machine (about 50 MB/s) so any
+        // buffering inside flotilla would grow; its memory sampled from /proc meanwhile.
+        let mut cmd = d.run_command("build_script")?;
+        let (status, stderr, sum, peak_kib) = tokio::task::spawn_blocking(move || -> Result<_> {
+            use std::io::Write;
+            use std::sync::atomic::{AtomicBool, Ordering};
+            use std::sync::Arc;
+            let mut run = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+            let pid = run.id();
+            let mut out = run.stdout.take().context("no stdout")?;
+            let mut err_pipe = run.stderr.take().context("no stderr")?;
+            let err_reader = std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = err_pipe.read_to_string(&mut s);
+                s
+            });
+            let done = Arc::new(AtomicBool::new(false));
+            let sampler = {
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let mut peak: u64 = 0;
+                    while !done.load(Ordering::Relaxed) {
+                        for f in ["VmHWM", "VmRSS"] {
+                            peak = peak.max(proc_status_kib(pid, f).unwrap_or(0));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    peak
+                })
+            };
+            let mut sum = std::process::Command::new("sha256sum")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut sum_in = sum.stdin.take().context("no sha256sum stdin")?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut since_pause = 0;
+            loop {
+                let n = out.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                sum_in.write_all(&buf[..n])?;
+                since_pause += n;
+                if since_pause >= 1024 * 1024 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    since_pause = 0;
+                }
+            }
+            drop(sum_in);
+            let status = run.wait()?;
+            done.store(true, Ordering::Relaxed);
+            let peak = sampler.join().unwrap_or(0);
+            let sum = sum.wait_with_output()?;
+            let stderr = err_reader.join().unwrap_or_default();
+            Ok((status, stderr, String::from_utf8_lossy(&sum.stdout).into_owned(), peak))
+        })
+        .await??;
+        let streamed_sha = sum.split_whitespace().next().unwrap_or_default();
+        ensure!(
+            status.success(),
+            "flotilla run failed ({status}): {stderr}\n{}",
+            d.describe()
+        );
+        ensure!(
+            streamed_sha == machine_sha,
+            "the streamed output differs from what the machine wrote ({machine_bytes} bytes): \
+             sha256 {streamed_sha} != {machine_sha}\nstderr: {stderr}"
+        );
+        eprintln!(
+            "100 MB output: flotilla run peak RSS {} KiB (bound {RSS_BOUND_KIB} KiB)",
+            peak_kib
+        );
+        ensure!(
+            peak_kib > 0 && peak_kib < RSS_BOUND_KIB,
+            "flotilla run's peak RSS was {peak_kib} KiB streaming {machine_bytes} bytes (bound {RSS_BOUND_KIB} KiB)"
+        );
+        d.cleanup().await?;
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_and_stderr_arrive_interleaved_as_produced_with_bytes_unchanged() -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let mut job = Job::new(802, &[]);
+        job.stage_bodies.insert(
+            "build_script".into(),
+            vec![
+                r#"i=1; while [ $i -le 12 ]; do echo "out-$i"; sleep 0.05; echo "err-$i" >&2; sleep 0.05; i=$((i+1)); done"#.into(),
+                r#"printf 'raw-\377\376\300-end\n' >&2"#.into(),
+            ],
+        );
+        let mut d = Driver::prepare(sb.runner_options(), job).await?;
+        d.stage_ok("prepare_script").await?;
+        d.stage_ok("get_sources").await?;
+        let mut cmd = tokio::process::Command::from(d.run_command("build_script")?);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        // Lines in the order they arrive on the two pipes, as gitlab-runner merges them.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Vec<u8>)>();
+        for (name, pipe) in [
+            ("out", child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
+            ("err", child.stderr.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
+        ] {
+            let pipe = pipe.context("no pipe")?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut r = tokio::io::BufReader::new(pipe);
+                loop {
+                    let mut line = Vec::new();
+                    match r.read_until(b'\n', &mut line).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            if tx.send((name, line)).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+        let mut lines = Vec::new();
+        while let Some(l) = rx.recv().await {
+            lines.push(l);
+        }
+        ensure!(status.success(), "flotilla run failed: {lines:?}\n{}", d.describe());
+        // Every stdout line, and the script's stderr lines (flotilla may log on stderr).
+        let got: Vec<(&str, Vec<u8>)> = lines
+            .into_iter()
+            .filter(|(s, l)| {
+                *s == "out" || [&b"out-"[..], b"err-", b"raw-"].iter().any(|p| l.starts_with(p))
+            })
+            .collect();
+        let mut want: Vec<(&str, Vec<u8>)> = (1..=12)
+            .flat_map(|i| {
+                [
+                    ("out", format!("out-{i}\n").into_bytes()),
+                    ("err", format!("err-{i}\n").into_bytes()),
+                ]
+            })
+            .collect();
+        want.push(("err", b"raw-\xff\xfe\xc0-end\n".to_vec()));
+        ensure!(
+            got == want,
+            "output order or bytes differ\n got: {:?}\nwant: {:?}",
+            got.iter().map(|(s, l)| format!("{s}:{}", String::from_utf8_lossy(l).trim_end())).collect::<Vec<_>>(),
+            want.iter().map(|(s, l)| format!("{s}:{}", String::from_utf8_lossy(l).trim_end())).collect::<Vec<_>>()
+        );
+        d.cleanup().await?;
+        sb.shutdown().await
+    })
+    .await
+}
+
+// --- benchmark ---
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// Wall time of a command whose stdout goes to /dev/null.
+fn time_to_devnull(mut cmd: std::process::Command) -> Result<f64> {
+    let start = Instant::now();
+    let out = cmd
+        .stdout(std::fs::File::create("/dev/null")?)
+        .stderr(Stdio::piped())
+        .output()?;
+    let took = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(took)
+}
+
+/// Not a pass/fail test: prints the output throughput of `flotilla run` (the run stage,
+/// over mTLS) against `docker exec` of the same command in the same container, through the
+/// docker CLI over TLS with flotilla's client certificate and through the machine's local
+/// unix socket. Medians of `FLOTILLA_BENCH_RUNS` (default 5) runs of 100 MB each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_throughput_of_flotilla_run_against_docker_exec() -> Result<()> {
+    bounded(Duration::from_secs(600), async {
+        let runs: usize = std::env::var("FLOTILLA_BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(5);
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let mut d = Driver::prepare(sb.runner_options(), output_job(901)).await?;
+        d.stage_ok("prepare_script").await?;
+        d.stage_ok("get_sources").await?;
+        let generated = d.stage_ok("step_generate").await?;
+        let bytes: f64 = field(&generated.stdout, "machine-bytes")
+            .context("no machine-bytes")?
+            .parse()?;
+        let m = the_machine(&sb).await?;
+        let container = d.build_container();
+        let file = format!("{}/out.bin", d.ctx.project_dir());
+        let port = m.tls_port.context("machine has no TLS port")?;
+        let state = sb.state_dir().to_owned();
+        let exec = |host: String, tls: bool| {
+            let mut c = std::process::Command::new("docker");
+            c.env_remove("DOCKER_HOST")
+                .env_remove("DOCKER_TLS_VERIFY")
+                .env_remove("DOCKER_CERT_PATH");
+            if tls {
+                // The machine's certificate names its DNS name, not the IP the CLI dials:
+                // TLS with flotilla's client certificate, without checking the server name.
+                c.arg("--tls")
+                    .arg("--tlscacert")
+                    .arg(state.join(flotilla::pki::CA_CERT_FILE))
+                    .arg("--tlscert")
+                    .arg(state.join(flotilla::pki::CLIENT_CERT_FILE))
+                    .arg("--tlskey")
+                    .arg(state.join(flotilla::pki::CLIENT_KEY_FILE));
+            }
+            c.args(["-H", &host, "exec", &container, "sh", "-c"])
+                .arg(format!("cat '{file}'"));
+            c
+        };
+        let tls_host = format!("tcp://{}:{port}", m.private_ip);
+        let unix_host = m.docker_host();
+        let mut samples: [Vec<f64>; 3] = Default::default();
+        for _ in 0..runs {
+            let flotilla = d.run_command("build_script")?;
+            let cmds = [
+                flotilla,
+                exec(tls_host.clone(), true),
+                exec(unix_host.clone(), false),
+            ];
+            for (i, c) in cmds.into_iter().enumerate() {
+                let t = tokio::task::spawn_blocking(move || time_to_devnull(c)).await??;
+                samples[i].push(t);
+            }
+        }
+        let mb = bytes / 1e6;
+        let mut report = format!(
+            "output throughput, {mb:.0} MB per run, median of {runs} (flotilla binary {}):\n",
+            d.ctx.opts.flotilla_bin.display()
+        );
+        for (name, s) in [
+            "flotilla run (mTLS, Docker API via bollard)",
+            "docker exec, docker CLI over TLS (client cert)",
+            "docker exec, docker CLI over the local unix socket",
+        ]
+        .iter()
+        .zip(samples.iter())
+        {
+            let med = median(s.clone());
+            report.push_str(&format!(
+                "  {name:<52} {med:6.2} s  {:7.1} MB/s  (runs: {})\n",
+                mb / med,
+                s.iter()
+                    .map(|t| format!("{t:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        println!("{report}");
+        eprintln!("{report}");
+        if let Ok(path) = std::env::var("FLOTILLA_BENCH_OUT") {
+            std::fs::write(Path::new(&path), &report)?;
+        }
+        d.cleanup().await?;
+        sb.shutdown().await
+    })
+    .await
+}
