@@ -142,7 +142,16 @@ async fn exec_script(
             },
         )
         .await;
-    let exec = match exec {
+    // The container may also stop between the two calls (an entrypoint that exits at once
+    // after a restart): Docker then refuses start_exec with "is not running".
+    let started = match exec {
+        Ok(exec) => docker
+            .start_exec(&exec.id, None)
+            .await
+            .map(|started| (exec, started)),
+        Err(e) => Err(e),
+    };
+    let (exec, started) = match started {
         Ok(e) => e,
         Err(e) if is_not_running(&e) && may_restart => {
             // The container stopped (machine reboot, OOM kill): start it again so the
@@ -165,10 +174,6 @@ async fn exec_script(
             ))
         }
     };
-    let started = docker
-        .start_exec(&exec.id, None)
-        .await
-        .map_err(|e| docker_failure(lease, "attaching to the stage failed", &e))?;
     let StartExecResults::Attached {
         mut output,
         mut input,
@@ -253,13 +258,13 @@ async fn exec_script(
 }
 
 fn is_not_running(e: &bollard::errors::Error) -> bool {
-    matches!(
-        e,
+    match e {
         bollard::errors::Error::DockerResponseServerError {
-            status_code: 409,
-            ..
-        }
-    )
+            status_code,
+            message,
+        } => *status_code == 409 || message.contains("is not running"),
+        _ => false,
+    }
 }
 
 /// Runs a tiny command in the container and waits for it (used to signal the stage).
