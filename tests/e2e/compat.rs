@@ -894,6 +894,8 @@ fn output_job(id: u64) -> Job {
         "build_script".into(),
         vec![r#"cat "$CI_PROJECT_DIR/out.bin""#.into()],
     );
+    job.stage_bodies
+        .insert("step_noop".into(), vec![":".into()]);
     job
 }
 
@@ -1131,7 +1133,7 @@ async fn output_throughput_of_flotilla_run_against_docker_exec() -> Result<()> {
         let file = format!("{}/out.bin", d.ctx.project_dir());
         let port = m.tls_port.context("machine has no TLS port")?;
         let state = sb.state_dir().to_owned();
-        let exec = |host: String, tls: bool| {
+        let exec = |host: String, tls: bool, script: String| {
             let mut c = std::process::Command::new("docker");
             c.env_remove("DOCKER_HOST")
                 .env_remove("DOCKER_TLS_VERIFY")
@@ -1148,22 +1150,31 @@ async fn output_throughput_of_flotilla_run_against_docker_exec() -> Result<()> {
                     .arg(state.join(flotilla::pki::CLIENT_KEY_FILE));
             }
             c.args(["-H", &host, "exec", &container, "sh", "-c"])
-                .arg(format!("cat '{file}'"));
+                .arg(script);
             c
         };
+        let cat = format!("cat '{file}'");
         let tls_host = format!("tcp://{}:{port}", m.private_ip);
         let unix_host = m.docker_host();
-        let mut samples: [Vec<f64>; 3] = Default::default();
+        // Per method: the 100 MB stage, and an empty one (the fixed cost of a call).
+        let mut samples: [(Vec<f64>, Vec<f64>); 3] = Default::default();
         for _ in 0..runs {
-            let flotilla = d.run_command("build_script")?;
             let cmds = [
-                flotilla,
-                exec(tls_host.clone(), true),
-                exec(unix_host.clone(), false),
+                [d.run_command("build_script")?, d.run_command("step_noop")?],
+                [
+                    exec(tls_host.clone(), true, cat.clone()),
+                    exec(tls_host.clone(), true, ":".into()),
+                ],
+                [
+                    exec(unix_host.clone(), false, cat.clone()),
+                    exec(unix_host.clone(), false, ":".into()),
+                ],
             ];
-            for (i, c) in cmds.into_iter().enumerate() {
-                let t = tokio::task::spawn_blocking(move || time_to_devnull(c)).await??;
-                samples[i].push(t);
+            for (i, [full, empty]) in cmds.into_iter().enumerate() {
+                let t = tokio::task::spawn_blocking(move || time_to_devnull(full)).await??;
+                samples[i].0.push(t);
+                let t = tokio::task::spawn_blocking(move || time_to_devnull(empty)).await??;
+                samples[i].1.push(t);
             }
         }
         let mb = bytes / 1e6;
@@ -1171,7 +1182,13 @@ async fn output_throughput_of_flotilla_run_against_docker_exec() -> Result<()> {
             "output throughput, {mb:.0} MB per run, median of {runs} (flotilla binary {}):\n",
             d.ctx.opts.flotilla_bin.display()
         );
-        for (name, s) in [
+        let runs_of = |s: &[f64]| {
+            s.iter()
+                .map(|t| format!("{t:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (name, (full, empty)) in [
             "flotilla run (mTLS, Docker API via bollard)",
             "docker exec, docker CLI over TLS (client cert)",
             "docker exec, docker CLI over the local unix socket",
@@ -1179,14 +1196,12 @@ async fn output_throughput_of_flotilla_run_against_docker_exec() -> Result<()> {
         .iter()
         .zip(samples.iter())
         {
-            let med = median(s.clone());
+            let (t, t0) = (median(full.clone()), median(empty.clone()));
             report.push_str(&format!(
-                "  {name:<52} {med:6.2} s  {:7.1} MB/s  (runs: {})\n",
-                mb / med,
-                s.iter()
-                    .map(|t| format!("{t:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "  {name:<52} {t:6.2} s {:7.1} MB/s | empty call {t0:5.3} s | streaming alone {:7.1} MB/s  (runs: {})\n",
+                mb / t,
+                mb / (t - t0).max(1e-3),
+                runs_of(full)
             ));
         }
         println!("{report}");
