@@ -109,12 +109,12 @@ impl Metrics {
         );
         registry.register(
             "ec2_calls",
-            "EC2 API calls by operation",
+            "EC2 API requests sent (SDK retries included), by operation",
             m.ec2_calls.clone(),
         );
         registry.register(
             "ec2_throttles",
-            "EC2 API calls throttled (RequestLimitExceeded), by operation",
+            "EC2 API requests throttled (RequestLimitExceeded), by operation",
             m.ec2_throttles.clone(),
         );
         registry.register(

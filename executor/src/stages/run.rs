@@ -79,14 +79,106 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
     } else {
         format!("umask 0000; {DETECT_SHELL}")
     };
-    let code = exec_script(&docker, &lease, &container, &shell, file, true).await?;
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(StageError::Build {
+    let result = exec_script(&docker, &lease, &container, &shell, file, true).await;
+    let failed =
+        matches!(&result, Ok(code) if *code != 0) || matches!(result, Err(StageError::System(_)));
+    if failed {
+        let killed = matches!(result, Ok(137 | 143));
+        if let Some(why) = machine_lost(config, &docker, &lease, &container, killed).await {
+            return Err(StageError::system(why));
+        }
+    }
+    match result? {
+        0 => Ok(()),
+        code => Err(StageError::Build {
             code,
             message: None,
-        })
+        }),
+    }
+}
+
+/// How long a failed stage whose job container vanished waits for proof that the machine
+/// is gone (the daemon marking the lease lost, or Docker no longer answering).
+const LOST_VERDICT_WAIT: Duration = Duration::from_secs(15);
+const LOST_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the stage really failed, when its machine went away under it (terminated, spot
+/// reclaim): a shutting-down machine kills the stage's processes first, so the script
+/// "fails" with 137 and Docker still answers for a moment. That must be a system failure
+/// saying the machine was lost (gitlab-runner retries `runner_system_failure`), not a
+/// build failure. A script cannot stop its own job container (PID 1 of the container
+/// ignores signals from inside it), so a container that stopped or vanished under the
+/// stage means the machine did; then the verdict is awaited briefly. A script killed by a
+/// signal (`killed`: 137, 143) gets a second look a moment later: Docker reports the
+/// container running until it has reaped it.
+async fn machine_lost(
+    config: &Config,
+    docker: &Docker,
+    lease: &Lease,
+    container: &str,
+    killed: bool,
+) -> Option<String> {
+    use bollard::models::ContainerStateStatusEnum as Status;
+    for look in 0..2 {
+        let inspected = tokio::time::timeout(
+            LOST_PROBE_TIMEOUT,
+            docker.inspect_container(container, None),
+        )
+        .await;
+        match inspected {
+            Ok(Ok(c))
+                if c.state.as_ref().is_some_and(|s| {
+                    s.running == Some(true) && s.status == Some(Status::RUNNING)
+                }) =>
+            {
+                if killed && look == 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                return None;
+            }
+            Ok(Ok(_)) | Err(_) => break,
+            Ok(Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            })) => break,
+            Ok(Err(e)) if super::is_unreachable(&e) => break,
+            Ok(Err(_)) => return None,
+        }
+    }
+    let client = ControlClient::new(&config.socket_path());
+    let deadline = tokio::time::Instant::now() + LOST_VERDICT_WAIT;
+    loop {
+        if let Err(ControlError::Api(e)) = client.lease(&lease.lease_id).await {
+            if e.code == ErrorCode::MachineLost {
+                return Some(e.message);
+            }
+        }
+        match tokio::time::timeout(LOST_PROBE_TIMEOUT, docker.ping()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Some(format!(
+                    "build machine {} ({}, {}) was lost: its Docker daemon stopped answering while the stage ran ({})",
+                    lease.machine_id,
+                    lease.instance_id,
+                    lease.address,
+                    super::describe_docker_error(&e)
+                ))
+            }
+            Err(_) => {
+                return Some(format!(
+                    "build machine {} ({}, {}) was lost: its Docker daemon stopped answering while the stage ran",
+                    lease.machine_id, lease.instance_id, lease.address
+                ))
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Some(format!(
+                "the job container {container} on build machine {} ({}) stopped while the stage ran: the machine was lost (shutting down or reclaimed) or ran out of memory",
+                lease.machine_id, lease.instance_id
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
