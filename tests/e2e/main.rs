@@ -8,6 +8,7 @@
 
 mod common;
 mod compat;
+mod fleet;
 mod harness;
 mod jobs;
 mod pool;

@@ -8,7 +8,9 @@
 
 pub mod auth_registry;
 pub mod emulator;
+pub mod faults;
 pub mod moto;
+pub mod prom;
 pub mod registry;
 pub mod runner;
 pub mod sandbox;

@@ -7,16 +7,16 @@
 //! terminates every instance of the fleet in moto, stops every dockerd, the registry and
 //! moto, and removes the sandbox directory unless `FLOTILLA_KEEP_SANDBOX` is set.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use flotilla_proto::config::Config;
+use flotilla_proto::config::{ClassConfig, Config, Market};
 use flotilla_proto::duration::HumanDuration;
 
 use crate::emulator::{EmulatedMachine, Emulator, EmulatorOptions};
+use crate::faults::FaultProxy;
 use crate::moto::{self, InstanceInfo, Moto, Network};
 use crate::registry::Registry;
 use crate::runner::{self, Job, JobResult, RunnerOptions};
@@ -47,6 +47,19 @@ pub struct SandboxOptions {
     pub start_daemon: bool,
     /// The learned warm pool (`[classes.default.forecast]`); off so idle_time is exact.
     pub forecast: bool,
+    /// The default class's instance types, in launch order.
+    pub instance_types: Vec<String>,
+    /// The default class's market.
+    pub market: Market,
+    /// More classes; empty `ami`, `instance_types`, `subnets`, `security_groups` and
+    /// `instance_profile` are filled in with the sandbox's.
+    pub extra_classes: Vec<(String, ClassConfig)>,
+    /// Put a [`FaultProxy`] between the daemon and moto (see [`Sandbox::faults`]).
+    pub ec2_proxy: bool,
+    /// Serve the daemon's Prometheus metrics on a free port (see [`Sandbox::metrics`]).
+    pub metrics: bool,
+    /// The daemon's `reconcile_interval`.
+    pub reconcile_interval: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -64,6 +77,12 @@ impl Default for SandboxOptions {
             flotilla_bin: None,
             start_daemon: true,
             forecast: false,
+            instance_types: vec!["t3.micro".into()],
+            market: Market::OnDemand,
+            extra_classes: Vec::new(),
+            ec2_proxy: false,
+            metrics: false,
+            reconcile_interval: Duration::from_secs(1),
         }
     }
 }
@@ -84,6 +103,7 @@ pub struct Sandbox {
     pub helper_image: String,
     ec2: aws_sdk_ec2::Client,
     moto_url: String,
+    faults: Option<FaultProxy>,
     // Teardown order matters: fields are stopped explicitly in `teardown`.
     daemon: Option<Child>,
     emulator: Option<Emulator>,
@@ -198,6 +218,11 @@ impl Sandbox {
         util::record_pid(&dir, "moto_server", moto.pid());
         let moto_url = moto.url();
         let ec2 = moto.ec2().await;
+        let faults = if opts.ec2_proxy {
+            Some(FaultProxy::start(&moto_url).await?)
+        } else {
+            None
+        };
         let profile = format!("flotilla-builder-{n}");
         moto.create_instance_profile(&profile)?;
         let network = moto::create_network(&ec2, n, &profile).await?;
@@ -228,10 +253,17 @@ impl Sandbox {
         let mut config = Config::from_toml(&skeleton)
             .map_err(|e| anyhow::anyhow!("sandbox config skeleton: {e}"))?;
         config.max_machines = opts.max_machines;
-        config.reconcile_interval = HumanDuration::from_secs(1);
+        config.reconcile_interval = HumanDuration(opts.reconcile_interval);
         config.orphan_grace = HumanDuration(opts.orphan_grace);
         config.aws.region = Some(moto::REGION.into());
-        config.aws.endpoint_url = Some(moto_url.clone());
+        config.aws.endpoint_url = Some(
+            faults
+                .as_ref()
+                .map_or_else(|| moto_url.clone(), |f| f.url().to_owned()),
+        );
+        if opts.metrics {
+            config.metrics_addr = Some(format!("127.0.0.1:{}", util::free_port()?));
+        }
         config.job.default_image = job_image.clone();
         config.job.helper_image = helper_image.clone();
         config.job.acquire_timeout = HumanDuration(opts.acquire_timeout);
@@ -250,6 +282,27 @@ impl Sandbox {
             // The pool tests assert idle_count/idle_time exactly; the learned warm pool
             // would (rightly) keep a machine after a job. Tests of it turn it on.
             class.forecast.enabled = opts.forecast;
+            class.instance_types = opts.instance_types.clone();
+            class.market = opts.market;
+        }
+        for (name, extra) in &opts.extra_classes {
+            let mut class = extra.clone();
+            if class.ami.is_empty() {
+                class.ami = moto::AMI.into();
+            }
+            if class.instance_types.is_empty() {
+                class.instance_types = opts.instance_types.clone();
+            }
+            if class.subnets.is_empty() {
+                class.subnets = vec![network.subnet_id.clone()];
+            }
+            if class.security_groups.is_empty() {
+                class.security_groups = vec![network.security_group_id.clone()];
+            }
+            if class.instance_profile.is_none() {
+                class.instance_profile = Some(profile.clone());
+            }
+            config.classes.insert(name.clone(), class);
         }
         config
             .validate()
@@ -280,6 +333,7 @@ impl Sandbox {
             helper_image,
             ec2,
             moto_url,
+            faults,
             daemon: None,
             emulator: Some(emulator),
             registry: Some(registry),
@@ -306,9 +360,14 @@ impl Sandbox {
         .collect()
     }
 
-    async fn start_daemon(&mut self) -> Result<()> {
+    /// Starts `flotilla daemon` (again, after [`Sandbox::kill_daemon`]); its output is
+    /// appended to [`Sandbox::daemon_log`]. Returns once the control socket answers.
+    pub async fn start_daemon(&mut self) -> Result<()> {
         let log_path = self.daemon_log();
-        let log = File::create(&log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let err = log.try_clone()?;
         let mut cmd = Command::new(&self.flotilla_bin);
         cmd.arg("--config")
@@ -370,6 +429,56 @@ impl Sandbox {
 
     pub fn daemon_log(&self) -> PathBuf {
         self.dir.join("daemon.log")
+    }
+
+    /// Sends `signal` to the daemon and waits (up to 30 s) for it to exit; the next
+    /// [`Sandbox::start_daemon`] starts it again with the same config and state.
+    pub async fn kill_daemon(&mut self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let mut child = self.daemon.take().context("the daemon is not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .with_context(|| format!("sending {signal} to the daemon"))?;
+        let exited = util::wait_until(
+            "the daemon to exit",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                let done = child.try_wait().map(|s| s.map(|_| ()));
+                async move { Ok(done?) }
+            },
+        )
+        .await;
+        if exited.is_err() {
+            stop_child(&mut child, Duration::from_secs(1), true);
+        }
+        exited
+    }
+
+    /// The fault-injecting proxy between the daemon and moto (`SandboxOptions::ec2_proxy`).
+    pub fn faults(&self) -> Option<&FaultProxy> {
+        self.faults.as_ref()
+    }
+
+    /// The daemon's metrics URL (`SandboxOptions::metrics`).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.config
+            .metrics_addr
+            .as_ref()
+            .map(|a| format!("http://{a}/metrics"))
+    }
+
+    /// One scrape of the daemon's `/metrics` (the raw text).
+    pub async fn metrics(&self) -> Result<String> {
+        let url = self
+            .metrics_url()
+            .context("the sandbox was started without metrics")?;
+        tokio::task::spawn_blocking(move || {
+            let resp = ureq::get(&url)
+                .timeout(Duration::from_secs(10))
+                .call()
+                .with_context(|| format!("GET {url}"))?;
+            Ok(resp.into_string()?)
+        })
+        .await?
     }
 
     pub fn state_dir(&self) -> &Path {

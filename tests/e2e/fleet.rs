@@ -1,0 +1,986 @@
+//! Fleet management against a misbehaving EC2 (issue 4): capacity errors, spot shortfalls
+//! and throttling storms injected by the fault proxy in front of moto; the daemon killed
+//! mid-job; machines terminated behind its back; audit, drain and the metrics it exports.
+//!
+//! Covered elsewhere, not repeated here: orphans reaped after `orphan_grace` and never
+//! before, and instances without this fleet's tag never touched (`pool::orphan_with_...`);
+//! schedules switching `idle_count` at the right local time (`flotilla::plan` unit test
+//! `schedule_switches_idle_count_at_the_right_local_time`, fake clock, America/New_York).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use aws_sdk_ec2::types::Filter;
+use flotilla_proto::api::{AuditResponse, MachineState, StatusResponse};
+use flotilla_proto::config::{ClassConfig, Market};
+use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY};
+use flotilla_sandbox::prom::{self, Exposition};
+use flotilla_sandbox::runner::{self, SYSTEM_FAILURE_EXIT_CODE};
+use flotilla_sandbox::util::wait_until;
+use flotilla_sandbox::{
+    docker_on, EmulatedMachine, Job, JobResult, Outcome, Sandbox, SandboxOptions,
+};
+use nix::sys::signal::Signal;
+
+use crate::common::{bounded, JOB_LABEL, POLL};
+
+/// A sandbox whose daemon is not started yet, so faults can be in place before its
+/// first reconcile.
+async fn paused(opts: SandboxOptions) -> Result<Sandbox> {
+    Sandbox::start(SandboxOptions {
+        start_daemon: false,
+        ..opts
+    })
+    .await
+}
+
+fn proxy(sb: &Sandbox) -> Result<&FaultProxy> {
+    sb.faults()
+        .context("the sandbox was started without ec2_proxy")
+}
+
+/// `flotilla --config <sandbox> <args>`: (exit code, stdout, stderr).
+async fn flotilla(sb: &Sandbox, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = tokio::process::Command::new(&sb.flotilla_bin)
+        .arg("--config")
+        .arg(&sb.config_path)
+        .args(args)
+        .envs(sb.aws_env())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running flotilla {}", args.join(" ")))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+async fn status(sb: &Sandbox) -> Result<StatusResponse> {
+    let (code, out, err) = flotilla(sb, &["status", "--json"]).await?;
+    ensure!(code == 0, "flotilla status --json exited {code}: {err}");
+    serde_json::from_str(&out).with_context(|| format!("status JSON: {out}"))
+}
+
+async fn scrape(sb: &Sandbox) -> Result<Exposition> {
+    let text = sb.metrics().await?;
+    prom::parse(&text).with_context(|| format!("/metrics is not valid Prometheus text:\n{text}"))
+}
+
+/// One fleet instance in moto with what the tests need beyond `InstanceInfo`.
+#[derive(Debug, Clone)]
+struct Instance {
+    id: String,
+    state: String,
+    instance_type: String,
+    class: Option<String>,
+    lifecycle: Option<String>,
+}
+
+impl Instance {
+    fn live(&self) -> bool {
+        !matches!(self.state.as_str(), "terminated" | "shutting-down")
+    }
+}
+
+async fn fleet(sb: &Sandbox) -> Result<Vec<Instance>> {
+    let resp = sb
+        .ec2()
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", flotilla_proto::tags::FLEET))
+                .values(&sb.fleet)
+                .build(),
+        )
+        .send()
+        .await
+        .context("DescribeInstances in moto")?;
+    let mut out = Vec::new();
+    for i in resp.reservations().iter().flat_map(|r| r.instances()) {
+        let tag = |k: &str| {
+            i.tags()
+                .iter()
+                .find(|t| t.key() == Some(k))
+                .and_then(|t| t.value())
+                .map(str::to_owned)
+        };
+        out.push(Instance {
+            id: i.instance_id().unwrap_or_default().to_owned(),
+            state: i
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned())
+                .unwrap_or_default(),
+            instance_type: i
+                .instance_type()
+                .map(|t| t.as_str().to_owned())
+                .unwrap_or_default(),
+            class: tag(flotilla_proto::tags::CLASS),
+            lifecycle: i.instance_lifecycle().map(|l| l.as_str().to_owned()),
+        });
+    }
+    Ok(out)
+}
+
+/// Waits until the daemon reports `n` idle machines of `class`.
+async fn wait_idle(
+    sb: &Sandbox,
+    class: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<StatusResponse> {
+    wait_until(
+        &format!("{n} idle {class} machine(s)"),
+        timeout,
+        POLL,
+        || async {
+            let s = status(sb).await?;
+            let idle = s
+                .machines
+                .iter()
+                .filter(|m| m.class == class && m.state == MachineState::Idle)
+                .count();
+            Ok((idle == n).then_some(s))
+        },
+    )
+    .await
+    .with_context(|| sb.diagnostics())
+}
+
+/// Waits until a container of job `job_id` runs a process whose command line contains
+/// `needle` (e.g. the build script's `sleep`); returns the machine it runs on.
+async fn wait_for_job_process(
+    sb: &Sandbox,
+    job_id: u64,
+    needle: &str,
+    timeout: Duration,
+) -> Result<EmulatedMachine> {
+    let filter = format!("label={JOB_LABEL}=job-{job_id}");
+    wait_until(
+        &format!("job {job_id} to run {needle:?}"),
+        timeout,
+        POLL,
+        || async {
+            for m in sb.machines() {
+                let Ok(ids) = docker_on(&m, &["ps", "-q", "--filter", &filter]).await else {
+                    continue;
+                };
+                for id in ids.lines() {
+                    if let Ok(top) = docker_on(&m, &["top", id]).await {
+                        if top.contains(needle) {
+                            return Ok(Some(m.clone()));
+                        }
+                    }
+                }
+            }
+            Ok(None)
+        },
+    )
+    .await
+    .with_context(|| sb.diagnostics())
+}
+
+fn spawn_job(sb: &Sandbox, job: Job) -> tokio::task::JoinHandle<Result<JobResult>> {
+    tokio::spawn(runner::run_job(sb.runner_options(), job))
+}
+
+async fn successful_job(sb: &Sandbox, id: u64) -> Result<JobResult> {
+    let r = sb
+        .run_job(Job::new(id, &["echo job-$CI_JOB_ID ok"]))
+        .await?;
+    ensure!(
+        r.outcome == Outcome::Success && r.cleanup_exit == Some(0),
+        "job {id}:\n{}\n{}",
+        r.describe(),
+        sb.diagnostics()
+    );
+    Ok(r)
+}
+
+/// Reads the proxy's counts and /metrics until both agree on a quiet moment (a call is
+/// counted by the daemon just before it reaches the proxy); fails with both when they never do.
+async fn ec2_calls_agree(sb: &Sandbox) -> Result<Exposition> {
+    let faults = proxy(sb)?;
+    let mut last = String::new();
+    for _ in 0..40 {
+        let before = faults.counts();
+        let e = scrape(sb).await?;
+        let after = faults.counts();
+        let metrics: BTreeMap<String, u64> = e
+            .by_label("flotilla_ec2_calls_total", "operation")
+            .into_iter()
+            .map(|(k, v)| (k, v as u64))
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        if before == after && metrics == after {
+            return Ok(e);
+        }
+        last = format!("proxy saw {after:?}, /metrics says {metrics:?}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    bail!("EC2 calls never agreed: {last}\n{}", sb.diagnostics())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_error_on_the_first_instance_type_launches_the_next_type() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let mut sb = paused(SandboxOptions {
+            ec2_proxy: true,
+            metrics: true,
+            idle_count: 1,
+            // No top-up launch while the job holds the machine: one launch to look at.
+            max_machines: 1,
+            instance_types: vec!["t3.micro".into(), "t3.small".into()],
+            ..Default::default()
+        })
+        .await?;
+        proxy(&sb)?.inject(Rule::no_capacity_for_type("t3.micro"));
+        sb.start_daemon().await?;
+
+        wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
+        let all = fleet(&sb).await?;
+        ensure!(
+            all.len() == 1 && all[0].instance_type == "t3.small",
+            "expected one t3.small instance, moto has {all:#?}\n{}",
+            sb.diagnostics()
+        );
+        // The machine is a working one.
+        successful_job(&sb, 401).await?;
+
+        let calls = proxy(&sb)?.calls();
+        let runs: Vec<_> = calls
+            .iter()
+            .filter(|c| c.action == "RunInstances")
+            .collect();
+        let refused = runs
+            .iter()
+            .filter(|c| c.injected.as_deref() == Some(INSUFFICIENT_CAPACITY))
+            .count();
+        let forwarded: Vec<_> = runs.iter().filter(|c| c.injected.is_none()).collect();
+        ensure!(
+            forwarded.len() == 1 && forwarded[0].param("InstanceType") == Some("t3.small"),
+            "RunInstances that reached moto: {forwarded:#?}"
+        );
+        let m = scrape(&sb).await?;
+        let failures = m.get(
+            "flotilla_launch_failures_total",
+            &[("class", "default"), ("reason", INSUFFICIENT_CAPACITY)],
+        );
+        ensure!(
+            failures == Some(1.0),
+            "launch_failures_total for the t3.micro shortfall: {failures:?}"
+        );
+        // A capacity error is an answer, not a transient fault: one refused call, not a
+        // retry loop in the SDK before the next type is tried.
+        ensure!(
+            refused == 1,
+            "t3.micro was asked {refused} times for one machine: {runs:#?}"
+        );
+        ensure!(
+            m.get(
+                "flotilla_launches_total",
+                &[
+                    ("class", "default"),
+                    ("instance_type", "t3.small"),
+                    ("market", "on-demand")
+                ]
+            ) == Some(1.0)
+                && m.sum("flotilla_launches_total", &[]) == 1.0,
+            "launches_total: {:?}",
+            m.samples
+                .iter()
+                .filter(|s| s.name == "flotilla_launches_total")
+                .collect::<Vec<_>>()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let mut sb = paused(SandboxOptions {
+            ec2_proxy: true,
+            metrics: true,
+            idle_count: 1,
+            market: Market::SpotWithFallback,
+            extra_classes: vec![(
+                "spot".into(),
+                ClassConfig {
+                    market: Market::Spot,
+                    idle_count: 1,
+                    max_machines: 2,
+                    idle_time: flotilla_proto::duration::HumanDuration::from_secs(20),
+                    boot_timeout: flotilla_proto::duration::HumanDuration::from_secs(60),
+                    forecast: flotilla_proto::config::ForecastConfig {
+                        enabled: false,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        })
+        .await?;
+        proxy(&sb)?.inject(Rule::no_spot_capacity());
+        sb.start_daemon().await?;
+        let started = Instant::now();
+
+        // spot-with-fallback: the spot shortfall is bought on-demand.
+        wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
+        // Plain spot: a few reconciles (and its launch backoff) later, still nothing.
+        tokio::time::sleep(Duration::from_secs(12).saturating_sub(started.elapsed())).await;
+        let all = fleet(&sb).await?;
+        let by_class = |c: &str| -> Vec<&Instance> {
+            all.iter()
+                .filter(|i| i.class.as_deref() == Some(c))
+                .collect()
+        };
+        ensure!(
+            by_class("default").len() == 1 && by_class("spot").is_empty(),
+            "expected one default (on-demand) instance and no spot one, moto has {all:#?}\n{}",
+            sb.diagnostics()
+        );
+        let calls = proxy(&sb)?.calls();
+        let runs: Vec<_> = calls
+            .iter()
+            .filter(|c| c.action == "RunInstances")
+            .collect();
+        for c in runs.iter().filter(|c| c.injected.is_none()) {
+            ensure!(
+                !c.is_spot(),
+                "a spot RunInstances got through the injected shortfall: {c:#?}"
+            );
+        }
+        let spot_class_calls: Vec<_> = runs
+            .iter()
+            .filter(|c| c.param("TagSpecification.1.Tag.2.Value") == Some("spot"))
+            .collect();
+        ensure!(
+            spot_class_calls.iter().all(|c| c.is_spot()),
+            "the spot class asked for on-demand: {spot_class_calls:#?}"
+        );
+        // Launch backoff (5 s, then 10 s...): a handful of attempts, not one per reconcile.
+        ensure!(
+            !spot_class_calls.is_empty() && spot_class_calls.len() <= 4,
+            "{} RunInstances for the spot class in {:?}",
+            spot_class_calls.len(),
+            started.elapsed()
+        );
+        let m = scrape(&sb).await?;
+        let spot_failures = m.get(
+            "flotilla_launch_failures_total",
+            &[("class", "spot"), ("reason", INSUFFICIENT_CAPACITY)],
+        );
+        ensure!(
+            spot_failures == Some(spot_class_calls.len() as f64),
+            "launch_failures_total for the spot class: {spot_failures:?}, calls {}",
+            spot_class_calls.len()
+        );
+        ensure!(
+            m.get(
+                "flotilla_launches_total",
+                &[
+                    ("class", "default"),
+                    ("instance_type", "t3.micro"),
+                    ("market", "on-demand")
+                ]
+            ) == Some(1.0)
+                && m.sum("flotilla_launches_total", &[("class", "spot")]) == 0.0,
+            "launches_total: {:?}",
+            m.samples
+                .iter()
+                .filter(|s| s.name == "flotilla_launches_total")
+                .collect::<Vec<_>>()
+        );
+        ensure!(
+            m.get(
+                "flotilla_launch_failures_total",
+                &[("class", "default"), ("reason", INSUFFICIENT_CAPACITY)]
+            ) == Some(1.0),
+            "the fallback class should have failed exactly one spot attempt"
+        );
+
+        // Capacity comes back: the spot class gets its machine, bought on the spot market.
+        proxy(&sb)?.clear();
+        wait_idle(&sb, "spot", 1, Duration::from_secs(90)).await?;
+        let m = scrape(&sb).await?;
+        ensure!(
+            m.get(
+                "flotilla_launches_total",
+                &[
+                    ("class", "spot"),
+                    ("instance_type", "t3.micro"),
+                    ("market", "spot")
+                ]
+            ) == Some(1.0),
+            "the spot class did not launch on the spot market once it could"
+        );
+        // As EC2 records them: the fallback machine on-demand, the spot class's on spot.
+        let all = fleet(&sb).await?;
+        let lifecycle = |class: &str| {
+            all.iter()
+                .find(|i| i.class.as_deref() == Some(class))
+                .map(|i| i.lifecycle.clone())
+        };
+        ensure!(
+            lifecycle("default") == Some(None) && lifecycle("spot") == Some(Some("spot".into())),
+            "instance lifecycles in moto: {all:#?}"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let storm = Duration::from_secs(15);
+        let sb = Sandbox::start(SandboxOptions {
+            ec2_proxy: true,
+            metrics: true,
+            idle_count: 1,
+            // Nothing leaves by idle_time while the storm and its aftermath are watched.
+            idle_time: Duration::from_secs(300),
+            ..Default::default()
+        })
+        .await?;
+        wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
+        let faults = proxy(&sb)?;
+        let before = faults.calls().len();
+        let storm_start = Instant::now();
+        faults.inject(Rule::throttle_everything(storm));
+
+        // Leases need no EC2 call: a job runs through the storm on the warm machine, and
+        // the idle machine it took is to be replaced (one launch, once EC2 answers).
+        successful_job(&sb, 421).await?;
+        tokio::time::sleep(storm.saturating_sub(storm_start.elapsed())).await;
+        let during: Vec<_> = faults.calls()[before..]
+            .iter()
+            .filter(|c| c.at < storm_start + storm)
+            .cloned()
+            .collect();
+        let after_storm = Instant::now();
+
+        // After the storm: exactly the one replacement (the job took the idle machine),
+        // nothing else; idle_time (20 s) keeps both until the checks are done.
+        let timeline = || {
+            faults.calls()[before..]
+                .iter()
+                .map(|c| {
+                    format!(
+                        "+{:.1}s {}{}",
+                        c.at.duration_since(storm_start).as_secs_f64(),
+                        c.action,
+                        if c.injected.is_some() { " (throttled)" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        wait_idle(&sb, "default", 2, Duration::from_secs(90))
+            .await
+            .with_context(timeline)?;
+        let replaced_after = after_storm.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let all = fleet(&sb).await?;
+        ensure!(
+            all.len() == 2 && all.iter().all(Instance::live),
+            "expected the warm machine and one replacement, moto has {all:#?}\n{}",
+            sb.diagnostics()
+        );
+        let s = status(&sb).await?;
+        ensure!(
+            s.machines
+                .iter()
+                .all(|m| matches!(m.state, MachineState::Idle)),
+            "a machine is not idle after the storm: {:#?}",
+            s.machines
+        );
+        let log = std::fs::read_to_string(sb.daemon_log()).unwrap_or_default();
+        ensure!(
+            !log.contains("machine lost"),
+            "the storm made the daemon declare a machine lost\n{}",
+            sb.diagnostics()
+        );
+        let forwarded_runs = faults
+            .calls()
+            .iter()
+            .filter(|c| c.action == "RunInstances" && c.injected.is_none())
+            .count();
+        ensure!(
+            forwarded_runs == 2,
+            "{forwarded_runs} RunInstances reached moto (1 warm + 1 replacement expected)"
+        );
+        // Backoff: without it, 15 reconciles of DescribeInstances plus a launch attempt per
+        // pass, each retried by the SDK, is well over 60 calls.
+        let mut by_action: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &during {
+            *by_action.entry(c.action.as_str()).or_default() += 1;
+        }
+        let m = scrape(&sb).await?;
+        let throttles = m.sum("flotilla_ec2_throttles_total", &[]);
+        eprintln!(
+            "storm of {storm:?}: {} EC2 requests {by_action:?}, {throttles} throttled calls seen by the daemon; \
+             replacement ready {replaced_after:?} after the storm\n{}",
+            during.len(),
+            timeline()
+        );
+        ensure!(throttles >= 1.0, "the daemon saw no throttling");
+        ensure!(
+            during.len() <= 10,
+            "{} EC2 requests during a {storm:?} storm: {by_action:?}",
+            during.len()
+        );
+        ensure!(
+            m.sum("flotilla_terminations_total", &[]) == 0.0,
+            "something was terminated: {:?}",
+            m.by_label("flotilla_terminations_total", "reason")
+        );
+        // And jobs keep running afterwards.
+        successful_job(&sb, 422).await?;
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_job_restarts_and_the_job_completes_without_leaking_machines(
+) -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let mut sb = Sandbox::start(SandboxOptions::default()).await?;
+        let job = Job::new(
+            431,
+            &["echo before-the-kill", "sleep 12", "echo after-the-restart"],
+        )
+        .with_after_script(&["echo after-script-ran"]);
+        let task = spawn_job(&sb, job);
+        wait_for_job_process(&sb, 431, "sleep 12", Duration::from_secs(90)).await?;
+        let leased_before = status(&sb).await?;
+
+        sb.kill_daemon(Signal::SIGKILL).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sb.start_daemon().await?;
+        let adopted = status(&sb).await?;
+        ensure!(
+            adopted.machines == leased_before.machines,
+            "the restarted daemon does not have the pool it had:\nbefore {:#?}\nafter {:#?}",
+            leased_before.machines,
+            adopted.machines
+        );
+
+        let r = task.await??;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        ensure!(r.cleanup_exit == Some(0), "cleanup failed\n{}", ctx());
+        let build = r.stage("build_script").context("no build_script")?;
+        ensure!(
+            build.stdout.contains("after-the-restart"),
+            "the build script did not finish\n{}",
+            ctx()
+        );
+        ensure!(
+            r.stage("after_script")
+                .is_some_and(|s| s.stdout.contains("after-script-ran")),
+            "after_script did not run\n{}",
+            ctx()
+        );
+
+        // Nothing leaked: the daemon tracks exactly the instances moto runs, the machine is
+        // back to idle with its one build counted, no lease is left, and a few reconciles
+        // later nothing was reaped as an orphan.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let s = status(&sb).await?;
+        let live: Vec<String> = fleet(&sb)
+            .await?
+            .into_iter()
+            .filter(Instance::live)
+            .map(|i| i.id)
+            .collect();
+        let tracked: Vec<String> = s.machines.iter().map(|m| m.instance_id.clone()).collect();
+        ensure!(
+            live == tracked && live.len() == 1,
+            "moto runs {live:?}, the daemon tracks {tracked:?}\n{}",
+            sb.diagnostics()
+        );
+        ensure!(
+            s.machines[0].state == MachineState::Idle
+                && s.machines[0].builds == 1
+                && s.machines[0].job_key.is_none(),
+            "machine after the job: {:#?}",
+            s.machines[0]
+        );
+        let log = std::fs::read_to_string(sb.daemon_log()).unwrap_or_default();
+        ensure!(
+            !log.contains("orphan"),
+            "the restarted daemon treated its own machine as an orphan\n{}",
+            sb.diagnostics()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_terminated_behind_the_daemons_back_fails_its_job_as_lost_and_is_replaced(
+) -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions {
+            idle_count: 1,
+            max_machines: 1,
+            metrics: true,
+            ..Default::default()
+        })
+        .await?;
+        wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
+        let task = spawn_job(
+            &sb,
+            Job::new(441, &["echo started", "sleep 60", "echo too-late"]),
+        );
+        let m = wait_for_job_process(&sb, 441, "sleep 60", Duration::from_secs(90)).await?;
+        let lost = m.instance_id.clone();
+        sb.ec2()
+            .terminate_instances()
+            .instance_ids(&lost)
+            .send()
+            .await
+            .context("terminating the job's instance in moto")?;
+        let terminated_at = Instant::now();
+
+        let r = tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .context("the job did not end within 60 s of its machine's termination")???;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        let Outcome::SystemFailure { stage, .. } = &r.outcome else {
+            bail!("expected a system failure\n{}", ctx());
+        };
+        let failed = r.stage(stage).context("no failed stage")?;
+        ensure!(
+            failed.exit_code == Some(SYSTEM_FAILURE_EXIT_CODE),
+            "{stage} exited {:?}\n{}",
+            failed.exit_code,
+            ctx()
+        );
+        ensure!(
+            failed.stderr.contains("lost"),
+            "{stage}'s message does not say the machine was lost\n{}",
+            ctx()
+        );
+        ensure!(
+            !r.stages.iter().any(|s| s.stdout.contains("too-late")),
+            "the script went on\n{}",
+            ctx()
+        );
+        ensure!(
+            r.cleanup_exit == Some(0),
+            "cleanup of a lost machine must still succeed\n{}",
+            ctx()
+        );
+        eprintln!(
+            "job ended {:?} after its machine was terminated",
+            terminated_at.elapsed()
+        );
+
+        // Replaced (max_machines = 1, so only once the lost one is gone), never leased again.
+        let s = wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
+        ensure!(
+            s.machines.iter().all(|m| m.instance_id != lost),
+            "the lost machine is still in the pool: {:#?}",
+            s.machines
+        );
+        let all = fleet(&sb).await?;
+        ensure!(
+            all.iter().filter(|i| i.live()).count() == 1
+                && all.iter().any(|i| i.id != lost && i.live()),
+            "no replacement in moto: {all:#?}"
+        );
+        let r2 = successful_job(&sb, 442).await?;
+        ensure!(
+            !r2.stages.iter().any(|s| s.stdout.contains(&lost)),
+            "job 442 ran on the lost machine"
+        );
+        // (Not a termination of ours: EC2 took it. moto even refuses to terminate it again.)
+        let m = scrape(&sb).await?;
+        ensure!(
+            m.sum("flotilla_launches_total", &[]) == 2.0
+                && m.get(
+                    "flotilla_machines",
+                    &[("class", "default"), ("state", "idle")]
+                ) == Some(1.0)
+                && m.sum("flotilla_machines", &[]) == 1.0,
+            "launches {}, machines {:?}",
+            m.sum("flotilla_launches_total", &[]),
+            m.by_label("flotilla_machines", "state")
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lists_an_orphan_with_its_reason_and_terminate_reaps_it() -> Result<()> {
+    use flotilla_proto::tags;
+    use flotilla_sandbox::moto::{instance_state, launch_instance};
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions {
+            orphan_grace: Duration::from_secs(600),
+            metrics: true,
+            ..Default::default()
+        })
+        .await?;
+        let orphan = launch_instance(
+            sb.ec2(),
+            &sb.network,
+            &[(tags::FLEET, &sb.fleet), (tags::MACHINE, "m-orphan")],
+            None,
+        )
+        .await?;
+        let foreign = launch_instance(sb.ec2(), &sb.network, &[("Name", "not-ours")], None).await?;
+
+        let audit = wait_until(
+            "audit to list the orphan",
+            Duration::from_secs(30),
+            POLL,
+            || async {
+                let (code, out, err) = flotilla(&sb, &["audit", "--json"]).await?;
+                ensure!(code == 0, "flotilla audit --json exited {code}: {err}");
+                let a: AuditResponse = serde_json::from_str(&out)?;
+                Ok(a.entries
+                    .iter()
+                    .any(|e| e.instance_id == orphan)
+                    .then_some(a))
+            },
+        )
+        .await?;
+        ensure!(
+            audit.entries.len() == 1 && !audit.terminated,
+            "audit lists {:#?}",
+            audit.entries
+        );
+        let e = &audit.entries[0];
+        ensure!(
+            e.reason.starts_with("orphan")
+                && e.reason.contains(&sb.fleet)
+                && e.machine_id.as_deref() == Some("m-orphan")
+                && e.reap_at.is_some(),
+            "audit entry {e:#?}"
+        );
+        let (code, text, _) = flotilla(&sb, &["audit"]).await?;
+        ensure!(
+            code == 0
+                && text.contains(&orphan)
+                && text.contains("orphan")
+                && !text.contains(&foreign),
+            "flotilla audit printed: {text}"
+        );
+        ensure!(
+            instance_state(sb.ec2(), &orphan).await? == "running",
+            "audit without --terminate must not terminate"
+        );
+
+        let (code, text, err) = flotilla(&sb, &["audit", "--terminate"]).await?;
+        ensure!(
+            code == 0 && text.contains(&format!("terminated {orphan}")),
+            "flotilla audit --terminate exited {code}: {text}{err}"
+        );
+        let state = instance_state(sb.ec2(), &orphan).await?;
+        ensure!(
+            state == "terminated" || state == "shutting-down",
+            "the orphan is {state}"
+        );
+        ensure!(
+            instance_state(sb.ec2(), &foreign).await? == "running",
+            "an instance of no fleet was touched"
+        );
+        let m = scrape(&sb).await?;
+        ensure!(
+            m.get("flotilla_orphans_reaped_total", &[]) == Some(1.0)
+                && m.get("flotilla_terminations_total", &[("reason", "orphan")]) == Some(1.0),
+            "orphan metrics: {:?} {:?}",
+            m.get("flotilla_orphans_reaped_total", &[]),
+            m.by_label("flotilla_terminations_total", "reason")
+        );
+        let (_, text, _) = flotilla(&sb, &["audit"]).await?;
+        ensure!(
+            text.contains("nothing to reap"),
+            "audit after reaping: {text}"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_wait_lets_the_running_job_finish_then_ends_with_no_machines() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions {
+            idle_count: 2,
+            max_machines: 3,
+            metrics: true,
+            ..Default::default()
+        })
+        .await?;
+        wait_idle(&sb, "default", 2, Duration::from_secs(90)).await?;
+        let task = spawn_job(
+            &sb,
+            Job::new(451, &["sleep 8", "echo finished-while-draining"]),
+        );
+        wait_for_job_process(&sb, 451, "sleep 8", Duration::from_secs(60)).await?;
+
+        let drain_started = Instant::now();
+        let (code, out, err) = tokio::time::timeout(
+            Duration::from_secs(120),
+            flotilla(&sb, &["drain", "--wait"]),
+        )
+        .await
+        .context("drain --wait did not return within 120 s")??;
+        let drained_after = drain_started.elapsed();
+        ensure!(
+            code == 0 && out.contains("drained: no machines left"),
+            "flotilla drain --wait exited {code}:\n{out}{err}\n{}",
+            sb.diagnostics()
+        );
+        let r = task.await??;
+        ensure!(
+            r.outcome == Outcome::Success && r.cleanup_exit == Some(0),
+            "the job running during the drain:\n{}",
+            r.describe()
+        );
+        let live: Vec<_> = fleet(&sb)
+            .await?
+            .into_iter()
+            .filter(Instance::live)
+            .collect();
+        ensure!(live.is_empty(), "still running after the drain: {live:#?}");
+        let s = status(&sb).await?;
+        ensure!(s.draining && s.machines.is_empty(), "status: {s:#?}");
+        // Draining launches nothing, and no new job gets a machine.
+        let m = scrape(&sb).await?;
+        let launched = m.sum("flotilla_launches_total", &[]);
+        let drained = m.get("flotilla_terminations_total", &[("reason", "drained")]);
+        ensure!(
+            drained == Some(launched),
+            "launched {launched}, drained {drained:?}"
+        );
+        let mut opts = sb.runner_options();
+        opts.prepare_attempts = 1;
+        let r = runner::run_job(opts, Job::new(452, &["echo must-not-run"])).await?;
+        ensure!(
+            matches!(&r.outcome, Outcome::SystemFailure { stage, .. } if stage == "prepare")
+                && r.stage("prepare")
+                    .is_some_and(|p| p.stderr.contains("drain")),
+            "a job during the drain:\n{}",
+            r.describe()
+        );
+        eprintln!("drain --wait returned after {drained_after:?}");
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_match_what_happened() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions {
+            ec2_proxy: true,
+            metrics: true,
+            max_builds: 1,
+            ..Default::default()
+        })
+        .await?;
+        let text = sb.metrics().await?;
+        ensure!(text.ends_with("# EOF\n"), "no # EOF terminator:\n{text}");
+        prom::parse(&text)?;
+
+        // Mid-job: one machine leased, one lease, as the daemon's status says.
+        let task = spawn_job(&sb, Job::new(461, &["sleep 6"]));
+        wait_for_job_process(&sb, 461, "sleep 6", Duration::from_secs(90)).await?;
+        let m = scrape(&sb).await?;
+        let s = status(&sb).await?;
+        for state in [
+            MachineState::Booting,
+            MachineState::Idle,
+            MachineState::Leased,
+            MachineState::Broken,
+            MachineState::Terminating,
+        ] {
+            let want = s.machines.iter().filter(|x| x.state == state).count() as f64;
+            let got = m.get(
+                "flotilla_machines",
+                &[("class", "default"), ("state", state.as_str())],
+            );
+            ensure!(
+                got == Some(want),
+                "machines{{state={}}}: /metrics {got:?}, status {want}",
+                state.as_str()
+            );
+        }
+        ensure!(
+            m.get(
+                "flotilla_machines",
+                &[("class", "default"), ("state", "leased")]
+            ) == Some(1.0)
+                && m.get("flotilla_leases", &[]) == Some(1.0),
+            "mid-job gauges: {:?}",
+            m.by_label("flotilla_machines", "state")
+        );
+        let r = task.await??;
+        ensure!(r.outcome == Outcome::Success, "{}", r.describe());
+        successful_job(&sb, 462).await?;
+
+        // max_builds = 1: two jobs, two machines launched, two terminated for max_builds.
+        sb.wait_instances("both machines terminated", Duration::from_secs(60), |l| {
+            l.len() == 2 && l.iter().all(|i| i.is_terminated())
+        })
+        .await?;
+        wait_until(
+            "the pool to empty",
+            Duration::from_secs(30),
+            POLL,
+            || async { Ok(status(&sb).await?.machines.is_empty().then_some(())) },
+        )
+        .await?;
+        let m = ec2_calls_agree(&sb).await?;
+        let faults = proxy(&sb)?;
+        let forwarded = faults.forwarded();
+        let run_instances = forwarded.get("RunInstances").copied().unwrap_or(0);
+        ensure!(
+            m.sum("flotilla_launches_total", &[]) == 2.0 && run_instances == 2,
+            "launches_total {}, RunInstances {run_instances}",
+            m.sum("flotilla_launches_total", &[])
+        );
+        ensure!(
+            m.by_label("flotilla_terminations_total", "reason")
+                == BTreeMap::from([("max_builds".to_string(), 2.0)]),
+            "terminations_total: {:?}",
+            m.by_label("flotilla_terminations_total", "reason")
+        );
+        ensure!(
+            m.sum("flotilla_machines", &[]) == 0.0 && m.get("flotilla_leases", &[]) == Some(0.0),
+            "gauges after the jobs: {:?}",
+            m.by_label("flotilla_machines", "state")
+        );
+        ensure!(
+            m.get("flotilla_lease_wait_seconds_count", &[]) == Some(2.0)
+                && m.get("flotilla_boot_seconds_count", &[]) == Some(2.0),
+            "lease_wait count {:?}, boot count {:?}",
+            m.get("flotilla_lease_wait_seconds_count", &[]),
+            m.get("flotilla_boot_seconds_count", &[])
+        );
+        ensure!(
+            m.sum("flotilla_launch_failures_total", &[]) == 0.0
+                && m.sum("flotilla_ec2_throttles_total", &[]) == 0.0,
+            "failures or throttles without faults"
+        );
+        ensure!(
+            m.sum("flotilla_machine_seconds_total", &[("class", "default")]) > 0.0,
+            "no machine time accounted"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
