@@ -253,11 +253,7 @@ async fn exec_script(
             })?;
             return Box::pin(exec_script(docker, lease, container, shell, script, false)).await;
         }
-        Err(e) if is_not_running(&e) => {
-            return Err(StageError::build_message(format!(
-                "the job container {container} exits as soon as it starts: the image's entrypoint must run the command it is given (exec \"$@\"), or set `entrypoint: [\"\"]` on the image"
-            )))
-        }
+        Err(e) if is_not_running(&e) => return Err(exits_at_once(container)),
         Err(e) => {
             return Err(docker_failure(
                 lease,
@@ -346,7 +342,27 @@ async fn exec_script(
         }
     }
     feed.abort();
-    exit_code(docker, lease, &exec.id).await
+    let code = exit_code(docker, lease, &exec.id).await?;
+    // The container can also stop after start_exec, before Docker runs anything: runc then
+    // reports "cannot exec in a stopped state" and 126.
+    if code == 126 && !cancelled && has_stopped(docker, container).await {
+        return Err(exits_at_once(container));
+    }
+    Ok(code)
+}
+
+/// A job container that is not running when a stage starts, even after a restart.
+fn exits_at_once(container: &str) -> StageError {
+    StageError::build_message(format!(
+        "the job container {container} exits as soon as it starts: the image's entrypoint must run the command it is given (exec \"$@\"), or set `entrypoint: [\"\"]` on the image"
+    ))
+}
+
+async fn has_stopped(docker: &Docker, container: &str) -> bool {
+    matches!(
+        docker.inspect_container(container, None).await,
+        Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(false)
+    )
 }
 
 fn is_not_running(e: &bollard::errors::Error) -> bool {
