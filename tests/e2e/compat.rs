@@ -16,7 +16,9 @@ use anyhow::{bail, ensure, Context, Result};
 use flotilla_proto::config::{JobConfig, PullPolicy};
 use flotilla_proto::duration::HumanDuration;
 use flotilla_sandbox::auth_registry::{busybox_image_with, image_id, push_image, AuthRegistry};
-use flotilla_sandbox::runner::{ConfigOutput, JobContext, StageResult, BUILD_FAILURE_EXIT_CODE};
+use flotilla_sandbox::runner::{
+    ConfigOutput, JobContext, StageResult, BUILD_FAILURE_EXIT_CODE, SYSTEM_FAILURE_EXIT_CODE,
+};
 use flotilla_sandbox::{
     docker_on, Cancel, CancelWhen, EmulatedMachine, Job, JobResult, Outcome, RunnerOptions,
     Sandbox, SandboxOptions,
@@ -142,28 +144,39 @@ struct Driver {
 }
 
 impl Driver {
-    /// `config` then `prepare`; fails (with the trace) unless both succeed.
+    /// `config` then `prepare`, tried 3 times with `cleanup` between after a system
+    /// failure (as gitlab-runner does); fails (with the trace) unless they succeed.
     async fn prepare(opts: RunnerOptions, job: Job) -> Result<Self> {
         let mut d = Self {
             ctx: JobContext::new(opts, job)?,
             trace: Vec::new(),
         };
-        let cfg = d.ctx.call("config", &["config"]).await?;
-        let parsed: ConfigOutput = serde_json::from_str(cfg.stdout.trim())
-            .with_context(|| format!("config printed no JSON: {cfg:?}"))?;
-        d.trace.push(cfg);
-        if let Some(b) = parsed.builds_dir {
-            d.ctx.builds_dir = b;
+        for attempt in 1..=3 {
+            let cfg = d.ctx.call("config", &["config"]).await?;
+            let parsed: ConfigOutput = serde_json::from_str(cfg.stdout.trim())
+                .with_context(|| format!("config printed no JSON: {cfg:?}"))?;
+            d.trace.push(cfg);
+            if let Some(b) = parsed.builds_dir {
+                d.ctx.builds_dir = b;
+            }
+            if let Some(c) = parsed.cache_dir {
+                d.ctx.cache_dir = c;
+            }
+            d.ctx.job_env = parsed.job_env;
+            let prep = d.ctx.call("prepare", &["prepare"]).await?;
+            let code = prep.exit_code;
+            d.trace.push(prep);
+            if code == Some(0) {
+                return Ok(d);
+            }
+            if code != Some(SYSTEM_FAILURE_EXIT_CODE) || attempt == 3 {
+                break;
+            }
+            let c = d.ctx.call("cleanup", &["cleanup"]).await?;
+            d.trace.push(c);
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
-        if let Some(c) = parsed.cache_dir {
-            d.ctx.cache_dir = c;
-        }
-        d.ctx.job_env = parsed.job_env;
-        let prep = d.ctx.call("prepare", &["prepare"]).await?;
-        let ok = prep.ok();
-        d.trace.push(prep);
-        ensure!(ok, "prepare failed\n{}", d.describe());
-        Ok(d)
+        bail!("prepare failed\n{}", d.describe())
     }
 
     /// Runs a stage (its body from the job), recording it in the trace.
@@ -812,7 +825,9 @@ async fn cancel_and_check_the_container(sb: &Sandbox, id: u64, script: &str) -> 
     );
 
     // Nothing of the script is left: only the container's keep-alive and its sleep.
-    let after = top(m.clone(), container.clone()).await?;
+    let after = top(m.clone(), container.clone())
+        .await
+        .with_context(|| format!("{}\n{}", d.describe(), sb.diagnostics()))?;
     let leftovers: Vec<&str> = after
         .lines()
         .skip(1)
@@ -1014,7 +1029,7 @@ async fn stdout_and_stderr_arrive_interleaved_as_produced_with_bytes_unchanged()
         job.stage_bodies.insert(
             "build_script".into(),
             vec![
-                r#"i=1; while [ $i -le 12 ]; do echo "out-$i"; sleep 0.05; echo "err-$i" >&2; sleep 0.05; i=$((i+1)); done"#.into(),
+                r#"i=1; while [ $i -le 10 ]; do echo "out-$i"; sleep 0.15; echo "err-$i" >&2; sleep 0.15; i=$((i+1)); done"#.into(),
                 r#"printf 'raw-\377\376\300-end\n' >&2"#.into(),
             ],
         );
@@ -1062,7 +1077,7 @@ async fn stdout_and_stderr_arrive_interleaved_as_produced_with_bytes_unchanged()
                 *s == "out" || [&b"out-"[..], b"err-", b"raw-"].iter().any(|p| l.starts_with(p))
             })
             .collect();
-        let mut want: Vec<(&str, Vec<u8>)> = (1..=12)
+        let mut want: Vec<(&str, Vec<u8>)> = (1..=10)
             .flat_map(|i| {
                 [
                     ("out", format!("out-{i}\n").into_bytes()),
