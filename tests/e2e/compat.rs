@@ -767,6 +767,69 @@ async fn files_written_in_a_helper_stage_are_modified_by_a_non_root_build_user()
     .await
 }
 
+/// Two jobs in a row on one machine: the second sees the first's cache (the per-machine
+/// cache volume at cache_dir) but nothing of its builds volume, containers or network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_job_on_a_machine_sees_only_the_cache_of_the_previous_one() -> Result<()> {
+    bounded(LIMIT, async {
+        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        let first = sb
+            .run_job(Job::new(
+                651,
+                &[
+                    "echo from-651 > \"$CI_PROJECT_DIR/left-in-builds\"",
+                    "echo cached-by-651 > /cache/kept-in-cache",
+                    "echo leftover > /tmp/left-in-container",
+                ],
+            ))
+            .await?;
+        ensure!(
+            first.outcome == Outcome::Success,
+            "{}\n{}",
+            first.describe(),
+            sb.diagnostics()
+        );
+        let second = sb
+            .run_job(Job::new(
+                652,
+                &[
+                    "cat /cache/kept-in-cache",
+                    "test ! -e \"$CI_PROJECT_DIR/left-in-builds\" && echo builds-clean",
+                    "test ! -e /tmp/left-in-container && echo container-fresh",
+                ],
+            ))
+            .await?;
+        let ctx = || format!("{}\n{}", second.describe(), sb.diagnostics());
+        ensure!(second.outcome == Outcome::Success, "{}", ctx());
+        let out = &second
+            .stage("build_script")
+            .with_context(|| format!("build_script did not run\n{}", ctx()))?
+            .stdout;
+        ensure!(
+            out.contains("cached-by-651"),
+            "cache did not survive\n{}",
+            ctx()
+        );
+        ensure!(
+            out.contains("builds-clean"),
+            "builds volume leaked\n{}",
+            ctx()
+        );
+        ensure!(
+            out.contains("container-fresh"),
+            "container reused\n{}",
+            ctx()
+        );
+        let launched = sb.instances().await?;
+        ensure!(
+            launched.len() == 1,
+            "expected both jobs on one machine: {launched:?}"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
 // --- cancellation ---
 
 /// Runs `script` as build_script, cancels it after 4 s like a UI cancel, and checks on the
