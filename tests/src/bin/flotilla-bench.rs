@@ -349,6 +349,23 @@ async fn daemon_scale(
         rss_peak as f64 / 1024.0
     );
     println!("  EC2 DescribeInstances calls in {observe_secs}s (~{reconciles:.0} reconciles at a 2s interval): {describes}; RunInstances+TerminateInstances during the run: {other_calls}");
+    // Every EC2 request of the observation window, whatever the operation.
+    let by_op = |text: &str| {
+        flotilla_sandbox::prom::parse(text)
+            .map(|e| e.by_label("flotilla_ec2_calls_total", "operation"))
+            .unwrap_or_default()
+    };
+    let (b, a) = (by_op(&before), by_op(&after));
+    let window: Vec<(String, f64)> = a
+        .iter()
+        .map(|(op, n)| (op.clone(), n - b.get(op).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    let total: f64 = window.iter().map(|(_, n)| n).sum();
+    println!(
+        "  EC2 requests per reconcile with {machines} machines tracked: {:.2} (all operations in the window: {window:?})",
+        total / describes.max(1.0)
+    );
 
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
