@@ -449,8 +449,48 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             ..Default::default()
         })
         .await?;
-        wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
+        let steady = wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
         let faults = proxy(&sb)?;
+
+        // 1. A steady pool: the observations are throttled, retried with backoff, and
+        // their failure changes nothing (gitlab-runner #3424: a failed Describe made
+        // docker+machine believe its machines gone and create more).
+        let quiet_storm = Duration::from_secs(10);
+        let before = faults.calls().len();
+        faults.inject(Rule::throttle_everything(quiet_storm));
+        tokio::time::sleep(quiet_storm).await;
+        let first: Vec<_> = faults.calls()[before..].to_vec();
+        let mut first_actions: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &first {
+            *first_actions.entry(c.action.as_str()).or_default() += 1;
+        }
+        eprintln!("quiet storm of {quiet_storm:?}: EC2 requests {first_actions:?}");
+        ensure!(
+            first
+                .iter()
+                .any(|c| c.action == "DescribeInstances" && c.injected.is_some()),
+            "no observation was throttled: {first_actions:?}"
+        );
+        ensure!(
+            first.iter().all(|c| c.action == "DescribeInstances") && first.len() <= 7,
+            "a {quiet_storm:?} storm on a steady pool (reconcile every 1 s) cost {first_actions:?}"
+        );
+        let s = status(&sb).await?;
+        ensure!(
+            s.machines == steady.machines,
+            "the pool changed under a storm: {:#?}",
+            s.machines
+        );
+        // The SDK's retry in flight finishes, and the daemon observes again.
+        wait_until("a successful observation", Duration::from_secs(60), POLL, || async {
+            Ok(faults.calls()[before..]
+                .iter()
+                .any(|c| c.action == "DescribeInstances" && c.injected.is_none())
+                .then_some(()))
+        })
+        .await?;
+
+        // 2. A job during a storm.
         let before = faults.calls().len();
         let storm_start = Instant::now();
         faults.inject(Rule::throttle_everything(storm));
