@@ -56,6 +56,13 @@ impl Ec2Error {
         self.code.as_deref().is_some_and(is_throttling_code)
     }
 
+    /// The request named an instance EC2 does not know or cannot act on any more.
+    pub fn is_bad_instance(&self) -> bool {
+        self.code
+            .as_deref()
+            .is_some_and(|c| c.starts_with("InvalidInstanceID") || c == "IncorrectInstanceState")
+    }
+
     /// "Try another instance type, zone or market", not "give up".
     pub fn is_capacity(&self) -> bool {
         self.code.as_deref().is_some_and(is_capacity_code)
@@ -594,17 +601,36 @@ impl Ec2Client {
     /// Terminates in batches. Callers pass only instances proven to carry this fleet's tag.
     pub async fn terminate(&self, instance_ids: &[String]) -> Result<(), Ec2Error> {
         for chunk in instance_ids.chunks(500) {
-            self.count("TerminateInstances").await;
-            self.settle(
-                self.client
-                    .terminate_instances()
-                    .set_instance_ids(Some(chunk.to_vec()))
-                    .send()
-                    .await
-                    .map_err(|e| Ec2Error::from_sdk("TerminateInstances", e)),
-            )
-            .await?;
+            match self.terminate_batch(chunk).await {
+                // One instance EC2 no longer knows (or will not terminate again) fails the
+                // whole batch; then go one by one so the others are not held hostage.
+                Err(e) if chunk.len() > 1 && e.is_bad_instance() => {
+                    for id in chunk {
+                        match self.terminate_batch(std::slice::from_ref(id)).await {
+                            Err(e) if e.is_bad_instance() => {
+                                tracing::debug!(instance = %id, error = %e, "instance already gone");
+                            }
+                            other => other?,
+                        }
+                    }
+                }
+                other => other?,
+            }
         }
         Ok(())
+    }
+
+    async fn terminate_batch(&self, ids: &[String]) -> Result<(), Ec2Error> {
+        self.count("TerminateInstances").await;
+        self.settle(
+            self.client
+                .terminate_instances()
+                .set_instance_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map_err(|e| Ec2Error::from_sdk("TerminateInstances", e)),
+        )
+        .await
+        .map(|_| ())
     }
 }

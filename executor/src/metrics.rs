@@ -34,6 +34,7 @@ pub struct Metrics {
     launch_failures: Family<Labels, Counter>,
     terminations: Family<Labels, Counter>,
     orphans_reaped: Counter,
+    machines_lost: Counter,
     ec2_calls: Family<Labels, Counter>,
     ec2_throttles: Family<Labels, Counter>,
     machine_seconds: Family<Labels, Counter<f64>>,
@@ -60,6 +61,7 @@ impl Metrics {
             launch_failures: Family::default(),
             terminations: Family::default(),
             orphans_reaped: Counter::default(),
+            machines_lost: Counter::default(),
             ec2_calls: Family::default(),
             ec2_throttles: Family::default(),
             machine_seconds: Family::default(),
@@ -101,6 +103,11 @@ impl Metrics {
             "terminations",
             "Machines terminated, by reason",
             m.terminations.clone(),
+        );
+        registry.register(
+            "machines_lost",
+            "Machines that vanished, stopped, or stopped answering without being asked to",
+            m.machines_lost.clone(),
         );
         registry.register(
             "orphans_reaped",
@@ -145,6 +152,10 @@ impl Metrics {
         self.terminations
             .get_or_create(&labels(&[("reason", reason)]))
             .inc_by(n);
+    }
+
+    pub fn lost(&self, n: u64) {
+        self.machines_lost.inc_by(n);
     }
 
     pub fn orphans(&self, n: u64) {

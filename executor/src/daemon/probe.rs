@@ -167,6 +167,7 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
         if lost.is_empty() {
             continue;
         }
+        shared.metrics.lost(lost.len() as u64);
         let gen = shared
             .update(|pool| {
                 for (id, e) in &lost {

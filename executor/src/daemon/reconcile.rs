@@ -101,6 +101,7 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
         tracing::warn!(machine = %machine, reason = %why, "machine lost");
     }
     if !outcome.lost.is_empty() {
+        shared.metrics.lost(outcome.lost.len() as u64);
         shared.changed.notify_waiters();
     }
     shared.commit(gen).await;
@@ -179,16 +180,43 @@ async fn act(shared: &Arc<Shared>) {
         }
     }
 
-    let mut tasks = Vec::new();
+    // Reserve the machines in the pool now (so the next plan counts them) and launch in the
+    // background: a slow or throttled RunInstances must not stall observation, termination
+    // or the launches of other classes.
+    let mut reserved = Vec::new();
     for (class, count) in launches {
         if in_backoff(shared, &class) {
             continue;
         }
         for _ in 0..count {
-            tasks.push(launch_one(shared.clone(), class.clone()));
+            reserved.push((new_id("m-"), class.clone()));
         }
     }
-    futures_util::future::join_all(tasks).await;
+    if reserved.is_empty() {
+        return;
+    }
+    let gen = shared
+        .update(|pool| {
+            for (id, class) in &reserved {
+                let first_type = shared
+                    .config
+                    .classes
+                    .get(class)
+                    .and_then(|c| c.instance_types.first().cloned())
+                    .unwrap_or_default();
+                // Record first, then launch: a crash in between leaves a record the next
+                // observation adopts by its machine tag instead of an orphan.
+                pool.machines.insert(
+                    id.clone(),
+                    Machine::booting(id.clone(), class.clone(), first_type, now),
+                );
+            }
+        })
+        .1;
+    shared.commit_durable(gen).await;
+    for (id, class) in reserved {
+        tokio::spawn(launch_reserved(shared.clone(), class, id));
+    }
 }
 
 fn in_backoff(shared: &Shared, class: &str) -> bool {
@@ -215,11 +243,11 @@ fn note_launch_result(shared: &Shared, class: &str, ok: bool) {
     }
 }
 
-async fn launch_one(shared: Arc<Shared>, class_name: String) {
+/// Launches the machine `machine_id`, already recorded in the pool as booting.
+async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: String) {
     let Some(class) = shared.config.classes.get(&class_name).cloned() else {
         return;
     };
-    let machine_id = new_id("m-");
     let user_data = match shared
         .ca
         .issue_server(&machine_id)
@@ -238,26 +266,10 @@ async fn launch_one(shared: Arc<Shared>, class_name: String) {
         Err(e) => {
             tracing::error!(class = %class_name, error = %e, "cannot build machine bootstrap");
             note_launch_result(&shared, &class_name, false);
+            abandon(&shared, &machine_id).await;
             return;
         }
     };
-    let first_type = class.instance_types.first().cloned().unwrap_or_default();
-    // Record first, then launch: a crash in between leaves a record the next observation
-    // adopts by its machine tag instead of an orphan.
-    let gen = shared
-        .update(|pool| {
-            pool.machines.insert(
-                machine_id.clone(),
-                Machine::booting(
-                    machine_id.clone(),
-                    class_name.clone(),
-                    first_type,
-                    Utc::now(),
-                ),
-            )
-        })
-        .1;
-    shared.commit_durable(gen).await;
 
     let purchases: &[Purchase] = match class.market {
         Market::OnDemand => &[Purchase::OnDemand],
@@ -338,9 +350,15 @@ async fn launch_one(shared: Arc<Shared>, class_name: String) {
         tracing::error!(class = %class_name, error = %e, "launch failed");
     }
     note_launch_result(&shared, &class_name, false);
+    abandon(&shared, &machine_id).await;
+}
+
+/// A reserved machine that was never launched: it goes once observations show no instance
+/// carries its machine tag (in case a lost response hid a launch that did happen).
+async fn abandon(shared: &Shared, machine_id: &str) {
     let gen = shared
         .update(|pool| {
-            if let Some(m) = pool.machines.get_mut(&machine_id) {
+            if let Some(m) = pool.machines.get_mut(machine_id) {
                 m.state = MachineState::Terminating;
                 m.terminate_reason = Some(TerminateReason::Broken);
                 m.note = Some("launch failed".into());
@@ -348,4 +366,6 @@ async fn launch_one(shared: Arc<Shared>, class_name: String) {
         })
         .1;
     shared.commit(gen).await;
+    // Waiting jobs may now be planned for again.
+    shared.wake.notify_one();
 }
