@@ -122,3 +122,30 @@ pub fn is_unreachable(err: &bollard::errors::Error) -> bool {
             | E::HyperResponseError { .. }
     )
 }
+
+/// Runs `sh -c <script>` in the container, discards its output and returns its exit code
+/// (signalling a stage, checking a service port).
+pub async fn exec_quiet(
+    docker: &bollard::Docker,
+    container: &str,
+    script: &str,
+) -> Result<Option<i64>, bollard::errors::Error> {
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    use futures_util::StreamExt;
+    let exec = docker
+        .create_exec(
+            container,
+            CreateExecOptions::<String> {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+                ..Default::default()
+            },
+        )
+        .await?;
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
+    {
+        while output.next().await.is_some() {}
+    }
+    Ok(docker.inspect_exec(&exec.id).await?.exit_code)
+}

@@ -381,22 +381,9 @@ async fn run_quick(
     container: &str,
     script: &str,
 ) -> Result<(), bollard::errors::Error> {
-    let exec = docker
-        .create_exec(
-            container,
-            CreateExecOptions::<String> {
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
-                ..Default::default()
-            },
-        )
-        .await?;
-    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
-    {
-        while output.next().await.is_some() {}
-    }
-    Ok(())
+    super::exec_quiet(docker, container, script)
+        .await
+        .map(|_| ())
 }
 
 /// The exec's exit code; Docker may report it a moment after the stream ends.

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
 use bollard::query_parameters::{CreateContainerOptions, LogsOptions};
 use bollard::Docker;
@@ -173,35 +172,11 @@ pub async fn check_health(docker: &Docker, helper: &str, services: &[Started], w
 }
 
 async fn run_check(docker: &Docker, container: &str, script: &str, wait: Duration) -> bool {
-    let exec = match docker
-        .create_exec(
-            container,
-            CreateExecOptions::<String> {
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
-                ..Default::default()
-            },
-        )
-        .await
-    {
-        Ok(e) => e,
-        Err(_) => return false,
-    };
-    let drained = async {
-        if let Ok(StartExecResults::Attached { mut output, .. }) =
-            docker.start_exec(&exec.id, None).await
-        {
-            while output.next().await.is_some() {}
-        }
-    };
-    if tokio::time::timeout(wait + Duration::from_secs(5), drained)
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    matches!(docker.inspect_exec(&exec.id).await, Ok(info) if info.exit_code == Some(0))
+    let check = super::exec_quiet(docker, container, script);
+    matches!(
+        tokio::time::timeout(wait + Duration::from_secs(5), check).await,
+        Ok(Ok(Some(0)))
+    )
 }
 
 async fn service_logs(docker: &Docker, container: &str) -> String {
