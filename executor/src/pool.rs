@@ -261,6 +261,34 @@ impl Pool {
         }
     }
 
+    /// Leases older than `max_age` belong to jobs whose runner died before `cleanup`:
+    /// their machines are taken back as broken (never reused: their state is unknown).
+    /// Returns the expired lease ids.
+    pub fn expire_leases(
+        &mut self,
+        now: DateTime<Utc>,
+        max_age: std::time::Duration,
+    ) -> Vec<String> {
+        let expired: Vec<(String, String)> = self
+            .leases
+            .values()
+            .filter(|l| l.lost.is_none())
+            .filter(|l| (now - l.acquired_at).to_std().unwrap_or_default() >= max_age)
+            .map(|l| (l.lease_id.clone(), l.machine_id.clone()))
+            .collect();
+        for (lease_id, machine_id) in &expired {
+            let why = format!(
+                "lease {lease_id} was held for more than {}s without cleanup (its runner is gone)",
+                max_age.as_secs()
+            );
+            self.mark_broken(machine_id, &why);
+            if let Some(l) = self.leases.get_mut(lease_id) {
+                l.lost = Some(why);
+            }
+        }
+        expired.into_iter().map(|(l, _)| l).collect()
+    }
+
     pub fn count(&self, class: &str, state: MachineState) -> u32 {
         self.machines
             .values()
@@ -329,6 +357,22 @@ mod tests {
         pool.mark_broken("a", "instance terminated outside flotilla");
         assert!(pool.leases["l1"].lost.is_some());
         assert_eq!(pool.lease_for_job("job-1").unwrap().lease_id, "l1");
+    }
+
+    #[test]
+    fn abandoned_lease_expires_and_its_machine_is_not_reused() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        pool.try_lease("job-1", "c", "l1".into(), t(30)).unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        assert!(pool.expire_leases(t(30 + 86_399), day).is_empty());
+        assert_eq!(pool.expire_leases(t(30 + 86_400), day), vec!["l1"]);
+        assert_eq!(pool.machines["a"].state, MachineState::Broken);
+        assert!(pool.leases["l1"].lost.is_some());
+        assert!(
+            pool.expire_leases(t(30 + 90_000), day).is_empty(),
+            "expired once"
+        );
     }
 
     #[test]

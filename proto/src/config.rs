@@ -48,6 +48,10 @@ pub struct Config {
     /// How often idle machines are pinged over mTLS; one that stops answering is replaced.
     #[serde(default = "defaults::health_interval")]
     pub health_interval: HumanDuration,
+    /// A lease held longer than this is presumed abandoned (its runner died before
+    /// `cleanup`): the machine is taken back as broken and replaced. Longer than any job.
+    #[serde(default = "defaults::lease_timeout")]
+    pub lease_timeout: HumanDuration,
     /// What SIGTERM does to idle machines: `keep` them for the next start, or `terminate` them.
     #[serde(default)]
     pub on_shutdown: ShutdownPolicy,
@@ -340,6 +344,7 @@ impl Default for Config {
             orphan_grace: defaults::orphan_grace(),
             max_growth_rate: defaults::max_growth_rate(),
             health_interval: defaults::health_interval(),
+            lease_timeout: defaults::lease_timeout(),
             on_shutdown: ShutdownPolicy::default(),
             metrics_addr: None,
             aws: AwsConfig::default(),
@@ -366,6 +371,9 @@ mod defaults {
     }
     pub fn health_interval() -> HumanDuration {
         HumanDuration::from_secs(30)
+    }
+    pub fn lease_timeout() -> HumanDuration {
+        HumanDuration::from_secs(24 * 3600)
     }
     pub fn max_requests_per_second() -> u32 {
         20

@@ -83,7 +83,14 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
             .map(|(id, (_, t))| (id.clone(), *t))
             .collect()
     };
-    let (outcome, gen) = shared.update(|pool| fold(pool, &observed, now, graces, &mut since));
+    let lease_timeout = shared.config.lease_timeout.0;
+    let ((outcome, expired), gen) = shared.update(|pool| {
+        let outcome = fold(pool, &observed, now, graces, &mut since);
+        (outcome, pool.expire_leases(now, lease_timeout))
+    });
+    for lease in &expired {
+        tracing::warn!(lease = %lease, "lease expired without cleanup; its machine will be replaced");
+    }
     {
         let mut unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
         *unknown = since
