@@ -1024,3 +1024,66 @@ async fn metrics_parse_as_prometheus_text_and_match_what_happened() -> Result<()
     })
     .await
 }
+
+/// SIGTERM with `on_shutdown = "keep"` (the default) leaves the idle machine running and
+/// the next daemon adopts it; with `"terminate"` SIGTERM terminates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_idle_machines_by_default_and_terminates_them_when_configured() -> Result<()>
+{
+    bounded(Duration::from_secs(300), async {
+        let mut sb = Sandbox::start(SandboxOptions {
+            idle_count: 1,
+            ..SandboxOptions::default()
+        })
+        .await?;
+        let kept = one_idle_machine(&sb).await?;
+        sb.kill_daemon(Signal::SIGTERM).await?;
+        let after_keep = sb.instances().await?;
+        ensure!(
+            after_keep
+                .iter()
+                .any(|i| i.instance_id == kept && i.is_running()),
+            "on_shutdown keep terminated the idle machine: {after_keep:?}\n{}",
+            sb.diagnostics()
+        );
+
+        let mut config = sb.config.clone();
+        config.on_shutdown = flotilla_proto::config::ShutdownPolicy::Terminate;
+        std::fs::write(&sb.config_path, config.to_toml()?)?;
+        sb.start_daemon().await?;
+        let adopted = one_idle_machine(&sb).await?;
+        ensure!(
+            adopted == kept,
+            "the restarted daemon did not adopt the kept machine ({kept}), it has {adopted}\n{}",
+            sb.diagnostics()
+        );
+        sb.kill_daemon(Signal::SIGTERM).await?;
+        sb.wait_instances(
+            "the idle machine terminated at shutdown",
+            Duration::from_secs(30),
+            |list| list.iter().all(|i| i.is_terminated()),
+        )
+        .await
+        .with_context(|| sb.diagnostics())?;
+        sb.shutdown().await
+    })
+    .await
+}
+
+/// Waits for an idle machine; returns its instance id.
+async fn one_idle_machine(sb: &Sandbox) -> Result<String> {
+    wait_until(
+        "one idle machine",
+        Duration::from_secs(90),
+        POLL,
+        || async {
+            let st = status(sb).await?;
+            Ok(st
+                .machines
+                .iter()
+                .find(|m| m.state == MachineState::Idle)
+                .map(|m| m.instance_id.clone()))
+        },
+    )
+    .await
+}
