@@ -473,17 +473,7 @@ impl Config {
 
     /// Parses TOML, naming the key and line of the first problem.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let de = toml::Deserializer::parse(text).map_err(|e| describe_toml_error(text, &e))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let what = describe_toml_error(text, &inner);
-            if key.is_empty() || key == "." {
-                what
-            } else {
-                format!("key `{key}`: {what}")
-            }
-        })
+        parse_toml(text)
     }
 
     /// Cross-field rules that serde cannot express.
@@ -657,6 +647,22 @@ fn is_tag_safe(s: &str) -> bool {
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Parses a TOML document into `T` (which should reject unknown keys), naming the key
+/// path and line of the first problem: shared by every Flotilla file format.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| describe_toml_error(text, &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let what = describe_toml_error(text, &inner);
+        if key.is_empty() || key == "." {
+            what
+        } else {
+            format!("key `{key}`: {what}")
+        }
+    })
 }
 
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {

@@ -7,7 +7,6 @@
 //! names the file and the key.
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::config::Config;
@@ -199,18 +198,8 @@ pub enum StackError {
     Invalid { path: PathBuf, message: String },
 }
 
-/// A broken rule, naming the key in stack-file terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Invalid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "key `{}`: {}", self.key, self.message)
-    }
-}
+/// A broken rule, naming the key in stack-file terms (the same type as flotilla.toml's).
+pub use flotilla_proto::config::Invalid;
 
 fn bad<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
     Err(Invalid {
@@ -248,17 +237,7 @@ impl Stack {
 
     /// Parses TOML with unknown keys rejected, naming the key and line of the first problem.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let de = toml::Deserializer::parse(text).map_err(|e| describe_toml_error(text, &e))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let what = describe_toml_error(text, &inner);
-            if key.is_empty() || key == "." {
-                what
-            } else {
-                format!("key `{key}`: {what}")
-            }
-        })
+        flotilla_proto::config::parse_toml(text)
     }
 
     /// The fleet name: `fleet.name`, or the stack name.
@@ -764,17 +743,6 @@ fn check_url(key: &str, url: &str) -> Result<(), Invalid> {
         );
     }
     Ok(())
-}
-
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim_end().to_owned();
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("{message} (line {line})")
-        }
-        None => message,
-    }
 }
 
 #[cfg(test)]
