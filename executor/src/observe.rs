@@ -91,7 +91,16 @@ pub fn fold(
                 pool.machines.remove(&id);
                 out.forgotten.push(id);
             }
-        } else if older_than(launched_at, graces.visibility) {
+        } else if older_than(
+            launched_at,
+            // A launch still in flight (throttled, retried) has no instance yet: give it
+            // as long as an unknown instance gets before it is called an orphan.
+            if instance_id.is_empty() {
+                graces.orphan.max(graces.visibility)
+            } else {
+                graces.visibility
+            },
+        ) {
             let shown = if instance_id.is_empty() {
                 "never launched".to_string()
             } else {
@@ -172,6 +181,15 @@ mod tests {
         let out = fold(&mut pool, &[], t(10), &G, &mut HashMap::new());
         assert!(out.lost.is_empty());
         assert_eq!(pool.machines["m1"].state, MachineState::Booting);
+    }
+
+    #[test]
+    fn launch_still_in_flight_is_not_lost_before_the_orphan_grace() {
+        let mut pool = pool_with("m1", "", MachineState::Booting);
+        let out = fold(&mut pool, &[], t(300), &G, &mut HashMap::new());
+        assert!(out.lost.is_empty(), "{out:?}");
+        let out = fold(&mut pool, &[], t(600), &G, &mut HashMap::new());
+        assert_eq!(out.lost.len(), 1);
     }
 
     #[test]
