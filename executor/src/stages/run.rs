@@ -251,7 +251,15 @@ async fn exec_script(
             docker.start_container(container, None).await.map_err(|e| {
                 docker_failure(lease, &format!("restarting {container} failed"), &e)
             })?;
-            return Box::pin(exec_script(docker, lease, container, shell, script, false)).await;
+            let retried =
+                Box::pin(exec_script(docker, lease, container, shell, script, false)).await;
+            // Restarted by us and stopped again on its own, whatever Docker reported on the
+            // way (404 for the exec, 126, a broken stream): its entrypoint exits at once.
+            let failed = matches!(retried, Err(_) | Ok(1..));
+            if failed && has_stopped(docker, container).await {
+                return Err(exits_at_once(container));
+            }
+            return retried;
         }
         Err(e) if is_not_running(&e) => return Err(exits_at_once(container)),
         Err(e) => {
