@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 
 use crate::registry::{digest, BusyboxImage};
-use crate::util::{free_port, record_pid, stop_child, tail, wait_until};
+use crate::util::{free_port, record_pid, stop_child, wait_for_http};
 
 /// A busybox image (see [`BusyboxImage::build`]) whose config has the keys of `config`
 /// (Docker's image config names: `Entrypoint`, `Cmd`, `User`, `ExposedPorts`, `Env`...)
@@ -176,37 +176,18 @@ impl AuthRegistry {
             password: password.to_owned(),
         };
         let url = format!("{}/v2/", reg.url());
-        let ready = wait_until(
-            "the authenticated registry to answer GET /v2/ with 401",
+        wait_for_http(
+            "docker-registry (htpasswd)",
+            &mut reg.child,
+            &url,
             Duration::from_secs(30),
-            Duration::from_millis(100),
-            || {
-                let url = url.clone();
-                let exited = reg.child.try_wait().ok().flatten();
-                async move {
-                    if let Some(status) = exited {
-                        bail!("docker-registry exited with {status}");
-                    }
-                    let status = tokio::task::spawn_blocking(move || {
-                        match ureq::get(&url).timeout(Duration::from_secs(2)).call() {
-                            Ok(r) => Some(r.status()),
-                            Err(ureq::Error::Status(code, _)) => Some(code),
-                            Err(_) => None,
-                        }
-                    })
-                    .await?;
-                    match status {
-                        Some(401) => Ok(Some(())),
-                        Some(other) => bail!("GET /v2/ without a login answered {other}, not 401"),
-                        None => Ok(None),
-                    }
-                }
+            &reg.log,
+            |code| match code {
+                401 => Ok(true),
+                other => bail!("GET /v2/ without a login answered {other}, not 401"),
             },
         )
-        .await;
-        if let Err(e) = ready {
-            bail!("{e:#}\nregistry log:\n{}", tail(&reg.log, 30));
-        }
+        .await?;
         Ok(reg)
     }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 
-use crate::util::{free_port, stop_child, tail, wait_until};
+use crate::util::{free_port, stop_child, wait_for_http};
 
 /// The region every sandbox uses.
 pub const REGION: &str = "us-east-1";
@@ -67,32 +67,15 @@ impl Moto {
             log: log.to_owned(),
         };
         let url = format!("{}/moto-api/", moto.url());
-        let started = wait_until(
-            "moto to answer",
+        wait_for_http(
+            "moto_server",
+            &mut moto.child,
+            &url,
             Duration::from_secs(60),
-            Duration::from_millis(200),
-            || {
-                let url = url.clone();
-                let exited = moto.child.try_wait().ok().flatten();
-                async move {
-                    if let Some(status) = exited {
-                        bail!("moto_server exited with {status}");
-                    }
-                    let ok = tokio::task::spawn_blocking(move || {
-                        ureq::get(&url)
-                            .timeout(Duration::from_secs(2))
-                            .call()
-                            .is_ok()
-                    })
-                    .await?;
-                    Ok(ok.then_some(()))
-                }
-            },
+            &moto.log,
+            |code| Ok(code < 400),
         )
-        .await;
-        if let Err(e) = started {
-            bail!("{e:#}\nmoto log:\n{}", tail(&moto.log, 30));
-        }
+        .await?;
         Ok(moto)
     }
 

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::util::{free_port, stop_child, tail, wait_until};
+use crate::util::{free_port, stop_child, wait_for_http};
 
 /// A running registry.
 #[derive(Debug)]
@@ -52,32 +52,15 @@ impl Registry {
             .context("starting docker-registry (apt-get install docker-registry)")?;
         let mut reg = Self { child, port, log };
         let url = format!("{}/v2/", reg.url());
-        let ready = wait_until(
-            "the registry to answer GET /v2/",
+        wait_for_http(
+            "docker-registry",
+            &mut reg.child,
+            &url,
             Duration::from_secs(30),
-            Duration::from_millis(100),
-            || {
-                let url = url.clone();
-                let exited = reg.child.try_wait().ok().flatten();
-                async move {
-                    if let Some(status) = exited {
-                        bail!("docker-registry exited with {status}");
-                    }
-                    let ok = tokio::task::spawn_blocking(move || {
-                        ureq::get(&url)
-                            .timeout(Duration::from_secs(2))
-                            .call()
-                            .is_ok()
-                    })
-                    .await?;
-                    Ok(ok.then_some(()))
-                }
-            },
+            &reg.log,
+            |code| Ok(code < 400),
         )
-        .await;
-        if let Err(e) = ready {
-            bail!("{e:#}\nregistry log:\n{}", tail(&reg.log, 30));
-        }
+        .await?;
         Ok(reg)
     }
 

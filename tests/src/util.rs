@@ -256,3 +256,44 @@ pub fn stop_leftovers(dir: &Path) {
         }
     }
 }
+
+/// Waits until the server `child` started answers `GET url` with a status `expect` accepts
+/// (a status it refuses is an error at once), failing early if the process exits. On
+/// failure the message carries the tail of `log`.
+pub async fn wait_for_http(
+    what: &str,
+    child: &mut Child,
+    url: &str,
+    timeout: Duration,
+    log: &Path,
+    expect: fn(u16) -> Result<bool>,
+) -> Result<()> {
+    let ready = wait_until(
+        &format!("{what} to answer GET {url}"),
+        timeout,
+        Duration::from_millis(100),
+        || {
+            let url = url.to_owned();
+            let exited = child.try_wait().ok().flatten();
+            async move {
+                if let Some(status) = exited {
+                    bail!("{what} exited with {status}");
+                }
+                let status = tokio::task::spawn_blocking(move || {
+                    match ureq::get(&url).timeout(Duration::from_secs(2)).call() {
+                        Ok(r) => Some(r.status()),
+                        Err(ureq::Error::Status(code, _)) => Some(code),
+                        Err(_) => None,
+                    }
+                })
+                .await?;
+                match status {
+                    Some(code) => Ok(expect(code)?.then_some(())),
+                    None => Ok(None),
+                }
+            }
+        },
+    )
+    .await;
+    ready.map_err(|e| anyhow::anyhow!("{e:#}\n{what} log:\n{}", tail(log, 30)))
+}
