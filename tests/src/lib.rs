@@ -9,6 +9,7 @@
 pub mod auth_registry;
 pub mod emulator;
 pub mod faults;
+pub mod images;
 pub mod moto;
 pub mod prom;
 pub mod registry;

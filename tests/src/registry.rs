@@ -6,7 +6,6 @@
 //! sandbox's machines pull these images for real.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -81,26 +80,34 @@ impl Registry {
     /// full reference, e.g. `127.0.0.1:5000/flotilla/busybox:latest`.
     pub fn push_busybox_image(&self, repo: &str, tag: &str, flavour: &str) -> Result<String> {
         let image = BusyboxImage::build(flavour)?;
-        self.push(repo, tag, &image)
+        self.push_built(repo, tag, &image)
+    }
+
+    /// Pushes a built image (e.g. from [`crate::images::HostImage`]) as `<repo>:<tag>`;
+    /// returns the full reference `<host>/<repo>:<tag>`.
+    pub fn push_built(&self, repo: &str, tag: &str, image: &BusyboxImage) -> Result<String> {
+        self.push(repo, tag, image)
             .with_context(|| format!("pushing {repo}:{tag} to {}", self.host()))?;
         Ok(format!("{}/{repo}:{tag}", self.host()))
     }
 
     fn push(&self, repo: &str, tag: &str, image: &BusyboxImage) -> Result<()> {
-        self.push_blob(repo, &image.layer_gz)?;
-        self.push_blob(repo, &image.config)?;
+        let layer_digest = digest(&image.layer_gz);
+        let config_digest = digest(&image.config);
+        self.push_blob(repo, &image.layer_gz, &layer_digest)?;
+        self.push_blob(repo, &image.config, &config_digest)?;
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
             "config": {
                 "mediaType": "application/vnd.docker.container.image.v1+json",
                 "size": image.config.len(),
-                "digest": digest(&image.config),
+                "digest": config_digest,
             },
             "layers": [{
                 "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
                 "size": image.layer_gz.len(),
-                "digest": digest(&image.layer_gz),
+                "digest": layer_digest,
             }],
         });
         let body = serde_json::to_vec(&manifest)?;
@@ -117,8 +124,16 @@ impl Registry {
         Ok(())
     }
 
-    fn push_blob(&self, repo: &str, blob: &[u8]) -> Result<()> {
-        let d = digest(blob);
+    fn push_blob(&self, repo: &str, blob: &[u8], d: &str) -> Result<()> {
+        // Already there (a big layer pushed by an earlier call): skip the upload.
+        let head = format!("{}/v2/{repo}/blobs/{d}", self.url());
+        if ureq::head(&head)
+            .timeout(Duration::from_secs(30))
+            .call()
+            .is_ok()
+        {
+            return Ok(());
+        }
         let start = format!("{}/v2/{repo}/blobs/uploads/", self.url());
         let resp = ureq::post(&start)
             .timeout(Duration::from_secs(30))
@@ -138,7 +153,7 @@ impl Registry {
         let put = format!("{location}{sep}digest={d}");
         ureq::put(&put)
             .set("Content-Type", "application/octet-stream")
-            .timeout(Duration::from_secs(60))
+            .timeout(Duration::from_secs(300))
             .send_bytes(blob)
             .map_err(describe)
             .with_context(|| format!("PUT blob {d}"))?;
@@ -244,87 +259,8 @@ impl BusyboxImage {
     /// Builds the image; `flavour` is written to /etc/flotilla-image so a test can tell
     /// the job image from the helper image.
     pub fn build(flavour: &str) -> Result<Self> {
-        let busybox = std::fs::read("/bin/busybox")
-            .context("reading /bin/busybox (apt-get install busybox-static)")?;
-        let tar = layer_tar(&busybox, flavour)?;
-        let diff_id = digest(&tar);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&tar)?;
-        let layer_gz = gz.finish()?;
-        let config = serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "created": "2026-01-01T00:00:00Z",
-            "config": {
-                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                "Cmd": ["sh"],
-                "Labels": {"org.flotilla.sandbox.image": flavour},
-            },
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            "history": [{"created": "2026-01-01T00:00:00Z", "created_by": "flotilla-sandbox"}],
-        });
-        Ok(Self {
-            layer_gz,
-            config: serde_json::to_vec(&config)?,
-        })
+        crate::images::HostImage::new(flavour)
+            .build()
+            .context("building the busybox image (apt-get install busybox-static)")
     }
-}
-
-fn layer_tar(busybox: &[u8], flavour: &str) -> Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    let header = |kind: tar::EntryType, mode: u32, size: u64, uid: u64| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(uid);
-        h.set_gid(uid);
-        h.set_mtime(1_767_225_600);
-        h
-    };
-    for (dir, mode, uid) in [
-        ("bin", 0o755, 0),
-        ("dev", 0o755, 0),
-        ("etc", 0o755, 0),
-        ("home", 0o755, 0),
-        ("home/build", 0o755, 1000),
-        ("proc", 0o555, 0),
-        ("root", 0o700, 0),
-        ("sys", 0o555, 0),
-        ("tmp", 0o1777, 0),
-        ("usr", 0o755, 0),
-        ("usr/bin", 0o755, 0),
-        ("var", 0o755, 0),
-        ("var/tmp", 0o1777, 0),
-    ] {
-        let mut h = header(tar::EntryType::Directory, mode, 0, uid);
-        b.append_data(&mut h, format!("{dir}/"), std::io::empty())?;
-    }
-    let mut h = header(tar::EntryType::Regular, 0o755, busybox.len() as u64, 0);
-    b.append_data(&mut h, "bin/busybox", busybox)?;
-    for applet in APPLETS {
-        let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0);
-        b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
-    }
-    let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0);
-    b.append_link(&mut h, "usr/bin/env", "/bin/busybox")?;
-    let files: [(&str, String); 4] = [
-        (
-            "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\nbuild:x:1000:1000:build:/home/build:/bin/sh\n\
-             nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
-                .into(),
-        ),
-        (
-            "etc/group",
-            "root:x:0:\nbuild:x:1000:\nnogroup:x:65534:\n".into(),
-        ),
-        ("etc/flotilla-image", format!("{flavour}\n")),
-        ("etc/hostname", "sandbox\n".into()),
-    ];
-    for (path, text) in files {
-        let mut h = header(tar::EntryType::Regular, 0o644, text.len() as u64, 0);
-        b.append_data(&mut h, path, text.as_bytes())?;
-    }
-    Ok(b.into_inner()?)
 }
