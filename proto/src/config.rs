@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::container::{ContainerOptions, VolumeSpec};
 use crate::duration::HumanDuration;
 
 /// Environment variable naming the config file when `--config` is not given.
@@ -168,6 +169,37 @@ pub struct JobConfig {
     /// How long prepare waits for services' exposed ports before warning and going on.
     #[serde(default = "defaults::service_wait")]
     pub service_wait: HumanDuration,
+    /// Run the build container privileged (Docker-in-Docker builds), if its image matches
+    /// `allowed_privileged_images`.
+    #[serde(default)]
+    pub privileged: bool,
+    /// Run services privileged (the `docker:dind` service); unset means `privileged`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services_privileged: Option<bool>,
+    /// Glob patterns of build images that may run privileged; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_privileged_images: Vec<String>,
+    /// Glob patterns of service images that may run privileged; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_privileged_services: Vec<String>,
+    /// Volumes of the build, helper and service containers: `"/certs/client"` (a volume
+    /// made for the job, removed at cleanup), `"/host/path:/path[:ro]"`, `"name:/path"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
+    /// Glob patterns (`*` within a path segment, `**` across) of images a job may use;
+    /// empty means any. The runner's `default_image` is always allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_images: Vec<String>,
+    /// Glob patterns of service images a job may use; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_services: Vec<String>,
+    /// `[job.container]`: shm size, tmpfs, capabilities, devices, limits and the rest.
+    #[serde(default, skip_serializing_if = "is_default_container")]
+    pub container: ContainerOptions,
+}
+
+fn is_default_container(c: &ContainerOptions) -> bool {
+    *c == ContainerOptions::default()
 }
 
 /// gitlab-runner's image pull policies.
@@ -210,6 +242,14 @@ impl Default for JobConfig {
             pull_policy: defaults::pull_policy(),
             allowed_pull_policies: Vec::new(),
             service_wait: defaults::service_wait(),
+            privileged: false,
+            services_privileged: None,
+            allowed_privileged_images: Vec::new(),
+            allowed_privileged_services: Vec::new(),
+            volumes: Vec::new(),
+            allowed_images: Vec::new(),
+            allowed_services: Vec::new(),
+            container: ContainerOptions::default(),
         }
     }
 }
@@ -261,6 +301,11 @@ pub struct ClassConfig {
     /// Machines kept warm from the job arrivals the daemon has seen (`[classes.X.forecast]`).
     #[serde(default, skip_serializing_if = "ForecastConfig::is_default")]
     pub forecast: ForecastConfig,
+    /// `[classes.X.job]`: `[job]` keys that differ for this class (privileged, volumes,
+    /// `container`, images...); merged key by key over the fleet's `[job]`, see
+    /// [`Config::job_for`]. `builds_dir` and `cache_dir` are the runner's and cannot differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<toml::Table>,
 }
 
 /// Flotilla's learned warm pool, on top of `idle_count` and the schedules: a warm machine
@@ -327,6 +372,7 @@ impl Default for ClassConfig {
             boot_timeout: defaults::boot_timeout(),
             schedules: Vec::new(),
             forecast: ForecastConfig::default(),
+            job: None,
         }
     }
 }
@@ -604,8 +650,19 @@ impl Config {
                 }
             }
         }
-        if self.job.pull_policy.is_empty() {
-            return bad("job.pull_policy", "must list at least one policy".into());
+        check_job(&self.job, "job")?;
+        for (name, class) in &self.classes {
+            let Some(over) = &class.job else { continue };
+            for fixed in ["builds_dir", "cache_dir"] {
+                if over.contains_key(fixed) {
+                    return bad(
+                        &format!("classes.{name}.job.{fixed}"),
+                        "is the runner's, the same for every class: set it in [job]".into(),
+                    );
+                }
+            }
+            let job = self.job_for(name)?;
+            check_job(&job, &format!("classes.{name}.job"))?;
         }
         for (instance_type, price) in &self.prices {
             if !(price.is_finite() && *price >= 0.0) {
@@ -626,6 +683,32 @@ impl Config {
         Ok(())
     }
 
+    /// The `[job]` settings for jobs of `class`: the fleet's `[job]` with the class's
+    /// `[classes.X.job]` keys merged over it (tables such as `container` key by key).
+    pub fn job_for(&self, class: &str) -> Result<JobConfig, Invalid> {
+        let Some(over) = self.classes.get(class).and_then(|c| c.job.as_ref()) else {
+            return Ok(self.job.clone());
+        };
+        let prefix = format!("classes.{class}.job");
+        let invalid = |message: String| Invalid {
+            key: prefix.clone(),
+            message,
+        };
+        let mut base = toml::Table::try_from(&self.job).map_err(|e| invalid(e.to_string()))?;
+        merge_tables(&mut base, over);
+        serde_path_to_error::deserialize(toml::Value::Table(base)).map_err(|e| {
+            let path = e.path().to_string();
+            Invalid {
+                key: if path.is_empty() || path == "." {
+                    prefix.clone()
+                } else {
+                    format!("{prefix}.{path}")
+                },
+                message: e.into_inner().message().trim_end().to_owned(),
+            }
+        })
+    }
+
     pub fn class_names(&self) -> Vec<&str> {
         self.classes.keys().map(String::as_str).collect()
     }
@@ -639,6 +722,63 @@ impl Config {
     /// Renders the config as TOML; the provisioner and the sandbox write files this way.
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string_pretty(self)
+    }
+}
+
+/// Rules of one `[job]` (the fleet's, or a class's merged one), keys under `prefix`.
+fn check_job(job: &JobConfig, prefix: &str) -> Result<(), Invalid> {
+    let bad = |key: &str, message: String| Invalid {
+        key: format!("{prefix}.{key}"),
+        message,
+    };
+    if job.pull_policy.is_empty() {
+        return Err(bad("pull_policy", "must list at least one policy".into()));
+    }
+    let mut targets = std::collections::BTreeSet::new();
+    for (i, v) in job.volumes.iter().enumerate() {
+        let spec = VolumeSpec::parse(v).map_err(|m| bad(&format!("volumes[{i}]"), m))?;
+        let target = spec.target().trim_end_matches('/').to_owned();
+        if target == job.builds_dir.trim_end_matches('/')
+            || target == job.cache_dir.trim_end_matches('/')
+        {
+            return Err(bad(
+                &format!("volumes[{i}]"),
+                format!("{v:?} would hide the builds or cache directory ({target})"),
+            ));
+        }
+        if !targets.insert(target.clone()) {
+            return Err(bad(
+                &format!("volumes[{i}]"),
+                format!("{target} is mounted twice"),
+            ));
+        }
+    }
+    for (key, patterns) in [
+        ("allowed_images", &job.allowed_images),
+        ("allowed_services", &job.allowed_services),
+        ("allowed_privileged_images", &job.allowed_privileged_images),
+        (
+            "allowed_privileged_services",
+            &job.allowed_privileged_services,
+        ),
+    ] {
+        if let Some(i) = patterns.iter().position(|p| p.trim().is_empty()) {
+            return Err(bad(&format!("{key}[{i}]"), "must not be empty".into()));
+        }
+    }
+    job.container
+        .check()
+        .map_err(|(key, message)| bad(&format!("container.{key}"), message))
+}
+
+fn merge_tables(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
     }
 }
 
@@ -810,5 +950,87 @@ subnets = ["subnet-1"]
     fn load_names_the_file() {
         let err = Config::load(Path::new("/nonexistent/flotilla.toml")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/flotilla.toml"));
+    }
+
+    #[test]
+    fn container_options_parse_and_round_trip() {
+        let text = format!(
+            "{MINIMAL}\n[job]\nprivileged = true\nvolumes = [\"/certs/client\", \"/srv/ca:/ca:ro\"]\n\
+             allowed_images = [\"registry.example.com/**\"]\n\
+             [job.container]\nshm_size = \"2g\"\ncpus = 1.5\nmemory = 1073741824\n\
+             ulimits = {{ nofile = \"1024:2048\" }}\ntmpfs = {{ \"/scratch\" = \"rw,size=64m\" }}\ngpus = \"all\"\n"
+        );
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        assert!(c.job.privileged);
+        assert_eq!(
+            c.job.container.shm_size,
+            Some(crate::container::ByteSize(2 << 30))
+        );
+        assert_eq!(
+            c.job.container.cpus,
+            Some(crate::container::Cpus(1_500_000_000))
+        );
+        assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_container_values_name_their_key() {
+        let text = format!("{MINIMAL}\n[job.container]\nshm_size = \"huge\"\n");
+        let err = Config::from_toml(&text).unwrap_err();
+        assert!(err.contains("job.container.shm_size"), "{err}");
+        assert!(err.contains("2g"), "says what was expected: {err}");
+        let text = format!("{MINIMAL}\n[job.container]\nshm_sise = \"1g\"\n");
+        let err = Config::from_toml(&text).unwrap_err();
+        assert!(err.contains("shm_sise"), "{err}");
+        let text = format!("{MINIMAL}\n[job]\nvolumes = [\"/builds\"]\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "job.volumes[0]");
+        let text = format!("{MINIMAL}\n[job.container]\ndevices = [\"fuse\"]\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "job.container.devices[0]");
+    }
+
+    #[test]
+    fn a_class_overrides_job_keys_one_by_one() {
+        let text = format!(
+            "{MINIMAL}\n[job]\nvolumes = [\"/certs/client\"]\n[job.container]\nshm_size = \"1g\"\ncap_add = [\"NET_ADMIN\"]\n\
+             [classes.dind]\nami = \"ami-1\"\ninstance_types = [\"t3.large\"]\nsubnets = [\"subnet-1\"]\n\
+             [classes.dind.job]\nprivileged = true\n[classes.dind.job.container]\nshm_size = \"4g\"\n"
+        );
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        let small = c.job_for("small").unwrap();
+        assert!(!small.privileged);
+        let dind = c.job_for("dind").unwrap();
+        assert!(dind.privileged);
+        assert_eq!(
+            dind.container.shm_size,
+            Some(crate::container::ByteSize(4 << 30))
+        );
+        assert_eq!(
+            dind.container.cap_add,
+            vec!["NET_ADMIN"],
+            "unset keys keep the fleet's"
+        );
+        assert_eq!(dind.volumes, vec!["/certs/client"]);
+        assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);
+
+        let text = format!("{MINIMAL}\n[classes.small.job]\nprivileged = \"yes\"\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.job.privileged");
+        let text = format!("{MINIMAL}\n[classes.small.job]\nprivilegd = true\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert!(err.message.contains("privilegd"), "{err}");
+        let text = format!("{MINIMAL}\n[classes.small.job]\nbuilds_dir = \"/b\"\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.job.builds_dir");
+        let text =
+            format!("{MINIMAL}\n[classes.small.job.container]\nulimits = {{ nofile = \"x\" }}\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert!(
+            err.key.starts_with("classes.small.job.container.ulimits"),
+            "{err}"
+        );
     }
 }

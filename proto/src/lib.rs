@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bootstrap;
 pub mod config;
+pub mod container;
 pub mod duration;
 pub mod schedule;
 pub mod tags;
