@@ -58,6 +58,7 @@ pub async fn ensure(
     lease: &Lease,
     spec: &JobSpec,
     image: &str,
+    platform: Option<&str>,
     policies: &[PullPolicy],
 ) -> Result<(), StageError> {
     let mut last = None;
@@ -71,7 +72,9 @@ pub async fn ensure(
             PullPolicy::Never => Err(StageError::build_message(format!(
                 "image {image} is not on the build machine and pull_policy is never"
             ))),
-            PullPolicy::IfNotPresent | PullPolicy::Always => pull(docker, lease, spec, image).await,
+            PullPolicy::IfNotPresent | PullPolicy::Always => {
+                pull(docker, lease, spec, image, platform).await
+            }
         };
         match result {
             Ok(()) => return Ok(()),
@@ -86,16 +89,29 @@ async fn pull(
     lease: &Lease,
     spec: &JobSpec,
     image: &str,
+    platform: Option<&str>,
 ) -> Result<(), StageError> {
     say(&format!("Pulling image {image} ..."));
-    let credentials = spec.credential_for(image).map(|c| DockerCredentials {
-        username: Some(c.username.clone()),
-        password: Some(c.password.clone()),
-        serveraddress: Some(c.registry.clone()),
-        ..Default::default()
+    let credentials = spec.credentials.for_image(image).await?.map(|c| {
+        // docker-credential helpers answer `<token>` for an identity token.
+        if c.username == "<token>" {
+            DockerCredentials {
+                identitytoken: Some(c.password),
+                serveraddress: Some(c.registry),
+                ..Default::default()
+            }
+        } else {
+            DockerCredentials {
+                username: Some(c.username),
+                password: Some(c.password),
+                serveraddress: Some(c.registry),
+                ..Default::default()
+            }
+        }
     });
     let options = CreateImageOptions {
         from_image: Some(image.to_owned()),
+        platform: platform.unwrap_or_default().to_owned(),
         ..Default::default()
     };
     let mut stream = docker.create_image(Some(options), None, credentials);

@@ -7,6 +7,10 @@
 
 pub mod cleanup;
 pub mod config;
+pub mod containers;
+pub mod credentials;
+pub mod expand;
+pub mod glob;
 pub mod images;
 pub mod job;
 pub mod prepare;
@@ -123,12 +127,36 @@ pub fn is_unreachable(err: &bollard::errors::Error) -> bool {
     )
 }
 
+/// Quotes `s` as one word for `sh -c` (single quotes; `'` as `'\''`): anything that came
+/// from a job (a service alias) goes through this before it is put into a shell script.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// Runs `sh -c <script>` in the container, discards its output and returns its exit code
 /// (signalling a stage, checking a service port).
 pub async fn exec_quiet(
     docker: &bollard::Docker,
     container: &str,
     script: &str,
+) -> Result<Option<i64>, bollard::errors::Error> {
+    exec_quiet_as(docker, container, script, None).await
+}
+
+/// [`exec_quiet`] as root, whatever user the image runs as.
+pub async fn exec_as_root(
+    docker: &bollard::Docker,
+    container: &str,
+    script: &str,
+) -> Result<Option<i64>, bollard::errors::Error> {
+    exec_quiet_as(docker, container, script, Some("0")).await
+}
+
+async fn exec_quiet_as(
+    docker: &bollard::Docker,
+    container: &str,
+    script: &str,
+    user: Option<&str>,
 ) -> Result<Option<i64>, bollard::errors::Error> {
     use bollard::exec::{CreateExecOptions, StartExecResults};
     use futures_util::StreamExt;
@@ -139,6 +167,7 @@ pub async fn exec_quiet(
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+                user: user.map(str::to_owned),
                 ..Default::default()
             },
         )
@@ -148,4 +177,13 @@ pub async fn exec_quiet(
         while output.next().await.is_some() {}
     }
     Ok(docker.inspect_exec(&exec.id).await?.exit_code)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shell_quote_keeps_hostile_text_one_word() {
+        assert_eq!(super::shell_quote("db"), "'db'");
+        assert_eq!(super::shell_quote("a'; rm -rf / #"), "'a'\\''; rm -rf / #'");
+    }
 }

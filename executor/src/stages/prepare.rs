@@ -1,5 +1,6 @@
-//! `flotilla prepare`: lease a machine, pull the images, create the job's network, builds
-//! volume, helper and build containers. The lease is written to the job's temp dir before
+//! `flotilla prepare`: check the job against the runner's allow-lists, lease a machine,
+//! pull the images, create the job's network, builds and per-job volumes, helper, services
+//! and build container (privilege, volumes and options from [`super::containers`]). The lease is written to the job's temp dir before
 //! anything else, so `cleanup` (which gitlab-runner runs after every failed prepare) can
 //! always undo a half-done prepare.
 
@@ -14,6 +15,7 @@ use bollard::Docker;
 use flotilla_proto::api::{AcquireRequest, ErrorCode, Lease};
 use flotilla_proto::config::{Config, PullPolicy};
 
+use super::containers::{self, JobVolumes};
 use super::job::{JobNames, CACHE_VOLUME, JOB_LABEL};
 use super::spec::{ImageSpec, JobSpec};
 use super::{
@@ -36,13 +38,23 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
             config.class_names().join(", ")
         )));
     }
+    let job = config
+        .job_for(&class)
+        .map_err(|e| StageError::system(format!("flotilla.toml is invalid: {e}")))?;
     let spec = JobSpec::from_env(env, env.job_response_file.as_deref())?;
     let image = spec.image.clone().unwrap_or_else(|| ImageSpec {
-        name: config.job.default_image.clone(),
+        name: job.default_image.clone(),
         entrypoint: None,
         pull_policy: Vec::new(),
+        user: None,
+        platform: None,
     });
-    let image_policies = images::policies_for(&config.job, &image.pull_policy, &image.name)?;
+    // Everything the job may be refused for is decided before a machine is leased.
+    containers::check_job(&job, &class, &spec, &image.name, &spec.variables)?;
+    let image_policies = images::policies_for(&job, &image.pull_policy, &image.name)?;
+    for s in &spec.services {
+        images::policies_for(&job, &s.image.pull_policy, &s.image.name)?;
+    }
     let job_key = env.job_key();
 
     say(&format!(
@@ -54,7 +66,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         .acquire(&AcquireRequest {
             job_key: job_key.clone(),
             class: Some(class.clone()),
-            timeout_ms: config.job.acquire_timeout.0.as_millis() as u64,
+            timeout_ms: job.acquire_timeout.0.as_millis() as u64,
         })
         .await
         .map_err(|e| match e {
@@ -77,23 +89,66 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
 
     let docker = machine_docker(config, &lease)?;
     let names = JobNames::new(&job_key);
-    let helper_image = config.job.helper_image.clone();
+    let volumes = containers::job_volumes(&job, &names)?;
+    let helper_image = job.helper_image.clone();
     let helper_policies = [PullPolicy::IfNotPresent];
     let (a, b, c) = tokio::join!(
-        images::ensure(&docker, &lease, &spec, &image.name, &image_policies),
-        images::ensure(&docker, &lease, &spec, &helper_image, &helper_policies),
-        create_network_and_volumes(&docker, &lease, &names),
+        images::ensure(
+            &docker,
+            &lease,
+            &spec,
+            &image.name,
+            image.platform.as_deref(),
+            &image_policies
+        ),
+        images::ensure(
+            &docker,
+            &lease,
+            &spec,
+            &helper_image,
+            None,
+            &helper_policies
+        ),
+        create_network_and_volumes(&docker, &lease, &names, &volumes),
     );
     a?;
     b?;
     c?;
-    let helper = container_body(config, &names, &helper_image, &Some(vec![]), "helper");
-    create_and_start(&docker, &lease, &names.helper, helper).await?;
-    let services = services::start_all(&docker, &lease, config, &names, &spec).await?;
-    let build = container_body(config, &names, &image.name, &image.entrypoint, "build");
+    let helper = container_body(
+        &names,
+        &helper_image,
+        &Some(vec![]),
+        "helper",
+        containers::helper_host_config(&job, &names, &volumes),
+        None,
+    );
+    create_and_start(&docker, &lease, &names.helper, helper, None).await?;
+    let (linked, services) = tokio::join!(
+        link_runner_command(&docker, &names.helper),
+        services::start_all(&docker, &lease, &job, &names, &spec, &volumes),
+    );
+    let services = services?;
+    if let Some(warning) = linked {
+        say(&warning);
+    }
+    let privileged = containers::build_privileged(&job, &image.name);
+    let build = container_body(
+        &names,
+        &image.name,
+        &image.entrypoint,
+        "build",
+        containers::build_host_config(&job, &names, &volumes, privileged),
+        containers::build_user(&job, image.user.as_deref()),
+    );
     let ((), build_started) = tokio::join!(
-        services::check_health(&docker, &names.helper, &services, config.job.service_wait.0),
-        create_and_start(&docker, &lease, &names.build, build),
+        services::check_health(&docker, &names.helper, &services, job.service_wait.0),
+        create_and_start(
+            &docker,
+            &lease,
+            &names.build,
+            build,
+            image.platform.as_deref()
+        ),
     );
     build_started?;
     say(&format!(
@@ -101,6 +156,32 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         image.name
     ));
     Ok(())
+}
+
+/// Stage scripts of the custom executor call `gitlab-runner` for cache and artifacts
+/// (its `RunnerCommand`), but the stock helper image ships only `gitlab-runner-helper`:
+/// without this, gitlab-runner's guard prints "Missing gitlab-runner" and silently skips
+/// them. Links the name inside the helper container (never the image) when it is missing.
+/// Returns a warning for the job log when the helper has neither.
+const LINK_RUNNER_COMMAND: &str = "command -v gitlab-runner >/dev/null 2>&1 && exit 0; \
+h=$(command -v gitlab-runner-helper 2>/dev/null) || exit 3; \
+for d in /usr/local/bin /usr/bin /bin; do ln -s \"$h\" \"$d/gitlab-runner\" 2>/dev/null && exit 0; done; exit 4";
+
+async fn link_runner_command(docker: &Docker, helper: &str) -> Option<String> {
+    match super::exec_as_root(docker, helper, LINK_RUNNER_COMMAND).await {
+        Ok(Some(0)) => None,
+        Ok(Some(3)) => Some(
+            "\x1b[0;33mWARNING:\x1b[0m the helper image has neither gitlab-runner nor gitlab-runner-helper: cache and artifacts are skipped"
+                .into(),
+        ),
+        Ok(other) => Some(format!(
+            "\x1b[0;33mWARNING:\x1b[0m could not make gitlab-runner available in the helper container (exit {other:?}): cache and artifacts may be skipped"
+        )),
+        Err(e) => Some(format!(
+            "\x1b[0;33mWARNING:\x1b[0m could not make gitlab-runner available in the helper container ({}): cache and artifacts may be skipped",
+            super::describe_docker_error(&e)
+        )),
+    }
 }
 
 fn labels(names: &JobNames, role: &str) -> HashMap<String, String> {
@@ -124,6 +205,7 @@ async fn create_network_and_volumes(
     docker: &Docker,
     lease: &Lease,
     names: &JobNames,
+    volumes: &JobVolumes,
 ) -> StageResult {
     let network = NetworkCreateRequest {
         name: names.network.clone(),
@@ -140,11 +222,28 @@ async fn create_network_and_volumes(
         name: Some(CACHE_VOLUME.into()),
         ..Default::default()
     };
-    let (n, v, c) = tokio::join!(
+    let per_job = volumes.create.iter().map(|v| {
+        docker.create_volume(VolumeCreateRequest {
+            name: Some(v.name.clone()),
+            labels: Some(labels(names, "volume")),
+            ..Default::default()
+        })
+    });
+    let (n, v, c, per_job) = tokio::join!(
         docker.create_network(network),
         docker.create_volume(volume),
-        docker.create_volume(cache)
+        docker.create_volume(cache),
+        futures_util::future::join_all(per_job),
     );
+    for (r, spec) in per_job.into_iter().zip(&volumes.create) {
+        r.map_err(|e| {
+            docker_failure(
+                lease,
+                &format!("creating the job's volume for {} failed", spec.target),
+                &e,
+            )
+        })?;
+    }
     match n {
         Ok(_) => {}
         // A retried prepare finds the network of its first attempt.
@@ -165,26 +264,21 @@ async fn create_network_and_volumes(
 /// a shell reading stdin, as on the docker executor (where stdin brings the job script).
 /// That shell then waits on stdin and keeps the container up instead of exiting on EOF.
 fn container_body(
-    config: &Config,
     names: &JobNames,
     image: &str,
     entrypoint: &Option<Vec<String>>,
     role: &str,
+    host_config: HostConfig,
+    user: Option<String>,
 ) -> ContainerCreateBody {
     ContainerCreateBody {
         image: Some(image.to_owned()),
         entrypoint: services::entrypoint_override(entrypoint),
         cmd: Some(vec!["sh".into(), "-c".into(), KEEPALIVE.into()]),
         open_stdin: Some(true),
+        user,
         labels: Some(labels(names, role)),
-        host_config: Some(HostConfig {
-            binds: Some(vec![
-                format!("{}:{}", names.builds_volume, config.job.builds_dir),
-                format!("{CACHE_VOLUME}:{}", config.job.cache_dir),
-            ]),
-            network_mode: Some(names.network.clone()),
-            ..Default::default()
-        }),
+        host_config: Some(host_config),
         networking_config: Some(NetworkingConfig {
             endpoints_config: Some(HashMap::from([(
                 names.network.clone(),
@@ -203,10 +297,11 @@ async fn create_and_start(
     lease: &Lease,
     name: &str,
     body: ContainerCreateBody,
+    platform: Option<&str>,
 ) -> StageResult {
     let options = CreateContainerOptions {
         name: Some(name.to_owned()),
-        ..Default::default()
+        platform: platform.unwrap_or_default().to_owned(),
     };
     match docker.create_container(Some(options), body).await {
         Ok(_) => {}

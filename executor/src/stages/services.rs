@@ -2,17 +2,19 @@
 //! aliases gitlab-runner derives, their variables, entrypoint and command; then a TCP
 //! check of their exposed ports from inside the job network. A service that never opens
 //! its port is a warning with its logs, never a failure (the docker executor's behaviour).
+//! Privilege, volumes and options come from [`super::containers`].
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bollard::models::{ContainerCreateBody, EndpointSettings, HostConfig, NetworkingConfig};
+use bollard::models::{ContainerCreateBody, EndpointSettings, NetworkingConfig};
 use bollard::query_parameters::{CreateContainerOptions, LogsOptions};
 use bollard::Docker;
 use flotilla_proto::api::Lease;
-use flotilla_proto::config::Config;
+use flotilla_proto::config::JobConfig;
 use futures_util::StreamExt;
 
+use super::containers::{self, JobVolumes};
 use super::images;
 use super::job::{JobNames, JOB_LABEL};
 use super::spec::{JobSpec, ServiceSpec};
@@ -38,29 +40,33 @@ pub fn entrypoint_override(entrypoint: &Option<Vec<String>>) -> Option<Vec<Strin
 pub async fn start_all(
     docker: &Docker,
     lease: &Lease,
-    config: &Config,
+    job: &JobConfig,
     names: &JobNames,
     spec: &JobSpec,
+    volumes: &JobVolumes,
 ) -> Result<Vec<Started>, StageError> {
     let mut started = Vec::new();
     for (i, svc) in spec.services.iter().enumerate() {
-        started.push(start_one(docker, lease, config, names, spec, i, svc).await?);
+        started.push(start_one(docker, lease, job, names, spec, volumes, i, svc).await?);
     }
     Ok(started)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start_one(
     docker: &Docker,
     lease: &Lease,
-    config: &Config,
+    job: &JobConfig,
     names: &JobNames,
     spec: &JobSpec,
+    volumes: &JobVolumes,
     index: usize,
     svc: &ServiceSpec,
 ) -> Result<Started, StageError> {
     let image = &svc.image.name;
-    let policies = images::policies_for(&config.job, &svc.image.pull_policy, image)?;
-    images::ensure(docker, lease, spec, image, &policies).await?;
+    let platform = svc.image.platform.as_deref();
+    let policies = images::policies_for(job, &svc.image.pull_policy, image)?;
+    images::ensure(docker, lease, spec, image, platform, &policies).await?;
     let ports = docker
         .inspect_image(image)
         .await
@@ -83,14 +89,12 @@ async fn start_one(
         entrypoint: entrypoint_override(&svc.image.entrypoint),
         cmd: (!svc.command.is_empty()).then(|| svc.command.clone()),
         env: Some(env),
+        user: svc.image.user.clone(),
         labels: Some(HashMap::from([
             (JOB_LABEL.to_owned(), names.key.clone()),
             ("flotilla.role".to_owned(), "service".to_owned()),
         ])),
-        host_config: Some(HostConfig {
-            network_mode: Some(names.network.clone()),
-            ..Default::default()
-        }),
+        host_config: Some(containers::service_host_config(job, names, volumes, image)),
         networking_config: Some(NetworkingConfig {
             endpoints_config: Some(HashMap::from([(
                 names.network.clone(),
@@ -106,7 +110,7 @@ async fn start_one(
         .create_container(
             Some(CreateContainerOptions {
                 name: Some(name.clone()),
-                ..Default::default()
+                platform: platform.unwrap_or_default().to_owned(),
             }),
             body,
         )
@@ -132,9 +136,10 @@ async fn start_one(
 /// image has: bash's /dev/tcp, `nc -z`, or busybox `nc ... -e true`.
 fn port_check_script(host: &str, port: u16, wait: Duration) -> String {
     let tries = (wait.as_millis() / 250).max(1);
+    let host = super::shell_quote(host);
     format!(
         "i=0; while [ $i -lt {tries} ]; do \
-         if (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null; then exit 0; fi; \
+         if (exec 3<>\"/dev/tcp/\"{host}\"/{port}\") 2>/dev/null; then exit 0; fi; \
          if nc -z -w 1 {host} {port} >/dev/null 2>&1; then exit 0; fi; \
          if nc -w 1 {host} {port} -e true >/dev/null 2>&1; then exit 0; fi; \
          sleep 0.25 2>/dev/null || sleep 1; i=$((i+1)); done; exit 1"
@@ -179,6 +184,10 @@ async fn run_check(docker: &Docker, container: &str, script: &str, wait: Duratio
     )
 }
 
+/// At most this much of a failed service's log reaches the job log: its last 100 lines
+/// can still be gigabytes, and prepare runs on the runner host.
+const SERVICE_LOG_CAP: usize = 64 * 1024;
+
 async fn service_logs(docker: &Docker, container: &str) -> String {
     let mut stream = docker.logs(
         container,
@@ -190,8 +199,19 @@ async fn service_logs(docker: &Docker, container: &str) -> String {
         }),
     );
     let mut out = Vec::new();
+    let mut truncated = false;
     while let Some(Ok(chunk)) = stream.next().await {
-        out.extend_from_slice(&chunk.into_bytes());
+        let bytes = chunk.into_bytes();
+        let room = SERVICE_LOG_CAP.saturating_sub(out.len());
+        out.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if bytes.len() > room {
+            truncated = true;
+            break;
+        }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    let mut text = String::from_utf8_lossy(&out).into_owned();
+    if truncated {
+        text.push_str(&format!("\n[... cut at {} KiB]", SERVICE_LOG_CAP / 1024));
+    }
+    text
 }

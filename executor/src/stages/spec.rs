@@ -1,4 +1,6 @@
-//! What the job asks for: image (entrypoint, pull policy), services, registry credentials.
+//! What the job asks for: image (entrypoint, pull policy, `docker: user/platform`),
+//! services, registry credentials. Image and service names and aliases are expanded from
+//! the job's variables (`docker:${DIND_VERSION}-dind`), as the docker executor does.
 //!
 //! Read from `JOB_RESPONSE_FILE` (GitLab's job payload: the only place with services'
 //! variables, pull policies and credentials), with the `CUSTOM_ENV_CI_JOB_IMAGE` /
@@ -8,9 +10,12 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine;
 use serde::Deserialize;
 
+use super::credentials::{
+    normalize_registry, parse_docker_auth_config, AuthConfig, Credentials, RegistryCredential,
+};
+use super::expand::expand;
 use super::job::JobEnv;
 use super::StageError;
 
@@ -21,6 +26,10 @@ pub struct ImageSpec {
     pub entrypoint: Option<Vec<String>>,
     /// Empty: the runner's configured policy.
     pub pull_policy: Vec<String>,
+    /// `image: docker: user` (the runner's `[job.container] user` wins).
+    pub user: Option<String>,
+    /// `image: docker: platform` (`linux/arm64`), for the pull and the container.
+    pub platform: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,28 +40,11 @@ pub struct ServiceSpec {
     pub variables: Vec<(String, String)>,
 }
 
-#[derive(Clone, PartialEq, Eq)]
-pub struct RegistryCredential {
-    pub registry: String,
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for RegistryCredential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "RegistryCredential({}, {}, <redacted>)",
-            self.registry, self.username
-        )
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     pub image: Option<ImageSpec>,
     pub services: Vec<ServiceSpec>,
-    pub credentials: Vec<RegistryCredential>,
+    pub credentials: Credentials,
     /// Job variables (key, value), for services.
     pub variables: Vec<(String, String)>,
 }
@@ -85,6 +77,23 @@ struct PayloadImage {
     pull_policy: Option<Vec<String>>,
     #[serde(default)]
     variables: Option<Variables>,
+    #[serde(default)]
+    executor_opts: Option<ExecutorOpts>,
+}
+
+/// The payload's `executor_opts` of an image or service (`image: docker: {user, platform}`).
+#[derive(Deserialize, Default, Clone)]
+struct ExecutorOpts {
+    #[serde(default)]
+    docker: Option<DockerOpts>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+struct DockerOpts {
+    #[serde(default)]
+    platform: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
 }
 
 /// Services' variables arrive as GitLab's list of `{key, value}`; accept a plain map too.
@@ -123,14 +132,39 @@ struct PayloadCredential {
     password: String,
 }
 
-fn image_spec(p: &PayloadImage) -> ImageSpec {
+/// The job's variables for expansion: the payload's list (or the `CUSTOM_ENV_*` ones).
+struct Vars<'a>(&'a [(String, String)]);
+
+impl Vars<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        // A later definition wins, as in gitlab-runner's variable list.
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn expand(&self, value: &str) -> String {
+        expand(value, |k| self.get(k))
+    }
+}
+
+fn image_spec(p: &PayloadImage, vars: &Vars) -> ImageSpec {
+    let docker = p
+        .executor_opts
+        .as_ref()
+        .and_then(|o| o.docker.clone())
+        .unwrap_or_default();
+    let non_empty = |v: Option<String>| v.map(|v| vars.expand(&v)).filter(|v| !v.is_empty());
     ImageSpec {
-        name: p.name.clone(),
+        name: vars.expand(&p.name),
         entrypoint: p
             .entrypoint
             .as_ref()
             .map(|e| e.iter().filter(|s| !s.is_empty()).cloned().collect()),
         pull_policy: p.pull_policy.clone().unwrap_or_default(),
+        user: non_empty(docker.user),
+        platform: non_empty(docker.platform),
     }
 }
 
@@ -155,20 +189,36 @@ impl JobSpec {
     }
 
     fn from_parts(env: &JobEnv, payload: Payload) -> Result<Self, StageError> {
-        // The variable carries the expanded name; the payload carries the rest.
+        let variables: Vec<(String, String)> = if payload.variables.is_empty() {
+            env.vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        } else {
+            payload
+                .variables
+                .iter()
+                .map(|v| (v.key.clone(), v.value.clone()))
+                .collect()
+        };
+        let vars = Vars(&variables);
+        // The variable carries the name gitlab-runner gives the job; the payload the rest.
         let image = match (env.var("CI_JOB_IMAGE"), &payload.image) {
             (Some(name), Some(p)) => Some(ImageSpec {
-                name: name.to_owned(),
-                ..image_spec(p)
+                name: vars.expand(name),
+                ..image_spec(p, &vars)
             }),
             (Some(name), None) => Some(ImageSpec {
-                name: name.to_owned(),
+                name: vars.expand(name),
                 entrypoint: None,
                 pull_policy: Vec::new(),
+                user: None,
+                platform: None,
             }),
-            (None, Some(p)) if !p.name.is_empty() => Some(image_spec(p)),
+            (None, Some(p)) if !p.name.is_empty() => Some(image_spec(p, &vars)),
             _ => None,
-        };
+        }
+        .filter(|i| !i.name.is_empty());
         let services = if payload.services.is_empty() {
             services_from_env(env)?
         } else {
@@ -177,62 +227,50 @@ impl JobSpec {
         let services = services
             .into_iter()
             .filter(|s| !s.name.is_empty())
-            .map(|s| ServiceSpec {
-                image: image_spec(&s),
-                aliases: service_aliases(&s.name, s.alias.as_deref()),
-                command: s.command.clone().unwrap_or_default(),
-                variables: s
-                    .variables
-                    .clone()
-                    .map(Variables::pairs)
-                    .unwrap_or_default(),
+            .map(|s| {
+                let image = image_spec(&s, &vars);
+                let alias = s.alias.as_deref().map(|a| vars.expand(a));
+                ServiceSpec {
+                    aliases: service_aliases(&image.name, alias.as_deref()),
+                    image,
+                    command: s.command.clone().unwrap_or_default(),
+                    variables: s
+                        .variables
+                        .clone()
+                        .map(Variables::pairs)
+                        .unwrap_or_default(),
+                }
             })
+            .filter(|s| !s.image.name.is_empty())
             .collect();
-        let mut credentials: Vec<RegistryCredential> = payload
-            .credentials
-            .into_iter()
-            .filter(|c| c.kind == "registry")
-            .map(|c| RegistryCredential {
-                registry: normalize_registry(&c.url),
-                username: c.username,
-                password: c.password,
-            })
-            .collect();
-        // The runner host's own DOCKER_AUTH_CONFIG (its `environment`), then the job's.
-        if let Some(cfg) = env.runner_docker_auth_config.as_deref() {
-            credentials.extend(parse_docker_auth_config(cfg)?);
-        }
+        // gitlab-runner's order: the job's DOCKER_AUTH_CONFIG, the runner host's, then the
+        // payload's credentials (GitLab's own registry with the job token).
+        let mut sources: Vec<AuthConfig> = Vec::new();
         if let Some(cfg) = env.var("DOCKER_AUTH_CONFIG") {
-            credentials.extend(parse_docker_auth_config(cfg)?);
+            sources.push(parse_docker_auth_config(cfg)?);
         }
-        let variables = if payload.variables.is_empty() {
-            env.vars
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        } else {
-            payload
-                .variables
+        if let Some(cfg) = env.runner_docker_auth_config.as_deref() {
+            sources.push(parse_docker_auth_config(cfg)?);
+        }
+        sources.push(AuthConfig {
+            auths: payload
+                .credentials
                 .into_iter()
-                .map(|v| (v.key, v.value))
-                .collect()
-        };
+                .filter(|c| c.kind == "registry")
+                .map(|c| RegistryCredential {
+                    registry: normalize_registry(&c.url),
+                    username: c.username,
+                    password: c.password,
+                })
+                .collect(),
+            ..Default::default()
+        });
         Ok(Self {
             image,
             services,
-            credentials,
+            credentials: Credentials::new(sources),
             variables,
         })
-    }
-
-    /// Credentials for the registry `image` lives on; DOCKER_AUTH_CONFIG entries (added
-    /// last) win, as on gitlab-runner.
-    pub fn credential_for(&self, image: &str) -> Option<&RegistryCredential> {
-        let registry = registry_of(image);
-        self.credentials
-            .iter()
-            .rev()
-            .find(|c| c.registry == registry)
     }
 }
 
@@ -272,77 +310,6 @@ pub fn service_aliases(image: &str, user_alias: Option<&str>) -> Vec<String> {
     aliases
 }
 
-/// The registry host of an image reference (Docker Hub when there is none).
-pub fn registry_of(image: &str) -> String {
-    match image.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
-            first.to_owned()
-        }
-        _ => "docker.io".to_owned(),
-    }
-}
-
-fn normalize_registry(url: &str) -> String {
-    let host = url
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_owned();
-    match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "" => "docker.io".to_owned(),
-        _ => host,
-    }
-}
-
-/// `DOCKER_AUTH_CONFIG` as Docker writes `config.json`: `{"auths": {"host": {"auth":
-/// base64("user:pass")}}}` (or `username`/`password`). Errors never echo the content.
-pub fn parse_docker_auth_config(text: &str) -> Result<Vec<RegistryCredential>, StageError> {
-    #[derive(Deserialize)]
-    struct Config {
-        #[serde(default)]
-        auths: BTreeMap<String, Entry>,
-    }
-    #[derive(Deserialize)]
-    struct Entry {
-        #[serde(default)]
-        auth: Option<String>,
-        #[serde(default)]
-        username: Option<String>,
-        #[serde(default)]
-        password: Option<String>,
-    }
-    let bad =
-        |what: &str| StageError::build_message(format!("DOCKER_AUTH_CONFIG is invalid: {what}"));
-    let config: Config =
-        serde_json::from_str(text).map_err(|_| bad("not a JSON object with an \"auths\" map"))?;
-    let mut out = Vec::new();
-    for (registry, entry) in config.auths {
-        let (username, password) = match (entry.auth, entry.username, entry.password) {
-            (Some(auth), _, _) => {
-                let decoded = base64::engine::general_purpose::STANDARD
-                    .decode(auth.trim())
-                    .map_err(|_| bad(&format!("the auth of {registry} is not base64")))?;
-                let decoded = String::from_utf8(decoded)
-                    .map_err(|_| bad(&format!("the auth of {registry} is not UTF-8")))?;
-                let (u, p) = decoded
-                    .split_once(':')
-                    .ok_or_else(|| bad(&format!("the auth of {registry} is not user:password")))?;
-                (u.to_owned(), p.to_owned())
-            }
-            (None, Some(u), Some(p)) => (u, p),
-            _ => continue,
-        };
-        out.push(RegistryCredential {
-            registry: normalize_registry(&registry),
-            username,
-            password,
-        });
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,37 +329,6 @@ mod tests {
             ]
         );
         assert_eq!(service_aliases("redis:7", None), vec!["redis"]);
-    }
-
-    #[test]
-    fn registry_host_of_image() {
-        assert_eq!(
-            registry_of("127.0.0.1:5000/flotilla/busybox:latest"),
-            "127.0.0.1:5000"
-        );
-        assert_eq!(registry_of("library/alpine"), "docker.io");
-        assert_eq!(registry_of("alpine:3"), "docker.io");
-        assert_eq!(registry_of("localhost/x"), "localhost");
-    }
-
-    #[test]
-    fn docker_auth_config_decodes_auth_and_never_echoes_secrets() {
-        let auth = base64::engine::general_purpose::STANDARD.encode("bob:s3cret");
-        let cfg = format!(r#"{{"auths": {{"https://127.0.0.1:5000": {{"auth": "{auth}"}}}}}}"#);
-        let creds = parse_docker_auth_config(&cfg).unwrap();
-        assert_eq!(creds[0].registry, "127.0.0.1:5000");
-        assert_eq!(
-            (creds[0].username.as_str(), creds[0].password.as_str()),
-            ("bob", "s3cret")
-        );
-        assert!(!format!("{creds:?}").contains("s3cret"));
-        let Err(StageError::Build {
-            message: Some(m), ..
-        }) = parse_docker_auth_config("{\"auths\": {\"r\": {\"auth\": \"!!secret!!\"}}}")
-        else {
-            panic!("expected a build error");
-        };
-        assert!(!m.contains("secret"), "{m}");
     }
 
     #[test]
@@ -418,5 +354,29 @@ mod tests {
             vec!["reg.io__x__redis", "reg.io-x-redis", "cache"]
         );
         assert_eq!(spec.services[0].command, vec!["--port", "7000"]);
+    }
+
+    #[test]
+    fn names_aliases_and_docker_options_are_expanded_from_the_job_variables() {
+        let env = JobEnv::from_vars([(
+            "CUSTOM_ENV_CI_JOB_IMAGE".to_string(),
+            "$CI_REGISTRY_IMAGE/builder:${TAG}".to_string(),
+        )]);
+        let payload: Payload = serde_json::from_str(
+            r#"{"image": {"name": "$CI_REGISTRY_IMAGE/builder:${TAG}",
+                          "executor_opts": {"docker": {"user": "$BUILD_USER", "platform": "linux/amd64"}}},
+                "services": [{"name": "docker:${DIND_VERSION}-dind", "alias": "$SVC_ALIAS"}],
+                "variables": [{"key": "CI_REGISTRY_IMAGE", "value": "reg.example.com/g/p"},
+                              {"key": "TAG", "value": "v1"}, {"key": "DIND_VERSION", "value": "27"},
+                              {"key": "SVC_ALIAS", "value": "docker"}, {"key": "BUILD_USER", "value": "1000"}]}"#,
+        )
+        .unwrap();
+        let spec = JobSpec::from_parts(&env, payload).unwrap();
+        let image = spec.image.unwrap();
+        assert_eq!(image.name, "reg.example.com/g/p/builder:v1");
+        assert_eq!(image.user.as_deref(), Some("1000"));
+        assert_eq!(image.platform.as_deref(), Some("linux/amd64"));
+        assert_eq!(spec.services[0].image.name, "docker:27-dind");
+        assert_eq!(spec.services[0].aliases, vec!["docker"]);
     }
 }
