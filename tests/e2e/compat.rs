@@ -27,13 +27,13 @@ use serde_json::json;
 
 use crate::common::bounded;
 
-const LIMIT: Duration = Duration::from_secs(300);
+pub(crate) const LIMIT: Duration = Duration::from_secs(300);
 
 // --- helpers ---
 
 /// Runner options whose stages read a copy of the sandbox's flotilla.toml with `edit`
 /// applied to `[job]` (only the stages read those keys; the daemon keeps the original).
-fn runner_with_job_config(
+pub(crate) fn runner_with_job_config(
     sb: &Sandbox,
     name: &str,
     edit: impl FnOnce(&mut JobConfig),
@@ -77,7 +77,7 @@ fn push_with(
 
 /// A job whose payload `image:` has this entrypoint and pull policy (as GitLab sends
 /// `image: {name, entrypoint, pull_policy}`).
-fn job_with_image(
+pub(crate) fn job_with_image(
     id: u64,
     image: &str,
     entrypoint: Option<&[&str]>,
@@ -101,7 +101,7 @@ async fn machine_image_id(m: &EmulatedMachine, image: &str) -> Option<String> {
 }
 
 /// The sandbox's only machine (tests using it run with max_machines = 1).
-async fn the_machine(sb: &Sandbox) -> Result<EmulatedMachine> {
+pub(crate) async fn the_machine(sb: &Sandbox) -> Result<EmulatedMachine> {
     let mut running = sb
         .emulator()
         .wait_running(1, Duration::from_secs(90))
@@ -110,13 +110,13 @@ async fn the_machine(sb: &Sandbox) -> Result<EmulatedMachine> {
     Ok(running.remove(0))
 }
 
-fn all_output(s: &StageResult) -> String {
+pub(crate) fn all_output(s: &StageResult) -> String {
     format!("{}{}", s.stdout, s.stderr)
 }
 
 /// The job ran prepare once (a build failure is not retried), which failed the build, and
 /// no script ran; returns prepare's output.
-fn prepare_build_failure(r: &JobResult, ctx: &dyn Fn() -> String) -> Result<String> {
+pub(crate) fn prepare_build_failure(r: &JobResult, ctx: &dyn Fn() -> String) -> Result<String> {
     let prepare = r
         .stage("prepare")
         .with_context(|| format!("prepare did not run\n{}", ctx()))?;
@@ -138,7 +138,7 @@ fn prepare_build_failure(r: &JobResult, ctx: &dyn Fn() -> String) -> Result<Stri
 
 /// Drives one job's stages by hand, like gitlab-runner, for tests that look at the machine
 /// between stages or read a stage's raw output.
-struct Driver {
+pub(crate) struct Driver {
     ctx: JobContext,
     trace: Vec<StageResult>,
 }
@@ -146,7 +146,7 @@ struct Driver {
 impl Driver {
     /// `config` then `prepare`, tried 3 times with `cleanup` between after a system
     /// failure (as gitlab-runner does); fails (with the trace) unless they succeed.
-    async fn prepare(opts: RunnerOptions, job: Job) -> Result<Self> {
+    pub(crate) async fn prepare(opts: RunnerOptions, job: Job) -> Result<Self> {
         let mut d = Self {
             ctx: JobContext::new(opts, job)?,
             trace: Vec::new(),
@@ -180,7 +180,7 @@ impl Driver {
     }
 
     /// Runs a stage (its body from the job), recording it in the trace.
-    async fn stage(&mut self, stage: &str) -> Result<StageResult> {
+    pub(crate) async fn stage(&mut self, stage: &str) -> Result<StageResult> {
         let script = self.script(stage)?;
         let r = self
             .ctx
@@ -191,7 +191,7 @@ impl Driver {
     }
 
     /// Runs a stage that must succeed.
-    async fn stage_ok(&mut self, stage: &str) -> Result<StageResult> {
+    pub(crate) async fn stage_ok(&mut self, stage: &str) -> Result<StageResult> {
         let r = self.stage(stage).await?;
         ensure!(r.ok(), "stage {stage} failed\n{}", self.describe());
         Ok(r)
@@ -222,7 +222,7 @@ impl Driver {
         Ok(cmd)
     }
 
-    async fn cleanup(&mut self) -> Result<()> {
+    pub(crate) async fn cleanup(&mut self) -> Result<()> {
         let r = self.ctx.call("cleanup", &["cleanup"]).await?;
         let ok = r.ok();
         self.trace.push(r);
@@ -231,11 +231,11 @@ impl Driver {
     }
 
     /// The build container's name on the machine.
-    fn build_container(&self) -> String {
+    pub(crate) fn build_container(&self) -> String {
         format!("flotilla-job-{}-build", self.ctx.job.id)
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         JobResult {
             config: None,
             stages: self.trace.clone(),
