@@ -10,6 +10,13 @@
 //! dockerd (also of other sandboxes) run side by side; they share the host's iptables
 //! through a guard that keeps one dockerd's start from wiping the chains of the others
 //! (see [`IPTABLES_GUARD`]); every dockerd is stopped when the emulator is dropped.
+//!
+//! Privileged containers: this host's capability bounding set may lack capabilities a
+//! real EC2 machine has (CAP_SYS_RESOURCE here), and dockerd hands a privileged container
+//! every capability it knows, so runc would refuse it. Each dockerd's default runtime is
+//! a runc wrapper ([`runc_wrapper_script`]) that drops from the container's (and an
+//! exec's) capability lists exactly the ones the host cannot grant, so `--privileged`
+//! (Docker-in-Docker services) works as on a real machine.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -140,6 +147,7 @@ impl Emulator {
         std::fs::create_dir_all(&opts.dir)
             .with_context(|| format!("creating {}", opts.dir.display()))?;
         install_iptables_guard(&opts.dir.join("bin"))?;
+        install_runc_wrapper(&opts.dir.join("bin"))?;
         let log = File::create(opts.dir.join("emulator.log")).ok();
         let shared = Arc::new(Shared {
             opts,
@@ -377,8 +385,13 @@ async fn boot(
         *n = n.wrapping_add(1);
         k
     };
-    let (args, tls_port) =
+    let (mut args, tls_port) =
         dockerd_args(&machine, &dockerd_config, &fs_root, shared.opts.slot, pool)?;
+    let runtime = shared.opts.dir.join("bin").join(RUNC_WRAPPER);
+    args.extend([
+        format!("--add-runtime={RUNC_WRAPPER}={}", runtime.display()),
+        format!("--default-runtime={RUNC_WRAPPER}"),
+    ]);
     std::fs::write(machine.root.join("daemon-flags.json"), b"{}")?;
     let start = Instant::now();
     let mut attempt = 0;
@@ -453,6 +466,152 @@ exec "$real" "$@"
 
 fn install_iptables_guard(bin: &Path) -> Result<()> {
     crate::util::write_file(&bin.join("iptables"), IPTABLES_GUARD.as_bytes(), 0o755)
+}
+
+/// Name (and file name under the emulator's `bin/`) of the machines' default runtime.
+pub const RUNC_WRAPPER: &str = "flotilla-runc";
+
+/// Linux capability names by number (capability.h), as runc's config.json spells them.
+const CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The capabilities whose bit is clear in `CapBnd` of /proc/self/status (the bounding set
+/// every process this one starts, dockerd and runc included, inherits).
+pub fn missing_capabilities() -> Result<Vec<&'static str>> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .context("no CapBnd in /proc/self/status")?
+        .trim();
+    let bnd = u64::from_str_radix(hex, 16).with_context(|| format!("bad CapBnd {hex:?}"))?;
+    Ok(CAPABILITIES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| bnd & (1u64 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect())
+}
+
+/// A runc that first removes `missing` from the capability lists of the bundle's
+/// config.json (`create`/`run`; `--bundle`/`-b`, default the working directory) or of an
+/// exec's process file (`exec --process`/`-p`), then execs `runc` with the same arguments.
+/// Everything else (state, start, kill, delete...) goes to runc untouched. Needs only `sh`
+/// and `awk`; the JSON is edited inside `"capabilities": {...}` objects only, so an
+/// argument or variable that happens to spell a capability is kept.
+pub fn runc_wrapper_script(runc: &str, missing: &[&str]) -> String {
+    format!(
+        r#"#!/bin/sh
+# flotilla-sandbox: runc for emulated machines (see tests/src/emulator.rs). Drops the
+# capabilities this host's bounding set lacks, then execs runc with the same arguments.
+runc='{runc}'
+missing='{missing}'
+cmd= prev= bundle= process=
+for a in "$@"; do
+  if [ -z "$cmd" ]; then
+    case "$prev" in
+      --root|--log|--log-format|--criu|--rootless) ;;
+      *) case "$a" in -*) ;; *) cmd=$a ;; esac ;;
+    esac
+  else
+    case "$prev" in
+      --bundle|-b) bundle=$a ;;
+      --process|-p) process=$a ;;
+    esac
+    case "$a" in
+      --bundle=*) bundle=${{a#--bundle=}} ;;
+      -b=*) bundle=${{a#-b=}} ;;
+      --process=*) process=${{a#--process=}} ;;
+      -p=*) process=${{a#-p=}} ;;
+    esac
+  fi
+  prev=$a
+done
+strip() {{
+  [ -n "$missing" ] && [ -f "$1" ] || return 0
+  awk -v missing="$missing" '
+    {{ doc = doc (NR > 1 ? "\n" : "") $0 }}
+    END {{
+      n = split(missing, caps, " ")
+      out = ""
+      while (match(doc, /"capabilities"[ \t\n]*:[ \t\n]*[{{][^}}]*[}}]/)) {{
+        obj = substr(doc, RSTART, RLENGTH)
+        for (i = 1; i <= n; i++) {{
+          c = "\"" caps[i] "\""
+          gsub(c "[ \t\n]*,[ \t\n]*", "", obj)
+          gsub(",[ \t\n]*" c, "", obj)
+          gsub(c, "", obj)
+        }}
+        out = out substr(doc, 1, RSTART - 1) obj
+        doc = substr(doc, RSTART + RLENGTH)
+      }}
+      printf "%s\n", out doc
+    }}' "$1" > "$1.flotilla-caps" && mv "$1.flotilla-caps" "$1"
+}}
+case "$cmd" in
+  create|run) strip "${{bundle:-.}}/config.json" ;;
+  exec) [ -z "$process" ] || strip "$process" ;;
+esac
+exec "$runc" "$@"
+"#,
+        missing = missing.join(" ")
+    )
+}
+
+/// Writes the runc wrapper for this host (its missing capabilities) into `bin`.
+fn install_runc_wrapper(bin: &Path) -> Result<()> {
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/sbin/runc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("runc not found (apt-get install runc)")?;
+    let missing = missing_capabilities()?;
+    crate::util::write_file(
+        &bin.join(RUNC_WRAPPER),
+        runc_wrapper_script(runc, &missing).as_bytes(),
+        0o755,
+    )
 }
 
 /// Host-wide lock serializing dockerd starts (also across sandboxes in other processes).
@@ -748,5 +907,114 @@ pub fn unmount_under(root: &Path) {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"{"process":{"args":["echo","CAP_SYS_RESOURCE"],"capabilities":{"bounding":["CAP_CHOWN","CAP_SYS_RESOURCE","CAP_KILL"],"effective":["CAP_SYS_RESOURCE"],"permitted":["CAP_KILL","CAP_SYS_RESOURCE"]}},"root":{"path":"rootfs"}}"#;
+
+    /// Runs the wrapper around a fake runc that records its arguments; returns them.
+    fn run_wrapper(dir: &Path, args: &[&str]) -> String {
+        let fake = dir.join("fake-runc");
+        let seen = dir.join("seen");
+        crate::util::write_file(
+            &fake,
+            format!("#!/bin/sh\necho \"$*\" > '{}'\n", seen.display()).as_bytes(),
+            0o755,
+        )
+        .unwrap();
+        let wrapper = dir.join("wrapper");
+        let script = runc_wrapper_script(&fake.display().to_string(), &["CAP_SYS_RESOURCE"]);
+        crate::util::write_file(&wrapper, script.as_bytes(), 0o755).unwrap();
+        let status = Command::new(&wrapper)
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read_to_string(seen).unwrap()
+    }
+
+    fn caps(path: &Path, pointer: &str) -> serde_json::Value {
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        doc.pointer(pointer).unwrap().clone()
+    }
+
+    #[test]
+    fn the_wrapper_drops_missing_capabilities_from_a_bundle_and_keeps_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("b");
+        std::fs::create_dir(&bundle).unwrap();
+        std::fs::write(bundle.join("config.json"), CONFIG).unwrap();
+        let bundle_arg = bundle.display().to_string();
+        let args = [
+            "--root",
+            "/r",
+            "--log",
+            "/l.json",
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            &bundle_arg,
+            "--pid-file",
+            "/p",
+            "id1",
+        ];
+        let seen = run_wrapper(dir.path(), &args);
+        assert_eq!(seen.trim(), args.join(" "), "runc gets the same arguments");
+        let config = bundle.join("config.json");
+        assert_eq!(
+            caps(&config, "/process/capabilities"),
+            serde_json::json!({"bounding": ["CAP_CHOWN", "CAP_KILL"], "effective": [], "permitted": ["CAP_KILL"]})
+        );
+        assert_eq!(caps(&config, "/process/args/1"), "CAP_SYS_RESOURCE");
+    }
+
+    #[test]
+    fn the_wrapper_edits_an_exec_process_file_and_the_default_bundle_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let process = dir.path().join("process.json");
+        std::fs::write(
+            &process,
+            r#"{"args":["sh"],"capabilities":{"bounding":["CAP_SYS_RESOURCE"]}}"#,
+        )
+        .unwrap();
+        let p = process.display().to_string();
+        run_wrapper(
+            dir.path(),
+            &["--root", "/r", "exec", "--process", &p, "id1"],
+        );
+        assert_eq!(
+            caps(&process, "/capabilities/bounding"),
+            serde_json::json!([])
+        );
+        // `run` without --bundle: the working directory's config.json.
+        std::fs::write(dir.path().join("config.json"), CONFIG).unwrap();
+        run_wrapper(dir.path(), &["run", "id2"]);
+        assert_eq!(
+            caps(
+                &dir.path().join("config.json"),
+                "/process/capabilities/bounding"
+            ),
+            serde_json::json!(["CAP_CHOWN", "CAP_KILL"])
+        );
+        // Other subcommands leave files alone.
+        std::fs::write(dir.path().join("config.json"), CONFIG).unwrap();
+        run_wrapper(dir.path(), &["--root", "/r", "delete", "--force", "id2"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("config.json")).unwrap(),
+            CONFIG
+        );
+    }
+
+    #[test]
+    fn missing_capabilities_come_from_the_bounding_set() {
+        let missing = missing_capabilities().unwrap();
+        // Whatever this host lacks, CAP_CHOWN is always granted to root's tests.
+        assert!(!missing.contains(&"CAP_CHOWN"), "{missing:?}");
     }
 }
