@@ -1033,4 +1033,18 @@ subnets = ["subnet-1"]
             "{err}"
         );
     }
+
+    #[test]
+    fn the_readme_config_reference_is_a_valid_config() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme
+            .find("## Configuration reference")
+            .expect("README has a configuration reference")..];
+        let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let text = &section[start..start + section[start..].find("```").expect("closed")];
+        let c = Config::from_toml(text).unwrap_or_else(|e| panic!("README config: {e}"));
+        c.validate()
+            .unwrap_or_else(|e| panic!("README config: {e}"));
+        assert!(c.job_for("default").unwrap().privileged);
+    }
 }
