@@ -10,6 +10,7 @@ mod common;
 mod compat;
 mod fleet;
 mod harness;
+mod helper;
 mod jobs;
 mod pool;
 mod stages;

@@ -9,6 +9,7 @@
 pub mod auth_registry;
 pub mod emulator;
 pub mod faults;
+pub mod gitlab_stub;
 pub mod images;
 pub mod moto;
 pub mod prom;

@@ -1,6 +1,7 @@
 //! A private moto server (AWS API emulator) on 127.0.0.1 and the network a sandbox's
 //! fleet launches into: an IAM instance profile, a VPC inside 127.0.0.0/8, a subnet and a
-//! security group.
+//! security group; S3 for the distributed cache (a bucket, pre-signed URLs as gitlab-runner
+//! makes them, a forwarder so containers reach it).
 //!
 //! Invariant: the server lives exactly as long as [`Moto`]; dropping it kills it. The VPC
 //! of slot N is 127.N.0.0/16, so the private IPs moto hands out (127.N.1.x) are loopback
@@ -384,4 +385,155 @@ pub async fn instance_state(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<Strin
                 .map(|n| n.as_str().to_owned())
         })
         .with_context(|| format!("{id} not found"))
+}
+
+/// An S3 client for an endpoint (moto, or the address containers reach it on), with test
+/// credentials, path-style addressing (the endpoint is an IP) and checksums only where
+/// S3 requires them (a pre-signed PUT must not carry the checksum of an empty body).
+pub async fn s3_client(endpoint: &str) -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "sandbox");
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(creds)
+        .load()
+        .await;
+    let conf = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(true)
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Creates a bucket in moto's S3 (the distributed cache's).
+pub async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<()> {
+    s3.create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .with_context(|| format!("CreateBucket {bucket} in moto"))?;
+    Ok(())
+}
+
+/// One pre-signed request: URL plus the headers that were signed and must be sent.
+#[derive(Debug, Clone)]
+pub struct Presigned {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Pre-signs S3 requests on one bucket, as gitlab-runner's S3 cache adapter does on the
+/// runner host (cache/s3/adapter.go: GET to extract, HEAD to check, PUT to archive with
+/// the `x-amz-meta-*` metadata headers signed). Pure computation: no request is sent.
+#[derive(Debug, Clone)]
+pub struct S3Presigner {
+    client: aws_sdk_s3::Client,
+    pub bucket: String,
+}
+
+impl S3Presigner {
+    /// `endpoint` is the address the URLs carry (the one the containers reach).
+    pub async fn new(endpoint: &str, bucket: &str) -> Self {
+        Self {
+            client: s3_client(endpoint).await,
+            bucket: bucket.to_owned(),
+        }
+    }
+
+    fn config(expires: Duration) -> Result<aws_sdk_s3::presigning::PresigningConfig> {
+        aws_sdk_s3::presigning::PresigningConfig::expires_in(expires)
+            .context("S3 pre-signing config")
+    }
+
+    fn done(req: aws_sdk_s3::presigning::PresignedRequest) -> Presigned {
+        Presigned {
+            url: req.uri().to_owned(),
+            headers: req
+                .headers()
+                .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        }
+    }
+
+    pub async fn get(&self, key: &str, expires: Duration) -> Result<Presigned> {
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(Self::config(expires)?)
+            .await
+            .with_context(|| format!("pre-signing GET {key}"))?;
+        Ok(Self::done(req))
+    }
+
+    pub async fn head(&self, key: &str, expires: Duration) -> Result<Presigned> {
+        let req = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(Self::config(expires)?)
+            .await
+            .with_context(|| format!("pre-signing HEAD {key}"))?;
+        Ok(Self::done(req))
+    }
+
+    /// A PUT with `metadata` as signed `x-amz-meta-<name>` headers.
+    pub async fn put(
+        &self,
+        key: &str,
+        expires: Duration,
+        metadata: &[(&str, &str)],
+    ) -> Result<Presigned> {
+        let mut op = self.client.put_object().bucket(&self.bucket).key(key);
+        for (k, v) in metadata {
+            op = op.metadata(*k, *v);
+        }
+        let req = op
+            .presigned(Self::config(expires)?)
+            .await
+            .with_context(|| format!("pre-signing PUT {key}"))?;
+        Ok(Self::done(req))
+    }
+}
+
+/// A TCP forwarder: accepts on `listen` and pipes each connection to `target`; stops when
+/// dropped. Lets containers reach moto through the sandbox's service address while moto
+/// itself stays on 127.0.0.1.
+#[derive(Debug)]
+pub struct TcpForward {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpForward {
+    pub async fn start(listen: std::net::IpAddr, target: std::net::SocketAddr) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind((listen, 0))
+            .await
+            .with_context(|| format!("binding a forwarder to {target} on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    // Out of descriptors or the like: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for TcpForward {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

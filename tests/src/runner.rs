@@ -4,6 +4,12 @@
 //! variables, JOB_RESPONSE_FILE, `job_env` from `config`, `CUSTOM_ENV_*`), the stage order
 //! and failure rules of `common/build.go`, every call a new process in its own process
 //! group, cancellation as SIGTERM to that group, and `cleanup` always last.
+//!
+//! The predefined stages that need the runner binary (restore_cache, download_artifacts,
+//! archive_cache*, upload_artifacts_*) are written from the job payload's `cache`,
+//! `artifacts` and `dependencies` the way gitlab-runner's shells/abstract.go writes them
+//! for the custom executor (whose runner command is `gitlab-runner`), with the distributed
+//! cache's pre-signed S3 URLs ([`S3Cache`]) and the GitLab URL ([`RunnerOptions::server_url`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +23,9 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
-use crate::script::{stage_script, user_command};
+use crate::gitlab_stub::GitLabJobs;
+use crate::moto::{Presigned, S3Presigner};
+use crate::script::{stage_script, user_command, BashWriter};
 
 /// gitlab-runner's values today; the driver must read them from the environment.
 pub const BUILD_FAILURE_EXIT_CODE: i32 = 1;
@@ -81,6 +89,59 @@ impl Job {
         self.variables.push((key.into(), value.into()));
         self
     }
+
+    /// `artifacts: paths:` as GitLab sends it in the job payload (one `archive` artifact,
+    /// zip, on success, no name).
+    pub fn with_artifacts(mut self, paths: &[&str]) -> Self {
+        self.payload.insert(
+            "artifacts".into(),
+            serde_json::json!([{
+                "name": null, "untracked": false, "paths": paths, "exclude": [],
+                "when": "on_success", "artifact_type": "archive", "artifact_format": "zip",
+                "expire_in": "1 week",
+            }]),
+        );
+        self
+    }
+
+    /// `cache: {key, paths}` as GitLab sends it (policy pull-push, on success).
+    pub fn with_cache(mut self, key: &str, paths: &[&str]) -> Self {
+        self.payload.insert(
+            "cache".into(),
+            serde_json::json!([{
+                "key": key, "untracked": false, "policy": "pull-push", "paths": paths,
+                "when": "on_success", "fallback_keys": [],
+            }]),
+        );
+        self
+    }
+
+    /// One more entry of `dependencies` (a job whose artifacts this one downloads), as
+    /// GitLab sends it: the token is this job's own.
+    pub fn with_dependency(mut self, id: u64, name: &str, filename: &str, size: u64) -> Self {
+        let dep = serde_json::json!({
+            "id": id, "name": name, "token": self.token,
+            "artifacts_file": {"filename": filename, "size": size},
+        });
+        match self.payload.get_mut("dependencies") {
+            Some(serde_json::Value::Array(list)) => list.push(dep),
+            _ => {
+                self.payload
+                    .insert("dependencies".into(), serde_json::Value::Array(vec![dep]));
+            }
+        }
+        self
+    }
+}
+
+/// `[runners.cache]` with `Type = "s3"`: the runner pre-signs the cache object's URLs.
+#[derive(Debug, Clone)]
+pub struct S3Cache {
+    pub presigner: S3Presigner,
+    /// `Shared`: no `runner/<short token>/` namespace in object names.
+    pub shared: bool,
+    /// `Path`: a prefix of every object name.
+    pub path: String,
 }
 
 /// When to cancel a job, like a user pressing "Cancel" in the UI.
@@ -124,6 +185,13 @@ pub struct RunnerOptions {
     pub prepare_retry_delay: Duration,
     /// Where the `custom-executor*` dirs are made (default: the system temp dir).
     pub work_dir: Option<PathBuf>,
+    /// The GitLab URL: the runner's `url` (the artifacts commands' `--url`) and
+    /// `CI_SERVER_URL`.
+    pub server_url: String,
+    /// The distributed cache; `None`: caches stay on the machine (`--file` only).
+    pub cache: Option<S3Cache>,
+    /// GitLab's job table (the sandbox's stub): a job's token is valid while it runs.
+    pub gitlab: Option<GitLabJobs>,
 }
 
 impl RunnerOptions {
@@ -143,6 +211,9 @@ impl RunnerOptions {
             prepare_attempts: 3,
             prepare_retry_delay: Duration::from_secs(3),
             work_dir: None,
+            server_url: "https://gitlab.sandbox.invalid".into(),
+            cache: None,
+            gitlab: None,
         }
     }
 }
@@ -263,6 +334,18 @@ pub struct JobContext {
     pub builds_dir: String,
     pub cache_dir: String,
     script_counter: u32,
+    /// The job payload (JOB_RESPONSE_FILE) as written.
+    payload: serde_json::Value,
+    /// Pre-signed cache URLs by `"<METHOD> <object name>"` ([`JobContext::presign_cache`]).
+    cache_urls: BTreeMap<String, Presigned>,
+}
+
+impl Drop for JobContext {
+    fn drop(&mut self) {
+        if let Some(g) = &self.opts.gitlab {
+            g.finish_job(self.job.id);
+        }
+    }
 }
 
 impl JobContext {
@@ -278,9 +361,13 @@ impl JobContext {
         }
         .context("creating the custom-executor temp dir")?;
         let response = dir.path().join("job-response.json");
-        let body = serde_json::to_vec_pretty(&job_response(&job, &opts, &opts.builds_dir))?;
+        let payload = job_response(&job, &opts, &opts.builds_dir);
+        let body = serde_json::to_vec_pretty(&payload)?;
         crate::util::write_file(&response, &body, 0o600)?;
         let (builds_dir, cache_dir) = (opts.builds_dir.clone(), opts.cache_dir.clone());
+        if let Some(g) = &opts.gitlab {
+            g.start_job(job.id, &job.token);
+        }
         Ok(Self {
             opts,
             job,
@@ -289,6 +376,8 @@ impl JobContext {
             builds_dir,
             cache_dir,
             script_counter: 0,
+            payload,
+            cache_urls: BTreeMap::new(),
         })
     }
 
@@ -336,10 +425,7 @@ impl JobContext {
                 self.opts.concurrent_id.to_string(),
             ),
             ("CI_JOB_TIMEOUT".into(), j.timeout_secs.to_string()),
-            (
-                "CI_SERVER_URL".into(),
-                "https://gitlab.sandbox.invalid".into(),
-            ),
+            ("CI_SERVER_URL".into(), self.opts.server_url.clone()),
         ];
         if let Some(image) = &j.image {
             v.push(("CI_JOB_IMAGE".into(), image.clone()));
@@ -458,7 +544,7 @@ impl JobContext {
     }
 
     /// The body of a stage, as gitlab-runner's bash shell would generate it (minus git,
-    /// cache and artifacts tooling, which the sandbox does not have).
+    /// which the sandbox does not have). Empty: the stage is skipped.
     pub fn stage_body(&self, stage: &str) -> Vec<String> {
         if let Some(b) = self.job.stage_bodies.get(stage) {
             return b.clone();
@@ -484,8 +570,650 @@ impl JobContext {
             ],
             "build_script" => user(&self.job.script),
             "after_script" => user(&self.job.after_script),
+            "restore_cache" => self.restore_cache_body(),
+            "download_artifacts" => self.download_artifacts_body(),
+            "archive_cache" => self.archive_cache_body(true),
+            "archive_cache_on_failure" => self.archive_cache_body(false),
+            "upload_artifacts_on_success" => self.upload_artifacts_body(true),
+            "upload_artifacts_on_failure" => self.upload_artifacts_body(false),
             "cleanup_file_variables" => vec![r#"rm -rf "$CI_PROJECT_DIR.tmp""#.into()],
             _ => Vec::new(),
+        }
+    }
+}
+
+/// The command gitlab-runner's custom executor writes into stage scripts (its
+/// `RunnerCommand`, main.go: `custom.NewProvider("gitlab-runner")`).
+pub const RUNNER_COMMAND: &str = "gitlab-runner";
+
+/// `cache:` entry of the job payload (spec.Cache).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+struct CacheSpec {
+    key: Option<String>,
+    untracked: Option<bool>,
+    policy: Option<String>,
+    paths: Option<Vec<String>>,
+    when: Option<String>,
+    fallback_keys: Option<Vec<String>>,
+}
+
+/// `artifacts:` entry of the job payload (spec.Artifact).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+struct ArtifactSpec {
+    name: Option<String>,
+    untracked: Option<bool>,
+    paths: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
+    when: Option<String>,
+    artifact_type: Option<String>,
+    artifact_format: Option<String>,
+    expire_in: Option<String>,
+}
+
+/// `dependencies:` entry of the job payload (spec.Dependency).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+struct DependencySpec {
+    id: i64,
+    token: Option<String>,
+    name: Option<String>,
+    artifacts_file: Option<ArtifactsFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+struct ArtifactsFile {
+    filename: Option<String>,
+}
+
+/// One cache key as shells/abstract.go's newCacheConfig forms it (FF_HASH_CACHE_KEYS
+/// off: the sanitized key names both the local file and the object).
+#[derive(Debug, Clone)]
+struct CacheKey {
+    human: String,
+    /// `--file`: `<cache_dir>/<project path>/<key>/cache.zip`, relative to the project dir.
+    file: String,
+    /// The other naming scheme's key (sha256 of the key) and file.
+    alternate_key: String,
+    alternate_file: String,
+}
+
+/// `path.Clean("/" + key)` without the leading `/`, with trailing whitespace trimmed off
+/// the last segments (cache/cachekey.Sanitize); `None` when nothing is left.
+fn sanitize_cache_key(key: &str) -> Option<String> {
+    let normalised = key
+        .replace("%2f", "/")
+        .replace("%2F", "/")
+        .replace("%2e", ".")
+        .replace("%2E", ".")
+        .replace('\\', "/");
+    let mut parts: Vec<String> = Vec::new();
+    for seg in normalised.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s.to_owned()),
+        }
+    }
+    while let Some(last) = parts.last_mut() {
+        let trimmed = last.trim_end().to_owned();
+        if trimmed.is_empty() {
+            parts.pop();
+        } else {
+            *last = trimmed;
+            break;
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+/// `filepath.Rel(from, to)` for clean absolute paths.
+fn rel_path(from: &str, to: &str) -> String {
+    let a: Vec<&str> = from.split('/').filter(|s| !s.is_empty()).collect();
+    let b: Vec<&str> = to.split('/').filter(|s| !s.is_empty()).collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out: Vec<&str> = vec![".."; a.len() - common];
+    out.extend(&b[common..]);
+    if out.is_empty() {
+        ".".into()
+    } else {
+        out.join("/")
+    }
+}
+
+/// `http.CanonicalHeaderKey`: `x-amz-meta-cachekey` -> `X-Amz-Meta-Cachekey`.
+fn canonical_header(key: &str) -> String {
+    key.split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            match c.next() {
+                Some(f) => f.to_ascii_uppercase().to_string() + &c.as_str().to_ascii_lowercase(),
+                None => String::new(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+impl JobContext {
+    fn payload_list<T: serde::de::DeserializeOwned>(&self, key: &str) -> Vec<T> {
+        self.payload
+            .get(key)
+            .and_then(|v| serde_json::from_value::<Vec<T>>(v.clone()).ok())
+            .unwrap_or_default()
+    }
+
+    /// `ExpandValue`: `$NAME` and `${NAME}` from the job's variables (unknown: empty).
+    fn expand(&self, text: &str) -> String {
+        let vars: BTreeMap<String, String> = self.variables().into_iter().collect();
+        let mut out = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '$' {
+                out.push(c);
+                continue;
+            }
+            let mut name = String::new();
+            if chars.peek() == Some(&'{') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        break;
+                    }
+                    name.push(c);
+                }
+            } else {
+                while let Some(&c) = chars.peek() {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        name.push(c);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if name.is_empty() {
+                    out.push('$');
+                    continue;
+                }
+            }
+            out.push_str(vars.get(&name).map(String::as_str).unwrap_or(""));
+        }
+        out
+    }
+
+    fn variable(&self, name: &str) -> Option<String> {
+        self.variables()
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// `<cache_dir>/<project path>` (build.CacheDir).
+    fn project_cache_dir(&self) -> String {
+        format!(
+            "{}/{}",
+            self.cache_dir.trim_end_matches('/'),
+            self.job.project_path.trim_matches('/')
+        )
+    }
+
+    fn project_tmp_dir(&self) -> String {
+        format!("{}.tmp", self.project_dir())
+    }
+
+    /// newCacheConfig: `None` (with the notice gitlab-runner writes) when the key is empty.
+    fn cache_key(&self, user_key: &str, w: &mut BashWriter, what: &str) -> Option<CacheKey> {
+        let raw = if user_key.is_empty() {
+            "sandbox-job/main".to_owned()
+        } else {
+            self.expand(user_key)
+        };
+        let Some(human) = sanitize_cache_key(&raw) else {
+            if !raw.is_empty() {
+                w.warning(&format!("cache key {raw:?} could not be sanitized"));
+            }
+            w.notice(&format!("Skipping cache {what} due to empty cache key"));
+            return None;
+        };
+        if human != raw {
+            w.warning(&format!("cache key {raw:?} sanitized to {human:?}"));
+        }
+        let alternate_key = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(human.as_bytes()));
+        let file_for = |key: &str| {
+            rel_path(
+                &self.project_dir(),
+                &format!("{}/{key}/cache.zip", self.project_cache_dir()),
+            )
+        };
+        Some(CacheKey {
+            file: file_for(&human),
+            alternate_file: file_for(&alternate_key),
+            human,
+            alternate_key,
+        })
+    }
+
+    /// cache.GetAdapter's object name: `[<Path>/][runner/<short token>/]project/<id>/<key>`,
+    /// with `<key[:2]>/` before the key when `sharded`.
+    fn cache_object(&self, key: &str, sharded: bool) -> Option<String> {
+        let cache = self.opts.cache.as_ref()?;
+        let project_id = self
+            .payload
+            .pointer("/job_info/project_id")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
+        let mut parts: Vec<String> = Vec::new();
+        if !cache.path.is_empty() {
+            parts.push(cache.path.trim_matches('/').to_owned());
+        }
+        if !cache.shared {
+            parts.push(format!("runner/{}", self.opts.runner_short_token));
+        }
+        parts.push(format!("project/{project_id}"));
+        if sharded {
+            parts.push(key.get(..2)?.to_owned());
+        }
+        parts.push(key.to_owned());
+        Some(parts.join("/"))
+    }
+
+    fn presigned(&self, method: &str, object: Option<&String>) -> Option<&Presigned> {
+        self.cache_urls.get(&format!("{method} {}", object?))
+    }
+
+    /// Pre-signs the URLs the cache stages need (GET/HEAD/PUT of every cache key's object
+    /// and its alternate), as gitlab-runner does when it writes those stages. A no-op
+    /// without [`RunnerOptions::cache`].
+    pub async fn presign_cache(&mut self) -> Result<()> {
+        let Some(cache) = self.opts.cache.clone() else {
+            return Ok(());
+        };
+        // The URLs live as long as the job may (build.GetBuildTimeout).
+        let expires = Duration::from_secs(self.job.timeout_secs.clamp(1, 7 * 86_400));
+        let mut keys: Vec<String> = Vec::new();
+        for c in self.payload_list::<CacheSpec>("cache") {
+            keys.push(c.key.unwrap_or_default());
+            keys.extend(c.fallback_keys.unwrap_or_default());
+        }
+        if let Some(k) = self.variable("CACHE_FALLBACK_KEY") {
+            keys.push(k);
+        }
+        let mut scratch = BashWriter::new();
+        for user_key in keys {
+            let Some(k) = self.cache_key(&user_key, &mut scratch, "") else {
+                continue;
+            };
+            for (object, primary) in [
+                (self.cache_object(&k.human, false), true),
+                (self.cache_object(&k.alternate_key, true), false),
+            ] {
+                let Some(object) = object else { continue };
+                let get = cache.presigner.get(&object, expires).await?;
+                let head = cache.presigner.head(&object, expires).await?;
+                self.cache_urls.insert(format!("GET {object}"), get);
+                self.cache_urls.insert(format!("HEAD {object}"), head);
+                if primary {
+                    let put = cache
+                        .presigner
+                        .put(&object, expires, &[("cachekey", &k.human)])
+                        .await?;
+                    self.cache_urls.insert(format!("PUT {object}"), put);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// writeExports' tail (GITLAB_ENV, sourced) and writeCdBuildDir: how every cache and
+    /// artifacts stage starts (the variables themselves are in the script's frame).
+    fn helper_preamble(&self, w: &mut BashWriter) {
+        let tmp = self.project_tmp_dir();
+        let env_file = format!("{tmp}/gitlab_runner_env");
+        w.export("GITLAB_ENV", &env_file);
+        w.source_env(&tmp, &env_file);
+        w.cd(&self.project_dir());
+    }
+
+    /// guardRunnerCommand: `if gitlab-runner --version ...; then <body> else echo "Missing
+    /// gitlab-runner. <action> is disabled." fi`.
+    fn guard(&self, w: &mut BashWriter, action: &str, body: impl FnOnce(&mut BashWriter)) {
+        w.if_cmd(RUNNER_COMMAND, &["--version".into()]);
+        body(w);
+        w.else_();
+        w.warning(&format!("Missing {RUNNER_COMMAND}. {action} is disabled."));
+        w.end_if();
+    }
+
+    /// changeFilesOwnership (only acts when the build uid/gid file exists).
+    fn change_files_ownership(&self, w: &mut BashWriter) {
+        let uid_gid = format!(
+            "{}/.gitlab-build-uid-gid",
+            self.builds_dir.trim_end_matches('/')
+        );
+        w.if_file(&uid_gid);
+        for d in [self.project_cache_dir(), self.builds_dir.clone()] {
+            w.if_directory(&d);
+            w.line(&format!(
+                "chown -R \"$(stat -c '%u:%g' '{uid_gid}')\" '{d}'"
+            ));
+            w.end_if();
+        }
+        w.end_if();
+    }
+
+    fn cache_timeout(&self) -> String {
+        self.variable("CACHE_REQUEST_TIMEOUT")
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|v| *v > 0)
+            .unwrap_or(10)
+            .to_string()
+    }
+
+    /// writeRestoreCacheScript / cacheExtractor.
+    fn restore_cache_body(&self) -> Vec<String> {
+        let mut w = BashWriter::new();
+        self.helper_preamble(&mut w);
+        let mut any = false;
+        for c in self.payload_list::<CacheSpec>("cache") {
+            if c.paths.as_ref().is_none_or(|p| p.is_empty()) && !c.untracked.unwrap_or(false) {
+                continue;
+            }
+            any = true;
+            let Some(key) = self.cache_key(c.key.as_deref().unwrap_or(""), &mut w, "extraction")
+            else {
+                continue;
+            };
+            match self.expand(c.policy.as_deref().unwrap_or("")).as_str() {
+                "" | "pull-push" | "pull" => {}
+                "push" => {
+                    w.notice(&format!(
+                        "Not downloading cache {} due to policy",
+                        key.human
+                    ));
+                    continue;
+                }
+                other => {
+                    w.line(&format!(
+                        "echo {}",
+                        crate::script::shell_escape(&format!(
+                            "unknown cache policy {other} for {}",
+                            key.human
+                        ))
+                    ));
+                    w.line("exit 1");
+                    continue;
+                }
+            }
+            let mut keys = vec![key];
+            let mut add = |w: &mut BashWriter, k: &str| {
+                if !k.is_empty() {
+                    if let Some(k) = self.cache_key(k, w, "extraction") {
+                        keys.push(k);
+                    }
+                }
+            };
+            for fk in c.fallback_keys.unwrap_or_default() {
+                let fk = self.expand(&fk);
+                add(&mut w, &fk);
+            }
+            if let Some(fk) = self.variable("CACHE_FALLBACK_KEY") {
+                if fk.trim_end_matches(['.', ' ']).ends_with("-protected") {
+                    w.warning(&format!(
+                        "CACHE_FALLBACK_KEY {fk:?} not allowed to end in \"-protected\""
+                    ));
+                } else {
+                    add(&mut w, &fk);
+                }
+            }
+            self.guard(&mut w, "Extracting cache", |w| {
+                self.extract_command(w, &keys)
+            });
+        }
+        if !any {
+            return Vec::new();
+        }
+        self.change_files_ownership(&mut w);
+        w.finish()
+    }
+
+    /// addExtractCacheCommand: the key, then each fallback key in the `else` branch.
+    fn extract_command(&self, w: &mut BashWriter, keys: &[CacheKey]) {
+        let Some((k, rest)) = keys.split_first() else {
+            return;
+        };
+        let mut args: Vec<String> = vec![
+            "cache-extractor".into(),
+            "--file".into(),
+            k.file.clone(),
+            "--timeout".into(),
+            self.cache_timeout(),
+        ];
+        w.notice(&format!("Checking cache for {}...", k.human));
+        let primary = self.cache_object(&k.human, false);
+        if let (Some(get), Some(head)) = (
+            self.presigned("GET", primary.as_ref()),
+            self.presigned("HEAD", primary.as_ref()),
+        ) {
+            args.extend(["--url".into(), get.url.clone()]);
+            args.extend(["--head-url".into(), head.url.clone()]);
+        }
+        let alternate = self.cache_object(&k.alternate_key, true);
+        if let (Some(get), Some(head)) = (
+            self.presigned("GET", alternate.as_ref()),
+            self.presigned("HEAD", alternate.as_ref()),
+        ) {
+            args.extend(["--alternate-url".into(), get.url.clone()]);
+            args.extend(["--alternate-head-url".into(), head.url.clone()]);
+        }
+        w.if_cmd_with_output(RUNNER_COMMAND, &args);
+        w.notice("Successfully extracted cache");
+        w.else_();
+        w.warning("Failed to extract cache");
+        self.extract_command(w, rest);
+        w.end_if();
+    }
+
+    /// writeArchiveCacheOnSuccessScript / OnFailure: cacheArchiver.
+    fn archive_cache_body(&self, on_success: bool) -> Vec<String> {
+        let mut w = BashWriter::new();
+        self.helper_preamble(&mut w);
+        let mut any = false;
+        for c in self.payload_list::<CacheSpec>("cache") {
+            let when = self.expand(c.when.as_deref().unwrap_or(""));
+            let caches = if on_success {
+                matches!(when.as_str(), "" | "on_success" | "always")
+            } else {
+                matches!(when.as_str(), "on_failure" | "always")
+            };
+            if !caches {
+                continue;
+            }
+            let mut archiver: Vec<String> = Vec::new();
+            for p in c.paths.clone().unwrap_or_default() {
+                archiver.extend(["--path".into(), p]);
+            }
+            if c.untracked.unwrap_or(false) {
+                archiver.push("--untracked".into());
+            }
+            if archiver.is_empty() {
+                continue;
+            }
+            any = true;
+            let Some(key) = self.cache_key(c.key.as_deref().unwrap_or(""), &mut w, "archiving")
+            else {
+                continue;
+            };
+            match self.expand(c.policy.as_deref().unwrap_or("")).as_str() {
+                "" | "pull-push" | "push" => {}
+                "pull" => {
+                    w.notice(&format!("Not uploading cache {} due to policy", key.human));
+                    continue;
+                }
+                other => {
+                    w.line(&format!(
+                        "echo {}",
+                        crate::script::shell_escape(&format!(
+                            "unknown cache policy {other} for {}",
+                            key.human
+                        ))
+                    ));
+                    w.line("exit 1");
+                    continue;
+                }
+            }
+            let mut args: Vec<String> = vec![
+                "cache-archiver".into(),
+                "--file".into(),
+                key.file.clone(),
+                "--alternate-file".into(),
+                key.alternate_file.clone(),
+                "--timeout".into(),
+                self.cache_timeout(),
+            ];
+            args.extend(archiver);
+            let object = self.cache_object(&key.human, false);
+            if let Some(put) = self.presigned("PUT", object.as_ref()) {
+                args.extend(["--url".into(), put.url.clone()]);
+                for (k, v) in &put.headers {
+                    args.extend(["--header".into(), format!("{}: {v}", canonical_header(k))]);
+                }
+                if let Some(head) = self.presigned("HEAD", object.as_ref()) {
+                    args.extend(["--check-url".into(), head.url.clone()]);
+                }
+            }
+            let metadata = serde_json::json!({"cachekey": key.human}).to_string();
+            let env_file = format!("{}/gitlab_runner_cache_env", self.project_tmp_dir());
+            self.guard(&mut w, "Creating cache", |w| {
+                w.notice(&format!("Creating cache {}...", key.human));
+                w.dot_env(&env_file, &[("CACHE_METADATA".into(), metadata)]);
+                args.extend(["--env-file".into(), env_file.clone()]);
+                w.if_cmd_with_output(RUNNER_COMMAND, &args);
+                w.notice("Created cache");
+                w.else_();
+                w.warning("Failed to create cache");
+                w.end_if();
+                w.rm_file(&env_file);
+            });
+        }
+        if any {
+            w.finish()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// writeDownloadArtifactsScript / downloadAllArtifacts.
+    fn download_artifacts_body(&self) -> Vec<String> {
+        let deps: Vec<DependencySpec> = self
+            .payload_list::<DependencySpec>("dependencies")
+            .into_iter()
+            .filter(|d| {
+                d.artifacts_file
+                    .as_ref()
+                    .and_then(|f| f.filename.as_deref())
+                    .is_some_and(|f| !f.is_empty())
+            })
+            .collect();
+        if deps.is_empty() {
+            return Vec::new();
+        }
+        let mut w = BashWriter::new();
+        self.helper_preamble(&mut w);
+        self.guard(&mut w, "Artifacts downloading", |w| {
+            for d in &deps {
+                w.notice(&format!(
+                    "Downloading artifacts for {} ({})...",
+                    d.name.as_deref().unwrap_or(""),
+                    d.id
+                ));
+                w.command(
+                    RUNNER_COMMAND,
+                    &[
+                        "artifacts-downloader".into(),
+                        "--url".into(),
+                        self.opts.server_url.clone(),
+                        "--token".into(),
+                        d.token.clone().unwrap_or_default(),
+                        "--id".into(),
+                        d.id.to_string(),
+                    ],
+                );
+            }
+        });
+        self.change_files_ownership(&mut w);
+        w.finish()
+    }
+
+    /// writeUploadArtifactsOnSuccessScript / OnFailure: writeUploadArtifact per artifact.
+    fn upload_artifacts_body(&self, on_success: bool) -> Vec<String> {
+        if self.opts.server_url.is_empty() {
+            return Vec::new();
+        }
+        let mut w = BashWriter::new();
+        self.helper_preamble(&mut w);
+        let mut any = false;
+        for a in self.payload_list::<ArtifactSpec>("artifacts") {
+            let when = a.when.as_deref().unwrap_or("");
+            let wanted = if on_success {
+                matches!(when, "" | "on_success" | "always")
+            } else {
+                matches!(when, "on_failure" | "always")
+            };
+            if !wanted {
+                continue;
+            }
+            let mut args: Vec<String> = vec![
+                "artifacts-uploader".into(),
+                "--url".into(),
+                self.opts.server_url.clone(),
+                "--token".into(),
+                self.job.token.clone(),
+                "--id".into(),
+                self.job.id.to_string(),
+                "--timeout".into(),
+                "1h0m0s".into(),
+                "--response-header-timeout".into(),
+                "10m0s".into(),
+            ];
+            let mut archiver: Vec<String> = Vec::new();
+            for p in a.paths.unwrap_or_default() {
+                archiver.extend(["--path".into(), p]);
+            }
+            for p in a.exclude.unwrap_or_default() {
+                archiver.extend(["--exclude".into(), p]);
+            }
+            if a.untracked.unwrap_or(false) {
+                archiver.push("--untracked".into());
+            }
+            if archiver.is_empty() {
+                continue;
+            }
+            any = true;
+            args.extend(archiver);
+            for (flag, value) in [
+                ("--name", a.name),
+                ("--expire-in", a.expire_in),
+                ("--artifact-format", a.artifact_format),
+                ("--artifact-type", a.artifact_type),
+            ] {
+                if let Some(v) = value.filter(|v| !v.is_empty()) {
+                    args.extend([flag.into(), v]);
+                }
+            }
+            self.guard(&mut w, "Uploading artifacts", |w| {
+                w.notice("Uploading artifacts...");
+                w.command(RUNNER_COMMAND, &args);
+            });
+        }
+        if any {
+            w.finish()
+        } else {
+            Vec::new()
         }
     }
 }
@@ -743,6 +1471,7 @@ pub async fn run_job(opts: RunnerOptions, job: Job) -> Result<JobResult> {
     }
 
     if prepared {
+        ctx.presign_cache().await?;
         outcome = run_stages(&mut ctx, &mut stages).await?;
     }
 
@@ -868,4 +1597,92 @@ async fn run_stages(
         }
     }
     Ok(failure)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(job: Job) -> JobContext {
+        JobContext::new(RunnerOptions::new(Path::new("/bin/true"), None), job).unwrap()
+    }
+
+    const HELPER_STAGES: &[&str] = &[
+        "restore_cache",
+        "download_artifacts",
+        "archive_cache",
+        "archive_cache_on_failure",
+        "upload_artifacts_on_success",
+        "upload_artifacts_on_failure",
+    ];
+
+    #[test]
+    fn a_job_without_cache_or_artifacts_has_no_such_stages() {
+        let c = ctx(Job::new(7, &["true"]));
+        for s in HELPER_STAGES {
+            assert!(c.stage_body(s).is_empty(), "{s}: {:?}", c.stage_body(s));
+        }
+    }
+
+    #[test]
+    fn restore_and_archive_cache_are_gitlab_runners_guarded_commands() {
+        let c = ctx(Job::new(7, &["true"]).with_cache("deps-$CI_JOB_ID", &["vendor/"]));
+        let restore = c.stage_body("restore_cache").join("\n");
+        assert!(restore.contains(
+            "if gitlab-runner --version >/dev/null 2>&1 ; then\n  \
+             echo $'\\x1b[32;1mChecking cache for deps-7...\\x1b[0;m'\n  \
+             if gitlab-runner cache-extractor --file ../../../cache/sandbox/project/deps-7/cache.zip \
+             --timeout 10 ; then"
+        ));
+        assert!(restore.contains("Missing gitlab-runner. Extracting cache is disabled."));
+        assert!(restore.starts_with(
+            "export GITLAB_ENV=/builds/sandbox/project.tmp/gitlab_runner_env\n\
+             mkdir -p \"/builds/sandbox/project.tmp\""
+        ));
+        let archive = c.stage_body("archive_cache").join("\n");
+        assert!(archive.contains(
+            "gitlab-runner cache-archiver --file ../../../cache/sandbox/project/deps-7/cache.zip \
+             --alternate-file ../../../cache/sandbox/project/"
+        ));
+        assert!(archive.contains("--timeout 10 --path vendor/ --env-file "));
+        assert!(archive.contains("CACHE_METADATA=\"{\\\"cachekey\\\":\\\"deps-7\\\"}\""));
+        assert!(c.stage_body("archive_cache_on_failure").is_empty());
+    }
+
+    #[test]
+    fn artifacts_stages_carry_gitlab_runners_arguments() {
+        let job = Job::new(7, &["true"])
+            .with_artifacts(&["out/"])
+            .with_dependency(5, "build", "artifacts.zip", 10);
+        let token = job.token.clone();
+        let c = ctx(job);
+        let upload = c.stage_body("upload_artifacts_on_success").join("\n");
+        assert!(upload.contains(&format!(
+            "  gitlab-runner artifacts-uploader --url $'https://gitlab.sandbox.invalid' --token \
+             {token} --id 7 --timeout 1h0m0s --response-header-timeout 10m0s --path out/ \
+             --expire-in $'1 week' --artifact-format zip --artifact-type archive"
+        )));
+        assert!(upload.contains("Missing gitlab-runner. Uploading artifacts is disabled."));
+        assert!(c.stage_body("upload_artifacts_on_failure").is_empty());
+        let download = c.stage_body("download_artifacts").join("\n");
+        assert!(download.contains(&format!(
+            "  gitlab-runner artifacts-downloader --url $'https://gitlab.sandbox.invalid' --token \
+             {token} --id 5"
+        )));
+    }
+
+    #[test]
+    fn cache_keys_and_paths_like_gitlab_runner() {
+        assert_eq!(sanitize_cache_key("a/../b/ ").as_deref(), Some("b"));
+        assert_eq!(sanitize_cache_key("%2e%2e/x%2Fy").as_deref(), Some("x/y"));
+        assert_eq!(sanitize_cache_key("../.."), None);
+        assert_eq!(
+            rel_path("/builds/g/p", "/cache/g/p/k/cache.zip"),
+            "../../../cache/g/p/k/cache.zip"
+        );
+        assert_eq!(
+            canonical_header("x-amz-meta-cachekey"),
+            "X-Amz-Meta-Cachekey"
+        );
+    }
 }

@@ -17,9 +17,10 @@ use flotilla_proto::duration::HumanDuration;
 
 use crate::emulator::{EmulatedMachine, Emulator, EmulatorOptions};
 use crate::faults::FaultProxy;
-use crate::moto::{self, InstanceInfo, Moto, Network};
+use crate::gitlab_stub::{GitLabStub, ServiceAddress};
+use crate::moto::{self, InstanceInfo, Moto, Network, S3Presigner, TcpForward};
 use crate::registry::Registry;
-use crate::runner::{self, Job, JobResult, RunnerOptions};
+use crate::runner::{self, Job, JobResult, RunnerOptions, S3Cache};
 use crate::util::{self, stop_child, tail, wait_until, Slot};
 
 /// Knobs of one sandbox; `Default` is what most tests want.
@@ -101,6 +102,8 @@ pub struct Sandbox {
     pub network: Network,
     pub job_image: String,
     pub helper_image: String,
+    /// The distributed cache's bucket in moto (`[runners.cache] Type = "s3"`).
+    pub cache_bucket: String,
     ec2: aws_sdk_ec2::Client,
     moto_url: String,
     faults: Option<FaultProxy>,
@@ -109,6 +112,12 @@ pub struct Sandbox {
     emulator: Option<Emulator>,
     registry: Option<Registry>,
     moto: Option<Moto>,
+    /// What the helper container talks to: the GitLab stub and moto's S3 (through a
+    /// forwarder), on the host's private service address (see `gitlab_stub.rs`).
+    gitlab: Option<GitLabStub>,
+    s3_forward: Option<TcpForward>,
+    s3_cache: Option<S3Cache>,
+    service: Option<ServiceAddress>,
     _slot: Option<Slot>,
     torn_down: bool,
 }
@@ -148,6 +157,42 @@ pub fn find_flotilla_bin() -> Result<PathBuf> {
             format!(
                 "the flotilla binary is not built (looked at {}); run `cargo build -p flotilla` \
                  with the same CARGO_TARGET_DIR, or set FLOTILLA_BIN",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// The `gitlab-runner-helper` stand-in (src/bin/gitlab-runner-helper.rs) the sandbox's
+/// helper image ships: `$FLOTILLA_HELPER_BIN`, else next to (or one directory above) the
+/// current executable, like [`find_flotilla_bin`].
+pub fn find_helper_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FLOTILLA_HELPER_BIN") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("FLOTILLA_HELPER_BIN={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating the current executable")?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("gitlab-runner-helper"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "the gitlab-runner-helper stand-in is not built (looked at {}); run \
+                 `cargo build -p flotilla-sandbox` with the same CARGO_TARGET_DIR, or set \
+                 FLOTILLA_HELPER_BIN",
                 candidates
                     .iter()
                     .map(|p| p.display().to_string())
@@ -227,6 +272,24 @@ impl Sandbox {
         moto.create_instance_profile(&profile)?;
         let network = moto::create_network(&ec2, n, &profile).await?;
 
+        // What the helper container reaches (containers cannot reach 127.0.0.1): the
+        // GitLab stub and moto's S3 on the host's private service address.
+        let service = ServiceAddress::create(n, &dir)?;
+        let gitlab = GitLabStub::start(service.ip).await?;
+        let cache_bucket = format!("flotilla-cache-{n}");
+        moto::create_bucket(&moto::s3_client(&moto_url).await, &cache_bucket).await?;
+        let s3_forward = TcpForward::start(
+            service.ip.into(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], moto.port())),
+        )
+        .await?;
+        let s3_cache = S3Cache {
+            presigner: S3Presigner::new(&format!("http://{}", s3_forward.addr), &cache_bucket)
+                .await,
+            shared: false,
+            path: String::new(),
+        };
+
         let reg_dir = dir.join("registry");
         std::fs::create_dir_all(&reg_dir)?;
         let registry = Registry::start(&reg_dir).await?;
@@ -234,7 +297,16 @@ impl Sandbox {
         let (job_image, helper_image) = {
             let r = &registry;
             let job = r.push_busybox_image("flotilla/busybox", "latest", "job")?;
-            let helper = r.push_busybox_image("flotilla/helper", "latest", "helper")?;
+            // Like the stock helper image: busybox plus only /usr/bin/gitlab-runner-helper.
+            let helper_bin = find_helper_bin()?;
+            let built = tokio::task::spawn_blocking(move || {
+                crate::images::HostImage::new("helper")
+                    .binary(&helper_bin, "/usr/bin/gitlab-runner-helper")
+                    .build_cached(&std::env::temp_dir().join("flotilla-image-cache"))
+            })
+            .await
+            .context("building the helper image panicked")??;
+            let helper = r.push_built("flotilla/helper", "latest", &built)?;
             (job, helper)
         };
 
@@ -331,6 +403,7 @@ impl Sandbox {
             network,
             job_image,
             helper_image,
+            cache_bucket,
             ec2,
             moto_url,
             faults,
@@ -338,6 +411,10 @@ impl Sandbox {
             emulator: Some(emulator),
             registry: Some(registry),
             moto: Some(moto),
+            gitlab: Some(gitlab),
+            s3_forward: Some(s3_forward),
+            s3_cache: Some(s3_cache),
+            service: Some(service),
             _slot: Some(slot),
             torn_down: false,
         };
@@ -549,7 +626,25 @@ impl Sandbox {
         o.env = self.aws_env();
         o.env.push(("RUST_LOG".into(), "info".into()));
         o.work_dir = Some(self.dir.join("runner"));
+        if let Some(g) = &self.gitlab {
+            o.server_url = g.url();
+            o.gitlab = Some(g.jobs().clone());
+        }
+        o.cache = self.s3_cache.clone();
         o
+    }
+
+    /// The GitLab stub (artifacts API) the helper talks to.
+    pub fn gitlab(&self) -> &GitLabStub {
+        // Only None after teardown, which consumes or drops the sandbox.
+        self.gitlab
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("GitLab stub used after teardown"))
+    }
+
+    /// An S3 client on moto (127.0.0.1), to look at the cache bucket.
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        moto::s3_client(&self.moto_url).await
     }
 
     /// Runs one job through every stage.
@@ -616,6 +711,11 @@ impl Sandbox {
         }
         if let Some(mut m) = self.moto.take() {
             m.stop();
+        }
+        self.gitlab = None;
+        self.s3_forward = None;
+        if let Some(mut s) = self.service.take() {
+            s.remove();
         }
         if std::env::var_os("FLOTILLA_KEEP_SANDBOX").is_some() {
             eprintln!(

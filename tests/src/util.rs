@@ -219,8 +219,10 @@ pub fn record_pid(dir: &Path, what: &str, pid: u32) {
 }
 
 /// Stops the processes a previous run in `dir` recorded (`<dir>/pids`, and the dockerd
-/// pid files under `<dir>/m/*/docker.pid`) that are still alive and still what they were.
+/// pid files under `<dir>/m/*/docker.pid`) that are still alive and still what they were,
+/// and removes the network interfaces it noted (`<dir>/links`).
 pub fn stop_leftovers(dir: &Path) {
+    crate::gitlab_stub::remove_leftover_links(dir);
     let mut pids: Vec<(String, i32)> = std::fs::read_to_string(dir.join("pids"))
         .unwrap_or_default()
         .lines()
