@@ -8,6 +8,7 @@
 
 mod common;
 mod compat;
+mod dind;
 mod fleet;
 mod harness;
 mod helper;

@@ -292,9 +292,8 @@ impl HostImage {
             out.insert(path.clone(), entry);
         }
         for (path, host) in libs {
-            if !out.contains_key(&path) {
-                let entry = host_entry(&host)?;
-                out.insert(path, entry);
+            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(path) {
+                slot.insert(host_entry(&host)?);
             }
         }
         // Parents as directories, and no entry below a non-directory.
@@ -513,6 +512,207 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// Where [`HostImage::build_cached`] keeps the Docker-in-Docker layers across sandboxes.
+pub fn image_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("flotilla-image-cache")
+}
+
+/// The DinD service image's entrypoint, modelled on docker:dind's `dockerd-entrypoint.sh`
+/// and `dind`: securityfs and /tmp mounts, cgroup v2 nesting (processes moved to a child
+/// cgroup, controllers enabled for the children), then dockerd with the vfs storage
+/// driver. With `DOCKER_TLS_CERTDIR` set (e.g. `/certs`): a CA, server and client
+/// certificates under `$DOCKER_TLS_CERTDIR/{ca,server,client}` (client: `ca.pem`,
+/// `cert.pem`, `key.pem`, readable by any user of a shared volume), and dockerd on
+/// tcp://0.0.0.0:2376 with `--tlsverify`; without it, plain tcp://0.0.0.0:2375. Extra
+/// arguments go to dockerd (or, when the first is not a flag, are run instead).
+pub const DIND_ENTRYPOINT: &str = r#"#!/bin/sh
+# flotilla-sandbox's docker:dind entrypoint (see tests/src/images.rs).
+set -eu
+
+_tls_san() {
+	{
+		ip -oneline address | awk '{ gsub(/\/.+$/, "", $4); print "IP:" $4 }'
+		{
+			cat /etc/hostname
+			echo 'docker'
+			echo 'localhost'
+			hostname -f 2>/dev/null || :
+			hostname -s 2>/dev/null || :
+		} | sed 's/^/DNS:/'
+		[ -z "${DOCKER_TLS_SAN:-}" ] || echo "$DOCKER_TLS_SAN"
+	} | grep -v '^DNS:$' | sort -u | xargs printf '%s,' | sed "s/,\$//"
+}
+
+_tls_key() {
+	[ -s "$1" ] || openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null
+}
+
+_tls_generate_certs() {
+	dir="$1"
+	mkdir -p "$dir/ca" "$dir/server" "$dir/client"
+	if [ ! -s "$dir/ca/cert.pem" ]; then
+		_tls_key "$dir/ca/key.pem"
+		openssl req -new -key "$dir/ca/key.pem" -out "$dir/ca/cert.pem" \
+			-subj '/CN=docker:dind CA' -x509 -days 825
+	fi
+	if [ ! -s "$dir/server/cert.pem" ]; then
+		_tls_key "$dir/server/key.pem"
+		openssl req -new -key "$dir/server/key.pem" -out "$dir/server/csr.pem" \
+			-subj '/CN=docker:dind server'
+		printf '[ x509_exts ]\nsubjectAltName = %s\nextendedKeyUsage = serverAuth\n' "$(_tls_san)" \
+			> "$dir/server/openssl.cnf"
+		openssl x509 -req -in "$dir/server/csr.pem" -CA "$dir/ca/cert.pem" \
+			-CAkey "$dir/ca/key.pem" -CAcreateserial -out "$dir/server/cert.pem" -days 825 \
+			-extfile "$dir/server/openssl.cnf" -extensions x509_exts 2>/dev/null
+		cp "$dir/ca/cert.pem" "$dir/server/ca.pem"
+		openssl verify -CAfile "$dir/server/ca.pem" "$dir/server/cert.pem"
+	fi
+	if [ ! -s "$dir/client/cert.pem" ]; then
+		# Written under other names first: a job waiting for cert.pem finds all three.
+		_tls_key "$dir/client/.key.pem"
+		openssl req -new -key "$dir/client/.key.pem" -out "$dir/client/csr.pem" \
+			-subj '/CN=docker:dind client'
+		printf '[ x509_exts ]\nextendedKeyUsage = clientAuth\n' > "$dir/client/openssl.cnf"
+		openssl x509 -req -in "$dir/client/csr.pem" -CA "$dir/ca/cert.pem" \
+			-CAkey "$dir/ca/key.pem" -CAcreateserial -out "$dir/client/.cert.pem" -days 825 \
+			-extfile "$dir/client/openssl.cnf" -extensions x509_exts 2>/dev/null
+		cp "$dir/ca/cert.pem" "$dir/client/ca.pem"
+		openssl verify -CAfile "$dir/client/ca.pem" "$dir/client/.cert.pem"
+		rm -f "$dir/client/csr.pem" "$dir/client/openssl.cnf"
+		chmod 0644 "$dir/client/.key.pem" "$dir/client/.cert.pem" "$dir/client/ca.pem"
+		mv "$dir/client/.key.pem" "$dir/client/key.pem"
+		mv "$dir/client/.cert.pem" "$dir/client/cert.pem"
+	fi
+}
+
+# docker's hack/dind
+container=docker
+export container
+if [ -d /sys/kernel/security ] && ! grep -q ' /sys/kernel/security ' /proc/mounts; then
+	mount -t securityfs none /sys/kernel/security || {
+		echo >&2 'Could not mount /sys/kernel/security.'
+		echo >&2 'AppArmor detection and --privileged mode might break.'
+	}
+fi
+if ! grep -q ' /tmp ' /proc/mounts; then
+	mount -t tmpfs none /tmp
+fi
+# cgroup v2: enable nesting. Move the processes of the root group to /init, otherwise
+# writing subtree_control fails with EBUSY.
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+	mkdir -p /sys/fs/cgroup/init
+	xargs -rn1 < /sys/fs/cgroup/cgroup.procs > /sys/fs/cgroup/init/cgroup.procs 2>/dev/null || :
+	sed -e 's/ / +/g' -e 's/^/+/' < /sys/fs/cgroup/cgroup.controllers \
+		> /sys/fs/cgroup/cgroup.subtree_control
+fi
+
+if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
+	exec "$@"
+fi
+if [ -n "${DOCKER_TLS_CERTDIR:-}" ]; then
+	_tls_generate_certs "$DOCKER_TLS_CERTDIR"
+	set -- --host=unix:///var/run/docker.sock --host=tcp://0.0.0.0:2376 --tlsverify \
+		--tlscacert "$DOCKER_TLS_CERTDIR/server/ca.pem" \
+		--tlscert "$DOCKER_TLS_CERTDIR/server/cert.pem" \
+		--tlskey "$DOCKER_TLS_CERTDIR/server/key.pem" "$@"
+else
+	set -- --host=unix:///var/run/docker.sock --host=tcp://0.0.0.0:2375 --tls=false "$@"
+fi
+exec dockerd --storage-driver=vfs "$@"
+"#;
+
+/// busybox applets the DinD entrypoint uses beyond [`APPLETS`].
+const DIND_APPLETS: &[&str] = &["ip", "mount", "umount", "sh", "xargs", "sort", "sed", "awk"];
+
+/// The host's iptables multi-call binary (what `iptables` on the host resolves to).
+fn host_iptables() -> PathBuf {
+    ["/usr/sbin/iptables", "/sbin/iptables"]
+        .iter()
+        .find_map(|p| std::fs::canonicalize(p).ok())
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/iptables"))
+}
+
+/// A `docker:dind`-like service image from the host's docker.io binaries: dockerd,
+/// containerd, the runc shim, runc, docker-init, docker-proxy, iptables (the variant the
+/// host's `iptables` points to, with its xtables modules) and openssl, each with its
+/// shared libraries; entrypoint [`DIND_ENTRYPOINT`]; ports 2375 and 2376; a volume at
+/// /var/lib/docker. No default `DOCKER_TLS_CERTDIR`: set it to get TLS on 2376.
+pub fn dind_image() -> HostImage {
+    let iptables = host_iptables();
+    let multi = iptables
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "iptables".into());
+    let mut img = HostImage::new("dind")
+        .applets(DIND_APPLETS)
+        .binary("/usr/sbin/dockerd", "/usr/local/bin/dockerd")
+        .binary("/usr/bin/containerd", "/usr/local/bin/containerd")
+        .binary(
+            "/usr/bin/containerd-shim-runc-v2",
+            "/usr/local/bin/containerd-shim-runc-v2",
+        )
+        .binary("/usr/sbin/runc", "/usr/local/bin/runc")
+        .binary("/usr/bin/docker-init", "/usr/local/bin/docker-init")
+        .binary("/usr/sbin/docker-proxy", "/usr/local/bin/docker-proxy")
+        .binary("/usr/bin/openssl", "/usr/bin/openssl")
+        .host_file("/etc/ssl/openssl.cnf", "/usr/lib/ssl/openssl.cnf")
+        .binary(&iptables, &format!("/usr/sbin/{multi}"))
+        .host_dir(
+            "/usr/lib/x86_64-linux-gnu/xtables",
+            "/usr/lib/x86_64-linux-gnu/xtables",
+        )
+        .host_file("/etc/protocols", "/etc/protocols")
+        .host_file("/etc/services", "/etc/services")
+        .host_file("/etc/ethertypes", "/etc/ethertypes")
+        .dir("/run", 0o755)
+        .symlink("/var/run", "/run")
+        .dir("/var/lib/docker", 0o711)
+        .dir("/certs", 0o1777)
+        .dir("/certs/client", 0o1777)
+        .file(
+            "/usr/local/bin/dockerd-entrypoint.sh",
+            DIND_ENTRYPOINT.as_bytes().to_vec(),
+            0o755,
+        );
+    for name in [
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ] {
+        if name != multi {
+            img = img.symlink(&format!("/usr/sbin/{name}"), &multi);
+        }
+    }
+    img.config(serde_json::json!({
+        "Entrypoint": ["dockerd-entrypoint.sh"],
+        "Cmd": [],
+        "ExposedPorts": {"2375/tcp": {}, "2376/tcp": {}},
+        "Volumes": {"/var/lib/docker": {}},
+    }))
+}
+
+/// A job image with busybox and the host's docker CLI (Debian's docker.io client; the
+/// legacy builder, `DOCKER_BUILDKIT=0`).
+pub fn docker_cli_image() -> HostImage {
+    let cli = ["/usr/bin/docker", "/usr/local/bin/docker"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("/usr/bin/docker");
+    HostImage::new("docker-cli")
+        .binary(cli, "/usr/local/bin/docker")
+        .host_file("/etc/services", "/etc/services")
+        .config(serde_json::json!({
+            "Env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "DOCKER_BUILDKIT=0",
+            ],
+            "Cmd": ["sh"],
+        }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,5 +804,29 @@ mod tests {
         assert_eq!(first.config, second.config);
         assert_eq!(first.layer_gz, second.layer_gz);
         assert_eq!(first.config, img.build().unwrap().config);
+    }
+
+    #[test]
+    fn the_dind_entrypoint_is_valid_shell() {
+        let status = Command::new("/bin/busybox")
+            .args(["sh", "-n", "-c", DIND_ENTRYPOINT])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Builds both Docker-in-Docker images through the cache and prints the time.
+    #[test]
+    #[ignore = "slow the first time (builds ~150 MB of layers); run by hand"]
+    fn dind_images_build() {
+        for (name, img) in [("dind", dind_image()), ("docker-cli", docker_cli_image())] {
+            let start = std::time::Instant::now();
+            let built = img.build_cached(&image_cache_dir()).unwrap();
+            eprintln!(
+                "{name}: {} bytes gzipped in {:?}",
+                built.layer_gz.len(),
+                start.elapsed()
+            );
+        }
     }
 }

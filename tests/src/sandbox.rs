@@ -504,6 +504,25 @@ impl Sandbox {
             .push_busybox_image(repo, "latest", flavour)
     }
 
+    /// Builds (once per host: the layers are cached under
+    /// [`crate::images::image_cache_dir`]) and pushes the Docker-in-Docker images: the
+    /// service `flotilla/dind` (like docker:dind) and the job image `flotilla/docker-cli`.
+    pub async fn push_dind_images(&self) -> Result<DindImages> {
+        let built = tokio::task::spawn_blocking(|| {
+            let dir = crate::images::image_cache_dir();
+            let dind = crate::images::dind_image().build_cached(&dir)?;
+            let cli = crate::images::docker_cli_image().build_cached(&dir)?;
+            anyhow::Ok((dind, cli))
+        })
+        .await
+        .context("building the DinD images panicked")??;
+        let registry = self.registry.as_ref().context("registry already stopped")?;
+        Ok(DindImages {
+            dind: registry.push_built("flotilla/dind", "latest", &built.0)?,
+            docker_cli: registry.push_built("flotilla/docker-cli", "latest", &built.1)?,
+        })
+    }
+
     pub fn daemon_log(&self) -> PathBuf {
         self.dir.join("daemon.log")
     }
@@ -736,6 +755,15 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// References of the Docker-in-Docker images in a sandbox's registry.
+#[derive(Debug, Clone)]
+pub struct DindImages {
+    /// A docker:dind-like service image (see [`crate::images::dind_image`]).
+    pub dind: String,
+    /// A job image with busybox and the docker CLI.
+    pub docker_cli: String,
 }
 
 /// Runs the docker CLI against a machine's local unix socket (no TLS); returns stdout.
