@@ -23,6 +23,14 @@ pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 /// DNS suffix of the names machines carry in their server certificates.
 pub const MACHINE_DNS_SUFFIX: &str = "machine.flotilla.internal";
 
+/// How long a machine's server certificate is valid. A machine is retired before then: after
+/// its class's `max_age` once idle, and validation keeps `max_age` plus the longest lease
+/// ([`SERVER_CERT_MARGIN`] on top) within this.
+pub const SERVER_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+/// Slack between a machine's `max_age` plus `lease_timeout` and its certificate's expiry
+/// (a reconcile loop stalled by EC2 outages, a daemon stopped for a while).
+pub const SERVER_CERT_MARGIN: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 /// The name a machine's server certificate carries and clients verify.
 pub fn machine_dns_name(machine_id: &str) -> String {
     format!("{machine_id}.{MACHINE_DNS_SUFFIX}")

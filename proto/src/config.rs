@@ -295,6 +295,11 @@ pub struct ClassConfig {
     /// A machine whose dockerd does not answer over mTLS within this is replaced.
     #[serde(default = "defaults::boot_timeout")]
     pub boot_timeout: HumanDuration,
+    /// A machine this old (since its launch) is retired: at once when idle, at the end of its
+    /// job when leased. Keeps machines inside their server certificate's lifetime
+    /// ([`crate::bootstrap::SERVER_CERT_LIFETIME`]) and picks up AMI updates.
+    #[serde(default = "defaults::max_age")]
+    pub max_age: HumanDuration,
     /// Idle-policy overrides by time of day; the last matching one wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schedules: Vec<Schedule>,
@@ -370,6 +375,7 @@ impl Default for ClassConfig {
             max_machines: defaults::max_machines(),
             max_builds: 0,
             boot_timeout: defaults::boot_timeout(),
+            max_age: defaults::max_age(),
             schedules: Vec::new(),
             forecast: ForecastConfig::default(),
             job: None,
@@ -456,6 +462,9 @@ mod defaults {
     }
     pub fn boot_timeout() -> HumanDuration {
         HumanDuration::from_secs(300)
+    }
+    pub fn max_age() -> HumanDuration {
+        HumanDuration::from_secs(7 * 86_400)
     }
     pub fn forecast_enabled() -> bool {
         true
@@ -606,6 +615,33 @@ impl Config {
             }
             if class.boot_timeout.0.is_zero() {
                 return bad(&key("boot_timeout"), "must be greater than zero".into());
+            }
+            if class.max_age.0 <= class.boot_timeout.0 {
+                return bad(
+                    &key("max_age"),
+                    format!(
+                        "{} must be longer than boot_timeout ({})",
+                        class.max_age, class.boot_timeout
+                    ),
+                );
+            }
+            let cert_limit = crate::bootstrap::SERVER_CERT_LIFETIME
+                .saturating_sub(crate::bootstrap::SERVER_CERT_MARGIN);
+            if class.max_age.0.saturating_add(self.lease_timeout.0) > cert_limit {
+                return bad(
+                    &key("max_age"),
+                    format!(
+                        "{} plus lease_timeout ({}) must be at most {}: a machine is retired \
+                         after max_age, or at the end of a job that may hold it for \
+                         lease_timeout, and its server certificate is valid for {} \
+                         ({} of it kept as a margin)",
+                        in_days(class.max_age.0),
+                        in_days(self.lease_timeout.0),
+                        in_days(cert_limit),
+                        in_days(crate::bootstrap::SERVER_CERT_LIFETIME),
+                        in_days(crate::bootstrap::SERVER_CERT_MARGIN),
+                    ),
+                );
             }
             if !(0.0..=100.0).contains(&class.idle_scale_factor) {
                 return bad(
@@ -782,6 +818,15 @@ fn merge_tables(base: &mut toml::Table, over: &toml::Table) {
     }
 }
 
+/// `"29d"`, `"36h"` or the plain form: long durations in messages.
+fn in_days(d: std::time::Duration) -> String {
+    match d.as_secs() {
+        s if s > 0 && d.subsec_nanos() == 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s > 0 && d.subsec_nanos() == 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        _ => HumanDuration(d).to_string(),
+    }
+}
+
 fn is_tag_safe(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -841,6 +886,43 @@ subnets = ["subnet-1"]
             PathBuf::from("/var/lib/flotilla/flotilla.sock")
         );
         assert_eq!(c.classes["small"].idle_time, HumanDuration::from_secs(600));
+    }
+
+    #[test]
+    fn max_age_defaults_below_the_server_certificate_lifetime() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        let age = c.classes["small"].max_age.0;
+        assert_eq!(age, std::time::Duration::from_secs(7 * 86_400));
+        assert!(age + c.lease_timeout.0 < crate::bootstrap::SERVER_CERT_LIFETIME);
+    }
+
+    #[test]
+    fn max_age_must_leave_room_for_a_lease_before_the_certificate_expires() {
+        let with = |extra: &str| {
+            let text = MINIMAL.replace(
+                "subnets = [\"subnet-1\"]",
+                &format!("subnets = [\"subnet-1\"]\n{extra}"),
+            );
+            Config::from_toml(&text).unwrap().validate()
+        };
+        with("max_age = \"28d\"").unwrap();
+        // 29d + the default 1d lease_timeout leaves no margin before 30 days.
+        let err = with("max_age = \"29d\"").unwrap_err();
+        assert_eq!(err.key, "classes.small.max_age");
+        assert!(err.message.contains("lease_timeout (1d)"), "{err}");
+        assert!(err.message.contains("at most 29d"), "{err}");
+        let err = with("max_age = \"60d\"").unwrap_err();
+        assert_eq!(err.key, "classes.small.max_age");
+        // A longer lease_timeout shrinks what max_age may be.
+        let text = format!("lease_timeout = \"5d\"\n{MINIMAL}").replace(
+            "subnets = [\"subnet-1\"]",
+            "subnets = [\"subnet-1\"]\nmax_age = \"25d\"",
+        );
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.max_age");
+        let err = with("max_age = \"4m\"").unwrap_err();
+        assert_eq!(err.key, "classes.small.max_age");
+        assert!(err.message.contains("boot_timeout"), "{err}");
     }
 
     #[test]
