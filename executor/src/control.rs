@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use flotilla_proto::api::{
     AcquireRequest, ApiError, AuditResponse, DrainRequest, Lease, ReleaseOutcome, ReleaseRequest,
-    ReleaseResponse, StatusResponse, AUDIT_PATH, DRAIN_PATH, LEASES_PATH, STATUS_PATH,
+    ReleaseResponse, StatusResponse, AUDIT_PATH, DRAIN_PATH, LEASES_PATH, LEASE_SECRET_HEADER,
+    STATUS_PATH,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -49,6 +50,18 @@ impl ControlClient {
         body: Option<&impl Serialize>,
         timeout: Duration,
     ) -> Result<T, ControlError> {
+        self.call_with_secret(method, path, body, timeout, None)
+            .await
+    }
+
+    async fn call_with_secret<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        timeout: Duration,
+        secret: Option<&str>,
+    ) -> Result<T, ControlError> {
         let unreachable = |source| ControlError::Unreachable {
             socket: self.socket.clone(),
             source,
@@ -64,11 +77,15 @@ impl ControlClient {
             Some(b) => serde_json::to_vec(b).map_err(|e| ControlError::Protocol(e.to_string()))?,
             None => Vec::new(),
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "flotilla")
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+            req = req.header(LEASE_SECRET_HEADER, secret);
+        }
+        let req = req
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| ControlError::Protocol(e.to_string()))?;
         let resp = tokio::time::timeout(timeout, sender.send_request(req))
@@ -104,17 +121,19 @@ impl ControlClient {
             .await
     }
 
-    pub async fn lease(&self, lease_id: &str) -> Result<Lease, ControlError> {
-        self.call(
+    /// The lease, if `secret` is the one it was acquired with.
+    pub async fn lease(&self, lease_id: &str, secret: &str) -> Result<Lease, ControlError> {
+        self.call_with_secret(
             Method::GET,
             &format!("{LEASES_PATH}/{lease_id}"),
             None::<&()>,
             Duration::from_secs(30),
+            Some(secret),
         )
         .await
     }
 
-    pub async fn lease_for_job(&self, job_key: &str) -> Result<Lease, ControlError> {
+    pub async fn lease_for_job(&self, job_key: &str, secret: &str) -> Result<Lease, ControlError> {
         let q: String = job_key
             .bytes()
             .map(|b| match b {
@@ -124,11 +143,12 @@ impl ControlClient {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        self.call(
+        self.call_with_secret(
             Method::GET,
             &format!("{LEASES_PATH}?job_key={q}"),
             None::<&()>,
             Duration::from_secs(30),
+            Some(secret),
         )
         .await
     }
@@ -136,14 +156,16 @@ impl ControlClient {
     pub async fn release(
         &self,
         lease_id: &str,
+        secret: &str,
         outcome: ReleaseOutcome,
         reason: Option<String>,
     ) -> Result<ReleaseResponse, ControlError> {
-        self.call(
+        self.call_with_secret(
             Method::POST,
             &format!("{LEASES_PATH}/{lease_id}/release"),
             Some(&ReleaseRequest { outcome, reason }),
             Duration::from_secs(30),
+            Some(secret),
         )
         .await
     }

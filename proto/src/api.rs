@@ -4,6 +4,11 @@
 //! Routes: `POST /v1/leases` ([`AcquireRequest`] -> [`Lease`]), `GET /v1/leases/{id}`,
 //! `GET /v1/leases?job_key=K`, `POST /v1/leases/{id}/release` ([`ReleaseRequest`]),
 //! `GET /v1/status` ([`StatusResponse`]). Errors are [`ApiError`] with a matching status.
+//!
+//! A lease is the job's alone: `acquire` carries a per-job secret (random, kept in the
+//! job's temp dir with mode 0600) whose hash the daemon stores; looking a lease up or
+//! releasing it needs that secret in the [`LEASE_SECRET_HEADER`] header, so a job that
+//! learns another job's key or lease id still cannot touch it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,6 +17,8 @@ pub const LEASES_PATH: &str = "/v1/leases";
 pub const STATUS_PATH: &str = "/v1/status";
 pub const DRAIN_PATH: &str = "/v1/drain";
 pub const AUDIT_PATH: &str = "/v1/audit";
+/// Header carrying the lease secret on lease lookups and releases.
+pub const LEASE_SECRET_HEADER: &str = "flotilla-lease-secret";
 
 /// Ask for a machine. Idempotent per `job_key`: asking again while the job holds a lease
 /// returns that lease, so a `prepare` that crashed after the grant does not leak a machine.
@@ -24,6 +31,9 @@ pub struct AcquireRequest {
     pub class: Option<String>,
     /// How long the daemon may hold the request waiting for a machine.
     pub timeout_ms: u64,
+    /// The job's lease secret; asking again for the same `job_key` needs the same secret.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret: String,
 }
 
 /// A machine granted to one job until released.
@@ -78,6 +88,8 @@ pub enum ErrorCode {
     Draining,
     /// The lease's machine was lost (terminated, reclaimed, unreachable).
     MachineLost,
+    /// Another job (another secret) holds a lease under this job key.
+    Conflict,
     Internal,
 }
 

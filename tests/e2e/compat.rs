@@ -230,9 +230,14 @@ impl Driver {
         Ok(())
     }
 
+    /// The job's key, as the stages derive it (payload job id and temp dir).
+    pub(crate) fn job_key(&self) -> String {
+        flotilla::stages::job::job_key_for(Some(self.ctx.job.id), self.ctx.dir())
+    }
+
     /// The build container's name on the machine.
     pub(crate) fn build_container(&self) -> String {
-        format!("flotilla-job-{}-build", self.ctx.job.id)
+        format!("flotilla-{}-build", self.job_key())
     }
 
     pub(crate) fn describe(&self) -> String {

@@ -77,7 +77,7 @@ async fn container_options_reach_the_build_container_and_the_services() -> Resul
                 serde_json::from_str::<serde_json::Value>(&text).context("HostConfig JSON")
             }
         };
-        let service = inspect("flotilla-job-1001-svc-0".into()).await?;
+        let service = inspect(format!("flotilla-{}-svc-0", d.job_key())).await?;
         let ctx = || format!("{service:#}\n{}", d.describe());
         ensure!(service["Tmpfs"].get("/svc-scratch").is_some(), "services_tmpfs\n{}", ctx());
         ensure!(service["Memory"] == json!(128 << 20), "service_memory\n{}", ctx());

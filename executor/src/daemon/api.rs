@@ -1,10 +1,13 @@
 //! The control API on the daemon's Unix socket (axum, JSON types from `flotilla_proto::api`).
+//!
+//! Lease routes need the job's lease secret (see `flotilla_proto::api`): a wrong or missing
+//! secret is answered as if the lease did not exist.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -12,7 +15,7 @@ use chrono::Utc;
 use flotilla_proto::api::{
     AcquireRequest, ApiError, AuditEntry, AuditResponse, DrainRequest, ErrorCode, Lease,
     MachineState, ReleaseRequest, ReleaseResponse, StatusResponse, AUDIT_PATH, DRAIN_PATH,
-    LEASES_PATH, STATUS_PATH,
+    LEASES_PATH, LEASE_SECRET_HEADER, STATUS_PATH,
 };
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -112,8 +115,20 @@ fn uncount_waiting(pool: &mut crate::pool::Pool, class: &str) {
     }
 }
 
+fn presented_secret(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(LEASE_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+fn no_such_lease() -> Failure {
+    Failure::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such lease")
+}
+
 enum Attempt {
     Have(Lease),
+    Conflict,
     Granted(Lease),
     Draining,
     Wait,
@@ -157,7 +172,12 @@ async fn acquire(
         let counted = waiting.is_some();
         let attempt = shared.update_journaled(|pool| {
             if let Some(l) = pool.lease_for_job(&req.job_key) {
-                return (Attempt::Have(l.to_api()), None);
+                // Idempotent for the job that holds it (a retried prepare), never a way
+                // to take over another job's machine.
+                if l.accepts(Some(&req.secret)) {
+                    return (Attempt::Have(l.to_api()), None);
+                }
+                return (Attempt::Conflict, None);
             }
             if pool.draining {
                 return (Attempt::Draining, None);
@@ -165,7 +185,18 @@ async fn acquire(
             if first_try {
                 pool.history.record(&class, Utc::now());
             }
-            match pool.try_lease(&req.job_key, &class, lease_id.clone(), Utc::now()) {
+            let secret_hash = if req.secret.is_empty() {
+                String::new()
+            } else {
+                crate::pool::secret_hash(&req.secret)
+            };
+            match pool.try_lease_with_secret(
+                &req.job_key,
+                &class,
+                lease_id.clone(),
+                secret_hash,
+                Utc::now(),
+            ) {
                 Some(l) => {
                     let record = l.clone();
                     if counted {
@@ -201,6 +232,14 @@ async fn acquire(
         };
         match attempt {
             Attempt::Have(l) => return Ok(Json(l)),
+            Attempt::Conflict => {
+                tracing::warn!(job_key = %req.job_key, "acquire with the wrong secret for a held job key: refused");
+                return Err(Failure::new(
+                    StatusCode::CONFLICT,
+                    ErrorCode::Conflict,
+                    "another job holds a lease under this job key",
+                ));
+            }
             Attempt::Granted(lease) => {
                 if let Some(w) = waiting.take() {
                     w.disarm();
@@ -251,6 +290,7 @@ fn lease_response(
     shared: &Shared,
     lease_id: Option<&str>,
     job_key: Option<&str>,
+    secret: Option<&str>,
 ) -> Result<Json<Lease>, Failure> {
     let pool = shared.pool();
     let record = match (lease_id, job_key) {
@@ -258,12 +298,8 @@ fn lease_response(
         (None, Some(key)) => pool.lease_for_job(key),
         (None, None) => None,
     };
-    let Some(record) = record else {
-        return Err(Failure::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            "no such lease",
-        ));
+    let Some(record) = record.filter(|r| r.accepts(secret)) else {
+        return Err(no_such_lease());
     };
     if let Some(why) = &record.lost {
         return Err(Failure::new(
@@ -281,8 +317,9 @@ fn lease_response(
 async fn get_lease(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Lease>, Failure> {
-    lease_response(&shared, Some(&id), None)
+    lease_response(&shared, Some(&id), None, presented_secret(&headers))
 }
 
 #[derive(Deserialize)]
@@ -293,31 +330,41 @@ struct FindLease {
 async fn find_lease(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<FindLease>,
+    headers: HeaderMap,
 ) -> Result<Json<Lease>, Failure> {
-    lease_response(&shared, None, Some(&q.job_key))
+    lease_response(&shared, None, Some(&q.job_key), presented_secret(&headers))
 }
 
 async fn release(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     Json(req): Json<ReleaseRequest>,
-) -> Json<ReleaseResponse> {
+) -> Result<Json<ReleaseResponse>, Failure> {
     let now = Utc::now();
+    let secret = presented_secret(&headers);
+    if shared
+        .pool()
+        .leases
+        .get(&id)
+        .is_some_and(|l| !l.accepts(secret))
+    {
+        return Err(no_such_lease());
+    }
     let released = shared.update_journaled(|pool| {
         let machine = pool.leases.get(&id).map(|l| l.machine_id.clone());
         let released = pool.release(&id, req.outcome, req.reason.clone(), now);
-        // A machine at max_builds must not be leased by a waiter woken below before the
-        // plan retires it: retire it in the same critical section.
+        // A machine at max_builds or max_age must not be leased by a waiter woken below
+        // before the plan retires it: retire it in the same critical section.
         if let Some(m) = machine.as_ref().and_then(|m| pool.machines.get_mut(m)) {
-            let max_builds = shared
+            let retire = shared
                 .policy
                 .classes
                 .get(&m.class)
-                .map_or(0, |c| c.max_builds);
-            if released && m.state == MachineState::Idle && max_builds > 0 && m.builds >= max_builds
-            {
+                .and_then(|c| c.retire_reason(m, now));
+            if let (true, MachineState::Idle, Some(reason)) = (released, m.state, retire) {
                 m.state = MachineState::Terminating;
-                m.terminate_reason = Some(crate::pool::TerminateReason::MaxBuilds);
+                m.terminate_reason = Some(reason);
             }
         }
         let op = released.then(|| JournalOp::Released {
@@ -343,9 +390,9 @@ async fn release(
         shared.changed.notify_waiters();
         shared.wake.notify_one();
     }
-    Json(ReleaseResponse {
+    Ok(Json(ReleaseResponse {
         released: released.0,
-    })
+    }))
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {

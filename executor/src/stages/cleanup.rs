@@ -23,10 +23,14 @@ use crate::control::{ControlClient, ControlError};
 pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     let client = ControlClient::new(&config.socket_path());
     let path = lease_file(env);
+    // No secret: prepare never asked for a machine, so there is nothing to hand back.
+    let Some(secret) = super::read_secret(env) else {
+        return Ok(());
+    };
     let lease = match read_lease(&path) {
         Some(l) => Some(l),
         // prepare may have been killed between the grant and writing the file.
-        None => match client.lease_for_job(&env.job_key()).await {
+        None => match client.lease_for_job(&env.job_key(), &secret).await {
             Ok(l) => Some(l),
             Err(ControlError::Api(e)) if e.code == ErrorCode::NotFound => None,
             Err(ControlError::Api(e)) if e.code == ErrorCode::MachineLost => {
@@ -40,17 +44,27 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         return Ok(());
     };
 
-    let outcome = match remove_job_objects(config, &lease).await {
-        Ok(()) => ReleaseOutcome::Healthy,
-        Err(why) => {
+    // A stage of this job found the machine misbehaving: it is not handed to the next job.
+    let suspect = std::fs::read_to_string(env.tmpdir.join(super::MACHINE_SUSPECT_FILE)).ok();
+    let (outcome, reason) = match (remove_job_objects(config, &lease).await, suspect) {
+        (Err(why), _) => {
             eprintln!("flotilla: cleanup on build machine {} failed ({why}); the machine will be replaced", lease.machine_id);
-            ReleaseOutcome::Broken
+            (
+                ReleaseOutcome::Broken,
+                Some("cleanup could not reach or clean the machine".to_string()),
+            )
         }
+        (Ok(()), Some(why)) => (
+            ReleaseOutcome::Broken,
+            Some(format!(
+                "a stage failed on it: {}",
+                why.chars().take(300).collect::<String>()
+            )),
+        ),
+        (Ok(()), None) => (ReleaseOutcome::Healthy, None),
     };
-    let reason = (outcome == ReleaseOutcome::Broken)
-        .then(|| "cleanup could not reach or clean the machine".to_string());
     client
-        .release(&lease.lease_id, outcome, reason)
+        .release(&lease.lease_id, &secret, outcome, reason)
         .await
         .map_err(|e| StageError::system(e.to_string()))?;
     let _ = std::fs::remove_file(&path);
@@ -59,7 +73,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
 
 async fn remove_job_objects(config: &Config, lease: &Lease) -> Result<(), String> {
     let docker = machine_docker(config, lease).map_err(|e| match e {
-        StageError::System(m) => m,
+        StageError::System(m) | StageError::Machine(m) => m,
         StageError::Build { message, .. } => message.unwrap_or_default(),
     })?;
     let filter = HashMap::from([(

@@ -8,6 +8,9 @@
 //! | build | `privileged` and image in `allowed_privileged_images` | builds, cache, `volumes` | all of `[job.container]` |
 //! | helper | never | builds, cache, `volumes` | `dns`, `dns_search`, `extra_hosts` |
 //! | service | `services_privileged` (default `privileged`) and image in `allowed_privileged_services` | builds, `volumes` | `services_*`, `service_*`, `shm_size`, dns, hosts |
+//!
+//! The cache volume is the project's (from the payload, never from variables), apart for
+//! protected refs: a job never sees another project's cache.
 
 use std::collections::HashMap;
 
@@ -16,7 +19,7 @@ use flotilla_proto::config::JobConfig;
 use flotilla_proto::container::{Gpus, VolumeSpec};
 
 use super::glob;
-use super::job::{JobNames, CACHE_VOLUME};
+use super::job::{JobNames, CACHE_VOLUME_PREFIX};
 use super::spec::JobSpec;
 use super::StageError;
 
@@ -114,15 +117,43 @@ pub struct PerJobVolume {
     pub target: String,
 }
 
-/// The job's `volumes` as Docker binds, and the per-job volumes to create first.
+/// The job's `volumes` as Docker binds, the per-job volumes to create first, and the cache
+/// volume it mounts at `cache_dir`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobVolumes {
     pub create: Vec<PerJobVolume>,
     pub binds: Vec<String>,
+    pub cache: CacheVolume,
 }
 
-pub fn job_volumes(job: &JobConfig, names: &JobNames) -> Result<JobVolumes, StageError> {
-    let mut out = JobVolumes::default();
+/// Where the job's local cache lives on the machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheVolume {
+    pub name: String,
+    /// The project, when known; without one the cache is the job's own (removed at cleanup).
+    pub project_id: Option<u64>,
+}
+
+/// `flotilla-cache-p<project>` (`-protected` for protected refs); a job whose payload names
+/// no project gets a cache of its own.
+pub fn cache_volume(names: &JobNames, project_id: Option<u64>, protected: bool) -> CacheVolume {
+    let name = match project_id {
+        Some(p) if protected => format!("{CACHE_VOLUME_PREFIX}-p{p}-protected"),
+        Some(p) => format!("{CACHE_VOLUME_PREFIX}-p{p}"),
+        None => format!("{}-cache", names.network),
+    };
+    CacheVolume { name, project_id }
+}
+
+pub fn job_volumes(
+    job: &JobConfig,
+    names: &JobNames,
+    spec: &JobSpec,
+) -> Result<JobVolumes, StageError> {
+    let mut out = JobVolumes {
+        cache: cache_volume(names, spec.project_id, spec.protected),
+        ..Default::default()
+    };
     for (i, v) in job.volumes.iter().enumerate() {
         let spec = VolumeSpec::parse(v)
             .map_err(|m| StageError::system(format!("[job] volumes[{i}]: {m}")))?;
@@ -149,8 +180,8 @@ fn builds_bind(job: &JobConfig, names: &JobNames) -> String {
     format!("{}:{}", names.builds_volume, job.builds_dir)
 }
 
-fn cache_bind(job: &JobConfig) -> String {
-    format!("{CACHE_VOLUME}:{}", job.cache_dir)
+fn cache_bind(job: &JobConfig, volumes: &JobVolumes) -> String {
+    format!("{}:{}", volumes.cache.name, job.cache_dir)
 }
 
 fn non_empty<T: Clone>(v: &[T]) -> Option<Vec<T>> {
@@ -208,7 +239,7 @@ pub fn build_host_config(
     privileged: bool,
 ) -> HostConfig {
     let c = &job.container;
-    let mut binds = vec![builds_bind(job, names), cache_bind(job)];
+    let mut binds = vec![builds_bind(job, names), cache_bind(job, volumes)];
     binds.extend(volumes.binds.iter().cloned());
     HostConfig {
         binds: Some(binds),
@@ -238,7 +269,7 @@ pub fn build_host_config(
 }
 
 pub fn helper_host_config(job: &JobConfig, names: &JobNames, volumes: &JobVolumes) -> HostConfig {
-    let mut binds = vec![builds_bind(job, names), cache_bind(job)];
+    let mut binds = vec![builds_bind(job, names), cache_bind(job, volumes)];
     binds.extend(volumes.binds.iter().cloned());
     HostConfig {
         binds: Some(binds),
@@ -397,7 +428,7 @@ mod tests {
     fn volumes_become_binds_and_per_job_volumes() {
         let j = job("volumes = [\"/certs/client\", \"/srv/ca:/ca:ro\", \"shared:/shared\"]");
         let names = JobNames::new("job-7");
-        let v = job_volumes(&j, &names).unwrap();
+        let v = job_volumes(&j, &names, &spec("[]", "[]")).unwrap();
         assert_eq!(
             v.create,
             vec![PerJobVolume {
@@ -421,8 +452,44 @@ mod tests {
         let binds = service.binds.unwrap();
         assert!(binds.contains(&"flotilla-job-7-vol0:/certs/client".to_string()));
         assert!(
-            !binds.iter().any(|b| b.starts_with(CACHE_VOLUME)),
+            !binds.iter().any(|b| b.starts_with(CACHE_VOLUME_PREFIX)),
             "services do not see the cache"
+        );
+    }
+
+    #[test]
+    fn the_cache_is_the_projects_and_protected_refs_have_their_own() {
+        let names = JobNames::new("job-1");
+        assert_eq!(
+            cache_volume(&names, Some(42), false).name,
+            "flotilla-cache-p42"
+        );
+        assert_eq!(
+            cache_volume(&names, Some(42), true).name,
+            "flotilla-cache-p42-protected"
+        );
+        assert_ne!(
+            cache_volume(&names, Some(42), false),
+            cache_volume(&names, Some(43), false)
+        );
+        // No project in the payload: a cache nobody else mounts.
+        assert_eq!(
+            cache_volume(&names, None, false).name,
+            "flotilla-job-1-cache"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("payload.json");
+        std::fs::write(
+            &path,
+            r#"{"job_info": {"project_id": 42}, "git_info": {"protected": true},
+                "variables": [{"key": "CI_PROJECT_ID", "value": "43"}]}"#,
+        )
+        .unwrap();
+        let spec = JobSpec::from_env(&JobEnv::from_vars([]), Some(&path)).unwrap();
+        let v = job_volumes(&job(""), &names, &spec).unwrap();
+        assert_eq!(
+            v.cache.name, "flotilla-cache-p42-protected",
+            "variables never choose the cache"
         );
     }
 

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 /// Label on every container, network and volume a job creates; cleanup removes by it.
 pub const JOB_LABEL: &str = "flotilla.job";
-/// Per-machine cache volume, shared by the jobs that run on the machine one after another.
-pub const CACHE_VOLUME: &str = "flotilla-cache";
+/// Prefix of the cache volumes on a machine: one per project (and apart for protected
+/// refs), shared by that project's jobs that run on the machine one after another.
+pub const CACHE_VOLUME_PREFIX: &str = "flotilla-cache";
 
 #[derive(Debug, Clone)]
 pub struct JobEnv {
@@ -16,6 +17,9 @@ pub struct JobEnv {
     pub build_exit_code_file: Option<PathBuf>,
     /// GitLab's job payload (mode 0600; holds the job token).
     pub job_response_file: Option<PathBuf>,
+    /// The job's `id` in that payload: written by gitlab-runner, unlike `CI_JOB_ID`, which
+    /// a job can set to anything.
+    pub response_job_id: Option<u64>,
     /// `DOCKER_AUTH_CONFIG` from the runner's own environment (secret).
     pub runner_docker_auth_config: Option<String>,
     pub tmpdir: PathBuf,
@@ -26,7 +30,9 @@ pub struct JobEnv {
 
 impl JobEnv {
     pub fn from_env() -> Self {
-        Self::from_vars(std::env::vars())
+        let mut env = Self::from_vars(std::env::vars());
+        env.response_job_id = env.job_response_file.as_deref().and_then(read_job_id);
+        env
     }
 
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
@@ -35,6 +41,7 @@ impl JobEnv {
             system_failure_code: 2,
             build_exit_code_file: None,
             job_response_file: None,
+            response_job_id: None,
             runner_docker_auth_config: None,
             tmpdir: std::env::temp_dir(),
             vars: BTreeMap::new(),
@@ -73,20 +80,40 @@ impl JobEnv {
             .filter(|v| !v.is_empty())
     }
 
-    /// Identifies the job to the daemon and names its Docker objects. The job id is unique
-    /// per GitLab instance; without one (a hand-driven stage) the temp dir stands in.
+    /// Identifies the job to the daemon and names its Docker objects: built only from what
+    /// gitlab-runner controls (the payload's job id and the per-job temp dir), never from
+    /// job variables.
     pub fn job_key(&self) -> String {
-        match self.var("CI_JOB_ID") {
-            Some(id) if id.chars().all(|c| c.is_ascii_alphanumeric()) => format!("job-{id}"),
-            _ => {
-                // FNV-1a: stable across processes, unlike std's randomized hasher.
-                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-                for b in self.tmpdir.as_os_str().as_encoded_bytes() {
-                    h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-                }
-                format!("tmp-{h:016x}")
-            }
-        }
+        job_key_for(self.response_job_id, &self.tmpdir)
+    }
+}
+
+/// The job key for a payload job id and the per-job temp dir: `job-<id>-<8 hex>` (readable,
+/// and unique even if two GitLab instances reuse a job id), or `tmp-<16 hex>` without a
+/// payload (a stage driven by hand).
+pub fn job_key_for(job_id: Option<u64>, tmpdir: &std::path::Path) -> String {
+    // FNV-1a: stable across processes, unlike std's randomized hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tmpdir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    match job_id {
+        Some(id) => format!("job-{id}-{:08x}", (h >> 32) as u32 ^ h as u32),
+        None => format!("tmp-{h:016x}"),
+    }
+}
+
+/// The `id` of GitLab's job payload (a number; a numeric string is accepted too).
+fn read_job_id(path: &std::path::Path) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: serde_json::Value,
+    }
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice::<Id>(&bytes).ok()?.id {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
     }
 }
 
@@ -145,7 +172,39 @@ mod tests {
         ]);
         assert_eq!(e.var("CI_JOB_ID"), Some("42"));
         assert_eq!(e.var("PATH"), None);
-        assert_eq!(e.job_key(), "job-42");
+    }
+
+    #[test]
+    fn job_key_comes_from_the_payload_and_temp_dir_never_from_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = dir.path().join("response.json");
+        std::fs::write(&payload, r#"{"id": 7001, "token": "x"}"#).unwrap();
+        let tmp = dir.path().display().to_string();
+        let vars = |job_id: &str| {
+            let mut e = JobEnv::from_vars(
+                [
+                    ("TMPDIR", tmp.as_str()),
+                    ("JOB_RESPONSE_FILE", payload.to_str().unwrap()),
+                    ("CUSTOM_ENV_CI_JOB_ID", job_id),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+            e.response_job_id = e.job_response_file.as_deref().and_then(read_job_id);
+            e
+        };
+        let honest = vars("7001");
+        let liar = vars("6999");
+        assert!(
+            honest.job_key().starts_with("job-7001-"),
+            "{}",
+            honest.job_key()
+        );
+        assert_eq!(honest.job_key(), liar.job_key(), "CI_JOB_ID is ignored");
+        // The same job id in another temp dir (another runner) is another key.
+        assert_ne!(
+            job_key_for(Some(7001), std::path::Path::new("/tmp/custom-executor1")),
+            job_key_for(Some(7001), std::path::Path::new("/tmp/custom-executor2"))
+        );
     }
 
     #[test]
@@ -155,6 +214,7 @@ mod tests {
         let c = env(&[("TMPDIR", "/tmp/custom-executor2")]);
         assert_eq!(a.job_key(), b.job_key());
         assert_ne!(a.job_key(), c.job_key());
+        assert!(a.job_key().starts_with("tmp-"));
     }
 
     #[test]

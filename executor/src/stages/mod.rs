@@ -31,8 +31,12 @@ pub use job::JobEnv;
 pub enum StageError {
     /// The job's own fault: script exit code, unknown image or class.
     Build { code: i32, message: Option<String> },
-    /// Infrastructure: no machine, Docker unreachable, machine lost, daemon down.
+    /// Infrastructure: no machine, registry down, daemon down.
     System(String),
+    /// Infrastructure, and the build machine is to blame (its Docker failed or vanished):
+    /// a system failure after which `cleanup` releases the machine as broken rather than
+    /// handing it to the next job (see [`MACHINE_SUSPECT_FILE`]).
+    Machine(String),
 }
 
 impl StageError {
@@ -65,6 +69,53 @@ pub fn lease_file(env: &JobEnv) -> PathBuf {
     env.tmpdir.join(LEASE_FILE)
 }
 
+/// The job's lease secret (random, mode 0600, in the per-job temp dir that only this job's
+/// stage processes are given): the daemon hands the lease only to whoever presents it.
+pub const LEASE_SECRET_FILE: &str = "flotilla-lease-secret";
+
+/// Written by a stage whose machine misbehaved ([`StageError::Machine`]), with the reason;
+/// `cleanup` then releases the machine as broken.
+pub const MACHINE_SUSPECT_FILE: &str = "flotilla-machine-suspect";
+
+/// The job's lease secret, if `prepare` made one.
+pub fn read_secret(env: &JobEnv) -> Option<String> {
+    std::fs::read_to_string(env.tmpdir.join(LEASE_SECRET_FILE))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The job's lease secret, made on first use (a retried `prepare` reuses it, so it gets
+/// its own lease back).
+pub fn create_secret(env: &JobEnv) -> Result<String, StageError> {
+    if let Some(s) = read_secret(env) {
+        return Ok(s);
+    }
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = hex::encode(bytes);
+    let path = env.tmpdir.join(LEASE_SECRET_FILE);
+    write_private(&path, secret.as_bytes())?;
+    Ok(secret)
+}
+
+/// Writes a file only the runner's user can read (mode 0600 from creation).
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| StageError::system(format!("cannot write {}: {e}", path.display())))
+}
+
 pub fn read_lease(path: &Path) -> Option<Lease> {
     let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
@@ -93,7 +144,7 @@ pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker,
 
 /// A Docker error as the job log should say it: naming the machine for system failures.
 pub fn docker_failure(lease: &Lease, what: &str, err: &bollard::errors::Error) -> StageError {
-    StageError::system(format!(
+    StageError::Machine(format!(
         "{what} on build machine {} ({}, {}): {}",
         lease.machine_id,
         lease.instance_id,

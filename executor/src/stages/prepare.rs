@@ -16,7 +16,7 @@ use flotilla_proto::api::{AcquireRequest, ErrorCode, Lease};
 use flotilla_proto::config::{Config, PullPolicy};
 
 use super::containers::{self, JobVolumes};
-use super::job::{JobNames, CACHE_VOLUME, JOB_LABEL};
+use super::job::{JobNames, JOB_LABEL};
 use super::spec::{ImageSpec, JobSpec};
 use super::{
     docker_failure, images, lease_file, machine_docker, say, services, JobEnv, StageError,
@@ -61,24 +61,33 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         "Requesting a {class} machine from flotilla (fleet {})...",
         config.fleet
     ));
+    // Written before asking, so a cleanup after a prepare killed mid-acquire can still
+    // find (and prove it owns) the lease.
+    let secret = super::create_secret(env)?;
     let client = ControlClient::new(&config.socket_path());
     let lease = client
         .acquire(&AcquireRequest {
             job_key: job_key.clone(),
             class: Some(class.clone()),
             timeout_ms: job.acquire_timeout.0.as_millis() as u64,
+            secret,
         })
         .await
         .map_err(|e| match e {
             ControlError::Api(api) if api.code == ErrorCode::UnknownClass => {
                 StageError::build_message(api.message)
             }
+            ControlError::Api(api) if api.code == ErrorCode::Conflict => {
+                StageError::build_message(format!(
+                    "job key {job_key} is held by another job's lease: {}",
+                    api.message
+                ))
+            }
             other => StageError::system(other.to_string()),
         })?;
     let path = lease_file(env);
     let bytes = serde_json::to_vec(&lease).map_err(|e| StageError::system(e.to_string()))?;
-    std::fs::write(&path, bytes)
-        .map_err(|e| StageError::system(format!("cannot write {}: {e}", path.display())))?;
+    super::write_private(&path, &bytes)?;
     say(&format!(
         "Running on build machine {} ({}, {}), job {} on this machine",
         lease.machine_id,
@@ -89,7 +98,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
 
     let docker = machine_docker(config, &lease)?;
     let names = JobNames::new(&job_key);
-    let volumes = containers::job_volumes(&job, &names)?;
+    let volumes = containers::job_volumes(&job, &names, &spec)?;
     let helper_image = job.helper_image.clone();
     let helper_policies = [PullPolicy::IfNotPresent];
     let (a, b, c) = tokio::join!(
@@ -122,7 +131,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         containers::helper_host_config(&job, &names, &volumes),
         None,
     );
-    create_and_start(&docker, &lease, &names.helper, helper, None).await?;
+    create_and_start(&docker, &lease, &names, &names.helper, helper, None).await?;
     let (linked, services) = tokio::join!(
         link_runner_command(&docker, &names.helper),
         services::start_all(&docker, &lease, &job, &names, &spec, &volumes),
@@ -145,6 +154,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         create_and_start(
             &docker,
             &lease,
+            &names,
             &names.build,
             build,
             image.platform.as_deref()
@@ -219,7 +229,12 @@ async fn create_network_and_volumes(
         ..Default::default()
     };
     let cache = VolumeCreateRequest {
-        name: Some(CACHE_VOLUME.into()),
+        name: Some(volumes.cache.name.clone()),
+        labels: Some(match volumes.cache.project_id {
+            Some(p) => HashMap::from([("flotilla.cache.project".to_owned(), p.to_string())]),
+            // Without a project the cache is the job's own, removed with it.
+            None => labels(names, "cache"),
+        }),
         ..Default::default()
     };
     let per_job = volumes.create.iter().map(|v| {
@@ -295,6 +310,7 @@ fn container_body(
 async fn create_and_start(
     docker: &Docker,
     lease: &Lease,
+    names: &JobNames,
     name: &str,
     body: ContainerCreateBody,
     platform: Option<&str>,
@@ -306,7 +322,21 @@ async fn create_and_start(
     match docker.create_container(Some(options), body).await {
         Ok(_) => {}
         Err(e) if is_conflict(&e) => {
-            // Left by an earlier prepare attempt of this job: replace it.
+            // Left by an earlier prepare attempt of this job: replace it. Never touch a
+            // container that is not labelled as this job's.
+            let owner = docker
+                .inspect_container(name, None)
+                .await
+                .ok()
+                .and_then(|c| c.config)
+                .and_then(|c| c.labels)
+                .and_then(|l| l.get(JOB_LABEL).cloned());
+            if owner.as_deref() != Some(names.key.as_str()) {
+                return Err(StageError::system(format!(
+                    "a container named {name} that is not this job's exists on build machine {}",
+                    lease.machine_id
+                )));
+            }
             let _ = docker
                 .remove_container(
                     name,

@@ -58,7 +58,8 @@ fn wait_quiet_script(grace: Duration) -> String {
 }
 
 pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> StageResult {
-    let lease = current_lease(config, env).await?;
+    let secret = super::read_secret(env).unwrap_or_default();
+    let lease = current_lease(config, env, &secret).await?;
     let names = JobNames::new(&lease.job_key);
     let container = if runs_in_build_container(stage) {
         names.build.clone()
@@ -80,12 +81,13 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
         format!("umask 0000; {DETECT_SHELL}")
     };
     let result = exec_script(&docker, &lease, &container, &shell, file, true).await;
-    let failed =
-        matches!(&result, Ok(code) if *code != 0) || matches!(result, Err(StageError::System(_)));
+    let failed = matches!(&result, Ok(code) if *code != 0)
+        || matches!(result, Err(StageError::System(_) | StageError::Machine(_)));
     if failed {
         let killed = matches!(result, Ok(137 | 143));
-        if let Some(why) = machine_lost(config, &docker, &lease, &container, killed).await {
-            return Err(StageError::system(why));
+        if let Some(why) = machine_lost(config, &docker, &lease, &secret, &container, killed).await
+        {
+            return Err(StageError::Machine(why));
         }
     }
     match result? {
@@ -115,6 +117,7 @@ async fn machine_lost(
     config: &Config,
     docker: &Docker,
     lease: &Lease,
+    secret: &str,
     container: &str,
     killed: bool,
 ) -> Option<String> {
@@ -149,7 +152,7 @@ async fn machine_lost(
     let client = ControlClient::new(&config.socket_path());
     let deadline = tokio::time::Instant::now() + LOST_VERDICT_WAIT;
     loop {
-        if let Err(ControlError::Api(e)) = client.lease(&lease.lease_id).await {
+        if let Err(ControlError::Api(e)) = client.lease(&lease.lease_id, secret).await {
             if e.code == ErrorCode::MachineLost {
                 return Some(e.message);
             }
@@ -185,7 +188,7 @@ async fn machine_lost(
 /// The lease `prepare` wrote, confirmed with the daemon so a lost machine fails the stage
 /// at once with a message saying so. A daemon that is down (restarting) does not fail the
 /// job: the machine may well be fine.
-async fn current_lease(config: &Config, env: &JobEnv) -> Result<Lease, StageError> {
+async fn current_lease(config: &Config, env: &JobEnv, secret: &str) -> Result<Lease, StageError> {
     let path = lease_file(env);
     let lease = read_lease(&path).ok_or_else(|| {
         StageError::system(format!(
@@ -194,12 +197,12 @@ async fn current_lease(config: &Config, env: &JobEnv) -> Result<Lease, StageErro
         ))
     })?;
     match ControlClient::new(&config.socket_path())
-        .lease(&lease.lease_id)
+        .lease(&lease.lease_id, secret)
         .await
     {
         Ok(_) => Ok(lease),
         Err(ControlError::Api(e)) if e.code == ErrorCode::MachineLost => {
-            Err(StageError::system(e.message))
+            Err(StageError::Machine(e.message))
         }
         Err(ControlError::Api(e)) if e.code == ErrorCode::NotFound => {
             Err(StageError::system(format!(

@@ -47,6 +47,12 @@ pub struct JobSpec {
     pub credentials: Credentials,
     /// Job variables (key, value), for services.
     pub variables: Vec<(String, String)>,
+    /// The payload's `job_info.project_id` (gitlab-runner's, not a variable): whose cache
+    /// the job may see.
+    pub project_id: Option<u64>,
+    /// The payload's `git_info.protected`: protected refs get a cache of their own, as
+    /// GitLab keeps their cache keys apart.
+    pub protected: bool,
 }
 
 // --- the job payload, as much of it as Flotilla needs ---
@@ -61,6 +67,22 @@ struct Payload {
     credentials: Vec<PayloadCredential>,
     #[serde(default)]
     variables: Vec<PayloadVariable>,
+    #[serde(default)]
+    job_info: Option<JobInfo>,
+    #[serde(default)]
+    git_info: Option<GitInfo>,
+}
+
+#[derive(Deserialize, Default)]
+struct JobInfo {
+    #[serde(default)]
+    project_id: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct GitInfo {
+    #[serde(default)]
+    protected: Option<bool>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -270,6 +292,8 @@ impl JobSpec {
             services,
             credentials: Credentials::new(sources),
             variables,
+            project_id: payload.job_info.and_then(|j| j.project_id),
+            protected: payload.git_info.and_then(|g| g.protected).unwrap_or(false),
         })
     }
 }

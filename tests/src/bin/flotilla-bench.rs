@@ -276,12 +276,18 @@ async fn daemon_scale(
                         job_key: format!("bench-{round}-{c}"),
                         class: None,
                         timeout_ms: 30_000,
+                        secret: format!("bench-secret-{round}-{c}"),
                     })
                     .await?;
                 let acquired = t.elapsed();
                 let t = Instant::now();
                 client
-                    .release(&lease.lease_id, ReleaseOutcome::Healthy, None)
+                    .release(
+                        &lease.lease_id,
+                        &format!("bench-secret-{round}-{c}"),
+                        ReleaseOutcome::Healthy,
+                        None,
+                    )
                     .await?;
                 anyhow::Ok((acquired, t.elapsed()))
             }
