@@ -370,6 +370,18 @@ async fn job_with_a_dind_service_builds_and_runs_an_image_with_privileged_and_a_
                 "job {id} (tls: {tls}): the built image did not run\n{}",
                 ctx()
             );
+            // Cleanup took the service's /var/lib/docker and the job's /certs/client
+            // volumes with it (the machine's own cache volumes stay).
+            let m = the_machine(&sb).await?;
+            let volumes = docker_on(&m, &["volume", "ls", "-q"]).await?;
+            let left: Vec<&str> = volumes
+                .lines()
+                .filter(|v| !v.starts_with("flotilla-cache-"))
+                .collect();
+            ensure!(
+                left.is_empty(),
+                "job {id} left volumes on the machine: {left:?}"
+            );
             println!("dind job {id} (tls: {tls}) took {took:.2?}");
         }
         sb.shutdown().await
