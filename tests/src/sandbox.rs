@@ -1,11 +1,14 @@
 //! One local cloud: moto (EC2 + IAM) with a VPC inside 127.0.0.0/8, a registry with the
 //! busybox test images, a `flotilla.toml` written with flotilla-proto's own types, the
 //! `flotilla daemon` itself, and the machine emulator turning the daemon's instances into
-//! real dockerd.
+//! real dockerd. The helper image ships the gitlab-runner-helper stand-in; what it talks
+//! to (a GitLab artifacts API stub, moto's S3 as the distributed cache) is served on the
+//! slot's private service address (see [`crate::gitlab_stub`]).
 //!
 //! Invariant: teardown (explicit [`Sandbox::shutdown`] or Drop) stops the daemon, then
 //! terminates every instance of the fleet in moto, stops every dockerd, the registry and
-//! moto, and removes the sandbox directory unless `FLOTILLA_KEEP_SANDBOX` is set.
+//! moto, the GitLab stub and the S3 forwarder, removes the service interface, and removes
+//! the sandbox directory unless `FLOTILLA_KEEP_SANDBOX` is set.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -291,22 +291,6 @@ fn go_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
-fn status_text(code: u16) -> &'static str {
-    match code {
-        200 => "200 OK",
-        201 => "201 Created",
-        204 => "204 No Content",
-        400 => "400 Bad Request",
-        401 => "401 Unauthorized",
-        403 => "403 Forbidden",
-        404 => "404 Not Found",
-        413 => "413 Request Entity Too Large",
-        500 => "500 Internal Server Error",
-        503 => "503 Service Unavailable",
-        _ => "",
-    }
-}
-
 enum Got {
     Response(Box<ureq::Response>),
     /// Transport error (connection refused, timeout...): retried.
@@ -888,8 +872,7 @@ fn artifacts_uploader(flags: &Flags) -> Res<()> {
     match resp.status() {
         201 => {
             info(&format!(
-                "{prefix} {} id={id} responseStatus={status}",
-                status_text(201)
+                "{prefix} {status} id={id} responseStatus={status}"
             ));
             Ok(())
         }
