@@ -1,8 +1,9 @@
 //! The scaling decision: a pure function of policy, the pool and the time.
 //!
 //! Invariants: never awaits, never reads a clock, never terminates a leased machine, never
-//! plans more machines than `max_machines` (per class and in total). Unit tests drive it
-//! with a fake clock.
+//! plans more machines than `max_machines` (per class and in total), never keeps an idle
+//! machine past its class's `max_age` (so none outlives its server certificate). Unit tests
+//! drive it with a fake clock.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use flotilla_proto::config::{Config, Schedule};
 use flotilla_proto::schedule;
 
 use crate::forecast::DemandHistory;
-use crate::pool::{Pool, TerminateReason};
+use crate::pool::{Machine, Pool, TerminateReason};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassPolicy {
@@ -21,6 +22,8 @@ pub struct ClassPolicy {
     pub max_machines: u32,
     pub max_builds: u32,
     pub boot_timeout: Duration,
+    /// Machines older than this (since launch) take no further job.
+    pub max_age: Duration,
     pub schedules: Vec<Schedule>,
     /// Machines kept warm from the arrival history (`None`: the idle policy alone).
     pub learned: Option<Learned>,
@@ -75,6 +78,20 @@ impl IdlePolicy {
 }
 
 impl ClassPolicy {
+    /// Why a machine that is (or is about to become) idle must take no further job: it ran
+    /// `max_builds` jobs, or it is `max_age` old. The plan retires idle machines for it; a
+    /// release applies it in the same critical section, so no waiting job gets such a
+    /// machine and a machine kept busy still retires at the end of its current job.
+    pub fn retire_reason(&self, m: &Machine, now: DateTime<Utc>) -> Option<TerminateReason> {
+        if self.max_builds > 0 && m.builds >= self.max_builds {
+            Some(TerminateReason::MaxBuilds)
+        } else if elapsed(m.launched_at, now) >= self.max_age {
+            Some(TerminateReason::MaxAge)
+        } else {
+            None
+        }
+    }
+
     /// The idle policy in force at `now`: the class's own, overridden field by field by the
     /// last matching schedule.
     pub fn idle_at(&self, now: DateTime<Utc>) -> IdlePolicy {
@@ -116,6 +133,7 @@ impl Policy {
                             max_machines: k.max_machines,
                             max_builds: k.max_builds,
                             boot_timeout: k.boot_timeout.0,
+                            max_age: k.max_age.0,
                             schedules: k.schedules.clone(),
                             learned: k.forecast.enabled.then_some(Learned {
                                 max_idle: k.forecast.max_idle,
@@ -193,11 +211,12 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
                     &mut doomed,
                 )
             }
-            MachineState::Idle if class.max_builds > 0 && m.builds >= class.max_builds => {
-                terminate(&m.id, TerminateReason::MaxBuilds, &mut actions, &mut doomed)
-            }
-            MachineState::Idle if pool.draining => {
-                terminate(&m.id, TerminateReason::Drained, &mut actions, &mut doomed)
+            MachineState::Idle => {
+                if let Some(reason) = class.retire_reason(m, now) {
+                    terminate(&m.id, reason, &mut actions, &mut doomed)
+                } else if pool.draining {
+                    terminate(&m.id, TerminateReason::Drained, &mut actions, &mut doomed)
+                }
             }
             _ => {}
         }
@@ -347,6 +366,7 @@ mod tests {
                     max_machines: max,
                     max_builds,
                     boot_timeout: Duration::from_secs(300),
+                    max_age: Duration::from_secs(7 * 86_400),
                     schedules: Vec::new(),
                     learned: None,
                 },
@@ -451,6 +471,67 @@ mod tests {
             vec![("a".to_string(), TerminateReason::MaxBuilds)]
         );
         assert_eq!(launches(&actions), 1, "replacement keeps idle_count");
+    }
+
+    const DAY: i64 = 86_400;
+
+    /// A machine launched at `launched`, idle (or leased) since `since`.
+    fn add_launched(pool: &mut Pool, id: &str, state: MachineState, launched: i64, since: i64) {
+        add(pool, id, state, since);
+        pool.machines.get_mut(id).unwrap().launched_at = t(launched);
+    }
+
+    #[test]
+    fn idle_machine_is_retired_at_max_age_and_replaced() {
+        let mut pool = Pool::default();
+        // Launched a week ago, idle for a minute: within idle_count, so only age retires it.
+        add_launched(&mut pool, "old", MachineState::Idle, 0, 7 * DAY - 60);
+        add_launched(&mut pool, "young", MachineState::Idle, DAY, 7 * DAY - 60);
+        let p = policy(2, 600, 5, 0);
+        let just_before = plan(&p, &pool, t(7 * DAY - 1));
+        assert!(terminated(&just_before).is_empty(), "{just_before:?}");
+        assert_eq!(launches(&just_before), 0);
+        let at = plan(&p, &pool, t(7 * DAY));
+        assert_eq!(
+            terminated(&at),
+            vec![("old".to_string(), TerminateReason::MaxAge)]
+        );
+        assert_eq!(launches(&at), 1, "the replacement keeps idle_count: {at:?}");
+    }
+
+    #[test]
+    fn leased_machine_past_max_age_is_not_terminated_but_retires_at_release() {
+        let mut pool = Pool::default();
+        add_launched(&mut pool, "busy", MachineState::Leased, 0, 6 * DAY);
+        let p = policy(0, 600, 5, 0);
+        assert!(terminated(&plan(&p, &pool, t(9 * DAY))).is_empty());
+        // What the release checks in its critical section.
+        let class = &p.classes["c"];
+        let m = &pool.machines["busy"];
+        assert_eq!(
+            class.retire_reason(m, t(9 * DAY)),
+            Some(TerminateReason::MaxAge)
+        );
+        assert_eq!(class.retire_reason(m, t(7 * DAY - 1)), None);
+    }
+
+    #[test]
+    fn max_builds_is_named_before_max_age() {
+        let mut pool = Pool::default();
+        add_launched(&mut pool, "a", MachineState::Idle, 0, 8 * DAY);
+        pool.machines.get_mut("a").unwrap().builds = 3;
+        let p = policy(0, 600, 5, 3);
+        assert_eq!(
+            terminated(&plan(&p, &pool, t(8 * DAY))),
+            vec![("a".to_string(), TerminateReason::MaxBuilds)]
+        );
+    }
+
+    #[test]
+    fn from_config_carries_max_age() {
+        let text = "fleet = \"f\"\nstate_dir = \"/s\"\ndefault_class = \"c\"\n[classes.c]\nami = \"a\"\ninstance_types = [\"t\"]\nsubnets = [\"s\"]\nmax_age = \"3d\"\n";
+        let p = Policy::from_config(&Config::from_toml(text).unwrap());
+        assert_eq!(p.classes["c"].max_age, Duration::from_secs(3 * 86_400));
     }
 
     #[test]

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 pub enum TerminateReason {
     IdleTimeout,
     MaxBuilds,
+    /// Older than its class's `max_age` (its server certificate expires after that).
+    MaxAge,
     Broken,
     BootTimeout,
     OverCapacity,
@@ -31,6 +33,7 @@ impl TerminateReason {
         match self {
             Self::IdleTimeout => "idle_timeout",
             Self::MaxBuilds => "max_builds",
+            Self::MaxAge => "max_age",
             Self::Broken => "broken",
             Self::BootTimeout => "boot_timeout",
             Self::OverCapacity => "over_capacity",

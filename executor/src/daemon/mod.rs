@@ -5,6 +5,7 @@
 //! happen under one short synchronous lock and are persisted before they are acknowledged.
 
 mod api;
+mod certs;
 mod probe;
 mod reconcile;
 
@@ -125,9 +126,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot restrict {}", state_dir.display()))?;
     let _lock = lock_state_dir(&state_dir)?;
 
-    let ca = FleetCa::load_or_create(&state_dir, &config.fleet).context("fleet CA")?;
-    let tls = crate::tls::machine_client_config(&state_dir).context("stage client certificate")?;
     let (store, pool) = StateStore::open(&state_dir)?;
+    // The CA after the state: with machines on record, a missing CA is a refusal to start,
+    // never a new CA those machines would not trust.
+    let machines_on_record = pool.machines.len();
+    let ca = FleetCa::load_or_create(&state_dir, machines_on_record).context("fleet CA")?;
+    let (tls, client_cert) = crate::tls::reloadable_machine_client_config(&state_dir)
+        .context("stage client certificate")?;
     let metrics = Arc::new(Metrics::new());
     let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
 
@@ -187,6 +192,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     probe::resume(&shared);
     tokio::spawn(probe::watch_health(shared.clone(), stop_rx.clone()));
+    tokio::spawn(certs::renew_client_cert(
+        shared.clone(),
+        client_cert,
+        stop_rx.clone(),
+    ));
     let reconciler = tokio::spawn(reconcile::run(shared.clone(), stop_rx));
 
     wait_for_signal().await;
