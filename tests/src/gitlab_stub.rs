@@ -369,6 +369,7 @@ impl ServiceAddress {
         };
         ip_cmd(&["addr", "add", &format!("{ip}/32"), "dev", &link])?;
         ip_cmd(&["link", "set", &link, "up"])?;
+        warn_if_input_closed(ip);
         Ok(me)
     }
 
@@ -384,6 +385,30 @@ impl ServiceAddress {
 impl Drop for ServiceAddress {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// Containers reach the service address through the host's INPUT chain (local delivery
+/// from their bridge); Docker's rules only touch FORWARD and nat. A closed INPUT policy
+/// would make every cache and artifacts transfer time out: say so up front.
+fn warn_if_input_closed(ip: Ipv4Addr) {
+    let Ok(out) = Command::new("iptables")
+        .args(["-w", "-S", "INPUT"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    let rules = String::from_utf8_lossy(&out.stdout);
+    if let Some(policy) = rules.lines().find_map(|l| l.strip_prefix("-P INPUT ")) {
+        if policy.trim() != "ACCEPT" {
+            eprintln!(
+                "sandbox: warning: the host's iptables INPUT policy is {}: containers on the \
+                 machines' bridges may not reach {ip} (GitLab stub, S3) unless a rule accepts it",
+                policy.trim()
+            );
+        }
     }
 }
 
