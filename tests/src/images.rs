@@ -232,6 +232,12 @@ impl HostImage {
             (std::fs::read(&gz_path), std::fs::read_to_string(&id_path))
         {
             if diff_id.starts_with("sha256:") {
+                // Used: not pruned for another CACHE_KEEP.
+                for p in [&gz_path, &id_path] {
+                    if let Ok(f) = File::options().append(true).open(p) {
+                        let _ = f.set_modified(std::time::SystemTime::now());
+                    }
+                }
                 return self.image(layer_gz, diff_id.trim());
             }
         }
@@ -240,6 +246,7 @@ impl HostImage {
         std::fs::write(&tmp, &layer_gz).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &gz_path)?;
         std::fs::write(&id_path, &diff_id)?;
+        prune_cache(cache_dir);
         self.image(layer_gz, &diff_id)
     }
 
@@ -361,6 +368,28 @@ fn host_entry(host: &Path) -> Result<Entry> {
         mtime: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
         ino: meta.ino(),
     })
+}
+
+/// Cache entries unused for this long are removed when a new one is written (inputs
+/// change with every rebuild of a test binary or an upgrade of docker.io).
+const CACHE_KEEP: std::time::Duration = std::time::Duration::from_secs(3 * 24 * 3600);
+
+/// Removes cache files not used for [`CACHE_KEEP`]; best effort.
+fn prune_cache(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > CACHE_KEEP);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Image path as a tar path: no leading or trailing `/`, no empty or `.` components.
