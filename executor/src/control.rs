@@ -1,5 +1,11 @@
 //! Client side of the control API: one HTTP/1 request per connection over the daemon's
 //! Unix socket. Used by the stages and the operator commands.
+//!
+//! A daemon restart (an upgrade, a crash and systemd's restart) must not fail jobs: the
+//! stages use a client with [`ControlClient::with_patience`], which retries a request
+//! whose daemon is unreachable or went away mid-request until the daemon is back or the
+//! patience runs out. Every request it retries is idempotent (acquire per job key and
+//! secret, release, lookups).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,16 +36,68 @@ pub enum ControlError {
     Api(ApiError),
     #[error("flotilla daemon answered unexpectedly: {0}")]
     Protocol(String),
+    /// The connection broke before the answer arrived (the daemon stopped mid-request).
+    #[error("flotilla daemon went away during the request: {0}")]
+    Interrupted(String),
+}
+
+impl ControlError {
+    /// Whether the daemon (not the request) is the problem, so the same request may be
+    /// sent again once it is back.
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::Interrupted(_))
+    }
 }
 
 pub struct ControlClient {
     socket: PathBuf,
+    /// How long to keep retrying while the daemon is unreachable.
+    patience: Duration,
 }
+
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+const MAX_RETRY: Duration = Duration::from_secs(1);
 
 impl ControlClient {
     pub fn new(socket: &Path) -> Self {
         Self {
             socket: socket.to_owned(),
+            patience: Duration::ZERO,
+        }
+    }
+
+    /// Retries requests for up to `patience` while the daemon is down or restarting.
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Sends the request produced by `attempt` (given the time left) until it gets an
+    /// answer, or the daemon stayed unreachable for longer than the patience.
+    async fn patiently<T, F, Fut>(&self, mut attempt: F) -> Result<T, ControlError>
+    where
+        F: FnMut(Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ControlError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut delay = FIRST_RETRY;
+        let mut told = false;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match attempt(left).await {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < deadline => {
+                    if !told {
+                        eprintln!(
+                            "flotilla: {e}; waiting up to {}s for the daemon to come back",
+                            left.as_secs()
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY);
+                }
+                other => return other,
+            }
         }
     }
 
@@ -71,7 +129,7 @@ impl ControlClient {
             .map_err(unreachable)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+            .map_err(|e| ControlError::Interrupted(e.to_string()))?;
         tokio::spawn(conn);
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| ControlError::Protocol(e.to_string()))?,
@@ -93,13 +151,13 @@ impl ControlClient {
             .map_err(|_| {
                 ControlError::Protocol(format!("no answer within {}s", timeout.as_secs()))
             })?
-            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+            .map_err(|e| ControlError::Interrupted(e.to_string()))?;
         let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| ControlError::Protocol(e.to_string()))?
+            .map_err(|e| ControlError::Interrupted(e.to_string()))?
             .to_bytes();
         if status == StatusCode::OK {
             serde_json::from_slice(&body).map_err(|e| ControlError::Protocol(e.to_string()))
@@ -114,22 +172,44 @@ impl ControlClient {
         }
     }
 
+    /// Asks for a machine; with patience, a daemon restart while waiting only delays the
+    /// grant (the request is sent again with the time that is left).
     pub async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, ControlError> {
-        // The daemon enforces the wait; allow a little more for the answer to arrive.
-        let timeout = Duration::from_millis(req.timeout_ms) + Duration::from_secs(10);
-        self.call(Method::POST, LEASES_PATH, Some(req), timeout)
+        let total = Duration::from_millis(req.timeout_ms);
+        let started = tokio::time::Instant::now();
+        let patient = Self {
+            socket: self.socket.clone(),
+            patience: self.patience.max(total),
+        };
+        patient
+            .patiently(|_| {
+                let left = total.saturating_sub(started.elapsed());
+                let req = AcquireRequest {
+                    timeout_ms: left.as_millis() as u64,
+                    ..req.clone()
+                };
+                async move {
+                    // The daemon enforces the wait; allow a little more for the answer.
+                    let timeout = left + Duration::from_secs(10);
+                    self.call(Method::POST, LEASES_PATH, Some(&req), timeout)
+                        .await
+                }
+            })
             .await
     }
 
     /// The lease, if `secret` is the one it was acquired with.
     pub async fn lease(&self, lease_id: &str, secret: &str) -> Result<Lease, ControlError> {
-        self.call_with_secret(
-            Method::GET,
-            &format!("{LEASES_PATH}/{lease_id}"),
-            None::<&()>,
-            Duration::from_secs(30),
-            Some(secret),
-        )
+        let path = format!("{LEASES_PATH}/{lease_id}");
+        self.patiently(|_| {
+            self.call_with_secret(
+                Method::GET,
+                &path,
+                None::<&()>,
+                Duration::from_secs(30),
+                Some(secret),
+            )
+        })
         .await
     }
 
@@ -143,13 +223,16 @@ impl ControlClient {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        self.call_with_secret(
-            Method::GET,
-            &format!("{LEASES_PATH}?job_key={q}"),
-            None::<&()>,
-            Duration::from_secs(30),
-            Some(secret),
-        )
+        let path = format!("{LEASES_PATH}?job_key={q}");
+        self.patiently(|_| {
+            self.call_with_secret(
+                Method::GET,
+                &path,
+                None::<&()>,
+                Duration::from_secs(30),
+                Some(secret),
+            )
+        })
         .await
     }
 
@@ -160,13 +243,17 @@ impl ControlClient {
         outcome: ReleaseOutcome,
         reason: Option<String>,
     ) -> Result<ReleaseResponse, ControlError> {
-        self.call_with_secret(
-            Method::POST,
-            &format!("{LEASES_PATH}/{lease_id}/release"),
-            Some(&ReleaseRequest { outcome, reason }),
-            Duration::from_secs(30),
-            Some(secret),
-        )
+        let path = format!("{LEASES_PATH}/{lease_id}/release");
+        let body = ReleaseRequest { outcome, reason };
+        self.patiently(|_| {
+            self.call_with_secret(
+                Method::POST,
+                &path,
+                Some(&body),
+                Duration::from_secs(30),
+                Some(secret),
+            )
+        })
         .await
     }
 
@@ -208,5 +295,47 @@ impl ControlClient {
             )
             .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_daemon_that_comes_back_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("flotilla.sock");
+        let client = ControlClient::new(&socket).with_patience(Duration::from_secs(20));
+        // The daemon comes back (binds its socket) while the client waits.
+        let serve = {
+            let socket = socket.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+                let (stream, _) = listener.accept().await.unwrap();
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        r#"{"released": true}"#,
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        };
+        let (released, ()) = tokio::join!(
+            client.release("l-1", "s", ReleaseOutcome::Healthy, None),
+            serve
+        );
+        assert!(released.unwrap().released);
+    }
+
+    #[tokio::test]
+    async fn without_patience_an_absent_daemon_is_an_error_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = ControlClient::new(&dir.path().join("none.sock"));
+        let err = client.status().await.unwrap_err();
+        assert!(matches!(err, ControlError::Unreachable { .. }), "{err}");
     }
 }

@@ -34,6 +34,10 @@ pub struct AcquireRequest {
     /// The job's lease secret; asking again for the same `job_key` needs the same secret.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub secret: String,
+    /// The job's timeout (gitlab-runner's `runner_info.timeout`): a lease held much
+    /// longer than this without a release is abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_timeout_secs: Option<u64>,
 }
 
 /// A machine granted to one job until released.

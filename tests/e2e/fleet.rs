@@ -23,7 +23,7 @@ use flotilla_sandbox::{
 };
 use nix::sys::signal::Signal;
 
-use crate::common::{bounded, JOB_LABEL, POLL};
+use crate::common::{bounded, JOB_ID_LABEL, POLL};
 
 /// A sandbox whose daemon is not started yet, so faults can be in place before its
 /// first reconcile.
@@ -158,7 +158,7 @@ async fn wait_for_job_process(
     needle: &str,
     timeout: Duration,
 ) -> Result<EmulatedMachine> {
-    let filter = format!("label={JOB_LABEL}=job-{job_id}");
+    let filter = format!("label={JOB_ID_LABEL}={job_id}");
     wait_until(
         &format!("job {job_id} to run {needle:?}"),
         timeout,

@@ -8,7 +8,7 @@ use flotilla_sandbox::{
     docker_on, Cancel, CancelWhen, EmulatedMachine, Job, Outcome, Sandbox, SandboxOptions,
 };
 
-use crate::common::{bounded, run_job_tracking_machine, JOB_LABEL};
+use crate::common::{bounded, run_job_tracking_machine, JOB_ID_LABEL};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passing_job_output_appears_in_build_script_stdout() -> Result<()> {
@@ -138,9 +138,8 @@ async fn script_exiting_3_is_a_build_failure_with_3_in_the_exit_code_file_and_af
     .await
 }
 
-/// Docker objects on a machine that carry the job's label or name.
-async fn job_objects(m: &EmulatedMachine, job_key: &str) -> Result<Vec<String>> {
-    let label = format!("label={JOB_LABEL}={job_key}");
+/// Docker objects on a machine that carry the job's id label (`flotilla.job_id=<id>`).
+async fn job_objects(m: &EmulatedMachine, job_label: &str) -> Result<Vec<String>> {
     let mut found = Vec::new();
     for (kind, args) in [
         (
@@ -158,7 +157,7 @@ async fn job_objects(m: &EmulatedMachine, job_key: &str) -> Result<Vec<String>> 
     ] {
         let out = docker_on(m, &args).await?;
         for line in out.lines() {
-            if line.contains(job_key) || line.contains(&label[6..]) {
+            if line.contains(job_label) {
                 found.push(format!("{kind}: {line}"));
             }
         }
@@ -178,7 +177,7 @@ async fn sigterm_mid_script_ends_the_run_stage_within_10s_and_cleanup_leaves_not
             when: CancelWhen::OutputContains("ready-2".into()),
         });
         let job_id = 104;
-        let job_key = format!("job-{job_id}");
+        let job_label = format!("{JOB_ID_LABEL}={job_id}");
         let job = Job::new(
             job_id,
             &[
@@ -224,7 +223,7 @@ async fn sigterm_mid_script_ends_the_run_stage_within_10s_and_cleanup_leaves_not
         ensure!(r.cleanup_exit == Some(0), "{}", ctx());
         let machine = machine.with_context(|| {
             format!(
-                "never saw a container labelled {JOB_LABEL}={job_key} during the job\n{}",
+                "never saw a container labelled {job_label} during the job\n{}",
                 ctx()
             )
         })?;
@@ -232,7 +231,7 @@ async fn sigterm_mid_script_ends_the_run_stage_within_10s_and_cleanup_leaves_not
             .emulator()
             .machine(&machine)
             .with_context(|| format!("{machine} is gone\n{}", ctx()))?;
-        let left = job_objects(&m, &job_key).await?;
+        let left = job_objects(&m, &job_label).await?;
         ensure!(
             left.is_empty(),
             "left on the machine after cleanup: {left:#?}\n{}",

@@ -23,6 +23,9 @@ use tokio::sync::watch;
 use super::{new_id, Shared};
 use crate::state_store::JournalOp;
 
+/// How long past its job's timeout a lease is kept before it counts as abandoned.
+const LEASE_GRACE_SECS: u64 = 3600;
+
 /// Longest an acquire may wait, whatever the client asks.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(24 * 3600);
 
@@ -190,11 +193,18 @@ async fn acquire(
             } else {
                 crate::pool::secret_hash(&req.secret)
             };
-            match pool.try_lease_with_secret(
+            let terms = crate::pool::LeaseTerms {
+                secret_hash,
+                // Time for after_script, uploads and cleanup beyond the job's own timeout.
+                expires_after_secs: req
+                    .job_timeout_secs
+                    .map(|t| t.saturating_add(LEASE_GRACE_SECS)),
+            };
+            match pool.try_lease_with_terms(
                 &req.job_key,
                 &class,
                 lease_id.clone(),
-                secret_hash,
+                terms,
                 Utc::now(),
             ) {
                 Some(l) => {

@@ -4,6 +4,7 @@
 //! reused with unknown leftovers.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use bollard::query_parameters::{
     ListContainersOptions, ListNetworksOptions, ListVolumesOptions, RemoveContainerOptions,
@@ -20,8 +21,11 @@ use super::{
 };
 use crate::control::{ControlClient, ControlError};
 
+/// How long cleanup waits for a daemon that is down (restarting) to take the release.
+const DAEMON_PATIENCE: Duration = Duration::from_secs(300);
+
 pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
-    let client = ControlClient::new(&config.socket_path());
+    let client = ControlClient::new(&config.socket_path()).with_patience(DAEMON_PATIENCE);
     let path = lease_file(env);
     // No secret: prepare never asked for a machine, so there is nothing to hand back.
     let Some(secret) = super::read_secret(env) else {

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 
 /// Label on every container, network and volume a job creates; cleanup removes by it.
 pub const JOB_LABEL: &str = "flotilla.job";
+/// GitLab's job id (from the payload) on the same objects, for operators looking for a
+/// job on a machine (`docker ps --filter label=flotilla.job_id=123`). Informational only:
+/// nothing is removed or trusted by it.
+pub const JOB_ID_LABEL: &str = "flotilla.job_id";
 /// Prefix of the cache volumes on a machine: one per project (and apart for protected
 /// refs), shared by that project's jobs that run on the machine one after another.
 pub const CACHE_VOLUME_PREFIX: &str = "flotilla-cache";
@@ -127,6 +131,28 @@ pub struct JobNames {
 }
 
 impl JobNames {
+    /// GitLab's job id, for keys made from a payload (`job-<id>-<hash>`).
+    pub fn job_id(&self) -> Option<u64> {
+        self.key
+            .strip_prefix("job-")?
+            .split('-')
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// The labels of every Docker object of the job.
+    pub fn labels(&self, role: &str) -> std::collections::HashMap<String, String> {
+        let mut labels = std::collections::HashMap::from([
+            (JOB_LABEL.to_owned(), self.key.clone()),
+            ("flotilla.role".to_owned(), role.to_owned()),
+        ]);
+        if let Some(id) = self.job_id() {
+            labels.insert(JOB_ID_LABEL.to_owned(), id.to_string());
+        }
+        labels
+    }
+
     pub fn new(job_key: &str) -> Self {
         let base = format!("flotilla-{job_key}");
         Self {

@@ -64,13 +64,14 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     // Written before asking, so a cleanup after a prepare killed mid-acquire can still
     // find (and prove it owns) the lease.
     let secret = super::create_secret(env)?;
-    let client = ControlClient::new(&config.socket_path());
+    let client = ControlClient::new(&config.socket_path()).with_patience(job.acquire_timeout.0);
     let lease = client
         .acquire(&AcquireRequest {
             job_key: job_key.clone(),
             class: Some(class.clone()),
             timeout_ms: job.acquire_timeout.0.as_millis() as u64,
             secret,
+            job_timeout_secs: spec.timeout_secs,
         })
         .await
         .map_err(|e| match e {
@@ -195,10 +196,7 @@ async fn link_runner_command(docker: &Docker, helper: &str) -> Option<String> {
 }
 
 fn labels(names: &JobNames, role: &str) -> HashMap<String, String> {
-    HashMap::from([
-        (JOB_LABEL.to_owned(), names.key.clone()),
-        ("flotilla.role".to_owned(), role.to_owned()),
-    ])
+    names.labels(role)
 }
 
 fn is_conflict(e: &bollard::errors::Error) -> bool {

@@ -185,6 +185,9 @@ async fn machine_lost(
     }
 }
 
+/// How long a stage waits for a restarting daemon before going on unconfirmed.
+const DAEMON_PATIENCE: Duration = Duration::from_secs(10);
+
 /// The lease `prepare` wrote, confirmed with the daemon so a lost machine fails the stage
 /// at once with a message saying so. A daemon that is down (restarting) does not fail the
 /// job: the machine may well be fine.
@@ -197,6 +200,7 @@ async fn current_lease(config: &Config, env: &JobEnv, secret: &str) -> Result<Le
         ))
     })?;
     match ControlClient::new(&config.socket_path())
+        .with_patience(DAEMON_PATIENCE)
         .lease(&lease.lease_id, secret)
         .await
     {

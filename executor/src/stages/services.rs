@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 
 use super::containers::{self, JobVolumes};
 use super::images;
-use super::job::{JobNames, JOB_LABEL};
+use super::job::JobNames;
 use super::spec::{JobSpec, ServiceSpec};
 use super::{docker_failure, say, StageError};
 
@@ -90,10 +90,7 @@ async fn start_one(
         cmd: (!svc.command.is_empty()).then(|| svc.command.clone()),
         env: Some(env),
         user: svc.image.user.clone(),
-        labels: Some(HashMap::from([
-            (JOB_LABEL.to_owned(), names.key.clone()),
-            ("flotilla.role".to_owned(), "service".to_owned()),
-        ])),
+        labels: Some(names.labels("service")),
         host_config: Some(containers::service_host_config(job, names, volumes, image)),
         networking_config: Some(NetworkingConfig {
             endpoints_config: Some(HashMap::from([(

@@ -53,6 +53,8 @@ pub struct JobSpec {
     /// The payload's `git_info.protected`: protected refs get a cache of their own, as
     /// GitLab keeps their cache keys apart.
     pub protected: bool,
+    /// The payload's `runner_info.timeout` (seconds): how long the job may run.
+    pub timeout_secs: Option<u64>,
 }
 
 // --- the job payload, as much of it as Flotilla needs ---
@@ -71,6 +73,14 @@ struct Payload {
     job_info: Option<JobInfo>,
     #[serde(default)]
     git_info: Option<GitInfo>,
+    #[serde(default)]
+    runner_info: Option<RunnerInfo>,
+}
+
+#[derive(Deserialize, Default)]
+struct RunnerInfo {
+    #[serde(default)]
+    timeout: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -294,6 +304,7 @@ impl JobSpec {
             variables,
             project_id: payload.job_info.and_then(|j| j.project_id),
             protected: payload.git_info.and_then(|g| g.protected).unwrap_or(false),
+            timeout_secs: payload.runner_info.and_then(|r| r.timeout),
         })
     }
 }

@@ -277,6 +277,7 @@ async fn daemon_scale(
                         class: None,
                         timeout_ms: 30_000,
                         secret: format!("bench-secret-{round}-{c}"),
+                        job_timeout_secs: None,
                     })
                     .await?;
                 let acquired = t.elapsed();
