@@ -34,7 +34,14 @@ enum Command {
     /// Custom executor cleanup stage: remove the job's containers and release the machine.
     Cleanup,
     /// Run the fleet manager.
-    Daemon,
+    Daemon {
+        /// If the pool state (state.json, its journals) is unreadable, move it aside and
+        /// start with an empty pool that adopts the fleet's running instances (health-
+        /// checked, never leased, terminated once no job runs on them) instead of refusing
+        /// to start. Has no effect on a readable state.
+        #[arg(long)]
+        adopt: bool,
+    },
     /// Show the pool.
     Status {
         #[arg(long)]
@@ -196,7 +203,7 @@ fn stage_exit(env: &JobEnv, result: Result<(), StageError>) -> ExitCode {
 
 async fn run_command(config: Config, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Daemon => flotilla::daemon::run(config).await,
+        Command::Daemon { adopt } => flotilla::daemon::run(config, adopt).await,
         Command::Status { json } => {
             let status = ControlClient::new(&config.socket_path())
                 .status()

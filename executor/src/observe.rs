@@ -4,6 +4,10 @@
 //! machine missing from a *successful* observation (past a short visibility grace, since
 //! EC2 is eventually consistent) or shutting down without us asking is lost: marked broken
 //! and its job told. A failed observation is never passed here, so it can never kill one.
+//!
+//! After an unreadable pool state (`flotilla daemon --adopt`), [`adopt`] takes in the
+//! fleet's running instances the first observation lists, and [`drain_adopted`] retires
+//! them once they are free, instead of reaping them as orphans.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -12,7 +16,7 @@ use chrono::{DateTime, Utc};
 use flotilla_proto::api::MachineState;
 
 use crate::ec2::ObservedInstance;
-use crate::pool::Pool;
+use crate::pool::{Machine, Pool, TerminateReason};
 
 /// What the observation means beyond the pool updates it made.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -114,6 +118,94 @@ pub fn fold(
         pool.mark_broken(id, why);
     }
     out
+}
+
+/// `flotilla daemon --adopt`: the pool state was unreadable and has been moved aside, so
+/// the pool starts empty while the fleet's instances run on. Applied to the first
+/// successful observation only, before [`fold`]: every live instance of the fleet that
+/// carries a machine tag the pool does not know is adopted instead of becoming an orphan.
+/// Instances without a machine tag were not launched by flotilla (it tags in the launch
+/// call) and keep the orphan rules. Returns the adopted machine ids.
+///
+/// Adopted machines are drained, never put back in service: with the state lost, nothing
+/// says whether a job still runs on one (a `run` stage checks its lease only when it
+/// starts, and its script runs on), how many builds it ran, or whether its last job was
+/// cleaned up. So an adopted machine is held `Leased` with no lease: never handed to a
+/// job, never terminated by the plan, counted against `max_machines` (it exists),
+/// health-checked like any leased machine (one that stops answering is marked broken and
+/// replaced), and terminated by [`drain_adopted`] once no job containers are left on it.
+/// The plan launches fresh machines for new jobs meanwhile.
+pub fn adopt(pool: &mut Pool, observed: &[ObservedInstance], now: DateTime<Utc>) -> Vec<String> {
+    let mut adopted = Vec::new();
+    for inst in observed {
+        let Some(machine_id) = inst.machine_id.as_deref().filter(|id| !id.is_empty()) else {
+            continue;
+        };
+        let known = pool.machines.contains_key(machine_id)
+            || pool
+                .machines
+                .values()
+                .any(|m| m.instance_id == inst.instance_id);
+        if inst.life.is_gone() || known {
+            continue;
+        }
+        let mut m = Machine::booting(
+            machine_id.to_owned(),
+            inst.class.clone().unwrap_or_default(),
+            inst.instance_type.clone(),
+            inst.launched_at.unwrap_or(now),
+        );
+        m.instance_id = inst.instance_id.clone();
+        m.address = inst.private_ip.clone().unwrap_or_default();
+        m.state = MachineState::Leased;
+        m.idle_since = now;
+        m.adopted_at = Some(now);
+        m.note = Some(
+            "adopted after an unreadable pool state: drained (never leased), terminated once no job runs on it"
+                .into(),
+        );
+        pool.machines.insert(m.id.clone(), m);
+        adopted.push(machine_id.to_owned());
+    }
+    adopted
+}
+
+/// Retires adopted machines (see [`adopt`]): those in `free` (a check just found their
+/// dockerd answering with no job containers: the job that ran there, if any, is over and
+/// cleaned up) and those held `max_hold` or longer (`lease_timeout`: a job whose
+/// containers are still there by then was abandoned, as an expired lease is). They become
+/// `Terminating` (reason `drained`). Returns their ids.
+pub fn drain_adopted(
+    pool: &mut Pool,
+    free: &HashSet<String>,
+    now: DateTime<Utc>,
+    max_hold: Duration,
+) -> Vec<String> {
+    let mut retired = Vec::new();
+    for m in pool.machines.values_mut() {
+        let Some(adopted_at) = m.adopted_at else {
+            continue;
+        };
+        if m.state != MachineState::Leased || m.lease_id.is_some() {
+            continue;
+        }
+        let held = (now - adopted_at).to_std().unwrap_or_default();
+        let why = if free.contains(&m.id) {
+            "adopted machine drained: no job containers left on it".to_string()
+        } else if held >= max_hold {
+            format!(
+                "adopted machine drained: job containers still on it after {}s (abandoned)",
+                held.as_secs()
+            )
+        } else {
+            continue;
+        };
+        m.state = MachineState::Terminating;
+        m.terminate_reason = Some(TerminateReason::Drained);
+        m.note = Some(why);
+        retired.push(m.id.clone());
+    }
+    retired
 }
 
 #[cfg(test)]
@@ -227,5 +319,137 @@ mod tests {
             &mut HashMap::new(),
         );
         assert!(pool.leases["l1"].lost.is_some());
+    }
+
+    fn tagged(id: &str, machine: &str) -> ObservedInstance {
+        ObservedInstance {
+            launched_at: Some(t(-3600)),
+            ..obs(id, Some(machine), InstanceLife::Running)
+        }
+    }
+
+    #[test]
+    fn adopt_takes_in_unknown_fleet_machines_instead_of_reaping_them() {
+        let mut pool = Pool::default();
+        let observed = [
+            tagged("i-1", "m-1"),
+            obs("i-2", None, InstanceLife::Running),
+            obs("i-3", Some("m-3"), InstanceLife::Terminated),
+            ObservedInstance {
+                private_ip: None,
+                ..obs("i-4", Some("m-4"), InstanceLife::Pending)
+            },
+        ];
+        let mut seen = HashMap::new();
+        let mut adopted = adopt(&mut pool, &observed, t(0));
+        adopted.sort();
+        assert_eq!(adopted, vec!["m-1", "m-4"]);
+        let m = &pool.machines["m-1"];
+        assert_eq!(m.state, MachineState::Leased);
+        assert_eq!(m.lease_id, None);
+        assert_eq!(m.adopted_at, Some(t(0)));
+        assert_eq!(
+            (m.instance_id.as_str(), m.address.as_str()),
+            ("i-1", "127.0.0.5")
+        );
+        assert_eq!(m.launched_at, t(-3600));
+        assert!(
+            pool.try_lease("job", "c", "l1".into(), t(1)).is_none(),
+            "an adopted machine is never leased"
+        );
+
+        // Past the orphan grace only the untagged instance is reaped; nothing is lost.
+        assert_eq!(
+            fold(&mut pool, &observed, t(0), &G, &mut seen),
+            Observation::default()
+        );
+        let mut observed = observed;
+        observed[3].private_ip = Some("127.0.0.5".into());
+        let later = fold(&mut pool, &observed, t(600), &G, &mut seen);
+        assert_eq!(later.orphans, vec!["i-2"]);
+        assert!(later.lost.is_empty(), "{later:?}");
+        assert_eq!(
+            pool.machines["m-4"].address, "127.0.0.5",
+            "address filled in once known"
+        );
+
+        // Adopting again (a later observation) changes nothing.
+        assert!(adopt(&mut pool, &observed, t(700)).is_empty());
+    }
+
+    #[test]
+    fn without_adopt_the_same_instance_is_an_orphan() {
+        let mut pool = Pool::default();
+        let observed = [tagged("i-1", "m-1")];
+        let mut seen = HashMap::new();
+        fold(&mut pool, &observed, t(0), &G, &mut seen);
+        assert_eq!(
+            fold(&mut pool, &observed, t(600), &G, &mut seen).orphans,
+            vec!["i-1"]
+        );
+    }
+
+    #[test]
+    fn adopted_machines_are_drained_once_free_or_held_too_long() {
+        let mut pool = Pool::default();
+        adopt(
+            &mut pool,
+            &[
+                tagged("i-1", "m-1"),
+                tagged("i-2", "m-2"),
+                tagged("i-3", "m-3"),
+            ],
+            t(0),
+        );
+        let hold = Duration::from_secs(86_400);
+        let free: HashSet<String> = ["m-1".to_string()].into();
+        assert_eq!(drain_adopted(&mut pool, &free, t(30), hold), vec!["m-1"]);
+        assert_eq!(pool.machines["m-1"].state, MachineState::Terminating);
+        assert_eq!(
+            pool.machines["m-1"].terminate_reason,
+            Some(TerminateReason::Drained)
+        );
+        // m-2 and m-3 still run a job: kept until the hold runs out.
+        assert!(drain_adopted(&mut pool, &HashSet::new(), t(86_399), hold).is_empty());
+        assert_eq!(pool.machines["m-2"].state, MachineState::Leased);
+        // One stops answering health checks meanwhile: broken, replaced by the plan.
+        pool.mark_broken("m-3", "its Docker daemon stopped answering");
+        assert_eq!(pool.machines["m-3"].state, MachineState::Broken);
+        assert_eq!(
+            drain_adopted(&mut pool, &HashSet::new(), t(86_400), hold),
+            vec!["m-2"]
+        );
+        // Ordinary machines are never touched.
+        let mut ordinary = pool_with("m9", "i-9", MachineState::Leased);
+        let everything: HashSet<String> = ["m9".to_string()].into();
+        assert!(drain_adopted(&mut ordinary, &everything, t(999_999), hold).is_empty());
+    }
+
+    #[test]
+    fn the_plan_neither_terminates_adopted_machines_nor_counts_them_as_available() {
+        use crate::plan::{plan, Action, Policy};
+        use flotilla_proto::config::{ClassConfig, Config};
+        let mut config = Config::default();
+        config.classes.insert(
+            "c".into(),
+            ClassConfig {
+                idle_count: 1,
+                ..ClassConfig::default()
+            },
+        );
+        let policy = Policy::from_config(&config);
+        let mut pool = Pool::default();
+        adopt(&mut pool, &[tagged("i-1", "m-1")], t(0));
+        pool.draining = false;
+        let actions = plan(&policy, &pool, t(7200));
+        assert_eq!(
+            actions,
+            vec![Action::Launch {
+                class: "c".into(),
+                count: 1
+            }]
+        );
+        pool.draining = true;
+        assert!(plan(&policy, &pool, t(7200)).is_empty());
     }
 }

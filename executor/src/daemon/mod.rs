@@ -12,6 +12,7 @@ mod reconcile;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -45,6 +46,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Fleet-tagged instances unknown to the pool, by instance id.
     pub unknown: Mutex<BTreeMap<String, UnknownInstance>>,
+    /// `--adopt` after an unreadable state: the first successful observation adopts the
+    /// fleet's instances instead of treating them as orphans (see [`crate::observe::adopt`]).
+    pub adopting: AtomicBool,
 }
 
 /// An instance carrying this fleet's tag that the pool does not know: its
@@ -65,38 +69,56 @@ impl Shared {
         (r, self.store.bump())
     }
 
-    /// Runs `f` on the pool and journals the operation it returns, under one lock hold.
+    /// Runs `f` on the pool and journals the operation it returns, under one lock hold;
+    /// returns once the record is on disk (flushed after the lock is released, so
+    /// concurrent operations share a flush). On error the operation must not be
+    /// acknowledged (and its change to the pool undone).
     pub fn update_journaled<R>(
         &self,
         f: impl FnOnce(&mut Pool) -> (R, Option<crate::state_store::JournalOp>),
     ) -> Result<R, crate::state_store::StoreError> {
-        let mut pool = self.pool();
-        let (r, op) = f(&mut pool);
-        if let Some(op) = op {
-            self.store.append(&op)?;
+        let (r, written) = {
+            let mut pool = self.pool();
+            let (r, op) = f(&mut pool);
+            let written = match op {
+                Some(op) => Some(self.store.append(&op)?),
+                None => None,
+            };
+            (r, written)
+        };
+        if let Some(written) = written {
+            blocking(|| self.store.flush(written))?;
         }
         Ok(r)
     }
 
-    /// Writes a snapshot including generation `gen` (atomic rename, no fsync); failures
-    /// are logged (the next change retries).
+    /// Writes a snapshot including generation `gen` (fsynced, atomic rename, the previous
+    /// one kept); failures are logged (the next change retries).
     pub async fn commit(&self, gen: u64) -> bool {
-        self.commit_with(gen, false).await
-    }
-
-    /// Like [`Shared::commit`], fsynced: for launches and terminations.
-    pub async fn commit_durable(&self, gen: u64) -> bool {
-        self.commit_with(gen, true).await
-    }
-
-    async fn commit_with(&self, gen: u64, durable: bool) -> bool {
-        match self.store.persist(&self.pool, gen, durable).await {
+        match self.store.persist(&self.pool, gen).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "could not persist pool state");
                 false
             }
         }
+    }
+
+    /// [`Shared::commit`], named where durability is the point (launches, terminations).
+    /// Every snapshot is fsynced.
+    pub async fn commit_durable(&self, gen: u64) -> bool {
+        self.commit(gen).await
+    }
+}
+
+/// Runs blocking `f` (a disk flush) from async code: on the multi-threaded runtime the
+/// worker hands its other tasks over first, elsewhere (tests) it just blocks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
@@ -118,7 +140,35 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>
     })
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Loads the pool. An unreadable state is a refusal to start unless `adopt`, which moves
+/// it aside and starts empty, adopting the fleet's running instances (returns true then).
+fn open_state(state_dir: &Path, adopt: bool) -> anyhow::Result<(StateStore, Pool, bool)> {
+    match StateStore::open(state_dir) {
+        Ok((store, pool)) => {
+            if adopt {
+                tracing::warn!(
+                    "--adopt given but the pool state is readable: starting from it; nothing is moved or adopted"
+                );
+            }
+            Ok((store, pool, false))
+        }
+        Err(e) if e.is_unreadable_state() && adopt => {
+            let aside = crate::state_store::move_aside(state_dir, Utc::now())
+                .context("cannot move the unreadable pool state aside")?;
+            tracing::warn!(
+                error = %e,
+                moved_to = %aside.display(),
+                "--adopt: unreadable pool state moved aside; starting with an empty pool that adopts the fleet's running instances (health-checked, drained, never leased)"
+            );
+            let (store, pool) = StateStore::open(state_dir)?;
+            Ok((store, pool, true))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("cannot load the pool state")),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. `adopt`: see [`open_state`].
+pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
@@ -126,10 +176,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot restrict {}", state_dir.display()))?;
     let _lock = lock_state_dir(&state_dir)?;
 
-    let (store, pool) = StateStore::open(&state_dir)?;
-    // The CA after the state: with machines on record, a missing CA is a refusal to start,
-    // never a new CA those machines would not trust.
-    let machines_on_record = pool.machines.len();
+    let (store, pool, adopting) = open_state(&state_dir, adopt)?;
+    // The CA after the state: with machines on record (or being adopted), a missing CA is
+    // a refusal to start, never a new CA those machines would not trust.
+    let machines_on_record = pool.machines.len().max(usize::from(adopting));
     let ca = FleetCa::load_or_create(&state_dir, machines_on_record).context("fleet CA")?;
     let (tls, client_cert) = crate::tls::reloadable_machine_client_config(&state_dir)
         .context("stage client certificate")?;
@@ -174,6 +224,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         launch_backoff: Mutex::new(HashMap::new()),
         metrics,
         unknown: Mutex::new(BTreeMap::new()),
+        adopting: AtomicBool::new(adopting),
     });
 
     let metrics_listener = match &shared.config.metrics_addr {

@@ -114,6 +114,8 @@ const HEALTH_FAILURES: u32 = 3;
 /// Pings every idle and leased machine each `health_interval`. A machine whose dockerd
 /// stops answering (spot reclaim, crash) is marked broken: never leased again, replaced,
 /// and its job's next stage fails with a system failure saying the machine was lost.
+/// Machines adopted after an unreadable state (`--adopt`) are checked by listing their job
+/// containers instead, and drained once none are left ([`crate::observe::drain_adopted`]).
 pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut failures: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     loop {
@@ -121,24 +123,38 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
             _ = tokio::time::sleep(shared.config.health_interval.0) => {}
             _ = stop.changed() => return,
         }
-        let targets: Vec<(String, String)> = shared
+        let targets: Vec<(String, String, bool)> = shared
             .pool()
             .machines
             .values()
             .filter(|m| matches!(m.state, MachineState::Idle | MachineState::Leased))
-            .map(|m| (m.id.clone(), m.address.clone()))
+            .map(|m| {
+                let adopted = m.adopted_at.is_some() && m.lease_id.is_none();
+                (m.id.clone(), m.address.clone(), adopted)
+            })
             .collect();
-        failures.retain(|id, _| targets.iter().any(|(t, _)| t == id));
+        failures.retain(|id, _| targets.iter().any(|(t, _, _)| t == id));
+        let free = std::sync::Mutex::new(std::collections::HashSet::new());
         let pings: Vec<_> = targets
             .iter()
             .cloned()
-            .map(|(id, address)| {
+            .map(|(id, address, adopted)| {
                 let tls = shared.tls.clone();
+                let free = &free;
                 async move {
                     let name = machine_dns_name(&id);
-                    let r =
+                    let r = if adopted {
+                        job_containers(tls, &address, &name).await.map(|n| {
+                            if n == 0 {
+                                free.lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(id.clone());
+                            }
+                        })
+                    } else {
                         crate::docker::ping(tls, &address, DOCKER_TLS_PORT, &name, PING_TIMEOUT)
-                            .await;
+                            .await
+                    };
                     (id, r)
                 }
             })
@@ -164,6 +180,18 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
                 }
             }
         }
+        let free = free.into_inner().unwrap_or_else(|p| p.into_inner());
+        if targets.iter().any(|(_, _, adopted)| *adopted) {
+            let lease_timeout = shared.config.lease_timeout.0;
+            let (drained, gen) = shared.update(|pool| {
+                crate::observe::drain_adopted(pool, &free, Utc::now(), lease_timeout)
+            });
+            if !drained.is_empty() {
+                tracing::info!(machines = ?drained, "adopted machines drained; terminating them");
+                shared.commit(gen).await;
+                shared.wake.notify_one();
+            }
+        }
         if lost.is_empty() {
             continue;
         }
@@ -179,4 +207,32 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
         shared.changed.notify_waiters();
         shared.wake.notify_one();
     }
+}
+
+/// How many job containers (labelled by the stages, running or not) a machine has: the
+/// drain check of an adopted machine. Answering at all also proves its dockerd is alive.
+async fn job_containers(
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    address: &str,
+    server_name: &str,
+) -> Result<usize, String> {
+    use bollard::query_parameters::ListContainersOptions;
+    let docker = crate::docker::connect(tls, address, DOCKER_TLS_PORT, server_name, PING_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let filters = std::collections::HashMap::from([(
+        "label".to_string(),
+        vec![crate::stages::job::JOB_LABEL.to_string()],
+    )]);
+    let list = tokio::time::timeout(
+        PING_TIMEOUT,
+        docker.list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        })),
+    )
+    .await
+    .map_err(|_| "timed out listing job containers".to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(list.len())
 }

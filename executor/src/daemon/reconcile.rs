@@ -76,6 +76,10 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
         }
     };
     let now = Utc::now();
+    // `--adopt`: the first successful observation adopts the fleet's running instances.
+    let adopting = shared
+        .adopting
+        .swap(false, std::sync::atomic::Ordering::SeqCst);
     let mut since: HashMap<String, chrono::DateTime<Utc>> = {
         let unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
         unknown
@@ -84,10 +88,21 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
             .collect()
     };
     let lease_timeout = shared.config.lease_timeout.0;
-    let ((outcome, expired), gen) = shared.update(|pool| {
+    let ((outcome, expired, adopted), gen) = shared.update(|pool| {
+        let adopted = if adopting {
+            crate::observe::adopt(pool, &observed, now)
+        } else {
+            Vec::new()
+        };
         let outcome = fold(pool, &observed, now, graces, &mut since);
-        (outcome, pool.expire_leases(now, lease_timeout))
+        (outcome, pool.expire_leases(now, lease_timeout), adopted)
     });
+    if adopting {
+        tracing::warn!(
+            machines = ?adopted,
+            "--adopt: adopted the fleet's running instances; they are never leased and are terminated once no job runs on them"
+        );
+    }
     for lease in &expired {
         tracing::warn!(lease = %lease, "lease expired without cleanup; its machine will be replaced");
     }
