@@ -124,6 +124,22 @@ pub struct LeaseRecord {
     pub lost: Option<String>,
     /// The machine as it was when leased (kept so a lost machine can still be named).
     pub machine: LeasedMachine,
+    /// SHA-256 (hex) of the job's lease secret; empty only for leases granted before
+    /// secrets existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_hash: String,
+    /// The lease is abandoned after this long (the job's timeout plus time for its last
+    /// stages and cleanup); `None`: the daemon's `lease_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_after_secs: Option<u64>,
+}
+
+/// What a job brings to its lease: the hash of its secret and, when gitlab-runner told it,
+/// how long the job may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseTerms {
+    pub secret_hash: String,
+    pub expires_after_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,7 +166,27 @@ pub struct Pool {
     pub history: crate::forecast::DemandHistory,
 }
 
+/// What the daemon keeps of a lease secret.
+pub fn secret_hash(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
 impl LeaseRecord {
+    /// Whether `presented` is this lease's secret (compared in constant time).
+    pub fn accepts(&self, presented: Option<&str>) -> bool {
+        if self.secret_hash.is_empty() {
+            return true;
+        }
+        let Some(p) = presented else { return false };
+        let a = secret_hash(p);
+        a.len() == self.secret_hash.len()
+            && a.bytes()
+                .zip(self.secret_hash.bytes())
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                == 0
+    }
+
     pub fn to_api(&self) -> Lease {
         Lease {
             lease_id: self.lease_id.clone(),
@@ -181,6 +217,19 @@ impl Pool {
         lease_id: String,
         now: DateTime<Utc>,
     ) -> Option<&LeaseRecord> {
+        self.try_lease_with_terms(job_key, class, lease_id, LeaseTerms::default(), now)
+    }
+
+    /// [`Pool::try_lease`] for a job that proves itself with a secret (see
+    /// [`LeaseRecord::accepts`]) and says how long it may run.
+    pub fn try_lease_with_terms(
+        &mut self,
+        job_key: &str,
+        class: &str,
+        lease_id: String,
+        terms: LeaseTerms,
+        now: DateTime<Utc>,
+    ) -> Option<&LeaseRecord> {
         let machine = self
             .machines
             .values_mut()
@@ -200,6 +249,8 @@ impl Pool {
                 address: machine.address.clone(),
                 previous_builds: machine.builds,
             },
+            secret_hash: terms.secret_hash,
+            expires_after_secs: terms.expires_after_secs,
         };
         self.leases.insert(lease_id.clone(), record);
         self.leases.get(&lease_id)
@@ -269,9 +320,9 @@ impl Pool {
         }
     }
 
-    /// Leases older than `max_age` belong to jobs whose runner died before `cleanup`:
-    /// their machines are taken back as broken (never reused: their state is unknown).
-    /// Returns the expired lease ids.
+    /// Leases older than their job may run (or `max_age` when the job did not say) belong
+    /// to jobs whose runner died before `cleanup`: their machines are taken back as broken
+    /// (never reused: their state is unknown). Returns the expired lease ids.
     pub fn expire_leases(
         &mut self,
         now: DateTime<Utc>,
@@ -281,13 +332,17 @@ impl Pool {
             .leases
             .values()
             .filter(|l| l.lost.is_none())
-            .filter(|l| (now - l.acquired_at).to_std().unwrap_or_default() >= max_age)
+            .filter(|l| {
+                let limit = l
+                    .expires_after_secs
+                    .map_or(max_age, std::time::Duration::from_secs);
+                (now - l.acquired_at).to_std().unwrap_or_default() >= limit
+            })
             .map(|l| (l.lease_id.clone(), l.machine_id.clone()))
             .collect();
         for (lease_id, machine_id) in &expired {
             let why = format!(
-                "lease {lease_id} was held for more than {}s without cleanup (its runner is gone)",
-                max_age.as_secs()
+                "lease {lease_id} was held longer than its job may run without cleanup (its runner is gone)"
             );
             self.mark_broken(machine_id, &why);
             if let Some(l) = self.leases.get_mut(lease_id) {
@@ -319,6 +374,42 @@ mod tests {
         m.instance_id = format!("i-{id}");
         pool.machines.insert(id.into(), m);
         assert!(pool.mark_ready(id, t(since)));
+    }
+
+    #[test]
+    fn a_lease_expires_after_its_jobs_own_time_not_the_default() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        idle(&mut pool, "b", 0);
+        let terms = |secs| LeaseTerms {
+            secret_hash: secret_hash("s"),
+            expires_after_secs: secs,
+        };
+        pool.try_lease_with_terms("job-1", "c", "l1".into(), terms(Some(600)), t(0))
+            .unwrap();
+        pool.try_lease_with_terms("job-2", "c", "l2".into(), terms(None), t(0))
+            .unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        assert!(pool.expire_leases(t(599), day).is_empty());
+        assert_eq!(pool.expire_leases(t(600), day), vec!["l1".to_string()]);
+        assert!(pool.expire_leases(t(86_399), day).is_empty());
+        assert_eq!(pool.expire_leases(t(86_400), day), vec!["l2".to_string()]);
+    }
+
+    #[test]
+    fn only_the_secret_a_lease_was_granted_with_opens_it() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        let terms = LeaseTerms {
+            secret_hash: secret_hash("right"),
+            expires_after_secs: None,
+        };
+        let lease = pool
+            .try_lease_with_terms("job-1", "c", "l1".into(), terms, t(0))
+            .unwrap();
+        assert!(lease.accepts(Some("right")));
+        assert!(!lease.accepts(Some("wrong")));
+        assert!(!lease.accepts(None));
     }
 
     #[test]
