@@ -83,7 +83,7 @@ const OLD_JOURNAL_SUFFIX: &str = ".jsonl";
 pub const UNREADABLE_PREFIX: &str = "unreadable-";
 
 const WAYS_OUT: &str = "the daemon will not start on it, because an empty pool would \
-reap the fleet's running instances as orphans. Either repair or move aside the file \
+reap the fleet's running instances as orphans. Either repair or move aside what is \
 named above, or start once with `flotilla daemon --adopt`, which moves the pool state \
 into an unreadable-<time>/ directory in the state directory and adopts the fleet's \
 running instances (health-checked, drained, terminated once no job runs on them)";
