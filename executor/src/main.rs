@@ -198,6 +198,15 @@ fn stage_exit(env: &JobEnv, result: Result<(), StageError>) -> ExitCode {
             eprintln!("flotilla: {m}");
             exit(env.system_failure_code)
         }
+        Err(StageError::Machine(m)) => {
+            eprintln!("flotilla: {m}");
+            // Cleanup reads this and releases the machine as broken, never to the next job.
+            let marker = env.tmpdir.join(stages::MACHINE_SUSPECT_FILE);
+            if let Err(e) = stages::write_private(&marker, m.as_bytes()) {
+                eprintln!("flotilla: {e:?}");
+            }
+            exit(env.system_failure_code)
+        }
     }
 }
 

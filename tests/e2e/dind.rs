@@ -11,7 +11,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use flotilla_proto::duration::HumanDuration;
 use flotilla_sandbox::runner::run_job;
 use flotilla_sandbox::sandbox::DindImages;
 use flotilla_sandbox::util::unique_token;
@@ -323,10 +322,8 @@ async fn job_with_a_dind_service_builds_and_runs_an_image_with_privileged_and_a_
         let mut config = sb.config.clone();
         config.job.privileged = true;
         config.job.volumes = vec!["/certs/client".into()];
-        // The dind image exposes 2375 and 2376 and listens on one of them: the port check
-        // waits out service_wait on the other (and warns, as gitlab-runner does). The
-        // script waits for the daemon itself, so keep that wait short.
-        config.job.service_wait = HumanDuration::from_secs(3);
+        // The dind image exposes 2375 and 2376 and listens on one of them: the service is
+        // up once either answers (gitlab-runner's rule), so no wait and no warning.
         let path = sb.dir.join("flotilla-dind.toml");
         std::fs::write(&path, config.to_toml()?)?;
         let mut opts = sb.runner_options();
@@ -360,6 +357,15 @@ async fn job_with_a_dind_service_builds_and_runs_an_image_with_privileged_and_a_
             ensure!(
                 r.outcome == Outcome::Success,
                 "job {id} (tls: {tls})\n{}",
+                ctx()
+            );
+            let prepare = r
+                .stage("prepare")
+                .map(|p| p.stdout.clone())
+                .unwrap_or_default();
+            ensure!(
+                !prepare.contains("probably didn't start properly"),
+                "job {id} (tls: {tls}): the dind service answered on one of its ports\n{}",
                 ctx()
             );
             let build = r

@@ -67,16 +67,28 @@ async fn start_one(
     let platform = svc.image.platform.as_deref();
     let policies = images::policies_for(job, &svc.image.pull_policy, image)?;
     images::ensure(docker, lease, spec, image, platform, &policies).await?;
-    let ports = docker
-        .inspect_image(image)
-        .await
-        .ok()
-        .and_then(|i| i.config)
-        .and_then(|c| c.exposed_ports)
-        .unwrap_or_default()
+    // gitlab-runner's rule: the service's HEALTHCHECK_TCP_PORT variable names the port to
+    // wait for; otherwise the service is up once any exposed TCP port answers
+    // (docker:dind exposes 2375 and 2376 and listens on one of them).
+    let chosen = svc
+        .variables
         .iter()
-        .filter_map(|p| p.strip_suffix("/tcp").and_then(|n| n.parse().ok()))
-        .collect();
+        .rev()
+        .find(|(k, _)| k == HEALTHCHECK_TCP_PORT)
+        .and_then(|(_, v)| v.trim().parse::<u16>().ok());
+    let ports = match chosen {
+        Some(port) => vec![port],
+        None => docker
+            .inspect_image(image)
+            .await
+            .ok()
+            .and_then(|i| i.config)
+            .and_then(|c| c.exposed_ports)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.strip_suffix("/tcp").and_then(|n| n.parse().ok()))
+            .collect(),
+    };
     let name = format!("{}-svc-{index}", names.network);
     let mut env: Vec<String> = spec
         .variables
@@ -122,51 +134,54 @@ async fn start_one(
         svc.aliases.join(", ")
     ));
     Ok(Started {
+        // Docker's DNS on the job network always resolves the container's own name; an
+        // alias derived from `registry:port/...` is no valid host name.
+        host: name.clone(),
         container: name,
-        host: svc.aliases.first().cloned().unwrap_or_default(),
         image: image.clone(),
         ports,
     })
 }
 
-/// Shell that waits until `host:port` accepts TCP connections, with whatever the helper
-/// image has: bash's /dev/tcp, `nc -z`, or busybox `nc ... -e true`.
-fn port_check_script(host: &str, port: u16, wait: Duration) -> String {
+/// The service variable that picks the one port to wait for (gitlab-runner's name).
+pub const HEALTHCHECK_TCP_PORT: &str = "HEALTHCHECK_TCP_PORT";
+
+/// Shell that waits until `host` accepts TCP connections on any of `ports`, with whatever
+/// the helper image has: bash's /dev/tcp, `nc -z`, or busybox `nc ... -e true`.
+fn port_check_script(host: &str, ports: &[u16], wait: Duration) -> String {
     let tries = (wait.as_millis() / 250).max(1);
     let host = super::shell_quote(host);
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     format!(
-        "i=0; while [ $i -lt {tries} ]; do \
-         if (exec 3<>\"/dev/tcp/\"{host}\"/{port}\") 2>/dev/null; then exit 0; fi; \
-         if nc -z -w 1 {host} {port} >/dev/null 2>&1; then exit 0; fi; \
-         if nc -w 1 {host} {port} -e true >/dev/null 2>&1; then exit 0; fi; \
-         sleep 0.25 2>/dev/null || sleep 1; i=$((i+1)); done; exit 1"
+        "i=0; while [ $i -lt {tries} ]; do for p in {}; do \
+         if (exec 3<>\"/dev/tcp/\"{host}\"/$p\") 2>/dev/null; then exit 0; fi; \
+         if nc -z -w 1 {host} $p >/dev/null 2>&1; then exit 0; fi; \
+         if nc -w 1 {host} $p -e true >/dev/null 2>&1; then exit 0; fi; \
+         done; sleep 0.25 2>/dev/null || sleep 1; i=$((i+1)); done; exit 1",
+        ports.join(" ")
     )
 }
 
-/// Checks every exposed TCP port of every service, in parallel, from the helper
-/// container; prints a warning with the service's logs for any that never opened.
+/// Waits, for every service in parallel, until one of its ports answers (checked from the
+/// helper container); prints a warning with the service's logs for any that never did.
 pub async fn check_health(docker: &Docker, helper: &str, services: &[Started], wait: Duration) {
     let checks = services
         .iter()
-        .flat_map(|s| s.ports.iter().map(move |p| (s, *p)))
-        .map(|(s, port)| async move {
-            let ok = run_check(
-                docker,
-                helper,
-                &port_check_script(&s.host, port, wait),
-                wait,
-            )
-            .await;
-            (s, port, ok)
+        .filter(|s| !s.ports.is_empty())
+        .map(|s| async move {
+            let script = port_check_script(&s.host, &s.ports, wait);
+            (s, run_check(docker, helper, &script, wait).await)
         });
-    for (s, port, ok) in futures_util::future::join_all(checks).await {
+    for (s, ok) in futures_util::future::join_all(checks).await {
         if ok {
             continue;
         }
+        let ports: Vec<String> = s.ports.iter().map(|p| format!("{p}/tcp")).collect();
         let logs = service_logs(docker, &s.container).await;
         say(&format!(
-            "\x1b[0;33m*** WARNING:\x1b[0m Service {} probably didn't start properly: port {port}/tcp of {} did not accept connections within {}s.\nService container logs:\n{logs}\n*********",
+            "\x1b[0;33m*** WARNING:\x1b[0m Service {} probably didn't start properly: none of {} of {} accepted connections within {}s.\nService container logs:\n{logs}\n*********",
             s.image,
+            ports.join(", "),
             s.host,
             wait.as_secs()
         ));

@@ -12,6 +12,10 @@
 //!   images, network + volume create, two containers created and started, one exec of the
 //!   script, rm -f, network + volume rm. Medians and spread over the runs.
 //!
+//! `flotilla-fleet-bench prepare-service [--runs 10]`
+//!   A warm job's prepare without and with one service (a busybox httpd whose exposed
+//!   port prepare waits for), alternating, on one warm machine. Medians and spread.
+//!
 //! Needs what the e2e tests need (root, dockerd, moto, a built `flotilla`).
 
 use std::collections::BTreeMap;
@@ -42,6 +46,10 @@ enum Cmd {
         max_builds: u32,
     },
     DockerOps {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    PrepareService {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
@@ -177,6 +185,58 @@ async fn api_calls(jobs: u64, reconcile_secs: u64, max_builds: u32) -> Result<()
     sb.shutdown().await
 }
 
+async fn prepare_service(runs: usize) -> Result<()> {
+    let sb = Sandbox::start(SandboxOptions {
+        idle_count: 1,
+        idle_time: Duration::from_secs(600),
+        max_machines: 1,
+        ..Default::default()
+    })
+    .await?;
+    wait_idle(&sb, 1).await?;
+    let web = flotilla_sandbox::auth_registry::busybox_image_with(
+        "web",
+        serde_json::json!({"Cmd": ["httpd", "-f", "-p", "8080"], "ExposedPorts": {"8080/tcp": {}}}),
+    )?;
+    let registry = sb
+        .job_image
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    flotilla_sandbox::auth_registry::push_image(
+        &format!("http://{registry}"),
+        None,
+        "flotilla/web",
+        "latest",
+        &web,
+    )?;
+    let with_service = |id: u64| {
+        let mut job = bare_job(id);
+        job.services = vec![
+            serde_json::json!({"name": format!("{registry}/flotilla/web:latest"), "alias": "web"}),
+        ];
+        job
+    };
+    // Warm-up: every image lands on the machine.
+    run_ok(&sb, with_service(1)).await?;
+    let mut plain = Vec::new();
+    let mut service = Vec::new();
+    for i in 0..runs as u64 {
+        let secs = |r: &flotilla_sandbox::JobResult| {
+            r.stage("prepare").map_or(0.0, |s| s.duration.as_secs_f64())
+        };
+        plain.push(secs(&run_ok(&sb, bare_job(100 + i)).await?));
+        service.push(secs(&run_ok(&sb, with_service(200 + i)).await?));
+    }
+    println!("prepare-service: {runs} warm jobs each (medians, ms; pull policy always)");
+    for (name, v) in [("no service", &mut plain), ("one service", &mut service)] {
+        let sp = spread(v);
+        println!("  {name:<12} {:>8.0}   {sp}", median(v) * 1e3);
+    }
+    sb.shutdown().await
+}
+
 async fn docker_ops(runs: usize) -> Result<()> {
     let sb = Sandbox::start(SandboxOptions {
         idle_count: 1,
@@ -300,5 +360,6 @@ async fn main() -> Result<()> {
             max_builds,
         } => api_calls(jobs, reconcile_secs, max_builds).await,
         Cmd::DockerOps { runs } => docker_ops(runs).await,
+        Cmd::PrepareService { runs } => prepare_service(runs).await,
     }
 }
