@@ -182,6 +182,9 @@ async fn daemon_scale(
 
     let state_dir = dir.path().join("state");
     std::fs::create_dir_all(&state_dir)?;
+    // The fleet's CA exists before any machine is on record (a daemon refuses to make a
+    // new CA for a state that lists machines).
+    flotilla::pki::FleetCa::load_or_create(&state_dir, 0)?;
     let now = Utc::now();
     let mut pool = Pool::default();
     for (machine, instance, ip) in &fleet_instances {
