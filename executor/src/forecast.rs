@@ -176,8 +176,8 @@ impl DemandHistory {
             return Outlook::default();
         };
         let now = now.timestamp();
-        let window_s = window.as_secs().max(1) as i64;
-        let recent = h.jobs_between(now - window_s, now);
+        let window_s = i64::try_from(window.as_secs()).unwrap_or(i64::MAX).max(1);
+        let recent = h.jobs_between(now.saturating_sub(window_s), now);
         Outlook {
             profile_per_hour: h.profile_rate(now),
             recent_per_hour: f64::from(recent) * 3600.0 / window_s as f64,

@@ -2,14 +2,22 @@
 //!
 //! Lease routes need the job's lease secret (see `flotilla_proto::api`): a wrong or missing
 //! secret is answered as if the lease did not exist.
+//!
+//! Who may call what: the socket's mode (0660, created by the daemon) is the first gate;
+//! lease routes and status are open to any local user who can reach it. Operator routes
+//! (drain, terminating orphans) also check the caller's uid (SO_PEERCRED): only root and
+//! the daemon's own user; others get 403. At shutdown waiting acquires return 503
+//! `draining` at once, so the graceful stop is never held up by them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use chrono::Utc;
 use flotilla_proto::api::{
@@ -43,7 +51,7 @@ pub async fn serve(
         .route(AUDIT_PATH, get(audit))
         .route(&format!("{AUDIT_PATH}/terminate"), post(audit_terminate))
         .with_state(shared);
-    let result = axum::serve(listener, app)
+    let result = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(async move {
             let _ = stop.changed().await;
         })
@@ -51,6 +59,49 @@ pub async fn serve(
     if let Err(e) = result {
         tracing::error!(error = %e, "control API stopped");
     }
+}
+
+/// The caller on the other end of a control-socket connection (SO_PEERCRED); `None` when
+/// the kernel would not say (then operator routes are refused).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub uid: Option<u32>,
+}
+
+impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Self {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+/// Operator routes are for root and the daemon's own user only.
+pub fn may_operate(peer_uid: Option<u32>, daemon_uid: u32) -> bool {
+    matches!(peer_uid, Some(uid) if uid == 0 || uid == daemon_uid)
+}
+
+fn require_operator(shared: &Shared, peer: Peer, what: &str) -> Result<(), Failure> {
+    if may_operate(peer.uid, shared.uid) {
+        return Ok(());
+    }
+    let who = peer
+        .uid
+        .map_or_else(|| "an unknown user".to_owned(), |u| format!("uid {u}"));
+    tracing::warn!(caller = %who, "{what} refused: not root or the daemon's user");
+    Err(Failure::new(
+        StatusCode::FORBIDDEN,
+        ErrorCode::BadRequest,
+        format!(
+            "{what} is for root or the daemon's user (uid {}) only; the caller is {who}",
+            shared.uid
+        ),
+    ))
+}
+
+/// Resolves once the daemon is shutting down (or its stop channel is gone).
+async fn stopping(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 struct Failure(StatusCode, ApiError);
@@ -137,10 +188,46 @@ enum Attempt {
     Wait,
 }
 
-async fn acquire(
-    State(shared): State<Arc<Shared>>,
-    Json(req): Json<AcquireRequest>,
-) -> Result<Json<Lease>, Failure> {
+/// `POST /v1/leases`: [`acquire_lease`], cut short at shutdown.
+async fn acquire(State(shared): State<Arc<Shared>>, Json(req): Json<AcquireRequest>) -> Response {
+    let stop = stopping(shared.stop.clone());
+    tokio::select! {
+        // A grant happens inside one poll of `acquire_lease` (no await between the journal
+        // write and the answer), so dropping it here never loses a granted lease.
+        biased;
+        r = acquire_lease(shared.clone(), req) => r.into_response(),
+        _ = stop => shutting_down(),
+    }
+}
+
+/// The answer to an acquire still waiting at shutdown: 503 with the reason, its body cut
+/// off, so the client sees the daemon go away mid-request (as on a crash) and asks the next
+/// daemon instead of failing its job (a restart fails no job). The stop is never held up
+/// by an acquire that may wait for hours.
+fn shutting_down() -> Response {
+    let error = ApiError {
+        code: ErrorCode::Draining,
+        message: "the daemon is shutting down; ask again once it is back".into(),
+    };
+    let json = serde_json::to_vec(&error).unwrap_or_default();
+    use futures_util::StreamExt;
+    let reason = futures_util::stream::once(async move {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from(json))
+    });
+    // After a moment, so the status and the reason are sent before the cut.
+    let cut = futures_util::stream::once(async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Err(std::io::Error::other("daemon shutting down"))
+    });
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(reason.chain(cut)),
+    )
+        .into_response()
+}
+
+async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<Lease>, Failure> {
     let class = req
         .class
         .clone()
@@ -417,21 +504,23 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
 
 async fn drain(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Json(req): Json<DrainRequest>,
-) -> Json<StatusResponse> {
+) -> Result<Json<StatusResponse>, Failure> {
+    require_operator(&shared, peer, "changing drain mode")?;
     let gen = shared.update(|pool| pool.draining = req.draining).1;
     shared.commit(gen).await;
     tracing::info!(draining = req.draining, "drain mode changed");
     // Waiting acquires must learn they will not be served.
     shared.changed.notify_waiters();
     shared.wake.notify_one();
-    status(State(shared)).await
+    Ok(status(State(shared)).await)
 }
 
 /// What the daemon would reap, and why: orphans (with when), and machines it already
 /// decided to terminate.
 fn audit_entries(shared: &Shared) -> Vec<AuditEntry> {
-    let grace = chrono::Duration::from_std(shared.config.orphan_grace.0).unwrap_or_default();
+    let grace = shared.config.orphan_grace.0;
     let mut entries: Vec<AuditEntry> = shared
         .unknown
         .lock()
@@ -446,7 +535,7 @@ fn audit_entries(shared: &Shared) -> Vec<AuditEntry> {
                 shared.config.fleet,
                 first.format("%Y-%m-%d %H:%M:%S UTC")
             ),
-            reap_at: Some(*first + grace),
+            reap_at: Some(super::saturating_add(*first, grace)),
         })
         .collect();
     let pool = shared.pool();
@@ -484,7 +573,9 @@ async fn audit(State(shared): State<Arc<Shared>>) -> Json<AuditResponse> {
 /// Terminates the orphans now, without waiting out the grace (the operator asked).
 async fn audit_terminate(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> Result<Json<AuditResponse>, Failure> {
+    require_operator(&shared, peer, "terminating orphans")?;
     let entries = audit_entries(&shared);
     let orphans: Vec<String> = entries
         .iter()
@@ -539,5 +630,86 @@ pub async fn serve_metrics(
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn only_root_and_the_daemons_user_may_operate() {
+        assert!(may_operate(Some(0), 1000));
+        assert!(may_operate(Some(1000), 1000));
+        assert!(!may_operate(Some(1001), 1000));
+        assert!(!may_operate(None, 1000));
+        assert!(may_operate(Some(0), 0));
+        assert!(!may_operate(Some(1000), 0));
+    }
+
+    /// One raw HTTP/1.1 request on the socket; returns what came back until the
+    /// connection closed (a cut-off answer included).
+    async fn raw(sock: &std::path::Path, method: &str, path: &str, body: &str) -> String {
+        let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: flotilla\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_acquire_returns_at_shutdown_and_operators_are_let_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = crate::daemon::test_shared(dir.path(), stop_rx.clone()).await;
+        let sock = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(serve(shared.clone(), listener, stop_rx));
+
+        // The test runs as the daemon's own user: operator routes are allowed.
+        let client = crate::control::ControlClient::new(&sock);
+        let status = client.drain(false).await.unwrap();
+        assert!(!status.draining);
+
+        // No machine exists: the acquire waits (for up to an hour) ...
+        let waiter = tokio::spawn({
+            let sock = sock.clone();
+            async move {
+                raw(
+                    &sock,
+                    "POST",
+                    LEASES_PATH,
+                    r#"{"job_key":"j1","timeout_ms":3600000}"#,
+                )
+                .await
+            }
+        });
+        for _ in 0..500 {
+            if !shared.pool().waiting.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(shared.pool().waiting.get("c"), Some(&1));
+
+        // ... until the daemon stops: then it is answered at once and the server ends.
+        stop_tx.send(true).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiting acquire returned promptly at shutdown")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("shutting down"), "{answer}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the API stopped promptly")
+            .unwrap();
+        assert!(shared.pool().waiting.is_empty());
+        assert!(shared.pool().leases.is_empty());
     }
 }

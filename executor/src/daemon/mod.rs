@@ -3,6 +3,11 @@
 //! Three kinds of tasks share one [`Shared`]: the reconcile loop (observe EC2, plan, act),
 //! one boot probe per booting machine, and the control API on the Unix socket. Pool changes
 //! happen under one short synchronous lock and are persisted before they are acknowledged.
+//!
+//! The long-running tasks (reconcile loop, health watcher, control API, metrics endpoint,
+//! client certificate renewal) are supervised: one that ends or panics before shutdown
+//! stops the daemon with an error naming it and a non-zero exit, so systemd restarts it
+//! rather than leaving a daemon that serves leases but never scales.
 
 mod api;
 mod certs;
@@ -49,6 +54,23 @@ pub struct Shared {
     /// `--adopt` after an unreadable state: the first successful observation adopts the
     /// fleet's instances instead of treating them as orphans (see [`crate::observe::adopt`]).
     pub adopting: AtomicBool,
+    /// Becomes true at shutdown: waiting acquires give up at once (so shutdown is not held
+    /// up by requests that may wait for hours).
+    pub stop: watch::Receiver<bool>,
+    /// The daemon's own effective uid: with root, the only callers of operator routes.
+    pub uid: u32,
+}
+
+/// `d` as a chrono duration, saturating at chrono's range: a configured duration or a
+/// persisted time far out must never panic the daemon.
+pub fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// `t + d`, saturating at the latest representable time.
+pub fn saturating_add(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    t.checked_add_signed(chrono_duration(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// An instance carrying this fleet's tag that the pool does not know: its
@@ -210,6 +232,7 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         leases = pool.leases.len(),
         "daemon starting"
     );
+    let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         policy: Policy::from_config(&config),
         config,
@@ -225,6 +248,8 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         metrics,
         unknown: Mutex::new(BTreeMap::new()),
         adopting: AtomicBool::new(adopting),
+        stop: stop_rx.clone(),
+        uid: nix::unistd::geteuid().as_raw(),
     });
 
     let metrics_listener = match &shared.config.metrics_addr {
@@ -236,24 +261,62 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         None => None,
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let api = tokio::spawn(api::serve(shared.clone(), listener, stop_rx.clone()));
+    let mut tasks = Tasks::new();
+    supervise(
+        &mut tasks,
+        "control API",
+        api::serve(shared.clone(), listener, stop_rx.clone()),
+    );
     if let Some(l) = metrics_listener {
-        tokio::spawn(api::serve_metrics(shared.clone(), l, stop_rx.clone()));
+        supervise(
+            &mut tasks,
+            "metrics endpoint",
+            api::serve_metrics(shared.clone(), l, stop_rx.clone()),
+        );
     }
     probe::resume(&shared);
-    tokio::spawn(probe::watch_health(shared.clone(), stop_rx.clone()));
-    tokio::spawn(certs::renew_client_cert(
-        shared.clone(),
-        client_cert,
-        stop_rx.clone(),
-    ));
-    let reconciler = tokio::spawn(reconcile::run(shared.clone(), stop_rx));
+    supervise(
+        &mut tasks,
+        "health watcher",
+        probe::watch_health(shared.clone(), stop_rx.clone()),
+    );
+    supervise(
+        &mut tasks,
+        "client certificate renewal",
+        certs::renew_client_cert(shared.clone(), client_cert, stop_rx.clone()),
+    );
+    supervise(
+        &mut tasks,
+        "reconcile loop",
+        reconcile::run(shared.clone(), stop_rx),
+    );
 
-    wait_for_signal().await;
+    let failure = tokio::select! {
+        _ = wait_for_signal() => None,
+        Some(ended) = tasks.join_next() => Some(task_failure(ended)),
+    };
+    if let Some(why) = &failure {
+        tracing::error!("{why}; stopping the daemon so that its supervisor restarts it");
+    }
     let _ = stop_tx.send(true);
-    let _ = reconciler.await;
-    let _ = api.await;
+    let joined = async {
+        while let Some(ended) = tasks.join_next().await {
+            if let Ok((name, true)) = ended {
+                tracing::error!(task = name, "task panicked while shutting down");
+            }
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_JOIN, joined).await.is_err() {
+        tracing::warn!("background tasks did not stop in time; abandoning them");
+        tasks.abort_all();
+    }
+    if let Some(why) = failure {
+        // A crash, not an operator's stop: keep every machine for the restart.
+        let gen = shared.update(|_| ()).1;
+        shared.commit(gen).await;
+        let _ = std::fs::remove_file(&socket);
+        bail!("{why}");
+    }
     match shared.config.on_shutdown {
         ShutdownPolicy::Keep => {
             tracing::info!("shutting down: leases and machines are kept for the next start")
@@ -264,6 +327,36 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
     shared.commit(gen).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// How long shutdown waits for the background tasks to notice the stop.
+const SHUTDOWN_JOIN: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Supervised tasks: each ends with its name and whether it panicked.
+type Tasks = tokio::task::JoinSet<(&'static str, bool)>;
+
+fn supervise(
+    tasks: &mut Tasks,
+    name: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use futures_util::FutureExt;
+    tasks.spawn(async move {
+        let panicked = std::panic::AssertUnwindSafe(task)
+            .catch_unwind()
+            .await
+            .is_err();
+        (name, panicked)
+    });
+}
+
+/// What to say about a supervised task that ended before shutdown (none ever should).
+fn task_failure(ended: Result<(&'static str, bool), tokio::task::JoinError>) -> String {
+    match ended {
+        Ok((name, true)) => format!("the {name} task panicked"),
+        Ok((name, false)) => format!("the {name} task ended unexpectedly"),
+        Err(e) => format!("a background task failed: {e}"),
+    }
 }
 
 /// `on_shutdown = "terminate"`: idle and booting machines go; leased ones finish their jobs
@@ -319,4 +412,80 @@ pub fn new_id(prefix: &str) -> String {
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect();
     format!("{prefix}{tail}")
+}
+
+/// A [`Shared`] over a fresh state directory, for tests of the daemon's tasks (EC2 is
+/// configured but never called unless a test makes it).
+#[cfg(test)]
+pub(crate) async fn test_shared(dir: &Path, stop: watch::Receiver<bool>) -> Arc<Shared> {
+    let text = format!(
+        "fleet = \"f\"\nstate_dir = {:?}\ndefault_class = \"c\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:9\"\n[classes.c]\nami = \"a\"\ninstance_types = [\"t\"]\nsubnets = [\"s\"]\n",
+        dir.display().to_string()
+    );
+    let config = Config::from_toml(&text).unwrap();
+    let (store, pool) = StateStore::open(dir).unwrap();
+    let ca = FleetCa::load_or_create(dir, 0).unwrap();
+    let (tls, _) = crate::tls::reloadable_machine_client_config(dir).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
+    Arc::new(Shared {
+        policy: Policy::from_config(&config),
+        config,
+        pool: Mutex::new(pool),
+        store,
+        changed: Notify::new(),
+        wake: Notify::new(),
+        ca,
+        tls,
+        ec2,
+        probing: Mutex::new(HashSet::new()),
+        launch_backoff: Mutex::new(HashMap::new()),
+        metrics,
+        unknown: Mutex::new(BTreeMap::new()),
+        adopting: AtomicBool::new(false),
+        stop,
+        uid: nix::unistd::geteuid().as_raw(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn configured_durations_saturate_instead_of_panicking() {
+        let t = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+        let huge = std::time::Duration::from_secs(u64::MAX);
+        assert_eq!(chrono_duration(huge), chrono::Duration::MAX);
+        assert_eq!(saturating_add(t, huge), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(
+            saturating_add(t, std::time::Duration::from_secs(60)),
+            t + chrono::Duration::seconds(60)
+        );
+        assert_eq!(
+            saturating_add(DateTime::<Utc>::MAX_UTC, std::time::Duration::from_secs(1)),
+            DateTime::<Utc>::MAX_UTC
+        );
+    }
+
+    #[test]
+    fn a_forecast_window_of_any_length_does_not_panic() {
+        let t = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+        let mut h = crate::forecast::DemandHistory::default();
+        h.record("c", t);
+        let o = h.outlook("c", t, std::time::Duration::from_secs(u64::MAX));
+        assert!(o.recent_per_hour >= 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_supervised_task_that_ends_or_panics_is_named() {
+        let mut tasks = Tasks::new();
+        supervise(&mut tasks, "quitter", async {});
+        let ended = tasks.join_next().await.unwrap();
+        assert_eq!(task_failure(ended), "the quitter task ended unexpectedly");
+        supervise(&mut tasks, "reconcile loop", async { panic!("boom") });
+        let ended = tasks.join_next().await.unwrap();
+        assert_eq!(task_failure(ended), "the reconcile loop task panicked");
+    }
 }

@@ -53,7 +53,7 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
             let timeout = shared.policy.classes.get(&m.class)?.boot_timeout;
             Some((
                 m.address.clone(),
-                m.launched_at + chrono::Duration::from_std(timeout).ok()?,
+                super::saturating_add(m.launched_at, timeout),
             ))
         })
     }) else {

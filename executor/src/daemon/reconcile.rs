@@ -26,7 +26,7 @@ const TERMINATE_RETRY: Duration = Duration::from_secs(120);
 pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = shared.config.reconcile_interval.0;
     let graces = Graces {
-        visibility: (interval * 3).max(Duration::from_secs(30)),
+        visibility: interval.saturating_mul(3).max(Duration::from_secs(30)),
         orphan: shared.config.orphan_grace.0,
     };
     let mut last_observe: Option<Instant> = None;
@@ -259,7 +259,7 @@ fn note_launch_result(shared: &Shared, class: &str, ok: bool) {
         map.remove(class);
     } else {
         let next = map.get(class).map_or(LAUNCH_BACKOFF_START, |(_, d)| {
-            (*d * 2).min(LAUNCH_BACKOFF_MAX)
+            d.saturating_mul(2).min(LAUNCH_BACKOFF_MAX)
         });
         map.insert(class.to_owned(), (Instant::now() + next, next));
     }
