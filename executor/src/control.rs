@@ -200,11 +200,15 @@ impl ControlClient {
 
     /// The lease, if `secret` is the one it was acquired with.
     pub async fn lease(&self, lease_id: &str, secret: &str) -> Result<Lease, ControlError> {
-        let path = format!("{LEASES_PATH}/{lease_id}");
+        self.get_lease(&format!("{LEASES_PATH}/{lease_id}"), secret)
+            .await
+    }
+
+    async fn get_lease(&self, path: &str, secret: &str) -> Result<Lease, ControlError> {
         self.patiently(|_| {
             self.call_with_secret(
                 Method::GET,
-                &path,
+                path,
                 None::<&()>,
                 Duration::from_secs(30),
                 Some(secret),
@@ -223,17 +227,8 @@ impl ControlClient {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let path = format!("{LEASES_PATH}?job_key={q}");
-        self.patiently(|_| {
-            self.call_with_secret(
-                Method::GET,
-                &path,
-                None::<&()>,
-                Duration::from_secs(30),
-                Some(secret),
-            )
-        })
-        .await
+        self.get_lease(&format!("{LEASES_PATH}?job_key={q}"), secret)
+            .await
     }
 
     pub async fn release(

@@ -57,7 +57,7 @@ fn all_policies_allowed(job: &mut JobConfig) {
 
 /// `http://127.0.0.1:<port>` of the sandbox's own registry.
 fn registry_url(sb: &Sandbox) -> String {
-    let host = sb.job_image.split('/').next().unwrap_or_default();
+    let host = sb.registry_host();
     format!("http://{host}")
 }
 
@@ -71,7 +71,7 @@ fn push_with(
 ) -> Result<(String, String)> {
     let image = busybox_image_with(flavour, config)?;
     push_image(&registry_url(sb), None, repo, "latest", &image)?;
-    let host = sb.job_image.split('/').next().unwrap_or_default();
+    let host = sb.registry_host();
     Ok((format!("{host}/{repo}:latest"), image_id(&image)))
 }
 

@@ -121,12 +121,7 @@ async fn container_options_reach_the_build_container_and_the_services() -> Resul
 async fn refused_images_services_and_privilege_fail_the_build_before_any_machine() -> Result<()> {
     bounded(LIMIT, async {
         let sb = Sandbox::start(SandboxOptions::default()).await?;
-        let registry = sb
-            .job_image
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let registry = sb.registry_host();
         let opts = runner_with_job_config(&sb, "strict", |job| {
             job.allowed_images = vec![format!("{registry}/flotilla/*")];
             job.allowed_services = vec!["**/postgres:*".into()];
@@ -210,7 +205,7 @@ async fn names_expand_from_variables_and_credential_helpers_log_in_on_the_runner
             ..Default::default()
         })
         .await?;
-        let registry = sb.job_image.split('/').next().unwrap_or_default().to_owned();
+        let registry = sb.registry_host();
         let web = busybox_image_with(
             "web",
             json!({"Cmd": ["httpd", "-f", "-p", "8080", "-h", "/etc"], "ExposedPorts": {"8080/tcp": {}}}),

@@ -500,6 +500,15 @@ impl Sandbox {
 
     /// Pushes another busybox image (`/etc/flotilla-image` holds `flavour`) to the
     /// sandbox registry; returns its reference.
+    /// `127.0.0.1:<port>` of the sandbox's registry, the host part of its image references.
+    pub fn registry_host(&self) -> String {
+        self.job_image
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     pub fn push_image(&self, repo: &str, flavour: &str) -> Result<String> {
         self.registry
             .as_ref()

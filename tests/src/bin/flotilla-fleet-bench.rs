@@ -198,12 +198,7 @@ async fn prepare_service(runs: usize) -> Result<()> {
         "web",
         serde_json::json!({"Cmd": ["httpd", "-f", "-p", "8080"], "ExposedPorts": {"8080/tcp": {}}}),
     )?;
-    let registry = sb
-        .job_image
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let registry = sb.registry_host();
     flotilla_sandbox::auth_registry::push_image(
         &format!("http://{registry}"),
         None,
