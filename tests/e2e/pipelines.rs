@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use flotilla_proto::config::{parse_toml, ClassConfig};
 use flotilla_proto::container::ContainerOptions;
 use flotilla_sandbox::auth_registry::{busybox_image_with, push_image, AuthRegistry};
 use flotilla_sandbox::{docker_on, Job, Outcome, Sandbox, SandboxOptions};
@@ -120,7 +121,15 @@ async fn container_options_reach_the_build_container_and_the_services() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_images_services_and_privilege_fail_the_build_before_any_machine() -> Result<()> {
     bounded(LIMIT, async {
-        let sb = Sandbox::start(SandboxOptions::default()).await?;
+        // A class whose `[classes.dind.job]` turns privileged on for its jobs only.
+        let dind: ClassConfig =
+            parse_toml("ami = \"\"\ninstance_types = []\nsubnets = []\n[job]\nprivileged = true\n")
+                .map_err(anyhow::Error::msg)?;
+        let sb = Sandbox::start(SandboxOptions {
+            extra_classes: vec![("dind".into(), dind)],
+            ..Default::default()
+        })
+        .await?;
         let registry = sb.registry_host();
         let opts = runner_with_job_config(&sb, "strict", |job| {
             job.allowed_images = vec![format!("{registry}/flotilla/*")];
@@ -167,6 +176,26 @@ async fn refused_images_services_and_privilege_fail_the_build_before_any_machine
             instances.is_empty(),
             "refused jobs must not lease (or launch) a machine: {instances:#?}\n{}",
             sb.diagnostics()
+        );
+
+        // The same request in the class that allows it runs, privileged (CAP_SYS_ADMIN).
+        let job = Job::new(
+            1105,
+            &["echo capeff=$(awk '/^CapEff/ {print $2}' /proc/self/status)"],
+        )
+        .with_image(&sb.job_image)
+        .with_variable("FLOTILLA_CLASS", "dind")
+        .with_variable("FLOTILLA_PRIVILEGED", "true");
+        let r = run(job).await?;
+        let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
+        ensure!(r.outcome == Outcome::Success, "{}", ctx());
+        let out = r.stage("build_script").map(all_output).unwrap_or_default();
+        let capeff = u64::from_str_radix(&printed(&out, "capeff").unwrap_or_default(), 16)?;
+        const SYS_ADMIN: u64 = 1 << 21;
+        ensure!(
+            capeff & SYS_ADMIN != 0,
+            "not privileged in class dind\n{}",
+            ctx()
         );
         sb.shutdown().await
     })
