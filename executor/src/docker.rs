@@ -116,8 +116,25 @@ fn pin_api_version(req: &mut bollard::BollardRequest) {
     }
 }
 
-/// One `GET /_ping` over mTLS: the readiness check for a booting machine.
+/// Largest `/_ping` answer read: dockerd says `OK`; anything longer is not a dockerd.
+const PING_BODY_LIMIT: usize = 1024;
+
+/// One `GET /_ping` over mTLS: the readiness and health check. The whole exchange
+/// (connect, handshake, answer, body) is bounded by `timeout` and the body by
+/// [`PING_BODY_LIMIT`], so a machine that stalls or talks forever costs one timeout.
 pub async fn ping(
+    tls: Arc<ClientConfig>,
+    address: &str,
+    port: u16,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    tokio::time::timeout(timeout, ping_once(tls, address, port, server_name, timeout))
+        .await
+        .map_err(|_| format!("no answer within {}ms", timeout.as_millis()))?
+}
+
+async fn ping_once(
     tls: Arc<ClientConfig>,
     address: &str,
     port: u16,
@@ -131,20 +148,51 @@ pub async fn ping(
     let req = hyper::Request::get(uri)
         .body(bollard::body_full(hyper::body::Bytes::new()))
         .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(timeout, client.request(req))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| format!("{e:?}"))?;
+    let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
     let status = resp.status();
-    let body = resp
-        .into_body()
+    let body = http_body_util::Limited::new(resp.into_body(), PING_BODY_LIMIT)
         .collect()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("reading the answer: {e}"))?
         .to_bytes();
     if status.is_success() && body.as_ref() == b"OK" {
         Ok(())
     } else {
         Err(format!("unexpected answer {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_machine_that_accepts_and_stalls_costs_one_timeout() {
+        crate::tls::install_crypto_provider();
+        let tls = Arc::new(
+            ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts, then never says a word (no TLS handshake, no answer).
+        let held = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(s);
+        });
+        let started = std::time::Instant::now();
+        let r = ping(
+            tls,
+            "127.0.0.1",
+            port,
+            "m-x.machine.flotilla.internal",
+            Duration::from_millis(300),
+        )
+        .await;
+        assert!(r.unwrap_err().contains("no answer within 300ms"));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        held.abort();
     }
 }

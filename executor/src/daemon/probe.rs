@@ -108,19 +108,55 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
     }
 }
 
-/// Consecutive failed pings before a ready machine is declared lost.
+/// Consecutive failed pings before an unleased machine is declared lost.
 const HEALTH_FAILURES: u32 = 3;
 
-/// Pings every idle and leased machine each `health_interval`. A machine whose dockerd
-/// stops answering (spot reclaim, crash) is marked broken: never leased again, replaced,
-/// and its job's next stage fails with a system failure saying the machine was lost.
+/// Bound on one health check (the ping's own timeout, plus the adopted machines' list).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Health checks in flight at once: one slow machine costs one slot for one timeout.
+const CHECKS_AT_ONCE: usize = 64;
+
+/// Shortest pause between health rounds, whatever is configured.
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What the health watcher does about a machine after a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthAction {
+    /// Nothing (healthy, or not yet enough misses).
+    Keep,
+    /// Mark it broken: never leased again, replaced.
+    MarkLost,
+    /// Unhealthy but leased: leave it to its job (whose Docker calls fail if the machine
+    /// is really gone) and to EC2 observation, so a network blip never kills a running job.
+    Tolerate,
+}
+
+/// The health watcher's decision for a machine that has failed its last
+/// `consecutive_failures` checks (0: its last check passed). Pure.
+pub fn health_action(leased: bool, consecutive_failures: u32) -> HealthAction {
+    if consecutive_failures < HEALTH_FAILURES {
+        HealthAction::Keep
+    } else if leased {
+        HealthAction::Tolerate
+    } else {
+        HealthAction::MarkLost
+    }
+}
+
+/// Pings every idle and leased machine each `health_interval`, concurrently, each check
+/// bounded by [`CHECK_TIMEOUT`]. An unleased machine whose dockerd stops answering three
+/// times in a row (spot reclaim, crash) is marked broken: never leased again, replaced. A
+/// leased machine is not: its job's own Docker calls fail if the machine is gone (the
+/// stages then report it lost) and EC2 observation catches a terminated instance; a blip
+/// must not take a machine from under a running job.
 /// Machines adopted after an unreadable state (`--adopt`) are checked by listing their job
 /// containers instead, and drained once none are left ([`crate::observe::drain_adopted`]).
 pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut failures: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(shared.config.health_interval.0) => {}
+            _ = tokio::time::sleep(shared.config.health_interval.0.max(MIN_HEALTH_INTERVAL)) => {}
             _ = stop.changed() => return,
         }
         let targets: Vec<(String, String, bool)> = shared
@@ -141,27 +177,35 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
             .map(|(id, address, adopted)| {
                 let tls = shared.tls.clone();
                 let free = &free;
-                async move {
-                    let name = machine_dns_name(&id);
-                    let r = if adopted {
+                let check_id = id.clone();
+                let check = async move {
+                    let name = machine_dns_name(&check_id);
+                    if adopted {
                         job_containers(tls, &address, &name).await.map(|n| {
                             if n == 0 {
                                 free.lock()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .insert(id.clone());
+                                    .insert(check_id.clone());
                             }
                         })
                     } else {
                         crate::docker::ping(tls, &address, DOCKER_TLS_PORT, &name, PING_TIMEOUT)
                             .await
-                    };
+                    }
+                };
+                async move {
+                    let r = tokio::time::timeout(CHECK_TIMEOUT, check)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!("no answer within {}s", CHECK_TIMEOUT.as_secs()))
+                        });
                     (id, r)
                 }
             })
             .collect();
         use futures_util::StreamExt;
         let results: Vec<_> = futures_util::stream::iter(pings)
-            .buffer_unordered(32)
+            .buffer_unordered(CHECKS_AT_ONCE)
             .collect()
             .await;
         let mut lost = Vec::new();
@@ -172,10 +216,22 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
                 }
                 Err(e) => {
                     let n = failures.entry(id.clone()).or_default();
-                    *n += 1;
-                    tracing::warn!(machine = %id, failures = *n, error = %e, "machine did not answer its health check");
-                    if *n >= HEALTH_FAILURES {
-                        lost.push((id, e));
+                    *n = n.saturating_add(1);
+                    let leased = shared
+                        .pool()
+                        .machines
+                        .get(&id)
+                        .is_some_and(|m| m.lease_id.is_some());
+                    match health_action(leased, *n) {
+                        HealthAction::Tolerate => {
+                            tracing::warn!(machine = %id, failures = *n, error = %e, "leased machine did not answer its health check; left to its job and to EC2 observation")
+                        }
+                        _ => {
+                            tracing::warn!(machine = %id, failures = *n, error = %e, "machine did not answer its health check")
+                        }
+                    }
+                    if health_action(leased, *n) == HealthAction::MarkLost {
+                        lost.push((id, e, *n));
                     }
                 }
             }
@@ -195,14 +251,19 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
         if lost.is_empty() {
             continue;
         }
-        shared.metrics.lost(lost.len() as u64);
-        let gen = shared
-            .update(|pool| {
-                for (id, e) in &lost {
+        let (marked, gen) = shared.update(|pool| {
+            let mut marked = 0u64;
+            for (id, e, n) in &lost {
+                // Decided again under the lock: the machine may have been leased meanwhile.
+                let leased = pool.machines.get(id).is_some_and(|m| m.lease_id.is_some());
+                if health_action(leased, *n) == HealthAction::MarkLost {
                     pool.mark_broken(id, &format!("its Docker daemon stopped answering ({e})"));
+                    marked += 1;
                 }
-            })
-            .1;
+            }
+            marked
+        });
+        shared.metrics.lost(marked);
         shared.commit(gen).await;
         shared.changed.notify_waiters();
         shared.wake.notify_one();
@@ -235,4 +296,21 @@ async fn job_containers(
     .map_err(|_| "timed out listing job containers".to_string())?
     .map_err(|e| e.to_string())?;
     Ok(list.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_machines_are_lost_after_three_misses_leased_ones_never_by_health_alone() {
+        for n in 0..HEALTH_FAILURES {
+            assert_eq!(health_action(false, n), HealthAction::Keep);
+            assert_eq!(health_action(true, n), HealthAction::Keep);
+        }
+        assert_eq!(health_action(false, 3), HealthAction::MarkLost);
+        assert_eq!(health_action(false, 50), HealthAction::MarkLost);
+        assert_eq!(health_action(true, 3), HealthAction::Tolerate);
+        assert_eq!(health_action(true, u32::MAX), HealthAction::Tolerate);
+    }
 }
