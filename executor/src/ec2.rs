@@ -335,7 +335,8 @@ pub struct ObservedInstance {
 pub struct Ec2Client {
     client: aws_sdk_ec2::Client,
     calls: Mutex<BTreeMap<&'static str, u64>>,
-    root_devices: Mutex<BTreeMap<String, String>>,
+    /// Per AMI: its root device name and root volume size (GiB, when the AMI says).
+    root_devices: Mutex<BTreeMap<String, (String, Option<i32>)>>,
     budget: Budget,
 }
 
@@ -461,7 +462,7 @@ impl Ec2Client {
         Ok(out)
     }
 
-    async fn root_device(&self, ami: &str) -> Result<String, Ec2Error> {
+    async fn root_device(&self, ami: &str) -> Result<(String, Option<i32>), Ec2Error> {
         if let Some(d) = self
             .root_devices
             .lock()
@@ -481,21 +482,29 @@ impl Ec2Client {
                     .map_err(|e| Ec2Error::from_sdk("DescribeImages", e)),
             )
             .await?;
-        let device = out
-            .images()
-            .first()
+        let image = out.images().first();
+        let device = image
             .and_then(|i| i.root_device_name())
             .unwrap_or("/dev/xvda")
             .to_owned();
+        let size = image
+            .map(|i| i.block_device_mappings())
+            .unwrap_or_default()
+            .iter()
+            .find(|b| b.device_name() == Some(device.as_str()))
+            .and_then(|b| b.ebs())
+            .and_then(|e| e.volume_size());
+        let root = (device, size);
         if let Ok(mut m) = self.root_devices.lock() {
-            m.insert(ami.to_owned(), device.clone());
+            m.insert(ami.to_owned(), root.clone());
         }
-        Ok(device)
+        Ok(root)
     }
 
     /// One RunInstances for one machine, tagged in the call itself (so there is no window
     /// in which an untagged instance of ours exists), IMDSv2 only with hop limit 1 (job
-    /// containers cannot reach the instance role), no public IP.
+    /// containers cannot reach the instance role), no public IP, and an encrypted root
+    /// volume whatever the AMI's snapshot is (the runner-host policy requires it).
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, Ec2Error> {
         let tag_list = vec![
             Tag::builder().key(tags::FLEET).value(&spec.fleet).build(),
@@ -550,22 +559,20 @@ impl Ec2Client {
                     .build(),
             );
         }
-        if let Some(gb) = spec.root_volume_gb {
-            let device = self.root_device(&spec.ami).await?;
-            req = req.block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(device)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .volume_size(gb as i32)
-                            .volume_type(VolumeType::Gp3)
-                            .encrypted(true)
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build(),
-            );
-        }
+        let (device, ami_gb) = self.root_device(&spec.ami).await?;
+        // Without a configured size, the size of the AMI's own root volume.
+        let ebs = match spec.root_volume_gb {
+            Some(gb) => EbsBlockDevice::builder()
+                .volume_size(gb as i32)
+                .volume_type(VolumeType::Gp3),
+            None => EbsBlockDevice::builder().set_volume_size(ami_gb),
+        };
+        req = req.block_device_mappings(
+            BlockDeviceMapping::builder()
+                .device_name(device)
+                .ebs(ebs.encrypted(true).delete_on_termination(true).build())
+                .build(),
+        );
         if spec.purchase == Purchase::Spot {
             req = req.instance_market_options(
                 InstanceMarketOptionsRequest::builder()

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
@@ -91,15 +91,18 @@ impl Meter {
     }
 }
 
-/// The four service clients and the meter they are counted by.
+/// The service clients and the meter they are counted by.
 #[derive(Debug)]
 pub struct Aws {
     pub ec2: aws_sdk_ec2::Client,
     pub iam: aws_sdk_iam::Client,
     pub s3: aws_sdk_s3::Client,
     pub ssm: aws_sdk_ssm::Client,
+    pub sts: aws_sdk_sts::Client,
     pub region: String,
     pub meter: Meter,
+    /// The credentials' account, read once (`sts:GetCallerIdentity`).
+    account: OnceLock<String>,
 }
 
 impl Aws {
@@ -124,9 +127,35 @@ impl Aws {
             iam: aws_sdk_iam::Client::new(&conf),
             s3: aws_sdk_s3::Client::new(&conf),
             ssm: aws_sdk_ssm::Client::new(&conf),
+            sts: aws_sdk_sts::Client::new(&conf),
             region,
             meter: Meter::default(),
+            account: OnceLock::new(),
         })
+    }
+
+    /// The account the credentials belong to: the stack's account, the expected owner
+    /// of its bucket and the account in its policies' ARNs. One call per process.
+    pub async fn account(&self) -> Result<String, AwsError> {
+        if let Some(a) = self.account.get() {
+            return Ok(a.clone());
+        }
+        let out = self
+            .call(
+                "sts:GetCallerIdentity",
+                self.sts.get_caller_identity().send(),
+            )
+            .await?;
+        let account = out
+            .account()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| AwsError {
+                op: "sts:GetCallerIdentity",
+                code: None,
+                message: "no account in the response".into(),
+            })?
+            .to_owned();
+        Ok(self.account.get_or_init(|| account).clone())
     }
 
     /// Runs one AWS call: counts it, logs it, maps its error.

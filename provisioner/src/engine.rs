@@ -159,25 +159,32 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let inv = ec2::inventory(ctx).await?;
     let roots = launch_template::root_devices(ctx).await?;
 
+    let account = ctx.aws.account().await?;
+
     let net = network::converge(ctx, &inv).await?;
     let sgs = security_groups::converge(ctx, &inv, &net.vpc).await?;
-    s3::converge(ctx, partition).await?;
+    s3::converge(ctx, partition, &account).await?;
 
     let build_role = ctx.names.build_role();
     let runner_role = ctx.names.runner_role();
     let build_arn = iam::ensure_role(
         ctx,
         &build_role,
-        "Flotilla build machines: cache bucket objects only",
+        "Flotilla build machines: no AWS permissions",
     )
     .await?;
-    iam::ensure_policy(
-        ctx,
-        &build_role,
-        &iam::build_machine_policy(partition, &stack.bucket.name),
-        !is_pending(&build_arn),
-    )
-    .await?;
+    match iam::build_machine_policy() {
+        Some(doc) => iam::ensure_policy(ctx, &build_role, &doc, !is_pending(&build_arn)).await?,
+        None => {
+            iam::ensure_no_policy(
+                ctx,
+                &build_role,
+                !is_pending(&build_arn),
+                iam::BUILD_MACHINE_NO_POLICY,
+            )
+            .await?
+        }
+    }
     iam::ensure_profile(ctx, &build_role, &build_role).await?;
     let runner_arn = iam::ensure_role(
         ctx,
@@ -185,11 +192,6 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         "Flotilla runner hosts: manage the fleet's build machines",
     )
     .await?;
-    let account = [&build_arn, &runner_arn]
-        .iter()
-        .find(|a| !is_pending(a))
-        .map(|a| iam::arn_parts(a).1)
-        .unwrap_or_else(|| "(account)".into());
     let fleets = render::host_fleets(stack);
     let policy = iam::runner_host_policy(&iam::RunnerPolicyInputs {
         partition: partition.into(),
@@ -201,6 +203,8 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         build_role: build_role.clone(),
         token_param: ctx.names.token_param(),
         bucket: stack.bucket.name.clone(),
+        amis: ctx.classes.values().map(|c| c.ami.clone()).collect(),
+        kms_key: stack.bucket.kms_key.clone(),
     });
     iam::ensure_policy(ctx, &runner_role, &policy, !is_pending(&runner_arn)).await?;
     iam::ensure_profile(ctx, &runner_role, &runner_role).await?;
@@ -945,7 +949,7 @@ pub async fn destroy(ctx: &Ctx<'_>, terminate_build_machines: bool) -> Result<()
 
     iam::destroy_pair(ctx, &ctx.names.runner_role()).await?;
     iam::destroy_pair(ctx, &ctx.names.build_role()).await?;
-    s3::destroy(ctx).await?;
+    s3::destroy(ctx, &ctx.aws.account().await?).await?;
 
     let network = Inventory {
         instances: Vec::new(),

@@ -1,10 +1,18 @@
-//! IAM: the build-machine role and instance profile (get/put on the cache bucket only)
-//! and the runner-host role and instance profile (launch, tag and terminate build
-//! machines only with the fleet's tags, pass only the build-machine role, read only its
-//! own SSM parameter, use the cache bucket).
+//! IAM: the build-machine role and instance profile (no permissions at all: the cache
+//! works through URLs the runner host pre-signs, artifacts go to GitLab) and the
+//! runner-host role and instance profile (launch build machines only with the fleet's
+//! tags, IMDSv2 with hop limit 1, encrypted volumes and the configured AMIs; tag only in
+//! the launch call; terminate only its fleets' instances; pass only the build-machine
+//! role; read only its own SSM parameter; read and write the cache bucket's objects and
+//! use its KMS key).
+//!
+//! The runner-host policy grants exactly the EC2 calls the daemon makes
+//! (`executor/src/ec2.rs`: DescribeInstances, DescribeImages, RunInstances with tags in
+//! the call, TerminateInstances) and nothing else.
 //!
 //! Roles and profiles have deterministic names; one that exists without the stack's tag
-//! is never adopted. Inline policy documents are compared as JSON and rewritten on drift.
+//! is never adopted. Inline policy documents are compared as JSON and rewritten on drift;
+//! a role that needs no permissions has its inline policy deleted.
 
 use aws_sdk_iam::types::Tag;
 use serde_json::{json, Value};
@@ -30,6 +38,11 @@ pub struct RunnerPolicyInputs {
     pub build_role: String,
     pub token_param: String,
     pub bucket: String,
+    /// The AMIs of the fleet's classes: the only images build machines launch from.
+    pub amis: Vec<String>,
+    /// The bucket's SSE-KMS key (`bucket.kms_key`: key id, key ARN, `alias/...` or alias
+    /// ARN), when set.
+    pub kms_key: Option<String>,
 }
 
 fn trust_policy() -> Value {
@@ -43,20 +56,50 @@ fn trust_policy() -> Value {
     })
 }
 
-/// Build machines: objects in the cache bucket, nothing else.
-pub fn build_machine_policy(partition: &str, bucket: &str) -> Value {
-    json!({
-        "Version": "2012-10-17",
-        "Statement": [{
-            "Sid": "CacheObjects",
-            "Effect": "Allow",
-            "Action": ["s3:GetObject", "s3:PutObject"],
-            "Resource": format!("arn:{partition}:s3:::{bucket}/*")
-        }]
-    })
+/// Build machines: no AWS permissions at all, so no inline policy. Jobs reach the cache
+/// only through URLs the runner host pre-signs (gitlab-runner's distributed cache) and
+/// send artifacts to GitLab; the role exists so operators can attach what their jobs
+/// need (ECR pulls, say) and so the runner host can pass exactly it.
+pub fn build_machine_policy() -> Option<Value> {
+    None
 }
 
-/// Runner hosts: manage build machines of their own fleets only.
+/// Why the build-machine role has no inline policy (the plan line when an old one is
+/// deleted).
+pub const BUILD_MACHINE_NO_POLICY: &str =
+    "build machines need no AWS permissions: the cache works through pre-signed URLs";
+
+/// The IAM resource and extra condition that name a KMS key given as a key id, key ARN,
+/// alias name or alias ARN. KMS permissions cannot name an alias as their resource:
+/// an alias becomes "any key of the account and region carrying this alias".
+fn kms_key_grant(partition: &str, region: &str, account: &str, key: &str) -> (String, Value) {
+    let any_key = format!("arn:{partition}:kms:{region}:{account}:key/*");
+    if let Some(rest) = key.strip_prefix("arn:") {
+        // arn:<partition>:kms:<region>:<account>:alias/<name> or :key/<id>
+        let parts: Vec<&str> = rest.splitn(5, ':').collect();
+        if let [_, _, key_region, key_account, resource] = parts[..] {
+            if resource.starts_with("alias/") {
+                return (
+                    format!("arn:{partition}:kms:{key_region}:{key_account}:key/*"),
+                    json!({ "ForAnyValue:StringEquals": { "kms:ResourceAliases": resource } }),
+                );
+            }
+        }
+        return (key.to_owned(), Value::Null);
+    }
+    if key.starts_with("alias/") {
+        return (
+            any_key,
+            json!({ "ForAnyValue:StringEquals": { "kms:ResourceAliases": key } }),
+        );
+    }
+    (
+        format!("arn:{partition}:kms:{region}:{account}:key/{key}"),
+        Value::Null,
+    )
+}
+
+/// Runner hosts: manage build machines of their own fleets only, and the cache.
 pub fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
     let ec2 = |resource: &str| {
         format!(
@@ -64,94 +107,138 @@ pub fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
             p.partition, p.region, p.account
         )
     };
+    let fleet_tag = json!({ "aws:RequestTag/flotilla:fleet": p.fleets });
     let tagged = ["instance/*", "volume/*", "network-interface/*"].map(ec2);
-    let mut launch_from: Vec<String> = vec![
-        format!("arn:{}:ec2:{}::image/*", p.partition, p.region),
-        ec2(&format!("security-group/{}", p.build_security_group)),
-        ec2("launch-template/*"),
-        ec2("fleet/*"),
-        // Spot launches (class market = spot) create a request the daemon does not tag.
-        ec2("spot-instances-request/*"),
-    ];
-    for s in &p.private_subnets {
-        launch_from.push(ec2(&format!("subnet/{s}")));
-    }
-    json!({
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "Observe",
-                "Effect": "Allow",
-                "Action": [
-                    "ec2:DescribeInstances", "ec2:DescribeInstanceStatus", "ec2:DescribeImages",
-                    "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups",
-                    "ec2:DescribeLaunchTemplates", "ec2:DescribeLaunchTemplateVersions",
-                    "ec2:DescribeInstanceTypes", "ec2:DescribeAvailabilityZones"
-                ],
-                "Resource": "*"
-            },
-            {
-                "Sid": "LaunchOnlyWithFleetTag",
-                "Effect": "Allow",
-                "Action": ["ec2:RunInstances", "ec2:CreateFleet"],
-                "Resource": tagged,
-                "Condition": { "StringEquals": { "aws:RequestTag/flotilla:fleet": p.fleets } }
-            },
-            {
-                "Sid": "LaunchIntoStackNetwork",
-                "Effect": "Allow",
-                "Action": ["ec2:RunInstances", "ec2:CreateFleet"],
-                "Resource": launch_from
-            },
-            {
-                "Sid": "TagOnlyAtLaunch",
-                "Effect": "Allow",
-                "Action": "ec2:CreateTags",
-                "Resource": tagged,
-                "Condition": {
-                    "StringEquals": {
-                        "ec2:CreateAction": ["RunInstances", "CreateFleet"],
-                        "aws:RequestTag/flotilla:fleet": p.fleets
-                    }
-                }
-            },
-            {
-                "Sid": "TerminateOnlyOwnFleet",
-                "Effect": "Allow",
-                "Action": "ec2:TerminateInstances",
-                "Resource": ec2("instance/*"),
-                "Condition": { "StringEquals": { "ec2:ResourceTag/flotilla:fleet": p.fleets } }
-            },
-            {
-                "Sid": "PassOnlyBuildMachineRole",
-                "Effect": "Allow",
-                "Action": "iam:PassRole",
-                "Resource": format!("arn:{}:iam::{}:role/{}", p.partition, p.account, p.build_role),
-                "Condition": { "StringEquals": { "iam:PassedToService": "ec2.amazonaws.com" } }
-            },
-            {
-                "Sid": "ReadOwnRunnerToken",
-                "Effect": "Allow",
-                "Action": "ssm:GetParameter",
-                "Resource": format!(
-                    "arn:{}:ssm:{}:{}:parameter{}",
-                    p.partition, p.region, p.account, p.token_param
-                )
-            },
-            {
-                "Sid": "RunnerCache",
-                "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-                "Resource": format!("arn:{}:s3:::{}/*", p.partition, p.bucket)
-            },
-            {
-                "Sid": "RunnerCacheList",
-                "Effect": "Allow",
-                "Action": "s3:ListBucket",
-                "Resource": format!("arn:{}:s3:::{}", p.partition, p.bucket)
+    let mut amis = p.amis.clone();
+    amis.sort();
+    amis.dedup();
+    let images: Vec<String> = amis
+        .iter()
+        .map(|ami| format!("arn:{}:ec2:{}::image/{ami}", p.partition, p.region))
+        .collect();
+    let mut network: Vec<String> = p
+        .private_subnets
+        .iter()
+        .map(|s| ec2(&format!("subnet/{s}")))
+        .collect();
+    network.push(ec2(&format!("security-group/{}", p.build_security_group)));
+    // Spot launches (class market = spot) create a request the daemon does not tag.
+    network.push(ec2("spot-instances-request/*"));
+    let mut statements = vec![
+        json!({
+            "Sid": "Observe",
+            "Effect": "Allow",
+            "Action": ["ec2:DescribeImages", "ec2:DescribeInstances"],
+            "Resource": "*"
+        }),
+        json!({
+            "Sid": "LaunchInstancesWithFleetTagAndImdsV2",
+            "Effect": "Allow",
+            "Action": "ec2:RunInstances",
+            "Resource": ec2("instance/*"),
+            "Condition": {
+                "StringEquals": {
+                    "aws:RequestTag/flotilla:fleet": p.fleets,
+                    "ec2:MetadataHttpTokens": "required"
+                },
+                "NumericLessThanEquals": { "ec2:MetadataHttpPutResponseHopLimit": "1" }
             }
-        ]
-    })
+        }),
+        json!({
+            "Sid": "LaunchEncryptedVolumesWithFleetTag",
+            "Effect": "Allow",
+            "Action": "ec2:RunInstances",
+            "Resource": ec2("volume/*"),
+            "Condition": {
+                "StringEquals": fleet_tag,
+                "Bool": { "ec2:Encrypted": "true" }
+            }
+        }),
+        json!({
+            "Sid": "LaunchNetworkInterfacesWithFleetTag",
+            "Effect": "Allow",
+            "Action": "ec2:RunInstances",
+            "Resource": ec2("network-interface/*"),
+            "Condition": { "StringEquals": fleet_tag }
+        }),
+        json!({
+            "Sid": "LaunchFromConfiguredImages",
+            "Effect": "Allow",
+            "Action": "ec2:RunInstances",
+            "Resource": images
+        }),
+        json!({
+            "Sid": "LaunchIntoStackNetwork",
+            "Effect": "Allow",
+            "Action": "ec2:RunInstances",
+            "Resource": network
+        }),
+        json!({
+            "Sid": "TagOnlyAtLaunch",
+            "Effect": "Allow",
+            "Action": "ec2:CreateTags",
+            "Resource": tagged,
+            "Condition": {
+                "StringEquals": {
+                    "ec2:CreateAction": "RunInstances",
+                    "aws:RequestTag/flotilla:fleet": p.fleets
+                }
+            }
+        }),
+        json!({
+            "Sid": "TerminateOnlyOwnFleet",
+            "Effect": "Allow",
+            "Action": "ec2:TerminateInstances",
+            "Resource": ec2("instance/*"),
+            "Condition": { "StringEquals": { "ec2:ResourceTag/flotilla:fleet": p.fleets } }
+        }),
+        json!({
+            "Sid": "PassOnlyBuildMachineRole",
+            "Effect": "Allow",
+            "Action": "iam:PassRole",
+            "Resource": format!("arn:{}:iam::{}:role/{}", p.partition, p.account, p.build_role),
+            "Condition": { "StringEquals": { "iam:PassedToService": "ec2.amazonaws.com" } }
+        }),
+        json!({
+            "Sid": "ReadOwnRunnerToken",
+            "Effect": "Allow",
+            "Action": "ssm:GetParameter",
+            "Resource": format!(
+                "arn:{}:ssm:{}:{}:parameter{}",
+                p.partition, p.region, p.account, p.token_param
+            )
+        }),
+        // gitlab-runner pre-signs GET/HEAD and PUT URLs for the build machines' cache
+        // helper with these credentials.
+        json!({
+            "Sid": "RunnerCache",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:PutObject"],
+            "Resource": format!("arn:{}:s3:::{}/*", p.partition, p.bucket)
+        }),
+        // Without it a cache miss is a 403 (which the cache helper retries and reports
+        // as a failure) instead of a 404 (a plain miss).
+        json!({
+            "Sid": "RunnerCacheMissIsNotFound",
+            "Effect": "Allow",
+            "Action": "s3:ListBucket",
+            "Resource": format!("arn:{}:s3:::{}", p.partition, p.bucket)
+        }),
+    ];
+    if let Some(key) = &p.kms_key {
+        let (resource, condition) = kms_key_grant(&p.partition, &p.region, &p.account, key);
+        let mut s = json!({
+            "Sid": "RunnerCacheKmsKey",
+            "Effect": "Allow",
+            "Action": ["kms:Decrypt", "kms:GenerateDataKey"],
+            "Resource": resource
+        });
+        if !condition.is_null() {
+            s["Condition"] = condition;
+        }
+        statements.push(s);
+    }
+    json!({ "Version": "2012-10-17", "Statement": statements })
 }
 
 /// Policy documents come back URL-encoded from AWS (not from every emulator).
@@ -213,15 +300,6 @@ pub async fn get_role(ctx: &Ctx<'_>, name: &str) -> Result<Option<RoleState>> {
     }
 }
 
-/// Account and partition from a role ARN (`arn:aws:iam::123456789012:role/x`).
-pub fn arn_parts(arn: &str) -> (String, String) {
-    let parts: Vec<&str> = arn.split(':').collect();
-    (
-        parts.get(1).copied().unwrap_or("aws").to_owned(),
-        parts.get(4).copied().unwrap_or_default().to_owned(),
-    )
-}
-
 /// Ensures the role exists (tagged) with the EC2 trust policy; returns its ARN.
 pub async fn ensure_role(ctx: &Ctx<'_>, name: &str, description: &str) -> Result<String> {
     let kind = "iam:role";
@@ -273,6 +351,59 @@ pub async fn ensure_role(ctx: &Ctx<'_>, name: &str, description: &str) -> Result
     }
 }
 
+/// The role's inline policy, if it has one (none for a role that does not exist yet).
+async fn inline_policy(ctx: &Ctx<'_>, role: &str, role_exists: bool) -> Result<Option<Value>> {
+    if !role_exists {
+        return Ok(None);
+    }
+    match ctx
+        .aws
+        .call(
+            "iam:GetRolePolicy",
+            ctx.aws
+                .iam
+                .get_role_policy()
+                .role_name(role)
+                .policy_name(POLICY_NAME)
+                .send(),
+        )
+        .await
+    {
+        // A document that does not parse is drift like any other.
+        Ok(out) => Ok(Some(
+            parse_policy(out.policy_document()).unwrap_or(Value::Null),
+        )),
+        Err(e) if e.code_is(&["NoSuchEntity"]) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Ensures the role has no inline policy: an existing one (an older stack's) is deleted,
+/// the plan saying `why`.
+pub async fn ensure_no_policy(
+    ctx: &Ctx<'_>,
+    role: &str,
+    role_exists: bool,
+    why: &str,
+) -> Result<()> {
+    let have = inline_policy(ctx, role, role_exists).await?;
+    let name = format!("{role}/{POLICY_NAME}");
+    if have.is_some() && ctx.change(Action::Delete, "iam:role-policy", &name, why) {
+        ctx.aws
+            .call(
+                "iam:DeleteRolePolicy",
+                ctx.aws
+                    .iam
+                    .delete_role_policy()
+                    .role_name(role)
+                    .policy_name(POLICY_NAME)
+                    .send(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 /// Ensures the role's inline policy is exactly `doc`.
 pub async fn ensure_policy(
     ctx: &Ctx<'_>,
@@ -280,27 +411,8 @@ pub async fn ensure_policy(
     doc: &Value,
     role_exists: bool,
 ) -> Result<()> {
-    let have = if role_exists {
-        match ctx
-            .aws
-            .call(
-                "iam:GetRolePolicy",
-                ctx.aws
-                    .iam
-                    .get_role_policy()
-                    .role_name(role)
-                    .policy_name(POLICY_NAME)
-                    .send(),
-            )
-            .await
-        {
-            Ok(out) => parse_policy(out.policy_document()),
-            Err(e) if e.code_is(&["NoSuchEntity"]) => None,
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        None
-    };
+    let have = inline_policy(ctx, role, role_exists).await?;
+    let name = format!("{role}/{POLICY_NAME}");
     if have.as_ref() == Some(doc) {
         return Ok(());
     }
@@ -309,7 +421,6 @@ pub async fn ensure_policy(
     } else {
         Action::Create
     };
-    let name = format!("{role}/{POLICY_NAME}");
     let statements = doc["Statement"].as_array().map_or(0, Vec::len);
     if ctx.change(
         action,
@@ -534,6 +645,8 @@ pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn inputs() -> RunnerPolicyInputs {
@@ -541,46 +654,255 @@ mod tests {
             partition: "aws".into(),
             region: "us-east-1".into(),
             account: "123456789012".into(),
-            fleets: vec!["ci".into()],
+            fleets: vec!["ci".into(), "ci-1".into()],
             private_subnets: vec!["subnet-a".into(), "subnet-b".into()],
             build_security_group: "sg-1".into(),
             build_role: "flotilla-ci-build-machine".into(),
             token_param: "/flotilla/ci/runner-token".into(),
             bucket: "cache".into(),
+            amis: vec!["ami-2".into(), "ami-1".into(), "ami-2".into()],
+            kms_key: None,
         }
     }
 
+    /// The example the README's by-hand IAM section shows.
+    fn readme_inputs() -> RunnerPolicyInputs {
+        RunnerPolicyInputs {
+            partition: "aws".into(),
+            region: "eu-west-1".into(),
+            account: "123456789012".into(),
+            fleets: vec!["ci-prod".into()],
+            private_subnets: vec![
+                "subnet-0123456789abcdef0".into(),
+                "subnet-0fedcba9876543210".into(),
+            ],
+            build_security_group: "sg-0123456789abcdef0".into(),
+            build_role: "flotilla-build-machine".into(),
+            token_param: "/flotilla/ci-prod/runner-token".into(),
+            bucket: "ci-prod-flotilla-cache".into(),
+            amis: vec!["ami-0123456789abcdef0".into()],
+            kms_key: Some(
+                "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+                    .into(),
+            ),
+        }
+    }
+
+    fn statements(doc: &Value) -> &Vec<Value> {
+        doc["Statement"].as_array().unwrap()
+    }
+
     fn statement<'a>(doc: &'a Value, sid: &str) -> &'a Value {
-        doc["Statement"]
-            .as_array()
-            .unwrap()
+        statements(doc)
             .iter()
             .find(|s| s["Sid"] == sid)
             .unwrap_or_else(|| panic!("no statement {sid}"))
     }
 
+    fn strings(v: &Value) -> Vec<String> {
+        match v {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a.iter().flat_map(strings).collect(),
+            other => panic!("not a string or list: {other}"),
+        }
+    }
+
+    fn actions(doc: &Value) -> BTreeSet<String> {
+        statements(doc)
+            .iter()
+            .flat_map(|s| strings(&s["Action"]))
+            .collect()
+    }
+
+    /// Statements granting `action` on a resource matching `resource` (as IAM wildcards
+    /// match it: a trailing `*` only, which is all these policies use).
+    fn granting<'a>(doc: &'a Value, action: &str, resource: &str) -> Vec<&'a Value> {
+        statements(doc)
+            .iter()
+            .filter(|s| strings(&s["Action"]).iter().any(|a| a == action))
+            .filter(|s| {
+                strings(&s["Resource"])
+                    .iter()
+                    .any(|r| match r.strip_suffix('*') {
+                        Some(prefix) => resource.starts_with(prefix),
+                        None => r == resource,
+                    })
+            })
+            .collect()
+    }
+
     #[test]
-    fn runner_policy_conditions_on_fleet_tags() {
+    fn runner_policy_grants_exactly_these_actions() {
+        let want: BTreeSet<String> = [
+            "ec2:DescribeImages",
+            "ec2:DescribeInstances",
+            "ec2:RunInstances",
+            "ec2:CreateTags",
+            "ec2:TerminateInstances",
+            "iam:PassRole",
+            "ssm:GetParameter",
+            "s3:GetObject",
+            "s3:PutObject",
+            "s3:ListBucket",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(actions(&runner_host_policy(&inputs())), want);
+        let mut with_kms = inputs();
+        with_kms.kms_key = Some("alias/cache".into());
+        let mut want_kms = want.clone();
+        want_kms.insert("kms:Decrypt".into());
+        want_kms.insert("kms:GenerateDataKey".into());
+        assert_eq!(actions(&runner_host_policy(&with_kms)), want_kms);
+        // Every Sid is unique, every statement allows.
+        let doc = runner_host_policy(&with_kms);
+        let sids: BTreeSet<&str> = statements(&doc)
+            .iter()
+            .map(|s| s["Sid"].as_str().unwrap())
+            .collect();
+        assert_eq!(sids.len(), statements(&doc).len());
+        assert!(statements(&doc).iter().all(|s| s["Effect"] == "Allow"));
+    }
+
+    /// The EC2 actions granted are exactly the calls the daemon makes (its `ec2` module
+    /// counts each one by name), plus CreateTags for the tags in its RunInstances call.
+    #[test]
+    fn runner_policy_ec2_actions_are_the_daemons_calls() {
+        let daemon = include_str!("../../executor/src/ec2.rs");
+        let mut calls: BTreeSet<String> = daemon
+            .split("self.count(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(|op| format!("ec2:{op}"))
+            .collect();
+        assert!(calls.contains("ec2:RunInstances"), "{calls:?}");
+        assert!(
+            daemon.contains("TagSpecification"),
+            "tags in the launch call"
+        );
+        calls.insert("ec2:CreateTags".into());
+        let granted: BTreeSet<String> = actions(&runner_host_policy(&inputs()))
+            .into_iter()
+            .filter(|a| a.starts_with("ec2:"))
+            .collect();
+        assert_eq!(granted, calls);
+    }
+
+    #[test]
+    fn runner_launches_need_fleet_tags_imdsv2_encryption_and_the_configured_amis() {
         let doc = runner_host_policy(&inputs());
-        let launch = statement(&doc, "LaunchOnlyWithFleetTag");
+        let arn = |r: &str| format!("arn:aws:ec2:us-east-1:123456789012:{r}");
+        let fleets = json!(["ci", "ci-1"]);
+
+        let [instance] = granting(&doc, "ec2:RunInstances", &arn("instance/i-1"))[..] else {
+            panic!("one statement for instances")
+        };
+        let c = &instance["Condition"];
+        assert_eq!(c["StringEquals"]["aws:RequestTag/flotilla:fleet"], fleets);
+        assert_eq!(c["StringEquals"]["ec2:MetadataHttpTokens"], "required");
         assert_eq!(
-            launch["Condition"]["StringEquals"]["aws:RequestTag/flotilla:fleet"],
-            json!(["ci"])
+            c["NumericLessThanEquals"]["ec2:MetadataHttpPutResponseHopLimit"],
+            "1"
+        );
+
+        let [volume] = granting(&doc, "ec2:RunInstances", &arn("volume/vol-1"))[..] else {
+            panic!("one statement for volumes")
+        };
+        assert_eq!(volume["Condition"]["Bool"]["ec2:Encrypted"], "true");
+        assert_eq!(
+            volume["Condition"]["StringEquals"]["aws:RequestTag/flotilla:fleet"],
+            fleets
+        );
+
+        let [nic] = granting(&doc, "ec2:RunInstances", &arn("network-interface/eni-1"))[..] else {
+            panic!("one statement for network interfaces")
+        };
+        assert_eq!(
+            nic["Condition"]["StringEquals"]["aws:RequestTag/flotilla:fleet"],
+            fleets
+        );
+
+        // Only the classes' AMIs, once each, in this region.
+        let images = statement(&doc, "LaunchFromConfiguredImages");
+        assert_eq!(
+            images["Resource"],
+            json!([
+                "arn:aws:ec2:us-east-1::image/ami-1",
+                "arn:aws:ec2:us-east-1::image/ami-2"
+            ])
+        );
+        assert!(granting(
+            &doc,
+            "ec2:RunInstances",
+            "arn:aws:ec2:us-east-1::image/ami-3"
+        )
+        .is_empty());
+
+        // Exactly the stack's private subnets and build security group.
+        for ok in [
+            arn("subnet/subnet-a"),
+            arn("subnet/subnet-b"),
+            arn("security-group/sg-1"),
+        ] {
+            assert_eq!(granting(&doc, "ec2:RunInstances", &ok).len(), 1, "{ok}");
+        }
+        for no in [
+            arn("subnet/subnet-public"),
+            arn("security-group/sg-2"),
+            arn("launch-template/lt-1"),
+            arn("key-pair/k"),
+        ] {
+            assert!(granting(&doc, "ec2:RunInstances", &no).is_empty(), "{no}");
+        }
+        // Spot launches create a request.
+        assert_eq!(
+            granting(
+                &doc,
+                "ec2:RunInstances",
+                &arn("spot-instances-request/sir-1")
+            )
+            .len(),
+            1
+        );
+        // No other RunInstances statement is unconditional on a created resource.
+        for s in statements(&doc) {
+            if strings(&s["Action"]).contains(&"ec2:RunInstances".to_owned()) {
+                let rs = strings(&s["Resource"]);
+                if rs
+                    .iter()
+                    .any(|r| r.contains(":instance/") || r.contains(":volume/"))
+                {
+                    assert!(s["Condition"].is_object(), "{s}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn runner_tags_only_at_launch_and_terminates_only_its_fleets() {
+        let doc = runner_host_policy(&inputs());
+        let tag = statement(&doc, "TagOnlyAtLaunch");
+        assert_eq!(
+            tag["Condition"]["StringEquals"]["ec2:CreateAction"],
+            "RunInstances"
+        );
+        assert_eq!(
+            tag["Condition"]["StringEquals"]["aws:RequestTag/flotilla:fleet"],
+            json!(["ci", "ci-1"])
         );
         let term = statement(&doc, "TerminateOnlyOwnFleet");
         assert_eq!(
             term["Condition"]["StringEquals"]["ec2:ResourceTag/flotilla:fleet"],
-            json!(["ci"])
-        );
-        let tag = statement(&doc, "TagOnlyAtLaunch");
-        assert_eq!(
-            tag["Condition"]["StringEquals"]["ec2:CreateAction"],
-            json!(["RunInstances", "CreateFleet"])
+            json!(["ci", "ci-1"])
         );
         let pass = statement(&doc, "PassOnlyBuildMachineRole");
         assert_eq!(
             pass["Resource"],
             "arn:aws:iam::123456789012:role/flotilla-ci-build-machine"
+        );
+        assert_eq!(
+            pass["Condition"]["StringEquals"]["iam:PassedToService"],
+            "ec2.amazonaws.com"
         );
         let ssm = statement(&doc, "ReadOwnRunnerToken");
         assert_eq!(
@@ -588,34 +910,90 @@ mod tests {
             "arn:aws:ssm:us-east-1:123456789012:parameter/flotilla/ci/runner-token"
         );
         // No statement grants an action on "*" except the Describe calls.
-        for s in doc["Statement"].as_array().unwrap() {
+        for s in statements(&doc) {
             if s["Resource"] == "*" {
-                for a in s["Action"].as_array().unwrap() {
-                    assert!(a.as_str().unwrap().starts_with("ec2:Describe"), "{a}");
+                for a in strings(&s["Action"]) {
+                    assert!(a.starts_with("ec2:Describe"), "{a}");
                 }
             }
         }
     }
 
     #[test]
-    fn build_policy_is_bucket_objects_only() {
-        let doc = build_machine_policy("aws", "cache");
-        assert_eq!(doc["Statement"].as_array().unwrap().len(), 1);
-        assert_eq!(doc["Statement"][0]["Resource"], "arn:aws:s3:::cache/*");
+    fn runner_cache_is_objects_of_the_bucket_and_its_listing() {
+        let doc = runner_host_policy(&inputs());
+        let objects = statement(&doc, "RunnerCache");
+        assert_eq!(objects["Action"], json!(["s3:GetObject", "s3:PutObject"]));
+        assert_eq!(objects["Resource"], "arn:aws:s3:::cache/*");
+        let list = statement(&doc, "RunnerCacheMissIsNotFound");
+        assert_eq!(list["Action"], "s3:ListBucket");
+        assert_eq!(list["Resource"], "arn:aws:s3:::cache");
+        assert!(!actions(&doc).iter().any(|a| a.starts_with("kms:")));
+    }
+
+    #[test]
+    fn a_bucket_kms_key_is_granted_to_the_runner_only() {
+        let with = |key: &str| {
+            let mut i = inputs();
+            i.kms_key = Some(key.into());
+            runner_host_policy(&i)
+        };
+        let key_arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab";
+        let doc = with(key_arn);
+        let kms = statement(&doc, "RunnerCacheKmsKey");
+        assert_eq!(kms["Action"], json!(["kms:Decrypt", "kms:GenerateDataKey"]));
+        assert_eq!(kms["Resource"], key_arn);
+        assert!(kms.get("Condition").is_none());
+        // A key id is this account's and region's key.
+        let doc = with("1234abcd-12ab");
+        assert_eq!(statement(&doc, "RunnerCacheKmsKey")["Resource"], key_arn);
+        // An alias: any key carrying it.
+        for alias in [
+            "alias/cache",
+            "arn:aws:kms:us-east-1:123456789012:alias/cache",
+        ] {
+            let doc = with(alias);
+            let kms = statement(&doc, "RunnerCacheKmsKey");
+            assert_eq!(
+                kms["Resource"], "arn:aws:kms:us-east-1:123456789012:key/*",
+                "{alias}"
+            );
+            assert_eq!(
+                kms["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"],
+                "alias/cache"
+            );
+        }
+        // The build machines get nothing at all, KMS included.
+        assert_eq!(build_machine_policy(), None);
+    }
+
+    #[test]
+    fn the_readme_shows_the_exact_runner_policy() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme
+            .find("### By hand")
+            .expect("README has a by-hand section")..];
+        let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+        let start = section.find("```json\n").expect("a json block") + "```json\n".len();
+        let text = &section[start..start + section[start..].find("```").expect("closed")];
+        let shown: Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("README policy: {e}"));
+        let want = runner_host_policy(&readme_inputs());
+        assert!(
+            shown == want,
+            "the README's runner-host policy differs from the generated one; replace it with:\n{}",
+            serde_json::to_string_pretty(&want).unwrap()
+        );
     }
 
     #[test]
     fn url_encoded_policies_parse() {
-        let doc = build_machine_policy("aws", "cache");
+        let doc = runner_host_policy(&inputs());
         let enc = percent_encoding::utf8_percent_encode(
             &doc.to_string(),
             percent_encoding::NON_ALPHANUMERIC,
         )
         .to_string();
         assert_eq!(parse_policy(&enc), Some(doc));
-        assert_eq!(
-            arn_parts("arn:aws:iam::123:role/x"),
-            ("aws".into(), "123".into())
-        );
     }
 }

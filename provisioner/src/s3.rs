@@ -1,7 +1,11 @@
-//! S3: the cache/artifact bucket. Public access blocked, default encryption (SSE-S3, or
-//! SSE-KMS with `bucket.kms_key`), a bucket policy that denies any non-TLS request, and
-//! a lifecycle rule expiring objects after `bucket.expire_days` days. Each setting is
-//! read and rewritten only when it differs.
+//! S3: the cache bucket. Public access blocked, default encryption (SSE-S3, or SSE-KMS
+//! with `bucket.kms_key` and an S3 Bucket Key), a bucket policy that denies any non-TLS
+//! request, and a lifecycle rule expiring objects after `bucket.expire_days` days. Each
+//! setting is read and rewritten only when it differs.
+//!
+//! Every call names the stack's account as the expected bucket owner (all but
+//! CreateBucket, which has no such parameter), so a bucket of the same name in another
+//! account is never read, written or emptied.
 //!
 //! Ownership: the bucket is the stack's when it carries the stack tag. A bucket with the
 //! stack's name, in this account, with no tags at all and no objects is adopted (that is
@@ -52,11 +56,17 @@ enum Found {
     NotOurs,
 }
 
-async fn find(ctx: &Ctx<'_>, bucket: &str) -> Result<Found> {
+async fn find(ctx: &Ctx<'_>, bucket: &str, owner: &str) -> Result<Found> {
     let s3 = &ctx.aws.s3;
     match ctx
         .aws
-        .call("s3:HeadBucket", s3.head_bucket().bucket(bucket).send())
+        .call(
+            "s3:HeadBucket",
+            s3.head_bucket()
+                .bucket(bucket)
+                .expected_bucket_owner(owner)
+                .send(),
+        )
         .await
     {
         Ok(_) => {}
@@ -67,7 +77,10 @@ async fn find(ctx: &Ctx<'_>, bucket: &str) -> Result<Found> {
         .aws
         .call(
             "s3:GetBucketTagging",
-            s3.get_bucket_tagging().bucket(bucket).send(),
+            s3.get_bucket_tagging()
+                .bucket(bucket)
+                .expected_bucket_owner(owner)
+                .send(),
         )
         .await
     {
@@ -88,7 +101,11 @@ async fn find(ctx: &Ctx<'_>, bucket: &str) -> Result<Found> {
         .aws
         .call(
             "s3:ListObjectsV2",
-            s3.list_objects_v2().bucket(bucket).max_keys(1).send(),
+            s3.list_objects_v2()
+                .bucket(bucket)
+                .expected_bucket_owner(owner)
+                .max_keys(1)
+                .send(),
         )
         .await?;
     Ok(if objects.contents().is_empty() {
@@ -107,10 +124,10 @@ fn tagging(ctx: &Ctx<'_>) -> Tagging {
         .expect("tagging")
 }
 
-pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
+pub async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Result<()> {
     let bucket = ctx.stack.bucket.name.clone();
     let s3 = &ctx.aws.s3;
-    let found = find(ctx, &bucket).await?;
+    let found = find(ctx, &bucket, owner).await?;
     let fresh = match found {
         Found::NotOurs => {
             return Err(Error::NotOurs(format!(
@@ -163,6 +180,7 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
                 "s3:PutBucketTagging",
                 s3.put_bucket_tagging()
                     .bucket(&bucket)
+                    .expected_bucket_owner(owner)
                     .tagging(tagging(ctx))
                     .send(),
             )
@@ -186,7 +204,10 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
             .aws
             .call(
                 "s3:GetPublicAccessBlock",
-                s3.get_public_access_block().bucket(&bucket).send(),
+                s3.get_public_access_block()
+                    .bucket(&bucket)
+                    .expected_bucket_owner(owner)
+                    .send(),
             )
             .await
         {
@@ -206,6 +227,7 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
                 "s3:PutPublicAccessBlock",
                 s3.put_public_access_block()
                     .bucket(&bucket)
+                    .expected_bucket_owner(owner)
                     .public_access_block_configuration(
                         PublicAccessBlockConfiguration::builder()
                             .block_public_acls(true)
@@ -231,26 +253,35 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
             .aws
             .call(
                 "s3:GetBucketEncryption",
-                s3.get_bucket_encryption().bucket(&bucket).send(),
+                s3.get_bucket_encryption()
+                    .bucket(&bucket)
+                    .expected_bucket_owner(owner)
+                    .send(),
             )
             .await
         {
             Ok(out) => out
                 .server_side_encryption_configuration()
                 .and_then(|c| c.rules().first())
-                .and_then(|r| r.apply_server_side_encryption_by_default())
-                .is_some_and(|d| {
-                    *d.sse_algorithm() == want_alg && d.kms_master_key_id() == kms.as_deref()
+                .is_some_and(|r| {
+                    // S3 Bucket Keys cut KMS calls (and cost) by a bucket-level data key.
+                    let key_ok = kms.is_none() || r.bucket_key_enabled() == Some(true);
+                    key_ok
+                        && r.apply_server_side_encryption_by_default()
+                            .is_some_and(|d| {
+                                *d.sse_algorithm() == want_alg
+                                    && d.kms_master_key_id() == kms.as_deref()
+                            })
                 }),
             Err(e) if e.code_is(&["ServerSideEncryptionConfigurationNotFoundError"]) => false,
             Err(e) => return Err(e.into()),
         }
     };
-    if check(
-        fresh,
-        !enc_ok,
-        &format!("default encryption {}", want_alg.as_str()),
-    ) {
+    let enc_detail = match &kms {
+        Some(key) => format!("default encryption aws:kms with key {key}, bucket key enabled"),
+        None => "default encryption AES256".into(),
+    };
+    if check(fresh, !enc_ok, &enc_detail) {
         let by_default = ServerSideEncryptionByDefault::builder()
             .sse_algorithm(want_alg.clone())
             .set_kms_master_key_id(kms.clone())
@@ -261,11 +292,13 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
                 "s3:PutBucketEncryption",
                 s3.put_bucket_encryption()
                     .bucket(&bucket)
+                    .expected_bucket_owner(owner)
                     .server_side_encryption_configuration(
                         ServerSideEncryptionConfiguration::builder()
                             .rules(
                                 ServerSideEncryptionRule::builder()
                                     .apply_server_side_encryption_by_default(by_default)
+                                    .set_bucket_key_enabled(kms.is_some().then_some(true))
                                     .build(),
                             )
                             .build()
@@ -283,7 +316,10 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
             .aws
             .call(
                 "s3:GetBucketPolicy",
-                s3.get_bucket_policy().bucket(&bucket).send(),
+                s3.get_bucket_policy()
+                    .bucket(&bucket)
+                    .expected_bucket_owner(owner)
+                    .send(),
             )
             .await
         {
@@ -300,6 +336,7 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
                 "s3:PutBucketPolicy",
                 s3.put_bucket_policy()
                     .bucket(&bucket)
+                    .expected_bucket_owner(owner)
                     .policy(want_policy.to_string())
                     .send(),
             )
@@ -315,6 +352,7 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
                 "s3:GetBucketLifecycleConfiguration",
                 s3.get_bucket_lifecycle_configuration()
                     .bucket(&bucket)
+                    .expected_bucket_owner(owner)
                     .send(),
             )
             .await
@@ -348,6 +386,7 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
                 "s3:PutBucketLifecycleConfiguration",
                 s3.put_bucket_lifecycle_configuration()
                     .bucket(&bucket)
+                    .expected_bucket_owner(owner)
                     .lifecycle_configuration(
                         BucketLifecycleConfiguration::builder()
                             .rules(rule)
@@ -362,10 +401,10 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str) -> Result<()> {
 }
 
 /// Empties and deletes the bucket if it is the stack's.
-pub async fn destroy(ctx: &Ctx<'_>) -> Result<()> {
+pub async fn destroy(ctx: &Ctx<'_>, owner: &str) -> Result<()> {
     let bucket = ctx.stack.bucket.name.clone();
     let s3 = &ctx.aws.s3;
-    match find(ctx, &bucket).await? {
+    match find(ctx, &bucket, owner).await? {
         Found::Missing => return Ok(()),
         Found::NotOurs | Found::Adoptable => {
             ctx.plan.note(format!(
@@ -383,7 +422,11 @@ pub async fn destroy(ctx: &Ctx<'_>) -> Result<()> {
             .aws
             .call(
                 "s3:ListObjectsV2",
-                s3.list_objects_v2().bucket(&bucket).max_keys(1000).send(),
+                s3.list_objects_v2()
+                    .bucket(&bucket)
+                    .expected_bucket_owner(owner)
+                    .max_keys(1000)
+                    .send(),
             )
             .await?;
         let keys: Vec<ObjectIdentifier> = page
@@ -401,6 +444,7 @@ pub async fn destroy(ctx: &Ctx<'_>) -> Result<()> {
                 "s3:DeleteObjects",
                 s3.delete_objects()
                     .bucket(&bucket)
+                    .expected_bucket_owner(owner)
                     .delete(
                         Delete::builder()
                             .set_objects(Some(keys))
@@ -413,7 +457,13 @@ pub async fn destroy(ctx: &Ctx<'_>) -> Result<()> {
             .await?;
     }
     ctx.aws
-        .call("s3:DeleteBucket", s3.delete_bucket().bucket(&bucket).send())
+        .call(
+            "s3:DeleteBucket",
+            s3.delete_bucket()
+                .bucket(&bucket)
+                .expected_bucket_owner(owner)
+                .send(),
+        )
         .await?;
     Ok(())
 }

@@ -480,8 +480,11 @@ impl Stack {
             return bad("bucket.expire_days", "must be at least 1");
         }
         if let Some(key) = &self.bucket.kms_key {
-            if key.trim().is_empty() {
-                return bad("bucket.kms_key", "must name a KMS key id or ARN");
+            if !is_kms_key(key) {
+                return bad(
+                    "bucket.kms_key",
+                    format!("{key:?} is not a KMS key id, key ARN, alias (alias/...) or alias ARN"),
+                );
             }
         }
         Ok(())
@@ -724,6 +727,34 @@ fn key_span(text: &str, e: &Invalid) -> Option<usize> {
     best
 }
 
+/// A KMS key as S3 default encryption and the runner-host policy take it: a key id
+/// (`1234abcd-...`, `mrk-...`), a key ARN, `alias/<name>` or an alias ARN.
+fn is_kms_key(key: &str) -> bool {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/'))
+    };
+    if let Some(rest) = key.strip_prefix("arn:") {
+        let parts: Vec<&str> = rest.splitn(5, ':').collect();
+        return match parts[..] {
+            [partition, "kms", region, account, resource] => {
+                !partition.is_empty()
+                    && !region.is_empty()
+                    && account.len() == 12
+                    && account.chars().all(|c| c.is_ascii_digit())
+                    && (resource.strip_prefix("key/").is_some_and(name_ok)
+                        || resource.strip_prefix("alias/").is_some_and(name_ok))
+            }
+            _ => false,
+        };
+    }
+    match key.strip_prefix("alias/") {
+        Some(alias) => name_ok(alias),
+        None => name_ok(key) && !key.contains('/'),
+    }
+}
+
 fn is_stack_name(s: &str) -> bool {
     (1..=32).contains(&s.len())
         && s.starts_with(|c: char| c.is_ascii_lowercase())
@@ -912,6 +943,35 @@ instance_types = ["t3.medium"]
             "https://x/'; rm -rf /",
         ));
         assert!(e.contains("runner_hosts.flotilla_url"), "{e}");
+    }
+
+    #[test]
+    fn kms_keys_are_ids_arns_or_aliases() {
+        for good in [
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "mrk-1234abcd12ab34cd56ef1234567890ab",
+            "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "alias/flotilla-cache",
+            "arn:aws:kms:us-east-1:123456789012:alias/flotilla-cache",
+        ] {
+            assert!(is_kms_key(good), "{good}");
+        }
+        for bad in [
+            "",
+            " ",
+            "key/1234",
+            "arn:aws:s3:::bucket",
+            "arn:aws:kms:us-east-1:1234:key/x",
+            "alias/",
+            "my key",
+        ] {
+            assert!(!is_kms_key(bad), "{bad}");
+        }
+        let e = err(&GOOD.replace(
+            "name = \"ci-flotilla-cache\"",
+            "name = \"ci-flotilla-cache\"\nkms_key = \"key/1\"",
+        ));
+        assert!(e.contains("bucket.kms_key"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use serde_json::Value;
 use support::*;
 
 const STACK_TAG: &str = "flotilla:stack";
+const KMS_KEY: &str = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
 
 fn stack_filter(stack: &str) -> Filter {
     Filter::builder()
@@ -533,10 +534,25 @@ async fn apply_creates_everything_converges_and_destroy_leaves_nothing() {
         assert_eq!(roles, [role]);
     }
     let runner_policy = role_policy(&c, "flotilla-life-runner-host").await;
-    let launch = statement(&runner_policy, "LaunchOnlyWithFleetTag");
+    let launch = statement(&runner_policy, "LaunchInstancesWithFleetTagAndImdsV2");
     assert_eq!(
         launch["Condition"]["StringEquals"]["aws:RequestTag/flotilla:fleet"],
         serde_json::json!(["life"])
+    );
+    assert_eq!(
+        launch["Condition"]["StringEquals"]["ec2:MetadataHttpTokens"],
+        "required"
+    );
+    assert!(launch["Resource"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("arn:aws:ec2:us-east-1:{ACCOUNT}:instance/")));
+    let volumes = statement(&runner_policy, "LaunchEncryptedVolumesWithFleetTag");
+    assert_eq!(volumes["Condition"]["Bool"]["ec2:Encrypted"], "true");
+    let images = statement(&runner_policy, "LaunchFromConfiguredImages");
+    assert_eq!(
+        images["Resource"],
+        serde_json::json!([format!("arn:aws:ec2:us-east-1::image/{AMI}")])
     );
     let terminate = statement(&runner_policy, "TerminateOnlyOwnFleet");
     assert_eq!(
@@ -557,11 +573,46 @@ async fn apply_creates_everything_converges_and_destroy_leaves_nothing() {
     for s in &private {
         assert!(launch_from.contains(s.as_str()), "policy lacks subnet {s}");
     }
-    let build_policy = role_policy(&c, "flotilla-life-build-machine").await;
     assert_eq!(
-        build_policy["Statement"][0]["Resource"],
+        statement(&runner_policy, "RunnerCache")["Resource"],
         "arn:aws:s3:::life-cache/*"
     );
+    // Build machines hold no AWS rights: no inline policy at all.
+    let build_policies = c
+        .iam
+        .list_role_policies()
+        .role_name("flotilla-life-build-machine")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        build_policies.policy_names().is_empty(),
+        "{:?}",
+        build_policies.policy_names()
+    );
+    // Every S3 call named the stack's account as the bucket owner.
+    assert_eq!(
+        proxy.s3_calls_without_owner(ACCOUNT),
+        Vec::<String>::new(),
+        "S3 calls without the expected bucket owner"
+    );
+    // The runner host's root volume is encrypted.
+    let host_volumes = c
+        .ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name("attachment.instance-id")
+                .values(live_instances(&c, "life").await[0].instance_id().unwrap())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(!host_volumes.volumes().is_empty());
+    for v in host_volumes.volumes() {
+        assert_eq!(v.encrypted(), Some(true), "{v:?}");
+    }
 
     // S3 bucket settings.
     let pab =
@@ -796,6 +847,11 @@ async fn apply_creates_everything_converges_and_destroy_leaves_nothing() {
         proxy.writes().len()
     );
     printed.push(destroy.all());
+    assert_eq!(
+        proxy.s3_calls_without_owner(ACCOUNT),
+        Vec::<String>::new(),
+        "S3 calls without the expected bucket owner"
+    );
     let left = ec2_counts(&c, "life").await;
     assert!(left.values().all(|n| *n == 0), "left behind: {left:?}");
     for name in ["flotilla-life-runner-host", "flotilla-life-build-machine"] {
@@ -1068,6 +1124,26 @@ async fn drift_is_planned_and_converged() {
         .send()
         .await
         .unwrap();
+    // An older flotilla-provision gave the build machines S3 rights.
+    c.iam
+        .put_role_policy()
+        .role_name("flotilla-drift-build-machine")
+        .policy_name("flotilla")
+        .policy_document(
+            serde_json::json!({
+                "Version": "2012-10-17",
+                "Statement": [{
+                    "Sid": "CacheObjects",
+                    "Effect": "Allow",
+                    "Action": ["s3:GetObject", "s3:PutObject"],
+                    "Resource": "arn:aws:s3:::drift-cache/*"
+                }]
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
     let host = live_instances(&c, "drift").await[0]
         .instance_id()
         .unwrap()
@@ -1081,10 +1157,15 @@ async fn drift_is_planned_and_converged() {
     let stack = write_stack(
         dir.path(),
         "s.toml",
-        &text.replace("expire_days = 7", "expire_days = 3").replace(
-            "instance_type = \"t3.small\"",
-            "instance_type = \"t3.small\"\ncount = 2",
-        ),
+        &text
+            .replace(
+                "expire_days = 7",
+                &format!("expire_days = 3\nkms_key = \"{KMS_KEY}\""),
+            )
+            .replace(
+                "instance_type = \"t3.small\"",
+                "instance_type = \"t3.small\"\ncount = 2",
+            ),
     );
 
     proxy.reset();
@@ -1105,6 +1186,20 @@ async fn drift_is_planned_and_converged() {
     assert!(plan.stdout.contains("+ ec2:instance") && plan.stdout.contains("host/1"));
     // Two hosts: each gets its own fleet (drift, drift-1), so the IAM policy changes.
     assert!(plan.stdout.contains("~ iam:role-policy"), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("- iam:role-policy")
+            && plan
+                .stdout
+                .contains("flotilla-drift-build-machine/flotilla")
+            && plan.stdout.contains("pre-signed URLs"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout.contains("default encryption aws:kms"),
+        "{}",
+        plan.stdout
+    );
 
     assert!(run(&stack, &proxy.url, true, &["apply"]).await.ok);
     let sg = c
@@ -1124,6 +1219,32 @@ async fn drift_is_planned_and_converged() {
             .await
             .unwrap();
     assert_eq!(lc.rules()[0].expiration().and_then(|e| e.days()), Some(3));
+    let enc =
+        c.s3.get_bucket_encryption()
+            .bucket("drift-cache")
+            .send()
+            .await
+            .unwrap();
+    let rule = &enc.server_side_encryption_configuration().unwrap().rules()[0];
+    let by_default = rule.apply_server_side_encryption_by_default().unwrap();
+    assert_eq!(by_default.sse_algorithm().as_str(), "aws:kms");
+    assert_eq!(by_default.kms_master_key_id(), Some(KMS_KEY));
+    assert_eq!(rule.bucket_key_enabled(), Some(true));
+    let build_policies = c
+        .iam
+        .list_role_policies()
+        .role_name("flotilla-drift-build-machine")
+        .send()
+        .await
+        .unwrap();
+    assert!(build_policies.policy_names().is_empty());
+    let runner_policy = role_policy(&c, "flotilla-drift-runner-host").await;
+    let kms = statement(&runner_policy, "RunnerCacheKmsKey");
+    assert_eq!(kms["Resource"], KMS_KEY);
+    assert_eq!(
+        kms["Action"],
+        serde_json::json!(["kms:Decrypt", "kms:GenerateDataKey"])
+    );
     let hosts = live_instances(&c, "drift").await;
     assert_eq!(hosts.len(), 2);
     let mut fleets = Vec::new();

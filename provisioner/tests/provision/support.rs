@@ -31,6 +31,8 @@ pub const AWS_SECRET: &str = "SECRETaccessKEYthatMUSTneverBEprinted0";
 pub const GITLAB_TOKEN: &str = "glpat-STUBaccessTOKENneverPRINTED";
 /// An AMI moto lists (x86_64, root device /dev/xvda).
 pub const AMI: &str = "ami-03c3da4cfa8e8943a";
+/// moto's account.
+pub const ACCOUNT: &str = "123456789012";
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -98,6 +100,8 @@ impl Drop for Moto {
 pub struct Call {
     pub op: String,
     pub write: bool,
+    /// The `x-amz-expected-bucket-owner` header (S3 calls).
+    pub bucket_owner: Option<String>,
 }
 
 /// How an injected fault behaves.
@@ -155,6 +159,23 @@ impl Proxy {
         self.state.calls.lock().unwrap().clone()
     }
 
+    /// S3 calls that did not name the expected bucket owner `account` (CreateBucket, a
+    /// `PUT /<bucket>` without a query, has no such parameter and is left out).
+    pub fn s3_calls_without_owner(&self, account: &str) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.op.starts_with("s3:"))
+            .filter(|c| {
+                let create = c.op.starts_with("s3:PUT /")
+                    && c.op.ends_with('?')
+                    && c.op[8..].trim_end_matches(['/', '?']).matches('/').count() == 0;
+                !create
+            })
+            .filter(|c| c.bucket_owner.as_deref() != Some(account))
+            .map(|c| c.op)
+            .collect()
+    }
+
     pub fn writes(&self) -> Vec<String> {
         self.calls()
             .into_iter()
@@ -199,6 +220,10 @@ fn service_of(headers: &HeaderMap) -> String {
 
 fn classify(method: &str, path_and_query: &str, headers: &HeaderMap, body: &[u8]) -> Call {
     let service = service_of(headers);
+    let bucket_owner = headers
+        .get("x-amz-expected-bucket-owner")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let is_read = |action: &str| {
         ["Describe", "Get", "List", "Head"]
             .iter()
@@ -216,6 +241,7 @@ fn classify(method: &str, path_and_query: &str, headers: &HeaderMap, body: &[u8]
         return Call {
             op: format!("s3:{method} {path}?{}", keys.join("&")),
             write: !matches!(method, "GET" | "HEAD"),
+            bucket_owner,
         };
     }
     if let Some(target) = headers.get("x-amz-target").and_then(|v| v.to_str().ok()) {
@@ -223,6 +249,7 @@ fn classify(method: &str, path_and_query: &str, headers: &HeaderMap, body: &[u8]
         return Call {
             op: format!("{service}:{action}"),
             write: !is_read(action),
+            bucket_owner,
         };
     }
     let text = String::from_utf8_lossy(body);
@@ -234,6 +261,7 @@ fn classify(method: &str, path_and_query: &str, headers: &HeaderMap, body: &[u8]
     Call {
         write: !is_read(&action),
         op: format!("{service}:{action}"),
+        bucket_owner,
     }
 }
 
