@@ -77,10 +77,10 @@ fn kms_key_grant(partition: &str, region: &str, account: &str, key: &str) -> (St
     if let Some(rest) = key.strip_prefix("arn:") {
         // arn:<partition>:kms:<region>:<account>:alias/<name> or :key/<id>
         let parts: Vec<&str> = rest.splitn(5, ':').collect();
-        if let [_, _, key_region, key_account, resource] = parts[..] {
+        if let [key_partition, _, key_region, key_account, resource] = parts[..] {
             if resource.starts_with("alias/") {
                 return (
-                    format!("arn:{partition}:kms:{key_region}:{key_account}:key/*"),
+                    format!("arn:{key_partition}:kms:{key_region}:{key_account}:key/*"),
                     json!({ "ForAnyValue:StringEquals": { "kms:ResourceAliases": resource } }),
                 );
             }
