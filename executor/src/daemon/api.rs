@@ -712,4 +712,53 @@ mod tests {
         assert!(shared.pool().waiting.is_empty());
         assert!(shared.pool().leases.is_empty());
     }
+
+    /// The stages' client takes the cut-off answer as the daemon going away and keeps
+    /// asking (here until its own deadline, as no daemon comes back), rather than failing
+    /// its job on a daemon restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stage_client_keeps_asking_after_a_shutdown_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = crate::daemon::test_shared(dir.path(), stop_rx.clone()).await;
+        let sock = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(serve(shared.clone(), listener, stop_rx));
+        let waiter = tokio::spawn({
+            let sock = sock.clone();
+            async move {
+                crate::control::ControlClient::new(&sock)
+                    .acquire(&AcquireRequest {
+                        job_key: "j1".into(),
+                        class: None,
+                        timeout_ms: 1500,
+                        secret: String::new(),
+                        job_timeout_secs: None,
+                    })
+                    .await
+            }
+        });
+        for _ in 0..500 {
+            if !shared.pool().waiting.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop_tx.send(true).unwrap();
+        server.await.unwrap();
+        let _ = std::fs::remove_file(&sock);
+        let err = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                crate::control::ControlError::Unreachable { .. }
+                    | crate::control::ControlError::Interrupted(_)
+            ),
+            "the shutdown answer ended the acquire: {err}"
+        );
+    }
 }
