@@ -220,10 +220,16 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set permissions on {}", socket.display()))?;
+    // Bound under a temporary name and restricted to 0660 before it takes the real name:
+    // no client ever connects while the umask's mode is in force.
+    let fresh = socket.with_extension("new");
+    let _ = std::fs::remove_file(&fresh);
+    let listener = tokio::net::UnixListener::bind(&fresh)
+        .with_context(|| format!("cannot listen on {}", fresh.display()))?;
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions on {}", fresh.display()))?;
+    std::fs::rename(&fresh, &socket)
+        .with_context(|| format!("cannot move {} to {}", fresh.display(), socket.display()))?;
 
     tracing::info!(
         fleet = %config.fleet,
