@@ -45,7 +45,11 @@ impl ControlError {
     /// Whether the daemon (not the request) is the problem, so the same request may be
     /// sent again once it is back.
     fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unreachable { .. } | Self::Interrupted(_))
+        match self {
+            Self::Unreachable { .. } | Self::Interrupted(_) => true,
+            Self::Api(e) => e.code == flotilla_proto::api::ErrorCode::ShuttingDown,
+            Self::Protocol(_) => false,
+        }
     }
 }
 

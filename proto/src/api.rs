@@ -94,6 +94,9 @@ pub enum ErrorCode {
     MachineLost,
     /// Another job (another secret) holds a lease under this job key.
     Conflict,
+    /// The daemon is stopping (a restart, an upgrade): send the request again to the next
+    /// one.
+    ShuttingDown,
     Internal,
 }
 

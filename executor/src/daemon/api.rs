@@ -200,31 +200,16 @@ async fn acquire(State(shared): State<Arc<Shared>>, Json(req): Json<AcquireReque
     }
 }
 
-/// The answer to an acquire still waiting at shutdown: 503 with the reason, its body cut
-/// off, so the client sees the daemon go away mid-request (as on a crash) and asks the next
-/// daemon instead of failing its job (a restart fails no job). The stop is never held up
-/// by an acquire that may wait for hours.
+/// The answer to an acquire still waiting at shutdown: 503 `shutting_down`, which the
+/// stages' client takes as "ask the next daemon" (a restart fails no job). The stop is
+/// never held up by an acquire that may wait for hours.
 fn shutting_down() -> Response {
-    let error = ApiError {
-        code: ErrorCode::Draining,
-        message: "the daemon is shutting down; ask again once it is back".into(),
-    };
-    let json = serde_json::to_vec(&error).unwrap_or_default();
-    use futures_util::StreamExt;
-    let reason = futures_util::stream::once(async move {
-        Ok::<_, std::io::Error>(axum::body::Bytes::from(json))
-    });
-    // After a moment, so the status and the reason are sent before the cut.
-    let cut = futures_util::stream::once(async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        Err(std::io::Error::other("daemon shutting down"))
-    });
-    (
+    Failure::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        axum::body::Body::from_stream(reason.chain(cut)),
+        ErrorCode::ShuttingDown,
+        "the daemon is shutting down; ask again once it is back",
     )
-        .into_response()
+    .into_response()
 }
 
 async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<Lease>, Failure> {
@@ -649,7 +634,7 @@ mod tests {
     }
 
     /// One raw HTTP/1.1 request on the socket; returns what came back until the
-    /// connection closed (a cut-off answer included).
+    /// connection closed.
     async fn raw(sock: &std::path::Path, method: &str, path: &str, body: &str) -> String {
         let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
         let req = format!(
@@ -713,7 +698,7 @@ mod tests {
         assert!(shared.pool().leases.is_empty());
     }
 
-    /// The stages' client takes the cut-off answer as the daemon going away and keeps
+    /// The stages' client takes the shutdown answer as the daemon going away and keeps
     /// asking (here until its own deadline, as no daemon comes back), rather than failing
     /// its job on a daemon restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
