@@ -146,10 +146,12 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
 
 async fn act(shared: &Arc<Shared>) {
     let now = Utc::now();
-    let actions = plan(&shared.policy, &shared.pool(), now);
     let mut launches = Vec::new();
     let mut changed = false;
+    // Planned and applied in one critical section: an acquire between the two could
+    // otherwise lease a machine the plan saw idle and is about to terminate.
     let (to_terminate, gen) = shared.update(|pool| {
+        let actions = plan(&shared.policy, pool, now);
         for action in &actions {
             match action {
                 Action::Terminate { machine_id, reason } => {
