@@ -143,14 +143,31 @@ pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker,
 }
 
 /// A Docker error as the job log should say it: naming the machine for system failures.
+///
+/// The machine is to blame ([`StageError::Machine`]: released as broken at cleanup) when
+/// its Docker stopped answering or a job object vanished under the job (404); any other
+/// refusal (a device the machine lacks, an invalid option) is a system failure that leaves
+/// the machine in service, so a bad setting does not burn one machine per retry.
 pub fn docker_failure(lease: &Lease, what: &str, err: &bollard::errors::Error) -> StageError {
-    StageError::Machine(format!(
+    let message = format!(
         "{what} on build machine {} ({}, {}): {}",
         lease.machine_id,
         lease.instance_id,
         lease.address,
         describe_docker_error(err)
-    ))
+    );
+    let gone = matches!(
+        err,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    );
+    if is_unreachable(err) || gone {
+        StageError::Machine(message)
+    } else {
+        StageError::System(message)
+    }
 }
 
 pub fn describe_docker_error(err: &bollard::errors::Error) -> String {
@@ -232,6 +249,42 @@ async fn exec_quiet_as(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_an_unreachable_machine_or_a_vanished_object_blames_the_machine() {
+        use super::{docker_failure, StageError};
+        use bollard::errors::Error as E;
+        let lease = flotilla_proto::api::Lease {
+            lease_id: "l".into(),
+            job_key: "job-1-0".into(),
+            machine_id: "m".into(),
+            instance_id: "i-1".into(),
+            class: "c".into(),
+            address: "10.0.0.1".into(),
+            docker_port: 2376,
+            server_name: "m.machine".into(),
+            acquired_at: chrono::Utc::now(),
+            previous_builds: 0,
+        };
+        let server = |status_code: u16| E::DockerResponseServerError {
+            status_code,
+            message: "x".into(),
+        };
+        assert!(matches!(
+            docker_failure(&lease, "w", &E::RequestTimeoutError),
+            StageError::Machine(_)
+        ));
+        assert!(matches!(
+            docker_failure(&lease, "w", &server(404)),
+            StageError::Machine(_)
+        ));
+        for code in [400, 409, 500] {
+            assert!(matches!(
+                docker_failure(&lease, "w", &server(code)),
+                StageError::System(_)
+            ));
+        }
+    }
+
     #[test]
     fn shell_quote_keeps_hostile_text_one_word() {
         assert_eq!(super::shell_quote("db"), "'db'");
