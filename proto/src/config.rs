@@ -193,6 +193,10 @@ pub struct JobConfig {
     /// Glob patterns of service images a job may use; empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_services: Vec<String>,
+    /// Percent of the machine's Docker disk in use past which cleanup prunes unused images
+    /// and unused project cache volumes on it (1..=99).
+    #[serde(default = "defaults::disk_high_water")]
+    pub disk_high_water: u8,
     /// `[job.container]`: shm size, tmpfs, capabilities, devices, limits and the rest.
     #[serde(default, skip_serializing_if = "is_default_container")]
     pub container: ContainerOptions,
@@ -249,6 +253,7 @@ impl Default for JobConfig {
             volumes: Vec::new(),
             allowed_images: Vec::new(),
             allowed_services: Vec::new(),
+            disk_high_water: defaults::disk_high_water(),
             container: ContainerOptions::default(),
         }
     }
@@ -439,6 +444,10 @@ mod defaults {
     pub fn cache_dir() -> String {
         "/cache".into()
     }
+    pub fn disk_high_water() -> u8 {
+        85
+    }
+
     pub fn default_image() -> String {
         "alpine:3".into()
     }
@@ -769,6 +778,12 @@ fn check_job(job: &JobConfig, prefix: &str) -> Result<(), Invalid> {
     };
     if job.pull_policy.is_empty() {
         return Err(bad("pull_policy", "must list at least one policy".into()));
+    }
+    if !(1..=99).contains(&job.disk_high_water) {
+        return Err(bad(
+            "disk_high_water",
+            format!("{} must be a percent from 1 to 99", job.disk_high_water),
+        ));
     }
     let mut targets = std::collections::BTreeSet::new();
     for (i, v) in job.volumes.iter().enumerate() {
@@ -1101,6 +1116,15 @@ subnets = ["subnet-1"]
         let text = format!("{MINIMAL}\n[classes.small.job]\nprivileged = \"yes\"\n");
         let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
         assert_eq!(err.key, "classes.small.job.privileged");
+        assert_eq!(Config::from_toml(MINIMAL).unwrap().job.disk_high_water, 85);
+        for bad_percent in ["0", "100"] {
+            let text = format!("{MINIMAL}\n[job]\ndisk_high_water = {bad_percent}\n");
+            let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+            assert_eq!(err.key, "job.disk_high_water", "{err}");
+        }
+        let text = format!("{MINIMAL}\n[classes.small.job]\ndisk_high_water = 0\n");
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.job.disk_high_water");
         let text = format!("{MINIMAL}\n[classes.small.job]\nprivilegd = true\n");
         let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
         assert!(err.message.contains("privilegd"), "{err}");

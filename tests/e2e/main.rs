@@ -9,6 +9,7 @@
 mod common;
 mod compat;
 mod dind;
+mod disk;
 mod fleet;
 mod harness;
 mod helper;

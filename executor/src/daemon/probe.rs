@@ -144,6 +144,49 @@ pub fn health_action(leased: bool, consecutive_failures: u32) -> HealthAction {
     }
 }
 
+/// How old a lease must be before the health watcher looks for its job's containers:
+/// prepare may still be pulling images before it creates the first one.
+pub const LEASE_RECLAIM_GRACE: Duration = Duration::from_secs(600);
+
+/// What the health watcher does about a lease after listing its job's containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseAction {
+    Keep,
+    /// The job's containers are gone (its cleanup removed them, but its release never
+    /// reached the daemon): release the lease as healthy.
+    Reclaim,
+}
+
+/// The decision for a lease `age` old whose machine has `containers` job containers now,
+/// `empty_before` telling whether the previous check found none too. Pure.
+pub fn lease_action(age: Duration, containers: usize, empty_before: bool) -> LeaseAction {
+    if age >= LEASE_RECLAIM_GRACE && containers == 0 && empty_before {
+        LeaseAction::Reclaim
+    } else {
+        LeaseAction::Keep
+    }
+}
+
+/// Whether a check's finding counts as "no containers" for the next check's
+/// `empty_before`. Pure.
+fn lease_empty(age: Duration, containers: usize) -> bool {
+    age >= LEASE_RECLAIM_GRACE && containers == 0
+}
+
+/// What one health check does on a machine.
+#[derive(Debug, Clone)]
+enum Check {
+    Ping,
+    /// Adopted without a lease: count all job containers (drain check).
+    Adopted,
+    /// Leased past [`LEASE_RECLAIM_GRACE`]: count the job's containers.
+    Lease {
+        lease_id: String,
+        job_key: String,
+        age: Duration,
+    },
+}
+
 /// Pings every idle and leased machine each `health_interval`, concurrently, each check
 /// bounded by [`CHECK_TIMEOUT`]. An unleased machine whose dockerd stops answering three
 /// times in a row (spot reclaim, crash) is marked broken: never leased again, replaced. A
@@ -152,45 +195,91 @@ pub fn health_action(leased: bool, consecutive_failures: u32) -> HealthAction {
 /// must not take a machine from under a running job.
 /// Machines adopted after an unreadable state (`--adopt`) are checked by listing their job
 /// containers instead, and drained once none are left ([`crate::observe::drain_adopted`]).
+/// A lease older than [`LEASE_RECLAIM_GRACE`] is checked by listing its job's containers:
+/// none on two checks in a row means the job's cleanup ran but its release never reached
+/// the daemon, and the lease is released as healthy ([`lease_action`]).
 pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut failures: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    // Leases whose last check found no job containers.
+    let mut empty_leases: std::collections::HashSet<String> = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.config.health_interval.0.max(MIN_HEALTH_INTERVAL)) => {}
             _ = stop.changed() => return,
         }
-        let targets: Vec<(String, String, bool)> = shared
-            .pool()
-            .machines
-            .values()
-            .filter(|m| matches!(m.state, MachineState::Idle | MachineState::Leased))
-            .map(|m| {
-                let adopted = m.adopted_at.is_some() && m.lease_id.is_none();
-                (m.id.clone(), m.address.clone(), adopted)
-            })
-            .collect();
+        let now = Utc::now();
+        let targets: Vec<(String, String, Check)> = {
+            let pool = shared.pool();
+            pool.machines
+                .values()
+                .filter(|m| matches!(m.state, MachineState::Idle | MachineState::Leased))
+                .map(|m| {
+                    let lease = m.lease_id.as_ref().and_then(|l| pool.leases.get(l));
+                    let check = match lease {
+                        None if m.adopted_at.is_some() => Check::Adopted,
+                        Some(l) if l.lost.is_none() => {
+                            let age = (now - l.acquired_at).to_std().unwrap_or_default();
+                            if age >= LEASE_RECLAIM_GRACE {
+                                Check::Lease {
+                                    lease_id: l.lease_id.clone(),
+                                    job_key: l.job_key.clone(),
+                                    age,
+                                }
+                            } else {
+                                Check::Ping
+                            }
+                        }
+                        _ => Check::Ping,
+                    };
+                    (m.id.clone(), m.address.clone(), check)
+                })
+                .collect()
+        };
         failures.retain(|id, _| targets.iter().any(|(t, _, _)| t == id));
+        empty_leases.retain(|l| {
+            targets
+                .iter()
+                .any(|(_, _, c)| matches!(c, Check::Lease { lease_id, .. } if lease_id == l))
+        });
         let free = std::sync::Mutex::new(std::collections::HashSet::new());
+        // (lease id, age, job containers) of each leased machine checked by listing.
+        let lease_counts = std::sync::Mutex::new(Vec::new());
         let pings: Vec<_> = targets
             .iter()
             .cloned()
-            .map(|(id, address, adopted)| {
+            .map(|(id, address, check)| {
                 let tls = shared.tls.clone();
                 let free = &free;
+                let lease_counts = &lease_counts;
                 let check_id = id.clone();
                 let check = async move {
                     let name = machine_dns_name(&check_id);
-                    if adopted {
-                        job_containers(tls, &address, &name).await.map(|n| {
-                            if n == 0 {
-                                free.lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .insert(check_id.clone());
-                            }
-                        })
-                    } else {
-                        crate::docker::ping(tls, &address, DOCKER_TLS_PORT, &name, PING_TIMEOUT)
+                    match check {
+                        Check::Adopted => {
+                            job_containers(tls, &address, &name, None).await.map(|n| {
+                                if n == 0 {
+                                    free.lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .insert(check_id.clone());
+                                }
+                            })
+                        }
+                        Check::Lease {
+                            lease_id,
+                            job_key,
+                            age,
+                        } => job_containers(tls, &address, &name, Some(&job_key))
                             .await
+                            .map(|n| {
+                                lease_counts
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push((lease_id, age, n));
+                            }),
+                        Check::Ping => {
+                            crate::docker::ping(tls, &address, DOCKER_TLS_PORT, &name, PING_TIMEOUT)
+                                .await
+                        }
                     }
                 };
                 async move {
@@ -236,8 +325,26 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
                 }
             }
         }
+        let mut reclaim = Vec::new();
+        for (lease_id, age, n) in lease_counts.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            let empty_before = empty_leases.contains(&lease_id);
+            if lease_action(age, n, empty_before) == LeaseAction::Reclaim {
+                empty_leases.remove(&lease_id);
+                reclaim.push(lease_id);
+            } else if lease_empty(age, n) {
+                empty_leases.insert(lease_id);
+            } else {
+                empty_leases.remove(&lease_id);
+            }
+        }
+        for lease_id in reclaim {
+            reclaim_lease(&shared, &lease_id).await;
+        }
         let free = free.into_inner().unwrap_or_else(|p| p.into_inner());
-        if targets.iter().any(|(_, _, adopted)| *adopted) {
+        if targets
+            .iter()
+            .any(|(_, _, check)| matches!(check, Check::Adopted))
+        {
             let lease_timeout = shared.config.lease_timeout.0;
             let (drained, gen) = shared.update(|pool| {
                 crate::observe::drain_adopted(pool, &free, Utc::now(), lease_timeout)
@@ -270,19 +377,71 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
     }
 }
 
-/// How many job containers (labelled by the stages, running or not) a machine has: the
-/// drain check of an adopted machine. Answering at all also proves its dockerd is alive.
+/// Releases, as healthy, a lease whose job containers are gone, journaled as the API's
+/// release is (and retiring a machine at `max_builds` or `max_age` in the same critical
+/// section, so no waiter leases it first).
+async fn reclaim_lease(shared: &Arc<Shared>, lease_id: &str) {
+    use crate::state_store::JournalOp;
+    use flotilla_proto::api::ReleaseOutcome;
+    let now = Utc::now();
+    let reason =
+        Some("its job's containers are gone; the release never reached the daemon".to_string());
+    let released = shared.update_journaled(|pool| {
+        let machine = pool.leases.get(lease_id).map(|l| l.machine_id.clone());
+        let released = pool.release(lease_id, ReleaseOutcome::Healthy, reason.clone(), now);
+        if let Some(m) = machine.as_ref().and_then(|m| pool.machines.get_mut(m)) {
+            let retire = shared
+                .policy
+                .classes
+                .get(&m.class)
+                .and_then(|c| c.retire_reason(m, now));
+            if let (true, MachineState::Idle, Some(why)) = (released, m.state, retire) {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(why);
+            }
+        }
+        let op = released.then(|| JournalOp::Released {
+            lease_id: lease_id.to_owned(),
+            outcome: ReleaseOutcome::Healthy,
+            reason: reason.clone(),
+            at: now,
+        });
+        ((released, machine), op)
+    });
+    let (released, machine) = match released {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "could not journal a reclaimed lease; writing a snapshot");
+            let gen = shared.update(|_| ()).1;
+            shared.commit(gen).await;
+            (true, None)
+        }
+    };
+    if released {
+        tracing::warn!(lease = %lease_id, machine = ?machine, "lease reclaimed: its job's containers are gone but its release never arrived");
+        shared.changed.notify_waiters();
+        shared.wake.notify_one();
+    }
+}
+
+/// How many job containers (labelled by the stages, running or not) a machine has (only
+/// `job_key`'s when given): the drain check of an adopted machine, the reclaim check of a
+/// long lease. Answering at all also proves its dockerd is alive.
 async fn job_containers(
     tls: std::sync::Arc<rustls::ClientConfig>,
     address: &str,
     server_name: &str,
+    job_key: Option<&str>,
 ) -> Result<usize, String> {
     use bollard::query_parameters::ListContainersOptions;
     let docker = crate::docker::connect(tls, address, DOCKER_TLS_PORT, server_name, PING_TIMEOUT)
         .map_err(|e| e.to_string())?;
     let filters = std::collections::HashMap::from([(
         "label".to_string(),
-        vec![crate::stages::job::JOB_LABEL.to_string()],
+        vec![match job_key {
+            Some(key) => format!("{}={key}", crate::stages::job::JOB_LABEL),
+            None => crate::stages::job::JOB_LABEL.to_string(),
+        }],
     )]);
     let list = tokio::time::timeout(
         PING_TIMEOUT,
@@ -312,5 +471,26 @@ mod tests {
         assert_eq!(health_action(false, 50), HealthAction::MarkLost);
         assert_eq!(health_action(true, 3), HealthAction::Tolerate);
         assert_eq!(health_action(true, u32::MAX), HealthAction::Tolerate);
+    }
+
+    #[test]
+    fn a_lease_is_reclaimed_only_past_the_grace_with_no_containers_twice() {
+        let old = LEASE_RECLAIM_GRACE + Duration::from_secs(1);
+        let young = LEASE_RECLAIM_GRACE - Duration::from_secs(1);
+        assert_eq!(lease_action(old, 0, true), LeaseAction::Reclaim);
+        assert_eq!(
+            lease_action(LEASE_RECLAIM_GRACE, 0, true),
+            LeaseAction::Reclaim
+        );
+        // First empty check: wait for a second one.
+        assert_eq!(lease_action(old, 0, false), LeaseAction::Keep);
+        assert!(lease_empty(old, 0));
+        // A job that still has containers keeps its lease, however old.
+        assert_eq!(lease_action(old, 1, true), LeaseAction::Keep);
+        assert!(!lease_empty(old, 3));
+        // Prepare may still be pulling: no containers yet within the grace.
+        assert_eq!(lease_action(young, 0, true), LeaseAction::Keep);
+        assert!(!lease_empty(young, 0));
+        assert_eq!(lease_action(Duration::ZERO, 0, true), LeaseAction::Keep);
     }
 }
