@@ -280,6 +280,8 @@ impl aws_sdk_ec2::config::Intercept for CountRequests {
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub fleet: String,
+    /// This daemon's persistent id, tagged `flotilla:daemon`.
+    pub daemon_id: String,
     pub machine_id: String,
     /// Idempotency token: a retried call with the same token cannot launch twice.
     pub client_token: String,
@@ -327,6 +329,9 @@ pub struct ObservedInstance {
     pub life: InstanceLife,
     pub machine_id: Option<String>,
     pub class: Option<String>,
+    /// The `flotilla:daemon` tag: which daemon launched it (none before daemon ids).
+    pub daemon_id: Option<String>,
+    pub subnet: Option<String>,
     pub private_ip: Option<String>,
     pub instance_type: String,
     pub launched_at: Option<DateTime<Utc>>,
@@ -445,6 +450,8 @@ impl Ec2Client {
                     life,
                     machine_id: tag(tags::MACHINE),
                     class: tag(tags::CLASS),
+                    daemon_id: tag(tags::DAEMON),
+                    subnet: inst.subnet_id().map(str::to_owned),
                     private_ip: inst.private_ip_address().map(str::to_owned),
                     instance_type: inst
                         .instance_type()
@@ -516,6 +523,11 @@ impl Ec2Client {
             Tag::builder()
                 .key(tags::NAME)
                 .value(tags::name_value(&spec.fleet, &spec.machine_id))
+                .build(),
+            // Last: the tags before it keep their positions in the request.
+            Tag::builder()
+                .key(tags::DAEMON)
+                .value(&spec.daemon_id)
                 .build(),
         ];
         let tag_spec = |rt: ResourceType| {

@@ -5,17 +5,32 @@
 //! EC2 is eventually consistent) or shutting down without us asking is lost: marked broken
 //! and its job told. A failed observation is never passed here, so it can never kill one.
 //!
+//! Instances are matched to machine records by instance id first, then by `flotilla:machine`
+//! tag (only to a record with no instance id yet, or the same one: a crash mid-launch).
+//!
+//! Only our own unknown instances are reaped as orphans ([`Ownership`]): fleet-tagged, and
+//! tagged with this daemon's id (or with no daemon id at all: launched by a version before
+//! daemon ids), and in one of the configured classes' subnets. Anything else with the
+//! fleet tag (another daemon sharing the fleet name, a subnet this daemon does not use) is
+//! reported as `foreign` and never terminated, not even by `flotilla audit --terminate`.
+//!
+//! A `Terminating` record is kept while EC2 lists its instance in any state (the
+//! termination is retried meanwhile) and dropped once EC2 reports it terminated: listed as
+//! terminated, or no longer listed by a successful observation (DescribeInstances is asked
+//! for every state but terminated) once it is known to have existed (it was ready or
+//! adopted) or its launch is past the visibility grace (a fresh launch may not be listed yet).
+//!
 //! After an unreadable pool state (`flotilla daemon --adopt`), [`adopt`] takes in the
 //! fleet's running instances the first observation lists, and [`drain_adopted`] retires
 //! them once they are free, instead of reaping them as orphans.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flotilla_proto::api::MachineState;
 
-use crate::ec2::ObservedInstance;
+use crate::ec2::{InstanceLife, ObservedInstance};
 use crate::pool::{Machine, Pool, TerminateReason};
 
 /// What the observation means beyond the pool updates it made.
@@ -27,6 +42,50 @@ pub struct Observation {
     pub lost: Vec<(String, String)>,
     /// Terminating machines now gone from EC2, dropped from the pool.
     pub forgotten: Vec<String>,
+    /// Fleet-tagged instances unknown to the pool that are not ours to terminate
+    /// (instance id, why): reported, never reaped.
+    pub foreign: Vec<(String, String)>,
+}
+
+/// What makes an unknown fleet-tagged instance this daemon's to reap.
+#[derive(Debug, Clone)]
+pub struct Ownership {
+    pub fleet: String,
+    /// This daemon's persistent id (`<state_dir>/daemon-id`).
+    pub daemon_id: String,
+    /// Every subnet of the configured classes.
+    pub subnets: BTreeSet<String>,
+}
+
+impl Ownership {
+    /// `None` if an unknown instance of the fleet is ours to reap, else why not.
+    /// Instances without a daemon tag were launched by a version before daemon ids: ours
+    /// if they are in our subnets (upgrading keeps reaping the orphans it left), foreign
+    /// otherwise.
+    pub fn why_not_ours(&self, inst: &ObservedInstance) -> Option<String> {
+        let fleet = &self.fleet;
+        if let Some(id) = inst.daemon_id.as_deref().filter(|id| *id != self.daemon_id) {
+            return Some(format!(
+                "tagged for fleet {fleet} by another daemon (id {id}): not ours to terminate"
+            ));
+        }
+        let subnet = inst.subnet.as_deref().unwrap_or("");
+        if !self.subnets.contains(subnet) {
+            let by = match inst.daemon_id.as_deref() {
+                Some(id) => format!("by this daemon (id {id})"),
+                None => "without a daemon id".to_string(),
+            };
+            let subnet = if subnet.is_empty() {
+                "no subnet"
+            } else {
+                subnet
+            };
+            return Some(format!(
+                "tagged for fleet {fleet} {by} but in {subnet}, outside this daemon's configured subnets: not ours to terminate"
+            ));
+        }
+        None
+    }
 }
 
 pub struct Graces {
@@ -39,30 +98,50 @@ pub fn fold(
     observed: &[ObservedInstance],
     now: DateTime<Utc>,
     graces: &Graces,
+    owner: &Ownership,
     unknown_since: &mut HashMap<String, DateTime<Utc>>,
 ) -> Observation {
     let mut out = Observation::default();
     let mut seen_machines = HashSet::new();
     let mut seen_unknown = HashSet::new();
     let older_than = |t: DateTime<Utc>, d: Duration| (now - t).to_std().unwrap_or_default() >= d;
+    let by_instance: HashMap<String, String> = pool
+        .machines
+        .values()
+        .filter(|m| !m.instance_id.is_empty())
+        .map(|m| (m.instance_id.clone(), m.id.clone()))
+        .collect();
 
     for inst in observed {
-        let known = inst
-            .machine_id
-            .as_ref()
-            .filter(|id| pool.machines.contains_key(id.as_str()));
+        // By instance id first; by machine tag only to a record that has no instance yet
+        // (or this one): another instance carrying a known machine tag is not that machine.
+        let known = by_instance.get(&inst.instance_id).cloned().or_else(|| {
+            inst.machine_id.clone().filter(|id| {
+                pool.machines
+                    .get(id.as_str())
+                    .is_some_and(|m| m.instance_id.is_empty() || m.instance_id == inst.instance_id)
+            })
+        });
         let Some(machine_id) = known else {
             seen_unknown.insert(inst.instance_id.clone());
             let first = *unknown_since.entry(inst.instance_id.clone()).or_insert(now);
-            if !inst.life.is_gone() && older_than(first, graces.orphan) {
+            if let Some(why) = owner.why_not_ours(inst) {
+                out.foreign.push((inst.instance_id.clone(), why));
+            } else if !inst.life.is_gone() && older_than(first, graces.orphan) {
                 out.orphans.push(inst.instance_id.clone());
             }
             continue;
         };
-        seen_machines.insert(machine_id.clone());
-        let Some(m) = pool.machines.get_mut(machine_id) else {
+        let Some(m) = pool.machines.get_mut(&machine_id) else {
             continue;
         };
+        if m.state == MachineState::Terminating && inst.life == InstanceLife::Terminated {
+            // EC2 reports it terminated: the record has served its purpose.
+            pool.machines.remove(&machine_id);
+            out.forgotten.push(machine_id);
+            continue;
+        }
+        seen_machines.insert(machine_id.clone());
         // Adopt what a crash mid-launch left unrecorded.
         if m.instance_id.is_empty() {
             m.instance_id = inst.instance_id.clone();
@@ -83,15 +162,27 @@ pub fn fold(
     }
     unknown_since.retain(|id, _| seen_unknown.contains(id));
 
-    let missing: Vec<(String, MachineState, DateTime<Utc>, String)> = pool
+    let missing: Vec<(String, MachineState, DateTime<Utc>, String, bool)> = pool
         .machines
         .values()
         .filter(|m| !seen_machines.contains(&m.id))
-        .map(|m| (m.id.clone(), m.state, m.launched_at, m.instance_id.clone()))
+        .map(|m| {
+            // Known to have existed: its dockerd answered, or it was adopted from a listing.
+            let existed = m.ready_at.is_some() || m.adopted_at.is_some();
+            (
+                m.id.clone(),
+                m.state,
+                m.launched_at,
+                m.instance_id.clone(),
+                existed,
+            )
+        })
         .collect();
-    for (id, state, launched_at, instance_id) in missing {
+    for (id, state, launched_at, instance_id, existed) in missing {
         if state == MachineState::Terminating {
-            if !instance_id.is_empty() || older_than(launched_at, graces.visibility) {
+            // Not listed: terminated (the listing asks for every other state), unless the
+            // launch is too recent to be visible yet and nothing says it ever ran.
+            if (existed && !instance_id.is_empty()) || older_than(launched_at, graces.visibility) {
                 pool.machines.remove(&id);
                 out.forgotten.push(id);
             }
@@ -125,7 +216,9 @@ pub fn fold(
 /// successful observation only, before [`fold`]: every live instance of the fleet that
 /// carries a machine tag the pool does not know is adopted instead of becoming an orphan.
 /// Instances without a machine tag were not launched by flotilla (it tags in the launch
-/// call) and keep the orphan rules. Returns the adopted machine ids.
+/// call) and keep the orphan rules, as do instances that are not ours ([`Ownership`]:
+/// another daemon's, or outside our subnets), which are never adopted (adopting drains,
+/// that is terminates). Returns the adopted machine ids.
 ///
 /// Adopted machines are drained, never put back in service: with the state lost, nothing
 /// says whether a job still runs on one (a `run` stage checks its lease only when it
@@ -135,7 +228,12 @@ pub fn fold(
 /// health-checked like any leased machine (one that stops answering is marked broken and
 /// replaced), and terminated by [`drain_adopted`] once no job containers are left on it.
 /// The plan launches fresh machines for new jobs meanwhile.
-pub fn adopt(pool: &mut Pool, observed: &[ObservedInstance], now: DateTime<Utc>) -> Vec<String> {
+pub fn adopt(
+    pool: &mut Pool,
+    observed: &[ObservedInstance],
+    now: DateTime<Utc>,
+    owner: &Ownership,
+) -> Vec<String> {
     let mut adopted = Vec::new();
     for inst in observed {
         let Some(machine_id) = inst.machine_id.as_deref().filter(|id| !id.is_empty()) else {
@@ -146,7 +244,7 @@ pub fn adopt(pool: &mut Pool, observed: &[ObservedInstance], now: DateTime<Utc>)
                 .machines
                 .values()
                 .any(|m| m.instance_id == inst.instance_id);
-        if inst.life.is_gone() || known {
+        if inst.life.is_gone() || known || owner.why_not_ours(inst).is_some() {
             continue;
         }
         let mut m = Machine::booting(
@@ -211,7 +309,6 @@ pub fn drain_adopted(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ec2::InstanceLife;
     use crate::pool::Machine;
     use chrono::TimeZone;
 
@@ -223,12 +320,22 @@ mod tests {
         orphan: Duration::from_secs(600),
     };
 
+    fn own() -> Ownership {
+        Ownership {
+            fleet: "f".into(),
+            daemon_id: "d-ours".into(),
+            subnets: ["subnet-a".to_string(), "subnet-b".to_string()].into(),
+        }
+    }
+
     fn obs(id: &str, machine: Option<&str>, life: InstanceLife) -> ObservedInstance {
         ObservedInstance {
             instance_id: id.into(),
             life,
             machine_id: machine.map(Into::into),
             class: Some("c".into()),
+            daemon_id: Some("d-ours".into()),
+            subnet: Some("subnet-a".into()),
             private_ip: Some("127.0.0.5".into()),
             instance_type: "t3.micro".into(),
             launched_at: None,
@@ -249,12 +356,14 @@ mod tests {
         let mut pool = Pool::default();
         let mut seen = HashMap::new();
         let o = [obs("i-x", Some("m-unknown"), InstanceLife::Running)];
-        assert!(fold(&mut pool, &o, t(0), &G, &mut seen).orphans.is_empty());
-        assert!(fold(&mut pool, &o, t(599), &G, &mut seen)
+        assert!(fold(&mut pool, &o, t(0), &G, &own(), &mut seen)
+            .orphans
+            .is_empty());
+        assert!(fold(&mut pool, &o, t(599), &G, &own(), &mut seen)
             .orphans
             .is_empty());
         assert_eq!(
-            fold(&mut pool, &o, t(600), &G, &mut seen).orphans,
+            fold(&mut pool, &o, t(600), &G, &own(), &mut seen).orphans,
             vec!["i-x"]
         );
     }
@@ -262,7 +371,7 @@ mod tests {
     #[test]
     fn machine_terminated_behind_our_back_is_lost() {
         let mut pool = pool_with("m1", "i-1", MachineState::Idle);
-        let out = fold(&mut pool, &[], t(100), &G, &mut HashMap::new());
+        let out = fold(&mut pool, &[], t(100), &G, &own(), &mut HashMap::new());
         assert_eq!(out.lost.len(), 1);
         assert_eq!(pool.machines["m1"].state, MachineState::Broken);
     }
@@ -270,7 +379,7 @@ mod tests {
     #[test]
     fn fresh_launch_not_yet_visible_is_not_lost() {
         let mut pool = pool_with("m1", "i-1", MachineState::Booting);
-        let out = fold(&mut pool, &[], t(10), &G, &mut HashMap::new());
+        let out = fold(&mut pool, &[], t(10), &G, &own(), &mut HashMap::new());
         assert!(out.lost.is_empty());
         assert_eq!(pool.machines["m1"].state, MachineState::Booting);
     }
@@ -278,9 +387,9 @@ mod tests {
     #[test]
     fn launch_still_in_flight_is_not_lost_before_the_orphan_grace() {
         let mut pool = pool_with("m1", "", MachineState::Booting);
-        let out = fold(&mut pool, &[], t(300), &G, &mut HashMap::new());
+        let out = fold(&mut pool, &[], t(300), &G, &own(), &mut HashMap::new());
         assert!(out.lost.is_empty(), "{out:?}");
-        let out = fold(&mut pool, &[], t(600), &G, &mut HashMap::new());
+        let out = fold(&mut pool, &[], t(600), &G, &own(), &mut HashMap::new());
         assert_eq!(out.lost.len(), 1);
     }
 
@@ -292,6 +401,7 @@ mod tests {
             &[obs("i-9", Some("m1"), InstanceLife::Pending)],
             t(5),
             &G,
+            &own(),
             &mut HashMap::new(),
         );
         assert_eq!(out, Observation::default());
@@ -302,9 +412,174 @@ mod tests {
     #[test]
     fn terminated_machine_is_forgotten_once_gone() {
         let mut pool = pool_with("m1", "i-1", MachineState::Terminating);
-        let out = fold(&mut pool, &[], t(5), &G, &mut HashMap::new());
+        // Launched 5s ago and not listed: maybe not visible yet, kept.
+        let out = fold(&mut pool, &[], t(5), &G, &own(), &mut HashMap::new());
+        assert!(out.forgotten.is_empty(), "{out:?}");
+        let out = fold(&mut pool, &[], t(30), &G, &own(), &mut HashMap::new());
         assert_eq!(out.forgotten, vec!["m1"]);
         assert!(pool.machines.is_empty());
+
+        // One that ran (its dockerd answered) existed: not listed means terminated.
+        let mut pool = pool_with("m2", "i-2", MachineState::Terminating);
+        if let Some(m) = pool.machines.get_mut("m2") {
+            m.ready_at = Some(t(3));
+        }
+        let out = fold(&mut pool, &[], t(5), &G, &own(), &mut HashMap::new());
+        assert_eq!(out.forgotten, vec!["m2"]);
+    }
+
+    #[test]
+    fn terminating_record_is_kept_until_ec2_reports_the_instance_terminated() {
+        let mut pool = pool_with("m1", "i-1", MachineState::Terminating);
+        let mut seen = HashMap::new();
+        // Still running (the terminate call failed or is not yet applied) or shutting
+        // down: kept, and never reported lost.
+        for life in [InstanceLife::Running, InstanceLife::ShuttingDown] {
+            let out = fold(
+                &mut pool,
+                &[obs("i-1", Some("m1"), life)],
+                t(3600),
+                &G,
+                &own(),
+                &mut seen,
+            );
+            assert_eq!(out, Observation::default(), "{life:?}");
+            assert_eq!(pool.machines["m1"].state, MachineState::Terminating);
+        }
+        // Listed as terminated: dropped at once.
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", Some("m1"), InstanceLife::Terminated)],
+            t(3601),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out.forgotten, vec!["m1"]);
+        assert!(pool.machines.is_empty());
+        assert!(out.orphans.is_empty() && out.lost.is_empty(), "{out:?}");
+
+        // No longer listed after shutting down (the listing excludes terminated): dropped.
+        let mut pool = pool_with("m2", "i-2", MachineState::Terminating);
+        fold(
+            &mut pool,
+            &[obs("i-2", Some("m2"), InstanceLife::ShuttingDown)],
+            t(3600),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        let out = fold(&mut pool, &[], t(3610), &G, &own(), &mut seen);
+        assert_eq!(out.forgotten, vec!["m2"]);
+    }
+
+    #[test]
+    fn instances_are_matched_by_instance_id_before_machine_tag() {
+        // Matched by instance id whatever its machine tag says (or none).
+        let mut pool = pool_with("m1", "i-1", MachineState::Idle);
+        let mut seen = HashMap::new();
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", None, InstanceLife::Running)],
+            t(100),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out, Observation::default());
+        assert_eq!(pool.machines["m1"].state, MachineState::Idle);
+
+        // Another instance carrying m1's tag is not m1: m1 is still running, and the
+        // other one going away does not make m1 lost. It is an unknown instance.
+        let o = [
+            obs("i-1", Some("m1"), InstanceLife::Running),
+            obs("i-2", Some("m1"), InstanceLife::ShuttingDown),
+        ];
+        let out = fold(&mut pool, &o, t(200), &G, &own(), &mut seen);
+        assert!(out.lost.is_empty(), "{out:?}");
+        assert_eq!(pool.machines["m1"].instance_id, "i-1");
+        assert!(seen.contains_key("i-2"));
+        let o = [
+            obs("i-1", Some("m1"), InstanceLife::Running),
+            obs("i-2", Some("m1"), InstanceLife::Running),
+        ];
+        assert_eq!(
+            fold(&mut pool, &o, t(800), &G, &own(), &mut seen).orphans,
+            vec!["i-2"]
+        );
+    }
+
+    #[test]
+    fn another_daemons_instances_are_reported_never_reaped() {
+        let mut pool = Pool::default();
+        let mut seen = HashMap::new();
+        let theirs = ObservedInstance {
+            daemon_id: Some("d-theirs".into()),
+            ..obs("i-t", Some("m-t"), InstanceLife::Running)
+        };
+        for now in [t(0), t(600), t(100_000)] {
+            let out = fold(
+                &mut pool,
+                std::slice::from_ref(&theirs),
+                now,
+                &G,
+                &own(),
+                &mut seen,
+            );
+            assert!(out.orphans.is_empty(), "{out:?}");
+            assert_eq!(out.foreign.len(), 1);
+            assert_eq!(out.foreign[0].0, "i-t");
+            assert!(
+                out.foreign[0].1.contains("another daemon (id d-theirs)")
+                    && out.foreign[0].1.contains("not ours to terminate"),
+                "{}",
+                out.foreign[0].1
+            );
+        }
+        // Nor adopted (adopting drains, that is terminates).
+        assert!(adopt(&mut pool, &[theirs], t(0), &own()).is_empty());
+    }
+
+    #[test]
+    fn our_id_outside_our_subnets_is_reported_never_reaped() {
+        let mut pool = Pool::default();
+        let mut seen = HashMap::new();
+        let elsewhere = ObservedInstance {
+            subnet: Some("subnet-z".into()),
+            ..obs("i-z", Some("m-z"), InstanceLife::Running)
+        };
+        let out = fold(
+            &mut pool,
+            std::slice::from_ref(&elsewhere),
+            t(0),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        let out2 = fold(&mut pool, &[elsewhere], t(600), &G, &own(), &mut seen);
+        assert!(out.orphans.is_empty() && out2.orphans.is_empty());
+        assert!(out2.foreign[0].1.contains("subnet-z"), "{out2:?}");
+    }
+
+    #[test]
+    fn instances_from_before_daemon_ids_are_ours_only_in_our_subnets() {
+        let mut pool = Pool::default();
+        let mut seen = HashMap::new();
+        let old = |id: &str, subnet: &str| ObservedInstance {
+            daemon_id: None,
+            subnet: Some(subnet.into()),
+            ..obs(id, Some("m-old"), InstanceLife::Running)
+        };
+        let o = [old("i-in", "subnet-b"), old("i-out", "subnet-z")];
+        fold(&mut pool, &o, t(0), &G, &own(), &mut seen);
+        let out = fold(&mut pool, &o, t(600), &G, &own(), &mut seen);
+        assert_eq!(out.orphans, vec!["i-in"]);
+        assert_eq!(out.foreign.len(), 1);
+        assert!(
+            out.foreign[0].1.contains("without a daemon id"),
+            "{:?}",
+            out.foreign
+        );
     }
 
     #[test]
@@ -316,6 +591,7 @@ mod tests {
             &[obs("i-1", Some("m1"), InstanceLife::ShuttingDown)],
             t(5),
             &G,
+            &own(),
             &mut HashMap::new(),
         );
         assert!(pool.leases["l1"].lost.is_some());
@@ -341,7 +617,7 @@ mod tests {
             },
         ];
         let mut seen = HashMap::new();
-        let mut adopted = adopt(&mut pool, &observed, t(0));
+        let mut adopted = adopt(&mut pool, &observed, t(0), &own());
         adopted.sort();
         assert_eq!(adopted, vec!["m-1", "m-4"]);
         let m = &pool.machines["m-1"];
@@ -360,12 +636,12 @@ mod tests {
 
         // Past the orphan grace only the untagged instance is reaped; nothing is lost.
         assert_eq!(
-            fold(&mut pool, &observed, t(0), &G, &mut seen),
+            fold(&mut pool, &observed, t(0), &G, &own(), &mut seen),
             Observation::default()
         );
         let mut observed = observed;
         observed[3].private_ip = Some("127.0.0.5".into());
-        let later = fold(&mut pool, &observed, t(600), &G, &mut seen);
+        let later = fold(&mut pool, &observed, t(600), &G, &own(), &mut seen);
         assert_eq!(later.orphans, vec!["i-2"]);
         assert!(later.lost.is_empty(), "{later:?}");
         assert_eq!(
@@ -374,7 +650,7 @@ mod tests {
         );
 
         // Adopting again (a later observation) changes nothing.
-        assert!(adopt(&mut pool, &observed, t(700)).is_empty());
+        assert!(adopt(&mut pool, &observed, t(700), &own()).is_empty());
     }
 
     #[test]
@@ -382,9 +658,9 @@ mod tests {
         let mut pool = Pool::default();
         let observed = [tagged("i-1", "m-1")];
         let mut seen = HashMap::new();
-        fold(&mut pool, &observed, t(0), &G, &mut seen);
+        fold(&mut pool, &observed, t(0), &G, &own(), &mut seen);
         assert_eq!(
-            fold(&mut pool, &observed, t(600), &G, &mut seen).orphans,
+            fold(&mut pool, &observed, t(600), &G, &own(), &mut seen).orphans,
             vec!["i-1"]
         );
     }
@@ -400,6 +676,7 @@ mod tests {
                 tagged("i-3", "m-3"),
             ],
             t(0),
+            &own(),
         );
         let hold = Duration::from_secs(86_400);
         let free: HashSet<String> = ["m-1".to_string()].into();
@@ -439,7 +716,7 @@ mod tests {
         );
         let policy = Policy::from_config(&config);
         let mut pool = Pool::default();
-        adopt(&mut pool, &[tagged("i-1", "m-1")], t(0));
+        adopt(&mut pool, &[tagged("i-1", "m-1")], t(0), &own());
         pool.draining = false;
         let actions = plan(&policy, &pool, t(7200));
         assert_eq!(

@@ -890,6 +890,13 @@ mod tests {
             tag["Condition"]["StringEquals"]["aws:RequestTag/flotilla:fleet"],
             json!(["ci", "ci-1"])
         );
+        // Launch-time tags are conditioned on the fleet tag's value only, never on the set
+        // of tag keys: the daemon's extra tags (`flotilla:daemon`, class, machine, Name)
+        // stay allowed.
+        assert!(
+            !doc.to_string().contains("aws:TagKeys"),
+            "a tag-key restriction would refuse flotilla:daemon: {doc}"
+        );
         let term = statement(&doc, "TerminateOnlyOwnFleet");
         assert_eq!(
             term["Condition"]["StringEquals"]["ec2:ResourceTag/flotilla:fleet"],

@@ -3,7 +3,9 @@
 //! mid-job; machines terminated behind its back; audit, drain and the metrics it exports.
 //!
 //! Covered elsewhere, not repeated here: orphans reaped after `orphan_grace` and never
-//! before, and instances without this fleet's tag never touched (`pool::orphan_with_...`);
+//! before, and instances without this fleet's tag never touched (`pool::orphan_with_...`;
+//! its orphan has no daemon tag, as from a version before daemon ids, in the sandbox's
+//! subnet: still ours);
 //! schedules switching `idle_count` at the right local time (`flotilla::plan` unit test
 //! `schedule_switches_idle_count_at_the_right_local_time`, fake clock, America/New_York).
 
@@ -848,6 +850,92 @@ async fn audit_lists_an_orphan_with_its_reason_and_terminate_reaps_it() -> Resul
         ensure!(
             text.contains("nothing to reap"),
             "audit after reaping: {text}"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+/// Two daemons sharing a fleet name (two runner hosts): an unknown instance with this
+/// daemon's id (read from its state dir) is reaped past the grace; one tagged by another
+/// daemon is listed by `flotilla audit` with why, and terminated neither by the reconcile
+/// loop nor by `audit --terminate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_daemons_instance_is_reported_and_never_terminated() -> Result<()> {
+    use flotilla_proto::tags;
+    use flotilla_sandbox::moto::{instance_state, launch_instance};
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions {
+            orphan_grace: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await?;
+        let path = sb.state_dir().join("daemon-id");
+        let ours = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned();
+        ensure!(ours.starts_with("d-"), "daemon id {ours:?}");
+        let mine = launch_instance(
+            sb.ec2(),
+            &sb.network,
+            &[
+                (tags::FLEET, &sb.fleet),
+                (tags::DAEMON, &ours),
+                (tags::MACHINE, "m-mine"),
+            ],
+            None,
+        )
+        .await?;
+        let theirs = launch_instance(
+            sb.ec2(),
+            &sb.network,
+            &[
+                (tags::FLEET, &sb.fleet),
+                (tags::DAEMON, "d-another-host"),
+                (tags::MACHINE, "m-theirs"),
+            ],
+            None,
+        )
+        .await?;
+        wait_until(
+            "our own orphan to be reaped",
+            Duration::from_secs(60),
+            POLL,
+            || async {
+                let s = instance_state(sb.ec2(), &mine).await?;
+                Ok((s == "terminated" || s == "shutting-down").then_some(()))
+            },
+        )
+        .await?;
+        ensure!(
+            instance_state(sb.ec2(), &theirs).await? == "running",
+            "another daemon's instance was terminated"
+        );
+        let (code, out, err) = flotilla(&sb, &["audit", "--json"]).await?;
+        ensure!(code == 0, "flotilla audit --json exited {code}: {err}");
+        let audit: AuditResponse = serde_json::from_str(&out)?;
+        let e = audit
+            .entries
+            .iter()
+            .find(|e| e.instance_id == theirs)
+            .with_context(|| format!("audit does not list {theirs}: {:#?}", audit.entries))?;
+        ensure!(
+            e.reason.contains("another daemon (id d-another-host)")
+                && e.reason.contains("not ours to terminate")
+                && e.reason.contains(&sb.fleet)
+                && e.reap_at.is_none(),
+            "audit entry {e:#?}"
+        );
+        let (code, text, err) = flotilla(&sb, &["audit", "--terminate"]).await?;
+        ensure!(
+            code == 0 && text.contains(&theirs) && !text.contains(&format!("terminated {theirs}")),
+            "flotilla audit --terminate exited {code}: {text}{err}"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ensure!(
+            instance_state(sb.ec2(), &theirs).await? == "running",
+            "audit --terminate terminated another daemon's instance"
         );
         sb.shutdown().await
     })

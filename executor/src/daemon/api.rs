@@ -503,7 +503,8 @@ async fn drain(
 }
 
 /// What the daemon would reap, and why: orphans (with when), and machines it already
-/// decided to terminate.
+/// decided to terminate; and fleet-tagged instances that are not its own (another
+/// daemon's, outside its subnets), listed with why and never reaped.
 fn audit_entries(shared: &Shared) -> Vec<AuditEntry> {
     let grace = shared.config.orphan_grace.0;
     let mut entries: Vec<AuditEntry> = shared
@@ -511,16 +512,26 @@ fn audit_entries(shared: &Shared) -> Vec<AuditEntry> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(id, (tag, first))| AuditEntry {
-            instance_id: id.clone(),
-            machine_id: tag.clone(),
-            reason: format!(
-                "orphan: tagged {}={} but unknown to this daemon, first seen {}",
-                flotilla_proto::tags::FLEET,
-                shared.config.fleet,
-                first.format("%Y-%m-%d %H:%M:%S UTC")
-            ),
-            reap_at: Some(super::saturating_add(*first, grace)),
+        .map(|(id, u)| match &u.not_ours {
+            // Reported, never reaped (no reap time: `--terminate` leaves it alone).
+            Some(why) => AuditEntry {
+                instance_id: id.clone(),
+                machine_id: u.machine_id.clone(),
+                reason: format!("not reaped: {why}"),
+                reap_at: None,
+            },
+            None => AuditEntry {
+                instance_id: id.clone(),
+                machine_id: u.machine_id.clone(),
+                reason: format!(
+                    "orphan: tagged {}={} but unknown to this daemon (id {}), first seen {}",
+                    flotilla_proto::tags::FLEET,
+                    shared.config.fleet,
+                    shared.ownership.daemon_id,
+                    u.first_seen.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+                reap_at: Some(super::saturating_add(u.first_seen, grace)),
+            },
         })
         .collect();
     let pool = shared.pool();
@@ -562,9 +573,10 @@ async fn audit_terminate(
 ) -> Result<Json<AuditResponse>, Failure> {
     require_operator(&shared, peer, "terminating orphans")?;
     let entries = audit_entries(&shared);
+    // Only orphans carry a reap time; instances not ours never do, so stay untouched.
     let orphans: Vec<String> = entries
         .iter()
-        .filter(|e| e.reap_at.is_some())
+        .filter(|e| e.reap_at.is_some() && e.reason.starts_with("orphan"))
         .map(|e| e.instance_id.clone())
         .collect();
     if !orphans.is_empty() {

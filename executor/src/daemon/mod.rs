@@ -51,6 +51,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Fleet-tagged instances unknown to the pool, by instance id.
     pub unknown: Mutex<BTreeMap<String, UnknownInstance>>,
+    /// What makes an unknown instance ours to reap: this daemon's persistent id (tagged
+    /// `flotilla:daemon` at launch) and the configured subnets.
+    pub ownership: crate::observe::Ownership,
     /// `--adopt` after an unreadable state: the first successful observation adopts the
     /// fleet's instances instead of treating them as orphans (see [`crate::observe::adopt`]).
     pub adopting: AtomicBool,
@@ -75,7 +78,80 @@ pub fn saturating_add(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc>
 
 /// An instance carrying this fleet's tag that the pool does not know: its
 /// `flotilla:machine` tag, and when it was first seen (the orphan grace runs from there).
-pub type UnknownInstance = (Option<String>, DateTime<Utc>);
+#[derive(Debug, Clone)]
+pub struct UnknownInstance {
+    /// Its `flotilla:machine` tag.
+    pub machine_id: Option<String>,
+    pub first_seen: DateTime<Utc>,
+    /// Why it is not ours to terminate (another daemon's, outside our subnets): reported
+    /// by `flotilla audit`, never reaped. `None`: an orphan, reaped past the grace.
+    pub not_ours: Option<String>,
+}
+
+/// The file in the state directory holding the daemon's persistent id.
+pub const DAEMON_ID_FILE: &str = "daemon-id";
+
+/// This daemon's id: read from `<state_dir>/daemon-id`, created (random, written
+/// atomically, 0644) on first start. Tagged `flotilla:daemon` on every launch; only
+/// instances carrying it (or none, from before daemon ids) are ever reaped as orphans.
+/// A lost file means a new id: the old instances are then reported, never reaped.
+fn load_or_create_daemon_id(dir: &Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(DAEMON_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            let valid = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                bail!(
+                    "{} does not hold a daemon id ({id:?}); refusing to start (a new id would stop this daemon reaping its own orphans)",
+                    path.display()
+                );
+            }
+            Ok(id.to_owned())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = new_id("d-");
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            f.write_all(format!("{id}\n").as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync {}", dir.display()))?;
+            tracing::info!(daemon_id = %id, path = %path.display(), "created the daemon id");
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Ownership of unknown instances for `config` and `daemon_id` (see [`Shared::ownership`]).
+fn ownership(config: &Config, daemon_id: String) -> crate::observe::Ownership {
+    crate::observe::Ownership {
+        fleet: config.fleet.clone(),
+        daemon_id,
+        subnets: config
+            .classes
+            .values()
+            .flat_map(|c| c.subnets.iter().cloned())
+            .collect(),
+    }
+}
 
 impl Shared {
     pub fn pool(&self) -> MutexGuard<'_, Pool> {
@@ -197,6 +273,7 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict {}", state_dir.display()))?;
     let _lock = lock_state_dir(&state_dir)?;
+    let daemon_id = load_or_create_daemon_id(&state_dir)?;
 
     let (store, pool, adopting) = open_state(&state_dir, adopt)?;
     // The CA after the state: with machines on record (or being adopted), a missing CA is
@@ -233,6 +310,7 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
 
     tracing::info!(
         fleet = %config.fleet,
+        daemon_id = %daemon_id,
         socket = %socket.display(),
         machines = pool.machines.len(),
         leases = pool.leases.len(),
@@ -241,6 +319,7 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         policy: Policy::from_config(&config),
+        ownership: ownership(&config, daemon_id),
         config,
         pool: Mutex::new(pool),
         store,
@@ -436,6 +515,7 @@ pub(crate) async fn test_shared(dir: &Path, stop: watch::Receiver<bool>) -> Arc<
     let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
     Arc::new(Shared {
         policy: Policy::from_config(&config),
+        ownership: ownership(&config, load_or_create_daemon_id(dir).unwrap()),
         config,
         pool: Mutex::new(pool),
         store,
@@ -458,6 +538,18 @@ pub(crate) async fn test_shared(dir: &Path, stop: watch::Receiver<bool>) -> Arc<
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn the_daemon_id_is_created_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = load_or_create_daemon_id(dir.path()).unwrap();
+        assert!(id.starts_with("d-") && id.len() > 10, "{id}");
+        assert_eq!(load_or_create_daemon_id(dir.path()).unwrap(), id);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(load_or_create_daemon_id(other.path()).unwrap(), id);
+        std::fs::write(dir.path().join(DAEMON_ID_FILE), "not an id!\n").unwrap();
+        assert!(load_or_create_daemon_id(dir.path()).is_err());
+    }
 
     #[test]
     fn configured_durations_saturate_instead_of_panicking() {

@@ -84,17 +84,17 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
         let unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
         unknown
             .iter()
-            .map(|(id, (_, t))| (id.clone(), *t))
+            .map(|(id, u)| (id.clone(), u.first_seen))
             .collect()
     };
     let lease_timeout = shared.config.lease_timeout.0;
     let ((outcome, expired, adopted), gen) = shared.update(|pool| {
         let adopted = if adopting {
-            crate::observe::adopt(pool, &observed, now)
+            crate::observe::adopt(pool, &observed, now, &shared.ownership)
         } else {
             Vec::new()
         };
-        let outcome = fold(pool, &observed, now, graces, &mut since);
+        let outcome = fold(pool, &observed, now, graces, &shared.ownership, &mut since);
         (outcome, pool.expire_leases(now, lease_timeout), adopted)
     });
     if adopting {
@@ -110,12 +110,22 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
         let mut unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
         *unknown = since
             .into_iter()
-            .map(|(id, t)| {
-                let tag = observed
+            .map(|(id, first_seen)| {
+                let machine_id = observed
                     .iter()
                     .find(|o| o.instance_id == id)
                     .and_then(|o| o.machine_id.clone());
-                (id, (tag, t))
+                let not_ours = outcome
+                    .foreign
+                    .iter()
+                    .find(|(i, _)| *i == id)
+                    .map(|(_, why)| why.clone());
+                let entry = super::UnknownInstance {
+                    machine_id,
+                    first_seen,
+                    not_ours,
+                };
+                (id, entry)
             })
             .collect();
     }
@@ -310,6 +320,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
                 attempt += 1;
                 let spec = LaunchSpec {
                     fleet: shared.config.fleet.clone(),
+                    daemon_id: shared.ownership.daemon_id.clone(),
                     machine_id: machine_id.clone(),
                     client_token: format!("{machine_id}-{attempt}"),
                     class: class_name.clone(),
