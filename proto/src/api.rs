@@ -159,6 +159,10 @@ pub struct StatusResponse {
     pub machines: Vec<MachineStatus>,
     /// Acquire requests currently waiting, per class.
     pub waiting: std::collections::BTreeMap<String, u32>,
+    /// Reconcile passes (observe, plan, act) completed since the daemon started: a way to
+    /// wait for "the daemon has looked again" without guessing at its interval.
+    #[serde(default)]
+    pub reconcile_passes: u64,
 }
 
 /// Turn draining on (no new leases; idle machines terminated) or off.

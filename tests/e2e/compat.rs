@@ -174,7 +174,8 @@ impl Driver {
             }
             let c = d.ctx.call("cleanup", &["cleanup"]).await?;
             d.trace.push(c);
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            // gitlab-runner's delay between prepare attempts (not a wait for an event).
+            tokio::time::sleep(d.ctx.opts.prepare_retry_delay).await;
         }
         bail!("prepare failed\n{}", d.describe())
     }

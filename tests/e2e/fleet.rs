@@ -334,8 +334,9 @@ async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it()
 
         // spot-with-fallback: the spot shortfall is bought on-demand.
         wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
-        // Plain spot: a few reconciles (and its launch backoff) later, still nothing.
-        tokio::time::sleep(Duration::from_secs(12).saturating_sub(started.elapsed())).await;
+        // Plain spot: several reconciles (and launch attempts with backoff) later, still
+        // nothing.
+        sb.wait_reconciles(8).await?;
         let all = fleet(&sb).await?;
         let by_class = |c: &str| -> Vec<&Instance> {
             all.iter()
@@ -528,7 +529,7 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             .await
             .with_context(timeline)?;
         let replaced_after = after_storm.elapsed();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        sb.wait_reconciles(3).await?;
         let all = fleet(&sb).await?;
         ensure!(
             all.len() == 2 && all.iter().all(Instance::live),
@@ -605,7 +606,6 @@ async fn daemon_killed_mid_job_restarts_and_the_job_completes_without_leaking_ma
         let leased_before = status(&sb).await?;
 
         sb.kill_daemon(Signal::SIGKILL).await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
         sb.start_daemon().await?;
         let adopted = status(&sb).await?;
         ensure!(
@@ -635,7 +635,7 @@ async fn daemon_killed_mid_job_restarts_and_the_job_completes_without_leaking_ma
         // Nothing leaked: the daemon tracks exactly the instances moto runs, the machine is
         // back to idle with its one build counted, no lease is left, and a few reconciles
         // later nothing was reaped as an orphan.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        sb.wait_reconciles(3).await?;
         let s = status(&sb).await?;
         let live: Vec<String> = fleet(&sb)
             .await?
@@ -932,7 +932,7 @@ async fn another_daemons_instance_is_reported_and_never_terminated() -> Result<(
             code == 0 && text.contains(&theirs) && !text.contains(&format!("terminated {theirs}")),
             "flotilla audit --terminate exited {code}: {text}{err}"
         );
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        sb.wait_reconciles(3).await?;
         ensure!(
             instance_state(sb.ec2(), &theirs).await? == "running",
             "audit --terminate terminated another daemon's instance"

@@ -175,7 +175,7 @@ async fn orphan_with_the_fleet_tag_is_reaped_and_instances_of_other_fleets_are_n
             launched.elapsed()
         );
         // A few more reconcile rounds: the others must still be running.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        sb.wait_reconciles(3).await?;
         for id in [&other, &untagged] {
             let state = instance_state(ec2, id).await?;
             ensure!(

@@ -684,6 +684,32 @@ impl Sandbox {
     }
 
     /// `flotilla --config F status` output (stdout + stderr).
+    /// Returns once the daemon has completed `n` more reconcile passes (observe, plan,
+    /// act) than when called: "a few reconciles later" as an event, not a guess at time.
+    pub async fn wait_reconciles(&self, n: u64) -> Result<()> {
+        let client = flotilla::control::ControlClient::new(&self.config.socket_path());
+        let start = client.status().await?.reconcile_passes;
+        let limit = self
+            .config
+            .reconcile_interval
+            .0
+            .saturating_mul(n as u32 * 3)
+            + Duration::from_secs(30);
+        wait_until(
+            &format!("{n} reconcile passes"),
+            limit,
+            Duration::from_millis(100),
+            || {
+                let client = &client;
+                async move {
+                    let passes = client.status().await?.reconcile_passes;
+                    Ok((passes >= start + n).then_some(()))
+                }
+            },
+        )
+        .await
+    }
+
     pub async fn status(&self) -> Result<String> {
         let out = tokio::process::Command::new(&self.flotilla_bin)
             .arg("--config")

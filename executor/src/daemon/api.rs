@@ -484,6 +484,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
         draining: pool.draining,
         machines: pool.machines.values().map(|m| m.status(&pool)).collect(),
         waiting: pool.waiting.clone(),
+        reconcile_passes: shared.passes.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 

@@ -62,6 +62,8 @@ pub struct Shared {
     pub stop: watch::Receiver<bool>,
     /// The daemon's own effective uid: with root, the only callers of operator routes.
     pub uid: u32,
+    /// Reconcile passes completed (shown by `status`).
+    pub passes: std::sync::atomic::AtomicU64,
 }
 
 /// `d` as a chrono duration, saturating at chrono's range: a configured duration or a
@@ -335,6 +337,7 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         adopting: AtomicBool::new(adopting),
         stop: stop_rx.clone(),
         uid: nix::unistd::geteuid().as_raw(),
+        passes: std::sync::atomic::AtomicU64::new(0),
     });
 
     let metrics_listener = match &shared.config.metrics_addr {
@@ -531,6 +534,7 @@ pub(crate) async fn test_shared(dir: &Path, stop: watch::Receiver<bool>) -> Arc<
         adopting: AtomicBool::new(false),
         stop,
         uid: nix::unistd::geteuid().as_raw(),
+        passes: std::sync::atomic::AtomicU64::new(0),
     })
 }
 

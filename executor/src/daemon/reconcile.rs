@@ -32,12 +32,18 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut last_observe: Option<Instant> = None;
     let mut accounted: HashMap<String, Instant> = HashMap::new();
     loop {
-        if last_observe.is_none_or(|t| t.elapsed() >= interval) {
+        let observing = last_observe.is_none_or(|t| t.elapsed() >= interval);
+        if observing {
             last_observe = Some(Instant::now());
             observe(&shared, &graces).await;
             account_machine_time(&shared, &mut accounted);
         }
         act(&shared).await;
+        if observing {
+            shared
+                .passes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let next = interval.saturating_sub(last_observe.map_or(Duration::ZERO, |t| t.elapsed()));
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
