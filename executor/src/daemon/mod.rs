@@ -66,6 +66,45 @@ pub struct Shared {
     pub passes: std::sync::atomic::AtomicU64,
 }
 
+/// What the daemon is built from once its state, CA and EC2 client are loaded.
+pub(crate) struct Parts {
+    pub config: Config,
+    pub pool: Pool,
+    pub store: StateStore,
+    pub ca: FleetCa,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub ec2: Ec2Client,
+    pub metrics: Arc<Metrics>,
+    pub daemon_id: String,
+    pub adopting: bool,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub(crate) fn new(p: Parts) -> Self {
+        Self {
+            policy: Policy::from_config(&p.config),
+            ownership: ownership(&p.config, p.daemon_id),
+            config: p.config,
+            pool: Mutex::new(p.pool),
+            store: p.store,
+            changed: Notify::new(),
+            wake: Notify::new(),
+            ca: p.ca,
+            tls: p.tls,
+            ec2: p.ec2,
+            probing: Mutex::new(HashSet::new()),
+            launch_backoff: Mutex::new(HashMap::new()),
+            metrics: p.metrics,
+            unknown: Mutex::new(BTreeMap::new()),
+            adopting: AtomicBool::new(p.adopting),
+            stop: p.stop,
+            uid: nix::unistd::geteuid().as_raw(),
+            passes: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
 /// `d` as a chrono duration, saturating at chrono's range: a configured duration or a
 /// persisted time far out must never panic the daemon.
 pub fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
@@ -319,26 +358,18 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         "daemon starting"
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        policy: Policy::from_config(&config),
-        ownership: ownership(&config, daemon_id),
+    let shared = Arc::new(Shared::new(Parts {
         config,
-        pool: Mutex::new(pool),
+        pool,
         store,
-        changed: Notify::new(),
-        wake: Notify::new(),
         ca,
         tls,
         ec2,
-        probing: Mutex::new(HashSet::new()),
-        launch_backoff: Mutex::new(HashMap::new()),
         metrics,
-        unknown: Mutex::new(BTreeMap::new()),
-        adopting: AtomicBool::new(adopting),
+        daemon_id,
+        adopting,
         stop: stop_rx.clone(),
-        uid: nix::unistd::geteuid().as_raw(),
-        passes: std::sync::atomic::AtomicU64::new(0),
-    });
+    }));
 
     let metrics_listener = match &shared.config.metrics_addr {
         Some(addr) => Some(
@@ -516,26 +547,18 @@ pub(crate) async fn test_shared(dir: &Path, stop: watch::Receiver<bool>) -> Arc<
     let (tls, _) = crate::tls::reloadable_machine_client_config(dir).unwrap();
     let metrics = Arc::new(Metrics::new());
     let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
-    Arc::new(Shared {
-        policy: Policy::from_config(&config),
-        ownership: ownership(&config, load_or_create_daemon_id(dir).unwrap()),
+    Arc::new(Shared::new(Parts {
+        daemon_id: load_or_create_daemon_id(dir).unwrap(),
         config,
-        pool: Mutex::new(pool),
+        pool,
         store,
-        changed: Notify::new(),
-        wake: Notify::new(),
         ca,
         tls,
         ec2,
-        probing: Mutex::new(HashSet::new()),
-        launch_backoff: Mutex::new(HashMap::new()),
         metrics,
-        unknown: Mutex::new(BTreeMap::new()),
-        adopting: AtomicBool::new(false),
+        adopting: false,
         stop,
-        uid: nix::unistd::geteuid().as_raw(),
-        passes: std::sync::atomic::AtomicU64::new(0),
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -21,9 +21,6 @@ pub struct JobEnv {
     pub build_exit_code_file: Option<PathBuf>,
     /// GitLab's job payload (mode 0600; holds the job token).
     pub job_response_file: Option<PathBuf>,
-    /// The job's `id` in that payload: written by gitlab-runner, unlike `CI_JOB_ID`, which
-    /// a job can set to anything.
-    pub response_job_id: Option<u64>,
     /// `DOCKER_AUTH_CONFIG` from the runner's own environment (secret).
     pub runner_docker_auth_config: Option<String>,
     pub tmpdir: PathBuf,
@@ -34,9 +31,7 @@ pub struct JobEnv {
 
 impl JobEnv {
     pub fn from_env() -> Self {
-        let mut env = Self::from_vars(std::env::vars());
-        env.response_job_id = env.job_response_file.as_deref().and_then(read_job_id);
-        env
+        Self::from_vars(std::env::vars())
     }
 
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
@@ -45,7 +40,6 @@ impl JobEnv {
             system_failure_code: 2,
             build_exit_code_file: None,
             job_response_file: None,
-            response_job_id: None,
             runner_docker_auth_config: None,
             tmpdir: std::env::temp_dir(),
             vars: BTreeMap::new(),
@@ -87,8 +81,12 @@ impl JobEnv {
     /// Identifies the job to the daemon and names its Docker objects: built only from what
     /// gitlab-runner controls (the payload's job id and the per-job temp dir), never from
     /// job variables.
+    ///
+    /// The payload's job id is read here, not when the environment is: only prepare and
+    /// cleanup need it, so `config` and `run` (most of a job's stage calls) never read it.
     pub fn job_key(&self) -> String {
-        job_key_for(self.response_job_id, &self.tmpdir)
+        let id = self.job_response_file.as_deref().and_then(read_job_id);
+        job_key_for(id, &self.tmpdir)
     }
 }
 
@@ -207,16 +205,14 @@ mod tests {
         std::fs::write(&payload, r#"{"id": 7001, "token": "x"}"#).unwrap();
         let tmp = dir.path().display().to_string();
         let vars = |job_id: &str| {
-            let mut e = JobEnv::from_vars(
+            JobEnv::from_vars(
                 [
                     ("TMPDIR", tmp.as_str()),
                     ("JOB_RESPONSE_FILE", payload.to_str().unwrap()),
                     ("CUSTOM_ENV_CI_JOB_ID", job_id),
                 ]
                 .map(|(k, v)| (k.to_string(), v.to_string())),
-            );
-            e.response_job_id = e.job_response_file.as_deref().and_then(read_job_id);
-            e
+            )
         };
         let honest = vars("7001");
         let liar = vars("6999");
