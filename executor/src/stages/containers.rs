@@ -54,7 +54,6 @@ pub fn check_job(
     class: &str,
     spec: &JobSpec,
     image: &str,
-    job_vars: &[(String, String)],
 ) -> Result<(), StageError> {
     if image != job.default_image && !glob::allowed(&job.allowed_images, image) {
         return Err(StageError::build_message(format!(
@@ -77,7 +76,7 @@ pub fn check_job(
             .find(|(k, _)| k == PRIVILEGED_VAR)
             .is_some_and(|(_, v)| truthy(v))
     };
-    let job_asks = asks(job_vars);
+    let job_asks = asks(&spec.variables);
     if job_asks && !build_privileged(job, image) {
         let why = if !job.privileged {
             format!("`privileged` is false for class {class}")
@@ -370,23 +369,16 @@ mod tests {
         let j = job(
             "allowed_images = [\"registry.example.com/**\"]\nallowed_services = [\"postgres:*\"]",
         );
-        let m = build_error(check_job(&j, "c", &spec("[]", "[]"), "ubuntu:24.04", &[]));
+        let m = build_error(check_job(&j, "c", &spec("[]", "[]"), "ubuntu:24.04"));
         assert!(
             m.contains("allowed_images") && m.contains("registry.example.com/**"),
             "{m}"
         );
-        check_job(&j, "c", &spec("[]", "[]"), "alpine:3", &[])
+        check_job(&j, "c", &spec("[]", "[]"), "alpine:3")
             .expect("the default image is always allowed");
-        check_job(
-            &j,
-            "c",
-            &spec("[]", "[]"),
-            "registry.example.com/a/b:1",
-            &[],
-        )
-        .unwrap();
+        check_job(&j, "c", &spec("[]", "[]"), "registry.example.com/a/b:1").unwrap();
         let s = spec(r#"[{"name": "redis:7"}]"#, "[]");
-        let m = build_error(check_job(&j, "c", &s, "registry.example.com/a:1", &[]));
+        let m = build_error(check_job(&j, "c", &s, "registry.example.com/a:1"));
         assert!(
             m.contains("allowed_services") && m.contains("redis:7"),
             "{m}"
@@ -395,33 +387,27 @@ mod tests {
 
     #[test]
     fn asking_for_privileged_where_it_is_not_given_names_the_setting() {
-        let ask = vec![(PRIVILEGED_VAR.to_string(), "true".to_string())];
-        let m = build_error(check_job(
-            &job(""),
-            "c",
-            &spec("[]", "[]"),
-            "docker:27",
-            &ask,
-        ));
+        let ask = r#"[{"key": "FLOTILLA_PRIVILEGED", "value": "true"}]"#;
+        let m = build_error(check_job(&job(""), "c", &spec("[]", ask), "docker:27"));
         assert!(m.contains("`privileged` is false"), "{m}");
         let j = job("privileged = true\nallowed_privileged_images = [\"docker:*\"]");
-        let m = build_error(check_job(&j, "c", &spec("[]", "[]"), "alpine:3", &ask));
+        let m = build_error(check_job(&j, "c", &spec("[]", ask), "alpine:3"));
         assert!(m.contains("allowed_privileged_images"), "{m}");
-        check_job(&j, "c", &spec("[]", "[]"), "docker:27", &ask).unwrap();
+        check_job(&j, "c", &spec("[]", ask), "docker:27").unwrap();
         // A service asks in its own variables; other services are not concerned.
         let s = spec(
             r#"[{"name": "docker:27-dind", "variables": [{"key": "FLOTILLA_PRIVILEGED", "value": "1"}]}, {"name": "postgres:16"}]"#,
             "[]",
         );
-        let m = build_error(check_job(&job(""), "c", &s, "docker:27", &[]));
+        let m = build_error(check_job(&job(""), "c", &s, "docker:27"));
         assert!(
             m.contains("services_privileged") && m.contains("docker:27-dind"),
             "{m}"
         );
         let j = job("privileged = true\nallowed_privileged_services = [\"docker:*-dind\"]");
-        check_job(&j, "c", &s, "docker:27", &[]).unwrap();
+        check_job(&j, "c", &s, "docker:27").unwrap();
         // Without asking, an unprivileged run is the docker executor's silent behaviour.
-        check_job(&job(""), "c", &spec("[]", "[]"), "docker:27", &[]).unwrap();
+        check_job(&job(""), "c", &spec("[]", "[]"), "docker:27").unwrap();
     }
 
     #[test]

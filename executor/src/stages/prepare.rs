@@ -50,7 +50,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         platform: None,
     });
     // Everything the job may be refused for is decided before a machine is leased.
-    containers::check_job(&job, &class, &spec, &image.name, &spec.variables)?;
+    containers::check_job(&job, &class, &spec, &image.name)?;
     let image_policies = images::policies_for(&job, &image.pull_policy, &image.name)?;
     for s in &spec.services {
         images::policies_for(&job, &s.image.pull_policy, &s.image.name)?;
