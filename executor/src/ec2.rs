@@ -337,6 +337,35 @@ pub struct ObservedInstance {
     pub launched_at: Option<DateTime<Utc>>,
 }
 
+/// A boxed EC2 call: the daemon holds its EC2 side as `Arc<dyn Ec2Api>`.
+pub type Ec2Future<'a, T> = futures_util::future::BoxFuture<'a, Result<T, Ec2Error>>;
+
+/// The three EC2 calls the daemon makes. Behind a trait so that the reconcile loop's
+/// failure paths (throttling, capacity errors, instances vanishing) run as millisecond unit
+/// tests against a recording fake; [`Ec2Client`] is the one real implementation.
+pub trait Ec2Api: Send + Sync {
+    /// Every instance carrying `flotilla:fleet=<fleet>` that is not yet terminated.
+    fn describe_fleet<'a>(&'a self, fleet: &'a str) -> Ec2Future<'a, Vec<ObservedInstance>>;
+    /// One RunInstances for one machine, tagged in the call.
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> Ec2Future<'a, Launched>;
+    /// TerminateInstances, batched.
+    fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()>;
+}
+
+impl Ec2Api for Ec2Client {
+    fn describe_fleet<'a>(&'a self, fleet: &'a str) -> Ec2Future<'a, Vec<ObservedInstance>> {
+        Box::pin(Ec2Client::describe_fleet(self, fleet))
+    }
+
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> Ec2Future<'a, Launched> {
+        Box::pin(Ec2Client::launch(self, spec))
+    }
+
+    fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
+        Box::pin(Ec2Client::terminate(self, instance_ids))
+    }
+}
+
 pub struct Ec2Client {
     client: aws_sdk_ec2::Client,
     calls: Mutex<BTreeMap<&'static str, u64>>,

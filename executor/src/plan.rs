@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flotilla_proto::api::MachineState;
-use flotilla_proto::config::{Config, Schedule};
+use flotilla_proto::config::{ClassConfig, Config, Market, Schedule};
 use flotilla_proto::schedule;
 
+use crate::ec2::Purchase;
 use crate::forecast::DemandHistory;
 use crate::pool::{Machine, Pool, TerminateReason};
 
@@ -165,6 +166,39 @@ pub enum Action {
 
 fn elapsed(since: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
     (now - since).to_std().unwrap_or(Duration::ZERO)
+}
+
+/// One RunInstances attempt of a launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchAttempt {
+    pub purchase: Purchase,
+    pub instance_type: String,
+    pub subnet: String,
+}
+
+/// The order in which one machine's launch tries subnets, instance types and markets:
+/// every subnet of the first type, then the next type, and on-demand only after every
+/// spot attempt, and only where the class allows it (`spot_with_fallback`). A capacity
+/// error moves to the next attempt; any other error ends the launch. Pure.
+pub fn launch_order(class: &ClassConfig) -> Vec<LaunchAttempt> {
+    let purchases: &[Purchase] = match class.market {
+        Market::OnDemand => &[Purchase::OnDemand],
+        Market::Spot => &[Purchase::Spot],
+        Market::SpotWithFallback => &[Purchase::Spot, Purchase::OnDemand],
+    };
+    let mut order = Vec::new();
+    for &purchase in purchases {
+        for instance_type in &class.instance_types {
+            for subnet in &class.subnets {
+                order.push(LaunchAttempt {
+                    purchase,
+                    instance_type: instance_type.clone(),
+                    subnet: subnet.clone(),
+                });
+            }
+        }
+    }
+    order
 }
 
 /// Decides which machines to terminate and how many to launch.
@@ -401,6 +435,37 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn launch_order_tries_every_spot_subnet_and_type_before_on_demand() {
+        let class = |market: &str| {
+            let text = format!(
+                "fleet = \"f\"\nstate_dir = \"/tmp/f\"\ndefault_class = \"c\"\n[classes.c]\nami = \"a\"\ninstance_types = [\"big\", \"small\"]\nsubnets = [\"s1\", \"s2\"]\nmarket = \"{market}\"\n"
+            );
+            Config::from_toml(&text).unwrap().classes["c"].clone()
+        };
+        let order = |market: &str| -> Vec<String> {
+            launch_order(&class(market))
+                .iter()
+                .map(|a| format!("{} {} {}", a.purchase.as_str(), a.instance_type, a.subnet))
+                .collect()
+        };
+        let spot = [
+            "spot big s1",
+            "spot big s2",
+            "spot small s1",
+            "spot small s2",
+        ];
+        let on_demand = [
+            "on-demand big s1",
+            "on-demand big s2",
+            "on-demand small s1",
+            "on-demand small s2",
+        ];
+        assert_eq!(order("spot"), spot);
+        assert_eq!(order("on-demand"), on_demand);
+        assert_eq!(order("spot-with-fallback"), [spot, on_demand].concat());
     }
 
     #[test]

@@ -352,6 +352,151 @@ impl Pool {
         expired.into_iter().map(|(l, _)| l).collect()
     }
 
+    /// [`Pool::release`], then retires the machine if `retire` says it must take no further
+    /// job (`max_builds`, `max_age`): in the same critical section as the release, so a
+    /// waiting job is never handed a machine the plan is about to terminate.
+    pub fn release_retiring(
+        &mut self,
+        lease_id: &str,
+        outcome: ReleaseOutcome,
+        reason: Option<String>,
+        now: DateTime<Utc>,
+        retire: impl Fn(&Machine) -> Option<TerminateReason>,
+    ) -> bool {
+        let machine = self.leases.get(lease_id).map(|l| l.machine_id.clone());
+        let released = self.release(lease_id, outcome, reason, now);
+        if let Some(m) = machine.and_then(|m| self.machines.get_mut(&m)) {
+            if let (true, MachineState::Idle, Some(why)) = (released, m.state, retire(m)) {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(why);
+            }
+        }
+        released
+    }
+
+    /// Retires every idle machine `retire` names a reason for (a state loaded from disk
+    /// whose journal replayed releases without the policy at hand). Returns their ids.
+    pub fn retire_idle(
+        &mut self,
+        retire: impl Fn(&Machine) -> Option<TerminateReason>,
+    ) -> Vec<String> {
+        let mut retired = Vec::new();
+        for m in self.machines.values_mut() {
+            if m.state != MachineState::Idle {
+                continue;
+            }
+            if let Some(why) = retire(m) {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(why);
+                retired.push(m.id.clone());
+            }
+        }
+        retired
+    }
+
+    /// Marks a machine for termination (the next act sends it). A leased machine is never
+    /// taken from its job this way. Returns whether it changed.
+    pub fn begin_terminate(&mut self, machine_id: &str, reason: TerminateReason) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m) if m.lease_id.is_none() && m.state != MachineState::Terminating => {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Terminating machines with an instance whose TerminateInstances was never sent, or
+    /// sent at least `retry` ago without EC2 carrying it out: (machine, instance, reason).
+    pub fn terminations_due(
+        &self,
+        now: DateTime<Utc>,
+        retry: std::time::Duration,
+    ) -> Vec<(String, String, Option<TerminateReason>)> {
+        self.machines
+            .values()
+            .filter(|m| m.state == MachineState::Terminating && !m.instance_id.is_empty())
+            .filter(|m| {
+                m.terminate_sent_at
+                    .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= retry)
+            })
+            .map(|m| (m.id.clone(), m.instance_id.clone(), m.terminate_reason))
+            .collect()
+    }
+
+    /// EC2 accepted the termination of these machines at `now`.
+    pub fn terminate_sent<'a>(
+        &mut self,
+        machine_ids: impl IntoIterator<Item = &'a String>,
+        now: DateTime<Utc>,
+    ) {
+        for id in machine_ids {
+            if let Some(m) = self.machines.get_mut(id) {
+                m.terminate_sent_at = Some(now);
+            }
+        }
+    }
+
+    /// Records a machine about to be launched (booting, no instance yet): recorded first,
+    /// launched second, so a crash in between leaves a record the next observation adopts
+    /// by its machine tag instead of an orphan.
+    pub fn reserve(
+        &mut self,
+        machine_id: &str,
+        class: &str,
+        instance_type: &str,
+        now: DateTime<Utc>,
+    ) {
+        self.machines.insert(
+            machine_id.to_owned(),
+            Machine::booting(machine_id.into(), class.into(), instance_type.into(), now),
+        );
+    }
+
+    /// RunInstances answered for a reserved machine.
+    pub fn record_launch(
+        &mut self,
+        machine_id: &str,
+        instance_id: &str,
+        address: &str,
+        instance_type: &str,
+    ) {
+        if let Some(m) = self.machines.get_mut(machine_id) {
+            m.instance_id = instance_id.to_owned();
+            m.address = address.to_owned();
+            m.instance_type = instance_type.to_owned();
+        }
+    }
+
+    /// A reserved machine whose launch failed: terminating, so observation forgets it once
+    /// no instance carries its machine tag (a lost response may have hidden a launch).
+    pub fn abandon_launch(&mut self, machine_id: &str, why: &str) {
+        if let Some(m) = self.machines.get_mut(machine_id) {
+            m.state = MachineState::Terminating;
+            m.terminate_reason = Some(TerminateReason::Broken);
+            m.note = Some(why.to_owned());
+        }
+    }
+
+    /// Shutdown with `on_shutdown = "terminate"`: every unleased machine with an instance
+    /// goes; leased ones finish their jobs. Returns their instance ids.
+    pub fn terminate_unleased(&mut self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for m in self.machines.values_mut() {
+            if matches!(
+                m.state,
+                MachineState::Idle | MachineState::Booting | MachineState::Broken
+            ) && !m.instance_id.is_empty()
+            {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(TerminateReason::Shutdown);
+                ids.push(m.instance_id.clone());
+            }
+        }
+        ids
+    }
+
     pub fn count(&self, class: &str, state: MachineState) -> u32 {
         self.machines
             .values()

@@ -19,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
-use chrono::Utc;
 use flotilla_proto::api::{
     AcquireRequest, ApiError, AuditEntry, AuditResponse, DrainRequest, ErrorCode, Lease,
     MachineState, ReleaseRequest, ReleaseResponse, StatusResponse, AUDIT_PATH, DRAIN_PATH,
@@ -32,7 +31,7 @@ use super::{new_id, Shared};
 use crate::state_store::JournalOp;
 
 /// How long past its job's timeout a lease is kept before it counts as abandoned.
-const LEASE_GRACE_SECS: u64 = 3600;
+pub const LEASE_GRACE_SECS: u64 = 3600;
 
 /// Longest an acquire may wait, whatever the client asks.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(24 * 3600);
@@ -258,7 +257,7 @@ async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<
                 return (Attempt::Draining, None);
             }
             if first_try {
-                pool.history.record(&class, Utc::now());
+                pool.history.record(&class, shared.now());
             }
             let secret_hash = if req.secret.is_empty() {
                 String::new()
@@ -268,16 +267,20 @@ async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<
             let terms = crate::pool::LeaseTerms {
                 secret_hash,
                 // Time for after_script, uploads and cleanup beyond the job's own timeout.
-                expires_after_secs: req
-                    .job_timeout_secs
-                    .map(|t| t.saturating_add(LEASE_GRACE_SECS)),
+                // Capped at lease_timeout: the config check keeps max_age plus
+                // lease_timeout within a machine's certificate lifetime, so no job holds a
+                // machine past its certificate (prepare warns the job when it is capped).
+                expires_after_secs: req.job_timeout_secs.map(|t| {
+                    t.saturating_add(LEASE_GRACE_SECS)
+                        .min(shared.config.lease_timeout.0.as_secs())
+                }),
             };
             match pool.try_lease_with_terms(
                 &req.job_key,
                 &class,
                 lease_id.clone(),
                 terms,
-                Utc::now(),
+                shared.now(),
             ) {
                 Some(l) => {
                     let record = l.clone();
@@ -423,7 +426,7 @@ async fn release(
     headers: HeaderMap,
     Json(req): Json<ReleaseRequest>,
 ) -> Result<Json<ReleaseResponse>, Failure> {
-    let now = Utc::now();
+    let now = shared.now();
     let secret = presented_secret(&headers);
     if shared
         .pool()
@@ -435,20 +438,11 @@ async fn release(
     }
     let released = shared.update_journaled(|pool| {
         let machine = pool.leases.get(&id).map(|l| l.machine_id.clone());
-        let released = pool.release(&id, req.outcome, req.reason.clone(), now);
         // A machine at max_builds or max_age must not be leased by a waiter woken below
-        // before the plan retires it: retire it in the same critical section.
-        if let Some(m) = machine.as_ref().and_then(|m| pool.machines.get_mut(m)) {
-            let retire = shared
-                .policy
-                .classes
-                .get(&m.class)
-                .and_then(|c| c.retire_reason(m, now));
-            if let (true, MachineState::Idle, Some(reason)) = (released, m.state, retire) {
-                m.state = MachineState::Terminating;
-                m.terminate_reason = Some(reason);
-            }
-        }
+        // before the plan retires it: retired in the same critical section.
+        let released = pool.release_retiring(&id, req.outcome, req.reason.clone(), now, |m| {
+            shared.retire_reason(m, now)
+        });
         let op = released.then(|| JournalOp::Released {
             lease_id: id.clone(),
             outcome: req.outcome,

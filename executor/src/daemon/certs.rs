@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use tokio::sync::watch;
 
 use super::Shared;
@@ -41,7 +40,7 @@ pub async fn renew_client_cert(
 /// One check; returns whether the slot is still behind the file.
 fn check_once(shared: &Shared, slot: &ClientCertSlot, stale: bool) -> bool {
     let dir = &shared.config.state_dir;
-    let reload = match shared.ca.renew_client_cert(dir, Utc::now()) {
+    let reload = match shared.ca.renew_client_cert(dir, shared.now()) {
         Ok(None) => stale,
         Ok(Some(renewed)) => {
             tracing::info!(

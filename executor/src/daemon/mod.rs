@@ -11,28 +11,32 @@
 
 mod api;
 mod certs;
+#[cfg(test)]
+mod fakes;
+pub mod machine_api;
 mod probe;
 mod reconcile;
+#[cfg(test)]
+mod scenarios;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use flotilla_proto::api::MachineState;
 use flotilla_proto::config::{Config, ShutdownPolicy};
 use tokio::sync::{watch, Notify};
 
-use crate::ec2::Ec2Client;
+use crate::ec2::{Ec2Api, Ec2Client};
 use crate::metrics::Metrics;
 use crate::pki::FleetCa;
 use crate::plan::Policy;
 use crate::pool::Pool;
 use crate::state_store::StateStore;
+use machine_api::{MachineApi, MtlsMachines};
 
 pub struct Shared {
     pub config: Config,
@@ -45,9 +49,13 @@ pub struct Shared {
     pub wake: Notify,
     pub ca: FleetCa,
     pub tls: Arc<rustls::ClientConfig>,
-    pub ec2: Ec2Client,
+    pub ec2: Arc<dyn Ec2Api>,
+    /// The machines' dockerd, as the daemon itself calls it (probes, health checks).
+    pub machines: Arc<dyn MachineApi>,
+    /// Where "now" comes from (the system clock; tokio's paused clock in tests).
+    pub clock: Clock,
     probing: Mutex<HashSet<String>>,
-    launch_backoff: Mutex<HashMap<String, (Instant, std::time::Duration)>>,
+    launch_backoff: Mutex<HashMap<String, (DateTime<Utc>, std::time::Duration)>>,
     pub metrics: Arc<Metrics>,
     /// Fleet-tagged instances unknown to the pool, by instance id.
     pub unknown: Mutex<BTreeMap<String, UnknownInstance>>,
@@ -73,7 +81,9 @@ pub(crate) struct Parts {
     pub store: StateStore,
     pub ca: FleetCa,
     pub tls: Arc<rustls::ClientConfig>,
-    pub ec2: Ec2Client,
+    pub ec2: Arc<dyn Ec2Api>,
+    pub machines: Arc<dyn MachineApi>,
+    pub clock: Clock,
     pub metrics: Arc<Metrics>,
     pub daemon_id: String,
     pub adopting: bool,
@@ -93,6 +103,8 @@ impl Shared {
             ca: p.ca,
             tls: p.tls,
             ec2: p.ec2,
+            machines: p.machines,
+            clock: p.clock,
             probing: Mutex::new(HashSet::new()),
             launch_backoff: Mutex::new(HashMap::new()),
             metrics: p.metrics,
@@ -101,6 +113,41 @@ impl Shared {
             stop: p.stop,
             uid: nix::unistd::geteuid().as_raw(),
             passes: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// Where the daemon's wall-clock time comes from: the system clock, or in tests a manual
+/// one the test advances (leases, idle times, launch back-off and boot deadlines all read
+/// it, so a failure path that takes minutes runs in milliseconds).
+#[derive(Debug, Clone)]
+pub enum Clock {
+    System,
+    #[cfg(test)]
+    Manual(Arc<Mutex<DateTime<Utc>>>),
+}
+
+impl Clock {
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Self::System => Utc::now(),
+            #[cfg(test)]
+            Self::Manual(t) => *t.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    /// A manual clock at `start`.
+    #[cfg(test)]
+    pub fn manual(start: DateTime<Utc>) -> Self {
+        Self::Manual(Arc::new(Mutex::new(start)))
+    }
+
+    /// Moves a manual clock forward.
+    #[cfg(test)]
+    pub fn advance(&self, d: std::time::Duration) {
+        if let Self::Manual(t) = self {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            *t = saturating_add(*t, d);
         }
     }
 }
@@ -195,6 +242,24 @@ fn ownership(config: &Config, daemon_id: String) -> crate::observe::Ownership {
 }
 
 impl Shared {
+    /// Why machine `m` must take no further job at `now` (its class's `max_builds`,
+    /// `max_age`), if it must not.
+    pub fn retire_reason(
+        &self,
+        m: &crate::pool::Machine,
+        now: DateTime<Utc>,
+    ) -> Option<crate::pool::TerminateReason> {
+        self.policy
+            .classes
+            .get(&m.class)
+            .and_then(|c| c.retire_reason(m, now))
+    }
+
+    /// The daemon's notion of now (see [`Clock`]).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
     pub fn pool(&self) -> MutexGuard<'_, Pool> {
         // A panic while holding the lock cannot leave the pool half-updated in a way
         // worse than stopping the daemon would; keep serving.
@@ -324,7 +389,8 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
     let (tls, client_cert) = crate::tls::reloadable_machine_client_config(&state_dir)
         .context("stage client certificate")?;
     let metrics = Arc::new(Metrics::new());
-    let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
+    let ec2: Arc<dyn Ec2Api> = Arc::new(Ec2Client::new(&config.aws, metrics.clone()).await);
+    let machines: Arc<dyn MachineApi> = Arc::new(MtlsMachines { tls: tls.clone() });
 
     let socket = config.socket_path();
     if socket.exists() {
@@ -365,11 +431,14 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         ca,
         tls,
         ec2,
+        machines,
+        clock: Clock::System,
         metrics,
         daemon_id,
         adopting,
         stop: stop_rx.clone(),
     }));
+    retire_on_load(&shared).await;
 
     let metrics_listener = match &shared.config.metrics_addr {
         Some(addr) => Some(
@@ -448,6 +517,17 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Retires the idle machines a loaded state holds past `max_builds` or `max_age` (the
+/// journal replays releases without the policy), before any acquire can lease one.
+async fn retire_on_load(shared: &Shared) {
+    let now = shared.now();
+    let (retired, gen) = shared.update(|pool| pool.retire_idle(|m| shared.retire_reason(m, now)));
+    if !retired.is_empty() {
+        tracing::info!(machines = ?retired, "retiring machines past max_builds or max_age");
+        shared.commit(gen).await;
+    }
+}
+
 /// How long shutdown waits for the background tasks to notice the stop.
 const SHUTDOWN_JOIN: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -481,21 +561,7 @@ fn task_failure(ended: Result<(&'static str, bool), tokio::task::JoinError>) -> 
 /// `on_shutdown = "terminate"`: idle and booting machines go; leased ones finish their jobs
 /// and are reaped by the next daemon (or adopted, if it shares the state directory).
 async fn terminate_unleased(shared: &Shared) {
-    let (ids, gen) = shared.update(|pool| {
-        let mut ids = Vec::new();
-        for m in pool.machines.values_mut() {
-            if matches!(
-                m.state,
-                MachineState::Idle | MachineState::Booting | MachineState::Broken
-            ) && !m.instance_id.is_empty()
-            {
-                m.state = MachineState::Terminating;
-                m.terminate_reason = Some(crate::pool::TerminateReason::Shutdown);
-                ids.push(m.instance_id.clone());
-            }
-        }
-        ids
-    });
+    let (ids, gen) = shared.update(Pool::terminate_unleased);
     shared.commit(gen).await;
     tracing::info!(
         machines = ids.len(),
@@ -533,20 +599,49 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{tail}")
 }
 
-/// A [`Shared`] over a fresh state directory, for tests of the daemon's tasks (EC2 is
-/// configured but never called unless a test makes it).
+/// A [`Shared`] over a fresh state directory with fake EC2 and machines, the system clock
+/// and a one-class config, for tests of the daemon's tasks.
 #[cfg(test)]
 pub(crate) async fn test_shared(dir: &Path, stop: watch::Receiver<bool>) -> Arc<Shared> {
+    let clock = Clock::System;
+    test_rig(
+        dir,
+        stop,
+        "",
+        "",
+        Arc::new(fakes::FakeEc2::new(clock.clone())),
+        Arc::new(fakes::FakeMachines::default()),
+        clock,
+    )
+}
+
+/// A [`Shared`] over `dir` (a fresh or existing state) whose config is the one-class base
+/// (class `c`, type `t`, subnet `s` unless `class_extra` sets `instance_types`) plus
+/// `top_extra` top-level keys and `class_extra` keys of `[classes.c]`, with the given edges
+/// and clock.
+#[cfg(test)]
+pub(crate) fn test_rig(
+    dir: &Path,
+    stop: watch::Receiver<bool>,
+    top_extra: &str,
+    class_extra: &str,
+    ec2: Arc<dyn Ec2Api>,
+    machines: Arc<dyn MachineApi>,
+    clock: Clock,
+) -> Arc<Shared> {
     let text = format!(
-        "fleet = \"f\"\nstate_dir = {:?}\ndefault_class = \"c\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:9\"\n[classes.c]\nami = \"a\"\ninstance_types = [\"t\"]\nsubnets = [\"s\"]\n",
-        dir.display().to_string()
+        "fleet = \"f\"\nstate_dir = {:?}\ndefault_class = \"c\"\n{top_extra}\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:9\"\n[classes.c]\nami = \"a\"\n{}\n",
+        dir.display().to_string(),
+        if class_extra.contains("instance_types") {
+            class_extra.to_string()
+        } else {
+            format!("instance_types = [\"t\"]\nsubnets = [\"s\"]\n{class_extra}")
+        }
     );
     let config = Config::from_toml(&text).unwrap();
     let (store, pool) = StateStore::open(dir).unwrap();
-    let ca = FleetCa::load_or_create(dir, 0).unwrap();
+    let ca = FleetCa::load_or_create(dir, pool.machines.len()).unwrap();
     let (tls, _) = crate::tls::reloadable_machine_client_config(dir).unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let ec2 = Ec2Client::new(&config.aws, metrics.clone()).await;
     Arc::new(Shared::new(Parts {
         daemon_id: load_or_create_daemon_id(dir).unwrap(),
         config,
@@ -555,7 +650,9 @@ pub(crate) async fn test_shared(dir: &Path, stop: watch::Receiver<bool>) -> Arc<
         ca,
         tls,
         ec2,
-        metrics,
+        machines,
+        clock,
+        metrics: Arc::new(Metrics::new()),
         adopting: false,
         stop,
     }))

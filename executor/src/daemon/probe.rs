@@ -5,15 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use flotilla_proto::api::MachineState;
-use flotilla_proto::bootstrap::{machine_dns_name, DOCKER_TLS_PORT};
 
 use super::Shared;
 
 const FIRST_DELAY: Duration = Duration::from_millis(50);
 const MAX_DELAY: Duration = Duration::from_millis(500);
-const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Starts probes for machines left booting by a previous daemon.
 pub fn resume(shared: &Arc<Shared>) {
@@ -59,7 +56,6 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
     }) else {
         return;
     };
-    let server_name = machine_dns_name(machine_id);
     let mut delay = FIRST_DELAY;
     let mut last_error;
     loop {
@@ -71,17 +67,13 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
         if !still_booting {
             return;
         }
-        match crate::docker::ping(
-            shared.tls.clone(),
-            &address,
-            DOCKER_TLS_PORT,
-            &server_name,
-            PING_TIMEOUT,
-        )
-        .await
-        {
+        let ping = tokio::time::timeout(
+            super::machine_api::CALL_TIMEOUT,
+            shared.machines.ping(machine_id, &address),
+        );
+        match ping.await.unwrap_or_else(|_| Err("no answer".into())) {
             Ok(()) => {
-                let now = Utc::now();
+                let now = shared.now();
                 let (boot_ms, gen) = shared.update(|p| {
                     let launched = p.machines.get(machine_id).map(|m| m.launched_at)?;
                     p.mark_ready(machine_id, now)
@@ -98,7 +90,7 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
             }
             Err(e) => last_error = e,
         }
-        if Utc::now() >= deadline {
+        if shared.now() >= deadline {
             tracing::warn!(machine = machine_id, %address, error = %last_error, "machine did not answer within its boot timeout");
             shared.wake.notify_one();
             return;
@@ -144,8 +136,8 @@ pub fn health_action(leased: bool, consecutive_failures: u32) -> HealthAction {
     }
 }
 
-/// How old a lease must be before the health watcher looks for its job's containers:
-/// prepare may still be pulling images before it creates the first one.
+/// How old a lease must be before the health watcher looks for its job's containers and
+/// network: prepare creates the network while it pulls, but only after its lease arrived.
 pub const LEASE_RECLAIM_GRACE: Duration = Duration::from_secs(600);
 
 /// What the health watcher does about a lease after listing its job's containers.
@@ -207,7 +199,7 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
             _ = tokio::time::sleep(shared.config.health_interval.0.max(MIN_HEALTH_INTERVAL)) => {}
             _ = stop.changed() => return,
         }
-        let now = Utc::now();
+        let now = shared.now();
         let targets: Vec<(String, String, Check)> = {
             let pool = shared.pool();
             pool.machines
@@ -248,27 +240,28 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
             .iter()
             .cloned()
             .map(|(id, address, check)| {
-                let tls = shared.tls.clone();
+                let machines = shared.machines.clone();
                 let free = &free;
                 let lease_counts = &lease_counts;
                 let check_id = id.clone();
                 let check = async move {
-                    let name = machine_dns_name(&check_id);
                     match check {
-                        Check::Adopted => {
-                            job_containers(tls, &address, &name, None).await.map(|n| {
+                        Check::Adopted => machines
+                            .job_containers(&check_id, &address, None)
+                            .await
+                            .map(|n| {
                                 if n == 0 {
                                     free.lock()
                                         .unwrap_or_else(|p| p.into_inner())
                                         .insert(check_id.clone());
                                 }
-                            })
-                        }
+                            }),
                         Check::Lease {
                             lease_id,
                             job_key,
                             age,
-                        } => job_containers(tls, &address, &name, Some(&job_key))
+                        } => machines
+                            .job_containers(&check_id, &address, Some(&job_key))
                             .await
                             .map(|n| {
                                 lease_counts
@@ -276,10 +269,7 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
                                     .unwrap_or_else(|p| p.into_inner())
                                     .push((lease_id, age, n));
                             }),
-                        Check::Ping => {
-                            crate::docker::ping(tls, &address, DOCKER_TLS_PORT, &name, PING_TIMEOUT)
-                                .await
-                        }
+                        Check::Ping => machines.ping(&check_id, &address).await,
                     }
                 };
                 async move {
@@ -347,7 +337,7 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
         {
             let lease_timeout = shared.config.lease_timeout.0;
             let (drained, gen) = shared.update(|pool| {
-                crate::observe::drain_adopted(pool, &free, Utc::now(), lease_timeout)
+                crate::observe::drain_adopted(pool, &free, shared.now(), lease_timeout)
             });
             if !drained.is_empty() {
                 tracing::info!(machines = ?drained, "adopted machines drained; terminating them");
@@ -383,23 +373,18 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
 async fn reclaim_lease(shared: &Arc<Shared>, lease_id: &str) {
     use crate::state_store::JournalOp;
     use flotilla_proto::api::ReleaseOutcome;
-    let now = Utc::now();
+    let now = shared.now();
     let reason =
         Some("its job's containers are gone; the release never reached the daemon".to_string());
     let released = shared.update_journaled(|pool| {
         let machine = pool.leases.get(lease_id).map(|l| l.machine_id.clone());
-        let released = pool.release(lease_id, ReleaseOutcome::Healthy, reason.clone(), now);
-        if let Some(m) = machine.as_ref().and_then(|m| pool.machines.get_mut(m)) {
-            let retire = shared
-                .policy
-                .classes
-                .get(&m.class)
-                .and_then(|c| c.retire_reason(m, now));
-            if let (true, MachineState::Idle, Some(why)) = (released, m.state, retire) {
-                m.state = MachineState::Terminating;
-                m.terminate_reason = Some(why);
-            }
-        }
+        let released = pool.release_retiring(
+            lease_id,
+            ReleaseOutcome::Healthy,
+            reason.clone(),
+            now,
+            |m| shared.retire_reason(m, now),
+        );
         let op = released.then(|| JournalOp::Released {
             lease_id: lease_id.to_owned(),
             outcome: ReleaseOutcome::Healthy,
@@ -422,39 +407,6 @@ async fn reclaim_lease(shared: &Arc<Shared>, lease_id: &str) {
         shared.changed.notify_waiters();
         shared.wake.notify_one();
     }
-}
-
-/// How many job containers (labelled by the stages, running or not) a machine has (only
-/// `job_key`'s when given): the drain check of an adopted machine, the reclaim check of a
-/// long lease. Answering at all also proves its dockerd is alive.
-async fn job_containers(
-    tls: std::sync::Arc<rustls::ClientConfig>,
-    address: &str,
-    server_name: &str,
-    job_key: Option<&str>,
-) -> Result<usize, String> {
-    use bollard::query_parameters::ListContainersOptions;
-    let docker = crate::docker::connect(tls, address, DOCKER_TLS_PORT, server_name, PING_TIMEOUT)
-        .map_err(|e| e.to_string())?;
-    let filters = std::collections::HashMap::from([(
-        "label".to_string(),
-        vec![match job_key {
-            Some(key) => format!("{}={key}", crate::stages::job::JOB_LABEL),
-            None => crate::stages::job::JOB_LABEL.to_string(),
-        }],
-    )]);
-    let list = tokio::time::timeout(
-        PING_TIMEOUT,
-        docker.list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        })),
-    )
-    .await
-    .map_err(|_| "timed out listing job containers".to_string())?
-    .map_err(|e| e.to_string())?;
-    Ok(list.len())
 }
 
 #[cfg(test)]

@@ -4,19 +4,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chrono::Utc;
-use flotilla_proto::api::MachineState;
 use flotilla_proto::bootstrap::{CloudConfig, MachineBootstrap};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::{new_id, probe, Shared};
-use crate::ec2::{LaunchSpec, Purchase};
+use crate::ec2::LaunchSpec;
 use crate::observe::{fold, Graces};
-use crate::plan::{plan, Action};
-use crate::pool::{Machine, TerminateReason};
-use flotilla_proto::config::Market;
+use crate::plan::{launch_order, plan, Action};
 
 const LAUNCH_BACKOFF_START: Duration = Duration::from_secs(5);
 const LAUNCH_BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -25,10 +23,7 @@ const TERMINATE_RETRY: Duration = Duration::from_secs(120);
 
 pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = shared.config.reconcile_interval.0;
-    let graces = Graces {
-        visibility: interval.saturating_mul(3).max(Duration::from_secs(30)),
-        orphan: shared.config.orphan_grace.0,
-    };
+    let graces = graces(&shared);
     let mut last_observe: Option<Instant> = None;
     let mut accounted: HashMap<String, Instant> = HashMap::new();
     loop {
@@ -38,7 +33,8 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             observe(&shared, &graces).await;
             account_machine_time(&shared, &mut accounted);
         }
-        act(&shared).await;
+        // Launches run in the background (their handles are for tests).
+        drop(act(&shared).await);
         if observing {
             shared
                 .passes
@@ -50,6 +46,20 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = shared.wake.notified() => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// How long an instance may be missing from observations, and an unknown one be present,
+/// before the pool acts on it.
+pub(super) fn graces(shared: &Shared) -> Graces {
+    Graces {
+        visibility: shared
+            .config
+            .reconcile_interval
+            .0
+            .saturating_mul(3)
+            .max(Duration::from_secs(30)),
+        orphan: shared.config.orphan_grace.0,
     }
 }
 
@@ -72,7 +82,7 @@ fn account_machine_time(shared: &Shared, accounted: &mut HashMap<String, Instant
     }
 }
 
-async fn observe(shared: &Arc<Shared>, graces: &Graces) {
+pub(super) async fn observe(shared: &Arc<Shared>, graces: &Graces) {
     let observed = match shared.ec2.describe_fleet(&shared.config.fleet).await {
         Ok(o) => o,
         Err(e) => {
@@ -81,12 +91,12 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
             return;
         }
     };
-    let now = Utc::now();
+    let now = shared.now();
     // `--adopt`: the first successful observation adopts the fleet's running instances.
     let adopting = shared
         .adopting
         .swap(false, std::sync::atomic::Ordering::SeqCst);
-    let mut since: HashMap<String, chrono::DateTime<Utc>> = {
+    let mut since: HashMap<String, chrono::DateTime<chrono::Utc>> = {
         let unknown = shared.unknown.lock().unwrap_or_else(|p| p.into_inner());
         unknown
             .iter()
@@ -160,37 +170,29 @@ async fn observe(shared: &Arc<Shared>, graces: &Graces) {
     }
 }
 
-async fn act(shared: &Arc<Shared>) {
-    let now = Utc::now();
+/// Plans and acts: marks and sends terminations, reserves and starts launches (returned
+/// so tests can await them; the loop lets them run in the background).
+pub(super) async fn act(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
+    let now = shared.now();
     let mut launches = Vec::new();
     let mut changed = false;
     // Planned and applied in one critical section: an acquire between the two could
     // otherwise lease a machine the plan saw idle and is about to terminate.
     let (to_terminate, gen) = shared.update(|pool| {
-        let actions = plan(&shared.policy, pool, now);
-        for action in &actions {
+        for action in plan(&shared.policy, pool, now) {
             match action {
                 Action::Terminate { machine_id, reason } => {
-                    if let Some(m) = pool.machines.get_mut(machine_id) {
-                        tracing::info!(machine = %m.id, instance = %m.instance_id, reason = reason.as_str(), "terminating machine");
-                        m.state = MachineState::Terminating;
-                        m.terminate_reason = Some(*reason);
+                    if pool.begin_terminate(&machine_id, reason) {
+                        if let Some(m) = pool.machines.get(&machine_id) {
+                            tracing::info!(machine = %m.id, instance = %m.instance_id, reason = reason.as_str(), "terminating machine");
+                        }
                         changed = true;
                     }
                 }
-                Action::Launch { class, count } => launches.push((class.clone(), *count)),
+                Action::Launch { class, count } => launches.push((class, count)),
             }
         }
-        // Everything terminating whose termination is not yet (or long ago) sent.
-        pool.machines
-            .values()
-            .filter(|m| m.state == MachineState::Terminating && !m.instance_id.is_empty())
-            .filter(|m| {
-                m.terminate_sent_at
-                    .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= TERMINATE_RETRY)
-            })
-            .map(|m| (m.id.clone(), m.instance_id.clone(), m.terminate_reason))
-            .collect::<Vec<_>>()
+        pool.terminations_due(now, TERMINATE_RETRY)
     });
     if changed {
         shared.commit_durable(gen).await;
@@ -206,13 +208,7 @@ async fn act(shared: &Arc<Shared>) {
                         .terminated(reason.map_or("unknown", |r| r.as_str()), 1);
                 }
                 let gen = shared
-                    .update(|pool| {
-                        for (m, _, _) in &to_terminate {
-                            if let Some(m) = pool.machines.get_mut(m) {
-                                m.terminate_sent_at = Some(now);
-                            }
-                        }
-                    })
+                    .update(|pool| pool.terminate_sent(to_terminate.iter().map(|(m, _, _)| m), now))
                     .1;
                 shared.commit_durable(gen).await;
             }
@@ -233,7 +229,7 @@ async fn act(shared: &Arc<Shared>) {
         }
     }
     if reserved.is_empty() {
-        return;
+        return Vec::new();
     }
     let gen = shared
         .update(|pool| {
@@ -244,31 +240,29 @@ async fn act(shared: &Arc<Shared>) {
                     .get(class)
                     .and_then(|c| c.instance_types.first().cloned())
                     .unwrap_or_default();
-                // Record first, then launch: a crash in between leaves a record the next
-                // observation adopts by its machine tag instead of an orphan.
-                pool.machines.insert(
-                    id.clone(),
-                    Machine::booting(id.clone(), class.clone(), first_type, now),
-                );
+                pool.reserve(id, class, &first_type, now);
             }
         })
         .1;
     shared.commit_durable(gen).await;
-    for (id, class) in reserved {
-        tokio::spawn(launch_reserved(shared.clone(), class, id));
-    }
+    reserved
+        .into_iter()
+        .map(|(id, class)| tokio::spawn(launch_reserved(shared.clone(), class, id)))
+        .collect()
 }
 
 fn in_backoff(shared: &Shared, class: &str) -> bool {
+    let now = shared.now();
     let map = shared
         .launch_backoff
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    map.get(class)
-        .is_some_and(|(until, _)| Instant::now() < *until)
+    map.get(class).is_some_and(|(until, _)| now < *until)
 }
 
+/// A failed launch backs the class off (doubling from 5 s to 5 min); a success clears it.
 fn note_launch_result(shared: &Shared, class: &str, ok: bool) {
+    let now = shared.now();
     let mut map = shared
         .launch_backoff
         .lock()
@@ -279,7 +273,7 @@ fn note_launch_result(shared: &Shared, class: &str, ok: bool) {
         let next = map.get(class).map_or(LAUNCH_BACKOFF_START, |(_, d)| {
             d.saturating_mul(2).min(LAUNCH_BACKOFF_MAX)
         });
-        map.insert(class.to_owned(), (Instant::now() + next, next));
+        map.insert(class.to_owned(), (super::saturating_add(now, next), next));
     }
 }
 
@@ -311,79 +305,69 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
         }
     };
 
-    let purchases: &[Purchase] = match class.market {
-        Market::OnDemand => &[Purchase::OnDemand],
-        Market::Spot => &[Purchase::Spot],
-        Market::SpotWithFallback => &[Purchase::Spot, Purchase::OnDemand],
-    };
     let mut last_error = None;
-    let mut attempt = 0;
     // Shortfall-only fallback: each capacity error moves this one machine to the next
     // subnet, then the next type, then (where allowed) on-demand.
-    'outer: for &purchase in purchases {
-        for instance_type in &class.instance_types {
-            for subnet in &class.subnets {
-                attempt += 1;
-                let spec = LaunchSpec {
-                    fleet: shared.config.fleet.clone(),
-                    daemon_id: shared.ownership.daemon_id.clone(),
-                    machine_id: machine_id.clone(),
-                    client_token: format!("{machine_id}-{attempt}"),
-                    class: class_name.clone(),
-                    ami: class.ami.clone(),
-                    instance_type: instance_type.clone(),
-                    subnet: subnet.clone(),
-                    security_groups: class.security_groups.clone(),
-                    instance_profile: class.instance_profile.clone(),
-                    root_volume_gb: class.root_volume_gb,
-                    purchase,
-                    user_data: user_data.clone(),
-                };
-                let started = Instant::now();
-                match shared.ec2.launch(&spec).await {
-                    Ok(launched) => {
-                        tracing::info!(
-                            machine = %machine_id,
-                            instance = %launched.instance_id,
-                            class = %class_name,
-                            instance_type = %instance_type,
-                            market = purchase.as_str(),
-                            address = %launched.private_ip,
-                            call_ms = started.elapsed().as_millis() as u64,
-                            "launched machine"
-                        );
-                        let gen = shared
-                            .update(|pool| {
-                                if let Some(m) = pool.machines.get_mut(&machine_id) {
-                                    m.instance_id = launched.instance_id.clone();
-                                    m.address = launched.private_ip.clone();
-                                    m.instance_type = instance_type.clone();
-                                }
-                            })
-                            .1;
-                        shared.commit_durable(gen).await;
-                        note_launch_result(&shared, &class_name, true);
-                        shared
-                            .metrics
-                            .launched(&class_name, instance_type, purchase.as_str());
-                        probe::spawn(shared.clone(), machine_id.clone());
-                        return;
-                    }
-                    Err(e) if e.is_capacity() => {
-                        tracing::warn!(class = %class_name, %instance_type, %subnet, market = purchase.as_str(), error = %e, "no capacity; trying the next subnet, type or market");
-                        shared
-                            .metrics
-                            .launch_failed(&class_name, e.code.as_deref().unwrap_or("capacity"));
-                        last_error = Some(e);
-                    }
-                    Err(e) => {
-                        shared
-                            .metrics
-                            .launch_failed(&class_name, e.code.as_deref().unwrap_or("error"));
-                        last_error = Some(e);
-                        break 'outer;
-                    }
-                }
+    for (attempt, try_next) in launch_order(&class).into_iter().enumerate() {
+        let spec = LaunchSpec {
+            fleet: shared.config.fleet.clone(),
+            daemon_id: shared.ownership.daemon_id.clone(),
+            machine_id: machine_id.clone(),
+            client_token: format!("{machine_id}-{}", attempt + 1),
+            class: class_name.clone(),
+            ami: class.ami.clone(),
+            instance_type: try_next.instance_type.clone(),
+            subnet: try_next.subnet.clone(),
+            security_groups: class.security_groups.clone(),
+            instance_profile: class.instance_profile.clone(),
+            root_volume_gb: class.root_volume_gb,
+            purchase: try_next.purchase,
+            user_data: user_data.clone(),
+        };
+        let (instance_type, subnet, market) =
+            (&spec.instance_type, &spec.subnet, spec.purchase.as_str());
+        let started = Instant::now();
+        match shared.ec2.launch(&spec).await {
+            Ok(launched) => {
+                tracing::info!(
+                    machine = %machine_id,
+                    instance = %launched.instance_id,
+                    class = %class_name,
+                    %instance_type,
+                    market,
+                    address = %launched.private_ip,
+                    call_ms = started.elapsed().as_millis() as u64,
+                    "launched machine"
+                );
+                let gen = shared
+                    .update(|pool| {
+                        pool.record_launch(
+                            &machine_id,
+                            &launched.instance_id,
+                            &launched.private_ip,
+                            instance_type,
+                        )
+                    })
+                    .1;
+                shared.commit_durable(gen).await;
+                note_launch_result(&shared, &class_name, true);
+                shared.metrics.launched(&class_name, instance_type, market);
+                probe::spawn(shared.clone(), machine_id.clone());
+                return;
+            }
+            Err(e) if e.is_capacity() => {
+                tracing::warn!(class = %class_name, %instance_type, %subnet, market, error = %e, "no capacity; trying the next subnet, type or market");
+                shared
+                    .metrics
+                    .launch_failed(&class_name, e.code.as_deref().unwrap_or("capacity"));
+                last_error = Some(e);
+            }
+            Err(e) => {
+                shared
+                    .metrics
+                    .launch_failed(&class_name, e.code.as_deref().unwrap_or("error"));
+                last_error = Some(e);
+                break;
             }
         }
     }
@@ -398,13 +382,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
 /// carries its machine tag (in case a lost response hid a launch that did happen).
 async fn abandon(shared: &Shared, machine_id: &str) {
     let gen = shared
-        .update(|pool| {
-            if let Some(m) = pool.machines.get_mut(machine_id) {
-                m.state = MachineState::Terminating;
-                m.terminate_reason = Some(TerminateReason::Broken);
-                m.note = Some("launch failed".into());
-            }
-        })
+        .update(|pool| pool.abandon_launch(machine_id, "launch failed"))
         .1;
     shared.commit(gen).await;
     // Waiting jobs may now be planned for again.

@@ -86,6 +86,17 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
             }
             other => StageError::system(other.to_string()),
         })?;
+    if let Some(t) = spec.timeout_secs {
+        let limit = config.lease_timeout.0;
+        if std::time::Duration::from_secs(t) > limit {
+            say(&format!(
+                "WARNING: this job's timeout ({}) is longer than flotilla's lease_timeout ({}): the daemon takes the machine back after {} whether or not the job has finished; raise lease_timeout in the flotilla config to run longer jobs",
+                flotilla_proto::duration::HumanDuration::from_secs(t),
+                config.lease_timeout,
+                config.lease_timeout,
+            ));
+        }
+    }
     let path = lease_file(env);
     let bytes = serde_json::to_vec(&lease).map_err(|e| StageError::system(e.to_string()))?;
     super::write_private(&path, &bytes)?;

@@ -1,0 +1,335 @@
+//! Recording fakes of the daemon's two edges, EC2 ([`FakeEc2`]) and the machines' dockerd
+//! ([`FakeMachines`]), for unit tests of the reconcile loop, probes and health checks
+//! under a manual clock. Errors, throttling and capacity shortfalls are scripted
+//! with [`Fault`]s; every call is recorded so a test asserts what the daemon asked for.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use futures_util::future::BoxFuture;
+
+use super::machine_api::MachineApi;
+use super::Clock;
+use crate::ec2::{
+    Ec2Api, Ec2Error, Ec2Future, InstanceLife, LaunchSpec, Launched, ObservedInstance, Purchase,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Describe,
+    Launch,
+    Terminate,
+}
+
+/// One recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Describe,
+    Launch {
+        machine_id: String,
+        instance_type: String,
+        subnet: String,
+        purchase: Purchase,
+    },
+    Terminate(Vec<String>),
+}
+
+/// A scripted error: calls of `op` matching the filters fail with `code`, `times` times
+/// (forever when `None`).
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub op: Op,
+    pub code: &'static str,
+    pub instance_type: Option<String>,
+    pub purchase: Option<Purchase>,
+    pub times: Option<u32>,
+}
+
+impl Fault {
+    pub fn new(op: Op, code: &'static str) -> Self {
+        Self {
+            op,
+            code,
+            instance_type: None,
+            purchase: None,
+            times: None,
+        }
+    }
+
+    pub fn throttle(op: Op) -> Self {
+        Self::new(op, "RequestLimitExceeded")
+    }
+
+    pub fn no_capacity() -> Self {
+        Self::new(Op::Launch, "InsufficientInstanceCapacity")
+    }
+
+    pub fn for_type(mut self, instance_type: &str) -> Self {
+        self.instance_type = Some(instance_type.to_owned());
+        self
+    }
+
+    pub fn for_purchase(mut self, purchase: Purchase) -> Self {
+        self.purchase = Some(purchase);
+        self
+    }
+
+    pub fn times(mut self, n: u32) -> Self {
+        self.times = Some(n);
+        self
+    }
+
+    fn matches(&self, op: Op, spec: Option<&LaunchSpec>) -> bool {
+        self.op == op
+            && self.times != Some(0)
+            && self
+                .instance_type
+                .as_ref()
+                .is_none_or(|t| spec.is_some_and(|s| &s.instance_type == t))
+            && self
+                .purchase
+                .is_none_or(|p| spec.is_some_and(|s| s.purchase == p))
+    }
+}
+
+#[derive(Default)]
+struct Ec2State {
+    instances: BTreeMap<String, ObservedInstance>,
+    calls: Vec<Call>,
+    faults: Vec<Fault>,
+    launched: u64,
+    /// TerminateInstances is accepted but not carried out (EC2 being slow).
+    ignore_terminate: bool,
+    /// Instance ids of every accepted TerminateInstances, in order (resends included).
+    accepted_terminations: Vec<String>,
+}
+
+/// EC2 as a map of instances. Launches get `i-<n>` and `10.0.0.<n>`, tagged as the spec
+/// says; terminations make instances `Terminated` (still listed, as EC2 does for a while).
+pub struct FakeEc2 {
+    clock: Clock,
+    state: Mutex<Ec2State>,
+}
+
+impl FakeEc2 {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            clock,
+            state: Mutex::new(Ec2State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Ec2State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.state().faults.push(fault);
+    }
+
+    pub fn ignore_terminate(&self, ignore: bool) {
+        self.state().ignore_terminate = ignore;
+    }
+
+    pub fn count(&self, op: Op) -> usize {
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| {
+                matches!(
+                    (op, c),
+                    (Op::Describe, Call::Describe)
+                        | (Op::Launch, Call::Launch { .. })
+                        | (Op::Terminate, Call::Terminate(_))
+                )
+            })
+            .count()
+    }
+
+    /// The launches made, as (instance type, subnet, purchase).
+    pub fn launches(&self) -> Vec<(String, String, Purchase)> {
+        self.state()
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Launch {
+                    instance_type,
+                    subnet,
+                    purchase,
+                    ..
+                } => Some((instance_type.clone(), subnet.clone(), *purchase)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The instances terminated by the daemon, in call order.
+    /// Instance ids of every TerminateInstances EC2 accepted (a failed call is not here).
+    pub fn terminated(&self) -> Vec<String> {
+        self.state().accepted_terminations.clone()
+    }
+
+    /// An instance of the fleet the daemon did not launch (another daemon's, or one whose
+    /// launch it forgot).
+    pub fn plant(&self, instance: ObservedInstance) {
+        self.state()
+            .instances
+            .insert(instance.instance_id.clone(), instance);
+    }
+
+    /// Terminates an instance behind the daemon's back (spot reclaim, an operator).
+    pub fn terminate_behind_its_back(&self, instance_id: &str) {
+        if let Some(i) = self.state().instances.get_mut(instance_id) {
+            i.life = InstanceLife::Terminated;
+        }
+    }
+
+    /// Takes the first matching fault (counting it down), recording the call either way.
+    fn call(&self, op: Op, spec: Option<&LaunchSpec>, call: Call) -> Result<(), Ec2Error> {
+        let mut s = self.state();
+        s.calls.push(call);
+        let Some(fault) = s.faults.iter_mut().find(|f| f.matches(op, spec)) else {
+            return Ok(());
+        };
+        if let Some(n) = fault.times.as_mut() {
+            *n -= 1;
+        }
+        Err(Ec2Error {
+            operation: match op {
+                Op::Describe => "DescribeInstances",
+                Op::Launch => "RunInstances",
+                Op::Terminate => "TerminateInstances",
+            },
+            code: Some(fault.code.to_owned()),
+            message: "scripted by the test".into(),
+        })
+    }
+}
+
+impl Ec2Api for FakeEc2 {
+    fn describe_fleet<'a>(&'a self, fleet: &'a str) -> Ec2Future<'a, Vec<ObservedInstance>> {
+        let _ = fleet;
+        let r = self
+            .call(Op::Describe, None, Call::Describe)
+            .map(|()| self.state().instances.values().cloned().collect());
+        Box::pin(async move { r })
+    }
+
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> Ec2Future<'a, Launched> {
+        let call = Call::Launch {
+            machine_id: spec.machine_id.clone(),
+            instance_type: spec.instance_type.clone(),
+            subnet: spec.subnet.clone(),
+            purchase: spec.purchase,
+        };
+        let r = self.call(Op::Launch, Some(spec), call).map(|()| {
+            let mut s = self.state();
+            s.launched += 1;
+            let n = s.launched;
+            let launched = Launched {
+                instance_id: format!("i-{n:04}"),
+                private_ip: format!("10.0.0.{n}"),
+            };
+            s.instances.insert(
+                launched.instance_id.clone(),
+                ObservedInstance {
+                    instance_id: launched.instance_id.clone(),
+                    life: InstanceLife::Running,
+                    machine_id: Some(spec.machine_id.clone()),
+                    class: Some(spec.class.clone()),
+                    daemon_id: Some(spec.daemon_id.clone()),
+                    subnet: Some(spec.subnet.clone()),
+                    private_ip: Some(launched.private_ip.clone()),
+                    instance_type: spec.instance_type.clone(),
+                    launched_at: Some(self.clock.now()),
+                },
+            );
+            launched
+        });
+        Box::pin(async move { r })
+    }
+
+    fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
+        let r = self
+            .call(Op::Terminate, None, Call::Terminate(instance_ids.to_vec()))
+            .map(|()| {
+                let mut s = self.state();
+                s.accepted_terminations.extend(instance_ids.iter().cloned());
+                if !s.ignore_terminate {
+                    for id in instance_ids {
+                        if let Some(i) = s.instances.get_mut(id) {
+                            i.life = InstanceLife::Terminated;
+                        }
+                    }
+                }
+            });
+        Box::pin(async move { r })
+    }
+}
+
+/// How a fake machine's dockerd behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dockerd {
+    /// Answers; holds this many job containers.
+    Up { containers: usize },
+    /// Refuses at once (crashed).
+    Down,
+}
+
+/// Every machine's dockerd answers unless scripted otherwise (by machine id, or for all
+/// machines not named).
+#[derive(Default)]
+pub struct FakeMachines {
+    dockerd: Mutex<HashMap<String, Dockerd>>,
+    otherwise: Mutex<Option<Dockerd>>,
+}
+
+impl FakeMachines {
+    /// How machines not scripted by id behave (new launches included).
+    pub fn set_default(&self, d: Dockerd) {
+        *self.otherwise.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
+    }
+
+    pub fn set(&self, machine_id: &str, d: Dockerd) {
+        self.dockerd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(machine_id.to_owned(), d);
+    }
+
+    fn get(&self, machine_id: &str) -> Dockerd {
+        self.dockerd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(machine_id)
+            .copied()
+            .or(*self.otherwise.lock().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or(Dockerd::Up { containers: 0 })
+    }
+
+    async fn answer(&self, machine_id: &str) -> Result<usize, String> {
+        match self.get(machine_id) {
+            Dockerd::Up { containers } => Ok(containers),
+            Dockerd::Down => Err("connection refused".into()),
+        }
+    }
+}
+
+impl MachineApi for FakeMachines {
+    fn ping<'a>(
+        &'a self,
+        machine_id: &'a str,
+        _address: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.answer(machine_id).await.map(|_| ()) })
+    }
+
+    fn job_containers<'a>(
+        &'a self,
+        machine_id: &'a str,
+        _address: &'a str,
+        _job_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, String>> {
+        Box::pin(self.answer(machine_id))
+    }
+}

@@ -1,0 +1,501 @@
+//! The daemon's failure paths as millisecond unit tests: the real reconcile passes, boot
+//! probes and health checks over a real state directory, with EC2 and the machines'
+//! dockerd replaced by recording fakes ([`super::fakes`]) and time by a manual clock.
+//! The end-to-end fleet tests keep one smoke test per path; the cases live here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use flotilla_proto::api::{MachineState, ReleaseOutcome};
+use tokio::sync::watch;
+
+use super::fakes::{Dockerd, FakeEc2, FakeMachines, Fault, Op};
+use super::{reconcile, test_rig, Clock, Shared};
+use crate::ec2::{InstanceLife, ObservedInstance, Purchase};
+use crate::pool::{LeaseTerms, Pool, TerminateReason};
+use crate::state_store::JournalOp;
+
+struct Rig {
+    shared: Arc<Shared>,
+    ec2: Arc<FakeEc2>,
+    machines: Arc<FakeMachines>,
+    clock: Clock,
+    dir: tempfile::TempDir,
+    _stop: watch::Sender<bool>,
+}
+
+fn start() -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000, 0).unwrap()
+}
+
+/// A daemon over a fresh state directory: class `c` with `class` keys, `top` keys.
+fn rig(top: &str, class: &str) -> Rig {
+    rig_in(
+        tempfile::tempdir().unwrap(),
+        top,
+        class,
+        Clock::manual(start()),
+    )
+}
+
+/// A daemon over `dir` (a restart when it holds a state).
+fn rig_in(dir: tempfile::TempDir, top: &str, class: &str, clock: Clock) -> Rig {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ec2 = Arc::new(FakeEc2::new(clock.clone()));
+    let machines = Arc::new(FakeMachines::default());
+    let shared = test_rig(
+        dir.path(),
+        stop_rx,
+        top,
+        class,
+        ec2.clone(),
+        machines.clone(),
+        clock.clone(),
+    );
+    Rig {
+        shared,
+        ec2,
+        machines,
+        clock,
+        dir,
+        _stop: stop_tx,
+    }
+}
+
+impl Rig {
+    /// One reconcile pass (observe, plan, act), launches awaited.
+    async fn pass(&self) {
+        reconcile::observe(&self.shared, &reconcile::graces(&self.shared)).await;
+        for launch in reconcile::act(&self.shared).await {
+            launch.await.unwrap();
+        }
+    }
+
+    /// Waits (a few ms of real time for the probe and health tasks) until `pred` holds.
+    async fn until(&self, what: &str, pred: impl Fn(&Pool) -> bool) {
+        for _ in 0..2_000 {
+            if pred(&self.shared.pool()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!(
+            "timed out waiting for {what}: {:#?}",
+            self.shared.pool().machines
+        );
+    }
+
+    fn in_state(&self, state: MachineState) -> Vec<String> {
+        self.shared
+            .pool()
+            .machines
+            .values()
+            .filter(|m| m.state == state)
+            .map(|m| m.id.clone())
+            .collect()
+    }
+
+    /// Launches `n` machines and waits for them to be idle.
+    async fn warm(&self, n: usize) {
+        self.pass().await;
+        self.until("idle machines", |p| {
+            p.count("c", MachineState::Idle) as usize >= n
+        })
+        .await;
+    }
+
+    /// Leases an idle machine to `job`, journaled as the API does: (lease id, machine id).
+    fn lease(&self, job: &str) -> (String, String) {
+        let lease_id = format!("l-{job}");
+        let now = self.shared.now();
+        self.shared
+            .update_journaled(|pool| {
+                let l = pool
+                    .try_lease_with_terms(job, "c", lease_id.clone(), LeaseTerms::default(), now)
+                    .cloned()
+                    .expect("an idle machine");
+                let op = JournalOp::Leased { lease: l.clone() };
+                (l.machine_id, Some(op))
+            })
+            .map(|m| (lease_id.clone(), m))
+            .unwrap()
+    }
+
+    fn instance_of(&self, machine_id: &str) -> String {
+        self.shared.pool().machines[machine_id].instance_id.clone()
+    }
+}
+
+#[tokio::test]
+async fn capacity_errors_walk_subnets_then_types_then_on_demand() {
+    let r = rig(
+        "",
+        "instance_types = [\"a\", \"b\"]\nsubnets = [\"s1\", \"s2\"]\nmarket = \"spot-with-fallback\"\nidle_count = 1",
+    );
+    r.ec2
+        .inject(Fault::no_capacity().for_purchase(Purchase::Spot));
+    r.ec2.inject(
+        Fault::no_capacity()
+            .for_purchase(Purchase::OnDemand)
+            .for_type("a"),
+    );
+    r.warm(1).await;
+    let tried: Vec<(String, String, Purchase)> = r.ec2.launches();
+    let expected: Vec<(String, String, Purchase)> = [
+        ("a", "s1", Purchase::Spot),
+        ("a", "s2", Purchase::Spot),
+        ("b", "s1", Purchase::Spot),
+        ("b", "s2", Purchase::Spot),
+        ("a", "s1", Purchase::OnDemand),
+        ("a", "s2", Purchase::OnDemand),
+        ("b", "s1", Purchase::OnDemand),
+    ]
+    .iter()
+    .map(|(t, s, p)| (t.to_string(), s.to_string(), *p))
+    .collect();
+    assert_eq!(tried, expected);
+    let idle = r.in_state(MachineState::Idle);
+    assert_eq!(r.shared.pool().machines[&idle[0]].instance_type, "b");
+}
+
+#[tokio::test]
+async fn spot_only_never_falls_back_to_on_demand_and_backs_off() {
+    let r = rig(
+        "",
+        "instance_types = [\"a\"]\nsubnets = [\"s1\", \"s2\"]\nmarket = \"spot\"\nidle_count = 1",
+    );
+    r.ec2.inject(Fault::no_capacity());
+    r.pass().await;
+    assert_eq!(
+        r.ec2.launches(),
+        vec![
+            ("a".into(), "s1".into(), Purchase::Spot),
+            ("a".into(), "s2".into(), Purchase::Spot)
+        ]
+    );
+    // The reserved record is abandoned, not left booting forever.
+    assert!(r.in_state(MachineState::Booting).is_empty());
+    // Backed off: the next pass does not call EC2 again for this class.
+    r.pass().await;
+    assert_eq!(r.ec2.count(Op::Launch), 2);
+}
+
+#[tokio::test]
+async fn a_failed_launch_backs_the_class_off_doubling_until_one_succeeds() {
+    let r = rig("", "idle_count = 1");
+    r.ec2
+        .inject(Fault::new(Op::Launch, "UnauthorizedOperation").times(2));
+    r.pass().await;
+    assert_eq!(
+        r.ec2.count(Op::Launch),
+        1,
+        "not a capacity error: no fallback"
+    );
+    r.pass().await;
+    assert_eq!(r.ec2.count(Op::Launch), 1, "backed off for 5 s");
+    r.clock.advance(Duration::from_secs(5));
+    r.pass().await;
+    assert_eq!(
+        r.ec2.count(Op::Launch),
+        2,
+        "retried after 5 s, failed again"
+    );
+    r.clock.advance(Duration::from_secs(5));
+    r.pass().await;
+    assert_eq!(r.ec2.count(Op::Launch), 2, "now backed off for 10 s");
+    r.clock.advance(Duration::from_secs(5));
+    r.pass().await;
+    assert_eq!(r.ec2.count(Op::Launch), 3);
+    r.until("the machine ready", |p| {
+        p.count("c", MachineState::Idle) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_throttled_describe_changes_nothing_and_launches_nothing_extra() {
+    let r = rig("", "idle_count = 1");
+    r.warm(1).await;
+    let (_, leased) = r.lease("job-1");
+    r.pass().await;
+    r.until("a second idle machine", |p| {
+        p.count("c", MachineState::Idle) == 1
+    })
+    .await;
+    let before = r.shared.pool().machines.clone();
+    let launches = r.ec2.count(Op::Launch);
+    r.ec2.inject(Fault::throttle(Op::Describe).times(5));
+    for _ in 0..5 {
+        r.clock.advance(Duration::from_secs(60));
+        r.pass().await;
+    }
+    // Unknown is not dead: every machine is as it was, nothing relaunched or terminated.
+    let after = r.shared.pool().machines.clone();
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    assert!(after
+        .values()
+        .all(|m| matches!(m.state, MachineState::Idle | MachineState::Leased)));
+    assert_eq!(after[&leased].state, MachineState::Leased);
+    assert_eq!(r.ec2.count(Op::Launch), launches);
+    assert_eq!(r.ec2.count(Op::Terminate), 0);
+}
+
+#[tokio::test]
+async fn an_instance_terminated_behind_its_back_fails_its_job_and_is_replaced() {
+    let r = rig("", "idle_count = 1");
+    r.warm(1).await;
+    let (lease_id, machine) = r.lease("job-1");
+    let instance = r.instance_of(&machine);
+    r.ec2.terminate_behind_its_back(&instance);
+    r.pass().await;
+    {
+        let pool = r.shared.pool();
+        let lost = pool.leases[&lease_id].lost.as_deref().unwrap_or_default();
+        assert!(
+            lost.contains("terminated"),
+            "lease not marked lost: {lost:?}"
+        );
+        assert_ne!(
+            pool.machines.get(&machine).map(|m| m.state),
+            Some(MachineState::Leased)
+        );
+    }
+    // A replacement comes up for the warm pool; the lost machine is never leased again.
+    r.until("a replacement", |p| p.count("c", MachineState::Idle) == 1)
+        .await;
+    let (_, next) = r.lease("job-2");
+    assert_ne!(next, machine);
+}
+
+#[tokio::test]
+async fn a_termination_is_resent_only_after_the_retry_interval_and_forgotten_once_done() {
+    let r = rig("", "idle_count = 0\nidle_time = \"1m\"");
+    r.ec2.plant(ObservedInstance {
+        instance_id: "i-planted".into(),
+        life: InstanceLife::Running,
+        machine_id: Some("m-x".into()),
+        class: Some("c".into()),
+        daemon_id: Some(r.shared.ownership.daemon_id.clone()),
+        subnet: Some("s".into()),
+        private_ip: Some("10.9.9.9".into()),
+        instance_type: "t".into(),
+        launched_at: Some(start()),
+    });
+    // An idle machine of ours past its idle time.
+    r.shared.update(|pool| {
+        pool.reserve("m-x", "c", "t", start());
+        pool.record_launch("m-x", "i-planted", "10.9.9.9", "t");
+        pool.mark_ready("m-x", start());
+    });
+    r.clock.advance(Duration::from_secs(61));
+    r.ec2.ignore_terminate(true);
+    r.ec2.inject(Fault::throttle(Op::Terminate).times(1));
+    r.pass().await;
+    assert_eq!(
+        r.in_state(MachineState::Terminating),
+        vec!["m-x".to_string()]
+    );
+    assert!(
+        r.ec2.terminated().is_empty(),
+        "the throttled call did nothing"
+    );
+    r.pass().await;
+    assert_eq!(
+        r.ec2.terminated(),
+        vec!["i-planted".to_string()],
+        "resent at once after a failure"
+    );
+    // Accepted but not carried out: not resent on every pass...
+    for _ in 0..3 {
+        r.clock.advance(Duration::from_secs(30));
+        r.pass().await;
+    }
+    assert_eq!(r.ec2.terminated().len(), 1);
+    // ...but after two minutes; the record stays until EC2 says terminated.
+    r.clock.advance(Duration::from_secs(30));
+    r.pass().await;
+    assert_eq!(r.ec2.terminated().len(), 2);
+    assert!(r.shared.pool().machines.contains_key("m-x"));
+    r.ec2.ignore_terminate(false);
+    r.clock.advance(Duration::from_secs(120));
+    r.pass().await; // resends; EC2 carries it out this time
+    r.pass().await; // observes it terminated
+    assert_eq!(r.ec2.terminated().len(), 3);
+    assert!(
+        !r.shared.pool().machines.contains_key("m-x"),
+        "forgotten once terminated"
+    );
+}
+
+#[tokio::test]
+async fn only_our_own_orphans_are_reaped_and_only_after_the_grace() {
+    let r = rig("orphan_grace = \"10m\"", "idle_count = 0");
+    let planted = |id: &str, daemon: &str| ObservedInstance {
+        instance_id: id.into(),
+        life: InstanceLife::Running,
+        machine_id: Some(format!("m-{id}")),
+        class: Some("c".into()),
+        daemon_id: Some(daemon.into()),
+        subnet: Some("s".into()),
+        private_ip: None,
+        instance_type: "t".into(),
+        launched_at: Some(start()),
+    };
+    let ours = r.shared.ownership.daemon_id.clone();
+    r.ec2.plant(planted("i-ours", &ours));
+    r.ec2.plant(planted("i-theirs", "d-another"));
+    r.pass().await;
+    r.clock.advance(Duration::from_secs(599));
+    r.pass().await;
+    assert!(r.ec2.terminated().is_empty(), "within the grace");
+    r.clock.advance(Duration::from_secs(1));
+    r.pass().await;
+    assert_eq!(r.ec2.terminated(), vec!["i-ours".to_string()]);
+    r.clock.advance(Duration::from_secs(3600));
+    r.pass().await;
+    assert_eq!(
+        r.ec2.terminated(),
+        vec!["i-ours".to_string()],
+        "another daemon's instance is never reaped"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_record_and_launch_is_adopted_by_machine_tag() {
+    let r = rig("", "idle_count = 1");
+    // The previous daemon recorded the machine, launched, and died before the answer.
+    r.shared
+        .update(|pool| pool.reserve("m-crash", "c", "t", start()));
+    r.ec2.plant(ObservedInstance {
+        instance_id: "i-crash".into(),
+        life: InstanceLife::Running,
+        machine_id: Some("m-crash".into()),
+        class: Some("c".into()),
+        daemon_id: Some(r.shared.ownership.daemon_id.clone()),
+        subnet: Some("s".into()),
+        private_ip: Some("10.1.1.1".into()),
+        instance_type: "t".into(),
+        launched_at: Some(start()),
+    });
+    r.pass().await;
+    assert_eq!(r.instance_of("m-crash"), "i-crash");
+    assert_eq!(
+        r.ec2.count(Op::Launch),
+        0,
+        "the booting record counts toward idle_count"
+    );
+    assert!(r.ec2.terminated().is_empty());
+}
+
+#[tokio::test]
+async fn a_machine_that_never_answers_is_replaced_after_its_boot_timeout() {
+    let r = rig("", "idle_count = 1\nboot_timeout = \"2m\"");
+    r.machines.set_default(Dockerd::Down);
+    r.pass().await;
+    let booting = r.in_state(MachineState::Booting);
+    assert_eq!(booting.len(), 1);
+    r.clock.advance(Duration::from_secs(119));
+    r.pass().await;
+    assert_eq!(r.ec2.count(Op::Terminate), 0);
+    r.clock.advance(Duration::from_secs(1));
+    r.machines.set_default(Dockerd::Up { containers: 0 });
+    r.pass().await;
+    assert_eq!(r.ec2.terminated(), vec![r.instance_of(&booting[0])]);
+    assert_eq!(
+        r.shared.pool().machines[&booting[0]].terminate_reason,
+        Some(TerminateReason::BootTimeout)
+    );
+    r.until("a replacement", |p| p.count("c", MachineState::Idle) == 1)
+        .await;
+}
+
+#[tokio::test]
+async fn health_checks_replace_a_dead_idle_machine_but_never_take_a_leased_one() {
+    let r = rig("health_interval = \"100ms\"", "idle_count = 2");
+    r.warm(2).await;
+    let (lease_id, leased) = r.lease("job-1");
+    let idle = r.in_state(MachineState::Idle)[0].clone();
+    r.machines.set(&leased, Dockerd::Down);
+    r.machines.set(&idle, Dockerd::Down);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let watcher = tokio::spawn(super::probe::watch_health(r.shared.clone(), stop_rx));
+    r.until("the dead idle machine marked broken", |p| {
+        p.machines[&idle].state == MachineState::Broken
+    })
+    .await;
+    {
+        let pool = r.shared.pool();
+        assert_eq!(pool.machines[&leased].state, MachineState::Leased);
+        assert!(
+            pool.leases[&lease_id].lost.is_none(),
+            "a blip never fails a running job"
+        );
+    }
+    stop_tx.send(true).unwrap();
+    watcher.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_whose_release_never_came_is_reclaimed_once_its_containers_are_gone() {
+    let r = rig("health_interval = \"100ms\"", "idle_count = 1");
+    r.warm(1).await;
+    let (lease_id, machine) = r.lease("job-1");
+    r.machines.set(&machine, Dockerd::Up { containers: 2 });
+    r.clock
+        .advance(super::probe::LEASE_RECLAIM_GRACE + Duration::from_secs(1));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let watcher = tokio::spawn(super::probe::watch_health(r.shared.clone(), stop_rx));
+    // Still running containers: kept however long (wait for a few checks).
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(r.shared.pool().leases.contains_key(&lease_id));
+    r.machines.set(&machine, Dockerd::Up { containers: 0 });
+    r.until("the lease reclaimed", |p| !p.leases.contains_key(&lease_id))
+        .await;
+    assert_eq!(r.shared.pool().machines[&machine].state, MachineState::Idle);
+    stop_tx.send(true).unwrap();
+    watcher.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_retires_a_machine_past_max_builds_before_any_lease() {
+    let r = rig("", "idle_count = 1");
+    r.warm(1).await;
+    let (lease_id, machine) = r.lease("job-1");
+    let now = r.shared.now();
+    // Released with the old policy (no max_builds), journaled only.
+    r.shared
+        .update_journaled(|pool| {
+            let released =
+                pool.release_retiring(&lease_id, ReleaseOutcome::Healthy, None, now, |m| {
+                    r.shared.retire_reason(m, now)
+                });
+            let op = JournalOp::Released {
+                lease_id: lease_id.clone(),
+                outcome: ReleaseOutcome::Healthy,
+                reason: None,
+                at: now,
+            };
+            (released, Some(op))
+        })
+        .unwrap();
+    assert_eq!(r.shared.pool().machines[&machine].state, MachineState::Idle);
+    // The operator lowers max_builds and restarts the daemon.
+    let Rig { dir, clock, .. } = r;
+    let r = rig_in(dir, "", "idle_count = 1\nmax_builds = 1", clock);
+    assert_eq!(
+        r.shared.pool().machines[&machine].builds,
+        1,
+        "the journal replayed the release"
+    );
+    super::retire_on_load(&r.shared).await;
+    let pool = r.shared.pool();
+    assert_eq!(pool.machines[&machine].state, MachineState::Terminating);
+    assert_eq!(
+        pool.machines[&machine].terminate_reason,
+        Some(TerminateReason::MaxBuilds)
+    );
+}
