@@ -23,6 +23,30 @@ pub fn render_table(s: &StatusResponse) -> String {
                 .join(" ")
         }
     );
+    if !s.classes.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<10} {:>4} {:>6} {:>7} {:>9} {:>7}  WAITING FOR",
+            "CLASS", "IDLE", "LEASED", "BOOTING", "LIVE/MAX", "WAITING"
+        );
+        for (name, c) in &s.classes {
+            let _ = writeln!(
+                out,
+                "{:<10} {:>4} {:>6} {:>7} {:>9} {:>7}  {}",
+                name,
+                c.idle,
+                c.leased,
+                c.booting,
+                format!("{}/{}", c.live, c.max_machines),
+                c.waiting,
+                c.waiting_for.as_deref().unwrap_or("-")
+            );
+            if let (None, Some(e)) = (&c.waiting_for, &c.last_launch_error) {
+                let _ = writeln!(out, "{:<10} last launch failed: {e}", "");
+            }
+        }
+        let _ = writeln!(out);
+    }
     let _ = writeln!(
         out,
         "{:<16} {:<20} {:<10} {:<12} {:<11} {:<16} {:>6} {:>8}  JOB",

@@ -163,6 +163,30 @@ pub struct StatusResponse {
     /// wait for "the daemon has looked again" without guessing at its interval.
     #[serde(default)]
     pub reconcile_passes: u64,
+    /// Per class: machines by state and, when jobs wait, what they wait for.
+    #[serde(default)]
+    pub classes: std::collections::BTreeMap<String, ClassStatus>,
+}
+
+/// One class in [`StatusResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassStatus {
+    pub idle: u32,
+    pub leased: u32,
+    pub booting: u32,
+    /// Machines that count against `max_machines` (terminating ones do not).
+    pub live: u32,
+    pub max_machines: u32,
+    /// Acquire requests waiting for a machine of this class.
+    pub waiting: u32,
+    /// No launch before this: the last launch failed (see `last_launch_error`).
+    #[serde(default)]
+    pub launch_backoff_until: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub last_launch_error: Option<String>,
+    /// When jobs wait: what for, in words (backoff and its error, max_machines, booting).
+    #[serde(default)]
+    pub waiting_for: Option<String>,
 }
 
 /// Turn draining on (no new leases; idle machines terminated) or off.

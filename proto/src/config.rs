@@ -856,13 +856,49 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Strin
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let what = describe_toml_error(text, &inner);
+        let mut what = describe_toml_error(text, &inner);
+        if let Some(known) = nearest_known_field(inner.message()) {
+            what.push_str(&format!("; did you mean `{known}`?"));
+        }
         if key.is_empty() || key == "." {
             what
         } else {
             format!("key `{key}`: {what}")
         }
     })
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`": the expected field closest
+/// to the typo, when it is close enough to be what was meant (a typo, not another key).
+fn nearest_known_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|known| (edit_distance(unknown, known), known))
+        .filter(|(d, known)| *d <= (known.len().max(unknown.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
@@ -879,6 +915,19 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_misspelt_key_gets_the_nearest_known_one_and_an_unrelated_key_none() {
+        let with = |extra: &str| {
+            Config::from_toml(&format!("{MINIMAL}{extra}")).expect_err("unknown key accepted")
+        };
+        let typo = with("idle_cout = 2\n");
+        assert!(typo.contains("did you mean `idle_count`?"), "{typo}");
+        let other = with("colour = \"blue\"\n");
+        assert!(!other.contains("did you mean"), "{other}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
 
     const MINIMAL: &str = r#"
 fleet = "ci"

@@ -473,7 +473,15 @@ async fn release(
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
     let pool = shared.pool();
+    let classes = {
+        let backoff = shared
+            .launch_backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        super::class_status::class_statuses(&shared.policy, &pool, &backoff, shared.now())
+    };
     Json(StatusResponse {
+        classes,
         fleet: shared.config.fleet.clone(),
         draining: pool.draining,
         machines: pool.machines.values().map(|m| m.status(&pool)).collect(),

@@ -11,6 +11,7 @@
 
 mod api;
 mod certs;
+pub mod class_status;
 #[cfg(test)]
 mod fakes;
 pub mod machine_api;
@@ -55,7 +56,7 @@ pub struct Shared {
     /// Where "now" comes from (the system clock; tokio's paused clock in tests).
     pub clock: Clock,
     probing: Mutex<HashSet<String>>,
-    launch_backoff: Mutex<HashMap<String, (DateTime<Utc>, std::time::Duration)>>,
+    launch_backoff: Mutex<HashMap<String, class_status::LaunchBackoff>>,
     pub metrics: Arc<Metrics>,
     /// Fleet-tagged instances unknown to the pool, by instance id.
     pub unknown: Mutex<BTreeMap<String, UnknownInstance>>,

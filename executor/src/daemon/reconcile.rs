@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::class_status::LaunchBackoff;
 use super::{new_id, probe, Shared};
 use crate::ec2::LaunchSpec;
 use crate::observe::{fold, Graces};
@@ -257,23 +258,34 @@ fn in_backoff(shared: &Shared, class: &str) -> bool {
         .launch_backoff
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    map.get(class).is_some_and(|(until, _)| now < *until)
+    map.get(class).is_some_and(|b| now < b.until)
 }
 
 /// A failed launch backs the class off (doubling from 5 s to 5 min); a success clears it.
-fn note_launch_result(shared: &Shared, class: &str, ok: bool) {
+fn note_launch_result(shared: &Shared, class: &str, result: Result<(), String>) {
     let now = shared.now();
     let mut map = shared
         .launch_backoff
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    if ok {
-        map.remove(class);
-    } else {
-        let next = map.get(class).map_or(LAUNCH_BACKOFF_START, |(_, d)| {
-            d.saturating_mul(2).min(LAUNCH_BACKOFF_MAX)
-        });
-        map.insert(class.to_owned(), (super::saturating_add(now, next), next));
+    match result {
+        Ok(()) => {
+            map.remove(class);
+        }
+        Err(last_error) => {
+            let delay = map.get(class).map_or(LAUNCH_BACKOFF_START, |b| {
+                b.delay.saturating_mul(2).min(LAUNCH_BACKOFF_MAX)
+            });
+            let until = super::saturating_add(now, delay);
+            map.insert(
+                class.to_owned(),
+                LaunchBackoff {
+                    until,
+                    delay,
+                    last_error,
+                },
+            );
+        }
     }
 }
 
@@ -299,7 +311,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
         Ok(u) => u,
         Err(e) => {
             tracing::error!(class = %class_name, error = %e, "cannot build machine bootstrap");
-            note_launch_result(&shared, &class_name, false);
+            note_launch_result(&shared, &class_name, Err(format!("machine bootstrap: {e}")));
             abandon(&shared, &machine_id).await;
             return;
         }
@@ -350,7 +362,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
                     })
                     .1;
                 shared.commit_durable(gen).await;
-                note_launch_result(&shared, &class_name, true);
+                note_launch_result(&shared, &class_name, Ok(()));
                 shared.metrics.launched(&class_name, instance_type, market);
                 probe::spawn(shared.clone(), machine_id.clone());
                 return;
@@ -371,10 +383,14 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
             }
         }
     }
-    if let Some(e) = last_error {
+    if let Some(e) = &last_error {
         tracing::error!(class = %class_name, error = %e, "launch failed");
     }
-    note_launch_result(&shared, &class_name, false);
+    let why = last_error.map_or_else(
+        || "no instance type or subnet to try".to_owned(),
+        |e| e.to_string(),
+    );
+    note_launch_result(&shared, &class_name, Err(why));
     abandon(&shared, &machine_id).await;
 }
 

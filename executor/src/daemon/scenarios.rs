@@ -122,6 +122,19 @@ impl Rig {
             .unwrap()
     }
 
+    /// Class `c` as `flotilla status` shows it.
+    fn class_status(&self) -> flotilla_proto::api::ClassStatus {
+        let backoff = self.shared.launch_backoff.lock().unwrap().clone();
+        super::class_status::class_statuses(
+            &self.shared.policy,
+            &self.shared.pool(),
+            &backoff,
+            self.shared.now(),
+        )
+        .remove("c")
+        .unwrap()
+    }
+
     fn instance_of(&self, machine_id: &str) -> String {
         self.shared.pool().machines[machine_id].instance_id.clone()
     }
@@ -179,6 +192,17 @@ async fn spot_only_never_falls_back_to_on_demand_and_backs_off() {
     // Backed off: the next pass does not call EC2 again for this class.
     r.pass().await;
     assert_eq!(r.ec2.count(Op::Launch), 2);
+    // ...and `flotilla status` says why a waiting job would wait.
+    r.shared.update(|pool| pool.waiting.insert("c".into(), 1));
+    let status = r.class_status();
+    assert!(
+        status
+            .waiting_for
+            .as_deref()
+            .is_some_and(|w| w.starts_with("launch backoff until")
+                && w.contains("InsufficientInstanceCapacity")),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
