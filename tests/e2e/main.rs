@@ -6,6 +6,8 @@
 //! CARGO_TARGET_DIR, or FLOTILLA_BIN). `FLOTILLA_E2E_PARALLEL` caps concurrent sandboxes
 //! (default 3); `FLOTILLA_KEEP_SANDBOX=1` keeps their directories for inspection.
 
+mod adopt;
+mod chaos;
 mod common;
 mod compat;
 mod dind;

@@ -93,6 +93,15 @@ impl EmulatedMachine {
     }
 }
 
+/// A machine whose dockerd [`Emulator::freeze`] stopped.
+#[derive(Debug, Clone)]
+pub struct FrozenMachine {
+    pub instance_id: String,
+    /// The `flotilla:machine` tag (or the machine id in the user data).
+    pub machine_id: Option<String>,
+    pub dockerd_pid: u32,
+}
+
 struct Entry {
     machine: EmulatedMachine,
     child: Option<Child>,
@@ -207,6 +216,61 @@ impl Emulator {
             },
         )
         .await
+    }
+
+    /// Makes a running machine stop answering, as a hung kernel or a network partition
+    /// does: its dockerd is stopped with SIGSTOP, so connections to its TLS port are still
+    /// accepted by the kernel but never answered (handshakes and API calls hang), while its
+    /// containers run on. [`Emulator::thaw`] resumes it. A frozen machine terminated in
+    /// moto is still stopped by the emulator (its last SIGKILL works on a stopped process),
+    /// only slowly: thaw it once it is out of service.
+    pub fn freeze(&self, instance_id: &str) -> Result<FrozenMachine> {
+        let m = self
+            .machine(instance_id)
+            .with_context(|| format!("{instance_id} is not an emulated machine"))?;
+        if m.phase != MachinePhase::Running {
+            bail!(
+                "{instance_id} is not running ({:?}): nothing to freeze",
+                m.phase
+            );
+        }
+        let pid = m
+            .dockerd_pid
+            .with_context(|| format!("{instance_id} has no dockerd"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .with_context(|| format!("SIGSTOP to dockerd {pid} of {instance_id}"))?;
+        self.shared.event(&format!(
+            "{instance_id}: dockerd pid {pid} frozen (SIGSTOP): the machine stops answering"
+        ));
+        Ok(FrozenMachine {
+            instance_id: m.instance_id,
+            machine_id: m.machine_id,
+            dockerd_pid: pid,
+        })
+    }
+
+    /// Resumes a machine [`Emulator::freeze`] stopped (SIGCONT). Also works once the
+    /// emulator has dropped it (terminated in moto); a dockerd already gone is no error.
+    pub fn thaw(&self, frozen: &FrozenMachine) -> Result<()> {
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(frozen.dockerd_pid as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => bail!(
+                "SIGCONT to dockerd {} of {}: {e}",
+                frozen.dockerd_pid,
+                frozen.instance_id
+            ),
+        }
+        self.shared.event(&format!(
+            "{}: dockerd pid {} thawed (SIGCONT)",
+            frozen.instance_id, frozen.dockerd_pid
+        ));
+        Ok(())
     }
 
     /// Stops watching and stops every dockerd (blocking; also done on drop).

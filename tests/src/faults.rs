@@ -234,6 +234,17 @@ impl FaultProxy {
             .count() as u64
     }
 
+    /// Requests so far answered with an injected fault, by `<action> <error code>`.
+    pub fn injected(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for c in lock(&self.state.calls).iter() {
+            if let Some(code) = &c.injected {
+                *out.entry(format!("{} {code}", c.action)).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// Requests so far that reached moto, by action.
     pub fn forwarded(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();

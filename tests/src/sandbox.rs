@@ -498,6 +498,138 @@ impl Sandbox {
         Ok(())
     }
 
+    /// [`Sandbox::start_daemon`] with more arguments after `daemon` (e.g. `--adopt`).
+    pub async fn start_daemon_with(&mut self, extra: &[&str]) -> Result<()> {
+        if self.daemon.is_some() {
+            bail!("the daemon is already running");
+        }
+        let log_path = self.daemon_log();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let err = log.try_clone()?;
+        let mut cmd = Command::new(&self.flotilla_bin);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("daemon")
+            .args(extra)
+            .envs(self.aws_env())
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {} daemon {}",
+                self.flotilla_bin.display(),
+                extra.join(" ")
+            )
+        })?;
+        util::record_pid(&self.dir, "flotilla", child.id());
+        self.daemon = Some(child);
+        let socket = self.config.socket_path();
+        let daemon = &mut self.daemon;
+        let ready = wait_until(
+            "the daemon's control socket",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || {
+                let exited = daemon.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let socket = socket.clone();
+                async move {
+                    if let Some(status) = exited {
+                        bail!("flotilla daemon exited with {status}");
+                    }
+                    Ok(tokio::net::UnixStream::connect(&socket)
+                        .await
+                        .ok()
+                        .map(|_| ()))
+                }
+            },
+        )
+        .await;
+        if let Err(e) = ready {
+            if let Some(mut c) = self.daemon.take() {
+                stop_child(&mut c, Duration::from_secs(5), true);
+            }
+            bail!(
+                "{e:#}\ndaemon log ({}):\n{}",
+                log_path.display(),
+                tail(&log_path, 40)
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `flotilla daemon <extra>` in the foreground, expecting it to exit on its own
+    /// (a refusal to start) within `timeout`; returns its exit code and its output (stdout
+    /// then stderr), also appended to [`Sandbox::daemon_log`]. A daemon that is still
+    /// running at `timeout` is killed and reported as an error with what it printed.
+    pub async fn run_daemon_to_exit(
+        &self,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<(Option<i32>, String)> {
+        let mut cmd = tokio::process::Command::new(&self.flotilla_bin);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("daemon")
+            .args(extra)
+            .envs(self.aws_env())
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {} daemon {}",
+                self.flotilla_bin.display(),
+                extra.join(" ")
+            )
+        })?;
+        let pid = child.id();
+        let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(out) => out.context("waiting for flotilla daemon")?,
+            Err(_) => {
+                // wait_with_output owned the child; it is killed on drop. Its group too.
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                bail!(
+                    "flotilla daemon {} was still running after {timeout:?} (expected it to exit)",
+                    extra.join(" ")
+                );
+            }
+        };
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.daemon_log())
+        {
+            use std::io::Write;
+            let _ = f.write_all(text.as_bytes());
+        }
+        Ok((out.status.code(), text))
+    }
+
     /// Pushes another busybox image (`/etc/flotilla-image` holds `flavour`) to the
     /// sandbox registry; returns its reference.
     /// `127.0.0.1:<port>` of the sandbox's registry, the host part of its image references.
