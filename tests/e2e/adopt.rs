@@ -362,8 +362,15 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
             r.outcome,
             r.describe()
         );
+        let said = match &r.outcome {
+            Outcome::SystemFailure { stage, .. } => r
+                .stage(stage)
+                .map(|s| s.stderr.trim().to_owned())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         eprintln!(
-            "adopt: job 801 (running across the adoption) ended {:?}, cleanup exit {:?}",
+            "adopt: job 801 (running across the adoption) ended {:?} {said:?}, cleanup exit {:?}",
             r.outcome, r.cleanup_exit
         );
 
