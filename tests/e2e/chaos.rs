@@ -114,6 +114,8 @@ struct Applied {
 /// A machine hit behind the daemon's back: a job that ran on it may fail.
 #[derive(Debug, Clone)]
 struct Hit {
+    /// When it was hit (since the test started).
+    at: Duration,
     machine_id: Option<String>,
     instance_id: String,
     why: String,
@@ -369,6 +371,7 @@ impl Driver {
                     ),
                 );
                 self.hits.push(Hit {
+                    at: self.t0.elapsed(),
                     machine_id: victim.machine_id.clone(),
                     instance_id: victim.instance_id.clone(),
                     why,
@@ -414,6 +417,7 @@ impl Driver {
                         format!("machine {} ({instance}) {why}", m.machine_id),
                     );
                     self.hits.push(Hit {
+                        at: self.t0.elapsed(),
                         machine_id: Some(m.machine_id.clone()),
                         instance_id: instance,
                         why,
@@ -458,6 +462,7 @@ impl Driver {
                     ),
                 );
                 self.hits.push(Hit {
+                    at: self.t0.elapsed(),
                     machine_id: Some(victim.machine_id.clone()),
                     instance_id: victim.instance_id.clone(),
                     why,
@@ -794,7 +799,11 @@ async fn chaos_jobs_survive_restarts_lost_and_frozen_machines_and_ec2_faults() -
                         .is_some_and(|s| s.stdout.lines().any(|l| l.trim() == rec.token));
                     if printed {
                         succeeded += 1;
-                        if let Some(h) = machines.iter().find_map(|m| hit_names.get(m)) {
+                        if let Some(h) = machines
+                            .iter()
+                            .filter_map(|m| hit_names.get(m))
+                            .find(|h| h.at <= rec.ended)
+                        {
                             survived.push(format!(
                                 "job {} ({when}) on {machines:?}, {} {}: {}",
                                 rec.id,
@@ -813,8 +822,13 @@ async fn chaos_jobs_survive_restarts_lost_and_frozen_machines_and_ec2_faults() -
                     }
                 }
                 Outcome::SystemFailure { .. } => {
-                    let blamed: Vec<&Hit> =
-                        machines.iter().filter_map(|m| hit_names.get(m).copied()).collect();
+                    // Hit before the job ended: while it ran on the machine, or before
+                    // a later attempt got the machine.
+                    let blamed: Vec<&Hit> = machines
+                        .iter()
+                        .filter_map(|m| hit_names.get(m).copied())
+                        .filter(|h| h.at <= rec.ended)
+                        .collect();
                     let line = failure_line(r);
                     if let Some(h) = blamed.first() {
                         attributed.push(format!(
