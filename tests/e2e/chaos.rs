@@ -42,9 +42,9 @@ const JOB_BOUND: Duration = Duration::from_secs(260);
 /// running by then is cancelled, and the job counts as hung.
 const STAGE_BOUND: Duration = Duration::from_secs(120);
 const RESTARTS: usize = 3;
+const TERMINATIONS: usize = 2;
 /// The pause in the build script of the job whose machine is frozen mid-stage.
 const VICTIM_SLEEP: &str = "sleep 4";
-const TERMINATIONS: usize = 2;
 
 /// xorshift64*: enough randomness for a schedule, no dependency.
 struct Rng(u64);
