@@ -53,12 +53,20 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
 
     // A stage of this job found the machine misbehaving: it is not handed to the next job.
     let suspect = std::fs::read_to_string(env.tmpdir.join(super::MACHINE_SUSPECT_FILE)).ok();
-    // Measured before the job's containers go: `df` runs in its helper container.
-    let prune_at = measure_disk(config, &lease).await;
-    let removed = remove_job_objects(config, &lease).await;
-    if let (Ok(()), Some(percent)) = (&removed, prune_at) {
-        prune_machine(config, &lease, percent).await;
-    }
+    // A machine that does not answer is asked nothing else (each call would wait the
+    // whole docker_timeout): it is released as broken and replaced.
+    let removed = match answers(config, &lease).await {
+        Ok(()) => {
+            // Measured before the job's containers go: `df` runs in its helper container.
+            let prune_at = measure_disk(config, &lease).await;
+            let removed = remove_job_objects(config, &lease).await;
+            if let (Ok(()), Some(percent)) = (&removed, prune_at) {
+                prune_machine(config, &lease, percent).await;
+            }
+            removed
+        }
+        Err(why) => Err(why),
+    };
     let (outcome, reason) = match (removed, suspect) {
         (Err(why), _) => {
             eprintln!("flotilla: cleanup on build machine {} failed ({why}); the machine will be replaced", lease.machine_id);
@@ -82,6 +90,27 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         .map_err(|e| StageError::system(e.to_string()))?;
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// How long cleanup waits for a ping, twice, before giving up on the machine.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether the machine's Docker answers a ping (a refusal is an answer; only no answer,
+/// or a connection that cannot be made, is not).
+async fn answers(config: &Config, lease: &Lease) -> Result<(), String> {
+    let docker = machine_docker(config, lease).map_err(|e| match e {
+        StageError::System(m) | StageError::Machine(m) => m,
+        StageError::Build { message, .. } => message.unwrap_or_default(),
+    })?;
+    let mut why = String::new();
+    for _ in 0..2 {
+        match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+            Ok(Err(e)) if is_unreachable(&e) => why = describe_docker_error(&e),
+            Ok(_) => return Ok(()),
+            Err(_) => why = format!("no answer to a ping within {}s", PING_TIMEOUT.as_secs()),
+        }
+    }
+    Err(why)
 }
 
 /// The machine's Docker disk use in percent when it is past the class's

@@ -80,7 +80,16 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
     } else {
         format!("umask 0000; {DETECT_SHELL}")
     };
-    let result = exec_script(&docker, &lease, &container, &shell, file, true).await;
+    let shell = format!("{}{shell}", soft_nofile_prefix(config, &lease.class));
+    let watch = Liveness {
+        client: ControlClient::new(&config.socket_path()),
+        secret: &secret,
+    };
+    let result = exec_script(&docker, &lease, &watch, &container, &shell, file, true).await;
+    // Lost while the stage ran (the watch, or Docker unreachable): nothing more to ask it.
+    if let Err(StageError::Machine(_)) = &result {
+        return result.map(|_| ());
+    }
     let failed = matches!(&result, Ok(code) if *code != 0)
         || matches!(result, Err(StageError::System(_) | StageError::Machine(_)));
     if failed {
@@ -96,6 +105,23 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
             code,
             message: None,
         }),
+    }
+}
+
+/// runc before 1.1.12 (Debian 12 ships 1.1.5) starts `docker exec` processes with the
+/// soft `nofile` limit raised to the hard one (Go's runtime raises its own, and the exec
+/// inherits it), while the docker executor's stages, started as containers, get the soft
+/// limit the job's `ulimits` set. The stage's shell lowers it back first (lowering a soft
+/// limit is always allowed).
+fn soft_nofile_prefix(config: &Config, class: &str) -> String {
+    let Ok(job) = config.job_for(class) else {
+        return String::new();
+    };
+    match job.container.ulimits.get("nofile") {
+        Some(u) if u.soft >= 0 && u.soft != u.hard => {
+            format!("ulimit -S -n {} 2>/dev/null; ", u.soft)
+        }
+        _ => String::new(),
     }
 }
 
@@ -185,6 +211,53 @@ async fn machine_lost(
     }
 }
 
+/// How often a running stage checks that its machine is still there, and how many checks
+/// in a row may go unanswered before the machine counts as lost.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(5);
+const LIVENESS_MISSES: u32 = 3;
+const LIVENESS_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The stage's own check that its machine lives (the daemon's health checks leave a
+/// leased machine to its job): a machine that stops answering mid-stage (frozen, network
+/// cut, shut down without a word to EC2 yet) would otherwise keep the stage's output
+/// stream open until gitlab-runner's job timeout. A quiet stage on a live machine is
+/// never disturbed: only unanswered pings, or the daemon saying EC2 lost the machine,
+/// end it.
+struct Liveness<'a> {
+    client: ControlClient,
+    secret: &'a str,
+}
+
+impl Liveness<'_> {
+    /// Returns (with the reason) once the machine is lost; runs as long as it lives.
+    async fn until_lost(&self, docker: &Docker, lease: &Lease) -> String {
+        let mut misses = 0;
+        let mut tick = tokio::time::interval(LIVENESS_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(ControlError::Api(e)) = self.client.lease(&lease.lease_id, self.secret).await
+            {
+                if e.code == ErrorCode::MachineLost {
+                    return e.message;
+                }
+            }
+            match tokio::time::timeout(LIVENESS_PING_TIMEOUT, docker.ping()).await {
+                Ok(Err(e)) if super::is_unreachable(&e) => misses += 1,
+                Ok(_) => misses = 0,
+                Err(_) => misses += 1,
+            }
+            if misses >= LIVENESS_MISSES {
+                return format!(
+                    "build machine {} ({}, {}) was lost: its Docker daemon stopped answering while the stage ran ({LIVENESS_MISSES} checks in a row went unanswered)",
+                    lease.machine_id, lease.instance_id, lease.address
+                );
+            }
+        }
+    }
+}
+
 /// How long a stage waits for a restarting daemon before going on unconfirmed.
 const DAEMON_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -210,7 +283,7 @@ async fn current_lease(config: &Config, env: &JobEnv, secret: &str) -> Result<Le
         }
         Err(ControlError::Api(e)) if e.code == ErrorCode::NotFound => {
             Err(StageError::system(format!(
-                "the lease on build machine {} is no longer held (released or expired)",
+                "the lease on build machine {} is no longer held: released, expired, or forgotten by a daemon that lost its state and adopted the machine (see the daemon's log)",
                 lease.machine_id
             )))
         }
@@ -224,6 +297,7 @@ async fn current_lease(config: &Config, env: &JobEnv, secret: &str) -> Result<Le
 async fn exec_script(
     docker: &Docker,
     lease: &Lease,
+    watch: &Liveness<'_>,
     container: &str,
     shell: &str,
     mut script: tokio::fs::File,
@@ -258,8 +332,10 @@ async fn exec_script(
             docker.start_container(container, None).await.map_err(|e| {
                 docker_failure(lease, &format!("restarting {container} failed"), &e)
             })?;
-            let retried =
-                Box::pin(exec_script(docker, lease, container, shell, script, false)).await;
+            let retried = Box::pin(exec_script(
+                docker, lease, watch, container, shell, script, false,
+            ))
+            .await;
             // Restarted by us and stopped again on its own, whatever Docker reported on the
             // way (404 for the exec, 126, a broken stream): its entrypoint exits at once.
             let failed = matches!(retried, Err(_) | Ok(1..));
@@ -331,13 +407,20 @@ async fn exec_script(
         }
         _ = term.recv() => true,
         _ = int.recv() => true,
+        lost = watch.until_lost(docker, lease) => {
+            feed.abort();
+            return Err(StageError::Machine(lost));
+        }
     };
     if cancelled {
         eprintln!(
             "flotilla: stage cancelled; stopping its processes on build machine {}",
             lease.machine_id
         );
-        let _ = run_quick(docker, container, TERM_ALL).await;
+        // Bounded: a machine that stopped answering must not hold the cancellation past
+        // gitlab-runner's grace period.
+        let _ =
+            tokio::time::timeout(LOST_PROBE_TIMEOUT, run_quick(docker, container, TERM_ALL)).await;
         // The stage's shell exits at once on SIGTERM and its output stream ends, but what it
         // started may live on (it handles or ignores SIGTERM, or was orphaned) beside the
         // next stages: give that the grace period, then SIGKILL whatever is left, always.
@@ -351,13 +434,25 @@ async fn exec_script(
             });
         })
         .await;
-        let _ = run_quick(docker, container, KILL_ALL).await;
+        let _ =
+            tokio::time::timeout(LOST_PROBE_TIMEOUT, run_quick(docker, container, KILL_ALL)).await;
         if !pumped {
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut pump).await;
         }
     }
     feed.abort();
-    let code = exit_code(docker, lease, &exec.id).await?;
+    let code = if cancelled {
+        tokio::time::timeout(LOST_PROBE_TIMEOUT, exit_code(docker, lease, &exec.id))
+            .await
+            .map_err(|_| {
+                StageError::Machine(format!(
+                    "build machine {} ({}) did not answer while the cancelled stage was stopped",
+                    lease.machine_id, lease.instance_id
+                ))
+            })??
+    } else {
+        exit_code(docker, lease, &exec.id).await?
+    };
     // The container can also stop after start_exec, before Docker runs anything: runc then
     // reports "cannot exec in a stopped state" and 126.
     if code == 126 && !cancelled && has_stopped(docker, container).await {
