@@ -65,6 +65,35 @@ install_test_extras() {
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends cloud-init >/dev/null
   fi
+  install_prometheus
+}
+
+# Debian's prometheus: promtool checks and unit-tests observability/flotilla.rules.yml, and
+# the e2e test `prometheus` runs a real server (its own, on a free loopback port) scraping
+# the sandbox daemon. The packaged service is never started: a policy-rc.d refusing every
+# start is put in place for the install (when there is none), and nothing may be left
+# listening on :9090.
+install_prometheus() {
+  if command -v promtool >/dev/null && [ -x /usr/bin/prometheus ]; then
+    return
+  fi
+  log "installing prometheus (promtool, and a server for the e2e test; the service is not started)"
+  local policy=/usr/sbin/policy-rc.d ours=0
+  if [ ! -e "${policy}" ]; then
+    printf '#!/bin/sh\n# flotilla scripts/lib.sh: no service starts during this install\nexit 101\n' \
+      | as_root tee "${policy}" >/dev/null
+    as_root chmod 0755 "${policy}"
+    ours=1
+  fi
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || { [ "${ours}" -eq 0 ] || as_root rm -f "${policy}"; die "installing prometheus failed"; }
+  [ "${ours}" -eq 0 ] || as_root rm -f "${policy}"
+  # Belt and braces: a packaged server that started anyway (no policy-rc.d honoured).
+  # (the package's init script keeps its pid in /run/prometheus/prometheus.pid).
+  if [ -s /run/prometheus/prometheus.pid ]; then
+    as_root kill "$(cat /run/prometheus/prometheus.pid)" 2>/dev/null || true
+  fi
 }
 
 prepare_sandbox() {

@@ -4,15 +4,20 @@
 //! ([`registry`]), the machine emulator turns the fleet's instances into real dockerd
 //! ([`emulator`]), the runner emulator calls the `flotilla` stages like gitlab-runner
 //! ([`runner`], [`script`]), and [`sandbox`] ties them together with a running
-//! `flotilla daemon`. Nothing here talks to anything but loopback and its own containers.
+//! `flotilla daemon`; [`prometheus`] runs a real Prometheus against it, and [`kit`] and
+//! [`promql`] read the observability kit (`observability/`) for the tests that check it.
+//! Nothing here talks to anything but loopback and its own containers.
 
 pub mod auth_registry;
 pub mod emulator;
 pub mod faults;
 pub mod gitlab_stub;
 pub mod images;
+pub mod kit;
 pub mod moto;
 pub mod prom;
+pub mod prometheus;
+pub mod promql;
 pub mod registry;
 pub mod runner;
 pub mod sandbox;
