@@ -1,7 +1,8 @@
 //! `flotilla-sandbox`: run the local cloud by hand.
 //!
-//! `up` starts a detached `serve` (moto, registry, machine emulator, `flotilla daemon`) and
-//! prints the flotilla config path; `down` stops it and waits until every instance is
+//! `up` starts a detached `serve` (moto, registry, machine emulator, `flotilla daemon` with
+//! its Prometheus metrics on a loopback port) and prints the flotilla config path (and the
+//! metrics URL on stderr); `down` stops it and waits until every instance is
 //! terminated; `status` shows it; `run-job` runs one job through all stages like
 //! gitlab-runner; `watch` follows the fleet's instances in moto.
 //!
@@ -146,6 +147,8 @@ fn options(a: &PoolArgs, dir: PathBuf) -> SandboxOptions {
         max_builds: a.max_builds,
         boot_delay: Duration::from_secs(a.boot_delay_secs),
         dir: Some(dir),
+        // The daemon's Prometheus metrics on a free loopback port (`up` prints the URL).
+        metrics: true,
         ..Default::default()
     }
 }
@@ -180,10 +183,11 @@ async fn serve(a: PoolArgs) -> Result<ExitCode> {
     };
     std::fs::write(&ready, format!("{}\n", sb.config_path.display()))?;
     eprintln!(
-        "flotilla-sandbox: up: fleet {} config {} moto {} daemon log {}",
+        "flotilla-sandbox: up: fleet {} config {} moto {} metrics {} daemon log {}",
         sb.fleet,
         sb.config_path.display(),
         sb.moto_url(),
+        sb.metrics_url().unwrap_or_default(),
         sb.daemon_log().display()
     );
     tokio::select! {
@@ -212,6 +216,12 @@ fn ready_config(base: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The daemon's metrics URL from the sandbox's flotilla config.
+fn metrics_url(config: &str) -> Option<String> {
+    let c = Config::load(Path::new(config)).ok()?;
+    c.metrics_addr.map(|a| format!("http://{a}/metrics"))
+}
+
 fn up(a: PoolArgs) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let base = base_dir();
@@ -223,6 +233,9 @@ fn up(a: PoolArgs) -> Result<ExitCode> {
             })
             .with_context(|| format!("a sandbox (pid {pid}) is running but never became ready"))?;
         eprintln!("flotilla-sandbox: already running (pid {pid})");
+        if let Some(url) = metrics_url(&config) {
+            eprintln!("flotilla-sandbox: daemon metrics (Prometheus): {url}");
+        }
         println!("{config}");
         return Ok(ExitCode::SUCCESS);
     }
@@ -256,6 +269,9 @@ fn up(a: PoolArgs) -> Result<ExitCode> {
     let start = Instant::now();
     loop {
         if let Some(config) = ready_config(&base) {
+            if let Some(url) = metrics_url(&config) {
+                eprintln!("flotilla-sandbox: daemon metrics (Prometheus): {url}");
+            }
             println!("{config}");
             return Ok(ExitCode::SUCCESS);
         }
@@ -332,6 +348,9 @@ async fn status() -> Result<ExitCode> {
         .clone()
         .context("config has no aws.endpoint_url")?;
     println!("fleet: {}\nmoto: {endpoint}", c.fleet);
+    if let Some(addr) = &c.metrics_addr {
+        println!("metrics: http://{addr}/metrics");
+    }
     let ec2 = moto::ec2_client(&endpoint).await;
     for i in moto::fleet_instances(&ec2, &c.fleet).await? {
         println!(
