@@ -7,6 +7,7 @@ pub mod docker;
 pub mod ec2;
 pub mod forecast;
 pub mod metrics;
+pub mod migrate;
 pub mod observe;
 pub mod pki;
 pub mod plan;

@@ -70,6 +70,10 @@ enum Command {
     /// taskscaler, on simulated EC2; compare waits, idle machine-hours and cost. Uses
     /// `--config` only when given (built-in defaults otherwise).
     Simulate(flotilla::simulate::Args),
+    /// Convert a gitlab-runner config.toml with docker+machine runners into a flotilla.toml
+    /// and the runner config for the custom executor, with a report of every setting.
+    /// Exit 0 converted, 2 refused (bad input, or outputs exist without --force).
+    Migrate(flotilla::migrate::Args),
 }
 
 fn config_path(cli: &Option<PathBuf>) -> PathBuf {
@@ -132,6 +136,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Migrate(args) = &cli.command {
+        return migrate(cli.config.is_some(), args);
+    }
     flotilla::tls::install_crypto_provider();
 
     let path = config_path(&cli.config);
@@ -162,6 +169,34 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("flotilla: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate(config_given: bool, args: &flotilla::migrate::Args) -> ExitCode {
+    if config_given {
+        eprintln!(
+            "flotilla: migrate reads --from and writes --out-dir; --config is not used \
+             (--config-path is the flotilla.toml path written into the runner's config)"
+        );
+        return ExitCode::from(2);
+    }
+    match flotilla::migrate::run(args) {
+        Ok(m) => {
+            let dir = args.out_dir.display();
+            println!(
+                "wrote {dir}/{}, {dir}/{} and {dir}/{} (fleet {}, classes {})",
+                flotilla::migrate::FLOTILLA_TOML,
+                flotilla::migrate::RUNNER_TOML,
+                flotilla::migrate::REPORT_FILE,
+                m.config.fleet,
+                m.config.class_names().join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flotilla: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
