@@ -31,7 +31,7 @@ use flotilla_sandbox::util::wait_until;
 use flotilla_sandbox::{docker_on, Job, JobResult, Outcome, Sandbox, SandboxOptions};
 use nix::sys::signal::Signal;
 
-use crate::common::{bounded, JOB_ID_LABEL, POLL};
+use crate::common::{bounded, wait_for_job_process, POLL};
 
 async fn status(sb: &Sandbox) -> Result<StatusResponse> {
     Ok(ControlClient::new(&sb.config.socket_path())
@@ -75,34 +75,6 @@ fn garble_middle(path: &Path) -> Result<Vec<u8>> {
     bytes[at..at + garbage.len()].copy_from_slice(&garbage);
     std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
     Ok(bytes)
-}
-
-/// Where the emulated machines run a process of job `job_id` whose command line contains
-/// `needle`; returns that machine's instance id.
-async fn wait_for_job_process(sb: &Sandbox, job_id: u64, needle: &str) -> Result<String> {
-    let filter = format!("label={JOB_ID_LABEL}={job_id}");
-    wait_until(
-        &format!("job {job_id} to run {needle:?}"),
-        Duration::from_secs(90),
-        POLL,
-        || async {
-            for m in sb.machines() {
-                let Ok(ids) = docker_on(&m, &["ps", "-q", "--filter", &filter]).await else {
-                    continue;
-                };
-                for id in ids.lines() {
-                    if let Ok(top) = docker_on(&m, &["top", id]).await {
-                        if top.contains(needle) {
-                            return Ok(Some(m.instance_id.clone()));
-                        }
-                    }
-                }
-            }
-            Ok(None)
-        },
-    )
-    .await
-    .with_context(|| sb.diagnostics())
 }
 
 /// The instance a job's prepare said it runs on ("Running on build machine m-.. (i-..").
@@ -165,7 +137,10 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
             &["echo adopt-start", "sleep 45", "echo \"adopt-$((20 + 22))\""],
         );
         let task = tokio::spawn(runner::run_job(sb.runner_options(), job));
-        let busy = wait_for_job_process(&sb, 801, "sleep 45").await?;
+        let busy = wait_for_job_process(&sb, 801, "sleep 45", Duration::from_secs(90))
+            .await?
+            .0
+            .instance_id;
         let before = wait_until(
             "one leased and one idle machine",
             Duration::from_secs(90),

@@ -192,3 +192,37 @@ pub async fn run_job_tracking_machine(
 /// GitLab's job id on the objects of a job (the `flotilla.job` key label includes a hash
 /// of the runner's temp dir, which tests driving whole jobs do not know).
 pub const JOB_ID_LABEL: &str = "flotilla.job_id";
+
+/// Waits until a container of job `job_id` runs a process whose command line contains
+/// `needle` (e.g. the build script's `sleep`); returns the machine and the container id.
+pub async fn wait_for_job_process(
+    sb: &flotilla_sandbox::Sandbox,
+    job_id: u64,
+    needle: &str,
+    timeout: Duration,
+) -> Result<(flotilla_sandbox::EmulatedMachine, String)> {
+    use flotilla_sandbox::docker_on;
+    let filter = format!("label={JOB_ID_LABEL}={job_id}");
+    flotilla_sandbox::util::wait_until(
+        &format!("job {job_id} to run {needle:?}"),
+        timeout,
+        POLL,
+        || async {
+            for m in sb.machines() {
+                let Ok(ids) = docker_on(&m, &["ps", "-q", "--filter", &filter]).await else {
+                    continue;
+                };
+                for id in ids.lines() {
+                    if let Ok(top) = docker_on(&m, &["top", id]).await {
+                        if top.contains(needle) {
+                            return Ok(Some((m.clone(), id.to_owned())));
+                        }
+                    }
+                }
+            }
+            Ok(None)
+        },
+    )
+    .await
+    .with_context(|| sb.diagnostics())
+}

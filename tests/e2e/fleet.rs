@@ -20,12 +20,10 @@ use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY};
 use flotilla_sandbox::prom::{self, Exposition};
 use flotilla_sandbox::runner::{self, SYSTEM_FAILURE_EXIT_CODE};
 use flotilla_sandbox::util::wait_until;
-use flotilla_sandbox::{
-    docker_on, EmulatedMachine, Job, JobResult, Outcome, Sandbox, SandboxOptions,
-};
+use flotilla_sandbox::{Job, JobResult, Outcome, Sandbox, SandboxOptions};
 use nix::sys::signal::Signal;
 
-use crate::common::{bounded, JOB_ID_LABEL, POLL};
+use crate::common::{bounded, wait_for_job_process, POLL};
 
 /// A sandbox whose daemon is not started yet, so faults can be in place before its
 /// first reconcile.
@@ -146,39 +144,6 @@ async fn wait_idle(
                 .filter(|m| m.class == class && m.state == MachineState::Idle)
                 .count();
             Ok((idle == n).then_some(s))
-        },
-    )
-    .await
-    .with_context(|| sb.diagnostics())
-}
-
-/// Waits until a container of job `job_id` runs a process whose command line contains
-/// `needle` (e.g. the build script's `sleep`); returns the machine it runs on.
-async fn wait_for_job_process(
-    sb: &Sandbox,
-    job_id: u64,
-    needle: &str,
-    timeout: Duration,
-) -> Result<EmulatedMachine> {
-    let filter = format!("label={JOB_ID_LABEL}={job_id}");
-    wait_until(
-        &format!("job {job_id} to run {needle:?}"),
-        timeout,
-        POLL,
-        || async {
-            for m in sb.machines() {
-                let Ok(ids) = docker_on(&m, &["ps", "-q", "--filter", &filter]).await else {
-                    continue;
-                };
-                for id in ids.lines() {
-                    if let Ok(top) = docker_on(&m, &["top", id]).await {
-                        if top.contains(needle) {
-                            return Ok(Some(m.clone()));
-                        }
-                    }
-                }
-            }
-            Ok(None)
         },
     )
     .await
@@ -683,7 +648,7 @@ async fn machine_terminated_behind_the_daemons_back_fails_its_job_as_lost_and_is
             &sb,
             Job::new(441, &["echo started", "sleep 60", "echo too-late"]),
         );
-        let m = wait_for_job_process(&sb, 441, "sleep 60", Duration::from_secs(90)).await?;
+        let (m, _) = wait_for_job_process(&sb, 441, "sleep 60", Duration::from_secs(90)).await?;
         let lost = m.instance_id.clone();
         sb.ec2()
             .terminate_instances()

@@ -18,7 +18,7 @@ use flotilla_sandbox::prometheus::{Prometheus, Sample};
 use flotilla_sandbox::util::wait_until;
 use flotilla_sandbox::{docker_on, promql, Job, Outcome, Sandbox, SandboxOptions};
 
-use crate::common::{bounded, JOB_ID_LABEL, POLL};
+use crate::common::{bounded, wait_for_job_process, POLL};
 use crate::observability::known_names;
 
 /// The scrape job, as the alert rules expect it (`up{job="flotilla"}`).
@@ -68,28 +68,9 @@ fn single(samples: &[Sample], expr: &str) -> Result<f64> {
 /// Waits until the job's build script is polling for [`GO_FILE`], then creates it in that
 /// container.
 async fn release_job(sb: &Sandbox) -> Result<()> {
-    let filter = format!("label={JOB_ID_LABEL}={JOB_ID}");
-    wait_until(
-        "the job's script to wait for its go file",
-        Duration::from_secs(120),
-        POLL,
-        || async {
-            for m in sb.machines() {
-                let Ok(ids) = docker_on(&m, &["ps", "-q", "--filter", &filter]).await else {
-                    continue;
-                };
-                for id in ids.lines() {
-                    let top = docker_on(&m, &["top", id]).await.unwrap_or_default();
-                    if top.contains("sleep 0.1") {
-                        docker_on(&m, &["exec", id, "touch", GO_FILE]).await?;
-                        return Ok(Some(()));
-                    }
-                }
-            }
-            Ok(None)
-        },
-    )
-    .await
+    let (m, id) = wait_for_job_process(sb, JOB_ID, "sleep 0.1", Duration::from_secs(120)).await?;
+    docker_on(&m, &["exec", &id, "touch", GO_FILE]).await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

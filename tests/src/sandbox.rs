@@ -443,59 +443,7 @@ impl Sandbox {
     /// Starts `flotilla daemon` (again, after [`Sandbox::kill_daemon`]); its output is
     /// appended to [`Sandbox::daemon_log`]. Returns once the control socket answers.
     pub async fn start_daemon(&mut self) -> Result<()> {
-        let log_path = self.daemon_log();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let err = log.try_clone()?;
-        let mut cmd = Command::new(&self.flotilla_bin);
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .arg("daemon")
-            .envs(self.aws_env())
-            .env(
-                "RUST_LOG",
-                std::env::var("FLOTILLA_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {} daemon", self.flotilla_bin.display()))?;
-        util::record_pid(&self.dir, "flotilla", child.id());
-        self.daemon = Some(child);
-        let socket = self.config.socket_path();
-        let daemon = &mut self.daemon;
-        let ready = wait_until(
-            "the daemon's control socket",
-            Duration::from_secs(60),
-            Duration::from_millis(100),
-            || {
-                let exited = daemon.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                let socket = socket.clone();
-                async move {
-                    if let Some(status) = exited {
-                        bail!("flotilla daemon exited with {status}");
-                    }
-                    Ok(tokio::net::UnixStream::connect(&socket)
-                        .await
-                        .ok()
-                        .map(|_| ()))
-                }
-            },
-        )
-        .await;
-        if let Err(e) = ready {
-            bail!(
-                "{e:#}\ndaemon log ({}):\n{}",
-                log_path.display(),
-                tail(&log_path, 40)
-            );
-        }
-        Ok(())
+        self.start_daemon_with(&[]).await
     }
 
     /// [`Sandbox::start_daemon`] with more arguments after `daemon` (e.g. `--adopt`).
