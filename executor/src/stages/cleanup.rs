@@ -98,10 +98,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whether the machine's Docker answers a ping (a refusal is an answer; only no answer,
 /// or a connection that cannot be made, is not).
 async fn answers(config: &Config, lease: &Lease) -> Result<(), String> {
-    let docker = machine_docker(config, lease).map_err(|e| match e {
-        StageError::System(m) | StageError::Machine(m) => m,
-        StageError::Build { message, .. } => message.unwrap_or_default(),
-    })?;
+    let docker = machine_docker(config, lease).map_err(|e| e.to_string())?;
     let mut why = String::new();
     for _ in 0..2 {
         match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
@@ -305,10 +302,7 @@ fn human_bytes(n: i64) -> String {
 }
 
 async fn remove_job_objects(config: &Config, lease: &Lease) -> Result<(), String> {
-    let docker = machine_docker(config, lease).map_err(|e| match e {
-        StageError::System(m) | StageError::Machine(m) => m,
-        StageError::Build { message, .. } => message.unwrap_or_default(),
-    })?;
+    let docker = machine_docker(config, lease).map_err(|e| e.to_string())?;
     let filter = HashMap::from([(
         "label".to_string(),
         vec![format!("{JOB_LABEL}={}", lease.job_key)],

@@ -27,15 +27,18 @@ use flotilla_proto::config::Config;
 
 pub use job::JobEnv;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StageError {
     /// The job's own fault: script exit code, unknown image or class.
+    #[error("{}", message.clone().unwrap_or_else(|| format!("the script exited with {code}")))]
     Build { code: i32, message: Option<String> },
     /// Infrastructure: no machine, registry down, daemon down.
+    #[error("{0}")]
     System(String),
     /// Infrastructure, and the build machine is to blame (its Docker failed or vanished):
     /// a system failure after which `cleanup` releases the machine as broken rather than
     /// handing it to the next job (see [`MACHINE_SUSPECT_FILE`]).
+    #[error("{0}")]
     Machine(String),
 }
 

@@ -358,7 +358,10 @@ async fn exec_script(
         mut input,
     } = started
     else {
-        return Err(StageError::system("Docker started the stage detached"));
+        return Err(StageError::system(format!(
+            "Docker on build machine {} started the stage detached (no output stream to attach to)",
+            lease.machine_id
+        )));
     };
 
     let feed = async move {
