@@ -1,7 +1,11 @@
 //! The runner hosts' user data: `#cloud-config` followed by JSON (cloud-init reads JSON
-//! as YAML). It installs gitlab-runner and flotilla, writes `flotilla.toml` and the
-//! token-less gitlab-runner `config.toml` template, a boot script that fills the token in
-//! from SSM Parameter Store, and enables a systemd unit for each program.
+//! as YAML). It installs gitlab-runner, flotilla (from the stack's bucket with the host
+//! role, through the VPC's S3 gateway endpoint, or from `runner_hosts.flotilla_url`;
+//! either way checked against its SHA-256, which is in the user data, so a new binary
+//! is a new user-data hash) and the SSM agent (what apply drains the host through before
+//! replacing it), writes `flotilla.toml` and the token-less gitlab-runner `config.toml`
+//! template, a boot script that fills the token in from SSM Parameter Store, and
+//! enables a systemd unit for each program.
 //!
 //! Invariant: the user data carries the parameter's NAME, never the token.
 
@@ -18,10 +22,41 @@ pub const INSTALL_SCRIPT_PATH: &str = "/usr/local/sbin/flotilla-install";
 pub const FLOTILLA_UNIT_PATH: &str = "/etc/systemd/system/flotilla.service";
 pub const RUNNER_UNIT_PATH: &str = "/etc/systemd/system/gitlab-runner.service";
 
+/// Where a host downloads the flotilla binary from; the sum is checked before it is
+/// installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlotillaSource<'a> {
+    /// `runner_hosts.flotilla_url` with `flotilla_sha256`.
+    Url { url: &'a str, sha256: &'a str },
+    /// An object of the stack's bucket (`aws s3 cp` with the host role).
+    Bucket {
+        bucket: &'a str,
+        key: &'a str,
+        sha256: &'a str,
+    },
+}
+
+impl FlotillaSource<'_> {
+    pub fn sha256(&self) -> &str {
+        match self {
+            Self::Url { sha256, .. } | Self::Bucket { sha256, .. } => sha256,
+        }
+    }
+
+    /// `https://...` or `s3://bucket/key`.
+    pub fn location(&self) -> String {
+        match self {
+            Self::Url { url, .. } => (*url).to_owned(),
+            Self::Bucket { bucket, key, .. } => format!("s3://{bucket}/{key}"),
+        }
+    }
+}
+
 /// What a runner host's user data is made of.
 #[derive(Debug, Clone)]
 pub struct HostUserData<'a> {
     pub hosts: &'a RunnerHosts,
+    pub flotilla: FlotillaSource<'a>,
     pub region: &'a str,
     pub token_param: &'a str,
     pub flotilla_toml: &'a str,
@@ -37,7 +72,7 @@ pub fn render(input: &HostUserData<'_>) -> String {
         "write_files": [
             file(FLOTILLA_TOML_PATH, input.flotilla_toml, "0644"),
             file(RUNNER_CONFIG_TEMPLATE_PATH, input.runner_config_toml, "0600"),
-            file(INSTALL_SCRIPT_PATH, &install_script(input.hosts), "0755"),
+            file(INSTALL_SCRIPT_PATH, &install_script(input), "0755"),
             file(TOKEN_SCRIPT_PATH, &token_script(input.region, input.token_param), "0755"),
             file(FLOTILLA_UNIT_PATH, FLOTILLA_UNIT, "0644"),
             file(RUNNER_UNIT_PATH, RUNNER_UNIT, "0644"),
@@ -63,30 +98,66 @@ fn file(path: &str, content: &str, permissions: &str) -> serde_json::Value {
     })
 }
 
-fn install_script(h: &RunnerHosts) -> String {
-    let sum = |s: &Option<String>| s.clone().unwrap_or_default();
+fn install_script(input: &HostUserData<'_>) -> String {
+    let h = input.hosts;
+    let flotilla = match input.flotilla {
+        FlotillaSource::Url { url, sha256 } => format!("fetch '{url}' {FLOTILLA_BIN} '{sha256}'"),
+        FlotillaSource::Bucket {
+            bucket,
+            key,
+            sha256,
+        } => format!("fetch_s3 's3://{bucket}/{key}' {FLOTILLA_BIN} '{sha256}'"),
+    };
     format!(
         r#"#!/bin/sh
-# Installs gitlab-runner and flotilla (written by flotilla-provision).
+# Installs gitlab-runner, flotilla and the SSM agent (written by flotilla-provision).
 set -eu
-fetch() {{
-  url=$1 dest=$2 sum=$3
-  curl --fail --silent --show-error --location --retry 5 --output "$dest.tmp" "$url"
+install_checked() {{
+  dest=$1 sum=$2
   if [ -n "$sum" ]; then echo "$sum  $dest.tmp" | sha256sum -c -; fi
   chmod 0755 "$dest.tmp"
   mv "$dest.tmp" "$dest"
 }}
+fetch() {{
+  url=$1 dest=$2 sum=$3
+  curl --fail --silent --show-error --location --retry 5 --output "$dest.tmp" "$url"
+  install_checked "$dest" "$sum"
+}}
+# From the stack's bucket with the instance role (through the VPC's S3 endpoint).
+fetch_s3() {{
+  src=$1 dest=$2 sum=$3 n=0
+  until aws s3 cp --region '{region}' --only-show-errors "$src" "$dest.tmp"; do
+    n=$((n + 1))
+    [ "$n" -lt 5 ] || return 1
+    sleep 10
+  done
+  install_checked "$dest" "$sum"
+}}
+# apply checks a new host and drains an old one through SSM Run Command, which needs
+# the agent; Debian's AMIs do not ship it.
+ssm_agent() {{
+  if command -v amazon-ssm-agent >/dev/null 2>&1 || [ -d /snap/amazon-ssm-agent ]; then
+    return 0
+  fi
+  arch=$(dpkg --print-architecture) || return 1
+  curl --fail --silent --show-error --location --retry 5 \
+    --output /tmp/amazon-ssm-agent.deb \
+    "https://s3.{region}.amazonaws.com/amazon-ssm-{region}/latest/debian_$arch/amazon-ssm-agent.deb" \
+    || return 1
+  dpkg -i /tmp/amazon-ssm-agent.deb || return 1
+  systemctl enable --now amazon-ssm-agent
+}}
 fetch '{runner_url}' {runner_bin} '{runner_sum}'
-fetch '{flotilla_url}' {flotilla_bin} '{flotilla_sum}'
+{flotilla}
 install -d -m 0700 {state_dir} /var/lib/gitlab-runner
 {flotilla_bin} check-config
+ssm_agent || echo "flotilla-install: no SSM agent: apply cannot check or drain this host" >&2
 "#,
+        region = input.region,
         runner_url = h.gitlab_runner_url,
         runner_bin = GITLAB_RUNNER_BIN,
-        runner_sum = sum(&h.gitlab_runner_sha256),
-        flotilla_url = h.flotilla_url,
+        runner_sum = h.gitlab_runner_sha256.clone().unwrap_or_default(),
         flotilla_bin = FLOTILLA_BIN,
-        flotilla_sum = sum(&h.flotilla_sha256),
         state_dir = STATE_DIR,
     )
 }
@@ -146,15 +217,39 @@ mod tests {
     use crate::stack::tests::GOOD;
     use crate::stack::Stack;
 
-    #[test]
-    fn user_data_is_cloud_config_json_with_param_name_only() {
+    const SUM: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn render_with(flotilla: FlotillaSource<'_>) -> String {
         let stack = Stack::from_toml(GOOD).unwrap();
-        let ud = render(&HostUserData {
+        render(&HostUserData {
             hosts: &stack.runner_hosts,
+            flotilla,
             region: "us-east-1",
             token_param: "/flotilla/ci/runner-token",
             flotilla_toml: "fleet = \"ci\"\n",
             runner_config_toml: "concurrent = 1\n",
+        })
+    }
+
+    fn install(ud: &str) -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(ud.strip_prefix("#cloud-config\n").unwrap()).unwrap();
+        v["write_files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"] == INSTALL_SCRIPT_PATH)
+            .and_then(|f| f["content"].as_str())
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn user_data_is_cloud_config_json_with_param_name_only() {
+        let ud = render_with(FlotillaSource::Bucket {
+            bucket: "ci-cache",
+            key: "flotilla/bin/x/flotilla",
+            sha256: SUM,
         });
         let body = ud.strip_prefix("#cloud-config\n").unwrap();
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -167,5 +262,69 @@ mod tests {
         assert!(paths.contains(&"/etc/flotilla/flotilla.toml"));
         assert!(ud.contains("/flotilla/ci/runner-token"));
         assert!(ud.len() < flotilla_proto::bootstrap::MAX_USER_DATA_BYTES);
+    }
+
+    #[test]
+    fn the_binary_comes_from_the_bucket_with_its_sum_checked() {
+        let key = format!("flotilla/bin/{SUM}/flotilla");
+        let ud = render_with(FlotillaSource::Bucket {
+            bucket: "ci-cache",
+            key: &key,
+            sha256: SUM,
+        });
+        let script = install(&ud);
+        assert!(
+            script.contains(&format!(
+                "fetch_s3 's3://ci-cache/{key}' /usr/local/bin/flotilla '{SUM}'"
+            )),
+            "{script}"
+        );
+        assert!(
+            script.contains("aws s3 cp --region 'us-east-1'"),
+            "{script}"
+        );
+        assert!(script.contains("sha256sum -c -"), "{script}");
+        // The sum is checked before the file is moved into place.
+        let check = script.find("sha256sum -c -").unwrap();
+        let mv = script.find("mv \"$dest.tmp\" \"$dest\"").unwrap();
+        assert!(check < mv, "{script}");
+        // A different binary is a different user data (so a different hash).
+        let other = render_with(FlotillaSource::Bucket {
+            bucket: "ci-cache",
+            key: "flotilla/bin/y/flotilla",
+            sha256: &"f".repeat(64),
+        });
+        assert_ne!(ud, other);
+    }
+
+    #[test]
+    fn a_url_in_the_stack_is_downloaded_with_curl() {
+        let ud = render_with(FlotillaSource::Url {
+            url: "https://downloads.example.com/flotilla",
+            sha256: SUM,
+        });
+        let script = install(&ud);
+        assert!(
+            script.contains(&format!(
+                "fetch 'https://downloads.example.com/flotilla' /usr/local/bin/flotilla '{SUM}'"
+            )),
+            "{script}"
+        );
+        assert!(!script.contains("fetch_s3 '"), "{script}");
+    }
+
+    #[test]
+    fn the_ssm_agent_is_installed_when_missing_and_never_blocks_the_runner() {
+        let script = install(&render_with(FlotillaSource::Url {
+            url: "https://downloads.example.com/flotilla",
+            sha256: SUM,
+        }));
+        assert!(
+            script.contains("amazon-ssm-us-east-1/latest/debian_$arch/amazon-ssm-agent.deb"),
+            "{script}"
+        );
+        assert!(script.contains("ssm_agent || echo"), "{script}");
+        // After flotilla is installed and checked.
+        assert!(script.find("check-config").unwrap() < script.find("ssm_agent ||").unwrap());
     }
 }

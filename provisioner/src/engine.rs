@@ -2,19 +2,21 @@
 //! resource modules only record changes, in apply mode they also make them), `destroy`
 //! (deletion in dependency order, only what carries the stack's tag), and the outputs.
 //!
-//! Order of a converge pass: EC2 inventory and AMIs, network, security groups, bucket,
-//! IAM, runner registration, launch templates, runner hosts, then pruning of the stack's
+//! Order of a converge pass: EC2 inventory and AMIs, network, security groups, bucket
+//! (and the flotilla binary in it), IAM, runner registration, launch templates, runner
+//! hosts (replaced one at a time, see `ec2::hosts`), then pruning of the stack's
 //! resources the stack file no longer asks for.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, Instance};
 use flotilla_proto::config::ClassConfig;
 use serde::Serialize;
 
 use crate::aws::Aws;
-use crate::cloudinit::{self, HostUserData};
+use crate::binary::LocalBinary;
+use crate::cloudinit::{self, FlotillaSource, HostUserData};
 use crate::ec2::hosts::{self, HostInfo, HostSpec, Launch};
 use crate::ec2::{self, launch_template, network, security_groups, Inventory};
 use crate::error::{Error, Result};
@@ -22,10 +24,21 @@ use crate::gitlab::{GitlabClient, NewRunner, Secret};
 use crate::iam;
 use crate::naming::{logical, Names};
 use crate::plan::{is_pending, Action, Mode, Plan};
+use crate::poll::{self, Backoff, Poll};
 use crate::render::{self, FleetIds};
 use crate::s3;
 use crate::ssm;
 use crate::stack::Stack;
+
+/// What the command line adds to the stack file for the runner hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostOptions {
+    /// The flotilla binary apply uploads and the hosts install; `None` when the stack
+    /// sets `runner_hosts.flotilla_url` (and for destroy, which installs nothing).
+    pub flotilla: Option<LocalBinary>,
+    /// Replace hosts without the readiness check and the drain (`apply --no-drain`).
+    pub no_drain: bool,
+}
 
 /// What every resource module is handed during one pass.
 pub struct Ctx<'a> {
@@ -37,6 +50,7 @@ pub struct Ctx<'a> {
     pub gitlab_token: Option<Secret>,
     /// The fleet's machine classes as the daemon will see them.
     pub classes: BTreeMap<String, ClassConfig>,
+    pub hosts: HostOptions,
 }
 
 impl<'a> Ctx<'a> {
@@ -52,11 +66,21 @@ impl<'a> Ctx<'a> {
                 .placeholder_config()
                 .map(|c| c.classes)
                 .unwrap_or_default(),
+            hosts: HostOptions::default(),
         }
+    }
+
+    pub fn with_hosts(self, hosts: HostOptions) -> Self {
+        Self { hosts, ..self }
     }
 
     pub fn applying(&self) -> bool {
         self.mode == Mode::Apply
+    }
+
+    /// Whether hosts are checked and drained over SSM when they are replaced.
+    pub fn drain(&self) -> bool {
+        !self.hosts.no_drain
     }
 
     /// Records a change; in apply mode also announces it and returns true (act now).
@@ -115,6 +139,9 @@ pub struct Outputs {
     pub runner_security_group: String,
     pub build_security_group: String,
     pub bucket: String,
+    /// Where the hosts install flotilla from (`s3://...` or `runner_hosts.flotilla_url`).
+    pub flotilla_binary: String,
+    pub flotilla_sha256: String,
     pub runner_role_arn: String,
     pub build_role_arn: String,
     pub runner_instance_profile: String,
@@ -157,13 +184,59 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let partition = partition(&region);
     tracing::info!("reading stack {} in {region}", stack.name);
     let inv = ec2::inventory(ctx).await?;
-    let roots = launch_template::root_devices(ctx).await?;
+    let images = launch_template::images(ctx).await?;
+    let host_image = &images[&stack.runner_hosts.ami];
+
+    // Where the hosts get flotilla: the stack's URL, or the binary apply uploads.
+    let bin_key = ctx.hosts.flotilla.as_ref().map(LocalBinary::key);
+    let flotilla = match (
+        &stack.runner_hosts.flotilla_url,
+        &ctx.hosts.flotilla,
+        &bin_key,
+    ) {
+        (Some(url), _, _) => FlotillaSource::Url {
+            url,
+            sha256: stack
+                .runner_hosts
+                .flotilla_sha256
+                .as_deref()
+                .unwrap_or_default(),
+        },
+        (None, Some(bin), Some(key)) => {
+            if !host_image.architecture.is_empty() && bin.arch != host_image.architecture {
+                return Err(Error::Refused(format!(
+                    "the flotilla binary {} is built for {} but runner_hosts.ami {} is {}: \
+                     pass --flotilla-bin with a {} Linux build",
+                    bin.path.display(),
+                    bin.arch,
+                    stack.runner_hosts.ami,
+                    host_image.architecture,
+                    host_image.architecture
+                )));
+            }
+            FlotillaSource::Bucket {
+                bucket: &stack.bucket.name,
+                key,
+                sha256: &bin.sha256,
+            }
+        }
+        _ => {
+            return Err(Error::Refused(
+                "no flotilla binary for the runner hosts: pass --flotilla-bin PATH, or set \
+                 runner_hosts.flotilla_url and runner_hosts.flotilla_sha256"
+                    .into(),
+            ))
+        }
+    };
 
     let account = ctx.aws.account().await?;
 
     let net = network::converge(ctx, &inv).await?;
     let sgs = security_groups::converge(ctx, &inv, &net.vpc).await?;
     s3::converge(ctx, partition, &account).await?;
+    if let Some(bin) = &ctx.hosts.flotilla {
+        s3::ensure_binary(ctx, &account, bin).await?;
+    }
 
     let build_role = ctx.names.build_role();
     let runner_role = ctx.names.runner_role();
@@ -205,12 +278,14 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         bucket: stack.bucket.name.clone(),
         amis: ctx.classes.values().map(|c| c.ami.clone()).collect(),
         kms_key: stack.bucket.kms_key.clone(),
+        flotilla_from_bucket: matches!(flotilla, FlotillaSource::Bucket { .. }),
+        ssm_agent: true,
     });
     iam::ensure_policy(ctx, &runner_role, &policy, !is_pending(&runner_arn)).await?;
     iam::ensure_profile(ctx, &runner_role, &runner_role).await?;
 
     let registration = register(ctx).await?;
-    let templates = launch_template::converge(ctx, &inv, &roots, &sgs.build).await?;
+    let templates = launch_template::converge(ctx, &inv, &images, &sgs.build).await?;
 
     // Runner hosts, each with its own fleet name and so its own user data.
     let ids = FleetIds {
@@ -229,6 +304,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         let token_param = ctx.names.token_param();
         let user_data = cloudinit::render(&HostUserData {
             hosts: &stack.runner_hosts,
+            flotilla,
             region: &region,
             token_param: &token_param,
             flotilla_toml: &flotilla_toml,
@@ -245,10 +321,10 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
             logical: logical::host(i),
             subnet: net.private_subnets[zone_index].clone(),
             user_data,
+            flotilla_sha256: flotilla.sha256().to_owned(),
         });
         tomls.push((fleet.clone(), flotilla_toml));
     }
-    let host_root = roots[&stack.runner_hosts.ami].clone();
     let hosts = hosts::converge(
         ctx,
         &inv,
@@ -256,7 +332,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         &Launch {
             runner_sg: &sgs.runner,
             profile: &runner_role,
-            root_device: &host_root,
+            root_device: &host_image.root_device,
         },
     )
     .await?;
@@ -293,6 +369,8 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         runner_security_group: sgs.runner.clone(),
         build_security_group: sgs.build.clone(),
         bucket: stack.bucket.name.clone(),
+        flotilla_binary: flotilla.location(),
+        flotilla_sha256: flotilla.sha256().to_owned(),
         runner_role_arn: runner_arn,
         build_role_arn: build_arn,
         runner_instance_profile: runner_role,
@@ -504,29 +582,31 @@ fn undesired(inv: &Inventory, desired: &BTreeSet<String>) -> Inventory {
     }
 }
 
-/// Retries a deletion while AWS still reports dependencies being released.
+/// Retries a deletion while AWS still reports dependencies being released (up to 5
+/// minutes).
 async fn retry_dependency<T, F, Fut>(what: &str, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::aws::AwsError>>,
 {
-    let started = Instant::now();
-    let limit = Duration::from_secs(300);
-    let mut delay = Duration::from_secs(2);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e)
-                if e.code_is(&["DependencyViolation", "InvalidRouteTableID.InUse"])
-                    && started.elapsed() < limit =>
-            {
-                tracing::info!("{what}: still in use, retrying in {}s", delay.as_secs());
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(15));
+    let backoff = Backoff {
+        first: Duration::from_secs(2),
+        max: Duration::from_secs(15),
+        limit: Duration::from_secs(300),
+    };
+    poll::until(what, backoff, || {
+        let attempt = f();
+        async move {
+            match attempt.await {
+                Ok(v) => Ok(Poll::Done(v)),
+                Err(e) if e.code_is(&["DependencyViolation", "InvalidRouteTableID.InUse"]) => {
+                    Ok(Poll::Wait(format!("{what}: still in use ({e})")))
+                }
+                Err(e) => Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
-    }
+    })
+    .await
 }
 
 fn id_list<T>(items: &[T], id: impl Fn(&T) -> Option<&str>) -> Vec<String> {
@@ -551,41 +631,7 @@ async fn terminate_and_wait(ctx: &Ctx<'_>, ids: Vec<String>) -> Result<()> {
                 .send(),
         )
         .await?;
-    let started = Instant::now();
-    let limit = Duration::from_secs(600);
-    let mut delay = Duration::from_secs(1);
-    loop {
-        let out = ctx
-            .aws
-            .call(
-                "ec2:DescribeInstances",
-                ctx.aws
-                    .ec2
-                    .describe_instances()
-                    .set_instance_ids(Some(ids.clone()))
-                    .send(),
-            )
-            .await?;
-        let left: Vec<String> = out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
-            .filter_map(|i| i.instance_id().map(str::to_owned))
-            .collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if started.elapsed() > limit {
-            return Err(Error::Timeout {
-                what: format!("instances {} to terminate", left.join(", ")),
-                secs: limit.as_secs(),
-            });
-        }
-        tracing::info!("waiting for {} instance(s) to terminate", left.len());
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
+    hosts::wait_terminated(ctx, &ids).await
 }
 
 /// Deletes the given EC2 resources in dependency order (instances first, VPC last),
@@ -799,10 +845,8 @@ async fn delete_ec2(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
 }
 
 async fn wait_nats_deleted(ctx: &Ctx<'_>, ids: Vec<String>) -> Result<()> {
-    let started = Instant::now();
-    let limit = Duration::from_secs(600);
-    let mut delay = Duration::from_secs(1);
-    loop {
+    let what = format!("NAT gateways {} to be deleted", ids.join(", "));
+    poll::until(&what, Backoff::up_to(Duration::from_secs(600)), || async {
         let out = ctx
             .aws
             .call(
@@ -814,25 +858,18 @@ async fn wait_nats_deleted(ctx: &Ctx<'_>, ids: Vec<String>) -> Result<()> {
                     .send(),
             )
             .await?;
-        let left: Vec<&str> = out
+        let left = out
             .nat_gateways()
             .iter()
             .filter(|n| !matches!(n.state().map(|s| s.as_str()), Some("deleted" | "failed")))
-            .filter_map(|n| n.nat_gateway_id())
-            .collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if started.elapsed() > limit {
-            return Err(Error::Timeout {
-                what: format!("NAT gateways {} to be deleted", left.join(", ")),
-                secs: limit.as_secs(),
-            });
-        }
-        tracing::info!("waiting for {} NAT gateway(s) to be deleted", left.len());
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
+            .count();
+        Ok(if left == 0 {
+            Poll::Done(())
+        } else {
+            Poll::Wait(format!("waiting for {left} NAT gateway(s) to be deleted"))
+        })
+    })
+    .await
 }
 
 /// Instances in the stack's VPC that are not its runner hosts: build machines of the

@@ -43,7 +43,30 @@ pub struct RunnerPolicyInputs {
     /// The bucket's SSE-KMS key (`bucket.kms_key`: key id, key ARN, `alias/...` or alias
     /// ARN), when set.
     pub kms_key: Option<String>,
+    /// The hosts install the flotilla binary apply uploads to the bucket: read
+    /// `flotilla/bin/*` (false with `runner_hosts.flotilla_url`, and for hosts set up by
+    /// hand).
+    pub flotilla_from_bucket: bool,
+    /// The hosts run the SSM agent, so apply can check a new host and drain an old one
+    /// with Run Command (false for hosts set up by hand).
+    pub ssm_agent: bool,
 }
+
+/// What the SSM agent needs for Run Command and nothing more: register and report
+/// (`ssm:UpdateInstanceInformation`, on instances) and take commands and send replies
+/// (the message channels, which have no resource to scope to). Not the managed policy
+/// `AmazonSSMManagedInstanceCore`: it also grants `ssm:GetParameter(s)` on every
+/// parameter, which would let a host read every other stack's runner token.
+pub const SSM_AGENT_CHANNEL_ACTIONS: [&str; 8] = [
+    "ec2messages:AcknowledgeMessage",
+    "ec2messages:DeleteMessage",
+    "ec2messages:FailMessage",
+    "ec2messages:GetEndpoint",
+    "ec2messages:GetMessages",
+    "ec2messages:SendReply",
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:OpenControlChannel",
+];
 
 fn trust_policy() -> Value {
     json!({
@@ -225,6 +248,35 @@ pub fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
             "Resource": format!("arn:{}:s3:::{}", p.partition, p.bucket)
         }),
     ];
+    // The binary apply uploads (`binary::BIN_PREFIX`); the sum in the user data is what
+    // makes it trusted, this is only the read.
+    if p.flotilla_from_bucket {
+        statements.push(json!({
+            "Sid": "InstallFlotillaFromBucket",
+            "Effect": "Allow",
+            "Action": "s3:GetObject",
+            "Resource": format!(
+                "arn:{}:s3:::{}/{}*",
+                p.partition,
+                p.bucket,
+                crate::binary::BIN_PREFIX
+            )
+        }));
+    }
+    if p.ssm_agent {
+        statements.push(json!({
+            "Sid": "SsmAgentRegisters",
+            "Effect": "Allow",
+            "Action": "ssm:UpdateInstanceInformation",
+            "Resource": ec2("instance/*")
+        }));
+        statements.push(json!({
+            "Sid": "SsmAgentRunCommand",
+            "Effect": "Allow",
+            "Action": SSM_AGENT_CHANNEL_ACTIONS,
+            "Resource": "*"
+        }));
+    }
     if let Some(key) = &p.kms_key {
         let (resource, condition) = kms_key_grant(&p.partition, &p.region, &p.account, key);
         let mut s = json!({
@@ -662,6 +714,8 @@ mod tests {
             bucket: "cache".into(),
             amis: vec!["ami-2".into(), "ami-1".into(), "ami-2".into()],
             kms_key: None,
+            flotilla_from_bucket: true,
+            ssm_agent: true,
         }
     }
 
@@ -685,6 +739,9 @@ mod tests {
                 "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
                     .into(),
             ),
+            // Hosts set up by hand get flotilla their own way and need no Run Command.
+            flotilla_from_bucket: false,
+            ssm_agent: false,
         }
     }
 
@@ -744,10 +801,24 @@ mod tests {
             "s3:GetObject",
             "s3:PutObject",
             "s3:ListBucket",
+            "ssm:UpdateInstanceInformation",
         ]
+        .into_iter()
+        .chain(SSM_AGENT_CHANNEL_ACTIONS)
         .map(String::from)
-        .into();
+        .collect();
         assert_eq!(actions(&runner_host_policy(&inputs())), want);
+        let mut by_hand = inputs();
+        by_hand.flotilla_from_bucket = false;
+        by_hand.ssm_agent = false;
+        let by_hand_actions = actions(&runner_host_policy(&by_hand));
+        assert!(
+            !by_hand_actions
+                .iter()
+                .any(|a| a.starts_with("ec2messages:") || a.starts_with("ssmmessages:")),
+            "{by_hand_actions:?}"
+        );
+        assert!(!by_hand_actions.contains("ssm:UpdateInstanceInformation"));
         let mut with_kms = inputs();
         with_kms.kms_key = Some("alias/cache".into());
         let mut want_kms = want.clone();
@@ -916,14 +987,35 @@ mod tests {
             ssm["Resource"],
             "arn:aws:ssm:us-east-1:123456789012:parameter/flotilla/ci/runner-token"
         );
-        // No statement grants an action on "*" except the Describe calls.
+        // No statement grants an action on "*" except the Describe calls and the SSM
+        // agent's message channels (actions with no resource type to scope to).
         for s in statements(&doc) {
             if s["Resource"] == "*" {
                 for a in strings(&s["Action"]) {
-                    assert!(a.starts_with("ec2:Describe"), "{a}");
+                    assert!(
+                        a.starts_with("ec2:Describe")
+                            || SSM_AGENT_CHANNEL_ACTIONS.contains(&a.as_str()),
+                        "{a}"
+                    );
                 }
             }
         }
+        // The agent registers only as an instance of this account and region, and reads
+        // no parameter but the token (not AmazonSSMManagedInstanceCore's GetParameter on *).
+        assert_eq!(
+            statement(&doc, "SsmAgentRegisters")["Resource"],
+            "arn:aws:ec2:us-east-1:123456789012:instance/*"
+        );
+        assert_eq!(
+            granting(
+                &doc,
+                "ssm:GetParameter",
+                "arn:aws:ssm:us-east-1:123456789012:parameter/flotilla/other/runner-token"
+            )
+            .len(),
+            0
+        );
+        assert!(!actions(&doc).contains("ssm:GetParameters"));
     }
 
     #[test]
@@ -936,6 +1028,34 @@ mod tests {
         assert_eq!(list["Action"], "s3:ListBucket");
         assert_eq!(list["Resource"], "arn:aws:s3:::cache");
         assert!(!actions(&doc).iter().any(|a| a.starts_with("kms:")));
+    }
+
+    #[test]
+    fn the_uploaded_binary_is_readable_under_exactly_its_prefix() {
+        let doc = runner_host_policy(&inputs());
+        let bin = statement(&doc, "InstallFlotillaFromBucket");
+        assert_eq!(bin["Action"], "s3:GetObject");
+        assert_eq!(bin["Resource"], "arn:aws:s3:::cache/flotilla/bin/*");
+        assert!(bin.get("Condition").is_none());
+        // No write to the prefix beyond the cache's own grant, and nothing for a stack
+        // whose hosts download flotilla from a URL.
+        assert_eq!(
+            granting(
+                &doc,
+                "s3:GetObject",
+                "arn:aws:s3:::cache/flotilla/bin/abc/flotilla"
+            )
+            .iter()
+            .filter(|s| s["Sid"] != "RunnerCache")
+            .count(),
+            1
+        );
+        let mut url = inputs();
+        url.flotilla_from_bucket = false;
+        let doc = runner_host_policy(&url);
+        assert!(statements(&doc)
+            .iter()
+            .all(|s| s["Sid"] != "InstallFlotillaFromBucket"));
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use flotilla_provision::aws::Aws;
-use flotilla_provision::engine::{self, Ctx, Outputs};
+use flotilla_provision::binary::{self, Resolved};
+use flotilla_provision::engine::{self, Ctx, HostOptions, Outputs};
 use flotilla_provision::gitlab::Secret;
 use flotilla_provision::plan::Mode;
 use flotilla_provision::stack::Stack;
@@ -24,6 +25,11 @@ struct Cli {
     /// The stack file (TOML).
     #[arg(long, short, value_name = "FILE", env = "FLOTILLA_STACK")]
     stack: PathBuf,
+    /// The flotilla binary apply uploads to the stack's bucket for the runner hosts
+    /// (plan, apply, output); by default the `flotilla` next to this executable. Not
+    /// used when the stack sets runner_hosts.flotilla_url.
+    #[arg(long, global = true, value_name = "PATH")]
+    flotilla_bin: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,8 +40,14 @@ enum Command {
     Validate,
     /// Show what apply would create or change; writes nothing.
     Plan,
-    /// Create what is missing and converge what drifted.
-    Apply,
+    /// Create what is missing and converge what drifted; replace changed runner hosts
+    /// one at a time (new host ready, then the old one drained and terminated).
+    Apply {
+        /// Replace runner hosts without checking the new one over SSM or draining the
+        /// old one (jobs running on it fail): for hosts SSM cannot reach.
+        #[arg(long)]
+        no_drain: bool,
+    },
     /// Delete everything tagged with the stack, in dependency order.
     Destroy {
         /// Act; without it, destroy only prints what it would delete.
@@ -99,6 +111,25 @@ async fn run(cli: Cli) -> Result<()> {
         println!("{}: stack {} is valid", cli.stack.display(), stack.name);
         return Ok(());
     }
+    // The binary the hosts install, found and hashed before any network use.
+    let hosts = match cli.command {
+        Command::Plan | Command::Apply { .. } | Command::Output { .. } => {
+            let resolved = binary::resolve(
+                &stack,
+                &cli.stack,
+                cli.flotilla_bin.as_deref(),
+                std::env::current_exe(),
+            )?;
+            HostOptions {
+                flotilla: match resolved {
+                    Resolved::Local(bin) => Some(bin),
+                    Resolved::Url => None,
+                },
+                no_drain: matches!(cli.command, Command::Apply { no_drain: true }),
+            }
+        }
+        Command::Validate | Command::Destroy { .. } => HostOptions::default(),
+    };
     let aws = Aws::from_env(stack.aws.region.as_deref())
         .await
         .context("configuring the AWS SDK")?;
@@ -110,13 +141,13 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate => unreachable!(),
         Command::Plan => {
-            let ctx = Ctx::new(&aws, &stack, Mode::Plan, token);
+            let ctx = Ctx::new(&aws, &stack, Mode::Plan, token).with_hosts(hosts);
             engine::converge(&ctx).await?;
             print!("{}", ctx.plan.render(&format!("Plan for {title}")));
             report_calls(&aws, "plan");
         }
-        Command::Apply => {
-            let plan = Ctx::new(&aws, &stack, Mode::Plan, token.clone());
+        Command::Apply { .. } => {
+            let plan = Ctx::new(&aws, &stack, Mode::Plan, token.clone()).with_hosts(hosts.clone());
             engine::converge(&plan).await?;
             print!("{}", plan.plan.render(&format!("Plan for {title}")));
             if plan.plan.is_empty() {
@@ -124,7 +155,7 @@ async fn run(cli: Cli) -> Result<()> {
                 report_calls(&aws, "apply");
                 return Ok(());
             }
-            let ctx = Ctx::new(&aws, &stack, Mode::Apply, token);
+            let ctx = Ctx::new(&aws, &stack, Mode::Apply, token).with_hosts(hosts);
             let outputs = engine::converge(&ctx).await?;
             println!("Apply complete: {}.", ctx.plan.summary());
             print_summary(&outputs);
@@ -149,7 +180,7 @@ async fn run(cli: Cli) -> Result<()> {
             report_calls(&aws, "destroy");
         }
         Command::Output { json } => {
-            let ctx = Ctx::new(&aws, &stack, Mode::Plan, token);
+            let ctx = Ctx::new(&aws, &stack, Mode::Plan, token).with_hosts(hosts);
             let outputs = engine::converge(&ctx).await?;
             if !ctx.plan.is_empty() {
                 tracing::warn!(
@@ -197,6 +228,10 @@ fn print_outputs(o: &Outputs) {
     println!("runner_security_group    {}", o.runner_security_group);
     println!("build_security_group     {}", o.build_security_group);
     println!("bucket                   {}", o.bucket);
+    println!(
+        "flotilla_binary          {} (sha256 {})",
+        o.flotilla_binary, o.flotilla_sha256
+    );
     println!("runner_role              {}", o.runner_role_arn);
     println!("build_role               {}", o.build_role_arn);
     println!("runner_instance_profile  {}", o.runner_instance_profile);

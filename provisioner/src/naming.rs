@@ -11,6 +11,8 @@ pub const STACK_TAG: &str = "flotilla:stack";
 pub const RESOURCE_TAG: &str = "flotilla:resource";
 /// On runner hosts: SHA-256 of the user data they were launched with.
 pub const USER_DATA_TAG: &str = "flotilla:user-data-sha256";
+/// On runner hosts: SHA-256 of the flotilla binary their user data installs.
+pub const BINARY_TAG: &str = "flotilla:binary-sha256";
 /// On the runner token parameter: the GitLab runner id the token belongs to.
 pub const RUNNER_ID_TAG: &str = "gitlab:runner-id";
 

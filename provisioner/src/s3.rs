@@ -7,6 +7,13 @@
 //! CreateBucket, which has no such parameter), so a bucket of the same name in another
 //! account is never read, written or emptied.
 //!
+//! The flotilla binary the runner hosts install lives in the bucket under a
+//! content-addressed key (`flotilla/bin/<sha256>/flotilla`), uploaded with its SHA-256
+//! checksum (S3 refuses the bytes if they do not match it) and the stack's tags, and
+//! only when that key does not already hold an object with that checksum. It expires
+//! under the bucket's lifecycle rule like every object: apply uploads it again when it
+//! is missing or would expire within a day, before any host is launched.
+//!
 //! Ownership: the bucket is the stack's when it carries the stack tag. A bucket with the
 //! stack's name, in this account, with no tags at all and no objects is adopted (that is
 //! what an apply interrupted between CreateBucket and PutBucketTagging leaves behind);
@@ -14,13 +21,15 @@
 
 use aws_sdk_s3::types::{
     AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, BucketLocationConstraint,
-    CreateBucketConfiguration, Delete, ExpirationStatus, LifecycleExpiration, LifecycleRule,
-    LifecycleRuleFilter, ObjectIdentifier, PublicAccessBlockConfiguration, ServerSideEncryption,
-    ServerSideEncryptionByDefault, ServerSideEncryptionConfiguration, ServerSideEncryptionRule,
-    Tag, Tagging,
+    ChecksumAlgorithm, ChecksumMode, CreateBucketConfiguration, Delete, ExpirationStatus,
+    LifecycleExpiration, LifecycleRule, LifecycleRuleFilter, ObjectIdentifier,
+    PublicAccessBlockConfiguration, ServerSideEncryption, ServerSideEncryptionByDefault,
+    ServerSideEncryptionConfiguration, ServerSideEncryptionRule, Tag, Tagging,
 };
+use base64::Engine;
 use serde_json::{json, Value};
 
+use crate::binary::LocalBinary;
 use crate::engine::Ctx;
 use crate::error::{Error, Result};
 use crate::naming::{RESOURCE_TAG, STACK_TAG};
@@ -400,6 +409,119 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Result<()>
     Ok(())
 }
 
+/// The plan's name for an object of the bucket.
+pub const OBJECT_KIND: &str = "s3:object";
+
+/// Whether an object written at `written` (seconds since the epoch) would expire under
+/// an `expire_days` lifecycle rule within the next day (or half its life, for a 1-day
+/// rule), as of `now`. S3 expires an object at the first midnight UTC after `written`
+/// plus the days, so this errs early.
+pub fn expires_soon(written: i64, now: i64, expire_days: u32) -> bool {
+    let life = i64::from(expire_days) * 86_400;
+    let margin = (life / 2).min(86_400);
+    now >= written + life - margin
+}
+
+/// The object's tags, as PutObject takes them (a URL query string).
+fn object_tagging(ctx: &Ctx<'_>, resource: &str) -> String {
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    format!(
+        "{}={}&{}={}",
+        enc(STACK_TAG),
+        enc(&ctx.stack.name),
+        enc(RESOURCE_TAG),
+        enc(resource)
+    )
+}
+
+/// Uploads the flotilla binary to its content-addressed key, unless an object with its
+/// checksum is there already (and not about to expire). In plan mode, only says so.
+pub async fn ensure_binary(ctx: &Ctx<'_>, owner: &str, bin: &LocalBinary) -> Result<()> {
+    let bucket = &ctx.stack.bucket.name;
+    let key = bin.key();
+    let s3 = &ctx.aws.s3;
+    let name = format!("s3://{bucket}/{key}");
+    let raw = hex::decode(&bin.sha256)
+        .map_err(|e| Error::Refused(format!("bad SHA-256 {}: {e}", bin.sha256)))?;
+    let checksum = base64::engine::general_purpose::STANDARD.encode(raw);
+    let head = ctx
+        .aws
+        .call(
+            "s3:HeadObject",
+            s3.head_object()
+                .bucket(bucket)
+                .key(&key)
+                .expected_bucket_owner(owner)
+                .checksum_mode(ChecksumMode::Enabled)
+                .send(),
+        )
+        .await;
+    let found = match head {
+        Ok(out) => Some(out),
+        // A bucket that does not exist yet (plan on a new stack) holds nothing either.
+        Err(e) if e.code_is(&["NotFound", "NoSuchKey", "NoSuchBucket"]) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let upload = format!(
+        "upload {} ({:.1} MB, sha256 {})",
+        bin.path.display(),
+        bin.size as f64 / 1e6,
+        bin.sha256
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (action, detail) = match &found {
+        None => (Action::Create, upload),
+        Some(o) if o.checksum_sha256() != Some(checksum.as_str()) => (
+            Action::Update,
+            format!("its checksum is not the binary's: {upload}"),
+        ),
+        Some(o)
+            if o.last_modified()
+                .is_some_and(|t| expires_soon(t.secs(), now, ctx.stack.bucket.expire_days)) =>
+        {
+            (
+                Action::Update,
+                format!("the bucket's lifecycle rule expires it within a day: {upload}"),
+            )
+        }
+        Some(_) => {
+            ctx.plan.note(format!(
+                "flotilla binary {} (sha256 {}) is already at {name}: unchanged",
+                bin.path.display(),
+                bin.sha256
+            ));
+            return Ok(());
+        }
+    };
+    if !ctx.change(action, OBJECT_KIND, &name, detail) {
+        return Ok(());
+    }
+    let body = aws_sdk_s3::primitives::ByteStream::from_path(&bin.path)
+        .await
+        .map_err(|e| Error::Refused(format!("cannot read {}: {e}", bin.path.display())))?;
+    ctx.aws
+        .call(
+            "s3:PutObject",
+            s3.put_object()
+                .bucket(bucket)
+                .key(&key)
+                .expected_bucket_owner(owner)
+                .body(body)
+                .content_type("application/octet-stream")
+                .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                .checksum_sha256(&checksum)
+                .tagging(object_tagging(ctx, "flotilla-bin"))
+                .send(),
+        )
+        .await?;
+    ctx.created(OBJECT_KIND, &name, &bin.sha256);
+    Ok(())
+}
+
 /// Empties and deletes the bucket if it is the stack's.
 pub async fn destroy(ctx: &Ctx<'_>, owner: &str) -> Result<()> {
     let bucket = ctx.stack.bucket.name.clone();
@@ -466,4 +588,21 @@ pub async fn destroy(ctx: &Ctx<'_>, owner: &str) -> Result<()> {
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_binary_is_uploaded_again_only_near_its_expiry() {
+        let day = 86_400;
+        // 30-day rule: refreshed once less than a day is left.
+        assert!(!expires_soon(0, 28 * day, 30));
+        assert!(expires_soon(0, 29 * day, 30));
+        assert!(expires_soon(0, 40 * day, 30));
+        // 1-day rule: half a day of margin, so two applies in a row upload once.
+        assert!(!expires_soon(0, 60, 1));
+        assert!(expires_soon(0, day / 2, 1));
+    }
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use flotilla_proto::config::Config;
+use flotilla_proto::duration::HumanDuration;
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Cidr;
@@ -97,15 +98,25 @@ pub struct RunnerHosts {
     /// EC2 key pair for SSH (optional; pair it with `network.ssh_cidr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_name: Option<String>,
-    /// Where cloud-init downloads the gitlab-runner binary from.
+    /// Where cloud-init downloads the gitlab-runner binary from (https://).
     #[serde(default = "defaults::gitlab_runner_url")]
     pub gitlab_runner_url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gitlab_runner_sha256: Option<String>,
-    /// Where cloud-init downloads the flotilla binary from.
-    pub flotilla_url: String,
+    /// Where cloud-init downloads the flotilla binary from (https://, with
+    /// `flotilla_sha256`). Unset (the default): apply uploads the local `flotilla`
+    /// binary to the stack's bucket and the hosts install it from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flotilla_url: Option<String>,
+    /// Required with `flotilla_url`; not allowed without it (the uploaded binary's sum
+    /// is computed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flotilla_sha256: Option<String>,
+    /// How long a host being replaced may take to finish its jobs and give back its
+    /// build machines (`gitlab-runner stop`, then `flotilla drain --wait`) before apply
+    /// gives up on it.
+    #[serde(default = "defaults::drain_timeout")]
+    pub drain_timeout: HumanDuration,
     /// OS packages cloud-init installs (the token script needs the AWS CLI and curl).
     #[serde(default = "defaults::packages")]
     pub packages: Vec<String>,
@@ -171,6 +182,10 @@ mod defaults {
     pub fn gitlab_runner_url() -> String {
         "https://gitlab-runner-downloads.s3.amazonaws.com/v18.6.0/binaries/gitlab-runner-linux-amd64"
             .into()
+    }
+    /// GitLab's default job timeout (1 h), and time to give back the build machines.
+    pub fn drain_timeout() -> super::HumanDuration {
+        super::HumanDuration::from_secs(90 * 60)
     }
     pub fn packages() -> Vec<String> {
         ["awscli", "curl", "ca-certificates"]
@@ -507,11 +522,42 @@ impl Stack {
         if !(8..=16384).contains(&h.root_volume_gb) {
             return bad("runner_hosts.root_volume_gb", "must be 8 to 16384 (GiB)");
         }
-        for (key, url) in [
-            ("runner_hosts.gitlab_runner_url", &h.gitlab_runner_url),
-            ("runner_hosts.flotilla_url", &h.flotilla_url),
-        ] {
-            check_url(key, url)?;
+        check_url(
+            "runner_hosts.gitlab_runner_url",
+            &h.gitlab_runner_url,
+            "the runner hosts download and run this binary",
+        )?;
+        match (&h.flotilla_url, &h.flotilla_sha256) {
+            (Some(url), Some(_)) => check_url(
+                "runner_hosts.flotilla_url",
+                url,
+                "the runner hosts download and run this binary",
+            )?,
+            (Some(_), None) => {
+                return bad(
+                    "runner_hosts.flotilla_sha256",
+                    "is required with runner_hosts.flotilla_url: the hosts check the binary \
+                     they download against it (64 hexadecimal digits, `sha256sum flotilla`)",
+                )
+            }
+            (None, Some(_)) => {
+                return bad(
+                    "runner_hosts.flotilla_sha256",
+                    "is only for runner_hosts.flotilla_url: without it apply uploads the \
+                     local flotilla binary (--flotilla-bin) and computes its sum",
+                )
+            }
+            (None, None) => {}
+        }
+        let drain = h.drain_timeout.as_duration();
+        if drain < MIN_DRAIN_TIMEOUT || drain > MAX_DRAIN_TIMEOUT {
+            return bad(
+                "runner_hosts.drain_timeout",
+                format!(
+                    "{} must be 1m to 48h (SSM Run Command's longest execution)",
+                    h.drain_timeout
+                ),
+            );
         }
         for (key, sum) in [
             ("runner_hosts.gitlab_runner_sha256", &h.gitlab_runner_sha256),
@@ -544,7 +590,11 @@ impl Stack {
 
     fn validate_gitlab(&self) -> Result<(), Invalid> {
         let g = &self.gitlab;
-        check_url("gitlab.url", &g.url)?;
+        check_url(
+            "gitlab.url",
+            &g.url,
+            "the access token and the runners' tokens are sent to it",
+        )?;
         let env_ok = g
             .token_env
             .chars()
@@ -762,18 +812,58 @@ fn is_stack_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-fn check_url(key: &str, url: &str) -> Result<(), Invalid> {
-    let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+/// Shortest and longest `runner_hosts.drain_timeout` (SSM Run Command's
+/// `executionTimeout` is at most 48 hours).
+pub const MIN_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const MAX_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(48 * 3600);
+
+/// A URL the stack downloads from or sends secrets to: https:// only (`why` says what
+/// travels over it). Plain http:// is accepted for a loopback host alone (127.0.0.0/8,
+/// `[::1]`, `localhost`), where nothing crosses a network. No quotes or whitespace: URLs
+/// are interpolated into shell scripts.
+fn check_url(key: &str, url: &str, why: &str) -> Result<(), Invalid> {
     let chars_ok = !url
         .chars()
         .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '\'' | '"' | '\\' | '`'));
-    if !scheme_ok || !chars_ok || url.len() <= "https://".len() {
+    let rest = url.strip_prefix("https://");
+    if let Some(plain) = url.strip_prefix("http://") {
+        if !is_loopback_authority(plain) {
+            return bad(
+                key,
+                format!(
+                    "{url:?} is plain http://: expected an https:// URL ({why}, and http \
+                     lets anyone on the path read or replace it)"
+                ),
+            );
+        }
+    } else if rest.is_none() {
         return bad(
             key,
-            format!("{url:?} must be an http:// or https:// URL without quotes or spaces"),
+            format!("{url:?} is not a URL: expected https://<host>/..."),
+        );
+    }
+    let host_part = url.split_once("://").map_or("", |(_, r)| r);
+    if !chars_ok || host_part.is_empty() || host_part.starts_with('/') {
+        return bad(
+            key,
+            format!("{url:?}: expected an https:// URL with a host and without quotes or spaces"),
         );
     }
     Ok(())
+}
+
+/// True when the authority of `rest` (what follows `http://`) is a loopback address.
+fn is_loopback_authority(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -795,7 +885,7 @@ name = "ci-flotilla-cache"
 [runner_hosts]
 ami = "ami-12c6146b"
 instance_type = "t3.small"
-flotilla_url = "https://downloads.example.com/flotilla"
+# no flotilla_url: apply uploads the flotilla binary
 
 [gitlab]
 url = "https://gitlab.example.com/"
@@ -939,10 +1029,110 @@ instance_types = ["t3.medium"]
         let e = err(&GOOD.replace("ci-flotilla-cache", "CI_cache"));
         assert!(e.contains("bucket.name"), "{e}");
         let e = err(&GOOD.replace(
-            "https://downloads.example.com/flotilla",
-            "https://x/'; rm -rf /",
+            "instance_type = \"t3.small\"",
+            "instance_type = \"t3.small\"\ngitlab_runner_url = \"https://x/'; rm -rf /\"",
         ));
-        assert!(e.contains("runner_hosts.flotilla_url"), "{e}");
+        assert!(e.contains("runner_hosts.gitlab_runner_url"), "{e}");
+    }
+
+    const SUM: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn with_hosts(extra: &str) -> String {
+        GOOD.replace(
+            "instance_type = \"t3.small\"",
+            &format!("instance_type = \"t3.small\"\n{extra}"),
+        )
+    }
+
+    #[test]
+    fn plain_http_urls_are_refused_naming_the_key_and_https() {
+        let cases = [
+            (
+                with_hosts(&format!(
+                    "flotilla_url = \"http://downloads.example.com/flotilla\"\n\
+                     flotilla_sha256 = \"{SUM}\""
+                )),
+                "runner_hosts.flotilla_url",
+            ),
+            (
+                with_hosts("gitlab_runner_url = \"http://downloads.example.com/gitlab-runner\""),
+                "runner_hosts.gitlab_runner_url",
+            ),
+            (
+                GOOD.replace("https://gitlab.example.com/", "http://gitlab.example.com/"),
+                "gitlab.url",
+            ),
+            (
+                GOOD.replace("https://gitlab.example.com/", "HTTP://gitlab.example.com/"),
+                "gitlab.url",
+            ),
+            (
+                GOOD.replace(
+                    "https://gitlab.example.com/",
+                    "http://127.0.0.1.example.com/",
+                ),
+                "gitlab.url",
+            ),
+            (
+                GOOD.replace("https://gitlab.example.com/", "ftp://gitlab.example.com/"),
+                "gitlab.url",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.contains(&format!("key `{key}`")), "{e}");
+            assert!(e.contains("https://"), "{e}");
+        }
+        // Through Stack::load the file is named too.
+        let e =
+            load_err(&GOOD.replace("https://gitlab.example.com/", "http://gitlab.example.com/"));
+        assert!(e.contains("key `gitlab.url`"), "{e}");
+        assert!(e.contains("plain http://"), "{e}");
+    }
+
+    #[test]
+    fn loopback_http_is_accepted() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.1.2.3/",
+            "http://localhost:3000/gitlab",
+            "http://[::1]:80",
+        ] {
+            let s = Stack::from_toml(&GOOD.replace("https://gitlab.example.com/", url)).unwrap();
+            s.validate().unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        assert!(!is_loopback_authority("10.0.0.1/x"));
+        assert!(!is_loopback_authority("localhost.example.com"));
+        assert!(!is_loopback_authority("127.0.0.1@evil.example.com/"));
+    }
+
+    #[test]
+    fn flotilla_url_is_optional_and_needs_its_sum() {
+        let s = Stack::from_toml(GOOD).unwrap();
+        assert_eq!(s.runner_hosts.flotilla_url, None);
+        s.validate().unwrap();
+        let url = "flotilla_url = \"https://downloads.example.com/flotilla\"";
+        let e = err(&with_hosts(url));
+        assert!(e.contains("key `runner_hosts.flotilla_sha256`"), "{e}");
+        assert!(e.contains("required"), "{e}");
+        let e = err(&with_hosts(&format!("flotilla_sha256 = \"{SUM}\"")));
+        assert!(e.contains("key `runner_hosts.flotilla_sha256`"), "{e}");
+        assert!(e.contains("--flotilla-bin"), "{e}");
+        let s =
+            Stack::from_toml(&with_hosts(&format!("{url}\nflotilla_sha256 = \"{SUM}\""))).unwrap();
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn drain_timeout_defaults_to_90_minutes_and_is_bounded() {
+        let s = Stack::from_toml(GOOD).unwrap();
+        assert_eq!(s.runner_hosts.drain_timeout.as_duration().as_secs(), 5400);
+        for bad in ["\"30s\"", "\"49h\""] {
+            let e = err(&with_hosts(&format!("drain_timeout = {bad}")));
+            assert!(e.contains("key `runner_hosts.drain_timeout`"), "{e}");
+        }
+        let s = Stack::from_toml(&with_hosts("drain_timeout = \"2h\"")).unwrap();
+        s.validate().unwrap();
     }
 
     #[test]

@@ -2,9 +2,17 @@
 //! gitlab-runner and the flotilla daemon, configured entirely by their user data.
 //!
 //! A host is kept when its AMI, instance type, subnet and user-data hash (tag
-//! `flotilla:user-data-sha256`) match the stack; otherwise a new one is launched and the
-//! old one terminated. Instances with a host id beyond `runner_hosts.count`, or
-//! duplicates left by an interrupted run, are terminated.
+//! `flotilla:user-data-sha256`) match the stack. Otherwise it is replaced, one host at a
+//! time: its new instance is launched and waited for (running, then ready: cloud-init
+//! done and its flotilla daemon answering, asked over SSM Run Command), then the old
+//! instance is drained (gitlab-runner stops once its jobs have finished, then `flotilla
+//! drain --wait` gives back its build machines) and terminated, and only then is the
+//! next host replaced. Instances with a host id beyond `runner_hosts.count`, and
+//! duplicates left by an interrupted run, are drained and terminated the same way.
+//! `apply --no-drain` skips the readiness check and the drains (hosts SSM cannot reach).
+//!
+//! Invariant: apply never terminates a running runner host it has not drained, unless
+//! told `--no-drain`.
 
 use std::time::Duration;
 
@@ -18,8 +26,10 @@ use sha2::{Digest, Sha256};
 use super::{logical as logical_of, tag, tag_spec, Inventory};
 use crate::engine::Ctx;
 use crate::error::{Error, Result};
-use crate::naming::USER_DATA_TAG;
+use crate::naming::{BINARY_TAG, USER_DATA_TAG};
 use crate::plan::{is_pending, pending, Action};
+use crate::poll::{self, Backoff, Poll};
+use crate::run_command::{self, Script};
 
 /// What one host should be.
 #[derive(Debug, Clone)]
@@ -27,6 +37,9 @@ pub struct HostSpec {
     pub logical: String,
     pub subnet: String,
     pub user_data: String,
+    /// SHA-256 of the flotilla binary the user data installs (tag `flotilla:binary-sha256`,
+    /// so a plan can say the binary is what changed).
+    pub flotilla_sha256: String,
 }
 
 /// One host as it is after the pass.
@@ -49,13 +62,21 @@ fn state(i: &Instance) -> &str {
         .unwrap_or("unknown")
 }
 
+fn id(i: &Instance) -> &str {
+    i.instance_id().unwrap_or_default()
+}
+
 fn info(logical: &str, i: &Instance) -> HostInfo {
     HostInfo {
         logical: logical.to_owned(),
-        instance_id: i.instance_id().unwrap_or_default().to_owned(),
+        instance_id: id(i).to_owned(),
         private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
         state: state(i).to_owned(),
     }
+}
+
+fn short(sum: &str) -> &str {
+    sum.get(..12).unwrap_or(sum)
 }
 
 /// Why an existing host does not match, or None when it does.
@@ -77,7 +98,14 @@ fn mismatch(ctx: &Ctx<'_>, i: &Instance, spec: &HostSpec, hash: &str) -> Option<
         ));
     }
     if tag(i.tags(), USER_DATA_TAG) != Some(hash) {
-        why.push("user data changed".into());
+        match tag(i.tags(), BINARY_TAG) {
+            Some(old) if old != spec.flotilla_sha256 => why.push(format!(
+                "user data changed (flotilla binary {} -> {})",
+                short(old),
+                short(&spec.flotilla_sha256)
+            )),
+            _ => why.push("user data changed".into()),
+        }
     }
     if matches!(state(i), "shutting-down" | "stopping" | "stopped") {
         why.push(format!("instance is {}", state(i)));
@@ -91,15 +119,30 @@ pub struct Launch<'a> {
     pub root_device: &'a str,
 }
 
+/// How the plan line says an old host goes.
+fn retire_detail(ctx: &Ctx<'_>, old: &[&Instance]) -> String {
+    let ids: Vec<&str> = old.iter().map(|i| id(i)).collect();
+    if ctx.drain() {
+        format!(
+            "new host first, then drain and terminate {}, one host at a time",
+            ids.join(", ")
+        )
+    } else {
+        format!(
+            "new host first, then terminate {} (no drain)",
+            ids.join(", ")
+        )
+    }
+}
+
 pub async fn converge(
     ctx: &Ctx<'_>,
     inv: &Inventory,
     specs: &[HostSpec],
     launch: &Launch<'_>,
 ) -> Result<Vec<HostInfo>> {
-    let mut out = Vec::new();
-    let mut keep: Vec<String> = Vec::new();
-    let mut announced: Vec<String> = Vec::new();
+    // Each host's instances, and what it takes to converge it.
+    let mut plans: Vec<(&HostSpec, String, Vec<&Instance>)> = Vec::new();
     for spec in specs {
         let hash = user_data_hash(&spec.user_data);
         let mut candidates: Vec<&Instance> = inv
@@ -107,12 +150,55 @@ pub async fn converge(
             .iter()
             .filter(|i| logical_of(i.tags()) == Some(spec.logical.as_str()))
             .collect();
-        candidates.sort_by_key(|i| i.instance_id().unwrap_or_default().to_owned());
-        let matching = candidates
+        candidates.sort_by_key(|i| id(i).to_owned());
+        plans.push((spec, hash, candidates));
+    }
+    let replacements = plans
+        .iter()
+        .filter(|(spec, hash, c)| {
+            !c.is_empty() && c.iter().all(|i| mismatch(ctx, i, spec, hash).is_some())
+        })
+        .count();
+
+    // Instances this pass keeps, or retires as the old instances of a replaced host.
+    let handled: Vec<&str> = plans
+        .iter()
+        .flat_map(|(spec, hash, candidates)| {
+            match candidates
+                .iter()
+                .find(|i| mismatch(ctx, i, spec, hash).is_none())
+            {
+                Some(keep) => vec![id(keep)],
+                None => candidates.iter().map(|i| id(i)).collect(),
+            }
+        })
+        .collect();
+    // First what goes for good: duplicates (the old instance of a replacement an earlier
+    // apply did not finish) and hosts beyond runner_hosts.count.
+    for i in inv
+        .instances
+        .iter()
+        .filter(|i| !handled.contains(&id(i)))
+        .filter(|i| state(i) != "shutting-down")
+    {
+        let name = logical_of(i.tags()).unwrap_or("(untagged host)");
+        let detail = if ctx.drain() && state(i) == "running" {
+            format!("{}, drained first", id(i))
+        } else {
+            id(i).to_owned()
+        };
+        if ctx.change(Action::Delete, "ec2:instance", name, detail) {
+            retire(ctx, name, i, None).await?;
+        }
+    }
+
+    let mut out = Vec::new();
+    let mut replaced = 0;
+    for (spec, hash, candidates) in plans {
+        if let Some(i) = candidates
             .iter()
-            .find(|i| mismatch(ctx, i, spec, &hash).is_none());
-        if let Some(i) = matching {
-            keep.push(i.instance_id().unwrap_or_default().to_owned());
+            .find(|i| mismatch(ctx, i, spec, &hash).is_none())
+        {
             out.push(info(&spec.logical, i));
             continue;
         }
@@ -120,9 +206,10 @@ pub async fn converge(
             Some(old) => (
                 Action::Replace,
                 format!(
-                    "{}: {}",
-                    old.instance_id().unwrap_or("?"),
-                    mismatch(ctx, old, spec, &hash).unwrap_or_default()
+                    "{}: {}; {}",
+                    id(old),
+                    mismatch(ctx, old, spec, &hash).unwrap_or_default(),
+                    retire_detail(ctx, &candidates)
                 ),
             ),
             None => (
@@ -133,9 +220,6 @@ pub async fn converge(
                 ),
             ),
         };
-        if action == Action::Replace {
-            announced.push(spec.logical.clone());
-        }
         if !ctx.change(action, "ec2:instance", &spec.logical, detail) {
             out.push(HostInfo {
                 logical: spec.logical.clone(),
@@ -145,41 +229,269 @@ pub async fn converge(
             });
             continue;
         }
-        let i = run_instance(ctx, spec, &hash, launch).await?;
-        keep.push(i.instance_id().unwrap_or_default().to_owned());
-        ctx.created("ec2:instance", &spec.logical, i.instance_id().unwrap_or(""));
-        out.push(info(&spec.logical, &i));
-    }
-    // Everything else tagged with the stack goes: replaced hosts, duplicates, hosts beyond
-    // runner_hosts.count.
-    let stale: Vec<&Instance> = inv
-        .instances
-        .iter()
-        .filter(|i| !keep.iter().any(|k| Some(k.as_str()) == i.instance_id()))
-        .filter(|i| state(i) != "shutting-down")
-        .collect();
-    let mut to_terminate = Vec::new();
-    for i in stale {
-        let id = i.instance_id().unwrap_or_default().to_owned();
-        let name = logical_of(i.tags()).unwrap_or("(untagged host)").to_owned();
-        // A replaced host was already announced as "-/+"; do not count it twice.
-        if announced.contains(&name) || ctx.change(Action::Delete, "ec2:instance", &name, &id) {
-            to_terminate.push(id);
+        if candidates.is_empty() {
+            let i = run_instance(ctx, spec, &hash, launch).await?;
+            ctx.created("ec2:instance", &spec.logical, id(&i));
+            out.push(info(&spec.logical, &i));
+        } else {
+            replaced += 1;
+            let new = replace(
+                ctx,
+                spec,
+                &hash,
+                launch,
+                &candidates,
+                (replaced, replacements),
+            )
+            .await?;
+            out.push(new);
         }
     }
-    if ctx.applying() && !to_terminate.is_empty() {
-        ctx.aws
+    Ok(out)
+}
+
+/// One host's rolling replacement: the new instance up and ready, then each old one
+/// drained and terminated.
+async fn replace(
+    ctx: &Ctx<'_>,
+    spec: &HostSpec,
+    hash: &str,
+    launch: &Launch<'_>,
+    old: &[&Instance],
+    (n, of): (usize, usize),
+) -> Result<HostInfo> {
+    let name = spec.logical.as_str();
+    let old_ids: Vec<&str> = old.iter().map(|i| id(i)).collect();
+    tracing::info!(
+        "{name}: replacing {} (host {n} of {of} to replace): launching its new instance",
+        old_ids.join(", ")
+    );
+    let launched = run_instance(ctx, spec, hash, launch).await?;
+    let new_id = id(&launched).to_owned();
+    ctx.created("ec2:instance", name, &new_id);
+    let running = wait_running(ctx, name, &new_id).await?;
+    if ctx.drain() {
+        ready(ctx, name, &new_id, &old_ids).await?;
+    }
+    for i in old {
+        retire(ctx, name, i, Some(&new_id)).await?;
+    }
+    tracing::info!("{name}: replaced {} with {new_id}", old_ids.join(", "));
+    Ok(info(name, &running))
+}
+
+/// Waits until EC2 reports the new instance running (10 minutes at most).
+async fn wait_running(ctx: &Ctx<'_>, name: &str, instance: &str) -> Result<Instance> {
+    let what = format!("{name}: the new instance {instance} to be running");
+    poll::until(&what, Backoff::up_to(Duration::from_secs(600)), || async {
+        let out = ctx
+            .aws
             .call(
-                "ec2:TerminateInstances",
+                "ec2:DescribeInstances",
                 ctx.aws
                     .ec2
-                    .terminate_instances()
-                    .set_instance_ids(Some(to_terminate))
+                    .describe_instances()
+                    .instance_ids(instance)
+                    .send(),
+            )
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            // A new instance can take a moment to be listed.
+            Err(e) if e.code_is(&["InvalidInstanceID.NotFound"]) => {
+                return Ok(Poll::Wait(format!(
+                    "{name}: waiting for {instance} to be listed by EC2"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let found = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(instance))
+            .cloned();
+        let Some(i) = found else {
+            return Ok(Poll::Wait(format!(
+                "{name}: waiting for {instance} to be listed by EC2"
+            )));
+        };
+        match state(&i) {
+            "running" => Ok(Poll::Done(i)),
+            "pending" => Ok(Poll::Wait(format!(
+                "{name}: waiting for {instance} to be running (pending)"
+            ))),
+            other => Err(Error::Refused(format!(
+                "{name}: the new instance {instance} is {other} ({}) instead of running; the \
+                 old host is untouched; apply again to launch another",
+                i.state_reason()
+                    .and_then(|r| r.message())
+                    .unwrap_or("no reason given")
+            ))),
+        }
+    })
+    .await
+}
+
+/// Waits until the new host is ready: its SSM agent registered, cloud-init done, and
+/// its flotilla daemon answering.
+async fn ready(ctx: &Ctx<'_>, name: &str, instance: &str, old: &[&str]) -> Result<()> {
+    tracing::info!(
+        "{name}: waiting for {instance} to be ready: SSM agent registered, cloud-init \
+         done, flotilla daemon answering (at most {})",
+        run_command::human(run_command::READY_TIMEOUT)
+    );
+    let what = format!("the readiness check of its new instance {instance}");
+    let comment = format!(
+        "flotilla-provision {}: is {name} {instance} ready",
+        ctx.stack.name
+    );
+    run_command::run(
+        ctx,
+        instance,
+        &Script {
+            host: name,
+            what: &what,
+            comment: &comment,
+            commands: run_command::ready_commands(),
+            timeout: Duration::from_secs(600),
+            wait_for_agent: Some(run_command::READY_TIMEOUT),
+        },
+    )
+    .await
+    .map_err(|e| {
+        Error::Refused(format!(
+            "{}. The old instance {} keeps serving (not drained); the new one {instance} \
+             stays up to be looked at (cloud-init's log, `journalctl -u flotilla`). Apply \
+             again once fixed, or `apply --no-drain` to replace hosts without this check",
+            with_context(&e, name, &what),
+            old.join(", ")
+        ))
+    })?;
+    tracing::info!("{name}: {instance} is ready");
+    Ok(())
+}
+
+/// Drains (unless `--no-drain`, or it is not running) and terminates an old instance.
+async fn retire(ctx: &Ctx<'_>, name: &str, old: &Instance, new: Option<&str>) -> Result<()> {
+    let old_id = id(old);
+    match state(old) {
+        "shutting-down" | "terminated" => return Ok(()),
+        "running" if ctx.drain() => drain(ctx, name, old_id, new).await?,
+        other if ctx.drain() => {
+            tracing::info!("{name}: {old_id} is {other}: nothing to drain")
+        }
+        _ => tracing::warn!(
+            "{name}: terminating {old_id} without draining it (--no-drain): jobs still \
+             running on it fail, and its build machines are left to `flotilla audit`"
+        ),
+    }
+    tracing::info!("{name}: terminating {old_id}");
+    ctx.aws
+        .call(
+            "ec2:TerminateInstances",
+            ctx.aws
+                .ec2
+                .terminate_instances()
+                .instance_ids(old_id)
+                .send(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Stops gitlab-runner once its jobs are done and gives back the build machines, over
+/// SSM Run Command, within `runner_hosts.drain_timeout`.
+async fn drain(ctx: &Ctx<'_>, name: &str, instance: &str, new: Option<&str>) -> Result<()> {
+    let timeout = ctx.stack.runner_hosts.drain_timeout.as_duration();
+    tracing::info!(
+        "{name}: draining {instance}: gitlab-runner finishes its running jobs and stops, \
+         then flotilla terminates its build machines (at most {}, \
+         runner_hosts.drain_timeout)",
+        run_command::human(timeout)
+    );
+    let what = format!("the drain of {instance}");
+    let comment = format!(
+        "flotilla-provision {}: drain {name} {instance} before terminating it",
+        ctx.stack.name
+    );
+    let serving = match new {
+        Some(n) => format!("its new instance {n} serves"),
+        None => "the other hosts serve".into(),
+    };
+    run_command::run(
+        ctx,
+        instance,
+        &Script {
+            host: name,
+            what: &what,
+            comment: &comment,
+            commands: run_command::drain_commands(),
+            timeout,
+            wait_for_agent: None,
+        },
+    )
+    .await
+    .map_err(|e| {
+        let hint = match &e {
+            Error::Aws(a) if run_command::is_unmanaged(a) => format!(
+                "SSM cannot reach {instance} (its SSM agent is not running or not \
+                 registered; hosts launched before flotilla-provision installed the agent \
+                 have none): drain it by hand on the host (`gitlab-runner stop`, then \
+                 `flotilla drain --wait`) and run `apply --no-drain`"
+            ),
+            _ => format!(
+                "{instance} is left running, not terminated (gitlab-runner may be \
+                 stopped); apply again to drain it again, or drain it by hand and run \
+                 `apply --no-drain`"
+            ),
+        };
+        Error::Refused(format!(
+            "{}. {serving}; {hint}",
+            with_context(&e, name, &what)
+        ))
+    })?;
+    tracing::info!("{name}: {instance} is drained");
+    Ok(())
+}
+
+/// An error of a Run Command, saying which host and script when the error itself does
+/// not (a failed AWS call does not; a failed or timed-out command does).
+fn with_context(e: &Error, host: &str, what: &str) -> String {
+    match e {
+        Error::Aws(_) => format!("{host}: {what} failed: {e}"),
+        _ => e.to_string(),
+    }
+}
+
+/// Waits until EC2 reports every instance terminated (10 minutes at most).
+pub async fn wait_terminated(ctx: &Ctx<'_>, ids: &[String]) -> Result<()> {
+    let what = format!("instances {} to terminate", ids.join(", "));
+    poll::until(&what, Backoff::up_to(Duration::from_secs(600)), || async {
+        let out = ctx
+            .aws
+            .call(
+                "ec2:DescribeInstances",
+                ctx.aws
+                    .ec2
+                    .describe_instances()
+                    .set_instance_ids(Some(ids.to_vec()))
                     .send(),
             )
             .await?;
-    }
-    Ok(out)
+        let left = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| state(i) != "terminated")
+            .count();
+        Ok(if left == 0 {
+            Poll::Done(())
+        } else {
+            Poll::Wait(format!("waiting for {left} instance(s) to terminate"))
+        })
+    })
+    .await
 }
 
 async fn run_instance(
@@ -243,7 +555,10 @@ async fn run_instance(
                 ctx,
                 ResourceType::Instance,
                 &spec.logical,
-                &[(USER_DATA_TAG, hash)],
+                &[
+                    (USER_DATA_TAG, hash),
+                    (BINARY_TAG, spec.flotilla_sha256.as_str()),
+                ],
             ))
             .tag_specifications(tag_spec(ctx, ResourceType::Volume, &spec.logical, &[]));
         match ctx.aws.call("ec2:RunInstances", req.send()).await {

@@ -22,9 +22,18 @@ use crate::error::{Error, Result};
 use crate::naming::logical;
 use crate::plan::{pending, Action};
 
-/// Root device name of each AMI (`/dev/xvda`, `/dev/sda1`), so root volumes can be set.
-/// An AMI that does not exist is an error naming the stack key that asked for it.
-pub async fn root_devices(ctx: &Ctx<'_>) -> Result<BTreeMap<String, String>> {
+/// What the stack needs to know of an AMI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// `/dev/xvda`, `/dev/sda1`: so root volumes can be set.
+    pub root_device: String,
+    /// As EC2 names it (`x86_64`, `arm64`).
+    pub architecture: String,
+}
+
+/// Root device name and architecture of each AMI the stack uses. An AMI that does not
+/// exist is an error naming the stack key that asked for it.
+pub async fn images(ctx: &Ctx<'_>) -> Result<BTreeMap<String, ImageInfo>> {
     let mut wanted: Vec<(String, String)> = vec![(
         ctx.stack.runner_hosts.ami.clone(),
         "runner_hosts.ami".into(),
@@ -57,7 +66,13 @@ pub async fn root_devices(ctx: &Ctx<'_>) -> Result<BTreeMap<String, String>> {
         };
         out.insert(
             ami,
-            image.root_device_name().unwrap_or("/dev/xvda").to_owned(),
+            ImageInfo {
+                root_device: image.root_device_name().unwrap_or("/dev/xvda").to_owned(),
+                architecture: image
+                    .architecture()
+                    .map(|a| a.as_str().to_owned())
+                    .unwrap_or_default(),
+            },
         );
     }
     Ok(out)
@@ -208,7 +223,7 @@ impl Spec {
 pub async fn converge(
     ctx: &Ctx<'_>,
     inv: &Inventory,
-    roots: &BTreeMap<String, String>,
+    images: &BTreeMap<String, ImageInfo>,
     build_sg: &str,
 ) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
@@ -226,7 +241,7 @@ pub async fn converge(
             profile: ctx.names.build_role(),
             http_tokens_required: true,
             hop_limit: 1,
-            root_device: roots[&c.ami].clone(),
+            root_device: images[&c.ami].root_device.clone(),
             encrypted: true,
             volume_size: c.root_volume_gb.map(|g| g as i32),
             public_ip: false,

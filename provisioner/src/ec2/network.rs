@@ -17,6 +17,7 @@ use crate::engine::Ctx;
 use crate::error::{Error, Result};
 use crate::naming::logical;
 use crate::plan::{is_pending, pending, Action};
+use crate::poll::{self, Backoff, Poll};
 use crate::stack::NatMode;
 
 /// The ids the rest of the stack refers to (pending placeholders in plan mode).
@@ -404,10 +405,8 @@ async fn ensure_nat(
 
 /// NAT gateways take a minute or two to become available; routes wait for them.
 async fn wait_nat_available(ctx: &Ctx<'_>, id: &str) -> Result<()> {
-    let limit = Duration::from_secs(600);
-    let started = std::time::Instant::now();
-    let mut delay = Duration::from_secs(1);
-    loop {
+    let what = format!("NAT gateway {id} to become available");
+    poll::until(&what, Backoff::up_to(Duration::from_secs(600)), || async {
         let out = ctx
             .aws
             .call(
@@ -421,27 +420,21 @@ async fn wait_nat_available(ctx: &Ctx<'_>, id: &str) -> Result<()> {
             .await?;
         let nat = out.nat_gateways().first();
         match nat.and_then(|n| n.state()).map(|s| s.as_str()) {
-            Some("available") => return Ok(()),
+            Some("available") => Ok(Poll::Done(())),
             Some("failed") => {
                 let why = nat
                     .and_then(|n| n.failure_message())
                     .unwrap_or("no reason given");
-                return Err(Error::Refused(format!(
+                Err(Error::Refused(format!(
                     "NAT gateway {id} failed: {why}; the next apply replaces it"
-                )));
+                )))
             }
-            _ => {}
+            _ => Ok(Poll::Wait(format!(
+                "waiting for NAT gateway {id} to become available"
+            ))),
         }
-        if started.elapsed() > limit {
-            return Err(Error::Timeout {
-                what: format!("NAT gateway {id} to become available"),
-                secs: limit.as_secs(),
-            });
-        }
-        tracing::info!("waiting for NAT gateway {id} to become available");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
+    })
+    .await
 }
 
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@
 //! (`AWS_ENDPOINT_URL` pointing at a counting proxy in front of moto) and checks the
 //! result with its own AWS clients, straight to moto.
 
+mod selfinstall;
 mod support;
 
 use std::collections::BTreeSet;
@@ -1431,10 +1432,24 @@ async fn the_example_stack_applies_against_moto() {
     let moto = Moto::start(dir.path()).await;
     let proxy = Proxy::start(&moto.url).await;
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/stack.toml");
-    let apply = run(&example, &proxy.url, false, &["apply"]).await;
+    let (bin, _) = fake_flotilla(dir.path(), "flotilla", "x86_64", "example");
+    let bin = ["--flotilla-bin", bin.to_str().unwrap()];
+    let apply = run(
+        &example,
+        &proxy.url,
+        false,
+        &[&bin[..], &["apply"]].concat(),
+    )
+    .await;
     assert!(apply.ok, "{}", apply.stderr);
     proxy.reset();
-    let again = run(&example, &proxy.url, false, &["apply"]).await;
+    let again = run(
+        &example,
+        &proxy.url,
+        false,
+        &[&bin[..], &["apply"]].concat(),
+    )
+    .await;
     assert!(again.ok);
     assert!(proxy.writes().is_empty(), "{:?}", proxy.writes());
     let destroy = run(&example, &proxy.url, false, &["destroy", "--yes"]).await;
@@ -1493,6 +1508,38 @@ async fn bad_stack_files_get_an_error_naming_the_key() {
             "bad stack name",
             good.replace("name = \"bad\"", "name = \"Bad Name\""),
             "key `name`",
+        ),
+        (
+            "plain http flotilla download",
+            good.replace(
+                "https://downloads.example.com/flotilla",
+                "http://downloads.example.com/flotilla",
+            ),
+            "key `runner_hosts.flotilla_url`: \"http://downloads.example.com/flotilla\" is plain \
+             http://: expected an https:// URL",
+        ),
+        (
+            "plain http gitlab-runner download",
+            good.replace(
+                "instance_type = \"t3.small\"",
+                "instance_type = \"t3.small\"\ngitlab_runner_url = \"http://mirror.example.com/gitlab-runner\"",
+            ),
+            "key `runner_hosts.gitlab_runner_url`: \"http://mirror.example.com/gitlab-runner\" is \
+             plain http://: expected an https:// URL",
+        ),
+        (
+            "plain http GitLab",
+            good.replace("http://127.0.0.1:9", "http://gitlab.example.com"),
+            "key `gitlab.url`: \"http://gitlab.example.com\" is plain http://: expected an \
+             https:// URL",
+        ),
+        (
+            "flotilla_url without its sum",
+            good.lines()
+                .filter(|l| !l.starts_with("flotilla_sha256"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            "key `runner_hosts.flotilla_sha256`: is required with runner_hosts.flotilla_url",
         ),
     ];
     for (what, text, key) in cases {

@@ -42,6 +42,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `moto_server`, with one fix: moto evaluates bucket policies on object requests but
+/// ignores `Bool` conditions (and treats a statement whose condition does not hold as a
+/// denial), so the stack's `DenyInsecureTransport` statement would refuse every object
+/// request. The plain-HTTP requests to this moto stand in for the TLS ones the tool
+/// makes to AWS: `aws:SecureTransport` is true, `Bool` is evaluated, and a statement
+/// whose condition does not hold does not apply (as in IAM).
+const MOTO_WRAPPER: &str = r#"
+import sys
+from moto.iam import access_control, policy_conditions
+
+def bool_equals(expected, actual):
+    wanted = expected if isinstance(expected, list) else [expected]
+    return str(actual).lower() in [str(w).lower() for w in wanted]
+
+policy_conditions.CONDITION_OPERATIONS.setdefault("Bool", bool_equals)
+statement = access_control.IAMPolicyStatement
+original = statement.is_action_permitted
+
+def is_action_permitted(self, action, resource="*", principal=None, incoming_condition_values=None):
+    values = {"aws:SecureTransport": "true", **(incoming_condition_values or {})}
+    if self._statement.get("Condition") and not self._check_conditions(values):
+        return access_control.PermissionResult.NEUTRAL
+    return original(self, action, resource, principal, values)
+
+statement.is_action_permitted = is_action_permitted
+from moto.server import main
+sys.exit(main())
+"#;
+
 /// A moto server on 127.0.0.1; killed on drop.
 pub struct Moto {
     child: Child,
@@ -61,7 +90,10 @@ impl Moto {
         );
         let port = free_port();
         let log = std::fs::File::create(dir.join("moto.log")).unwrap();
-        let child = Command::new(&bin)
+        let wrapper = dir.join("moto_server_tls.py");
+        std::fs::write(&wrapper, MOTO_WRAPPER).unwrap();
+        let child = Command::new(venv.join("bin/python3"))
+            .arg(&wrapper)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -102,6 +134,8 @@ pub struct Call {
     pub write: bool,
     /// The `x-amz-expected-bucket-owner` header (S3 calls).
     pub bucket_owner: Option<String>,
+    /// The request body (not kept for S3, whose bodies are objects).
+    pub body: String,
 }
 
 /// How an injected fault behaves.
@@ -111,6 +145,8 @@ pub enum Fault {
     Reject,
     /// The request reaches moto (the write happens) but the client gets an error.
     LoseResponse,
+    /// Like `Reject`, with this AWS error code (e.g. SSM's `InvalidInstanceId`).
+    RejectWith(&'static str),
 }
 
 #[derive(Default)]
@@ -120,7 +156,8 @@ struct ProxyState {
     writes: AtomicU64,
     /// Fail the write with this 1-based number (0: never).
     fail_nth_write: AtomicU64,
-    fail_op: Mutex<Option<String>>,
+    /// Fail a call of this operation after letting this many through.
+    fail_op: Mutex<Option<(String, u32)>>,
     fault: Mutex<Option<Fault>>,
 }
 
@@ -201,8 +238,13 @@ impl Proxy {
 
     /// Makes the first call of this operation (e.g. `ssm:PutParameter`) fail.
     pub fn fail_op(&self, op: &str, fault: Fault) {
+        self.fail_op_after(op, 0, fault);
+    }
+
+    /// Lets `skip` calls of this operation through, then makes the next one fail.
+    pub fn fail_op_after(&self, op: &str, skip: u32, fault: Fault) {
         self.reset();
-        *self.state.fail_op.lock().unwrap() = Some(op.to_owned());
+        *self.state.fail_op.lock().unwrap() = Some((op.to_owned(), skip));
         *self.state.fault.lock().unwrap() = Some(fault);
     }
 }
@@ -242,17 +284,19 @@ fn classify(method: &str, path_and_query: &str, headers: &HeaderMap, body: &[u8]
             op: format!("s3:{method} {path}?{}", keys.join("&")),
             write: !matches!(method, "GET" | "HEAD"),
             bucket_owner,
+            body: String::new(),
         };
     }
+    let text = String::from_utf8_lossy(body).into_owned();
     if let Some(target) = headers.get("x-amz-target").and_then(|v| v.to_str().ok()) {
         let action = target.rsplit('.').next().unwrap_or(target);
         return Call {
             op: format!("{service}:{action}"),
             write: !is_read(action),
             bucket_owner,
+            body: text,
         };
     }
-    let text = String::from_utf8_lossy(body);
     let action = text
         .split('&')
         .find_map(|kv| kv.strip_prefix("Action="))
@@ -262,31 +306,32 @@ fn classify(method: &str, path_and_query: &str, headers: &HeaderMap, body: &[u8]
         write: !is_read(&action),
         op: format!("{service}:{action}"),
         bucket_owner,
+        body: text,
     }
 }
 
-fn fault_response(service: &str) -> Response {
+fn fault_response(service: &str, code: &str) -> Response {
     let message = "fault injected by the test proxy";
     let (content_type, body) = match service {
         "ssm" => (
             "application/x-amz-json-1.1",
-            json!({"__type": "InjectedFault", "message": message}).to_string(),
+            json!({"__type": code, "message": message}).to_string(),
         ),
         "s3" => (
             "application/xml",
-            format!("<Error><Code>InjectedFault</Code><Message>{message}</Message></Error>"),
+            format!("<Error><Code>{code}</Code><Message>{message}</Message></Error>"),
         ),
         "ec2" => (
             "text/xml",
             format!(
-                "<Response><Errors><Error><Code>InjectedFault</Code><Message>{message}\
+                "<Response><Errors><Error><Code>{code}</Code><Message>{message}\
                  </Message></Error></Errors><RequestID>x</RequestID></Response>"
             ),
         ),
         _ => (
             "text/xml",
             format!(
-                "<ErrorResponse><Error><Type>Sender</Type><Code>InjectedFault</Code>\
+                "<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code>\
                  <Message>{message}</Message></Error><RequestId>x</RequestId></ErrorResponse>"
             ),
         ),
@@ -316,15 +361,23 @@ async fn proxy(State(s): State<Arc<ProxyState>>, req: Request<Body>) -> Response
     }
     {
         let mut op = s.fail_op.lock().unwrap();
-        if op.as_deref() == Some(call.op.as_str()) {
-            *op = None;
-            inject = *s.fault.lock().unwrap();
+        if let Some((name, skip)) = op.as_mut() {
+            if *name == call.op {
+                if *skip == 0 {
+                    *op = None;
+                    inject = *s.fault.lock().unwrap();
+                } else {
+                    *skip -= 1;
+                }
+            }
         }
     }
     s.calls.lock().unwrap().push(call);
     let service = service_of(&parts.headers);
-    if inject == Some(Fault::Reject) {
-        return fault_response(&service);
+    match inject {
+        Some(Fault::Reject) => return fault_response(&service, "InjectedFault"),
+        Some(Fault::RejectWith(code)) => return fault_response(&service, code),
+        _ => {}
     }
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -343,7 +396,7 @@ async fn proxy(State(s): State<Arc<ProxyState>>, req: Request<Body>) -> Response
     let (rparts, rbody) = resp.into_parts();
     let rbody = rbody.collect().await.unwrap().to_bytes();
     if inject == Some(Fault::LoseResponse) {
-        return fault_response(&service);
+        return fault_response(&service, "InjectedFault");
     }
     let mut out = Response::builder().status(rparts.status);
     for (k, v) in rparts.headers.iter() {
@@ -583,7 +636,19 @@ impl Run {
 /// token in the environment when `token` is set. Inherited AWS settings are cleared so
 /// nothing but the given endpoint can be reached.
 pub async fn run(stack: &Path, endpoint: &str, token: bool, args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla-provision"));
+    run_exe(
+        Path::new(env!("CARGO_BIN_EXE_flotilla-provision")),
+        stack,
+        endpoint,
+        token,
+        args,
+    )
+    .await
+}
+
+/// [`run`] with another copy of the binary (to control what lies next to it).
+pub async fn run_exe(exe: &Path, stack: &Path, endpoint: &str, token: bool, args: &[&str]) -> Run {
+    let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("--stack").arg(stack).args(args);
     for (k, _) in std::env::vars() {
         if k.starts_with("AWS_") || k == "GITLAB_TOKEN" || k == "RUST_LOG" {
@@ -681,6 +746,36 @@ idle_count = 1
 "#,
         sum = "ab".repeat(32),
     )
+}
+
+/// The same stack without `runner_hosts.flotilla_url`: apply uploads the binary given
+/// with `--flotilla-bin`.
+pub fn self_install_stack_toml(name: &str, n: u8, gitlab: &str) -> String {
+    let text = stack_toml(name, n, gitlab);
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("flotilla_url") && !l.starts_with("flotilla_sha256"))
+        .collect();
+    kept.join("\n") + "\n"
+}
+
+/// A stand-in flotilla binary: a 64-bit little-endian ELF header for x86_64 (the test
+/// AMI's architecture) or arm64, then `version`. Returns its path and SHA-256.
+pub fn fake_flotilla(dir: &Path, file: &str, arch: &str, version: &str) -> (PathBuf, String) {
+    let machine: u16 = if arch == "arm64" { 183 } else { 62 };
+    let mut bytes = vec![0u8; 64];
+    bytes[..4].copy_from_slice(b"\x7fELF");
+    bytes[4] = 2;
+    bytes[5] = 1;
+    bytes[6] = 1;
+    bytes[16] = 2;
+    bytes[18..20].copy_from_slice(&machine.to_le_bytes());
+    bytes.extend_from_slice(format!("flotilla {version}\n").as_bytes());
+    bytes.extend(std::iter::repeat_n(0x5a, 100_000));
+    let path = dir.join(file);
+    std::fs::write(&path, &bytes).unwrap();
+    use sha2::Digest;
+    (path, hex::encode(sha2::Sha256::digest(&bytes)))
 }
 
 pub fn write_stack(dir: &Path, file: &str, text: &str) -> PathBuf {
