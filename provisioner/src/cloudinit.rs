@@ -145,7 +145,8 @@ ssm_agent() {{
     "https://s3.{region}.amazonaws.com/amazon-ssm-{region}/latest/debian_$arch/amazon-ssm-agent.deb" \
     || return 1
   dpkg -i /tmp/amazon-ssm-agent.deb || return 1
-  systemctl enable --now amazon-ssm-agent
+  # --no-block: never wait here on a unit ordered after cloud-init itself.
+  systemctl enable amazon-ssm-agent && systemctl start --no-block amazon-ssm-agent
 }}
 fetch '{runner_url}' {runner_bin} '{runner_sum}'
 {flotilla}

@@ -887,15 +887,19 @@ async fn a_failure_half_way_through_apply_is_recovered_by_the_next_apply() {
     let proxy = Proxy::start(&moto.url).await;
     let gitlab = GitlabStub::start().await;
     let c = Clients::new(&moto.url).await;
+    // The stacks install their own binary, so its upload is one of the writes.
+    let (bin, sum) = fake_flotilla(dir.path(), "flotilla", "x86_64", "1");
+    let apply = ["apply", "--flotilla-bin", bin.to_str().unwrap()];
+    let key = format!("flotilla/bin/{sum}/flotilla");
 
     // How many writes a full apply makes, to aim at its middle and its edges.
     let probe = write_stack(
         dir.path(),
         "probe.toml",
-        &stack_toml("probe", 40, &gitlab.url),
+        &self_install_stack_toml("probe", 40, &gitlab.url),
     );
     proxy.reset();
-    assert!(run(&probe, &proxy.url, true, &["apply"]).await.ok);
+    assert!(run(&probe, &proxy.url, true, &apply).await.ok);
     let total = proxy.writes().len() as u64;
     assert!(total > 30, "a full apply made only {total} writes");
 
@@ -910,10 +914,10 @@ async fn a_failure_half_way_through_apply_is_recovered_by_the_next_apply() {
         let stack = write_stack(
             dir.path(),
             &format!("{name}.toml"),
-            &stack_toml(&name, 100 + i as u8, &gitlab.url),
+            &self_install_stack_toml(&name, 100 + i as u8, &gitlab.url),
         );
         proxy.fail_nth_write(n, fault);
-        let failed = run(&stack, &proxy.url, true, &["apply"]).await;
+        let failed = run(&stack, &proxy.url, true, &apply).await;
         let failed_op = proxy.writes().get(n as usize - 1).cloned();
         assert!(
             !failed.ok,
@@ -932,7 +936,7 @@ async fn a_failure_half_way_through_apply_is_recovered_by_the_next_apply() {
         );
 
         proxy.reset();
-        let recovered = run(&stack, &proxy.url, true, &["apply"]).await;
+        let recovered = run(&stack, &proxy.url, true, &apply).await;
         assert!(
             recovered.ok,
             "apply after failing write {n} ({failed_op:?}, {fault:?}) failed:\n{}",
@@ -961,9 +965,18 @@ async fn a_failure_half_way_through_apply_is_recovered_by_the_next_apply() {
             assert!(profile_exists(&c, &format!("flotilla-{name}-{role}")).await);
         }
         assert!(bucket_exists(&c, &format!("{name}-cache")).await);
+        assert!(
+            c.s3.head_object()
+                .bucket(format!("{name}-cache"))
+                .key(&key)
+                .send()
+                .await
+                .is_ok(),
+            "the binary is not in the bucket after failing write {n}"
+        );
 
         proxy.reset();
-        let third = run(&stack, &proxy.url, true, &["apply"]).await;
+        let third = run(&stack, &proxy.url, true, &apply).await;
         assert!(third.ok, "{}", third.stderr);
         assert_eq!(
             proxy.writes(),

@@ -160,6 +160,11 @@ async fn apply_uploads_the_binary_and_the_hosts_install_it_from_the_bucket() {
     )
     .await;
     assert!(apply.ok, "{}", apply.stderr);
+    println!(
+        "measured: apply from scratch, binary uploaded: {} AWS calls, {} writes",
+        proxy.calls().len(),
+        proxy.writes().len()
+    );
     assert_eq!(
         s3_puts(&proxy),
         [format!("s3:PUT /own-cache/{key}?x-id")],
@@ -274,6 +279,10 @@ async fn apply_uploads_the_binary_and_the_hosts_install_it_from_the_bucket() {
     .await;
     assert!(again.ok, "{}", again.stderr);
     assert_eq!(proxy.writes(), Vec::<String>::new());
+    println!(
+        "measured: no-op apply, binary in the bucket: {} AWS calls, 0 writes",
+        proxy.calls().len()
+    );
     assert!(
         again.stdout.contains("Nothing to apply"),
         "{}",
