@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use flotilla_provision::aws::Aws;
 use flotilla_provision::binary::{self, Resolved};
 use flotilla_provision::engine::{self, Ctx, HostOptions, Outputs};
@@ -15,10 +15,19 @@ use flotilla_provision::gitlab::Secret;
 use flotilla_provision::plan::Mode;
 use flotilla_provision::stack::Stack;
 
+/// `flotilla-provision --version`: the crate's version and the git revision it was built
+/// from (`build.rs`; "unknown" outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("FLOTILLA_GIT_REVISION"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "flotilla-provision",
-    version,
+    version = VERSION,
     about = "Plan, apply and destroy the AWS side of a Flotilla fleet"
 )]
 struct Cli {
@@ -65,6 +74,40 @@ enum Command {
     },
 }
 
+/// What `scripts/package` asks the binary for: generated from [`Cli`], so the clap
+/// definitions are the single source of the man pages and completions. Parsed apart from
+/// `Cli` (which requires `--stack`) and absent from the help and from what it generates.
+#[derive(Parser)]
+#[command(name = "flotilla-provision")]
+enum Packaging {
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (flotilla-provision.1, and one per command) into DIR.
+    Man { dir: PathBuf },
+}
+
+impl Packaging {
+    fn run(self) -> ExitCode {
+        let mut cmd = Cli::command();
+        let done = match self {
+            Self::Completions { shell } => {
+                let name = cmd.get_name().to_owned();
+                clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+                Ok(())
+            }
+            Self::Man { dir } => clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display())),
+        };
+        match done {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("flotilla_provision=info,warn"));
@@ -77,6 +120,9 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    if let Ok(packaging) = Packaging::try_parse() {
+        return packaging.run();
+    }
     let cli = Cli::parse();
     init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
