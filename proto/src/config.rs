@@ -901,7 +901,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+/// A TOML error as its message and line. Never the source excerpt that the error's
+/// Display shows: the line could hold a secret (a runner token in a migrated file).
+pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim_end().to_owned();
     match e.span() {
         Some(span) => {

@@ -84,7 +84,7 @@ pub fn convert(text: &str, options: &Options) -> Result<Migration, MigrateError>
     let file = options.source.clone();
     let input: toml::Table = toml::from_str(text).map_err(|e| MigrateError::Parse {
         file: file.clone(),
-        message: describe_toml_error(text, &e),
+        message: flotilla_proto::config::describe_toml_error(text, &e),
     })?;
     let mut report = Report::default();
     let input_error = |b: Bad| MigrateError::Input {
@@ -262,19 +262,6 @@ fn select(runners: &[toml::Table], names: &[String]) -> Result<Vec<usize>, Strin
     }
     out.sort_unstable();
     Ok(out)
-}
-
-/// A TOML syntax error as its message and line. Never the source excerpt that the error's
-/// Display shows: the line could hold a runner token.
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim_end().to_owned();
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("{message} (line {line})")
-        }
-        None => message,
-    }
 }
 
 #[cfg(test)]
