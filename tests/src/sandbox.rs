@@ -446,6 +446,23 @@ impl Sandbox {
         self.start_daemon_with(&[]).await
     }
 
+    /// `flotilla --config <sandbox config> daemon <extra>` with the sandbox's AWS
+    /// environment and log level, stdin closed; the caller sets where output goes.
+    fn daemon_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.flotilla_bin);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("daemon")
+            .args(extra)
+            .envs(self.aws_env())
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null());
+        cmd
+    }
+
     /// [`Sandbox::start_daemon`] with more arguments after `daemon` (e.g. `--adopt`).
     pub async fn start_daemon_with(&mut self, extra: &[&str]) -> Result<()> {
         if self.daemon.is_some() {
@@ -457,19 +474,8 @@ impl Sandbox {
             .append(true)
             .open(&log_path)?;
         let err = log.try_clone()?;
-        let mut cmd = Command::new(&self.flotilla_bin);
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .arg("daemon")
-            .args(extra)
-            .envs(self.aws_env())
-            .env(
-                "RUST_LOG",
-                std::env::var("FLOTILLA_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
+        let mut cmd = self.daemon_command(extra);
+        cmd.stdout(log).stderr(err);
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().with_context(|| {
             format!(
@@ -523,18 +529,8 @@ impl Sandbox {
         extra: &[&str],
         timeout: Duration,
     ) -> Result<(Option<i32>, String)> {
-        let mut cmd = tokio::process::Command::new(&self.flotilla_bin);
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .arg("daemon")
-            .args(extra)
-            .envs(self.aws_env())
-            .env(
-                "RUST_LOG",
-                std::env::var("FLOTILLA_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+        let mut cmd = tokio::process::Command::from(self.daemon_command(extra));
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
