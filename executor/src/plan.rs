@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flotilla_proto::api::MachineState;
-use flotilla_proto::config::{ClassConfig, Config, Market, Schedule};
-use flotilla_proto::schedule;
+use flotilla_proto::config::{ClassConfig, Config, Market};
+use flotilla_proto::schedule::{self, Window};
 
 use crate::ec2::Purchase;
 use crate::forecast::DemandHistory;
@@ -25,7 +25,8 @@ pub struct ClassPolicy {
     pub boot_timeout: Duration,
     /// Machines older than this (since launch) take no further job.
     pub max_age: Duration,
-    pub schedules: Vec<Schedule>,
+    /// The class's schedules, parsed once (see [`schedule::Window`]).
+    pub schedules: Vec<Window>,
     /// Machines kept warm from the arrival history (`None`: the idle policy alone).
     pub learned: Option<Learned>,
 }
@@ -97,7 +98,8 @@ impl ClassPolicy {
     /// last matching schedule.
     pub fn idle_at(&self, now: DateTime<Utc>) -> IdlePolicy {
         let mut p = self.idle;
-        if let Some(s) = schedule::active(&self.schedules, now) {
+        if let Some(w) = schedule::active(&self.schedules, now) {
+            let s = w.overrides();
             p.idle_count = s.idle_count.unwrap_or(p.idle_count);
             p.idle_count_min = s.idle_count_min.unwrap_or(p.idle_count_min);
             p.idle_scale_factor = s.idle_scale_factor.unwrap_or(p.idle_scale_factor);
@@ -116,6 +118,9 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy of a validated config. `Config::validate` rejects a schedule that does
+    /// not compile, so the `filter_map` below drops none; an unvalidated config's broken
+    /// schedule never matches, as an invalid cron pattern never would.
     pub fn from_config(c: &Config) -> Self {
         Self {
             classes: c
@@ -135,7 +140,11 @@ impl Policy {
                             max_builds: k.max_builds,
                             boot_timeout: k.boot_timeout.0,
                             max_age: k.max_age.0,
-                            schedules: k.schedules.clone(),
+                            schedules: k
+                                .schedules
+                                .iter()
+                                .filter_map(|s| s.compile().ok())
+                                .collect(),
                             learned: k.forecast.enabled.then_some(Learned {
                                 max_idle: k.forecast.max_idle,
                                 lookahead: k.forecast.lookahead.0,
@@ -201,68 +210,95 @@ pub fn launch_order(class: &ClassConfig) -> Vec<LaunchAttempt> {
     order
 }
 
-/// Decides which machines to terminate and how many to launch.
+/// Decides which machines to terminate and how many to launch, in three phases: the
+/// machines that must go whatever the demand, then idle machines beyond each class's
+/// target, then launches for what is still missing.
 pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
-    let mut actions = Vec::new();
-    let mut doomed = std::collections::BTreeSet::new();
-    let terminate = |id: &str,
-                     reason,
-                     actions: &mut Vec<Action>,
-                     doomed: &mut std::collections::BTreeSet<String>| {
-        if doomed.insert(id.to_owned()) {
-            actions.push(Action::Terminate {
+    let mut doomed = Doomed::default();
+    retire_unneeded(policy, pool, now, &mut doomed);
+    let classes = scale_down_idle(policy, pool, now, &mut doomed);
+    let launches = if pool.draining {
+        Vec::new()
+    } else {
+        plan_launches(policy, pool, &classes, &doomed)
+    };
+    let mut actions = doomed.actions;
+    actions.extend(launches);
+    actions
+}
+
+/// Terminations decided so far, in order, each machine at most once.
+#[derive(Default)]
+struct Doomed {
+    actions: Vec<Action>,
+    ids: std::collections::BTreeSet<String>,
+}
+
+impl Doomed {
+    fn terminate(&mut self, id: &str, reason: TerminateReason) {
+        if self.ids.insert(id.to_owned()) {
+            self.actions.push(Action::Terminate {
                 machine_id: id.to_owned(),
                 reason,
             });
         }
-    };
+    }
 
-    // Machines that must go whatever the demand.
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+}
+
+/// Phase 1: machines that must go whatever the demand: of a removed class, broken, past
+/// their boot timeout, and idle ones that are retired (max builds, max age) or drained.
+fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mut Doomed) {
     for m in pool.machines.values() {
         let Some(class) = policy.classes.get(&m.class) else {
             if matches!(
                 m.state,
                 MachineState::Idle | MachineState::Booting | MachineState::Broken
             ) {
-                terminate(
-                    &m.id,
-                    TerminateReason::ClassRemoved,
-                    &mut actions,
-                    &mut doomed,
-                );
+                doomed.terminate(&m.id, TerminateReason::ClassRemoved);
             }
             continue;
         };
         match m.state {
-            MachineState::Broken => {
-                terminate(&m.id, TerminateReason::Broken, &mut actions, &mut doomed)
-            }
+            MachineState::Broken => doomed.terminate(&m.id, TerminateReason::Broken),
             MachineState::Booting if elapsed(m.launched_at, now) >= class.boot_timeout => {
-                terminate(
-                    &m.id,
-                    TerminateReason::BootTimeout,
-                    &mut actions,
-                    &mut doomed,
-                )
+                doomed.terminate(&m.id, TerminateReason::BootTimeout)
             }
             MachineState::Idle => {
                 if let Some(reason) = class.retire_reason(m, now) {
-                    terminate(&m.id, reason, &mut actions, &mut doomed)
+                    doomed.terminate(&m.id, reason)
                 } else if pool.draining {
-                    terminate(&m.id, TerminateReason::Drained, &mut actions, &mut doomed)
+                    doomed.terminate(&m.id, TerminateReason::Drained)
                 }
             }
             _ => {}
         }
     }
+}
 
-    // Per class: scale idle machines down, count what is left.
-    struct Left {
-        live: u32,
-        available: u32,
-    }
-    let mut left: BTreeMap<&str, Left> = BTreeMap::new();
-    let mut idle_targets: BTreeMap<&str, u32> = BTreeMap::new();
+/// What one class has left after phase 2, for the launch phase.
+struct ClassRoom {
+    /// Machines that are not terminating (and not doomed).
+    live: u32,
+    /// Idle or booting machines: those a waiting job can still get.
+    available: u32,
+    /// Idle machines the class should keep (idle policy in force, or the forecast).
+    idle_target: u32,
+}
+
+/// Phase 2, per class: the idle target in force (schedule, scale factor, forecast), idle
+/// machines over `max_machines` or beyond the target past their idle time terminated
+/// (oldest idle first), and what is left.
+fn scale_down_idle<'a>(
+    policy: &'a Policy,
+    pool: &Pool,
+    now: DateTime<Utc>,
+    doomed: &mut Doomed,
+) -> BTreeMap<&'a str, ClassRoom> {
+    let mut rooms = BTreeMap::new();
     for (name, class) in &policy.classes {
         let waiting = pool.waiting.get(name).copied().unwrap_or(0);
         let mut idle_policy = class.idle_at(now);
@@ -271,7 +307,6 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
             idle_target = idle_target.max(learned.warm(&pool.history, name, now));
             idle_policy.idle_time = idle_policy.idle_time.min(learned.idle_time);
         }
-        idle_targets.insert(name, idle_target);
         let demand = if pool.draining {
             0
         } else {
@@ -299,45 +334,51 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
         let mut surplus = (idle.len() as u32 + booting).saturating_sub(demand);
         let mut over = live.saturating_sub(class.max_machines);
         let mut removed = 0u32;
-        let mut victims = Vec::new();
         for m in &idle {
             if over > 0 {
-                victims.push((m.id.clone(), TerminateReason::OverCapacity));
+                doomed.terminate(&m.id, TerminateReason::OverCapacity);
                 over -= 1;
                 surplus = surplus.saturating_sub(1);
             } else if surplus > 0 && elapsed(m.idle_since, now) >= idle_policy.idle_time {
-                victims.push((m.id.clone(), TerminateReason::IdleTimeout));
+                doomed.terminate(&m.id, TerminateReason::IdleTimeout);
                 surplus -= 1;
             } else {
                 continue;
             }
             removed += 1;
         }
-        for (id, reason) in victims {
-            terminate(&id, reason, &mut actions, &mut doomed);
-        }
-        left.insert(
-            name,
-            Left {
+        rooms.insert(
+            name.as_str(),
+            ClassRoom {
                 live: live - removed,
                 available: idle.len() as u32 - removed + booting,
+                idle_target,
             },
         );
     }
+    rooms
+}
 
-    // Launches: jobs waiting first, then idle_count top-ups, within both caps.
-    if pool.draining {
-        return actions;
-    }
-    let total_live: u32 = pool
+/// Phase 3: launches, jobs waiting first (every class), then idle-target top-ups, within
+/// the per-class and fleet caps and the growth rate.
+fn plan_launches(
+    policy: &Policy,
+    pool: &Pool,
+    classes: &BTreeMap<&str, ClassRoom>,
+    doomed: &Doomed,
+) -> Vec<Action> {
+    let live_now = |m: &&Machine| !doomed.contains(&m.id);
+    let total_live = pool
         .machines
         .values()
-        .filter(|m| m.state != MachineState::Terminating && !doomed.contains(&m.id))
+        .filter(live_now)
+        .filter(|m| m.state != MachineState::Terminating)
         .count() as u32;
     let booting_total = pool
         .machines
         .values()
-        .filter(|m| m.state == MachineState::Booting && !doomed.contains(&m.id))
+        .filter(live_now)
+        .filter(|m| m.state == MachineState::Booting)
         .count() as u32;
     let mut global_room = policy
         .max_machines
@@ -346,17 +387,17 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
     let mut launches: BTreeMap<String, u32> = BTreeMap::new();
     for pass in [Pass::Waiting, Pass::IdleCount] {
         for (name, class) in &policy.classes {
-            let Some(l) = left.get_mut(name.as_str()) else {
+            let Some(room) = classes.get(name.as_str()) else {
                 continue;
             };
             let waiting = pool.waiting.get(name).copied().unwrap_or(0);
             let want = match pass {
                 Pass::Waiting => waiting,
-                Pass::IdleCount => waiting + idle_targets.get(name.as_str()).copied().unwrap_or(0),
+                Pass::IdleCount => waiting + room.idle_target,
             };
             let planned = launches.get(name).copied().unwrap_or(0);
-            let need = want.saturating_sub(l.available + planned);
-            let class_room = class.max_machines.saturating_sub(l.live + planned);
+            let need = want.saturating_sub(room.available + planned);
+            let class_room = class.max_machines.saturating_sub(room.live + planned);
             let n = need.min(class_room).min(global_room);
             if n > 0 {
                 *launches.entry(name.clone()).or_default() += n;
@@ -364,10 +405,10 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
             }
         }
     }
-    for (class, count) in launches {
-        actions.push(Action::Launch { class, count });
-    }
-    actions
+    launches
+        .into_iter()
+        .map(|(class, count)| Action::Launch { class, count })
+        .collect()
 }
 
 #[derive(Clone, Copy)]
@@ -668,14 +709,16 @@ mod tests {
     #[test]
     fn schedule_switches_idle_count_at_the_right_local_time() {
         let mut p = policy(0, 600, 20, 0);
-        p.classes.get_mut("c").unwrap().schedules = vec![Schedule {
+        p.classes.get_mut("c").unwrap().schedules = vec![flotilla_proto::config::Schedule {
             periods: vec!["* 9-17 * * mon-fri".into()],
             timezone: "America/New_York".into(),
             idle_count: Some(4),
             idle_count_min: None,
             idle_scale_factor: None,
             idle_time: None,
-        }];
+        }
+        .compile()
+        .unwrap()];
         // Monday 2026-11-30: 09:00 in New York is 14:00 UTC.
         let at = |h| Utc.with_ymd_and_hms(2026, 11, 30, h, 0, 0).unwrap();
         assert_eq!(launches(&plan(&p, &Pool::default(), at(13))), 0);

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::container::{ContainerOptions, VolumeSpec};
 use crate::duration::HumanDuration;
+pub use crate::schedule::Schedule;
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "FLOTILLA_CONFIG";
@@ -114,28 +115,6 @@ pub enum Market {
     Spot,
     /// Spot first (every type and subnet), then on-demand for the shortfall.
     SpotWithFallback,
-}
-
-/// A time window that overrides a class's idle policy, like docker+machine's
-/// `[[runners.machine.autoscaling]]`: the LAST matching schedule wins. Fields left out keep
-/// the class's own value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Schedule {
-    /// 5-field cron patterns (minute hour day-of-month month day-of-week); the schedule is
-    /// active during every minute one of them matches, e.g. `"* 8-18 * * mon-fri"`.
-    pub periods: Vec<String>,
-    /// IANA time zone the periods are read in.
-    #[serde(default = "defaults::timezone")]
-    pub timezone: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_count: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_count_min: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_scale_factor: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_time: Option<HumanDuration>,
 }
 
 /// What the stages need to run a job on a leased machine.
@@ -435,9 +414,6 @@ mod defaults {
     pub fn max_requests_per_second() -> u32 {
         20
     }
-    pub fn timezone() -> String {
-        "UTC".into()
-    }
     pub fn builds_dir() -> String {
         "/builds".into()
     }
@@ -540,14 +516,19 @@ impl Config {
         parse_toml(text)
     }
 
-    /// Cross-field rules that serde cannot express.
+    /// Cross-field rules that serde cannot express, section by section; the first broken
+    /// rule is returned, naming its key.
     pub fn validate(&self) -> Result<(), Invalid> {
-        let bad = |key: &str, message: String| {
-            Err(Invalid {
-                key: key.into(),
-                message,
-            })
-        };
+        self.check_fleet()?;
+        for (name, class) in &self.classes {
+            self.check_class(name, class)?;
+        }
+        self.check_jobs()?;
+        self.check_prices()
+    }
+
+    /// The top-level keys: fleet name, classes, caps, addresses, intervals.
+    fn check_fleet(&self) -> Result<(), Invalid> {
         if !is_tag_safe(&self.fleet) {
             return bad(
                 "fleet",
@@ -587,114 +568,115 @@ impl Config {
         if self.reconcile_interval.0.is_zero() {
             return bad("reconcile_interval", "must be greater than zero".into());
         }
-        for (name, class) in &self.classes {
-            let key = |k: &str| format!("classes.{name}.{k}");
-            if !is_tag_safe(name) {
+        Ok(())
+    }
+
+    /// One `[classes.X]` table: AMI, types, subnets, caps, timeouts against the server
+    /// certificate's lifetime, the idle policy, the forecast and the schedules.
+    fn check_class(&self, name: &str, class: &ClassConfig) -> Result<(), Invalid> {
+        let key = |k: &str| format!("classes.{name}.{k}");
+        if !is_tag_safe(name) {
+            return bad(
+                &format!("classes.{name}"),
+                "class names are letters, digits, '-', '_' or '.'".into(),
+            );
+        }
+        if class.ami.trim().is_empty() {
+            return bad(&key("ami"), "must name an AMI id".into());
+        }
+        if class.instance_types.is_empty() {
+            return bad(
+                &key("instance_types"),
+                "must list at least one instance type".into(),
+            );
+        }
+        if class.subnets.is_empty() {
+            return bad(
+                &key("subnets"),
+                "must list at least one private subnet id".into(),
+            );
+        }
+        if class.max_machines == 0 {
+            return bad(&key("max_machines"), "must be at least 1".into());
+        }
+        if class.idle_count > class.max_machines {
+            return bad(
+                &key("idle_count"),
+                format!(
+                    "{} is more than max_machines ({})",
+                    class.idle_count, class.max_machines
+                ),
+            );
+        }
+        if class.boot_timeout.0.is_zero() {
+            return bad(&key("boot_timeout"), "must be greater than zero".into());
+        }
+        if class.max_age.0 <= class.boot_timeout.0 {
+            return bad(
+                &key("max_age"),
+                format!(
+                    "{} must be longer than boot_timeout ({})",
+                    class.max_age, class.boot_timeout
+                ),
+            );
+        }
+        let cert_limit = crate::bootstrap::SERVER_CERT_LIFETIME
+            .saturating_sub(crate::bootstrap::SERVER_CERT_MARGIN);
+        if class.max_age.0.saturating_add(self.lease_timeout.0) > cert_limit {
+            return bad(
+                &key("max_age"),
+                format!(
+                    "{} plus lease_timeout ({}) must be at most {}: a machine is retired \
+                     after max_age, or at the end of a job that may hold it for \
+                     lease_timeout, and its server certificate is valid for {} \
+                     ({} of it kept as a margin)",
+                    in_days(class.max_age.0),
+                    in_days(self.lease_timeout.0),
+                    in_days(cert_limit),
+                    in_days(crate::bootstrap::SERVER_CERT_LIFETIME),
+                    in_days(crate::bootstrap::SERVER_CERT_MARGIN),
+                ),
+            );
+        }
+        if !(0.0..=100.0).contains(&class.idle_scale_factor) {
+            return bad(
+                &key("idle_scale_factor"),
+                "must be between 0 and 100".into(),
+            );
+        }
+        if class.idle_count_min > class.idle_count && class.idle_scale_factor > 0.0 {
+            return bad(
+                &key("idle_count_min"),
+                format!(
+                    "{} is more than idle_count ({})",
+                    class.idle_count_min, class.idle_count
+                ),
+            );
+        }
+        let f = &class.forecast;
+        if f.memory.0.is_zero() || f.memory.0 > std::time::Duration::from_secs(6 * 3600) {
+            return bad(
+                &key("forecast.memory"),
+                "must be between 1s and 6h (recent arrivals are kept 6h)".into(),
+            );
+        }
+        if f.lookahead.0 > std::time::Duration::from_secs(3600) {
+            return bad(&key("forecast.lookahead"), "must be at most 1h".into());
+        }
+        for (i, schedule) in class.schedules.iter().enumerate() {
+            if let Err(e) = schedule.compile() {
                 return bad(
-                    &format!("classes.{name}"),
-                    "class names are letters, digits, '-', '_' or '.'".into(),
+                    &format!("classes.{name}.schedules[{i}].{}", e.field),
+                    e.message,
                 );
-            }
-            if class.ami.trim().is_empty() {
-                return bad(&key("ami"), "must name an AMI id".into());
-            }
-            if class.instance_types.is_empty() {
-                return bad(
-                    &key("instance_types"),
-                    "must list at least one instance type".into(),
-                );
-            }
-            if class.subnets.is_empty() {
-                return bad(
-                    &key("subnets"),
-                    "must list at least one private subnet id".into(),
-                );
-            }
-            if class.max_machines == 0 {
-                return bad(&key("max_machines"), "must be at least 1".into());
-            }
-            if class.idle_count > class.max_machines {
-                return bad(
-                    &key("idle_count"),
-                    format!(
-                        "{} is more than max_machines ({})",
-                        class.idle_count, class.max_machines
-                    ),
-                );
-            }
-            if class.boot_timeout.0.is_zero() {
-                return bad(&key("boot_timeout"), "must be greater than zero".into());
-            }
-            if class.max_age.0 <= class.boot_timeout.0 {
-                return bad(
-                    &key("max_age"),
-                    format!(
-                        "{} must be longer than boot_timeout ({})",
-                        class.max_age, class.boot_timeout
-                    ),
-                );
-            }
-            let cert_limit = crate::bootstrap::SERVER_CERT_LIFETIME
-                .saturating_sub(crate::bootstrap::SERVER_CERT_MARGIN);
-            if class.max_age.0.saturating_add(self.lease_timeout.0) > cert_limit {
-                return bad(
-                    &key("max_age"),
-                    format!(
-                        "{} plus lease_timeout ({}) must be at most {}: a machine is retired \
-                         after max_age, or at the end of a job that may hold it for \
-                         lease_timeout, and its server certificate is valid for {} \
-                         ({} of it kept as a margin)",
-                        in_days(class.max_age.0),
-                        in_days(self.lease_timeout.0),
-                        in_days(cert_limit),
-                        in_days(crate::bootstrap::SERVER_CERT_LIFETIME),
-                        in_days(crate::bootstrap::SERVER_CERT_MARGIN),
-                    ),
-                );
-            }
-            if !(0.0..=100.0).contains(&class.idle_scale_factor) {
-                return bad(
-                    &key("idle_scale_factor"),
-                    "must be between 0 and 100".into(),
-                );
-            }
-            if class.idle_count_min > class.idle_count && class.idle_scale_factor > 0.0 {
-                return bad(
-                    &key("idle_count_min"),
-                    format!(
-                        "{} is more than idle_count ({})",
-                        class.idle_count_min, class.idle_count
-                    ),
-                );
-            }
-            let f = &class.forecast;
-            if f.memory.0.is_zero() || f.memory.0 > std::time::Duration::from_secs(6 * 3600) {
-                return bad(
-                    &key("forecast.memory"),
-                    "must be between 1s and 6h (recent arrivals are kept 6h)".into(),
-                );
-            }
-            if f.lookahead.0 > std::time::Duration::from_secs(3600) {
-                return bad(&key("forecast.lookahead"), "must be at most 1h".into());
-            }
-            for (i, schedule) in class.schedules.iter().enumerate() {
-                let skey = |k: &str| format!("classes.{name}.schedules[{i}].{k}");
-                if schedule.periods.is_empty() {
-                    return bad(
-                        &skey("periods"),
-                        "must list at least one cron pattern".into(),
-                    );
-                }
-                for p in &schedule.periods {
-                    if let Err(e) = crate::schedule::parse_period(p) {
-                        return bad(&skey("periods"), e);
-                    }
-                }
-                if let Err(e) = crate::schedule::parse_timezone(&schedule.timezone) {
-                    return bad(&skey("timezone"), e);
-                }
             }
         }
+        Ok(())
+    }
+
+    /// `[job]` and every class's `[classes.X.job]` merged over it; the runner's
+    /// directories are absolute and the same for every class.
+    fn check_jobs(&self) -> Result<(), Invalid> {
         check_job(&self.job, "job")?;
         for (name, class) in &self.classes {
             let Some(over) = &class.job else { continue };
@@ -709,20 +691,25 @@ impl Config {
             let job = self.job_for(name)?;
             check_job(&job, &format!("classes.{name}.job"))?;
         }
-        for (instance_type, price) in &self.prices {
-            if !(price.is_finite() && *price >= 0.0) {
-                return bad(
-                    &format!("prices.{instance_type}"),
-                    format!("{price} must be a number of USD per hour, 0 or more"),
-                );
-            }
-        }
         for (key, dir) in [
             ("job.builds_dir", &self.job.builds_dir),
             ("job.cache_dir", &self.job.cache_dir),
         ] {
             if !dir.starts_with('/') {
                 return bad(key, format!("{dir:?} must be an absolute path"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[prices]`: USD per hour for each instance type, for the cost metrics.
+    fn check_prices(&self) -> Result<(), Invalid> {
+        for (instance_type, price) in &self.prices {
+            if !(price.is_finite() && *price >= 0.0) {
+                return bad(
+                    &format!("prices.{instance_type}"),
+                    format!("{price} must be a number of USD per hour, 0 or more"),
+                );
             }
         }
         Ok(())
@@ -768,6 +755,14 @@ impl Config {
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string_pretty(self)
     }
+}
+
+/// A broken rule at `key`, as the `validate` checks return it.
+fn bad(key: &str, message: String) -> Result<(), Invalid> {
+    Err(Invalid {
+        key: key.into(),
+        message,
+    })
 }
 
 /// Rules of one `[job]` (the fleet's, or a class's merged one), keys under `prefix`.

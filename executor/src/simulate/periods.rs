@@ -1,13 +1,13 @@
 //! Which of a baseline's cron periods is active, cached per minute (cron matches whole
-//! minutes, so the cache is exact) because matching parses the patterns every time.
+//! minutes, so the cache is exact): a replay asks at every event, millions of times.
 
 use chrono::{TimeZone, Utc};
-use flotilla_proto::config::Schedule;
-use flotilla_proto::schedule;
+use flotilla_proto::schedule::{Schedule, Window};
 
 #[derive(Debug, Clone, Default)]
 pub struct PeriodCache {
-    schedules: Vec<Schedule>,
+    /// `None` for an entry that does not parse: it never matches, and keeps its index.
+    schedules: Vec<Option<Window>>,
     minute: Option<i64>,
     active: Option<usize>,
 }
@@ -26,6 +26,7 @@ impl PeriodCache {
                     idle_scale_factor: None,
                     idle_time: None,
                 })
+                .map(|s| s.compile().ok())
                 .collect(),
             minute: None,
             active: None,
@@ -47,7 +48,7 @@ impl PeriodCache {
             self.active = self
                 .schedules
                 .iter()
-                .rposition(|s| schedule::is_active(s, now));
+                .rposition(|w| w.as_ref().is_some_and(|w| w.is_active(now)));
         }
         self.active
     }
