@@ -12,6 +12,7 @@
 mod api;
 mod certs;
 pub mod class_status;
+mod clock;
 #[cfg(test)]
 mod fakes;
 pub mod machine_api;
@@ -19,163 +20,25 @@ mod probe;
 mod reconcile;
 #[cfg(test)]
 mod scenarios;
+mod shared;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use flotilla_proto::config::{Config, ShutdownPolicy};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::ec2::{Ec2Api, Ec2Client};
 use crate::metrics::Metrics;
 use crate::pki::FleetCa;
-use crate::plan::Policy;
 use crate::pool::Pool;
 use crate::state_store::StateStore;
+pub use clock::{chrono_duration, saturating_add, Clock};
 use machine_api::{MachineApi, MtlsMachines};
-
-pub struct Shared {
-    pub config: Config,
-    pub policy: Policy,
-    pool: Mutex<Pool>,
-    store: StateStore,
-    /// Pool changed in a way a waiting acquire may care about.
-    pub changed: Notify,
-    /// Something the reconcile loop should act on without waiting for its next tick.
-    pub wake: Notify,
-    pub ca: FleetCa,
-    pub tls: Arc<rustls::ClientConfig>,
-    pub ec2: Arc<dyn Ec2Api>,
-    /// The machines' dockerd, as the daemon itself calls it (probes, health checks).
-    pub machines: Arc<dyn MachineApi>,
-    /// Where "now" comes from (the system clock; tokio's paused clock in tests).
-    pub clock: Clock,
-    probing: Mutex<HashSet<String>>,
-    launch_backoff: Mutex<HashMap<String, class_status::LaunchBackoff>>,
-    pub metrics: Arc<Metrics>,
-    /// Fleet-tagged instances unknown to the pool, by instance id.
-    pub unknown: Mutex<BTreeMap<String, UnknownInstance>>,
-    /// What makes an unknown instance ours to reap: this daemon's persistent id (tagged
-    /// `flotilla:daemon` at launch) and the configured subnets.
-    pub ownership: crate::observe::Ownership,
-    /// `--adopt` after an unreadable state: the first successful observation adopts the
-    /// fleet's instances instead of treating them as orphans (see [`crate::observe::adopt`]).
-    pub adopting: AtomicBool,
-    /// Becomes true at shutdown: waiting acquires give up at once (so shutdown is not held
-    /// up by requests that may wait for hours).
-    pub stop: watch::Receiver<bool>,
-    /// The daemon's own effective uid: with root, the only callers of operator routes.
-    pub uid: u32,
-    /// Reconcile passes completed (shown by `status`).
-    pub passes: std::sync::atomic::AtomicU64,
-}
-
-/// What the daemon is built from once its state, CA and EC2 client are loaded.
-pub(crate) struct Parts {
-    pub config: Config,
-    pub pool: Pool,
-    pub store: StateStore,
-    pub ca: FleetCa,
-    pub tls: Arc<rustls::ClientConfig>,
-    pub ec2: Arc<dyn Ec2Api>,
-    pub machines: Arc<dyn MachineApi>,
-    pub clock: Clock,
-    pub metrics: Arc<Metrics>,
-    pub daemon_id: String,
-    pub adopting: bool,
-    pub stop: watch::Receiver<bool>,
-}
-
-impl Shared {
-    pub(crate) fn new(p: Parts) -> Self {
-        Self {
-            policy: Policy::from_config(&p.config),
-            ownership: ownership(&p.config, p.daemon_id),
-            config: p.config,
-            pool: Mutex::new(p.pool),
-            store: p.store,
-            changed: Notify::new(),
-            wake: Notify::new(),
-            ca: p.ca,
-            tls: p.tls,
-            ec2: p.ec2,
-            machines: p.machines,
-            clock: p.clock,
-            probing: Mutex::new(HashSet::new()),
-            launch_backoff: Mutex::new(HashMap::new()),
-            metrics: p.metrics,
-            unknown: Mutex::new(BTreeMap::new()),
-            adopting: AtomicBool::new(p.adopting),
-            stop: p.stop,
-            uid: nix::unistd::geteuid().as_raw(),
-            passes: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-}
-
-/// Where the daemon's wall-clock time comes from: the system clock, or in tests a manual
-/// one the test advances (leases, idle times, launch back-off and boot deadlines all read
-/// it, so a failure path that takes minutes runs in milliseconds).
-#[derive(Debug, Clone)]
-pub enum Clock {
-    System,
-    #[cfg(test)]
-    Manual(Arc<Mutex<DateTime<Utc>>>),
-}
-
-impl Clock {
-    pub fn now(&self) -> DateTime<Utc> {
-        match self {
-            Self::System => Utc::now(),
-            #[cfg(test)]
-            Self::Manual(t) => *t.lock().unwrap_or_else(|p| p.into_inner()),
-        }
-    }
-
-    /// A manual clock at `start`.
-    #[cfg(test)]
-    pub fn manual(start: DateTime<Utc>) -> Self {
-        Self::Manual(Arc::new(Mutex::new(start)))
-    }
-
-    /// Moves a manual clock forward.
-    #[cfg(test)]
-    pub fn advance(&self, d: std::time::Duration) {
-        if let Self::Manual(t) = self {
-            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-            *t = saturating_add(*t, d);
-        }
-    }
-}
-
-/// `d` as a chrono duration, saturating at chrono's range: a configured duration or a
-/// persisted time far out must never panic the daemon.
-pub fn chrono_duration(d: std::time::Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
-/// `t + d`, saturating at the latest representable time.
-pub fn saturating_add(t: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
-    t.checked_add_signed(chrono_duration(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-/// An instance carrying this fleet's tag that the pool does not know: its
-/// `flotilla:machine` tag, and when it was first seen (the orphan grace runs from there).
-#[derive(Debug, Clone)]
-pub struct UnknownInstance {
-    /// Its `flotilla:machine` tag.
-    pub machine_id: Option<String>,
-    pub first_seen: DateTime<Utc>,
-    /// Why it is not ours to terminate (another daemon's, outside our subnets): reported
-    /// by `flotilla audit`, never reaped. `None`: an orphan, reaped past the grace.
-    pub not_ours: Option<String>,
-}
+pub(crate) use shared::{new_id, Parts, Shared, UnknownInstance};
 
 /// The file in the state directory holding the daemon's persistent id.
 pub const DAEMON_ID_FILE: &str = "daemon-id";
@@ -226,104 +89,6 @@ fn load_or_create_daemon_id(dir: &Path) -> anyhow::Result<String> {
             Ok(id)
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
-/// Ownership of unknown instances for `config` and `daemon_id` (see [`Shared::ownership`]).
-fn ownership(config: &Config, daemon_id: String) -> crate::observe::Ownership {
-    crate::observe::Ownership {
-        fleet: config.fleet.clone(),
-        daemon_id,
-        subnets: config
-            .classes
-            .values()
-            .flat_map(|c| c.subnets.iter().cloned())
-            .collect(),
-    }
-}
-
-impl Shared {
-    /// Why machine `m` must take no further job at `now` (its class's `max_builds`,
-    /// `max_age`), if it must not.
-    pub fn retire_reason(
-        &self,
-        m: &crate::pool::Machine,
-        now: DateTime<Utc>,
-    ) -> Option<crate::pool::TerminateReason> {
-        self.policy
-            .classes
-            .get(&m.class)
-            .and_then(|c| c.retire_reason(m, now))
-    }
-
-    /// The daemon's notion of now (see [`Clock`]).
-    pub fn now(&self) -> DateTime<Utc> {
-        self.clock.now()
-    }
-
-    pub fn pool(&self) -> MutexGuard<'_, Pool> {
-        // A panic while holding the lock cannot leave the pool half-updated in a way
-        // worse than stopping the daemon would; keep serving.
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Applies a change to the pool and returns the generation to persist.
-    pub fn update<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> (R, u64) {
-        let mut pool = self.pool();
-        let r = f(&mut pool);
-        (r, self.store.bump())
-    }
-
-    /// Runs `f` on the pool and journals the operation it returns, under one lock hold;
-    /// returns once the record is on disk (flushed after the lock is released, so
-    /// concurrent operations share a flush). On error the operation must not be
-    /// acknowledged (and its change to the pool undone).
-    pub fn update_journaled<R>(
-        &self,
-        f: impl FnOnce(&mut Pool) -> (R, Option<crate::state_store::JournalOp>),
-    ) -> Result<R, crate::state_store::StoreError> {
-        let (r, written) = {
-            let mut pool = self.pool();
-            let (r, op) = f(&mut pool);
-            let written = match op {
-                Some(op) => Some(self.store.append(&op)?),
-                None => None,
-            };
-            (r, written)
-        };
-        if let Some(written) = written {
-            blocking(|| self.store.flush(written))?;
-        }
-        Ok(r)
-    }
-
-    /// Writes a snapshot including generation `gen` (fsynced, atomic rename, the previous
-    /// one kept); failures are logged (the next change retries).
-    pub async fn commit(&self, gen: u64) -> bool {
-        match self.store.persist(&self.pool, gen).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "could not persist pool state");
-                false
-            }
-        }
-    }
-
-    /// [`Shared::commit`], named where durability is the point (launches, terminations).
-    /// Every snapshot is fsynced.
-    pub async fn commit_durable(&self, gen: u64) -> bool {
-        self.commit(gen).await
-    }
-}
-
-/// Runs blocking `f` (a disk flush) from async code: on the multi-threaded runtime the
-/// worker hands its other tasks over first, elsewhere (tests) it just blocks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }
 
@@ -391,7 +156,7 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         .context("stage client certificate")?;
     let metrics = Arc::new(Metrics::new());
     let ec2: Arc<dyn Ec2Api> = Arc::new(Ec2Client::new(&config.aws, metrics.clone()).await);
-    let machines: Arc<dyn MachineApi> = Arc::new(MtlsMachines { tls: tls.clone() });
+    let machines: Arc<dyn MachineApi> = Arc::new(MtlsMachines { tls });
 
     let socket = config.socket_path();
     if socket.exists() {
@@ -430,7 +195,6 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         pool,
         store,
         ca,
-        tls,
         ec2,
         machines,
         clock: Clock::System,
@@ -589,17 +353,6 @@ async fn wait_for_signal() {
     }
 }
 
-/// Random ids: machine ids name machines in DNS, so lowercase letters and digits only.
-pub fn new_id(prefix: &str) -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let tail: String = (0..12)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("{prefix}{tail}")
-}
-
 /// A [`Shared`] over a fresh state directory with fake EC2 and machines, the system clock
 /// and a one-class config, for tests of the daemon's tasks.
 #[cfg(test)]
@@ -642,14 +395,12 @@ pub(crate) fn test_rig(
     let config = Config::from_toml(&text).unwrap();
     let (store, pool) = StateStore::open(dir).unwrap();
     let ca = FleetCa::load_or_create(dir, pool.machines.len()).unwrap();
-    let (tls, _) = crate::tls::reloadable_machine_client_config(dir).unwrap();
     Arc::new(Shared::new(Parts {
         daemon_id: load_or_create_daemon_id(dir).unwrap(),
         config,
         pool,
         store,
         ca,
-        tls,
         ec2,
         machines,
         clock,
@@ -674,22 +425,6 @@ mod tests {
         assert_ne!(load_or_create_daemon_id(other.path()).unwrap(), id);
         std::fs::write(dir.path().join(DAEMON_ID_FILE), "not an id!\n").unwrap();
         assert!(load_or_create_daemon_id(dir.path()).is_err());
-    }
-
-    #[test]
-    fn configured_durations_saturate_instead_of_panicking() {
-        let t = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
-        let huge = std::time::Duration::from_secs(u64::MAX);
-        assert_eq!(chrono_duration(huge), chrono::Duration::MAX);
-        assert_eq!(saturating_add(t, huge), DateTime::<Utc>::MAX_UTC);
-        assert_eq!(
-            saturating_add(t, std::time::Duration::from_secs(60)),
-            t + chrono::Duration::seconds(60)
-        );
-        assert_eq!(
-            saturating_add(DateTime::<Utc>::MAX_UTC, std::time::Duration::from_secs(1)),
-            DateTime::<Utc>::MAX_UTC
-        );
     }
 
     #[test]
