@@ -194,7 +194,7 @@ impl Metrics {
             MachineState::Terminating,
         ];
         let mut all_classes: Vec<&str> = classes.to_vec();
-        for m in pool.machines.values() {
+        for m in pool.machines().values() {
             if !all_classes.contains(&m.class.as_str()) {
                 all_classes.push(&m.class);
             }
@@ -207,9 +207,9 @@ impl Metrics {
             }
             self.waiting
                 .get_or_create(&labels(&[("class", class)]))
-                .set(i64::from(pool.waiting.get(*class).copied().unwrap_or(0)));
+                .set(i64::from(pool.waiting(*class)));
         }
-        self.leases.set(pool.leases.len() as i64);
+        self.leases.set(pool.leases().len() as i64);
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

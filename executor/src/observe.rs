@@ -31,7 +31,7 @@ use chrono::{DateTime, Utc};
 use flotilla_proto::api::MachineState;
 
 use crate::ec2::{InstanceLife, ObservedInstance};
-use crate::pool::{Machine, Pool, TerminateReason};
+use crate::pool::{Adopted, Pool};
 
 /// What the observation means beyond the pool updates it made.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -106,7 +106,7 @@ pub fn fold(
     let mut seen_unknown = HashSet::new();
     let older_than = |t: DateTime<Utc>, d: Duration| (now - t).to_std().unwrap_or_default() >= d;
     let by_instance: HashMap<String, String> = pool
-        .machines
+        .machines()
         .values()
         .filter(|m| !m.instance_id.is_empty())
         .map(|m| (m.instance_id.clone(), m.id.clone()))
@@ -117,7 +117,7 @@ pub fn fold(
         // (or this one): another instance carrying a known machine tag is not that machine.
         let known = by_instance.get(&inst.instance_id).cloned().or_else(|| {
             inst.machine_id.clone().filter(|id| {
-                pool.machines
+                pool.machines()
                     .get(id.as_str())
                     .is_some_and(|m| m.instance_id.is_empty() || m.instance_id == inst.instance_id)
             })
@@ -132,38 +132,31 @@ pub fn fold(
             }
             continue;
         };
-        let Some(m) = pool.machines.get_mut(&machine_id) else {
+        let Some(m) = pool.machine(&machine_id) else {
             continue;
         };
         if m.state == MachineState::Terminating && inst.life == InstanceLife::Terminated {
             // EC2 reports it terminated: the record has served its purpose.
-            pool.machines.remove(&machine_id);
+            pool.forget(&machine_id);
             out.forgotten.push(machine_id);
             continue;
         }
         seen_machines.insert(machine_id.clone());
-        // Adopt what a crash mid-launch left unrecorded.
-        if m.instance_id.is_empty() {
-            m.instance_id = inst.instance_id.clone();
-        }
-        if m.address.is_empty() {
-            if let Some(ip) = &inst.private_ip {
-                m.address = ip.clone();
-            }
-        }
         if inst.life.is_gone() && m.state != MachineState::Terminating {
             let why = format!(
                 "instance {} is {:?} (terminated or reclaimed outside flotilla)",
                 inst.instance_id, inst.life
             )
             .to_lowercase();
-            out.lost.push((m.id.clone(), why));
+            out.lost.push((machine_id.clone(), why));
         }
+        // Adopt what a crash mid-launch left unrecorded.
+        pool.fill_in_instance(&machine_id, &inst.instance_id, inst.private_ip.as_deref());
     }
     unknown_since.retain(|id, _| seen_unknown.contains(id));
 
     let missing: Vec<(String, MachineState, DateTime<Utc>, String, bool)> = pool
-        .machines
+        .machines()
         .values()
         .filter(|m| !seen_machines.contains(&m.id))
         .map(|m| {
@@ -183,7 +176,7 @@ pub fn fold(
             // Not listed: terminated (the listing asks for every other state), unless the
             // launch is too recent to be visible yet and nothing says it ever ran.
             if (existed && !instance_id.is_empty()) || older_than(launched_at, graces.visibility) {
-                pool.machines.remove(&id);
+                pool.forget(&id);
                 out.forgotten.push(id);
             }
         } else if older_than(
@@ -239,30 +232,25 @@ pub fn adopt(
         let Some(machine_id) = inst.machine_id.as_deref().filter(|id| !id.is_empty()) else {
             continue;
         };
-        let known = pool.machines.contains_key(machine_id)
+        let known = pool.machines().contains_key(machine_id)
             || pool
-                .machines
+                .machines()
                 .values()
                 .any(|m| m.instance_id == inst.instance_id);
         if inst.life.is_gone() || known || owner.why_not_ours(inst).is_some() {
             continue;
         }
-        let mut m = Machine::booting(
-            machine_id.to_owned(),
-            inst.class.clone().unwrap_or_default(),
-            inst.instance_type.clone(),
-            inst.launched_at.unwrap_or(now),
+        pool.adopt(
+            Adopted {
+                machine_id: machine_id.to_owned(),
+                instance_id: inst.instance_id.clone(),
+                class: inst.class.clone().unwrap_or_default(),
+                instance_type: inst.instance_type.clone(),
+                address: inst.private_ip.clone().unwrap_or_default(),
+                launched_at: inst.launched_at.unwrap_or(now),
+            },
+            now,
         );
-        m.instance_id = inst.instance_id.clone();
-        m.address = inst.private_ip.clone().unwrap_or_default();
-        m.state = MachineState::Leased;
-        m.idle_since = now;
-        m.adopted_at = Some(now);
-        m.note = Some(
-            "adopted after an unreadable pool state: drained (never leased), terminated once no job runs on it"
-                .into(),
-        );
-        pool.machines.insert(m.id.clone(), m);
         adopted.push(machine_id.to_owned());
     }
     adopted
@@ -279,31 +267,28 @@ pub fn drain_adopted(
     now: DateTime<Utc>,
     max_hold: Duration,
 ) -> Vec<String> {
-    let mut retired = Vec::new();
-    for m in pool.machines.values_mut() {
-        let Some(adopted_at) = m.adopted_at else {
-            continue;
-        };
-        if m.state != MachineState::Leased || m.lease_id.is_some() {
-            continue;
-        }
-        let held = (now - adopted_at).to_std().unwrap_or_default();
-        let why = if free.contains(&m.id) {
-            "adopted machine drained: no job containers left on it".to_string()
-        } else if held >= max_hold {
-            format!(
-                "adopted machine drained: job containers still on it after {}s (abandoned)",
-                held.as_secs()
-            )
-        } else {
-            continue;
-        };
-        m.state = MachineState::Terminating;
-        m.terminate_reason = Some(TerminateReason::Drained);
-        m.note = Some(why);
-        retired.push(m.id.clone());
-    }
-    retired
+    let due: Vec<(String, String)> = pool
+        .machines()
+        .values()
+        .filter(|m| m.state == MachineState::Leased && m.lease_id.is_none())
+        .filter_map(|m| {
+            let held = (now - m.adopted_at?).to_std().unwrap_or_default();
+            let why = if free.contains(&m.id) {
+                "adopted machine drained: no job containers left on it".to_string()
+            } else if held >= max_hold {
+                format!(
+                    "adopted machine drained: job containers still on it after {}s (abandoned)",
+                    held.as_secs()
+                )
+            } else {
+                return None;
+            };
+            Some((m.id.clone(), why))
+        })
+        .collect();
+    due.into_iter()
+        .filter_map(|(id, why)| pool.retire_adopted(&id, why).then_some(id))
+        .collect()
 }
 
 #[cfg(test)]
@@ -347,7 +332,7 @@ mod tests {
         let mut m = Machine::booting(id.into(), "c".into(), "t3.micro".into(), t(0));
         m.instance_id = instance.into();
         m.state = state;
-        pool.machines.insert(id.into(), m);
+        pool.insert_for_test(m);
         pool
     }
 
@@ -373,7 +358,7 @@ mod tests {
         let mut pool = pool_with("m1", "i-1", MachineState::Idle);
         let out = fold(&mut pool, &[], t(100), &G, &own(), &mut HashMap::new());
         assert_eq!(out.lost.len(), 1);
-        assert_eq!(pool.machines["m1"].state, MachineState::Broken);
+        assert_eq!(pool.machines()["m1"].state, MachineState::Broken);
     }
 
     #[test]
@@ -381,7 +366,7 @@ mod tests {
         let mut pool = pool_with("m1", "i-1", MachineState::Booting);
         let out = fold(&mut pool, &[], t(10), &G, &own(), &mut HashMap::new());
         assert!(out.lost.is_empty());
-        assert_eq!(pool.machines["m1"].state, MachineState::Booting);
+        assert_eq!(pool.machines()["m1"].state, MachineState::Booting);
     }
 
     #[test]
@@ -405,8 +390,8 @@ mod tests {
             &mut HashMap::new(),
         );
         assert_eq!(out, Observation::default());
-        assert_eq!(pool.machines["m1"].instance_id, "i-9");
-        assert_eq!(pool.machines["m1"].address, "127.0.0.5");
+        assert_eq!(pool.machines()["m1"].instance_id, "i-9");
+        assert_eq!(pool.machines()["m1"].address, "127.0.0.5");
     }
 
     #[test]
@@ -417,11 +402,11 @@ mod tests {
         assert!(out.forgotten.is_empty(), "{out:?}");
         let out = fold(&mut pool, &[], t(30), &G, &own(), &mut HashMap::new());
         assert_eq!(out.forgotten, vec!["m1"]);
-        assert!(pool.machines.is_empty());
+        assert!(pool.machines().is_empty());
 
         // One that ran (its dockerd answered) existed: not listed means terminated.
         let mut pool = pool_with("m2", "i-2", MachineState::Terminating);
-        if let Some(m) = pool.machines.get_mut("m2") {
+        if let Some(m) = pool.machine_mut_for_test("m2") {
             m.ready_at = Some(t(3));
         }
         let out = fold(&mut pool, &[], t(5), &G, &own(), &mut HashMap::new());
@@ -444,7 +429,7 @@ mod tests {
                 &mut seen,
             );
             assert_eq!(out, Observation::default(), "{life:?}");
-            assert_eq!(pool.machines["m1"].state, MachineState::Terminating);
+            assert_eq!(pool.machines()["m1"].state, MachineState::Terminating);
         }
         // Listed as terminated: dropped at once.
         let out = fold(
@@ -456,7 +441,7 @@ mod tests {
             &mut seen,
         );
         assert_eq!(out.forgotten, vec!["m1"]);
-        assert!(pool.machines.is_empty());
+        assert!(pool.machines().is_empty());
         assert!(out.orphans.is_empty() && out.lost.is_empty(), "{out:?}");
 
         // No longer listed after shutting down (the listing excludes terminated): dropped.
@@ -487,7 +472,7 @@ mod tests {
             &mut seen,
         );
         assert_eq!(out, Observation::default());
-        assert_eq!(pool.machines["m1"].state, MachineState::Idle);
+        assert_eq!(pool.machines()["m1"].state, MachineState::Idle);
 
         // Another instance carrying m1's tag is not m1: m1 is still running, and the
         // other one going away does not make m1 lost. It is an unknown instance.
@@ -497,7 +482,7 @@ mod tests {
         ];
         let out = fold(&mut pool, &o, t(200), &G, &own(), &mut seen);
         assert!(out.lost.is_empty(), "{out:?}");
-        assert_eq!(pool.machines["m1"].instance_id, "i-1");
+        assert_eq!(pool.machines()["m1"].instance_id, "i-1");
         assert!(seen.contains_key("i-2"));
         let o = [
             obs("i-1", Some("m1"), InstanceLife::Running),
@@ -594,7 +579,7 @@ mod tests {
             &own(),
             &mut HashMap::new(),
         );
-        assert!(pool.leases["l1"].lost.is_some());
+        assert!(pool.leases()["l1"].lost.is_some());
     }
 
     fn tagged(id: &str, machine: &str) -> ObservedInstance {
@@ -620,7 +605,7 @@ mod tests {
         let mut adopted = adopt(&mut pool, &observed, t(0), &own());
         adopted.sort();
         assert_eq!(adopted, vec!["m-1", "m-4"]);
-        let m = &pool.machines["m-1"];
+        let m = &pool.machines()["m-1"];
         assert_eq!(m.state, MachineState::Leased);
         assert_eq!(m.lease_id, None);
         assert_eq!(m.adopted_at, Some(t(0)));
@@ -645,7 +630,8 @@ mod tests {
         assert_eq!(later.orphans, vec!["i-2"]);
         assert!(later.lost.is_empty(), "{later:?}");
         assert_eq!(
-            pool.machines["m-4"].address, "127.0.0.5",
+            pool.machines()["m-4"].address,
+            "127.0.0.5",
             "address filled in once known"
         );
 
@@ -681,17 +667,17 @@ mod tests {
         let hold = Duration::from_secs(86_400);
         let free: HashSet<String> = ["m-1".to_string()].into();
         assert_eq!(drain_adopted(&mut pool, &free, t(30), hold), vec!["m-1"]);
-        assert_eq!(pool.machines["m-1"].state, MachineState::Terminating);
+        assert_eq!(pool.machines()["m-1"].state, MachineState::Terminating);
         assert_eq!(
-            pool.machines["m-1"].terminate_reason,
-            Some(TerminateReason::Drained)
+            pool.machines()["m-1"].terminate_reason,
+            Some(crate::pool::TerminateReason::Drained)
         );
         // m-2 and m-3 still run a job: kept until the hold runs out.
         assert!(drain_adopted(&mut pool, &HashSet::new(), t(86_399), hold).is_empty());
-        assert_eq!(pool.machines["m-2"].state, MachineState::Leased);
+        assert_eq!(pool.machines()["m-2"].state, MachineState::Leased);
         // One stops answering health checks meanwhile: broken, replaced by the plan.
         pool.mark_broken("m-3", "its Docker daemon stopped answering");
-        assert_eq!(pool.machines["m-3"].state, MachineState::Broken);
+        assert_eq!(pool.machines()["m-3"].state, MachineState::Broken);
         assert_eq!(
             drain_adopted(&mut pool, &HashSet::new(), t(86_400), hold),
             vec!["m-2"]
@@ -717,7 +703,7 @@ mod tests {
         let policy = Policy::from_config(&config);
         let mut pool = Pool::default();
         adopt(&mut pool, &[tagged("i-1", "m-1")], t(0), &own());
-        pool.draining = false;
+        pool.set_draining(false);
         let actions = plan(&policy, &pool, t(7200));
         assert_eq!(
             actions,
@@ -726,7 +712,7 @@ mod tests {
                 count: 1
             }]
         );
-        pool.draining = true;
+        pool.set_draining(true);
         assert!(plan(&policy, &pool, t(7200)).is_empty());
     }
 }

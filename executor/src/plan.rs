@@ -217,7 +217,7 @@ pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
     let mut doomed = Doomed::default();
     retire_unneeded(policy, pool, now, &mut doomed);
     let classes = scale_down_idle(policy, pool, now, &mut doomed);
-    let launches = if pool.draining {
+    let launches = if pool.is_draining() {
         Vec::new()
     } else {
         plan_launches(policy, pool, &classes, &doomed)
@@ -252,7 +252,7 @@ impl Doomed {
 /// Phase 1: machines that must go whatever the demand: of a removed class, broken, past
 /// their boot timeout, and idle ones that are retired (max builds, max age) or drained.
 fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mut Doomed) {
-    for m in pool.machines.values() {
+    for m in pool.machines().values() {
         let Some(class) = policy.classes.get(&m.class) else {
             if matches!(
                 m.state,
@@ -270,7 +270,7 @@ fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mu
             MachineState::Idle => {
                 if let Some(reason) = class.retire_reason(m, now) {
                     doomed.terminate(&m.id, reason)
-                } else if pool.draining {
+                } else if pool.is_draining() {
                     doomed.terminate(&m.id, TerminateReason::Drained)
                 }
             }
@@ -300,20 +300,20 @@ fn scale_down_idle<'a>(
 ) -> BTreeMap<&'a str, ClassRoom> {
     let mut rooms = BTreeMap::new();
     for (name, class) in &policy.classes {
-        let waiting = pool.waiting.get(name).copied().unwrap_or(0);
+        let waiting = pool.waiting(name);
         let mut idle_policy = class.idle_at(now);
         let mut idle_target = idle_policy.target(pool.count(name, MachineState::Leased));
         if let Some(learned) = &class.learned {
-            idle_target = idle_target.max(learned.warm(&pool.history, name, now));
+            idle_target = idle_target.max(learned.warm(&pool.history(), name, now));
             idle_policy.idle_time = idle_policy.idle_time.min(learned.idle_time);
         }
-        let demand = if pool.draining {
+        let demand = if pool.is_draining() {
             0
         } else {
             idle_target + waiting
         };
         let mine: Vec<_> = pool
-            .machines
+            .machines()
             .values()
             .filter(|m| &m.class == name && !doomed.contains(&m.id))
             .collect();
@@ -369,13 +369,13 @@ fn plan_launches(
 ) -> Vec<Action> {
     let live_now = |m: &&Machine| !doomed.contains(&m.id);
     let total_live = pool
-        .machines
+        .machines()
         .values()
         .filter(live_now)
         .filter(|m| m.state != MachineState::Terminating)
         .count() as u32;
     let booting_total = pool
-        .machines
+        .machines()
         .values()
         .filter(live_now)
         .filter(|m| m.state == MachineState::Booting)
@@ -390,7 +390,7 @@ fn plan_launches(
             let Some(room) = classes.get(name.as_str()) else {
                 continue;
             };
-            let waiting = pool.waiting.get(name).copied().unwrap_or(0);
+            let waiting = pool.waiting(name);
             let want = match pass {
                 Pass::Waiting => waiting,
                 Pass::IdleCount => waiting + room.idle_target,
@@ -455,7 +455,7 @@ mod tests {
         let mut m = Machine::booting(id.into(), "c".into(), "t3.micro".into(), t(since));
         m.state = state;
         m.idle_since = t(since);
-        pool.machines.insert(id.into(), m);
+        pool.insert_for_test(m);
     }
 
     fn launches(actions: &[Action]) -> u32 {
@@ -518,7 +518,7 @@ mod tests {
     #[test]
     fn waiting_jobs_launch_beyond_idle_count_but_within_max() {
         let mut pool = Pool::default();
-        pool.waiting.insert("c".into(), 7);
+        pool.set_waiting_for_test("c", 7);
         add(&mut pool, "a", MachineState::Leased, 0);
         let actions = plan(&policy(0, 600, 5, 0), &pool, t(0));
         assert_eq!(launches(&actions), 4, "{actions:?}");
@@ -527,7 +527,7 @@ mod tests {
     #[test]
     fn booting_machines_count_as_coming_capacity() {
         let mut pool = Pool::default();
-        pool.waiting.insert("c".into(), 1);
+        pool.set_waiting_for_test("c", 1);
         add(&mut pool, "a", MachineState::Booting, 0);
         assert_eq!(launches(&plan(&policy(0, 600, 5, 0), &pool, t(1))), 0);
     }
@@ -570,7 +570,7 @@ mod tests {
     fn max_builds_replaces_machine() {
         let mut pool = Pool::default();
         add(&mut pool, "a", MachineState::Idle, 0);
-        pool.machines.get_mut("a").unwrap().builds = 1;
+        pool.machine_mut_for_test("a").unwrap().builds = 1;
         let actions = plan(&policy(1, 600, 5, 1), &pool, t(1));
         assert_eq!(
             terminated(&actions),
@@ -584,7 +584,7 @@ mod tests {
     /// A machine launched at `launched`, idle (or leased) since `since`.
     fn add_launched(pool: &mut Pool, id: &str, state: MachineState, launched: i64, since: i64) {
         add(pool, id, state, since);
-        pool.machines.get_mut(id).unwrap().launched_at = t(launched);
+        pool.machine_mut_for_test(id).unwrap().launched_at = t(launched);
     }
 
     #[test]
@@ -613,7 +613,7 @@ mod tests {
         assert!(terminated(&plan(&p, &pool, t(9 * DAY))).is_empty());
         // What the release checks in its critical section.
         let class = &p.classes["c"];
-        let m = &pool.machines["busy"];
+        let m = &pool.machines()["busy"];
         assert_eq!(
             class.retire_reason(m, t(9 * DAY)),
             Some(TerminateReason::MaxAge)
@@ -625,7 +625,7 @@ mod tests {
     fn max_builds_is_named_before_max_age() {
         let mut pool = Pool::default();
         add_launched(&mut pool, "a", MachineState::Idle, 0, 8 * DAY);
-        pool.machines.get_mut("a").unwrap().builds = 3;
+        pool.machine_mut_for_test("a").unwrap().builds = 3;
         let p = policy(0, 600, 5, 3);
         assert_eq!(
             terminated(&plan(&p, &pool, t(8 * DAY))),
@@ -643,7 +643,7 @@ mod tests {
     #[test]
     fn broken_and_boot_timeout_machines_are_replaced() {
         let mut pool = Pool::default();
-        pool.waiting.insert("c".into(), 2);
+        pool.set_waiting_for_test("c", 2);
         add(&mut pool, "broken", MachineState::Broken, 0);
         add(&mut pool, "slow", MachineState::Booting, 0);
         let actions = plan(&policy(0, 600, 5, 0), &pool, t(301));
@@ -668,11 +668,9 @@ mod tests {
 
     #[test]
     fn draining_terminates_idle_and_launches_nothing() {
-        let mut pool = Pool {
-            draining: true,
-            ..Default::default()
-        };
-        pool.waiting.insert("c".into(), 3);
+        let mut pool = Pool::default();
+        pool.set_draining(true);
+        pool.set_waiting_for_test("c", 3);
         add(&mut pool, "a", MachineState::Idle, 0);
         add(&mut pool, "b", MachineState::Leased, 0);
         let actions = plan(&policy(2, 600, 5, 0), &pool, t(1));
@@ -688,7 +686,7 @@ mod tests {
         let mut p = policy(0, 600, 50, 0);
         p.max_growth_rate = 3;
         let mut pool = Pool::default();
-        pool.waiting.insert("c".into(), 10);
+        pool.set_waiting_for_test("c", 10);
         add(&mut pool, "b1", MachineState::Booting, 0);
         assert_eq!(launches(&plan(&p, &pool, t(1))), 2);
     }
@@ -753,7 +751,7 @@ mod tests {
         let mut pool = Pool::default();
         // 30 jobs in the last 10 minutes: 180 jobs/h, 15 expected in the next 5 minutes.
         for i in 0..30 {
-            pool.history.record("c", t(-590 + i * 20));
+            pool.record_arrival("c", t(-590 + i * 20));
         }
         let p = with_learned(policy(0, 600, 50, 0), learned(20));
         assert_eq!(launches(&plan(&p, &pool, t(0))), 15);
@@ -765,12 +763,12 @@ mod tests {
         // Idle and booting machines count towards it; waiting jobs come on top.
         add(&mut pool, "i", MachineState::Idle, 0);
         add(&mut pool, "b", MachineState::Booting, 0);
-        pool.waiting.insert("c".into(), 2);
+        pool.set_waiting_for_test("c", 2);
         let p = with_learned(policy(0, 600, 50, 0), learned(20));
         assert_eq!(launches(&plan(&p, &pool, t(1))), 15 + 2 - 2);
         // A trickle (one job in 10 minutes: 0.5 expected) keeps nothing warm.
         let mut trickle = Pool::default();
-        trickle.history.record("c", t(-60));
+        trickle.record_arrival("c", t(-60));
         assert_eq!(launches(&plan(&p, &trickle, t(0))), 0);
     }
 
@@ -782,10 +780,9 @@ mod tests {
         let monday = |h, m| Utc.with_ymd_and_hms(2026, 11, 30, h, m, 0).unwrap();
         let mut pool = Pool::default();
         for i in 0..120 {
-            pool.history
-                .record("c", monday(10, 0) + chrono::Duration::seconds(i * 30));
+            pool.record_arrival("c", monday(10, 0) + chrono::Duration::seconds(i * 30));
         }
-        pool.history.record("c", monday(23, 0));
+        pool.record_arrival("c", monday(23, 0));
         let p = with_learned(policy(0, 600, 50, 0), learned(20));
         let tuesday_10 = monday(10, 0) + chrono::Duration::days(1);
         assert_eq!(launches(&plan(&p, &pool, tuesday_10)), 10);
@@ -809,7 +806,7 @@ mod tests {
         assert_eq!(terminated(&plan(&p, &pool, t(10))).len(), 1);
         // A machine the forecast wants warm stays.
         for i in 0..30 {
-            pool.history.record("c", t(i * 10));
+            pool.record_arrival("c", t(i * 10));
         }
         let p = with_learned(policy(0, 600, 5, 0), learned(20));
         assert!(terminated(&plan(&p, &pool, t(400))).is_empty());
@@ -830,7 +827,7 @@ mod tests {
     fn removed_class_machines_go_when_idle() {
         let mut pool = Pool::default();
         add(&mut pool, "a", MachineState::Idle, 0);
-        pool.machines.get_mut("a").unwrap().class = "gone".into();
+        pool.machine_mut_for_test("a").unwrap().class = "gone".into();
         let actions = plan(&policy(0, 600, 5, 0), &pool, t(1));
         assert_eq!(
             terminated(&actions),

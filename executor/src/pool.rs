@@ -150,20 +150,34 @@ pub struct LeasedMachine {
     pub previous_builds: u32,
 }
 
+/// An instance found running with a machine tag the pool does not know, to adopt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    pub machine_id: String,
+    pub instance_id: String,
+    pub class: String,
+    pub instance_type: String,
+    pub address: String,
+    pub launched_at: DateTime<Utc>,
+}
+
 /// Everything the daemon persists, plus volatile demand counters.
 #[derive(Debug, Default, Serialize, Deserialize)]
+///
+/// Its state is private: every change is one of the methods below, each keeping the
+/// invariants in this module's header.
 pub struct Pool {
-    pub machines: BTreeMap<String, Machine>,
-    pub leases: BTreeMap<String, LeaseRecord>,
+    machines: BTreeMap<String, Machine>,
+    leases: BTreeMap<String, LeaseRecord>,
     /// Acquire requests waiting, per class (not persisted: waiters die with the daemon).
     #[serde(skip)]
-    pub waiting: BTreeMap<String, u32>,
+    waiting: BTreeMap<String, u32>,
     /// Persisted: a drained daemon stays drained across restarts until undrained.
     #[serde(default)]
-    pub draining: bool,
+    draining: bool,
     /// Job arrivals the policy learns from (bounded).
     #[serde(default)]
-    pub history: crate::forecast::DemandHistory,
+    history: crate::forecast::DemandHistory,
 }
 
 /// What the daemon keeps of a lease secret.
@@ -204,6 +218,60 @@ impl LeaseRecord {
 }
 
 impl Pool {
+    pub fn machines(&self) -> &BTreeMap<String, Machine> {
+        &self.machines
+    }
+
+    pub fn machine(&self, machine_id: &str) -> Option<&Machine> {
+        self.machines.get(machine_id)
+    }
+
+    pub fn leases(&self) -> &BTreeMap<String, LeaseRecord> {
+        &self.leases
+    }
+
+    pub fn lease(&self, lease_id: &str) -> Option<&LeaseRecord> {
+        self.leases.get(lease_id)
+    }
+
+    /// Acquire requests waiting for a machine of `class`.
+    pub fn waiting(&self, class: &str) -> u32 {
+        self.waiting.get(class).copied().unwrap_or(0)
+    }
+
+    /// Acquire requests waiting, per class.
+    pub fn waiting_by_class(&self) -> &BTreeMap<String, u32> {
+        &self.waiting
+    }
+
+    /// One more acquire request waits for a machine of `class` (the plan launches for it).
+    pub fn add_waiter(&mut self, class: &str) {
+        *self.waiting.entry(class.to_owned()).or_default() += 1;
+    }
+
+    /// An acquire request for `class` stopped waiting (served, timed out or gone).
+    pub fn remove_waiter(&mut self, class: &str) {
+        if let Some(n) = self.waiting.get_mut(class) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.waiting.remove(class);
+            }
+        }
+    }
+
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// A drained pool launches nothing, leases nothing, and terminates idle machines.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    pub fn history(&self) -> &crate::forecast::DemandHistory {
+        &self.history
+    }
+
     pub fn lease_for_job(&self, job_key: &str) -> Option<&LeaseRecord> {
         self.leases.values().find(|l| l.job_key == job_key)
     }
@@ -495,6 +563,113 @@ impl Pool {
             }
         }
         ids
+    }
+
+    /// A lease as the journal recorded it (replayed when the state is loaded).
+    pub fn restore_lease(&mut self, lease: &LeaseRecord) {
+        if let Some(m) = self.machines.get_mut(&lease.machine_id) {
+            m.state = MachineState::Leased;
+            m.lease_id = Some(lease.lease_id.clone());
+        }
+        self.leases.insert(lease.lease_id.clone(), lease.clone());
+    }
+
+    /// Takes back a lease that could not be made durable (its journal record failed): the
+    /// machine is idle again, as if the lease had never been granted.
+    pub fn undo_lease(&mut self, lease_id: &str) {
+        let Some(l) = self.leases.remove(lease_id) else {
+            return;
+        };
+        if let Some(m) = self.machines.get_mut(&l.machine_id) {
+            if m.lease_id.as_deref() == Some(lease_id) {
+                m.state = MachineState::Idle;
+                m.lease_id = None;
+            }
+        }
+    }
+
+    /// A job asked for a machine of `class` at `now`: the forecast learns from it.
+    pub fn record_arrival(&mut self, class: &str, now: DateTime<Utc>) {
+        self.history.record(class, now);
+    }
+
+    /// Drops the record of a machine EC2 no longer has (terminated, or a launch that never
+    /// ran). Returns whether there was one.
+    pub fn forget(&mut self, machine_id: &str) -> bool {
+        self.machines.remove(machine_id).is_some()
+    }
+
+    /// What a listing says of a machine whose launch response was lost (a crash between
+    /// record and launch, a timeout): its instance id and private address, where the
+    /// record has none yet.
+    pub fn fill_in_instance(&mut self, machine_id: &str, instance_id: &str, address: Option<&str>) {
+        let Some(m) = self.machines.get_mut(machine_id) else {
+            return;
+        };
+        if m.instance_id.is_empty() {
+            m.instance_id = instance_id.to_owned();
+        }
+        if let (true, Some(address)) = (m.address.is_empty(), address) {
+            m.address = address.to_owned();
+        }
+    }
+
+    /// Records an instance adopted without a record (`flotilla daemon --adopt`): held
+    /// `Leased` with no lease, so it is never handed to a job nor terminated by the plan,
+    /// until it is drained (see [`crate::observe::adopt`]).
+    pub fn adopt(&mut self, found: Adopted, now: DateTime<Utc>) {
+        let mut m = Machine::booting(
+            found.machine_id,
+            found.class,
+            found.instance_type,
+            found.launched_at,
+        );
+        m.instance_id = found.instance_id;
+        m.address = found.address;
+        m.state = MachineState::Leased;
+        m.idle_since = now;
+        m.adopted_at = Some(now);
+        m.note = Some(
+            "adopted after an unreadable pool state: drained (never leased), terminated once no job runs on it"
+                .into(),
+        );
+        self.machines.insert(m.id.clone(), m);
+    }
+
+    /// Terminates an adopted machine that is drained (reason `drained`, `why` as its note).
+    /// Only an adopted machine still held for draining changes; returns whether it did.
+    pub fn retire_adopted(&mut self, machine_id: &str, why: String) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m)
+                if m.adopted_at.is_some()
+                    && m.state == MachineState::Leased
+                    && m.lease_id.is_none() =>
+            {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(TerminateReason::Drained);
+                m.note = Some(why);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Test scaffolding: puts a machine in any state straight into the pool.
+    #[cfg(test)]
+    pub(crate) fn insert_for_test(&mut self, m: Machine) {
+        self.machines.insert(m.id.clone(), m);
+    }
+
+    /// Test scaffolding: `n` acquire requests waiting for `class`.
+    #[cfg(test)]
+    pub(crate) fn set_waiting_for_test(&mut self, class: &str, n: u32) {
+        self.waiting.insert(class.to_owned(), n);
+    }
+
+    /// Test scaffolding: a machine to edit in place.
+    #[cfg(test)]
+    pub(crate) fn machine_mut_for_test(&mut self, machine_id: &str) -> Option<&mut Machine> {
+        self.machines.get_mut(machine_id)
     }
 
     pub fn count(&self, class: &str, state: MachineState) -> u32 {

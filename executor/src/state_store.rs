@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use flotilla_proto::api::{MachineState, ReleaseOutcome};
+use flotilla_proto::api::ReleaseOutcome;
 use serde::{Deserialize, Serialize};
 
 use crate::pool::{LeaseRecord, Pool};
@@ -180,11 +180,7 @@ impl JournalOp {
     pub fn apply(&self, pool: &mut Pool) {
         match self {
             Self::Leased { lease } => {
-                if let Some(m) = pool.machines.get_mut(&lease.machine_id) {
-                    m.state = MachineState::Leased;
-                    m.lease_id = Some(lease.lease_id.clone());
-                }
-                pool.leases.insert(lease.lease_id.clone(), lease.clone());
+                pool.restore_lease(lease);
             }
             Self::Released {
                 lease_id,
@@ -1014,7 +1010,7 @@ mod tests {
             let id = format!("m-{i:05}");
             let mut m = Machine::booting(id.clone(), "c".into(), "t3.micro".into(), t(0));
             m.instance_id = format!("i-{i}");
-            p.machines.insert(id.clone(), m);
+            p.insert_for_test(m);
             p.mark_ready(&id, t(1));
         }
         p
@@ -1045,10 +1041,7 @@ mod tests {
         if r.is_err() {
             // Not on disk, so not granted.
             let mut p = pool.lock().unwrap();
-            p.leases.remove(id);
-            let m = p.machines.get_mut(&record.machine_id).unwrap();
-            m.state = MachineState::Idle;
-            m.lease_id = None;
+            p.undo_lease(&record.lease_id);
         }
         r
     }
@@ -1074,8 +1067,8 @@ mod tests {
 
     fn assert_same(loaded: &Pool, live: &Mutex<Pool>) {
         let live = live.lock().unwrap();
-        assert_eq!(loaded.leases, live.leases);
-        assert_eq!(loaded.machines, live.machines);
+        assert_eq!(loaded.leases(), live.leases());
+        assert_eq!(loaded.machines(), live.machines());
     }
 
     #[test]
@@ -1126,13 +1119,13 @@ mod tests {
     async fn leases_before_the_first_snapshot_are_replayed_onto_the_empty_pool() {
         let dir = tempfile::tempdir().unwrap();
         let (store, empty) = StateStore::open(dir.path()).unwrap();
-        assert!(empty.machines.is_empty());
+        assert!(empty.machines().is_empty());
         // Machines known only in memory (never snapshotted); the lease is journaled.
         let pool = Mutex::new(pool_with_idle(1));
         lease(&store, &pool, "job-1", "l1");
         drop(store);
         let (_, loaded) = StateStore::open(dir.path()).unwrap();
-        assert_eq!(loaded.leases, pool.lock().unwrap().leases);
+        assert_eq!(loaded.leases(), pool.lock().unwrap().leases());
     }
 
     #[tokio::test]
@@ -1289,7 +1282,7 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
-        assert!(!pool.lock().unwrap().leases.contains_key("l2"));
+        assert!(!pool.lock().unwrap().leases().contains_key("l2"));
 
         // The disk has room again: later records follow the last good one directly.
         lease(&store, &pool, "job-3", "l3");
@@ -1447,7 +1440,7 @@ mod tests {
         )
         .unwrap();
         let (_, loaded) = StateStore::open(dir.path()).unwrap();
-        assert_eq!(loaded.machines, pool.machines);
+        assert_eq!(loaded.machines(), pool.machines());
     }
 
     #[tokio::test]
@@ -1469,7 +1462,7 @@ mod tests {
         assert!(aside.join(PREV_STATE_FILE).exists());
         assert!(dir.path().join("ca.key").exists(), "keys stay");
         let (_, fresh) = StateStore::open(dir.path()).unwrap();
-        assert!(fresh.machines.is_empty());
+        assert!(fresh.machines().is_empty());
         assert_ne!(move_aside(dir.path(), t(0)).unwrap(), aside, "never reused");
     }
 
@@ -1488,7 +1481,7 @@ mod tests {
             err.to_string().contains("restart the daemon"),
             "no later flush is trusted: {err}"
         );
-        assert_eq!(pool.lock().unwrap().leases.len(), 1);
+        assert_eq!(pool.lock().unwrap().leases().len(), 1);
     }
 
     #[test]
@@ -1535,7 +1528,7 @@ mod tests {
         drop(store);
         let (_, loaded) = StateStore::open(dir.path()).unwrap();
         assert!(
-            loaded.leases == pool.lock().unwrap().leases,
+            loaded.leases() == pool.lock().unwrap().leases(),
             "every lease replayed"
         );
     }
@@ -1560,6 +1553,6 @@ mod tests {
             "1000 machines: snapshot {snapshot:?}, lease (journal append and flush) {per_lease:?}"
         );
         let (_, loaded) = StateStore::open(dir.path()).unwrap();
-        assert_eq!(loaded.leases.len(), 100);
+        assert_eq!(loaded.leases().len(), 100);
     }
 }

@@ -252,7 +252,7 @@ pub fn exported_families() -> Result<BTreeMap<String, String>> {
     m.lease_wait.observe(1.0);
     m.boot_time.observe(1.0);
     let mut pool = flotilla::pool::Pool::default();
-    pool.waiting.insert("default".into(), 1);
+    pool.add_waiter("default");
     let text = m.render(&pool, &["default"]);
     Ok(prom::parse(&text)
         .context("the daemon's exposition does not parse")?

@@ -133,7 +133,7 @@ struct Waiting<'a> {
 
 impl<'a> Waiting<'a> {
     fn new(shared: &'a Shared, class: &str) -> Self {
-        *shared.pool().waiting.entry(class.to_owned()).or_default() += 1;
+        shared.pool().add_waiter(class);
         shared.wake.notify_one();
         Self {
             shared,
@@ -155,16 +155,7 @@ impl Drop for Waiting<'_> {
             return;
         }
         let mut pool = self.shared.pool();
-        uncount_waiting(&mut pool, &self.class);
-    }
-}
-
-fn uncount_waiting(pool: &mut crate::pool::Pool, class: &str) {
-    if let Some(n) = pool.waiting.get_mut(class) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            pool.waiting.remove(class);
-        }
+        pool.remove_waiter(&self.class);
     }
 }
 
@@ -253,11 +244,11 @@ async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<
                 }
                 return (Attempt::Conflict, None);
             }
-            if pool.draining {
+            if pool.is_draining() {
                 return (Attempt::Draining, None);
             }
             if first_try {
-                pool.history.record(&class, shared.now());
+                pool.record_arrival(&class, shared.now());
             }
             let secret_hash = if req.secret.is_empty() {
                 String::new()
@@ -285,7 +276,7 @@ async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<
                 Some(l) => {
                     let record = l.clone();
                     if counted {
-                        uncount_waiting(pool, &class);
+                        pool.remove_waiter(&class);
                     }
                     (
                         Attempt::Granted(record.to_api()),
@@ -299,14 +290,7 @@ async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<
             Ok(a) => a,
             Err(e) => {
                 // Not on disk, so not granted: undo it in memory too.
-                shared.update(|pool| {
-                    if let Some(l) = pool.leases.remove(&lease_id) {
-                        if let Some(m) = pool.machines.get_mut(&l.machine_id) {
-                            m.state = MachineState::Idle;
-                            m.lease_id = None;
-                        }
-                    }
-                });
+                shared.update(|pool| pool.undo_lease(&lease_id));
                 tracing::error!(error = %e, "could not journal a lease");
                 return Err(Failure::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -379,7 +363,7 @@ fn lease_response(
 ) -> Result<Json<Lease>, Failure> {
     let pool = shared.pool();
     let record = match (lease_id, job_key) {
-        (Some(id), _) => pool.leases.get(id),
+        (Some(id), _) => pool.leases().get(id),
         (None, Some(key)) => pool.lease_for_job(key),
         (None, None) => None,
     };
@@ -430,14 +414,14 @@ async fn release(
     let secret = presented_secret(&headers);
     if shared
         .pool()
-        .leases
+        .leases()
         .get(&id)
         .is_some_and(|l| !l.accepts(secret))
     {
         return Err(no_such_lease());
     }
     let released = shared.update_journaled(|pool| {
-        let machine = pool.leases.get(&id).map(|l| l.machine_id.clone());
+        let machine = pool.leases().get(&id).map(|l| l.machine_id.clone());
         // A machine at max_builds or max_age must not be leased by a waiter woken below
         // before the plan retires it: retired in the same critical section.
         let released = pool.release_retiring(&id, req.outcome, req.reason.clone(), now, |m| {
@@ -483,9 +467,9 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusResponse> {
     Json(StatusResponse {
         classes,
         fleet: shared.config.fleet.clone(),
-        draining: pool.draining,
-        machines: pool.machines.values().map(|m| m.status(&pool)).collect(),
-        waiting: pool.waiting.clone(),
+        draining: pool.is_draining(),
+        machines: pool.machines().values().map(|m| m.status(&pool)).collect(),
+        waiting: pool.waiting_by_class().clone(),
         reconcile_passes: shared.passes.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
@@ -496,7 +480,7 @@ async fn drain(
     Json(req): Json<DrainRequest>,
 ) -> Result<Json<StatusResponse>, Failure> {
     require_operator(&shared, peer, "changing drain mode")?;
-    let gen = shared.update(|pool| pool.draining = req.draining).1;
+    let gen = shared.update(|pool| pool.set_draining(req.draining)).1;
     shared.commit(gen).await;
     tracing::info!(draining = req.draining, "drain mode changed");
     // Waiting acquires must learn they will not be served.
@@ -538,7 +522,7 @@ fn audit_entries(shared: &Shared) -> Vec<AuditEntry> {
         })
         .collect();
     let pool = shared.pool();
-    for m in pool.machines.values() {
+    for m in pool.machines().values() {
         let why = match m.state {
             MachineState::Broken => {
                 format!("broken: {}", m.note.as_deref().unwrap_or("unknown reason"))
@@ -690,12 +674,12 @@ mod tests {
             }
         });
         for _ in 0..500 {
-            if !shared.pool().waiting.is_empty() {
+            if !shared.pool().waiting_by_class().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(shared.pool().waiting.get("c"), Some(&1));
+        assert_eq!(shared.pool().waiting_by_class().get("c"), Some(&1));
 
         // ... until the daemon stops: then it is answered at once and the server ends.
         stop_tx.send(true).unwrap();
@@ -709,8 +693,8 @@ mod tests {
             .await
             .expect("the API stopped promptly")
             .unwrap();
-        assert!(shared.pool().waiting.is_empty());
-        assert!(shared.pool().leases.is_empty());
+        assert!(shared.pool().waiting_by_class().is_empty());
+        assert!(shared.pool().leases().is_empty());
     }
 
     /// The stages' client takes the shutdown answer as the daemon going away and keeps
@@ -739,7 +723,7 @@ mod tests {
             }
         });
         for _ in 0..500 {
-            if !shared.pool().waiting.is_empty() {
+            if !shared.pool().waiting_by_class().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

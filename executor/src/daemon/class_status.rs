@@ -27,9 +27,14 @@ pub fn class_statuses(
     backoff: &HashMap<String, LaunchBackoff>,
     now: DateTime<Utc>,
 ) -> BTreeMap<String, ClassStatus> {
-    let fleet = |state| pool.machines.values().filter(|m| m.state == state).count() as u32;
+    let fleet = |state| {
+        pool.machines()
+            .values()
+            .filter(|m| m.state == state)
+            .count() as u32
+    };
     let fleet_booting = fleet(MachineState::Booting);
-    let fleet_live = pool.machines.len() as u32 - fleet(MachineState::Terminating);
+    let fleet_live = pool.machines().len() as u32 - fleet(MachineState::Terminating);
     policy
         .classes
         .iter()
@@ -41,10 +46,10 @@ pub fn class_statuses(
                 count(MachineState::Booting),
             );
             let live = idle + leased + booting + count(MachineState::Broken);
-            let waiting = pool.waiting.get(name).copied().unwrap_or(0);
+            let waiting = pool.waiting(name);
             let backoff = backoff.get(name).filter(|b| now < b.until);
             let waiting_for = (waiting > 0).then(|| {
-                if pool.draining {
+                if pool.is_draining() {
                     "nothing: the daemon is draining and grants no leases".to_owned()
                 } else if let Some(b) = backoff {
                     format!(
@@ -112,10 +117,10 @@ mod tests {
         for (i, state) in machines.iter().enumerate() {
             let mut m = Machine::booting(format!("m{i}"), "c".into(), "t".into(), now());
             m.state = *state;
-            pool.machines.insert(m.id.clone(), m);
+            pool.insert_for_test(m);
         }
         if waiting > 0 {
-            pool.waiting.insert("c".into(), waiting);
+            pool.set_waiting_for_test("c", waiting);
         }
         pool
     }
@@ -171,7 +176,7 @@ mod tests {
         );
         assert_eq!(later["c"].launch_backoff_until, None);
         let mut draining = pool(1, &[]);
-        draining.draining = true;
+        draining.set_draining(true);
         assert!(waiting_for(&p, &draining, &backoff).is_some_and(|w| w.contains("draining")));
     }
 

@@ -150,7 +150,7 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
     let (store, pool, adopting) = open_state(&state_dir, adopt)?;
     // The CA after the state: with machines on record (or being adopted), a missing CA is
     // a refusal to start, never a new CA those machines would not trust.
-    let machines_on_record = pool.machines.len().max(usize::from(adopting));
+    let machines_on_record = pool.machines().len().max(usize::from(adopting));
     let ca = FleetCa::load_or_create(&state_dir, machines_on_record).context("fleet CA")?;
     let (tls, client_cert) = crate::tls::reloadable_machine_client_config(&state_dir)
         .context("stage client certificate")?;
@@ -185,8 +185,8 @@ pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
         fleet = %config.fleet,
         daemon_id = %daemon_id,
         socket = %socket.display(),
-        machines = pool.machines.len(),
-        leases = pool.leases.len(),
+        machines = pool.machines().len(),
+        leases = pool.leases().len(),
         "daemon starting"
     );
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -394,7 +394,7 @@ pub(crate) fn test_rig(
     );
     let config = Config::from_toml(&text).unwrap();
     let (store, pool) = StateStore::open(dir).unwrap();
-    let ca = FleetCa::load_or_create(dir, pool.machines.len()).unwrap();
+    let ca = FleetCa::load_or_create(dir, pool.machines().len()).unwrap();
     Arc::new(Shared::new(Parts {
         daemon_id: load_or_create_daemon_id(dir).unwrap(),
         config,

@@ -16,7 +16,7 @@ const MAX_DELAY: Duration = Duration::from_millis(500);
 pub fn resume(shared: &Arc<Shared>) {
     let ids: Vec<String> = shared
         .pool()
-        .machines
+        .machines()
         .values()
         .filter(|m| m.state == MachineState::Booting && !m.address.is_empty())
         .map(|m| m.id.clone())
@@ -46,7 +46,7 @@ pub fn spawn(shared: Arc<Shared>, machine_id: String) {
 async fn run(shared: &Arc<Shared>, machine_id: &str) {
     let Some((address, deadline)) = ({
         let pool = shared.pool();
-        pool.machines.get(machine_id).and_then(|m| {
+        pool.machines().get(machine_id).and_then(|m| {
             let timeout = shared.policy.classes.get(&m.class)?.boot_timeout;
             Some((
                 m.address.clone(),
@@ -61,7 +61,7 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
     loop {
         let still_booting = shared
             .pool()
-            .machines
+            .machines()
             .get(machine_id)
             .is_some_and(|m| m.state == MachineState::Booting);
         if !still_booting {
@@ -75,7 +75,7 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
             Ok(()) => {
                 let now = shared.now();
                 let (boot_ms, gen) = shared.update(|p| {
-                    let launched = p.machines.get(machine_id).map(|m| m.launched_at)?;
+                    let launched = p.machines().get(machine_id).map(|m| m.launched_at)?;
                     p.mark_ready(machine_id, now)
                         .then(|| (now - launched).num_milliseconds())
                 });
@@ -202,11 +202,11 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
         let now = shared.now();
         let targets: Vec<(String, String, Check)> = {
             let pool = shared.pool();
-            pool.machines
+            pool.machines()
                 .values()
                 .filter(|m| matches!(m.state, MachineState::Idle | MachineState::Leased))
                 .map(|m| {
-                    let lease = m.lease_id.as_ref().and_then(|l| pool.leases.get(l));
+                    let lease = m.lease_id.as_ref().and_then(|l| pool.leases().get(l));
                     let check = match lease {
                         None if m.adopted_at.is_some() => Check::Adopted,
                         Some(l) if l.lost.is_none() => {
@@ -298,7 +298,7 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
                     *n = n.saturating_add(1);
                     let leased = shared
                         .pool()
-                        .machines
+                        .machines()
                         .get(&id)
                         .is_some_and(|m| m.lease_id.is_some());
                     match health_action(leased, *n) {
@@ -352,7 +352,10 @@ pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Rec
             let mut marked = 0u64;
             for (id, e, n) in &lost {
                 // Decided again under the lock: the machine may have been leased meanwhile.
-                let leased = pool.machines.get(id).is_some_and(|m| m.lease_id.is_some());
+                let leased = pool
+                    .machines()
+                    .get(id)
+                    .is_some_and(|m| m.lease_id.is_some());
                 if health_action(leased, *n) == HealthAction::MarkLost {
                     pool.mark_broken(id, &format!("its Docker daemon stopped answering ({e})"));
                     marked += 1;
@@ -377,7 +380,7 @@ async fn reclaim_lease(shared: &Arc<Shared>, lease_id: &str) {
     let reason =
         Some("its job's containers are gone; the release never reached the daemon".to_string());
     let released = shared.update_journaled(|pool| {
-        let machine = pool.leases.get(lease_id).map(|l| l.machine_id.clone());
+        let machine = pool.leases().get(lease_id).map(|l| l.machine_id.clone());
         let released = pool.release_retiring(
             lease_id,
             ReleaseOutcome::Healthy,

@@ -68,8 +68,8 @@ pub(super) fn graces(shared: &Shared) -> Graces {
 fn account_machine_time(shared: &Shared, accounted: &mut HashMap<String, Instant>) {
     let now = Instant::now();
     let pool = shared.pool();
-    accounted.retain(|id, _| pool.machines.contains_key(id));
-    for m in pool.machines.values() {
+    accounted.retain(|id, _| pool.machines().contains_key(id));
+    for m in pool.machines().values() {
         if m.instance_id.is_empty() {
             continue;
         }
@@ -184,7 +184,7 @@ pub(super) async fn act(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
             match action {
                 Action::Terminate { machine_id, reason } => {
                     if pool.begin_terminate(&machine_id, reason) {
-                        if let Some(m) = pool.machines.get(&machine_id) {
+                        if let Some(m) = pool.machines().get(&machine_id) {
                             tracing::info!(machine = %m.id, instance = %m.instance_id, reason = reason.as_str(), "terminating machine");
                         }
                         changed = true;

@@ -82,14 +82,14 @@ impl Rig {
         }
         panic!(
             "timed out waiting for {what}: {:#?}",
-            self.shared.pool().machines
+            self.shared.pool().machines()
         );
     }
 
     fn in_state(&self, state: MachineState) -> Vec<String> {
         self.shared
             .pool()
-            .machines
+            .machines()
             .values()
             .filter(|m| m.state == state)
             .map(|m| m.id.clone())
@@ -136,7 +136,9 @@ impl Rig {
     }
 
     fn instance_of(&self, machine_id: &str) -> String {
-        self.shared.pool().machines[machine_id].instance_id.clone()
+        self.shared.pool().machines()[machine_id]
+            .instance_id
+            .clone()
     }
 }
 
@@ -169,7 +171,7 @@ async fn capacity_errors_walk_subnets_then_types_then_on_demand() {
     .collect();
     assert_eq!(tried, expected);
     let idle = r.in_state(MachineState::Idle);
-    assert_eq!(r.shared.pool().machines[&idle[0]].instance_type, "b");
+    assert_eq!(r.shared.pool().machines()[&idle[0]].instance_type, "b");
 }
 
 #[tokio::test]
@@ -193,7 +195,7 @@ async fn spot_only_never_falls_back_to_on_demand_and_backs_off() {
     r.pass().await;
     assert_eq!(r.ec2.count(Op::Launch), 2);
     // ...and `flotilla status` says why a waiting job would wait.
-    r.shared.update(|pool| pool.waiting.insert("c".into(), 1));
+    r.shared.update(|pool| pool.set_waiting_for_test("c", 1));
     let status = r.class_status();
     assert!(
         status
@@ -247,7 +249,7 @@ async fn a_throttled_describe_changes_nothing_and_launches_nothing_extra() {
         p.count("c", MachineState::Idle) == 1
     })
     .await;
-    let before = r.shared.pool().machines.clone();
+    let before = r.shared.pool().machines().clone();
     let launches = r.ec2.count(Op::Launch);
     r.ec2.inject(Fault::throttle(Op::Describe).times(5));
     for _ in 0..5 {
@@ -255,7 +257,7 @@ async fn a_throttled_describe_changes_nothing_and_launches_nothing_extra() {
         r.pass().await;
     }
     // Unknown is not dead: every machine is as it was, nothing relaunched or terminated.
-    let after = r.shared.pool().machines.clone();
+    let after = r.shared.pool().machines().clone();
     assert_eq!(
         after.keys().collect::<Vec<_>>(),
         before.keys().collect::<Vec<_>>()
@@ -278,13 +280,13 @@ async fn an_instance_terminated_behind_its_back_fails_its_job_and_is_replaced() 
     r.pass().await;
     {
         let pool = r.shared.pool();
-        let lost = pool.leases[&lease_id].lost.as_deref().unwrap_or_default();
+        let lost = pool.leases()[&lease_id].lost.as_deref().unwrap_or_default();
         assert!(
             lost.contains("terminated"),
             "lease not marked lost: {lost:?}"
         );
         assert_ne!(
-            pool.machines.get(&machine).map(|m| m.state),
+            pool.machines().get(&machine).map(|m| m.state),
             Some(MachineState::Leased)
         );
     }
@@ -343,14 +345,14 @@ async fn a_termination_is_resent_only_after_the_retry_interval_and_forgotten_onc
     r.clock.advance(Duration::from_secs(30));
     r.pass().await;
     assert_eq!(r.ec2.terminated().len(), 2);
-    assert!(r.shared.pool().machines.contains_key("m-x"));
+    assert!(r.shared.pool().machines().contains_key("m-x"));
     r.ec2.ignore_terminate(false);
     r.clock.advance(Duration::from_secs(120));
     r.pass().await; // resends; EC2 carries it out this time
     r.pass().await; // observes it terminated
     assert_eq!(r.ec2.terminated().len(), 3);
     assert!(
-        !r.shared.pool().machines.contains_key("m-x"),
+        !r.shared.pool().machines().contains_key("m-x"),
         "forgotten once terminated"
     );
 }
@@ -430,7 +432,7 @@ async fn a_machine_that_never_answers_is_replaced_after_its_boot_timeout() {
     r.pass().await;
     assert_eq!(r.ec2.terminated(), vec![r.instance_of(&booting[0])]);
     assert_eq!(
-        r.shared.pool().machines[&booting[0]].terminate_reason,
+        r.shared.pool().machines()[&booting[0]].terminate_reason,
         Some(TerminateReason::BootTimeout)
     );
     r.until("a replacement", |p| p.count("c", MachineState::Idle) == 1)
@@ -448,14 +450,14 @@ async fn health_checks_replace_a_dead_idle_machine_but_never_take_a_leased_one()
     let (stop_tx, stop_rx) = watch::channel(false);
     let watcher = tokio::spawn(super::probe::watch_health(r.shared.clone(), stop_rx));
     r.until("the dead idle machine marked broken", |p| {
-        p.machines[&idle].state == MachineState::Broken
+        p.machines()[&idle].state == MachineState::Broken
     })
     .await;
     {
         let pool = r.shared.pool();
-        assert_eq!(pool.machines[&leased].state, MachineState::Leased);
+        assert_eq!(pool.machines()[&leased].state, MachineState::Leased);
         assert!(
-            pool.leases[&lease_id].lost.is_none(),
+            pool.leases()[&lease_id].lost.is_none(),
             "a blip never fails a running job"
         );
     }
@@ -475,11 +477,16 @@ async fn a_lease_whose_release_never_came_is_reclaimed_once_its_containers_are_g
     let watcher = tokio::spawn(super::probe::watch_health(r.shared.clone(), stop_rx));
     // Still running containers: kept however long (wait for a few checks).
     tokio::time::sleep(Duration::from_millis(350)).await;
-    assert!(r.shared.pool().leases.contains_key(&lease_id));
+    assert!(r.shared.pool().leases().contains_key(&lease_id));
     r.machines.set(&machine, Dockerd::Up { containers: 0 });
-    r.until("the lease reclaimed", |p| !p.leases.contains_key(&lease_id))
-        .await;
-    assert_eq!(r.shared.pool().machines[&machine].state, MachineState::Idle);
+    r.until("the lease reclaimed", |p| {
+        !p.leases().contains_key(&lease_id)
+    })
+    .await;
+    assert_eq!(
+        r.shared.pool().machines()[&machine].state,
+        MachineState::Idle
+    );
     stop_tx.send(true).unwrap();
     watcher.await.unwrap();
 }
@@ -506,20 +513,23 @@ async fn a_restart_retires_a_machine_past_max_builds_before_any_lease() {
             (released, Some(op))
         })
         .unwrap();
-    assert_eq!(r.shared.pool().machines[&machine].state, MachineState::Idle);
+    assert_eq!(
+        r.shared.pool().machines()[&machine].state,
+        MachineState::Idle
+    );
     // The operator lowers max_builds and restarts the daemon.
     let Rig { dir, clock, .. } = r;
     let r = rig_in(dir, "", "idle_count = 1\nmax_builds = 1", clock);
     assert_eq!(
-        r.shared.pool().machines[&machine].builds,
+        r.shared.pool().machines()[&machine].builds,
         1,
         "the journal replayed the release"
     );
     super::retire_on_load(&r.shared).await;
     let pool = r.shared.pool();
-    assert_eq!(pool.machines[&machine].state, MachineState::Terminating);
+    assert_eq!(pool.machines()[&machine].state, MachineState::Terminating);
     assert_eq!(
-        pool.machines[&machine].terminate_reason,
+        pool.machines()[&machine].terminate_reason,
         Some(TerminateReason::MaxBuilds)
     );
 }

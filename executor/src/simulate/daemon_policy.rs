@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::plan::{plan, Action, Policy};
-use crate::pool::{Machine, Pool};
+use crate::pool::Pool;
 use flotilla_proto::api::ReleaseOutcome;
 
 use super::engine::{Ctx, Scaler};
@@ -65,10 +65,10 @@ impl Flotilla {
     fn acquire(&mut self, ctx: &mut Ctx<'_>, job: usize) {
         let class = self.class_of(ctx, job);
         let now = ctx.now_utc();
-        self.pool.history.record(&class, now);
+        self.pool.record_arrival(&class, now);
         if !self.try_lease(ctx, job, &class) {
             self.queues.entry(class.clone()).or_default().push_back(job);
-            *self.pool.waiting.entry(class).or_default() += 1;
+            self.pool.add_waiter(&class);
         }
         self.replan(ctx);
     }
@@ -104,12 +104,7 @@ impl Flotilla {
                 if let Some(q) = self.queues.get_mut(&class) {
                     q.pop_front();
                 }
-                if let Some(n) = self.pool.waiting.get_mut(&class) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.pool.waiting.remove(&class);
-                    }
-                }
+                self.pool.remove_waiter(&class);
             }
         }
         served
@@ -120,7 +115,7 @@ impl Flotilla {
         for action in plan(&self.policy, &self.pool, now) {
             match action {
                 Action::Terminate { machine_id, .. } => {
-                    if self.pool.machines.remove(&machine_id).is_some() {
+                    if self.pool.forget(&machine_id) {
                         if let Some(m) = self.engine_of.remove(&machine_id) {
                             self.pool_of.remove(&m);
                             ctx.terminate(m);
@@ -133,10 +128,7 @@ impl Flotilla {
                     for _ in 0..count {
                         let m = ctx.launch(&instance_type);
                         let id = format!("m-{m}");
-                        self.pool.machines.insert(
-                            id.clone(),
-                            Machine::booting(id.clone(), class.clone(), instance_type.clone(), now),
-                        );
+                        self.pool.reserve(&id, &class, &instance_type, now);
                         self.engine_of.insert(id.clone(), m);
                         self.pool_of.insert(m, id);
                     }
@@ -176,7 +168,13 @@ impl Scaler for Flotilla {
         }
         if let Some(j) = job {
             if let Some(lease) = self.lease_of.remove(&j) {
-                self.pool.leases.remove(&lease);
+                // As the job's cleanup does: the lease ends, the machine stays broken.
+                self.pool.release(
+                    &lease,
+                    ReleaseOutcome::Broken,
+                    Some("spot instance reclaimed".into()),
+                    ctx.now_utc(),
+                );
             }
             // The job fails with a system failure; its retry is a new acquire.
             self.acquire(ctx, j);
@@ -262,8 +260,11 @@ mod tests {
         );
         let out = run("f", &t, &mut s, &env(60.0));
         assert_eq!(out.violations, 0);
-        assert_eq!(s.pool.history.classes().collect::<Vec<_>>(), vec!["c"]);
-        assert!(s.pool.waiting.is_empty(), "every waiter was served");
-        assert!(s.pool.leases.is_empty());
+        assert_eq!(s.pool.history().classes().collect::<Vec<_>>(), vec!["c"]);
+        assert!(
+            s.pool.waiting_by_class().is_empty(),
+            "every waiter was served"
+        );
+        assert!(s.pool.leases().is_empty());
     }
 }

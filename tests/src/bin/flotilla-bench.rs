@@ -19,7 +19,7 @@ use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use flotilla::control::ControlClient;
-use flotilla::pool::{Machine, Pool};
+use flotilla::pool::Pool;
 use flotilla_proto::api::{AcquireRequest, MachineState, ReleaseOutcome};
 use flotilla_proto::config::{AwsConfig, ClassConfig, Config};
 use flotilla_proto::duration::HumanDuration;
@@ -188,12 +188,9 @@ async fn daemon_scale(
     let now = Utc::now();
     let mut pool = Pool::default();
     for (machine, instance, ip) in &fleet_instances {
-        let mut m = Machine::booting(machine.clone(), "default".into(), "t3.micro".into(), now);
-        m.instance_id = instance.clone();
-        m.address = ip.clone();
-        m.state = MachineState::Idle;
-        m.ready_at = Some(now);
-        pool.machines.insert(machine.clone(), m);
+        pool.reserve(machine, "default", "t3.micro", now);
+        pool.record_launch(machine, instance, ip, "t3.micro");
+        pool.mark_ready(machine, now);
     }
     std::fs::write(state_dir.join("state.json"), serde_json::to_vec(&pool)?)?;
 
