@@ -4,13 +4,14 @@
 
 use flotilla_proto::config::{ClassConfig, ForecastConfig, Market};
 
-use super::convert::Options;
 use super::docker::{self, JobSetting};
+use super::error::Bad;
 use super::fields::{brief, is_empty_value, Fields};
 use super::job::insert_at;
 use super::machine_options::{self, DEFAULT_INSTANCE_TYPE, DEFAULT_REGION, DEFAULT_SECURITY_GROUP};
+use super::options::Options;
 use super::report::{Kind, Report};
-use super::{idle, job, names, Bad};
+use super::{idle, job, names};
 
 /// One docker+machine runner on its way to being a class.
 pub struct Plan {

@@ -2,49 +2,20 @@
 //! a class of one fleet (its machines, idle policy and docker options), `[job]` holds the
 //! docker options all of them share and `[classes.X.job]` the rest, and each runner keeps
 //! its registration with `FLOTILLA_CLASS=X` as its jobs' default class.
-
-use std::path::PathBuf;
+//!
+//! The top of the conversion: it calls `class` for each runner, `fleet` for the fleet
+//! around the classes, `runner` and `render` for the output texts; none of them calls back.
 
 use flotilla_proto::config::Config;
 
 use super::class::{plan_runner, Plan};
+use super::error::{Bad, MigrateError};
 use super::fields::Fields;
 use super::fleet::fleet_config;
+use super::options::Options;
+use super::render;
 use super::report::{Kind, Report};
 use super::runner::{self, Stages};
-use super::{render, Bad, MigrateError};
-
-/// What the conversion needs besides the input text.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The input's name in messages (its path).
-    pub source: String,
-    pub fleet: Option<String>,
-    pub state_dir: PathBuf,
-    /// The flotilla binary and the flotilla.toml path written into `[runners.custom]`.
-    pub binary: String,
-    pub config_path: String,
-    /// For runners whose `MachineOptions` set no AMI / subnet.
-    pub ami: Option<String>,
-    pub subnets: Vec<String>,
-    /// Runner names to migrate; empty: every docker+machine runner.
-    pub runners: Vec<String>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            source: "config.toml".into(),
-            fleet: None,
-            state_dir: PathBuf::from("/var/lib/flotilla"),
-            binary: "/usr/local/bin/flotilla".into(),
-            config_path: flotilla_proto::config::DEFAULT_CONFIG_PATH.into(),
-            ami: None,
-            subnets: Vec::new(),
-            runners: Vec::new(),
-        }
-    }
-}
 
 /// The outputs of a conversion.
 #[derive(Debug, Clone)]

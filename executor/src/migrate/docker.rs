@@ -5,9 +5,9 @@
 use flotilla_proto::config::PullPolicy;
 use flotilla_proto::container::VolumeSpec;
 
+use super::error::Bad;
 use super::fields::{brief, is_empty_value};
 use super::report::{Kind, Report};
-use super::Bad;
 
 /// One converted option: the `[runners.docker]` key it came from, where it goes in a
 /// `[job]` table, and its value there.

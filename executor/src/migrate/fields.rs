@@ -5,7 +5,7 @@
 //! Error messages name the key and the expected type, never the value: a value may be a
 //! token.
 
-use super::Bad;
+use super::error::Bad;
 
 pub struct Fields {
     table: toml::Table,

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 use flotilla_proto::config::{AwsConfig, ClassConfig, Config, JobConfig, ShutdownPolicy};
 
 use super::class::Plan;
-use super::convert::Options;
+use super::error::Bad;
 use super::fields::Fields;
 use super::job::{common, lookup, minus};
+use super::options::Options;
 use super::report::{Kind, Report};
-use super::{job, names, Bad};
+use super::{job, names};
 
 /// The fleet around the classes: region, growth, job settings shared or per class.
 pub fn fleet_config(

@@ -6,10 +6,10 @@
 use flotilla_proto::config::Schedule;
 use flotilla_proto::duration::HumanDuration;
 
+use super::error::Bad;
 use super::fields::Fields;
 use super::periods;
 use super::report::{Kind, Report};
-use super::Bad;
 
 /// A class's idle policy, from one runner.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use flotilla_proto::config::{ClassConfig, Config, JobConfig};
 
 use super::docker::JobSetting;
-use super::Bad;
+use super::error::Bad;
 
 /// Deserializes a `[job]` table, naming the key path of the first problem.
 pub fn deserialize(table: &toml::Table) -> Result<JobConfig, (String, String)> {

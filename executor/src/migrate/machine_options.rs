@@ -2,8 +2,8 @@
 //! `engine-*` options): what each one becomes in a Flotilla class, or why it has none.
 //! Every option gets a report line; AWS credentials are never shown.
 
+use super::error::Bad;
 use super::report::{shown, Kind, Report};
-use super::Bad;
 
 /// What a runner's `MachineOptions` say about its machines, in Flotilla's terms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -3,22 +3,26 @@
 //! runners on the custom executor, plus a report of what became of every setting.
 //!
 //! The conversion is a pure function of the input text ([`convert()`]); only [`run`] reads
-//! and writes files. Module map: `convert` (input text to output texts), `class` (one
-//! runner to a class), `fleet` (the fleet around the classes), `machine_options`
-//! (`MachineOptions`), `idle` (the idle policy, `limit`, autoscaling periods), `periods`
-//! (cron periods), `docker` (`[runners.docker]`), `job` (shared and per-class `[job]`
-//! tables), `runner` (the rewritten `[[runners]]` entry), `names` (class and fleet names),
-//! `render` (the output texts), `fields` (typed reads naming the key), `report`.
+//! and writes files. Module map, each depending only on those after it: `convert` (input
+//! text to output texts, on top), `fleet` (the fleet around the classes), `class` (one
+//! runner to a class), `runner` (the rewritten `[[runners]]` entry), `render` (the output
+//! texts), `machine_options` (`MachineOptions`), `idle` (the idle policy, `limit`,
+//! autoscaling periods), `periods` (cron periods), `job` (shared and per-class `[job]`
+//! tables), `docker` (`[runners.docker]`), `fields` (typed reads naming the key), `names`
+//! (class and fleet names), `options` (what the conversion needs besides the input),
+//! `report` (what became of every setting), `error` (`Bad`, `MigrateError`).
 
 mod class;
 mod convert;
 mod docker;
+mod error;
 mod fields;
 mod fleet;
 mod idle;
 mod job;
 mod machine_options;
 mod names;
+mod options;
 mod periods;
 mod render;
 pub mod report;
@@ -27,7 +31,9 @@ mod runner;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-pub use self::convert::{convert, Migration, Options};
+pub use self::convert::{convert, Migration};
+pub use self::error::{Bad, MigrateError};
+pub use self::options::Options;
 pub use self::report::{Kind, Report};
 
 /// The files `flotilla migrate` writes into `--out-dir`.
@@ -72,64 +78,6 @@ pub struct Args {
     /// Overwrite files already in --out-dir.
     #[arg(long)]
     pub force: bool,
-}
-
-/// A problem in the input, at a key path of the input file (`runners[0].machine.IdleCount`).
-/// The message names what was expected, never a value that might be secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bad {
-    pub key: String,
-    pub message: String,
-}
-
-impl Bad {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{file}: not valid TOML: {message}")]
-    Parse { file: String, message: String },
-    #[error("{file}: key `{key}`: {message}")]
-    Input {
-        file: String,
-        key: String,
-        message: String,
-    },
-    #[error("{file}: {message}")]
-    Runners { file: String, message: String },
-    #[error("{} already exists: use --force to overwrite it", path.display())]
-    Exists { path: PathBuf },
-    #[error("{} is the input file: choose another --out-dir", path.display())]
-    WouldOverwriteInput { path: PathBuf },
-    #[error("cannot write {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl MigrateError {
-    /// 2 for input the conversion refuses (and outputs it will not overwrite), 1 when the
-    /// outputs could not be written.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Write { .. } => 1,
-            _ => 2,
-        }
-    }
 }
 
 /// `flotilla migrate`: reads `--from`, converts, writes the three files into `--out-dir`

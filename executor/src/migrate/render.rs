@@ -4,7 +4,7 @@
 
 use flotilla_proto::config::{AwsConfig, ClassConfig, Config, ForecastConfig, JobConfig};
 
-use super::Bad;
+use super::error::Bad;
 
 /// Written even at their defaults.
 const TOP_KEYS: &[&str] = &[

@@ -4,8 +4,8 @@
 //! flags) is kept as it was. `[runners.docker]` and `[runners.machine]` are converted by
 //! the caller and left out here.
 
+use super::error::Bad;
 use super::report::{Kind, Report};
-use super::Bad;
 
 /// Keys of `[[runners]]` that gitlab-runner knows (RunnerCredentials, RunnerSettings,
 /// RunnerConfig), plus the clone scripts of older versions.

@@ -195,7 +195,8 @@ impl Scaler for Flotilla {
 mod tests {
     use super::super::engine::tests::{env, trace};
     use super::super::engine::{run, Outcome};
-    use super::super::{default_config, run_flotilla, run_taskscaler, taskscaler_from};
+    use super::super::runs::{run_flotilla, run_taskscaler, taskscaler_from};
+    use super::super::setup::default_config;
     use super::*;
     use flotilla_proto::duration::HumanDuration;
 

@@ -8,11 +8,16 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
-use flotilla_proto::config::Config;
+use flotilla_proto::config::{ClassConfig, Config};
 
 use super::engine::{Env, Outcome, Summary};
+use super::report::{emit, outln, print_table, Report};
+use super::runs::{
+    check, docker_machine_from, run_docker_machine, run_flotilla, run_taskscaler, taskscaler_from,
+};
+use super::setup::{Args, Setup};
 use super::trace::Trace;
-use super::{docker_machine, emit, outln, plot, print_table, taskscaler, Args, Report, Setup};
+use super::{docker_machine, plot, taskscaler};
 
 /// One simulated configuration.
 #[derive(Clone)]
@@ -39,9 +44,9 @@ impl Task {
 
     pub fn run(&self, trace: &Trace, env: &Env) -> Outcome {
         match self {
-            Self::Flotilla(n, c) => super::run_flotilla(n, c, trace, env),
-            Self::DockerMachine(n, c) => super::run_docker_machine(n, c.clone(), trace, env),
-            Self::Taskscaler(n, c) => super::run_taskscaler(n, c.clone(), trace, env),
+            Self::Flotilla(n, c) => run_flotilla(n, c, trace, env),
+            Self::DockerMachine(n, c) => run_docker_machine(n, c.clone(), trace, env),
+            Self::Taskscaler(n, c) => run_taskscaler(n, c.clone(), trace, env),
         }
     }
 }
@@ -55,7 +60,7 @@ const IDLE_TIMES: [u64; 6] = [60, 300, 600, 1200, 1800, 3600];
 /// docker+machine: IdleCount x IdleTime, and IdleScaleFactor with IdleCountMin under an
 /// IdleCount cap. Other settings (limit, MaxBuilds, MaxGrowthRate, type) from the config.
 pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
-    let base = super::docker_machine_from(config);
+    let base = docker_machine_from(config);
     let with_periods = |k: docker_machine::Knobs, periods: Vec<docker_machine::Period>| {
         let configs: BTreeMap<_, _> = base
             .iter()
@@ -129,7 +134,7 @@ pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
 
 /// taskscaler: idle_count x idle_time, and scale_factor x scale_factor_limit.
 pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
-    let base = super::taskscaler_from(config);
+    let base = taskscaler_from(config);
     let with_policies = |k: taskscaler::Knobs, policies: Vec<taskscaler::Policy>| {
         let configs: BTreeMap<_, _> = base
             .iter()
@@ -202,10 +207,46 @@ pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
 /// Flotilla: the configured policy first, then variations of its learned-policy knobs.
 pub fn flotilla_grid(config: &Config) -> Vec<Task> {
     let mut tasks = vec![Task::Flotilla("flotilla".into(), Box::new(config.clone()))];
-    for (label, c) in super::flotilla_variants(config) {
+    for (label, c) in flotilla_variants(config) {
         tasks.push(Task::Flotilla(format!("flotilla {label}"), Box::new(c)));
     }
     tasks
+}
+
+/// Variations of Flotilla's policy knobs walked by `--sweep`, with their labels: the
+/// forecast's look-ahead (its main knob), its idle time and cap, and the forecast off.
+pub fn flotilla_variants(config: &Config) -> Vec<(String, Config)> {
+    use flotilla_proto::duration::HumanDuration as D;
+    let mut out = Vec::new();
+    let with = |f: &dyn Fn(&mut ClassConfig)| {
+        let mut c = config.clone();
+        c.classes.values_mut().for_each(f);
+        c
+    };
+    for lookahead in [120u64, 180, 300, 450, 600, 900, 1200, 1800] {
+        for idle_time in [30u64, 60, 180] {
+            for max_idle in [20u32, 40] {
+                out.push((
+                    format!("lookahead={lookahead}s idle_time={idle_time}s max_idle={max_idle}"),
+                    with(&|k: &mut ClassConfig| {
+                        k.forecast.lookahead = D::from_secs(lookahead);
+                        k.forecast.idle_time = D::from_secs(idle_time);
+                        k.forecast.max_idle = max_idle;
+                    }),
+                ));
+            }
+        }
+    }
+    for idle_time in [60u64, 300, 600] {
+        out.push((
+            format!("forecast off, idle_time={idle_time}s"),
+            with(&|k: &mut ClassConfig| {
+                k.forecast.enabled = false;
+                k.idle_time = D::from_secs(idle_time);
+            }),
+        ));
+    }
+    out
 }
 
 /// Runs tasks on every core; results in task order.
@@ -280,7 +321,7 @@ pub fn run(setup: &Setup, args: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let outcomes = run_all(&tasks, &setup.trace, &env);
     let elapsed = started.elapsed().as_secs_f64();
-    super::check(&outcomes)?;
+    check(&outcomes)?;
     let jobs = setup.trace.jobs.len();
     let mut by_family: BTreeMap<&str, Vec<Summary>> = BTreeMap::new();
     for (t, o) in tasks.iter().zip(&outcomes) {
@@ -410,7 +451,7 @@ mod tests {
 
     #[test]
     fn grids_cover_the_documented_knobs() {
-        let c = super::super::default_config(&["default".to_string()]);
+        let c = super::super::setup::default_config(&["default".to_string()]);
         let dm = docker_machine_grid(&c);
         assert!(dm.iter().any(|t| t.name().contains("IdleScaleFactor=0.5")));
         assert!(dm
