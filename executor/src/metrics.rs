@@ -207,7 +207,7 @@ impl Metrics {
             }
             self.waiting
                 .get_or_create(&labels(&[("class", class)]))
-                .set(i64::from(pool.waiting(*class)));
+                .set(i64::from(pool.waiting(class)));
         }
         self.leases.set(pool.leases().len() as i64);
         let mut out = String::new();

@@ -304,7 +304,7 @@ fn scale_down_idle<'a>(
         let mut idle_policy = class.idle_at(now);
         let mut idle_target = idle_policy.target(pool.count(name, MachineState::Leased));
         if let Some(learned) = &class.learned {
-            idle_target = idle_target.max(learned.warm(&pool.history(), name, now));
+            idle_target = idle_target.max(learned.warm(pool.history(), name, now));
             idle_policy.idle_time = idle_policy.idle_time.min(learned.idle_time);
         }
         let demand = if pool.is_draining() {
