@@ -374,10 +374,24 @@ pub struct Ec2Client {
     budget: Budget,
 }
 
+/// One EC2 API attempt (RunInstances answers in seconds; a page of DescribeInstances of
+/// 1000 machines in well under this).
+const EC2_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// One call with its retries.
+const EC2_OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl Ec2Client {
     pub async fn new(aws: &flotilla_proto::config::AwsConfig, metrics: Arc<Metrics>) -> Self {
+        // Every call is bounded: a response that never comes (a black-holed connection)
+        // must end as an error the daemon handles, not a launch that holds its machine
+        // record in `booting` forever (the plan does not time out a launch in flight).
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(EC2_ATTEMPT_TIMEOUT)
+            .operation_timeout(EC2_OPERATION_TIMEOUT)
+            .build();
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
+            .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5))
+            .timeout_config(timeouts);
         if let Some(region) = &aws.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
         }

@@ -264,7 +264,14 @@ fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mu
         };
         match m.state {
             MachineState::Broken => doomed.terminate(&m.id, TerminateReason::Broken),
-            MachineState::Booting if elapsed(m.launched_at, now) >= class.boot_timeout => {
+            // Only once RunInstances answered: a launch still in flight (throttled, in the
+            // SDK's retries) has no instance to time out, and timing out its record would
+            // start a second launch beside it. Its launch task ends it either way, and a
+            // record no launch task owns (a crash) is observe's, after the orphan grace.
+            MachineState::Booting
+                if !m.instance_id.is_empty()
+                    && elapsed(m.launched_at, now) >= class.boot_timeout =>
+            {
                 doomed.terminate(&m.id, TerminateReason::BootTimeout)
             }
             MachineState::Idle => {
@@ -453,6 +460,7 @@ mod tests {
 
     fn add(pool: &mut Pool, id: &str, state: MachineState, since: i64) {
         let mut m = Machine::booting(id.into(), "c".into(), "t3.micro".into(), t(since));
+        m.instance_id = format!("i-{id}");
         m.state = state;
         m.idle_since = t(since);
         pool.insert_for_test(m);
@@ -657,6 +665,21 @@ mod tests {
             ]
         );
         assert_eq!(launches(&actions), 2);
+    }
+
+    #[test]
+    fn a_launch_still_in_flight_is_not_timed_out_and_not_doubled() {
+        let mut pool = Pool::default();
+        pool.set_waiting_for_test("c", 1);
+        add(&mut pool, "in-flight", MachineState::Booting, 0);
+        pool.machine_mut_for_test("in-flight").unwrap().instance_id = String::new();
+        let actions = plan(&policy(0, 600, 5, 0), &pool, t(3_600));
+        assert!(terminated(&actions).is_empty(), "{actions:?}");
+        assert_eq!(
+            launches(&actions),
+            0,
+            "the waiting job has that machine coming"
+        );
     }
 
     #[test]
