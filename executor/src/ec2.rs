@@ -294,6 +294,33 @@ pub struct LaunchSpec {
     pub root_volume_gb: Option<u32>,
     pub purchase: Purchase,
     pub user_data: String,
+    /// The operator's tags (`tags`, `[classes.X].tags`), set after Flotilla's own.
+    pub extra_tags: BTreeMap<String, String>,
+}
+
+impl LaunchSpec {
+    /// Every tag of the machine's instance, root volume and network interface: Flotilla's
+    /// own first (in a fixed order, `flotilla:daemon` last of them), then the operator's.
+    /// The config refuses operator tags that collide with Flotilla's; one that got here
+    /// anyway is dropped, so the fleet and machine tags can never be replaced.
+    pub fn tags(&self) -> Vec<(String, String)> {
+        let mut out = vec![
+            (tags::FLEET.to_owned(), self.fleet.clone()),
+            (tags::CLASS.to_owned(), self.class.clone()),
+            (tags::MACHINE.to_owned(), self.machine_id.clone()),
+            (
+                tags::NAME.to_owned(),
+                tags::name_value(&self.fleet, &self.machine_id),
+            ),
+            (tags::DAEMON.to_owned(), self.daemon_id.clone()),
+        ];
+        for (k, v) in &self.extra_tags {
+            if !out.iter().any(|(own, _)| own == k) && !k.starts_with("flotilla:") {
+                out.push((k.clone(), v.clone()));
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -556,23 +583,11 @@ impl Ec2Client {
     /// containers cannot reach the instance role), no public IP, and an encrypted root
     /// volume whatever the AMI's snapshot is (the runner-host policy requires it).
     pub async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, Ec2Error> {
-        let tag_list = vec![
-            Tag::builder().key(tags::FLEET).value(&spec.fleet).build(),
-            Tag::builder().key(tags::CLASS).value(&spec.class).build(),
-            Tag::builder()
-                .key(tags::MACHINE)
-                .value(&spec.machine_id)
-                .build(),
-            Tag::builder()
-                .key(tags::NAME)
-                .value(tags::name_value(&spec.fleet, &spec.machine_id))
-                .build(),
-            // Last: the tags before it keep their positions in the request.
-            Tag::builder()
-                .key(tags::DAEMON)
-                .value(&spec.daemon_id)
-                .build(),
-        ];
+        let tag_list: Vec<Tag> = spec
+            .tags()
+            .into_iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
         let tag_spec = |rt: ResourceType| {
             TagSpecification::builder()
                 .resource_type(rt)
@@ -694,5 +709,48 @@ impl Ec2Client {
         )
         .await
         .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_tags_follow_flotillas_own_and_never_replace_them() {
+        let spec = LaunchSpec {
+            fleet: "ci".into(),
+            daemon_id: "d-1".into(),
+            machine_id: "m1".into(),
+            client_token: "m1-1".into(),
+            class: "small".into(),
+            ami: "ami-1".into(),
+            instance_type: "t3.micro".into(),
+            subnet: "subnet-1".into(),
+            security_groups: vec![],
+            instance_profile: None,
+            root_volume_gb: None,
+            purchase: Purchase::OnDemand,
+            user_data: String::new(),
+            extra_tags: BTreeMap::from([
+                ("CostCenter".to_string(), "ci".to_string()),
+                (tags::FLEET.to_string(), "someone-else".to_string()),
+                ("flotilla:other".to_string(), "x".to_string()),
+            ]),
+        };
+        let got = spec.tags();
+        let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                tags::FLEET,
+                tags::CLASS,
+                tags::MACHINE,
+                tags::NAME,
+                tags::DAEMON,
+                "CostCenter"
+            ]
+        );
+        assert_eq!(got[0].1, "ci", "the fleet tag is the daemon's");
     }
 }

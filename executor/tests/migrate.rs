@@ -152,6 +152,12 @@ fn a_single_spot_runner_becomes_a_spot_class_behind_a_custom_runner() {
     assert_eq!(class.ami, "ami-0c0d3776ef525d5dd");
     assert_eq!(class.subnets, ["subnet-0a1b2c3d4e5f60718"]);
     assert_eq!(class.root_volume_gb, Some(40));
+    assert_eq!(
+        class.tags.get("runner-manager-name").map(String::as_str),
+        Some("gitlab-aws-autoscaler"),
+        "amazonec2-tags"
+    );
+    assert_eq!(class.tags.len(), 3);
     assert_eq!((class.idle_count, class.max_builds), (2, 10));
     assert_eq!(class.idle_time, HumanDuration::from_secs(1800));
     assert_eq!(class.max_machines, 20, "the runner's limit");
@@ -193,7 +199,7 @@ fn a_single_spot_runner_becomes_a_spot_class_behind_a_custom_runner() {
         "no equivalent: ",
         "amazonec2-spot-price=0.05: Flotilla sets no maximum spot price",
     );
-    m.line("no equivalent: ", "amazonec2-tags=");
+    m.line("converted: ", "classes.aws-spot.tags (3 tags)");
     m.line("action required: ", "amazonec2-security-group=docker-machine-runners: classes.aws-spot.security_groups: docker-machine takes group names");
     m.line("action required: ", "amazonec2-ami=ami-0c0d3776ef525d5dd");
     m.line("converted: ", "docker.volumes[0] \"/cache\": left out");

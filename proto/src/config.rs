@@ -62,6 +62,11 @@ pub struct Config {
     pub metrics_addr: Option<String>,
     #[serde(default)]
     pub aws: AwsConfig,
+    /// Extra tags on every build machine (instance, root volume, network interface), set in
+    /// the launch call beside Flotilla's own (`flotilla:*`, `Name`), which cannot be set
+    /// here; a class's `tags` add to these and win on the same key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub job: JobConfig,
     /// Named machine classes; a job picks one with the `FLOTILLA_CLASS` variable.
@@ -255,6 +260,9 @@ pub struct ClassConfig {
     /// Root volume size in GiB; the AMI's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_volume_gb: Option<u32>,
+    /// Extra tags on this class's machines, over the fleet's `tags`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub market: Market,
     /// Idle (ready, unleased) machines to keep; with `idle_scale_factor` this is the cap.
@@ -351,6 +359,7 @@ impl Default for ClassConfig {
             security_groups: Vec::new(),
             instance_profile: None,
             root_volume_gb: None,
+            tags: BTreeMap::new(),
             market: Market::default(),
             idle_count: 0,
             idle_count_min: 0,
@@ -384,6 +393,7 @@ impl Default for Config {
             on_shutdown: ShutdownPolicy::default(),
             metrics_addr: None,
             aws: AwsConfig::default(),
+            tags: BTreeMap::new(),
             job: JobConfig::default(),
             classes: BTreeMap::new(),
             prices: BTreeMap::new(),
@@ -568,7 +578,7 @@ impl Config {
         if self.reconcile_interval.0.is_zero() {
             return bad("reconcile_interval", "must be greater than zero".into());
         }
-        Ok(())
+        check_tags(&self.tags, "tags")
     }
 
     /// One `[classes.X]` table: AMI, types, subnets, caps, timeouts against the server
@@ -671,7 +681,8 @@ impl Config {
                 );
             }
         }
-        Ok(())
+        // With the fleet's: the limit is on what one machine carries.
+        check_tags(&self.machine_tags(name), &key("tags"))
     }
 
     /// `[job]` and every class's `[classes.X.job]` merged over it; the runner's
@@ -715,6 +726,15 @@ impl Config {
         Ok(())
     }
 
+    /// The extra tags of `class`'s machines: the fleet's `tags`, the class's over them.
+    pub fn machine_tags(&self, class: &str) -> BTreeMap<String, String> {
+        let mut tags = self.tags.clone();
+        if let Some(c) = self.classes.get(class) {
+            tags.extend(c.tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        tags
+    }
+
     /// The `[job]` settings for jobs of `class`: the fleet's `[job]` with the class's
     /// `[classes.X.job]` keys merged over it (tables such as `container` key by key).
     pub fn job_for(&self, class: &str) -> Result<JobConfig, Invalid> {
@@ -755,6 +775,48 @@ impl Config {
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string_pretty(self)
     }
+}
+
+/// Most tags EC2 keeps on a resource, and how many of them Flotilla sets itself.
+const EC2_MAX_TAGS: usize = 50;
+const OWN_TAGS: usize = 5;
+
+/// Extra machine tags under `prefix`: EC2's limits (key 1-128 characters, value up to
+/// 256, no `aws:` prefix, 50 tags in all) and none of Flotilla's own keys, which it
+/// relies on to recognise its machines (an operator's `flotilla:fleet` would make another
+/// fleet's daemon reap them).
+fn check_tags(tags: &BTreeMap<String, String>, prefix: &str) -> Result<(), Invalid> {
+    if tags.len() > EC2_MAX_TAGS - OWN_TAGS {
+        return bad(
+            prefix,
+            format!(
+                "{} tags, at most {} (EC2 keeps {EC2_MAX_TAGS} per machine and Flotilla sets {OWN_TAGS})",
+                tags.len(),
+                EC2_MAX_TAGS - OWN_TAGS
+            ),
+        );
+    }
+    for (key, value) in tags {
+        let at = format!("{prefix}.{key:?}");
+        if key.is_empty() || key.chars().count() > 128 {
+            return bad(&at, "a tag key is 1 to 128 characters".into());
+        }
+        if value.chars().count() > 256 {
+            return bad(&at, "a tag value is at most 256 characters".into());
+        }
+        if key.to_ascii_lowercase().starts_with("aws:") {
+            return bad(&at, "the aws: prefix is reserved by AWS".into());
+        }
+        if key.starts_with("flotilla:") || key == crate::tags::NAME {
+            return bad(
+                &at,
+                format!(
+                    "{key} is Flotilla's own tag (it names and recognises its machines) and cannot be set"
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A broken rule at `key`, as the `validate` checks return it.
@@ -1031,6 +1093,35 @@ subnets = ["subnet-1"]
         let c = Config::from_toml(MINIMAL).unwrap();
         let again = Config::from_toml(&c.to_toml().unwrap()).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn machine_tags_merge_class_over_fleet_and_never_replace_flotillas_own() {
+        let text = format!(
+            "tags = {{ CostCenter = \"ci\", Team = \"infra\" }}\n{MINIMAL}tags = {{ Team = \"builds\" }}\n"
+        );
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.machine_tags("small"),
+            BTreeMap::from([
+                ("CostCenter".to_string(), "ci".to_string()),
+                ("Team".to_string(), "builds".to_string()),
+            ])
+        );
+        let err = |text: String| Config::from_toml(&text).unwrap().validate().unwrap_err();
+        let own = err(format!(
+            "tags = {{ \"flotilla:fleet\" = \"other\" }}\n{MINIMAL}"
+        ));
+        assert_eq!(own.key, "tags.\"flotilla:fleet\"");
+        assert!(own.message.contains("Flotilla's own tag"), "{own}");
+        let name = err(format!("{MINIMAL}tags = {{ Name = \"x\" }}\n"));
+        assert_eq!(name.key, "classes.small.tags.\"Name\"");
+        let aws = err(format!("{MINIMAL}tags = {{ \"aws:foo\" = \"x\" }}\n"));
+        assert!(aws.message.contains("reserved by AWS"), "{aws}");
+        let many: String = (0..46).map(|i| format!("k{i} = \"v\"\n")).collect();
+        let too_many = err(format!("{MINIMAL}[classes.small.tags]\n{many}"));
+        assert_eq!(too_many.key, "classes.small.tags");
     }
 
     #[test]

@@ -238,6 +238,7 @@ pub fn plan_runner(
         security_groups: ec2.security_groups.clone(),
         instance_profile: ec2.instance_profile.clone(),
         root_volume_gb: ec2.root_volume_gb,
+        tags: ec2.tags.clone(),
         market: if ec2.spot {
             Market::Spot
         } else {

@@ -18,6 +18,8 @@ pub struct Ec2Options {
     pub security_groups: Vec<String>,
     pub instance_profile: Option<String>,
     pub root_volume_gb: Option<u32>,
+    /// `amazonec2-tags` (`key1,value1,key2,value2`), Flotilla's own keys left out.
+    pub tags: std::collections::BTreeMap<String, String>,
     pub spot: bool,
     /// `amazonec2-private-address-only` or `amazonec2-use-private-address` was set.
     pub private_address: bool,
@@ -165,13 +167,31 @@ pub fn parse(
                 "Flotilla opens no ports: add the rule to the build machines' security group"
                     .into(),
             ),
-            "amazonec2-tags" => say(
-                Kind::Unsupported,
-                "Flotilla tags machines only with flotilla:fleet, flotilla:class, \
-                 flotilla:machine, flotilla:daemon and Name: use those (e.g. activate \
-                 flotilla:fleet and flotilla:class as cost allocation tags)"
-                    .into(),
-            ),
+            "amazonec2-tags" => {
+                let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+                if value.is_empty() || parts.len() % 2 != 0 {
+                    return Err(bad(format!(
+                        "{name}: {value:?} must be key,value pairs (key1,value1,key2,value2)"
+                    )));
+                }
+                let mut own = Vec::new();
+                for pair in parts.chunks(2) {
+                    let (k, v) = (pair[0], pair[1]);
+                    if k.starts_with("flotilla:") || k == "Name" || k.starts_with("aws:") {
+                        own.push(k);
+                    } else {
+                        o.tags.insert(k.to_owned(), v.to_owned());
+                    }
+                }
+                let mut what = format!("{} ({} tags)", ckey("tags"), o.tags.len());
+                if !own.is_empty() {
+                    what.push_str(&format!(
+                        "; left out {}: Flotilla sets Name and flotilla:* itself, aws: is AWS's",
+                        own.join(", ")
+                    ));
+                }
+                say(Kind::Converted, what);
+            }
             "amazonec2-iam-instance-profile" => {
                 o.instance_profile = Some(text()?);
                 say(
@@ -446,7 +466,7 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_options_are_reported_not_dropped() {
         let (o, report) = run(&[
-            "amazonec2-tags=a,b",
+            "amazonec2-open-port=8080",
             "amazonec2-frobnicate=1",
             "engine-registry-mirror=http://m",
             "amazonec2-security-group=builders",
@@ -456,6 +476,26 @@ mod tests {
         assert_eq!(report.count(Kind::Unknown), 1);
         let actions = report.lines(Kind::Action);
         assert!(actions[0].contains("group ids"), "{actions:?}");
+    }
+
+    #[test]
+    fn tags_become_class_tags_without_flotillas_own() {
+        let (o, report) = run(&["amazonec2-tags=team,ci,Name,x,flotilla:fleet,y,env,prod"]);
+        let o = o.unwrap();
+        assert_eq!(
+            o.tags,
+            std::collections::BTreeMap::from([
+                ("env".to_string(), "prod".to_string()),
+                ("team".to_string(), "ci".to_string()),
+            ])
+        );
+        let converted = report.lines(Kind::Converted).join("\n");
+        assert!(
+            converted.contains("left out Name, flotilla:fleet"),
+            "{converted}"
+        );
+        let (o, _) = run(&["amazonec2-tags=lonely"]);
+        assert!(o.unwrap_err().message.contains("key,value pairs"));
     }
 
     #[test]
