@@ -169,7 +169,7 @@ pub fn parse(
             ),
             "amazonec2-tags" => {
                 let parts: Vec<&str> = value.split(',').map(str::trim).collect();
-                if value.is_empty() || parts.len() % 2 != 0 {
+                if value.is_empty() || !parts.len().is_multiple_of(2) {
                     return Err(bad(format!(
                         "{name}: {value:?} must be key,value pairs (key1,value1,key2,value2)"
                     )));
