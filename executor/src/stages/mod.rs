@@ -10,6 +10,7 @@ pub mod config;
 pub mod containers;
 pub mod credentials;
 pub mod expand;
+pub mod fault;
 pub mod glob;
 pub mod images;
 pub mod job;
@@ -17,6 +18,7 @@ pub mod prepare;
 pub mod run;
 pub mod services;
 pub mod spec;
+pub mod verdict;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -145,57 +147,48 @@ pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker,
     })
 }
 
-/// A Docker error as the job log should say it: naming the machine for system failures.
-///
-/// The machine is to blame ([`StageError::Machine`]: released as broken at cleanup) when
-/// its Docker stopped answering or a job object vanished under the job (404); any other
-/// refusal (a device the machine lacks, an invalid option) is a system failure that leaves
-/// the machine in service, so a bad setting does not burn one machine per retry.
+/// A Docker error the job is not to blame for, as the job log should say it: naming the
+/// machine, and blaming it ([`StageError::Machine`]: released as broken at cleanup) only
+/// when [`fault::blame`] does (it stopped answering, or a job object vanished under the
+/// job).
 pub fn docker_failure(lease: &Lease, what: &str, err: &bollard::errors::Error) -> StageError {
+    blamed_failure(
+        lease,
+        what,
+        fault::Request::Other,
+        &fault::DockerFault::from_bollard(err),
+    )
+}
+
+/// [`docker_failure`] for a fault already described, blamed as a `request` of that kind.
+/// A fault that is the job's is a build failure with the same message.
+pub fn blamed_failure(
+    lease: &Lease,
+    what: &str,
+    request: fault::Request,
+    fault: &fault::DockerFault,
+) -> StageError {
     let message = format!(
         "{what} on build machine {} ({}, {}): {}",
         lease.machine_id,
         lease.instance_id,
         lease.address,
-        describe_docker_error(err)
+        fault.describe()
     );
-    let gone = matches!(
-        err,
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    );
-    if is_unreachable(err) || gone {
-        StageError::Machine(message)
-    } else {
-        StageError::System(message)
+    match fault::blame(request, fault) {
+        fault::Blame::Job => StageError::build_message(message),
+        fault::Blame::Infrastructure => StageError::System(message),
+        fault::Blame::Machine => StageError::Machine(message),
     }
 }
 
 pub fn describe_docker_error(err: &bollard::errors::Error) -> String {
-    use bollard::errors::Error as E;
-    match err {
-        E::DockerResponseServerError {
-            status_code,
-            message,
-        } => format!("HTTP {status_code}: {message}"),
-        E::HyperLegacyError { err } => format!("connection failed: {err:?}"),
-        E::RequestTimeoutError => "Docker did not answer in time".into(),
-        other => other.to_string(),
-    }
+    fault::DockerFault::from_bollard(err).describe()
 }
 
 /// True when the error means the machine (not the request) is at fault.
 pub fn is_unreachable(err: &bollard::errors::Error) -> bool {
-    use bollard::errors::Error as E;
-    matches!(
-        err,
-        E::HyperLegacyError { .. }
-            | E::RequestTimeoutError
-            | E::IOError { .. }
-            | E::HyperResponseError { .. }
-    )
+    fault::DockerFault::from_bollard(err).is_unreachable()
 }
 
 /// Quotes `s` as one word for `sh -c` (single quotes; `'` as `'\''`): anything that came
