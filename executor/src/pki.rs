@@ -59,15 +59,27 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a usable PEM key or certificate: {source}")]
+    #[error(
+        "{path}: not a usable PEM key or certificate: {source}. Restore it from a backup of \
+         the state directory"
+    )]
     Parse {
         path: PathBuf,
         #[source]
         source: rcgen::Error,
     },
-    #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
-    #[error("{path}: the CA key is readable by others (mode {mode:o}); expected 0600")]
+    /// `what` names the certificate: the CA and its directory, a machine and its DNS name,
+    /// or the stage client certificate and its file.
+    #[error("cannot generate {what}: {source}")]
+    Generate {
+        what: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error(
+        "{path}: the CA key is readable by others (mode {mode:o}); run `chmod 600 {path}` \
+         (and check who could have read it)"
+    )]
     KeyTooOpen { path: PathBuf, mode: u32 },
     #[error(
         "the fleet CA ({CA_CERT_FILE} and {CA_KEY_FILE}) is missing from {} but \
@@ -355,9 +367,13 @@ impl FleetCa {
         now: DateTime<Utc>,
     ) -> Result<Self, PkiError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let key = KeyPair::generate()?;
+        let generate = |source| PkiError::Generate {
+            what: format!("the fleet CA {}", cert_path.display()),
+            source,
+        };
+        let key = KeyPair::generate().map_err(generate)?;
         let params = new_ca_params(now);
-        let cert = params.self_signed(&key)?;
+        let cert = params.self_signed(&key).map_err(generate)?;
         write_private(key_path, &key.serialize_pem(), 0o600)?;
         write_private(cert_path, &cert.pem(), 0o644)?;
         tracing::info!(path = %cert_path.display(), "created fleet CA");
@@ -380,8 +396,15 @@ impl FleetCa {
         now: DateTime<Utc>,
         lifetime: std::time::Duration,
     ) -> Result<IssuedCert, PkiError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(names)?;
+        let generate = |source| PkiError::Generate {
+            what: match names.first() {
+                Some(dns) => format!("the server certificate of {common_name} ({dns})"),
+                None => format!("the client certificate {common_name}"),
+            },
+            source,
+        };
+        let key = KeyPair::generate().map_err(generate)?;
+        let mut params = CertificateParams::new(names.clone()).map_err(generate)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Flotilla");
         dn.push(DnType::CommonName, common_name);
@@ -393,7 +416,7 @@ impl FleetCa {
         params.extended_key_usages = vec![usage];
         params.not_before = to_time(now) - BACKDATE;
         params.not_after = to_time(now) + Duration::seconds(lifetime.as_secs() as i64);
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(generate)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -441,7 +464,9 @@ impl FleetCa {
             }
             Err(e) => return ClientCertCheck::Renew(RenewReason::Unusable(e.to_string())),
         };
-        let unusable = |why: String| ClientCertCheck::Renew(RenewReason::Unusable(why));
+        let unusable = |why: String| {
+            ClientCertCheck::Renew(RenewReason::Unusable(format!("{CLIENT_PEM_FILE}: {why}")))
+        };
         let Some(leaf) = chain.first() else {
             return unusable("no certificate".into());
         };
@@ -583,6 +608,7 @@ mod tests {
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
         let err = FleetCa::load_or_create(dir.path(), 0).err().unwrap();
         assert!(err.to_string().contains("ca-key.pem"), "{err}");
+        assert!(err.to_string().contains("chmod 600"), "the fix: {err}");
     }
 
     #[test]

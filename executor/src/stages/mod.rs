@@ -130,7 +130,11 @@ pub fn read_lease(path: &Path) -> Option<Lease> {
 pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker, StageError> {
     let tls: Arc<rustls::ClientConfig> = crate::tls::machine_client_config(&config.state_dir)
         .map_err(|e| {
-            StageError::system(format!("cannot load flotilla's client certificate: {e}"))
+            StageError::system(format!(
+                "cannot load flotilla's client certificate for build machine {} from {}: {e} (the daemon writes it there at start: is it running with this state_dir, and may this user read it?)",
+                lease.machine_id,
+                config.state_dir.display()
+            ))
         })?;
     crate::docker::connect(
         tls,
@@ -141,8 +145,8 @@ pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker,
     )
     .map_err(|e| {
         StageError::system(format!(
-            "cannot connect to build machine {}: {e}",
-            lease.machine_id
+            "cannot connect to build machine {} ({}): {e}",
+            lease.machine_id, lease.instance_id
         ))
     })
 }

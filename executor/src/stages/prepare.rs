@@ -85,7 +85,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
                     api.message
                 ))
             }
-            other => StageError::system(other.to_string()),
+            other => StageError::system(format!("cannot lease a {class} machine: {other}")),
         })?;
     if let Some(t) = spec.timeout_secs {
         let limit = config.lease_timeout.0;
@@ -99,7 +99,12 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         }
     }
     let path = lease_file(env);
-    let bytes = serde_json::to_vec(&lease).map_err(|e| StageError::system(e.to_string()))?;
+    let bytes = serde_json::to_vec(&lease).map_err(|e| {
+        StageError::system(format!(
+            "cannot write down the lease on build machine {}: {e}",
+            lease.machine_id
+        ))
+    })?;
     super::write_private(&path, &bytes)?;
     say(&format!(
         "Running on build machine {} ({}, {}), job {} on this machine",
