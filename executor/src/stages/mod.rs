@@ -3,7 +3,10 @@
 //!
 //! Every failure is classified: the user's script failing is a build failure (its exit code
 //! goes to `BUILD_EXIT_CODE_FILE`); anything about machines, Docker or the daemon is a
-//! system failure, which gitlab-runner may retry.
+//! system failure, which gitlab-runner may retry; one the machine is to blame for also
+//! retires the machine. The rules are pure and table-tested: [`fault::blame`] for a Docker
+//! error (prepare's pulls and creates, and every other request), [`verdict::verdict`] for
+//! the run stage.
 
 pub mod cleanup;
 pub mod config;
