@@ -260,6 +260,37 @@ pub fn validity_of(der: &[u8]) -> Result<Validity, String> {
     })
 }
 
+/// The certificate chain and private key in one PEM file, `None` when there is no file.
+/// (`tls` reads it the same way to present it; the CA reads it only to judge it.)
+fn read_pem_identity(
+    path: &Path,
+) -> Result<
+    Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    String,
+> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let chain: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: no certificate found in PEM file",
+            path.display()
+        ));
+    }
+    let key = rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .ok_or_else(|| format!("{}: no private key found in PEM file", path.display()))?;
+    Ok(Some((chain, key)))
+}
+
 impl FleetCa {
     /// Loads the CA from `dir`, creating it on a state directory without one, where
     /// `machines_on_record` (machines in the state file) is zero; then makes sure the stage
@@ -454,15 +485,10 @@ impl FleetCa {
     /// every reconcile pass. A state directory with only the separate files (an older
     /// daemon's) gets `client.pem` this way.
     pub fn check_client_cert(&self, dir: &Path, now: DateTime<Utc>) -> ClientCertCheck {
-        let both = dir.join(CLIENT_PEM_FILE);
-        let (chain, key) = match crate::tls::read_identity(&both, &both) {
-            Ok(identity) => identity,
-            Err(crate::tls::TlsError::Read { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return ClientCertCheck::Renew(RenewReason::Missing)
-            }
-            Err(e) => return ClientCertCheck::Renew(RenewReason::Unusable(e.to_string())),
+        let (chain, key) = match read_pem_identity(&dir.join(CLIENT_PEM_FILE)) {
+            Ok(Some(identity)) => identity,
+            Ok(None) => return ClientCertCheck::Renew(RenewReason::Missing),
+            Err(why) => return ClientCertCheck::Renew(RenewReason::Unusable(why)),
         };
         let unusable = |why: String| {
             ClientCertCheck::Renew(RenewReason::Unusable(format!("{CLIENT_PEM_FILE}: {why}")))

@@ -189,6 +189,24 @@ pub fn blamed_failure(
     }
 }
 
+/// A job container Docker would not create: an image gone missing after the pull is the
+/// job's problem; otherwise [`fault::blame`] decides between the machine and the infrastructure.
+pub fn create_failure(lease: &Lease, name: &str, refusal: &fault::DockerFault) -> StageError {
+    match fault::blame(fault::Request::CreateContainer, refusal) {
+        fault::Blame::Job => StageError::build_message(format!(
+            "image for {name} is missing on build machine {}: {}",
+            lease.machine_id,
+            refusal.describe()
+        )),
+        _ => blamed_failure(
+            lease,
+            &format!("creating container {name} failed"),
+            fault::Request::CreateContainer,
+            refusal,
+        ),
+    }
+}
+
 pub fn describe_docker_error(err: &bollard::errors::Error) -> String {
     fault::DockerFault::from_bollard(err).describe()
 }

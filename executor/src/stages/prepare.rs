@@ -16,7 +16,7 @@ use flotilla_proto::api::{AcquireRequest, ErrorCode, Lease};
 use flotilla_proto::config::{Config, PullPolicy};
 
 use super::containers::{self, JobVolumes};
-use super::fault::{blame, Blame, DockerFault, Request};
+use super::fault::DockerFault;
 use super::job::{JobNames, JOB_LABEL};
 use super::spec::{ImageSpec, JobSpec};
 use super::{
@@ -367,28 +367,16 @@ async fn create_and_start(
                 lease.machine_id
             )));
         }
-        Err(e) => return Err(create_failure(lease, name, &DockerFault::from_bollard(&e))),
+        Err(e) => {
+            return Err(super::create_failure(
+                lease,
+                name,
+                &DockerFault::from_bollard(&e),
+            ))
+        }
     }
     docker
         .start_container(name, None)
         .await
         .map_err(|e| docker_failure(lease, &format!("starting container {name} failed"), &e))
-}
-
-/// A job container Docker would not create: an image gone missing after the pull is the
-/// job's problem; otherwise [`blame`] decides between the machine and the infrastructure.
-pub fn create_failure(lease: &Lease, name: &str, fault: &DockerFault) -> StageError {
-    match blame(Request::CreateContainer, fault) {
-        Blame::Job => StageError::build_message(format!(
-            "image for {name} is missing on build machine {}: {}",
-            lease.machine_id,
-            fault.describe()
-        )),
-        _ => super::blamed_failure(
-            lease,
-            &format!("creating container {name} failed"),
-            Request::CreateContainer,
-            fault,
-        ),
-    }
 }

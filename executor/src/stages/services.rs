@@ -125,11 +125,7 @@ async fn start_one(
         )
         .await
         .map_err(|e| {
-            super::prepare::create_failure(
-                lease,
-                &name,
-                &super::fault::DockerFault::from_bollard(&e),
-            )
+            super::create_failure(lease, &name, &super::fault::DockerFault::from_bollard(&e))
         })?;
     docker
         .start_container(&name, None)
