@@ -25,10 +25,21 @@ pub const API_VERSION: ClientVersion = ClientVersion {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("invalid machine server name {0:?}")]
+    #[error(
+        "invalid machine server name {0:?}: a machine's dockerd is verified by a DNS name \
+         (<machine id>.machine.flotilla.internal)"
+    )]
     ServerName(String),
-    #[error("docker client: {0}")]
-    Docker(#[from] bollard::errors::Error),
+    #[error(
+        "cannot set up a Docker client for {server_name} at https://{address}:{port}: {source}"
+    )]
+    Docker {
+        server_name: String,
+        address: String,
+        port: u16,
+        #[source]
+        source: bollard::errors::Error,
+    },
 }
 
 /// bollard's request body type is crate-private; name it through the public request type.
@@ -87,7 +98,13 @@ pub fn connect(
         Some(format!("https://{address}:{port}")),
         timeout.as_secs().max(1),
         &API_VERSION,
-    )?;
+    )
+    .map_err(|source| ConnectError::Docker {
+        server_name: server_name.to_owned(),
+        address: address.to_owned(),
+        port,
+        source,
+    })?;
     Ok(docker)
 }
 
@@ -131,7 +148,8 @@ pub async fn ping(
 ) -> Result<(), String> {
     tokio::time::timeout(timeout, ping_once(tls, address, port, server_name, timeout))
         .await
-        .map_err(|_| format!("no answer within {}ms", timeout.as_millis()))?
+        .unwrap_or_else(|_| Err(format!("no answer within {}ms", timeout.as_millis())))
+        .map_err(|e| format!("/_ping of {server_name} at {address}:{port}: {e}"))
 }
 
 async fn ping_once(
@@ -191,7 +209,9 @@ mod tests {
             Duration::from_millis(300),
         )
         .await;
-        assert!(r.unwrap_err().contains("no answer within 300ms"));
+        let err = r.unwrap_err();
+        assert!(err.contains("no answer within 300ms"), "{err}");
+        assert!(err.contains("m-x.machine.flotilla.internal"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(3));
         held.abort();
     }

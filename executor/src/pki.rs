@@ -59,15 +59,27 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a usable PEM key or certificate: {source}")]
+    #[error(
+        "{path}: not a usable PEM key or certificate: {source}. Restore it from a backup of \
+         the state directory"
+    )]
     Parse {
         path: PathBuf,
         #[source]
         source: rcgen::Error,
     },
-    #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
-    #[error("{path}: the CA key is readable by others (mode {mode:o}); expected 0600")]
+    /// `what` names the certificate: the CA and its directory, a machine and its DNS name,
+    /// or the stage client certificate and its file.
+    #[error("cannot generate {what}: {source}")]
+    Generate {
+        what: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error(
+        "{path}: the CA key is readable by others (mode {mode:o}); run `chmod 600 {path}` \
+         (and check who could have read it)"
+    )]
     KeyTooOpen { path: PathBuf, mode: u32 },
     #[error(
         "the fleet CA ({CA_CERT_FILE} and {CA_KEY_FILE}) is missing from {} but \
@@ -248,6 +260,37 @@ pub fn validity_of(der: &[u8]) -> Result<Validity, String> {
     })
 }
 
+/// The certificate chain and private key in one PEM file, `None` when there is no file.
+/// (`tls` reads it the same way to present it; the CA reads it only to judge it.)
+fn read_pem_identity(
+    path: &Path,
+) -> Result<
+    Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    String,
+> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let chain: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: no certificate found in PEM file",
+            path.display()
+        ));
+    }
+    let key = rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .ok_or_else(|| format!("{}: no private key found in PEM file", path.display()))?;
+    Ok(Some((chain, key)))
+}
+
 impl FleetCa {
     /// Loads the CA from `dir`, creating it on a state directory without one, where
     /// `machines_on_record` (machines in the state file) is zero; then makes sure the stage
@@ -355,9 +398,13 @@ impl FleetCa {
         now: DateTime<Utc>,
     ) -> Result<Self, PkiError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let key = KeyPair::generate()?;
+        let generate = |source| PkiError::Generate {
+            what: format!("the fleet CA {}", cert_path.display()),
+            source,
+        };
+        let key = KeyPair::generate().map_err(generate)?;
         let params = new_ca_params(now);
-        let cert = params.self_signed(&key)?;
+        let cert = params.self_signed(&key).map_err(generate)?;
         write_private(key_path, &key.serialize_pem(), 0o600)?;
         write_private(cert_path, &cert.pem(), 0o644)?;
         tracing::info!(path = %cert_path.display(), "created fleet CA");
@@ -380,8 +427,15 @@ impl FleetCa {
         now: DateTime<Utc>,
         lifetime: std::time::Duration,
     ) -> Result<IssuedCert, PkiError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(names)?;
+        let generate = |source| PkiError::Generate {
+            what: match names.first() {
+                Some(dns) => format!("the server certificate of {common_name} ({dns})"),
+                None => format!("the client certificate {common_name}"),
+            },
+            source,
+        };
+        let key = KeyPair::generate().map_err(generate)?;
+        let mut params = CertificateParams::new(names.clone()).map_err(generate)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Flotilla");
         dn.push(DnType::CommonName, common_name);
@@ -393,7 +447,7 @@ impl FleetCa {
         params.extended_key_usages = vec![usage];
         params.not_before = to_time(now) - BACKDATE;
         params.not_after = to_time(now) + Duration::seconds(lifetime.as_secs() as i64);
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(generate)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -431,17 +485,14 @@ impl FleetCa {
     /// every reconcile pass. A state directory with only the separate files (an older
     /// daemon's) gets `client.pem` this way.
     pub fn check_client_cert(&self, dir: &Path, now: DateTime<Utc>) -> ClientCertCheck {
-        let both = dir.join(CLIENT_PEM_FILE);
-        let (chain, key) = match crate::tls::read_identity(&both, &both) {
-            Ok(identity) => identity,
-            Err(crate::tls::TlsError::Read { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return ClientCertCheck::Renew(RenewReason::Missing)
-            }
-            Err(e) => return ClientCertCheck::Renew(RenewReason::Unusable(e.to_string())),
+        let (chain, key) = match read_pem_identity(&dir.join(CLIENT_PEM_FILE)) {
+            Ok(Some(identity)) => identity,
+            Ok(None) => return ClientCertCheck::Renew(RenewReason::Missing),
+            Err(why) => return ClientCertCheck::Renew(RenewReason::Unusable(why)),
         };
-        let unusable = |why: String| ClientCertCheck::Renew(RenewReason::Unusable(why));
+        let unusable = |why: String| {
+            ClientCertCheck::Renew(RenewReason::Unusable(format!("{CLIENT_PEM_FILE}: {why}")))
+        };
         let Some(leaf) = chain.first() else {
             return unusable("no certificate".into());
         };
@@ -583,6 +634,7 @@ mod tests {
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
         let err = FleetCa::load_or_create(dir.path(), 0).err().unwrap();
         assert!(err.to_string().contains("ca-key.pem"), "{err}");
+        assert!(err.to_string().contains("chmod 600"), "the fix: {err}");
     }
 
     #[test]

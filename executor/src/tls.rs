@@ -28,8 +28,46 @@ pub enum TlsError {
     },
     #[error("{path}: no {what} found in PEM file")]
     Empty { path: PathBuf, what: &'static str },
-    #[error("invalid TLS material: {0}")]
-    Rustls(#[from] rustls::Error),
+    /// `what` names the files and what they were to be.
+    #[error("{what}: {source}")]
+    Material {
+        what: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// The fix for an unusable stage client certificate, said wherever one is refused.
+const CLIENT_CERT_FIX: &str =
+    "the daemon issues a new one at start and at every reconcile_interval; \
+     restart it (`systemctl restart flotilla`) if this persists";
+
+fn ca_material(path: &Path) -> impl FnOnce(rustls::Error) -> TlsError + '_ {
+    move |source| TlsError::Material {
+        what: format!("{} is not a usable fleet CA certificate", path.display()),
+        source,
+    }
+}
+
+fn client_material<'a>(
+    cert: &'a Path,
+    key: &'a Path,
+) -> impl FnOnce(rustls::Error) -> TlsError + 'a {
+    move |source| TlsError::Material {
+        what: if cert == key {
+            format!(
+                "{} is not a usable client certificate and key ({CLIENT_CERT_FIX})",
+                cert.display()
+            )
+        } else {
+            format!(
+                "{} and {} are not a usable client certificate and key ({CLIENT_CERT_FIX})",
+                cert.display(),
+                key.display()
+            )
+        },
+        source,
+    }
 }
 
 /// Installs the process-wide crypto provider once; the AWS SDK and rustls both use aws-lc.
@@ -88,32 +126,44 @@ pub fn read_identity(
 pub fn load_client_identity(
     state_dir: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let both = state_dir.join(CLIENT_PEM_FILE);
-    if both.exists() {
-        read_identity(&both, &both)
-    } else {
-        read_identity(
-            &state_dir.join(CLIENT_CERT_FILE),
-            &state_dir.join(CLIENT_KEY_FILE),
-        )
-    }
+    let (cert, key) = client_identity_paths(state_dir);
+    read_identity(&cert, &key)
 }
 
 fn fleet_roots(state_dir: &Path) -> Result<RootCertStore, TlsError> {
+    roots(&state_dir.join(CA_CERT_FILE))
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for c in certs(&state_dir.join(CA_CERT_FILE))? {
-        roots.add(c)?;
+    for c in certs(ca)? {
+        roots.add(c).map_err(ca_material(ca))?;
     }
     Ok(roots)
+}
+
+/// The files [`load_client_identity`] reads in `state_dir`: certificate, then key.
+fn client_identity_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
+    let both = state_dir.join(CLIENT_PEM_FILE);
+    if both.exists() {
+        (both.clone(), both)
+    } else {
+        (
+            state_dir.join(CLIENT_CERT_FILE),
+            state_dir.join(CLIENT_KEY_FILE),
+        )
+    }
 }
 
 /// Client config from the files the daemon keeps in its state directory.
 pub fn machine_client_config(state_dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     install_crypto_provider();
-    let (chain, key) = load_client_identity(state_dir)?;
+    let (cert_path, key_path) = client_identity_paths(state_dir);
+    let (chain, key) = read_identity(&cert_path, &key_path)?;
     let config = ClientConfig::builder()
         .with_root_certificates(fleet_roots(state_dir)?)
-        .with_client_auth_cert(chain, key)?;
+        .with_client_auth_cert(chain, key)
+        .map_err(client_material(&cert_path, &key_path))?;
     Ok(Arc::new(config))
 }
 
@@ -124,27 +174,27 @@ pub struct ClientCertSlot {
     current: RwLock<Arc<CertifiedKey>>,
 }
 
-fn certified_key(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<CertifiedKey>, TlsError> {
+/// The stage client certificate in `state_dir`, ready to present.
+fn certified_key(state_dir: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let (cert_path, key_path) = client_identity_paths(state_dir);
+    let (chain, key) = read_identity(&cert_path, &key_path)?;
     let provider = rustls::crypto::aws_lc_rs::default_provider();
-    Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider)?))
+    CertifiedKey::from_der(chain, key, &provider)
+        .map(Arc::new)
+        .map_err(client_material(&cert_path, &key_path))
 }
 
 impl ClientCertSlot {
     /// Loads the stage client certificate from `state_dir` (see [`load_client_identity`]).
     pub fn load(state_dir: &Path) -> Result<Self, TlsError> {
-        let (chain, key) = load_client_identity(state_dir)?;
         Ok(Self {
-            current: RwLock::new(certified_key(chain, key)?),
+            current: RwLock::new(certified_key(state_dir)?),
         })
     }
 
     /// Reads the certificate again; on error the one in use stays.
     pub fn reload(&self, state_dir: &Path) -> Result<(), TlsError> {
-        let (chain, key) = load_client_identity(state_dir)?;
-        let fresh = certified_key(chain, key)?;
+        let fresh = certified_key(state_dir)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(())
     }
@@ -198,13 +248,10 @@ pub fn client_config(
     key_path: &Path,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     install_crypto_provider();
-    let mut roots = RootCertStore::empty();
-    for c in certs(ca)? {
-        roots.add(c)?;
-    }
     let config = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs(cert)?, key(key_path)?)?;
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(certs(cert)?, key(key_path)?)
+        .map_err(client_material(cert, key_path))?;
     Ok(Arc::new(config))
 }
 
@@ -310,6 +357,28 @@ mod tests {
         assert!(renewed.is_some());
         slot.reload(dir.path()).unwrap();
         handshake(client, server, &name).unwrap();
+    }
+
+    #[test]
+    fn a_client_certificate_with_the_wrong_key_is_refused_naming_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        FleetCa::load_or_create(dir.path(), 0).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        FleetCa::load_or_create(other.path(), 0).unwrap();
+        // This fleet's certificate with another fleet's key.
+        let cert_pem = std::fs::read_to_string(dir.path().join(CLIENT_CERT_FILE)).unwrap();
+        let key_pem = std::fs::read_to_string(other.path().join(CLIENT_KEY_FILE)).unwrap();
+        std::fs::write(
+            dir.path().join(CLIENT_PEM_FILE),
+            format!("{cert_pem}{key_pem}"),
+        )
+        .unwrap();
+        let err = machine_client_config(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("client.pem") && err.contains("restart"),
+            "{err}"
+        );
+        assert!(!err.contains("PRIVATE KEY"), "no key material in: {err}");
     }
 
     #[test]

@@ -44,7 +44,12 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
                 eprintln!("flotilla: {}", e.message);
                 None
             }
-            Err(e) => return Err(StageError::system(e.to_string())),
+            Err(e) => {
+                return Err(StageError::system(format!(
+                    "cannot look up this job's lease (job key {}) to hand its machine back: {e}",
+                    env.job_key()
+                )))
+            }
         },
     };
     let Some(lease) = lease else {
@@ -87,7 +92,12 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     client
         .release(&lease.lease_id, &secret, outcome, reason)
         .await
-        .map_err(|e| StageError::system(e.to_string()))?;
+        .map_err(|e| {
+            StageError::system(format!(
+                "cannot hand back the lease on build machine {}: {e}",
+                lease.machine_id
+            ))
+        })?;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
@@ -118,7 +128,10 @@ async fn measure_disk(config: &Config, lease: &Lease) -> Option<u8> {
     let high_water = match config.job_for(&lease.class) {
         Ok(job) => job.disk_high_water,
         Err(e) => {
-            eprintln!("flotilla: warning: disk use not checked ({e})");
+            eprintln!(
+                "flotilla: warning: disk use of build machine {} not checked ({e})",
+                lease.machine_id
+            );
             return None;
         }
     };
@@ -130,7 +143,8 @@ async fn measure_disk(config: &Config, lease: &Lease) -> Option<u8> {
             let decision = should_prune(&out, high_water);
             if decision.is_none() && disk_use_percent(&out).is_none() {
                 eprintln!(
-                    "flotilla: warning: disk use not checked (unreadable df output: {:?})",
+                    "flotilla: warning: disk use of build machine {} not checked (unreadable df output: {:?})",
+                    lease.machine_id,
                     out.chars().take(200).collect::<String>()
                 );
             }
@@ -138,13 +152,17 @@ async fn measure_disk(config: &Config, lease: &Lease) -> Option<u8> {
         }
         Ok(Err(e)) => {
             eprintln!(
-                "flotilla: warning: disk use not checked ({})",
+                "flotilla: warning: disk use of build machine {} not checked ({})",
+                lease.machine_id,
                 describe_docker_error(&e)
             );
             None
         }
         Err(_) => {
-            eprintln!("flotilla: warning: disk use not checked (df did not answer in time)");
+            eprintln!(
+                "flotilla: warning: disk use of build machine {} not checked (df did not answer in time)",
+                lease.machine_id
+            );
             None
         }
     }
@@ -268,7 +286,8 @@ async fn prune_machine(config: &Config, lease: &Lease, percent: u8) {
             human_bytes(r.space_reclaimed.unwrap_or(0))
         )),
         Err(e) => eprintln!(
-            "flotilla: warning: pruning images failed: {}",
+            "flotilla: warning: pruning images on build machine {} failed: {}",
+            lease.machine_id,
             describe_docker_error(&e)
         ),
     }
@@ -279,7 +298,8 @@ async fn prune_machine(config: &Config, lease: &Lease, percent: u8) {
             human_bytes(r.space_reclaimed.unwrap_or(0))
         )),
         Err(e) => eprintln!(
-            "flotilla: warning: pruning cache volumes failed: {}",
+            "flotilla: warning: pruning cache volumes on build machine {} failed: {}",
+            lease.machine_id,
             describe_docker_error(&e)
         ),
     }

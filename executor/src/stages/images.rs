@@ -9,8 +9,9 @@ use flotilla_proto::api::Lease;
 use flotilla_proto::config::{JobConfig, PullPolicy};
 use futures_util::StreamExt;
 
+use super::fault::{blame, Blame, DockerFault, FaultKind, Request};
 use super::spec::JobSpec;
-use super::{docker_failure, say, StageError};
+use super::{blamed_failure, say, StageError};
 
 /// The policies to try for an image: the job's own (each must be allowed), else the
 /// runner's configured list.
@@ -64,14 +65,11 @@ pub async fn ensure(
     let mut last = None;
     for policy in policies {
         let result = match policy {
-            PullPolicy::Never | PullPolicy::IfNotPresent
-                if docker.inspect_image(image).await.is_ok() =>
-            {
-                Ok(())
-            }
-            PullPolicy::Never => Err(StageError::build_message(format!(
-                "image {image} is not on the build machine and pull_policy is never"
-            ))),
+            PullPolicy::Never => match docker.inspect_image(image).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(not_pulled(lease, image, &DockerFault::from_bollard(&e))),
+            },
+            PullPolicy::IfNotPresent if docker.inspect_image(image).await.is_ok() => Ok(()),
             PullPolicy::IfNotPresent | PullPolicy::Always => {
                 pull(docker, lease, spec, image, platform).await
             }
@@ -81,7 +79,28 @@ pub async fn ensure(
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| StageError::build_message(format!("no pull policy for {image}"))))
+    Err(last.unwrap_or_else(|| {
+        StageError::build_message(format!(
+            "no pull policy for {image}: set pull_policy on the image or in the runner's [job]"
+        ))
+    }))
+}
+
+/// An image `pull_policy: never` looked for: missing is the job's fault, a machine that
+/// does not answer is not (it was blamed on the job before).
+fn not_pulled(lease: &Lease, image: &str, fault: &DockerFault) -> StageError {
+    match blame(Request::FindImage, fault) {
+        Blame::Job => StageError::build_message(format!(
+            "image {image} is not on the build machine {} and pull_policy is never: pull it in an earlier job, or allow if-not-present",
+            lease.machine_id
+        )),
+        _ => blamed_failure(
+            lease,
+            &format!("looking for image {image} (pull_policy never) failed"),
+            Request::FindImage,
+            fault,
+        ),
+    }
 }
 
 async fn pull(
@@ -116,59 +135,36 @@ async fn pull(
     };
     let mut stream = docker.create_image(Some(options), None, credentials);
     while let Some(item) = stream.next().await {
-        match item {
-            Ok(info) => {
-                if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                    return Err(pull_error(lease, image, &err));
-                }
-            }
-            Err(bollard::errors::Error::DockerStreamError { error }) => {
-                return Err(pull_error(lease, image, &error))
-            }
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code,
-                message,
-            }) if status_code < 500 || looks_like_user_error(&message) => {
-                return Err(pull_error(lease, image, &message))
-            }
-            Err(e) => {
-                return Err(docker_failure(
-                    lease,
-                    &format!("pulling {image} failed"),
-                    &e,
-                ))
-            }
-        }
+        let fault = match item {
+            Ok(info) => match info.error_detail.and_then(|d| d.message) {
+                Some(message) => DockerFault {
+                    kind: FaultKind::Stream,
+                    message,
+                },
+                None => continue,
+            },
+            Err(e) => DockerFault::from_bollard(&e),
+        };
+        return Err(pull_failure(lease, image, &fault));
     }
     Ok(())
 }
 
-fn looks_like_user_error(message: &str) -> bool {
-    let m = message.to_lowercase();
-    [
-        "not found",
-        "manifest unknown",
-        "unauthorized",
-        "denied",
-        "invalid reference",
-        "no basic auth credentials",
-        "authentication required",
-        "does not exist",
-    ]
-    .iter()
-    .any(|s| m.contains(s))
-}
-
-/// A missing image or refused credentials is the job's problem (a build failure, not
-/// retried); a registry that is down is infrastructure.
-fn pull_error(lease: &Lease, image: &str, message: &str) -> StageError {
-    if looks_like_user_error(message) {
-        StageError::build_message(format!("cannot pull image {image}: {message}"))
-    } else {
-        StageError::system(format!(
-            "pulling {image} on build machine {} failed: {message}",
-            lease.machine_id
-        ))
+/// A failed pull as the job log says it: a missing image or refused credentials are the
+/// job's problem (a build failure, not retried); a registry that is down is
+/// infrastructure; a machine that does not answer is the machine's ([`blame`]).
+fn pull_failure(lease: &Lease, image: &str, fault: &DockerFault) -> StageError {
+    match blame(Request::Pull, fault) {
+        Blame::Job => StageError::build_message(format!(
+            "cannot pull image {image} on build machine {}: {}",
+            lease.machine_id, fault.message
+        )),
+        _ => blamed_failure(
+            lease,
+            &format!("pulling {image} failed"),
+            Request::Pull,
+            fault,
+        ),
     }
 }
 
@@ -193,5 +189,76 @@ mod tests {
             vec![PullPolicy::Never, PullPolicy::Always]
         );
         assert!(policies_for(&job, &["sometimes".into()], "i").is_err());
+    }
+
+    fn lease() -> Lease {
+        Lease {
+            lease_id: "l".into(),
+            job_key: "job-1-0".into(),
+            machine_id: "m-7".into(),
+            instance_id: "i-07".into(),
+            class: "c".into(),
+            address: "10.0.0.7".into(),
+            docker_port: 2376,
+            server_name: "m-7.machine".into(),
+            acquired_at: chrono::Utc::now(),
+            previous_builds: 0,
+        }
+    }
+
+    #[test]
+    fn a_pull_the_job_got_wrong_fails_the_build_and_says_so_an_unreachable_machine_is_blamed() {
+        let l = lease();
+        let missing = DockerFault {
+            kind: FaultKind::Stream,
+            message: "manifest unknown".into(),
+        };
+        let StageError::Build {
+            message: Some(m), ..
+        } = pull_failure(&l, "app:1", &missing)
+        else {
+            panic!("a missing tag is the job's fault");
+        };
+        assert!(
+            m.starts_with("cannot pull image app:1") && m.contains("m-7"),
+            "{m}"
+        );
+        let down = DockerFault::unreachable("connection failed");
+        let StageError::Machine(m) = pull_failure(&l, "app:1", &down) else {
+            panic!("an unreachable machine is the machine's fault");
+        };
+        assert!(
+            m.contains("pulling app:1 failed on build machine m-7 (i-07, 10.0.0.7)"),
+            "{m}"
+        );
+        let registry_down = DockerFault::status(500, "dial tcp: connection refused");
+        assert!(matches!(
+            pull_failure(&l, "app:1", &registry_down),
+            StageError::System(_)
+        ));
+    }
+
+    #[test]
+    fn pull_policy_never_blames_the_job_only_for_a_missing_image() {
+        let l = lease();
+        let StageError::Build {
+            message: Some(m), ..
+        } = not_pulled(
+            &l,
+            "app:1",
+            &DockerFault::status(404, "No such image: app:1"),
+        )
+        else {
+            panic!("a missing image under `never` is the job's fault");
+        };
+        assert!(
+            m.contains("pull_policy is never") && m.contains("m-7"),
+            "{m}"
+        );
+        // It used to be a build failure too, so gitlab-runner did not retry elsewhere.
+        assert!(matches!(
+            not_pulled(&l, "app:1", &DockerFault::unreachable("connection failed")),
+            StageError::Machine(_)
+        ));
     }
 }

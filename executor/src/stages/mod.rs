@@ -3,13 +3,17 @@
 //!
 //! Every failure is classified: the user's script failing is a build failure (its exit code
 //! goes to `BUILD_EXIT_CODE_FILE`); anything about machines, Docker or the daemon is a
-//! system failure, which gitlab-runner may retry.
+//! system failure, which gitlab-runner may retry; one the machine is to blame for also
+//! retires the machine. The rules are pure and table-tested: [`fault::blame`] for a Docker
+//! error (prepare's pulls and creates, and every other request), [`verdict::verdict`] for
+//! the run stage.
 
 pub mod cleanup;
 pub mod config;
 pub mod containers;
 pub mod credentials;
 pub mod expand;
+pub mod fault;
 pub mod glob;
 pub mod images;
 pub mod job;
@@ -17,6 +21,7 @@ pub mod prepare;
 pub mod run;
 pub mod services;
 pub mod spec;
+pub mod verdict;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -128,7 +133,11 @@ pub fn read_lease(path: &Path) -> Option<Lease> {
 pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker, StageError> {
     let tls: Arc<rustls::ClientConfig> = crate::tls::machine_client_config(&config.state_dir)
         .map_err(|e| {
-            StageError::system(format!("cannot load flotilla's client certificate: {e}"))
+            StageError::system(format!(
+                "cannot load flotilla's client certificate for build machine {} from {}: {e} (the daemon writes it there at start: is it running with this state_dir, and may this user read it?)",
+                lease.machine_id,
+                config.state_dir.display()
+            ))
         })?;
     crate::docker::connect(
         tls,
@@ -139,63 +148,72 @@ pub fn machine_docker(config: &Config, lease: &Lease) -> Result<bollard::Docker,
     )
     .map_err(|e| {
         StageError::system(format!(
-            "cannot connect to build machine {}: {e}",
-            lease.machine_id
+            "cannot connect to build machine {} ({}): {e}",
+            lease.machine_id, lease.instance_id
         ))
     })
 }
 
-/// A Docker error as the job log should say it: naming the machine for system failures.
-///
-/// The machine is to blame ([`StageError::Machine`]: released as broken at cleanup) when
-/// its Docker stopped answering or a job object vanished under the job (404); any other
-/// refusal (a device the machine lacks, an invalid option) is a system failure that leaves
-/// the machine in service, so a bad setting does not burn one machine per retry.
+/// A Docker error the job is not to blame for, as the job log should say it: naming the
+/// machine, and blaming it ([`StageError::Machine`]: released as broken at cleanup) only
+/// when [`fault::blame`] does (it stopped answering, or a job object vanished under the
+/// job).
 pub fn docker_failure(lease: &Lease, what: &str, err: &bollard::errors::Error) -> StageError {
+    blamed_failure(
+        lease,
+        what,
+        fault::Request::Other,
+        &fault::DockerFault::from_bollard(err),
+    )
+}
+
+/// [`docker_failure`] for a fault already described, blamed as a `request` of that kind.
+/// A fault that is the job's is a build failure with the same message.
+pub fn blamed_failure(
+    lease: &Lease,
+    what: &str,
+    request: fault::Request,
+    fault: &fault::DockerFault,
+) -> StageError {
     let message = format!(
         "{what} on build machine {} ({}, {}): {}",
         lease.machine_id,
         lease.instance_id,
         lease.address,
-        describe_docker_error(err)
+        fault.describe()
     );
-    let gone = matches!(
-        err,
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    );
-    if is_unreachable(err) || gone {
-        StageError::Machine(message)
-    } else {
-        StageError::System(message)
+    match fault::blame(request, fault) {
+        fault::Blame::Job => StageError::build_message(message),
+        fault::Blame::Infrastructure => StageError::System(message),
+        fault::Blame::Machine => StageError::Machine(message),
+    }
+}
+
+/// A job container Docker would not create: an image gone missing after the pull is the
+/// job's problem; otherwise [`fault::blame`] decides between the machine and the infrastructure.
+pub fn create_failure(lease: &Lease, name: &str, refusal: &fault::DockerFault) -> StageError {
+    match fault::blame(fault::Request::CreateContainer, refusal) {
+        fault::Blame::Job => StageError::build_message(format!(
+            "image for {name} is missing on build machine {}: {}",
+            lease.machine_id,
+            refusal.describe()
+        )),
+        _ => blamed_failure(
+            lease,
+            &format!("creating container {name} failed"),
+            fault::Request::CreateContainer,
+            refusal,
+        ),
     }
 }
 
 pub fn describe_docker_error(err: &bollard::errors::Error) -> String {
-    use bollard::errors::Error as E;
-    match err {
-        E::DockerResponseServerError {
-            status_code,
-            message,
-        } => format!("HTTP {status_code}: {message}"),
-        E::HyperLegacyError { err } => format!("connection failed: {err:?}"),
-        E::RequestTimeoutError => "Docker did not answer in time".into(),
-        other => other.to_string(),
-    }
+    fault::DockerFault::from_bollard(err).describe()
 }
 
 /// True when the error means the machine (not the request) is at fault.
 pub fn is_unreachable(err: &bollard::errors::Error) -> bool {
-    use bollard::errors::Error as E;
-    matches!(
-        err,
-        E::HyperLegacyError { .. }
-            | E::RequestTimeoutError
-            | E::IOError { .. }
-            | E::HyperResponseError { .. }
-    )
+    fault::DockerFault::from_bollard(err).is_unreachable()
 }
 
 /// Quotes `s` as one word for `sh -c` (single quotes; `'` as `'\''`): anything that came

@@ -16,6 +16,7 @@ use flotilla_proto::api::{AcquireRequest, ErrorCode, Lease};
 use flotilla_proto::config::{Config, PullPolicy};
 
 use super::containers::{self, JobVolumes};
+use super::fault::DockerFault;
 use super::job::{JobNames, JOB_LABEL};
 use super::spec::{ImageSpec, JobSpec};
 use super::{
@@ -84,7 +85,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
                     api.message
                 ))
             }
-            other => StageError::system(other.to_string()),
+            other => StageError::system(format!("cannot lease a {class} machine: {other}")),
         })?;
     if let Some(t) = spec.timeout_secs {
         let limit = config.lease_timeout.0;
@@ -98,7 +99,12 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         }
     }
     let path = lease_file(env);
-    let bytes = serde_json::to_vec(&lease).map_err(|e| StageError::system(e.to_string()))?;
+    let bytes = serde_json::to_vec(&lease).map_err(|e| {
+        StageError::system(format!(
+            "cannot write down the lease on build machine {}: {e}",
+            lease.machine_id
+        ))
+    })?;
     super::write_private(&path, &bytes)?;
     say(&format!(
         "Running on build machine {} ({}, {}), job {} on this machine",
@@ -362,17 +368,11 @@ async fn create_and_start(
             )));
         }
         Err(e) => {
-            let msg = super::describe_docker_error(&e);
-            if msg.contains("No such image") {
-                return Err(StageError::build_message(format!(
-                    "image for {name} is missing: {msg}"
-                )));
-            }
-            return Err(docker_failure(
+            return Err(super::create_failure(
                 lease,
-                &format!("creating container {name} failed"),
-                &e,
-            ));
+                name,
+                &DockerFault::from_bollard(&e),
+            ))
         }
     }
     docker

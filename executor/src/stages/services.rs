@@ -124,7 +124,9 @@ async fn start_one(
             body,
         )
         .await
-        .map_err(|e| docker_failure(lease, &format!("creating service {image} failed"), &e))?;
+        .map_err(|e| {
+            super::create_failure(lease, &name, &super::fault::DockerFault::from_bollard(&e))
+        })?;
     docker
         .start_container(&name, None)
         .await
