@@ -18,13 +18,13 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 
 /// The API version Flotilla speaks to every machine.
-pub const API_VERSION: ClientVersion = ClientVersion {
+pub(crate) const API_VERSION: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     #[error(
         "invalid machine server name {0:?}: a machine's dockerd is verified by a DNS name \
          (<machine id>.machine.flotilla.internal)"
@@ -75,7 +75,7 @@ fn https_client(
 }
 
 /// Connects (lazily) to `https://address:port`, verifying `server_name`.
-pub fn connect(
+pub(crate) fn connect(
     tls: Arc<ClientConfig>,
     address: &str,
     port: u16,
@@ -139,7 +139,7 @@ const PING_BODY_LIMIT: usize = 1024;
 /// One `GET /_ping` over mTLS: the readiness and health check. The whole exchange
 /// (connect, handshake, answer, body) is bounded by `timeout` and the body by
 /// [`PING_BODY_LIMIT`], so a machine that stalls or talks forever costs one timeout.
-pub async fn ping(
+pub(crate) async fn ping(
     tls: Arc<ClientConfig>,
     address: &str,
     port: u16,

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("EC2 {operation} failed: {}{message}", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default())]
-pub struct Ec2Error {
+pub(crate) struct Ec2Error {
     pub operation: &'static str,
     pub code: Option<String>,
     pub message: String,
@@ -52,19 +52,19 @@ impl Ec2Error {
         }
     }
 
-    pub fn is_throttling(&self) -> bool {
+    pub(crate) fn is_throttling(&self) -> bool {
         self.code.as_deref().is_some_and(is_throttling_code)
     }
 
     /// The request named an instance EC2 does not know or cannot act on any more.
-    pub fn is_bad_instance(&self) -> bool {
+    pub(crate) fn is_bad_instance(&self) -> bool {
         self.code
             .as_deref()
             .is_some_and(|c| c.starts_with("InvalidInstanceID") || c == "IncorrectInstanceState")
     }
 
     /// "Try another instance type, zone or market", not "give up".
-    pub fn is_capacity(&self) -> bool {
+    pub(crate) fn is_capacity(&self) -> bool {
         self.code.as_deref().is_some_and(is_capacity_code)
     }
 }
@@ -126,13 +126,13 @@ impl aws_sdk_ec2::config::retry::ClassifyRetry for CapacityIsAnAnswer {
 
 /// How one launch buys its instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purchase {
+pub(crate) enum Purchase {
     OnDemand,
     Spot,
 }
 
 impl Purchase {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::OnDemand => "on-demand",
             Self::Spot => "spot",
@@ -143,7 +143,7 @@ impl Purchase {
 /// One client-side budget for every EC2 call: a token bucket at the configured rate, and
 /// after a throttling error a cool-down (exponential, with jitter) that every caller
 /// waits out. This is what keeps a throttling storm from turning into more calls.
-pub struct Budget {
+pub(crate) struct Budget {
     rate: f64,
     state: tokio::sync::Mutex<BudgetState>,
 }
@@ -156,7 +156,7 @@ struct BudgetState {
 }
 
 impl Budget {
-    pub fn new(per_second: u32) -> Self {
+    pub(crate) fn new(per_second: u32) -> Self {
         let rate = f64::from(per_second.max(1));
         Self {
             rate,
@@ -171,7 +171,7 @@ impl Budget {
 
     /// Waits for a token (and any cool-down). Holding the lock while sleeping queues callers
     /// fairly.
-    pub async fn take(&self) {
+    pub(crate) async fn take(&self) {
         let mut s = self.state.lock().await;
         if let Some(until) = s.cool_down_until {
             tokio::time::sleep_until(until.into()).await;
@@ -191,7 +191,7 @@ impl Budget {
         }
     }
 
-    pub async fn throttled(&self) {
+    pub(crate) async fn throttled(&self) {
         use rand::Rng;
         let mut s = self.state.lock().await;
         s.penalty = (s.penalty * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
@@ -200,7 +200,7 @@ impl Budget {
         s.tokens = 0.0;
     }
 
-    pub async fn succeeded(&self) {
+    pub(crate) async fn succeeded(&self) {
         let mut s = self.state.lock().await;
         s.penalty = Duration::ZERO;
     }
@@ -278,7 +278,7 @@ impl aws_sdk_ec2::config::Intercept for CountRequests {
 
 /// What a launch needs; everything a machine is and owns is decided before the call.
 #[derive(Debug, Clone)]
-pub struct LaunchSpec {
+pub(crate) struct LaunchSpec {
     pub fleet: String,
     /// This daemon's persistent id, tagged `flotilla:daemon`.
     pub daemon_id: String,
@@ -303,7 +303,7 @@ impl LaunchSpec {
     /// own first (in a fixed order, `flotilla:daemon` last of them), then the operator's.
     /// The config refuses operator tags that collide with Flotilla's; one that got here
     /// anyway is dropped, so the fleet and machine tags can never be replaced.
-    pub fn tags(&self) -> Vec<(String, String)> {
+    pub(crate) fn tags(&self) -> Vec<(String, String)> {
         let mut out = vec![
             (tags::FLEET.to_owned(), self.fleet.clone()),
             (tags::CLASS.to_owned(), self.class.clone()),
@@ -324,13 +324,13 @@ impl LaunchSpec {
 }
 
 #[derive(Debug, Clone)]
-pub struct Launched {
+pub(crate) struct Launched {
     pub instance_id: String,
     pub private_ip: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InstanceLife {
+pub(crate) enum InstanceLife {
     Pending,
     Running,
     Stopping,
@@ -341,7 +341,7 @@ pub enum InstanceLife {
 
 impl InstanceLife {
     /// Gone or going: the machine will never run a job again.
-    pub fn is_gone(self) -> bool {
+    pub(crate) fn is_gone(self) -> bool {
         matches!(
             self,
             Self::ShuttingDown | Self::Terminated | Self::Stopping | Self::Stopped
@@ -351,7 +351,7 @@ impl InstanceLife {
 
 /// One instance as DescribeInstances reported it.
 #[derive(Debug, Clone)]
-pub struct ObservedInstance {
+pub(crate) struct ObservedInstance {
     pub instance_id: String,
     pub life: InstanceLife,
     pub machine_id: Option<String>,
@@ -365,12 +365,12 @@ pub struct ObservedInstance {
 }
 
 /// A boxed EC2 call: the daemon holds its EC2 side as `Arc<dyn Ec2Api>`.
-pub type Ec2Future<'a, T> = futures_util::future::BoxFuture<'a, Result<T, Ec2Error>>;
+pub(crate) type Ec2Future<'a, T> = futures_util::future::BoxFuture<'a, Result<T, Ec2Error>>;
 
 /// The three EC2 calls the daemon makes. Behind a trait so that the reconcile loop's
 /// failure paths (throttling, capacity errors, instances vanishing) run as millisecond unit
 /// tests against a recording fake; [`Ec2Client`] is the one real implementation.
-pub trait Ec2Api: Send + Sync {
+pub(crate) trait Ec2Api: Send + Sync {
     /// Every instance carrying `flotilla:fleet=<fleet>` that is not yet terminated.
     fn describe_fleet<'a>(&'a self, fleet: &'a str) -> Ec2Future<'a, Vec<ObservedInstance>>;
     /// One RunInstances for one machine, tagged in the call.
@@ -393,9 +393,8 @@ impl Ec2Api for Ec2Client {
     }
 }
 
-pub struct Ec2Client {
+pub(crate) struct Ec2Client {
     client: aws_sdk_ec2::Client,
-    calls: Mutex<BTreeMap<&'static str, u64>>,
     /// Per AMI: its root device name and root volume size (GiB, when the AMI says).
     root_devices: Mutex<BTreeMap<String, (String, Option<i32>)>>,
     budget: Budget,
@@ -408,7 +407,10 @@ const EC2_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 const EC2_OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl Ec2Client {
-    pub async fn new(aws: &flotilla_proto::config::AwsConfig, metrics: Arc<Metrics>) -> Self {
+    pub(crate) async fn new(
+        aws: &flotilla_proto::config::AwsConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         // Every call is bounded: a response that never comes (a black-holed connection)
         // must end as an error the daemon handles, not a launch that holds its machine
         // record in `booting` forever (the plan does not time out a launch in flight).
@@ -432,18 +434,8 @@ impl Ec2Client {
             .build();
         Self {
             client: aws_sdk_ec2::Client::from_conf(conf),
-            calls: Mutex::new(BTreeMap::new()),
             root_devices: Mutex::new(BTreeMap::new()),
             budget: Budget::new(aws.max_requests_per_second),
-        }
-    }
-
-    /// Every call goes through here: budget first, then counted (the metrics count the
-    /// requests sent, retries included: see [`CountRequests`]).
-    async fn count(&self, op: &'static str) {
-        self.budget.take().await;
-        if let Ok(mut c) = self.calls.lock() {
-            *c.entry(op).or_default() += 1;
         }
     }
 
@@ -459,14 +451,12 @@ impl Ec2Client {
         result
     }
 
-    /// EC2 calls made so far, by operation.
-    pub fn calls(&self) -> BTreeMap<&'static str, u64> {
-        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
-    }
-
     /// Every instance carrying `flotilla:fleet=<fleet>` that is not yet terminated: one
     /// paginated DescribeInstances, however large the fleet.
-    pub async fn describe_fleet(&self, fleet: &str) -> Result<Vec<ObservedInstance>, Ec2Error> {
+    pub(crate) async fn describe_fleet(
+        &self,
+        fleet: &str,
+    ) -> Result<Vec<ObservedInstance>, Ec2Error> {
         let mut pages = self
             .client
             .describe_instances()
@@ -490,7 +480,7 @@ impl Ec2Client {
             .into_paginator()
             .send();
         let mut out = Vec::new();
-        self.count("DescribeInstances").await;
+        self.budget.take().await;
         while let Some(page) = pages.next().await {
             let page = self
                 .settle(page.map_err(|e| Ec2Error::from_sdk("DescribeInstances", e)))
@@ -533,7 +523,7 @@ impl Ec2Client {
                 });
             }
             if page.next_token().is_some_and(|t| !t.is_empty()) {
-                self.count("DescribeInstances").await;
+                self.budget.take().await;
             }
         }
         Ok(out)
@@ -548,7 +538,7 @@ impl Ec2Client {
         {
             return Ok(d);
         }
-        self.count("DescribeImages").await;
+        self.budget.take().await;
         let out = self
             .settle(
                 self.client
@@ -582,7 +572,7 @@ impl Ec2Client {
     /// in which an untagged instance of ours exists), IMDSv2 only with hop limit 1 (job
     /// containers cannot reach the instance role), no public IP, and an encrypted root
     /// volume whatever the AMI's snapshot is (the runner-host policy requires it).
-    pub async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, Ec2Error> {
+    pub(crate) async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, Ec2Error> {
         let tag_list: Vec<Tag> = spec
             .tags()
             .into_iter()
@@ -656,7 +646,7 @@ impl Ec2Client {
                     .build(),
             );
         }
-        self.count("RunInstances").await;
+        self.budget.take().await;
         let out = self
             .settle(
                 req.send()
@@ -676,7 +666,7 @@ impl Ec2Client {
     }
 
     /// Terminates in batches. Callers pass only instances proven to carry this fleet's tag.
-    pub async fn terminate(&self, instance_ids: &[String]) -> Result<(), Ec2Error> {
+    pub(crate) async fn terminate(&self, instance_ids: &[String]) -> Result<(), Ec2Error> {
         for chunk in instance_ids.chunks(500) {
             match self.terminate_batch(chunk).await {
                 // One instance EC2 no longer knows (or will not terminate again) fails the
@@ -698,7 +688,7 @@ impl Ec2Client {
     }
 
     async fn terminate_batch(&self, ids: &[String]) -> Result<(), Ec2Error> {
-        self.count("TerminateInstances").await;
+        self.budget.take().await;
         self.settle(
             self.client
                 .terminate_instances()

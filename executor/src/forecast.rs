@@ -14,11 +14,11 @@ use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc, Weekday};
 use serde::{Deserialize, Serialize};
 
 /// Classes remembered at most.
-pub const MAX_CLASSES: usize = 32;
+pub(crate) const MAX_CLASSES: usize = 32;
 /// Recent arrivals remembered at most per class (same-second arrivals share one entry).
-pub const RECENT_MAX: usize = 512;
+pub(crate) const RECENT_MAX: usize = 512;
 /// Recent arrivals older than this are forgotten.
-pub const RECENT_SECS: i64 = 6 * 3600;
+pub(crate) const RECENT_SECS: i64 = 6 * 3600;
 /// Weight of the newest day in the hour-of-day profile.
 const PROFILE_ALPHA: f64 = 0.3;
 /// Hours of silence folded into the profile at most (a week: after that, it is all zeros).

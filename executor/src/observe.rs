@@ -35,7 +35,7 @@ use crate::pool::{Adopted, Pool};
 
 /// What the observation means beyond the pool updates it made.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Observation {
+pub(crate) struct Observation {
     /// Fleet-tagged instances unknown to the pool past the orphan grace: to terminate.
     pub orphans: Vec<String>,
     /// Machines that vanished or stopped behind our back (id, why).
@@ -49,7 +49,7 @@ pub struct Observation {
 
 /// What makes an unknown fleet-tagged instance this daemon's to reap.
 #[derive(Debug, Clone)]
-pub struct Ownership {
+pub(crate) struct Ownership {
     pub fleet: String,
     /// This daemon's persistent id (`<state_dir>/daemon-id`).
     pub daemon_id: String,
@@ -62,7 +62,7 @@ impl Ownership {
     /// Instances without a daemon tag were launched by a version before daemon ids: ours
     /// if they are in our subnets (upgrading keeps reaping the orphans it left), foreign
     /// otherwise.
-    pub fn why_not_ours(&self, inst: &ObservedInstance) -> Option<String> {
+    pub(crate) fn why_not_ours(&self, inst: &ObservedInstance) -> Option<String> {
         let fleet = &self.fleet;
         if let Some(id) = inst.daemon_id.as_deref().filter(|id| *id != self.daemon_id) {
             return Some(format!(
@@ -88,12 +88,12 @@ impl Ownership {
     }
 }
 
-pub struct Graces {
+pub(crate) struct Graces {
     pub visibility: Duration,
     pub orphan: Duration,
 }
 
-pub fn fold(
+pub(crate) fn fold(
     pool: &mut Pool,
     observed: &[ObservedInstance],
     now: DateTime<Utc>,
@@ -221,7 +221,7 @@ pub fn fold(
 /// health-checked like any leased machine (one that stops answering is marked broken and
 /// replaced), and terminated by [`drain_adopted`] once no job containers are left on it.
 /// The plan launches fresh machines for new jobs meanwhile.
-pub fn adopt(
+pub(crate) fn adopt(
     pool: &mut Pool,
     observed: &[ObservedInstance],
     now: DateTime<Utc>,
@@ -261,7 +261,7 @@ pub fn adopt(
 /// cleaned up) and those held `max_hold` or longer (`lease_timeout`: a job whose
 /// containers are still there by then was abandoned, as an expired lease is). They become
 /// `Terminating` (reason `drained`). Returns their ids.
-pub fn drain_adopted(
+pub(crate) fn drain_adopted(
     pool: &mut Pool,
     free: &HashSet<String>,
     now: DateTime<Utc>,

@@ -162,7 +162,7 @@ impl Policy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     Launch {
         class: String,
         count: u32,
@@ -179,7 +179,7 @@ fn elapsed(since: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
 
 /// One RunInstances attempt of a launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LaunchAttempt {
+pub(crate) struct LaunchAttempt {
     pub purchase: Purchase,
     pub instance_type: String,
     pub subnet: String,
@@ -189,7 +189,7 @@ pub struct LaunchAttempt {
 /// every subnet of the first type, then the next type, and on-demand only after every
 /// spot attempt, and only where the class allows it (`spot_with_fallback`). A capacity
 /// error moves to the next attempt; any other error ends the launch. Pure.
-pub fn launch_order(class: &ClassConfig) -> Vec<LaunchAttempt> {
+pub(crate) fn launch_order(class: &ClassConfig) -> Vec<LaunchAttempt> {
     let purchases: &[Purchase] = match class.market {
         Market::OnDemand => &[Purchase::OnDemand],
         Market::Spot => &[Purchase::Spot],
@@ -213,7 +213,7 @@ pub fn launch_order(class: &ClassConfig) -> Vec<LaunchAttempt> {
 /// Decides which machines to terminate and how many to launch, in three phases: the
 /// machines that must go whatever the demand, then idle machines beyond each class's
 /// target, then launches for what is still missing.
-pub fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
+pub(crate) fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
     let mut doomed = Doomed::default();
     retire_unneeded(policy, pool, now, &mut doomed);
     let classes = scale_down_idle(policy, pool, now, &mut doomed);

@@ -31,12 +31,12 @@ use super::{new_id, Shared};
 use crate::state_store::JournalOp;
 
 /// How long past its job's timeout a lease is kept before it counts as abandoned.
-pub const LEASE_GRACE_SECS: u64 = 3600;
+pub(super) const LEASE_GRACE_SECS: u64 = 3600;
 
 /// Longest an acquire may wait, whatever the client asks.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(24 * 3600);
 
-pub async fn serve(
+pub(super) async fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::UnixListener,
     mut stop: watch::Receiver<bool>,
@@ -63,7 +63,7 @@ pub async fn serve(
 /// The caller on the other end of a control-socket connection (SO_PEERCRED); `None` when
 /// the kernel would not say (then operator routes are refused).
 #[derive(Debug, Clone, Copy)]
-pub struct Peer {
+pub(super) struct Peer {
     pub uid: Option<u32>,
 }
 
@@ -76,7 +76,7 @@ impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
 }
 
 /// Operator routes are for root and the daemon's own user only.
-pub fn may_operate(peer_uid: Option<u32>, daemon_uid: u32) -> bool {
+pub(super) fn may_operate(peer_uid: Option<u32>, daemon_uid: u32) -> bool {
     matches!(peer_uid, Some(uid) if uid == 0 || uid == daemon_uid)
 }
 
@@ -586,7 +586,7 @@ async fn audit_terminate(
 }
 
 /// Prometheus scrape endpoint on its own TCP listener.
-pub async fn serve_metrics(
+pub(super) async fn serve_metrics(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
     mut stop: watch::Receiver<bool>,

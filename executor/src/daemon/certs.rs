@@ -13,7 +13,7 @@ use crate::tls::ClientCertSlot;
 
 /// Runs until `stop`. A failed renewal is logged at every check until one succeeds: with a
 /// third of a 30-day lifetime left when renewals start, there are ten days to notice.
-pub async fn renew_client_cert(
+pub(super) async fn renew_client_cert(
     shared: Arc<Shared>,
     slot: Arc<ClientCertSlot>,
     mut stop: watch::Receiver<bool>,

@@ -15,7 +15,7 @@ use crate::ec2::{
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(super) enum Op {
     Describe,
     Launch,
     Terminate,
@@ -23,7 +23,7 @@ pub enum Op {
 
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Call {
+pub(super) enum Call {
     Describe,
     Launch {
         machine_id: String,
@@ -37,7 +37,7 @@ pub enum Call {
 /// A scripted error: calls of `op` matching the filters fail with `code`, `times` times
 /// (forever when `None`).
 #[derive(Debug, Clone)]
-pub struct Fault {
+pub(super) struct Fault {
     pub op: Op,
     pub code: &'static str,
     pub instance_type: Option<String>,
@@ -46,7 +46,7 @@ pub struct Fault {
 }
 
 impl Fault {
-    pub fn new(op: Op, code: &'static str) -> Self {
+    pub(super) fn new(op: Op, code: &'static str) -> Self {
         Self {
             op,
             code,
@@ -56,25 +56,25 @@ impl Fault {
         }
     }
 
-    pub fn throttle(op: Op) -> Self {
+    pub(super) fn throttle(op: Op) -> Self {
         Self::new(op, "RequestLimitExceeded")
     }
 
-    pub fn no_capacity() -> Self {
+    pub(super) fn no_capacity() -> Self {
         Self::new(Op::Launch, "InsufficientInstanceCapacity")
     }
 
-    pub fn for_type(mut self, instance_type: &str) -> Self {
+    pub(super) fn for_type(mut self, instance_type: &str) -> Self {
         self.instance_type = Some(instance_type.to_owned());
         self
     }
 
-    pub fn for_purchase(mut self, purchase: Purchase) -> Self {
+    pub(super) fn for_purchase(mut self, purchase: Purchase) -> Self {
         self.purchase = Some(purchase);
         self
     }
 
-    pub fn times(mut self, n: u32) -> Self {
+    pub(super) fn times(mut self, n: u32) -> Self {
         self.times = Some(n);
         self
     }
@@ -106,13 +106,13 @@ struct Ec2State {
 
 /// EC2 as a map of instances. Launches get `i-<n>` and `10.0.0.<n>`, tagged as the spec
 /// says; terminations make instances `Terminated` (still listed, as EC2 does for a while).
-pub struct FakeEc2 {
+pub(super) struct FakeEc2 {
     clock: Clock,
     state: Mutex<Ec2State>,
 }
 
 impl FakeEc2 {
-    pub fn new(clock: Clock) -> Self {
+    pub(super) fn new(clock: Clock) -> Self {
         Self {
             clock,
             state: Mutex::new(Ec2State::default()),
@@ -123,15 +123,15 @@ impl FakeEc2 {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn inject(&self, fault: Fault) {
+    pub(super) fn inject(&self, fault: Fault) {
         self.state().faults.push(fault);
     }
 
-    pub fn ignore_terminate(&self, ignore: bool) {
+    pub(super) fn ignore_terminate(&self, ignore: bool) {
         self.state().ignore_terminate = ignore;
     }
 
-    pub fn count(&self, op: Op) -> usize {
+    pub(super) fn count(&self, op: Op) -> usize {
         self.state()
             .calls
             .iter()
@@ -147,7 +147,7 @@ impl FakeEc2 {
     }
 
     /// The launches made, as (instance type, subnet, purchase).
-    pub fn launches(&self) -> Vec<(String, String, Purchase)> {
+    pub(super) fn launches(&self) -> Vec<(String, String, Purchase)> {
         self.state()
             .calls
             .iter()
@@ -165,20 +165,20 @@ impl FakeEc2 {
 
     /// The instances terminated by the daemon, in call order.
     /// Instance ids of every TerminateInstances EC2 accepted (a failed call is not here).
-    pub fn terminated(&self) -> Vec<String> {
+    pub(super) fn terminated(&self) -> Vec<String> {
         self.state().accepted_terminations.clone()
     }
 
     /// An instance of the fleet the daemon did not launch (another daemon's, or one whose
     /// launch it forgot).
-    pub fn plant(&self, instance: ObservedInstance) {
+    pub(super) fn plant(&self, instance: ObservedInstance) {
         self.state()
             .instances
             .insert(instance.instance_id.clone(), instance);
     }
 
     /// Terminates an instance behind the daemon's back (spot reclaim, an operator).
-    pub fn terminate_behind_its_back(&self, instance_id: &str) {
+    pub(super) fn terminate_behind_its_back(&self, instance_id: &str) {
         if let Some(i) = self.state().instances.get_mut(instance_id) {
             i.life = InstanceLife::Terminated;
         }
@@ -269,7 +269,7 @@ impl Ec2Api for FakeEc2 {
 
 /// How a fake machine's dockerd behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dockerd {
+pub(super) enum Dockerd {
     /// Answers; holds this many job containers.
     Up { containers: usize },
     /// Refuses at once (crashed).
@@ -279,18 +279,18 @@ pub enum Dockerd {
 /// Every machine's dockerd answers unless scripted otherwise (by machine id, or for all
 /// machines not named).
 #[derive(Default)]
-pub struct FakeMachines {
+pub(super) struct FakeMachines {
     dockerd: Mutex<HashMap<String, Dockerd>>,
     otherwise: Mutex<Option<Dockerd>>,
 }
 
 impl FakeMachines {
     /// How machines not scripted by id behave (new launches included).
-    pub fn set_default(&self, d: Dockerd) {
+    pub(super) fn set_default(&self, d: Dockerd) {
         *self.otherwise.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
     }
 
-    pub fn set(&self, machine_id: &str, d: Dockerd) {
+    pub(super) fn set(&self, machine_id: &str, d: Dockerd) {
         self.dockerd
             .lock()
             .unwrap_or_else(|p| p.into_inner())

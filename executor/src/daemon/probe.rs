@@ -13,7 +13,7 @@ const FIRST_DELAY: Duration = Duration::from_millis(50);
 const MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// Starts probes for machines left booting by a previous daemon.
-pub fn resume(shared: &Arc<Shared>) {
+pub(super) fn resume(shared: &Arc<Shared>) {
     let ids: Vec<String> = shared
         .pool()
         .machines()
@@ -26,7 +26,7 @@ pub fn resume(shared: &Arc<Shared>) {
     }
 }
 
-pub fn spawn(shared: Arc<Shared>, machine_id: String) {
+pub(super) fn spawn(shared: Arc<Shared>, machine_id: String) {
     {
         let mut probing = shared.probing.lock().unwrap_or_else(|p| p.into_inner());
         if !probing.insert(machine_id.clone()) {
@@ -114,7 +114,7 @@ const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the health watcher does about a machine after a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HealthAction {
+pub(super) enum HealthAction {
     /// Nothing (healthy, or not yet enough misses).
     Keep,
     /// Mark it broken: never leased again, replaced.
@@ -126,7 +126,7 @@ pub enum HealthAction {
 
 /// The health watcher's decision for a machine that has failed its last
 /// `consecutive_failures` checks (0: its last check passed). Pure.
-pub fn health_action(leased: bool, consecutive_failures: u32) -> HealthAction {
+pub(super) fn health_action(leased: bool, consecutive_failures: u32) -> HealthAction {
     if consecutive_failures < HEALTH_FAILURES {
         HealthAction::Keep
     } else if leased {
@@ -138,11 +138,11 @@ pub fn health_action(leased: bool, consecutive_failures: u32) -> HealthAction {
 
 /// How old a lease must be before the health watcher looks for its job's containers and
 /// network: prepare creates the network while it pulls, but only after its lease arrived.
-pub const LEASE_RECLAIM_GRACE: Duration = Duration::from_secs(600);
+pub(super) const LEASE_RECLAIM_GRACE: Duration = Duration::from_secs(600);
 
 /// What the health watcher does about a lease after listing its job's containers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseAction {
+pub(super) enum LeaseAction {
     Keep,
     /// The job's containers are gone (its cleanup removed them, but its release never
     /// reached the daemon): release the lease as healthy.
@@ -151,7 +151,7 @@ pub enum LeaseAction {
 
 /// The decision for a lease `age` old whose machine has `containers` job containers now,
 /// `empty_before` telling whether the previous check found none too. Pure.
-pub fn lease_action(age: Duration, containers: usize, empty_before: bool) -> LeaseAction {
+pub(super) fn lease_action(age: Duration, containers: usize, empty_before: bool) -> LeaseAction {
     if age >= LEASE_RECLAIM_GRACE && containers == 0 && empty_before {
         LeaseAction::Reclaim
     } else {
@@ -190,7 +190,10 @@ enum Check {
 /// A lease older than [`LEASE_RECLAIM_GRACE`] is checked by listing its job's containers:
 /// none on two checks in a row means the job's cleanup ran but its release never reached
 /// the daemon, and the lease is released as healthy ([`lease_action`]).
-pub async fn watch_health(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn watch_health(
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut failures: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     // Leases whose last check found no job containers.
     let mut empty_leases: std::collections::HashSet<String> = std::collections::HashSet::new();

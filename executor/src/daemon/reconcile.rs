@@ -22,7 +22,7 @@ const LAUNCH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Re-send a termination EC2 has not carried out after this long.
 const TERMINATE_RETRY: Duration = Duration::from_secs(120);
 
-pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let interval = shared.config.reconcile_interval.0;
     let graces = graces(&shared);
     let mut last_observe: Option<Instant> = None;

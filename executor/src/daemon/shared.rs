@@ -22,7 +22,7 @@ use crate::plan::Policy;
 use crate::pool::Pool;
 use crate::state_store::StateStore;
 
-pub struct Shared {
+pub(crate) struct Shared {
     pub config: Config,
     pub policy: Policy,
     pool: Mutex<Pool>,
@@ -101,7 +101,7 @@ impl Shared {
 /// An instance carrying this fleet's tag that the pool does not know: its
 /// `flotilla:machine` tag, and when it was first seen (the orphan grace runs from there).
 #[derive(Debug, Clone)]
-pub struct UnknownInstance {
+pub(crate) struct UnknownInstance {
     /// Its `flotilla:machine` tag.
     pub machine_id: Option<String>,
     pub first_seen: DateTime<Utc>,
@@ -126,7 +126,7 @@ fn ownership(config: &Config, daemon_id: String) -> crate::observe::Ownership {
 impl Shared {
     /// Why machine `m` must take no further job at `now` (its class's `max_builds`,
     /// `max_age`), if it must not.
-    pub fn retire_reason(
+    pub(crate) fn retire_reason(
         &self,
         m: &crate::pool::Machine,
         now: DateTime<Utc>,
@@ -138,18 +138,18 @@ impl Shared {
     }
 
     /// The daemon's notion of now (see [`Clock`]).
-    pub fn now(&self) -> DateTime<Utc> {
+    pub(crate) fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
 
-    pub fn pool(&self) -> MutexGuard<'_, Pool> {
+    pub(crate) fn pool(&self) -> MutexGuard<'_, Pool> {
         // A panic while holding the lock cannot leave the pool half-updated in a way
         // worse than stopping the daemon would; keep serving.
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies a change to the pool and returns the generation to persist.
-    pub fn update<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> (R, u64) {
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> (R, u64) {
         let mut pool = self.pool();
         let r = f(&mut pool);
         (r, self.store.bump())
@@ -159,7 +159,7 @@ impl Shared {
     /// returns once the record is on disk (flushed after the lock is released, so
     /// concurrent operations share a flush). On error the operation must not be
     /// acknowledged (and its change to the pool undone).
-    pub fn update_journaled<R>(
+    pub(crate) fn update_journaled<R>(
         &self,
         f: impl FnOnce(&mut Pool) -> (R, Option<crate::state_store::JournalOp>),
     ) -> Result<R, crate::state_store::StoreError> {
@@ -180,7 +180,7 @@ impl Shared {
 
     /// Writes a snapshot including generation `gen` (fsynced, atomic rename, the previous
     /// one kept); failures are logged (the next change retries).
-    pub async fn commit(&self, gen: u64) -> bool {
+    pub(crate) async fn commit(&self, gen: u64) -> bool {
         match self.store.persist(&self.pool, gen).await {
             Ok(()) => true,
             Err(e) => {
@@ -192,7 +192,7 @@ impl Shared {
 
     /// [`Shared::commit`], named where durability is the point (launches, terminations).
     /// Every snapshot is fsynced.
-    pub async fn commit_durable(&self, gen: u64) -> bool {
+    pub(crate) async fn commit_durable(&self, gen: u64) -> bool {
         self.commit(gen).await
     }
 }
@@ -209,7 +209,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Random ids: machine ids name machines in DNS, so lowercase letters and digits only.
-pub fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();

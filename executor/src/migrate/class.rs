@@ -14,7 +14,7 @@ use super::report::{Kind, Report};
 use super::{idle, job, names};
 
 /// One docker+machine runner on its way to being a class.
-pub struct Plan {
+pub(super) struct Plan {
     pub index: usize,
     pub name: String,
     pub at: String,
@@ -31,7 +31,7 @@ pub struct Plan {
 }
 
 /// Reads one docker+machine runner into a [`Plan`]: its class, its docker options.
-pub fn plan_runner(
+pub(super) fn plan_runner(
     index: usize,
     runner: &toml::Table,
     concurrent: Option<u32>,

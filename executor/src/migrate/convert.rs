@@ -32,7 +32,7 @@ pub struct Migration {
     pub classes: Vec<(String, String)>,
 }
 
-pub const EXECUTOR: &str = "docker+machine";
+pub(super) const EXECUTOR: &str = "docker+machine";
 
 /// Global keys of gitlab-runner's config.toml.
 const GLOBAL_KEYS: &[&str] = &[

@@ -12,7 +12,7 @@ use super::report::{Kind, Report};
 /// One converted option: the `[runners.docker]` key it came from, where it goes in a
 /// `[job]` table, and its value there.
 #[derive(Debug, Clone, PartialEq)]
-pub struct JobSetting {
+pub(super) struct JobSetting {
     pub from: String,
     pub to: Vec<&'static str>,
     pub value: toml::Value,
@@ -20,7 +20,7 @@ pub struct JobSetting {
 
 impl JobSetting {
     /// The `[job]` key path, e.g. `container.shm_size`.
-    pub fn to_key(&self) -> String {
+    pub(super) fn to_key(&self) -> String {
         self.to.join(".")
     }
 }
@@ -107,7 +107,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 
 /// Converts one runner's `[runners.docker]` (at input key `path`, reported at `at`).
 /// `cache_dir` and `builds_dir` are the runner's: volumes that would hide them are left out.
-pub fn convert(
+pub(super) fn convert(
     docker: toml::Table,
     path: &str,
     at: &str,

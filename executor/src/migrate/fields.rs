@@ -7,14 +7,14 @@
 
 use super::error::Bad;
 
-pub struct Fields {
+pub(super) struct Fields {
     table: toml::Table,
     /// Key path of the table in the input, e.g. `runners[0].machine`.
     path: String,
 }
 
 impl Fields {
-    pub fn new(table: toml::Table, path: impl Into<String>) -> Self {
+    pub(super) fn new(table: toml::Table, path: impl Into<String>) -> Self {
         Self {
             table,
             path: path.into(),
@@ -22,7 +22,7 @@ impl Fields {
     }
 
     /// The input key path of `key` in this table.
-    pub fn key(&self, key: &str) -> String {
+    pub(super) fn key(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_owned()
         } else {
@@ -30,7 +30,7 @@ impl Fields {
         }
     }
 
-    pub fn take(&mut self, key: &str) -> Option<toml::Value> {
+    pub(super) fn take(&mut self, key: &str) -> Option<toml::Value> {
         self.table.remove(key)
     }
 
@@ -41,7 +41,7 @@ impl Fields {
         )
     }
 
-    pub fn string(&mut self, key: &str) -> Result<Option<String>, Bad> {
+    pub(super) fn string(&mut self, key: &str) -> Result<Option<String>, Bad> {
         match self.take(key) {
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s)),
@@ -49,7 +49,7 @@ impl Fields {
         }
     }
 
-    pub fn int(&mut self, key: &str) -> Result<Option<i64>, Bad> {
+    pub(super) fn int(&mut self, key: &str) -> Result<Option<i64>, Bad> {
         match self.take(key) {
             None => Ok(None),
             Some(toml::Value::Integer(i)) => Ok(Some(i)),
@@ -58,7 +58,7 @@ impl Fields {
     }
 
     /// A count: an integer from 0 to `u32::MAX`.
-    pub fn count(&mut self, key: &str) -> Result<Option<u32>, Bad> {
+    pub(super) fn count(&mut self, key: &str) -> Result<Option<u32>, Bad> {
         match self.int(key)? {
             None => Ok(None),
             Some(i) => u32::try_from(i)
@@ -68,7 +68,7 @@ impl Fields {
     }
 
     /// A number, written as a float or an integer.
-    pub fn float(&mut self, key: &str) -> Result<Option<f64>, Bad> {
+    pub(super) fn float(&mut self, key: &str) -> Result<Option<f64>, Bad> {
         match self.take(key) {
             None => Ok(None),
             Some(toml::Value::Float(f)) => Ok(Some(f)),
@@ -77,7 +77,7 @@ impl Fields {
         }
     }
 
-    pub fn bool(&mut self, key: &str) -> Result<Option<bool>, Bad> {
+    pub(super) fn bool(&mut self, key: &str) -> Result<Option<bool>, Bad> {
         match self.take(key) {
             None => Ok(None),
             Some(toml::Value::Boolean(b)) => Ok(Some(b)),
@@ -87,7 +87,7 @@ impl Fields {
 
     /// An array of strings; with `single`, one string is read as a one-element list (as
     /// gitlab-runner reads `pull_policy`).
-    pub fn strings(&mut self, key: &str, single: bool) -> Result<Option<Vec<String>>, Bad> {
+    pub(super) fn strings(&mut self, key: &str, single: bool) -> Result<Option<Vec<String>>, Bad> {
         match self.take(key) {
             None => Ok(None),
             Some(toml::Value::String(s)) if single => Ok(Some(vec![s])),
@@ -107,7 +107,7 @@ impl Fields {
         }
     }
 
-    pub fn table(&mut self, key: &str) -> Result<Option<toml::Table>, Bad> {
+    pub(super) fn table(&mut self, key: &str) -> Result<Option<toml::Table>, Bad> {
         match self.take(key) {
             None => Ok(None),
             Some(toml::Value::Table(t)) => Ok(Some(t)),
@@ -116,7 +116,7 @@ impl Fields {
     }
 
     /// `[[key]]`: an array of tables.
-    pub fn tables(&mut self, key: &str) -> Result<Vec<toml::Table>, Bad> {
+    pub(super) fn tables(&mut self, key: &str) -> Result<Vec<toml::Table>, Bad> {
         match self.take(key) {
             None => Ok(Vec::new()),
             Some(toml::Value::Array(items)) => items
@@ -135,13 +135,13 @@ impl Fields {
     }
 
     /// The keys no read took, in input order.
-    pub fn rest(self) -> toml::Table {
+    pub(super) fn rest(self) -> toml::Table {
         self.table
     }
 }
 
 /// True for a value that only restates a default: `""`, `0`, `false`, `[]`, `[""]`, `{}`.
-pub fn is_empty_value(v: &toml::Value) -> bool {
+pub(super) fn is_empty_value(v: &toml::Value) -> bool {
     match v {
         toml::Value::String(s) => s.is_empty(),
         toml::Value::Integer(i) => *i == 0,
@@ -154,7 +154,7 @@ pub fn is_empty_value(v: &toml::Value) -> bool {
 }
 
 /// A short rendering of a value for the report (strings unquoted, tables elided).
-pub fn brief(v: &toml::Value) -> String {
+pub(super) fn brief(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => format!("{s:?}"),
         toml::Value::Table(_) => "{...}".into(),

@@ -15,7 +15,7 @@ use super::report::{Kind, Report};
 use super::{job, names};
 
 /// The fleet around the classes: region, growth, job settings shared or per class.
-pub fn fleet_config(
+pub(super) fn fleet_config(
     plans: &[Plan],
     machine_global: Option<&toml::Table>,
     options: &Options,

@@ -13,7 +13,7 @@ use super::report::{Kind, Report};
 
 /// A class's idle policy, from one runner.
 #[derive(Debug, Clone, PartialEq)]
-pub struct IdlePolicy {
+pub(super) struct IdlePolicy {
     pub idle_count: u32,
     pub idle_count_min: u32,
     pub idle_scale_factor: f64,
@@ -27,7 +27,7 @@ pub struct IdlePolicy {
 
 /// Reads the idle keys of `[runners.machine]` (`m`, reported at `at`) for class `class_name`;
 /// `limit` is the runner's and `concurrent` the config's global one.
-pub fn read(
+pub(super) fn read(
     m: &mut Fields,
     at: &str,
     class_name: &str,

@@ -10,7 +10,7 @@ use super::docker::JobSetting;
 use super::error::Bad;
 
 /// Deserializes a `[job]` table, naming the key path of the first problem.
-pub fn deserialize(table: &toml::Table) -> Result<JobConfig, (String, String)> {
+pub(super) fn deserialize(table: &toml::Table) -> Result<JobConfig, (String, String)> {
     serde_path_to_error::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
         let path = e.path().to_string();
         (path, e.into_inner().message().trim_end().to_owned())
@@ -19,7 +19,7 @@ pub fn deserialize(table: &toml::Table) -> Result<JobConfig, (String, String)> {
 
 /// Checks one runner's `[job]` table (`job`, built from `settings`) as Flotilla reads it
 /// for a fleet of just `class`, naming the `[runners.docker]` key a problem comes from.
-pub fn check(
+pub(super) fn check(
     index: usize,
     (class_name, class): (&str, &ClassConfig),
     job: &toml::Table,
@@ -64,7 +64,7 @@ pub fn check(
 }
 
 /// The keys every table has with the same value (sub-tables key by key).
-pub fn common(tables: &[&toml::Table]) -> toml::Table {
+pub(super) fn common(tables: &[&toml::Table]) -> toml::Table {
     let mut out = toml::Table::new();
     let Some(first) = tables.first() else {
         return out;
@@ -86,7 +86,7 @@ pub fn common(tables: &[&toml::Table]) -> toml::Table {
 }
 
 /// What `t` has beyond `base` (sub-tables key by key): a class's `[classes.X.job]`.
-pub fn minus(t: &toml::Table, base: &toml::Table) -> toml::Table {
+pub(super) fn minus(t: &toml::Table, base: &toml::Table) -> toml::Table {
     let mut out = toml::Table::new();
     for (k, v) in t {
         match (base.get(k), v) {
@@ -105,7 +105,7 @@ pub fn minus(t: &toml::Table, base: &toml::Table) -> toml::Table {
     out
 }
 
-pub fn lookup<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+pub(super) fn lookup<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
     let (first, rest) = path.split_first()?;
     let v = t.get(*first)?;
     if rest.is_empty() {
@@ -115,7 +115,7 @@ pub fn lookup<'a>(t: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> 
     }
 }
 
-pub fn insert_at(t: &mut toml::Table, path: &[&str], value: toml::Value) {
+pub(super) fn insert_at(t: &mut toml::Table, path: &[&str], value: toml::Value) {
     match path {
         [] => {}
         [last] => {

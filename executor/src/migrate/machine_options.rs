@@ -7,7 +7,7 @@ use super::report::{shown, Kind, Report};
 
 /// What a runner's `MachineOptions` say about its machines, in Flotilla's terms.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ec2Options {
+pub(super) struct Ec2Options {
     pub region: Option<String>,
     pub endpoint: Option<String>,
     pub ami: Option<String>,
@@ -26,16 +26,16 @@ pub struct Ec2Options {
 }
 
 /// docker-machine's region when `amazonec2-region` is not set.
-pub const DEFAULT_REGION: &str = "us-east-1";
+pub(super) const DEFAULT_REGION: &str = "us-east-1";
 /// docker-machine's instance type when `amazonec2-instance-type` is not set.
-pub const DEFAULT_INSTANCE_TYPE: &str = "t2.micro";
+pub(super) const DEFAULT_INSTANCE_TYPE: &str = "t2.micro";
 /// The security group docker-machine creates (open to the world on 22 and 2376) and uses
 /// when `amazonec2-security-group` is not set.
-pub const DEFAULT_SECURITY_GROUP: &str = "docker-machine";
+pub(super) const DEFAULT_SECURITY_GROUP: &str = "docker-machine";
 
 /// Reads `options` (the `MachineOptions` array at input key `key`), reporting each one at
 /// `at`; `class` names the Flotilla class they are converted into.
-pub fn parse(
+pub(super) fn parse(
     options: &[String],
     key: &str,
     at: &str,

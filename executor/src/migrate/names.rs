@@ -3,7 +3,7 @@
 
 /// A class or fleet name from a runner name: lowercase letters, digits, `-`, `_` and `.`,
 /// at most 64 characters (`fallback` when nothing is left).
-pub fn tag_safe(name: &str, fallback: &str) -> String {
+pub(super) fn tag_safe(name: &str, fallback: &str) -> String {
     let mut s = String::new();
     for c in name.chars() {
         let c = c.to_ascii_lowercase();
@@ -22,7 +22,7 @@ pub fn tag_safe(name: &str, fallback: &str) -> String {
     }
 }
 
-pub fn unique(name: &str, taken: &[&str]) -> String {
+pub(super) fn unique(name: &str, taken: &[&str]) -> String {
     if !taken.contains(&name) {
         return name.to_owned();
     }
@@ -34,7 +34,7 @@ pub fn unique(name: &str, taken: &[&str]) -> String {
 
 /// The names' common prefix, cut at a separator (`ci-small`, `ci-large` -> `ci`); for one
 /// name, the name.
-pub fn common_prefix(names: &[&str]) -> Option<String> {
+pub(super) fn common_prefix(names: &[&str]) -> Option<String> {
     let first = *names.first()?;
     if names.len() == 1 {
         return Some(first.to_owned());
@@ -60,7 +60,7 @@ pub fn common_prefix(names: &[&str]) -> Option<String> {
 }
 
 /// What `flotilla.toml` accepts as a fleet name: 1-64 letters, digits, `-`, `_` or `.`.
-pub fn is_valid(name: &str) -> bool {
+pub(super) fn is_valid(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

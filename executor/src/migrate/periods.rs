@@ -6,13 +6,13 @@ use flotilla_proto::schedule;
 
 /// One period in Flotilla's form, and a note when its meaning shifts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Period {
+pub(super) struct Period {
     pub pattern: String,
     pub note: Option<String>,
 }
 
 /// Converts one docker+machine period; `Err` says why it has no 5-field equivalent.
-pub fn convert(period: &str) -> Result<Period, String> {
+pub(super) fn convert(period: &str) -> Result<Period, String> {
     let p = period.trim();
     let macro_form = match p {
         "@yearly" | "@annually" => Some("0 0 1 1 *"),

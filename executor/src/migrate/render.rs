@@ -29,7 +29,11 @@ const CLASS_KEYS: &[&str] = &[
 
 /// `flotilla.toml`: a header naming the input and the report, then the config without
 /// the keys at their defaults.
-pub fn flotilla_toml(config: &Config, source: &str, install_path: &str) -> Result<String, Bad> {
+pub(super) fn flotilla_toml(
+    config: &Config,
+    source: &str,
+    install_path: &str,
+) -> Result<String, Bad> {
     let mut top = to_table(config, "flotilla.toml")?;
     prune(
         &mut top,
@@ -66,7 +70,7 @@ pub fn flotilla_toml(config: &Config, source: &str, install_path: &str) -> Resul
 }
 
 /// The runner's `config.toml`, with a header.
-pub fn runner_toml(table: &toml::Table, source: &str, fleet: &str) -> Result<String, Bad> {
+pub(super) fn runner_toml(table: &toml::Table, source: &str, fleet: &str) -> Result<String, Bad> {
     let body = toml::to_string(table).map_err(|e| unwritable("config.toml", &e))?;
     Ok(format!(
         "# gitlab-runner config.toml written by `flotilla migrate` from {source}: its\n\

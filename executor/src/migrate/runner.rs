@@ -69,7 +69,7 @@ const OTHER_EXECUTORS: &[&str] = &[
 
 /// Where the stages are: the `flotilla` binary and the flotilla.toml it is given.
 #[derive(Debug, Clone)]
-pub struct Stages<'a> {
+pub(super) struct Stages<'a> {
     pub binary: &'a str,
     pub config_path: &'a str,
     /// `prepare_exec_timeout`: see [`prepare_exec_timeout`].
@@ -78,12 +78,12 @@ pub struct Stages<'a> {
 
 /// `prepare` waits for a machine (up to `[job] acquire_timeout`) and then pulls images:
 /// gitlab-runner gives it five minutes more, as flotilla-provision's runner config does.
-pub fn prepare_exec_timeout(acquire_timeout: std::time::Duration) -> u64 {
+pub(super) fn prepare_exec_timeout(acquire_timeout: std::time::Duration) -> u64 {
     acquire_timeout.as_secs().saturating_add(300)
 }
 
 /// The `[runners.custom]` section that calls the Flotilla stages.
-pub fn custom_section(stages: &Stages<'_>) -> toml::Table {
+pub(super) fn custom_section(stages: &Stages<'_>) -> toml::Table {
     let mut t = toml::Table::new();
     for stage in ["config", "prepare", "run", "cleanup"] {
         t.insert(
@@ -113,7 +113,7 @@ pub fn custom_section(stages: &Stages<'_>) -> toml::Table {
 
 /// `runner` (at input key `path`, reported at `at`) for the custom executor, with
 /// `FLOTILLA_CLASS=<class>` in its environment when `class` is given.
-pub fn rewrite(
+pub(super) fn rewrite(
     runner: &toml::Table,
     path: &str,
     at: &str,

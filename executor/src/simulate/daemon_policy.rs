@@ -19,7 +19,7 @@ use flotilla_proto::api::ReleaseOutcome;
 
 use super::engine::{Ctx, Scaler};
 
-pub struct Flotilla {
+pub(super) struct Flotilla {
     policy: Policy,
     pub pool: Pool,
     instance_types: BTreeMap<String, String>,
@@ -34,7 +34,7 @@ pub struct Flotilla {
 impl Flotilla {
     /// `instance_types`: the type launched for each class (the daemon launches the first
     /// of the class's list when it has capacity).
-    pub fn new(
+    pub(super) fn new(
         policy: Policy,
         instance_types: BTreeMap<String, String>,
         default_class: String,

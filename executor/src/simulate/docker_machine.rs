@@ -30,7 +30,7 @@ use super::periods::PeriodCache;
 
 /// The knobs one period (or the runner itself) sets.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Knobs {
+pub(super) struct Knobs {
     pub idle_count: u32,
     pub idle_count_min: u32,
     pub idle_scale_factor: f64,
@@ -38,14 +38,14 @@ pub struct Knobs {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Period {
+pub(super) struct Period {
     pub periods: Vec<String>,
     pub timezone: String,
     pub knobs: Knobs,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub(super) struct Config {
     pub knobs: Knobs,
     /// `MaxBuilds`; 0 means unlimited.
     pub max_builds: u32,
@@ -58,7 +58,7 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         let k = &self.knobs;
         let mut s = format!("IdleCount={} IdleTime={}s", k.idle_count, k.idle_time_s);
         if k.idle_scale_factor > 0.0 {
@@ -289,13 +289,13 @@ impl Runner {
 }
 
 /// docker+machine, one runner per class.
-pub struct DockerMachine {
+pub(super) struct DockerMachine {
     runners: BTreeMap<String, Runner>,
 }
 
 impl DockerMachine {
     /// `configs` by class; jobs of an unknown class use the first runner.
-    pub fn new(configs: BTreeMap<String, Config>) -> Self {
+    pub(super) fn new(configs: BTreeMap<String, Config>) -> Self {
         Self {
             runners: configs
                 .into_iter()

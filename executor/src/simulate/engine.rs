@@ -15,7 +15,7 @@ use super::trace::{Job, Trace};
 const MIN_BILLED_MS: i64 = 60_000;
 
 /// What a policy sees of the world and may do to it.
-pub trait Scaler {
+pub(super) trait Scaler {
     /// A job asks for a machine.
     fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize);
     /// A launched machine finished booting.
@@ -30,7 +30,7 @@ pub trait Scaler {
 
 /// The simulated environment, the same for every policy compared.
 #[derive(Debug, Clone)]
-pub struct Env {
+pub(super) struct Env {
     pub boot: Dist,
     pub seed: u64,
     /// Mean spot reclaims per machine-hour (0: none).
@@ -68,7 +68,7 @@ struct SimMachine {
 /// One sample of the time series: jobs in the system (running or waiting), machines that
 /// exist (booting, idle or busy) and those not running a job.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sample {
+pub(super) struct Sample {
     pub t: i64,
     pub demand: u32,
     pub machines: u32,
@@ -77,7 +77,7 @@ pub struct Sample {
 
 /// What a replay measured.
 #[derive(Debug, Clone, Default)]
-pub struct Outcome {
+pub(super) struct Outcome {
     pub name: String,
     /// Per job, milliseconds between asking for a machine and running on one (time spent
     /// running on a machine that was then reclaimed does not count as waiting).
@@ -95,7 +95,7 @@ pub struct Outcome {
     pub end: i64,
 }
 
-pub struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     pub now: i64,
     pub jobs: &'a [Job],
     env: &'a Env,
@@ -121,7 +121,7 @@ impl<'a> Ctx<'a> {
         self.events.push(Reverse((at, self.seq, ev)));
     }
 
-    pub fn now_utc(&self) -> DateTime<Utc> {
+    pub(super) fn now_utc(&self) -> DateTime<Utc> {
         Utc.timestamp_millis_opt(self.now)
             .single()
             .unwrap_or_default()
@@ -129,7 +129,7 @@ impl<'a> Ctx<'a> {
 
     /// Starts an instance of `instance_type`; it is ready after a draw from the boot
     /// distribution. Returns the machine's index.
-    pub fn launch(&mut self, instance_type: &str) -> usize {
+    pub(super) fn launch(&mut self, instance_type: &str) -> usize {
         let id = self.machines.len();
         let price = self.env.prices.get(instance_type).copied().unwrap_or(0.0);
         self.machines.push(SimMachine {
@@ -152,7 +152,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Terminates a machine (no-op when it is already gone). Refused for a busy machine.
-    pub fn terminate(&mut self, m: usize) {
+    pub(super) fn terminate(&mut self, m: usize) {
         let Some(machine) = self.machines.get_mut(m) else {
             self.violations += 1;
             return;
@@ -169,7 +169,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Runs `job` on machine `m` (ready, alive and free).
-    pub fn start(&mut self, job: usize, m: usize) {
+    pub(super) fn start(&mut self, job: usize, m: usize) {
         let ok = self
             .machines
             .get(m)
@@ -198,7 +198,7 @@ impl<'a> Ctx<'a> {
 }
 
 /// Replays `trace` through `scaler` and measures it.
-pub fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env) -> Outcome {
+pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env) -> Outcome {
     let n = trace.jobs.len();
     let mut ctx = Ctx {
         now: 0,
@@ -324,7 +324,7 @@ pub fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env) -> Out
 
 /// Summary numbers of one replay.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Summary {
+pub(super) struct Summary {
     pub name: String,
     pub p50_wait_s: f64,
     pub p95_wait_s: f64,
@@ -336,7 +336,7 @@ pub struct Summary {
 }
 
 /// Nearest-rank percentile of sorted values (`p` in 0..=100).
-pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+pub(super) fn percentile(sorted: &[i64], p: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -345,7 +345,7 @@ pub fn percentile(sorted: &[i64], p: f64) -> i64 {
 }
 
 impl Outcome {
-    pub fn summary(&self) -> Summary {
+    pub(super) fn summary(&self) -> Summary {
         let mut w = self.waits_ms.clone();
         w.sort_unstable();
         let s = |ms: i64| (ms as f64 / 100.0).round() / 10.0;
@@ -367,7 +367,7 @@ impl Outcome {
 pub(crate) mod tests {
     use super::*;
 
-    pub fn env(boot: f64) -> Env {
+    pub(crate) fn env(boot: f64) -> Env {
         Env {
             boot: Dist::Fixed(boot),
             seed: 1,
@@ -379,7 +379,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub fn trace(jobs: &[(i64, i64)]) -> Trace {
+    pub(crate) fn trace(jobs: &[(i64, i64)]) -> Trace {
         Trace {
             jobs: jobs
                 .iter()

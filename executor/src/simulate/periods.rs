@@ -5,7 +5,7 @@ use chrono::{TimeZone, Utc};
 use flotilla_proto::schedule::{Schedule, Window};
 
 #[derive(Debug, Clone, Default)]
-pub struct PeriodCache {
+pub(super) struct PeriodCache {
     /// `None` for an entry that does not parse: it never matches, and keeps its index.
     schedules: Vec<Option<Window>>,
     minute: Option<i64>,
@@ -14,7 +14,7 @@ pub struct PeriodCache {
 
 impl PeriodCache {
     /// `(periods, timezone)` per entry, in configuration order: the last match wins.
-    pub fn new(entries: &[(Vec<String>, String)]) -> Self {
+    pub(super) fn new(entries: &[(Vec<String>, String)]) -> Self {
         Self {
             schedules: entries
                 .iter()
@@ -34,7 +34,7 @@ impl PeriodCache {
     }
 
     /// Index of the last entry active at `now_ms`, if any.
-    pub fn active(&mut self, now_ms: i64) -> Option<usize> {
+    pub(super) fn active(&mut self, now_ms: i64) -> Option<usize> {
         if self.schedules.is_empty() {
             return None;
         }

@@ -36,12 +36,12 @@ fn buckets(o: &Outcome, n: usize) -> Vec<(i64, f64, f64, f64)> {
 }
 
 /// `▁▂▃▄▅▆▇█` of the idle machines (mean per slice), with the peak.
-pub fn sparkline(o: &Outcome, width: usize) -> String {
+pub(super) fn sparkline(o: &Outcome, width: usize) -> String {
     series_line(&buckets(o, width), |b| b.3, "idle")
 }
 
 /// Sparkline of jobs in the system (running or waiting).
-pub fn demand_sparkline(o: &Outcome, width: usize) -> String {
+pub(super) fn demand_sparkline(o: &Outcome, width: usize) -> String {
     series_line(&buckets(o, width), |b| b.1, "jobs")
 }
 
@@ -80,7 +80,7 @@ fn path(points: &[(f64, f64)]) -> String {
 }
 
 /// Renders the replays as one SVG document.
-pub fn svg(outcomes: &[Outcome]) -> String {
+pub(super) fn svg(outcomes: &[Outcome]) -> String {
     const W: f64 = 1100.0;
     const LEFT: f64 = 56.0;
     const RIGHT: f64 = 16.0;
@@ -222,7 +222,7 @@ fn nice_axis(v: f64) -> (f64, f64) {
     ((v / step).ceil().max(1.0) * step, step)
 }
 
-pub fn write(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
+pub(super) fn write(path: &Path, outcomes: &[Outcome]) -> std::io::Result<()> {
     std::fs::write(path, svg(outcomes))
 }
 

@@ -6,7 +6,7 @@ use super::engine::Summary;
 
 /// The `--json` output.
 #[derive(serde::Serialize)]
-pub struct Report<'a> {
+pub(super) struct Report<'a> {
     pub policies: &'a [Summary],
 }
 
@@ -20,7 +20,7 @@ macro_rules! outln {
 pub(crate) use outln;
 
 /// Writes the report to stdout; a closed pipe (`| head`) is not an error.
-pub fn emit(text: &str) -> anyhow::Result<()> {
+pub(super) fn emit(text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     match stdout
@@ -33,7 +33,7 @@ pub fn emit(text: &str) -> anyhow::Result<()> {
 }
 
 /// One line per policy: waits, idle and busy machine-hours, launches and cost.
-pub fn print_table(out: &mut String, rows: &[Summary]) {
+pub(super) fn print_table(out: &mut String, rows: &[Summary]) {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(6).max(6);
     outln!(
         out,

@@ -4,14 +4,14 @@
 use std::fmt;
 
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub(super) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Self {
+    pub(super) fn new(seed: u64) -> Self {
         Self(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -20,19 +20,19 @@ impl Rng {
     }
 
     /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
+    pub(super) fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
+    pub(super) fn normal(&mut self) -> f64 {
         let u1 = self.unit().max(f64::MIN_POSITIVE);
         let u2 = self.unit();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
     /// Exponential with the given mean.
-    pub fn exponential(&mut self, mean: f64) -> f64 {
+    pub(super) fn exponential(&mut self, mean: f64) -> f64 {
         -mean * (1.0 - self.unit()).ln()
     }
 }
@@ -41,7 +41,7 @@ impl Rng {
 /// `normal:65:10` (mean, standard deviation) or `lognormal:60:0.3` (median, sigma).
 /// Draws are clamped to at least one second.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Dist {
+pub(super) enum Dist {
     Fixed(f64),
     Uniform(f64, f64),
     Normal(f64, f64),
@@ -49,7 +49,7 @@ pub enum Dist {
 }
 
 impl Dist {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(super) fn parse(text: &str) -> Result<Self, String> {
         let parts: Vec<&str> = text.split(':').map(str::trim).collect();
         let num = |s: &str| -> Result<f64, String> {
             let v: f64 = s
@@ -82,7 +82,7 @@ impl Dist {
         Ok(d)
     }
 
-    pub fn sample(&self, rng: &mut Rng) -> f64 {
+    pub(super) fn sample(&self, rng: &mut Rng) -> f64 {
         let v = match *self {
             Self::Fixed(v) => v,
             Self::Uniform(a, b) => a + (b - a) * rng.unit(),

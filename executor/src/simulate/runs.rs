@@ -13,7 +13,7 @@ use super::trace::Trace;
 use super::{daemon_policy, docker_machine, taskscaler};
 
 /// Replays the trace through Flotilla's plan with `config`.
-pub fn run_flotilla(name: &str, config: &Config, trace: &Trace, env: &Env) -> Outcome {
+pub(super) fn run_flotilla(name: &str, config: &Config, trace: &Trace, env: &Env) -> Outcome {
     let policy = crate::plan::Policy::from_config(config);
     let types = config
         .classes
@@ -35,7 +35,7 @@ pub fn run_flotilla(name: &str, config: &Config, trace: &Trace, env: &Env) -> Ou
 }
 
 /// Replays the trace through the docker+machine model with one config per class.
-pub fn run_docker_machine(
+pub(super) fn run_docker_machine(
     name: &str,
     configs: BTreeMap<String, docker_machine::Config>,
     trace: &Trace,
@@ -46,7 +46,7 @@ pub fn run_docker_machine(
 }
 
 /// Replays the trace through the taskscaler model with one config per class.
-pub fn run_taskscaler(
+pub(super) fn run_taskscaler(
     name: &str,
     configs: BTreeMap<String, taskscaler::Config>,
     trace: &Trace,
@@ -58,7 +58,7 @@ pub fn run_taskscaler(
 
 /// docker+machine with the config's knobs under docker+machine's semantics (schedules
 /// become `[[runners.machine.autoscaling]]` periods, unset fields taking the class value).
-pub fn docker_machine_from(config: &Config) -> BTreeMap<String, docker_machine::Config> {
+pub(super) fn docker_machine_from(config: &Config) -> BTreeMap<String, docker_machine::Config> {
     config
         .classes
         .iter()
@@ -101,7 +101,7 @@ pub fn docker_machine_from(config: &Config) -> BTreeMap<String, docker_machine::
 /// taskscaler with the config's knobs: `idle_count` (or with a scale factor, `idle_count_min`
 /// as the floor and `idle_count` as `scale_factor_limit`), `idle_time`, `max_builds` as
 /// `max_use_count`, `max_machines` as `max_instances`.
-pub fn taskscaler_from(config: &Config) -> BTreeMap<String, taskscaler::Config> {
+pub(super) fn taskscaler_from(config: &Config) -> BTreeMap<String, taskscaler::Config> {
     let knobs = |count: u32, min: u32, factor: f64, idle_time_s: u64| taskscaler::Knobs {
         idle_count: if factor > 0.0 { min } else { count },
         idle_time_s,
@@ -143,7 +143,7 @@ pub fn taskscaler_from(config: &Config) -> BTreeMap<String, taskscaler::Config> 
 
 /// A policy that tried to terminate a busy machine or run a job twice is a bug, not a
 /// result.
-pub fn check(outcomes: &[Outcome]) -> anyhow::Result<()> {
+pub(super) fn check(outcomes: &[Outcome]) -> anyhow::Result<()> {
     for o in outcomes {
         if o.violations > 0 {
             bail!(

@@ -64,12 +64,12 @@ const DEFAULT_PRICES: &[(&str, f64)] = &[
 
 /// The instance type and limits used when no config is given: one class, capacity that
 /// never binds for the shared trace, so the comparison is about the autoscaling policy.
-pub const SIM_INSTANCE_TYPE: &str = "m5.large";
+pub(super) const SIM_INSTANCE_TYPE: &str = "m5.large";
 const SIM_MAX_MACHINES: u32 = 300;
 
 /// The configuration simulated without `--config`: Flotilla's defaults (the learned
 /// policy on, idle_time 10 min) for every class in the trace.
-pub fn default_config(classes: &[String]) -> Config {
+pub(super) fn default_config(classes: &[String]) -> Config {
     let mut c = Config {
         fleet: "simulated".into(),
         default_class: classes.first().cloned().unwrap_or_else(|| "default".into()),
@@ -102,14 +102,14 @@ fn prices(config: &Config) -> BTreeMap<String, f64> {
 }
 
 /// Everything one replay needs besides the policy.
-pub struct Setup {
+pub(super) struct Setup {
     pub config: Config,
     pub trace: trace::Trace,
     pub env: Env,
 }
 
 impl Setup {
-    pub fn load(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Self> {
+    pub(super) fn load(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Self> {
         let boot = Dist::parse(&args.boot).map_err(|e| anyhow::anyhow!("--boot {e}"))?;
         if !(args.spot_reclaims_per_hour.is_finite() && args.spot_reclaims_per_hour >= 0.0) {
             bail!("--spot-reclaims-per-hour must be a number >= 0");

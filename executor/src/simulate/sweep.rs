@@ -21,14 +21,14 @@ use super::{docker_machine, plot, taskscaler};
 
 /// One simulated configuration.
 #[derive(Clone)]
-pub enum Task {
+pub(super) enum Task {
     Flotilla(String, Box<Config>),
     DockerMachine(String, BTreeMap<String, docker_machine::Config>),
     Taskscaler(String, BTreeMap<String, taskscaler::Config>),
 }
 
 impl Task {
-    pub fn family(&self) -> &'static str {
+    pub(super) fn family(&self) -> &'static str {
         match self {
             Self::Flotilla(..) => "flotilla",
             Self::DockerMachine(..) => "docker+machine",
@@ -42,7 +42,7 @@ impl Task {
         }
     }
 
-    pub fn run(&self, trace: &Trace, env: &Env) -> Outcome {
+    pub(super) fn run(&self, trace: &Trace, env: &Env) -> Outcome {
         match self {
             Self::Flotilla(n, c) => run_flotilla(n, c, trace, env),
             Self::DockerMachine(n, c) => run_docker_machine(n, c.clone(), trace, env),
@@ -59,7 +59,7 @@ const IDLE_TIMES: [u64; 6] = [60, 300, 600, 1200, 1800, 3600];
 
 /// docker+machine: IdleCount x IdleTime, and IdleScaleFactor with IdleCountMin under an
 /// IdleCount cap. Other settings (limit, MaxBuilds, MaxGrowthRate, type) from the config.
-pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
+pub(super) fn docker_machine_grid(config: &Config) -> Vec<Task> {
     let base = docker_machine_from(config);
     let with_periods = |k: docker_machine::Knobs, periods: Vec<docker_machine::Period>| {
         let configs: BTreeMap<_, _> = base
@@ -133,7 +133,7 @@ pub fn docker_machine_grid(config: &Config) -> Vec<Task> {
 }
 
 /// taskscaler: idle_count x idle_time, and scale_factor x scale_factor_limit.
-pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
+pub(super) fn taskscaler_grid(config: &Config) -> Vec<Task> {
     let base = taskscaler_from(config);
     let with_policies = |k: taskscaler::Knobs, policies: Vec<taskscaler::Policy>| {
         let configs: BTreeMap<_, _> = base
@@ -205,7 +205,7 @@ pub fn taskscaler_grid(config: &Config) -> Vec<Task> {
 }
 
 /// Flotilla: the configured policy first, then variations of its learned-policy knobs.
-pub fn flotilla_grid(config: &Config) -> Vec<Task> {
+pub(super) fn flotilla_grid(config: &Config) -> Vec<Task> {
     let mut tasks = vec![Task::Flotilla("flotilla".into(), Box::new(config.clone()))];
     for (label, c) in flotilla_variants(config) {
         tasks.push(Task::Flotilla(format!("flotilla {label}"), Box::new(c)));
@@ -215,7 +215,7 @@ pub fn flotilla_grid(config: &Config) -> Vec<Task> {
 
 /// Variations of Flotilla's policy knobs walked by `--sweep`, with their labels: the
 /// forecast's look-ahead (its main knob), its idle time and cap, and the forecast off.
-pub fn flotilla_variants(config: &Config) -> Vec<(String, Config)> {
+pub(super) fn flotilla_variants(config: &Config) -> Vec<(String, Config)> {
     use flotilla_proto::duration::HumanDuration as D;
     let mut out = Vec::new();
     let with = |f: &dyn Fn(&mut ClassConfig)| {
@@ -250,7 +250,7 @@ pub fn flotilla_variants(config: &Config) -> Vec<(String, Config)> {
 }
 
 /// Runs tasks on every core; results in task order.
-pub fn run_all(tasks: &[Task], trace: &Trace, env: &Env) -> Vec<Outcome> {
+pub(super) fn run_all(tasks: &[Task], trace: &Trace, env: &Env) -> Vec<Outcome> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(tasks.len().max(1));
@@ -275,7 +275,7 @@ pub fn run_all(tasks: &[Task], trace: &Trace, env: &Env) -> Vec<Outcome> {
 }
 
 /// The points no other point beats on both idle machine-hours and p95 wait, cheapest first.
-pub fn pareto(points: &[Summary]) -> Vec<Summary> {
+pub(super) fn pareto(points: &[Summary]) -> Vec<Summary> {
     let mut sorted: Vec<&Summary> = points.iter().collect();
     sorted.sort_by(|a, b| {
         a.idle_machine_hours
@@ -293,7 +293,7 @@ pub fn pareto(points: &[Summary]) -> Vec<Summary> {
 
 /// The baseline point with the fewest idle machine-hours among those waiting no longer
 /// (p95) than `reference`.
-pub fn best_at_wait<'a>(points: &'a [Summary], reference: &Summary) -> Option<&'a Summary> {
+pub(super) fn best_at_wait<'a>(points: &'a [Summary], reference: &Summary) -> Option<&'a Summary> {
     points
         .iter()
         .filter(|p| p.p95_wait_s <= reference.p95_wait_s)
@@ -301,7 +301,7 @@ pub fn best_at_wait<'a>(points: &'a [Summary], reference: &Summary) -> Option<&'
 }
 
 /// The baseline point with the lowest p95 wait among those idling no more than `reference`.
-pub fn best_at_idle<'a>(points: &'a [Summary], reference: &Summary) -> Option<&'a Summary> {
+pub(super) fn best_at_idle<'a>(points: &'a [Summary], reference: &Summary) -> Option<&'a Summary> {
     points
         .iter()
         .filter(|p| p.idle_machine_hours <= reference.idle_machine_hours)
@@ -312,7 +312,7 @@ pub fn best_at_idle<'a>(points: &'a [Summary], reference: &Summary) -> Option<&'
         })
 }
 
-pub fn run(setup: &Setup, args: &Args) -> anyhow::Result<()> {
+pub(super) fn run(setup: &Setup, args: &Args) -> anyhow::Result<()> {
     let mut env = setup.env.clone();
     env.timeline = false;
     let mut tasks = flotilla_grid(&setup.config);

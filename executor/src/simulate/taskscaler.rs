@@ -23,7 +23,7 @@ use super::engine::{Ctx, Scaler};
 use super::periods::PeriodCache;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Knobs {
+pub(super) struct Knobs {
     /// Idle capacity in JOB SLOTS (= instances here).
     pub idle_count: u32,
     pub idle_time_s: u64,
@@ -33,7 +33,7 @@ pub struct Knobs {
 }
 
 impl Knobs {
-    pub fn idle_capacity(&self, in_use: u32) -> u32 {
+    pub(super) fn idle_capacity(&self, in_use: u32) -> u32 {
         if self.scale_factor <= 0.0 {
             return self.idle_count;
         }
@@ -46,14 +46,14 @@ impl Knobs {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Policy {
+pub(super) struct Policy {
     pub periods: Vec<String>,
     pub timezone: String,
     pub knobs: Knobs,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub(super) struct Config {
     /// The policy when no period entry matches (a `["* * * * *"]` entry listed first).
     pub knobs: Knobs,
     pub policies: Vec<Policy>,
@@ -65,7 +65,7 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         let k = &self.knobs;
         let mut s = format!("idle_count={} idle_time={}s", k.idle_count, k.idle_time_s);
         if k.scale_factor > 0.0 {
@@ -178,12 +178,12 @@ impl Scaler1 {
 }
 
 /// taskscaler, one runner (and instance group) per class.
-pub struct Taskscaler {
+pub(super) struct Taskscaler {
     runners: BTreeMap<String, Scaler1>,
 }
 
 impl Taskscaler {
-    pub fn new(configs: BTreeMap<String, Config>) -> Self {
+    pub(super) fn new(configs: BTreeMap<String, Config>) -> Self {
         Self {
             runners: configs
                 .into_iter()

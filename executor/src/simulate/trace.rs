@@ -11,7 +11,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 
 /// One job: when it asked for a machine and how long it held it (milliseconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Job {
+pub(super) struct Job {
     /// Unix time in milliseconds.
     pub arrival: i64,
     pub duration: i64,
@@ -19,13 +19,13 @@ pub struct Job {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Trace {
+pub(super) struct Trace {
     /// Sorted by arrival.
     pub jobs: Vec<Job>,
 }
 
 impl Trace {
-    pub fn classes(&self) -> Vec<String> {
+    pub(super) fn classes(&self) -> Vec<String> {
         let mut c: Vec<String> = self.jobs.iter().map(|j| j.class.clone()).collect();
         c.sort();
         c.dedup();
@@ -33,11 +33,11 @@ impl Trace {
     }
 
     /// Total job time, in hours.
-    pub fn job_hours(&self) -> f64 {
+    pub(super) fn job_hours(&self) -> f64 {
         self.jobs.iter().map(|j| j.duration as f64).sum::<f64>() / 3.6e6
     }
 
-    pub fn span_hours(&self) -> f64 {
+    pub(super) fn span_hours(&self) -> f64 {
         match (self.jobs.first(), self.jobs.last()) {
             (Some(a), Some(b)) => (b.arrival - a.arrival) as f64 / 3.6e6,
             _ => 0.0,
@@ -67,7 +67,7 @@ fn fields(line: &str) -> Vec<String> {
 }
 
 /// Parses a timestamp: RFC 3339, `YYYY-MM-DD HH:MM:SS` (UTC), or Unix seconds.
-pub fn parse_time(s: &str) -> Option<i64> {
+pub(super) fn parse_time(s: &str) -> Option<i64> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc).timestamp_millis());
     }
@@ -90,7 +90,7 @@ fn parse_secs(s: &str) -> Option<i64> {
 }
 
 /// Parses either trace format; `default_class` is used where a job names no class.
-pub fn parse(text: &str, default_class: &str) -> Result<Trace, String> {
+pub(super) fn parse(text: &str, default_class: &str) -> Result<Trace, String> {
     let mut lines = text
         .lines()
         .enumerate()
