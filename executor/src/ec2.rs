@@ -439,6 +439,15 @@ impl Ec2Client {
         }
     }
 
+    /// Every call goes through here, naming its operation (the provisioner's IAM test
+    /// reads these names: the runner policy grants exactly the calls made here). The
+    /// budget first; the metrics count the requests sent, retries included (see
+    /// [`CountRequests`]).
+    async fn count(&self, op: &'static str) {
+        self.budget.take().await;
+        tracing::trace!(op, "EC2 call");
+    }
+
     /// Feeds a call's outcome back into the budget.
     async fn settle<T>(&self, result: Result<T, Ec2Error>) -> Result<T, Ec2Error> {
         match &result {
@@ -480,7 +489,7 @@ impl Ec2Client {
             .into_paginator()
             .send();
         let mut out = Vec::new();
-        self.budget.take().await;
+        self.count("DescribeInstances").await;
         while let Some(page) = pages.next().await {
             let page = self
                 .settle(page.map_err(|e| Ec2Error::from_sdk("DescribeInstances", e)))
@@ -523,7 +532,7 @@ impl Ec2Client {
                 });
             }
             if page.next_token().is_some_and(|t| !t.is_empty()) {
-                self.budget.take().await;
+                self.count("DescribeInstances").await;
             }
         }
         Ok(out)
@@ -538,7 +547,7 @@ impl Ec2Client {
         {
             return Ok(d);
         }
-        self.budget.take().await;
+        self.count("DescribeImages").await;
         let out = self
             .settle(
                 self.client
@@ -646,7 +655,7 @@ impl Ec2Client {
                     .build(),
             );
         }
-        self.budget.take().await;
+        self.count("RunInstances").await;
         let out = self
             .settle(
                 req.send()
@@ -688,7 +697,7 @@ impl Ec2Client {
     }
 
     async fn terminate_batch(&self, ids: &[String]) -> Result<(), Ec2Error> {
-        self.budget.take().await;
+        self.count("TerminateInstances").await;
         self.settle(
             self.client
                 .terminate_instances()
