@@ -8,12 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use flotilla_provision::aws::Aws;
-use flotilla_provision::binary::{self, Resolved};
-use flotilla_provision::engine::{self, Ctx, HostOptions, Outputs};
-use flotilla_provision::gitlab::Secret;
-use flotilla_provision::plan::Mode;
-use flotilla_provision::stack::Stack;
+use flotilla_provision::{
+    self as engine, resolve_binary, Aws, Ctx, HostOptions, Mode, Outputs, Resolved, Secret, Stack,
+};
 
 /// `flotilla-provision --version`: the crate's version and the git revision it was built
 /// from (`build.rs`; "unknown" outside a git checkout).
@@ -154,13 +151,13 @@ fn report_calls(aws: &Aws, what: &str) {
 async fn run(cli: Cli) -> Result<()> {
     let stack = Stack::load(&cli.stack)?;
     if let Command::Validate = cli.command {
-        println!("{}: stack {} is valid", cli.stack.display(), stack.name);
+        println!("{}: stack {} is valid", cli.stack.display(), stack.name());
         return Ok(());
     }
     // The binary the hosts install, found and hashed before any network use.
     let hosts = match cli.command {
         Command::Plan | Command::Apply { .. } | Command::Output { .. } => {
-            let resolved = binary::resolve(
+            let resolved = resolve_binary(
                 &stack,
                 &cli.stack,
                 cli.flotilla_bin.as_deref(),
@@ -176,14 +173,14 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Validate | Command::Destroy { .. } => HostOptions::default(),
     };
-    let aws = Aws::from_env(stack.aws.region.as_deref())
+    let aws = Aws::from_env(stack.region())
         .await
         .context("configuring the AWS SDK")?;
-    let token = std::env::var(&stack.gitlab.token_env)
+    let token = std::env::var(stack.token_env())
         .ok()
         .filter(|t| !t.trim().is_empty())
         .map(Secret::new);
-    let title = format!("stack {} in {}", stack.name, aws.region);
+    let title = format!("stack {} in {}", stack.name(), aws.region);
     match cli.command {
         Command::Validate => unreachable!(),
         Command::Plan => {

@@ -213,7 +213,13 @@ async fn role_policy(c: &Clients, role: &str) -> Value {
         .unwrap()
         .policy_document()
         .to_owned();
-    flotilla_provision::iam::parse_policy(&doc).expect("policy is JSON")
+    // IAM returns policy documents URL-encoded (moto does not always).
+    serde_json::from_str(&doc)
+        .or_else(|_| {
+            let decoded = percent_encoding::percent_decode_str(&doc).decode_utf8_lossy();
+            serde_json::from_str(&decoded)
+        })
+        .expect("policy is JSON")
 }
 
 fn statement<'a>(doc: &'a Value, sid: &str) -> &'a Value {
