@@ -137,6 +137,7 @@ fn tagging(ctx: &Ctx<'_>) -> Result<Tagging> {
 
 /// The bucket as this pass found it: the stack's already, or created (or adopted) now,
 /// with the [`Go`] of that change (its settings are then part of it, not updates).
+#[derive(Clone, Copy)]
 enum State {
     Existing,
     New(Go),
@@ -206,280 +207,257 @@ pub(crate) async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Res
             )
             .await?;
     }
-    let bucket = Bucket {
+    let b = Bucket {
         ctx,
         name: &bucket,
         owner,
-        partition,
+        state,
     };
-    for setting in Setting::ALL {
-        // A setting is read only for a bucket that existed before this pass.
-        let go = match state {
-            State::New(go) => Some(go),
-            State::Existing if setting.matches(&bucket).await? => None,
-            State::Existing => ctx.change(Action::Update, KIND, bucket.name, setting.detail(ctx)),
-        };
-        if let Some(go) = go {
-            setting.put(&bucket, go).await?;
-        }
-    }
-    Ok(())
+    public_access_block(&b).await?;
+    encryption(&b).await?;
+    tls_only_policy(&b, partition).await?;
+    lifecycle(&b).await
 }
 
-/// The bucket a setting is read from and written to.
+/// The bucket the settings below are read from and written to.
 struct Bucket<'a> {
     ctx: &'a Ctx<'a>,
     name: &'a str,
     /// The stack's account: every call names it as the expected owner.
     owner: &'a str,
-    partition: &'a str,
+    state: State,
 }
 
-/// The bucket's settings, each read back and rewritten only when it differs.
-#[derive(Debug, Clone, Copy)]
-enum Setting {
-    PublicAccessBlock,
-    Encryption,
-    /// The TLS-only bucket policy.
-    Policy,
-    Lifecycle,
-}
-
-impl Setting {
-    const ALL: [Setting; 4] = [
-        Self::PublicAccessBlock,
-        Self::Encryption,
-        Self::Policy,
-        Self::Lifecycle,
-    ];
-
-    /// What the plan line says is set.
-    fn detail(self, ctx: &Ctx<'_>) -> String {
-        match self {
-            Self::PublicAccessBlock => "block all public access".into(),
-            Self::Encryption => match &ctx.stack.bucket.kms_key {
-                Some(key) => {
-                    format!("default encryption aws:kms with key {key}, bucket key enabled")
-                }
-                None => "default encryption AES256".into(),
-            },
-            Self::Policy => "policy: deny non-TLS access".into(),
-            Self::Lifecycle => {
-                format!("expire objects after {} days", ctx.stack.bucket.expire_days)
-            }
-        }
-    }
-
-    /// Whether the bucket has the setting as the stack wants it.
-    async fn matches(self, b: &Bucket<'_>) -> Result<bool> {
-        let (ctx, s3) = (b.ctx, &b.ctx.aws.s3);
-        Ok(match self {
-            Self::PublicAccessBlock => match ctx
-                .aws
-                .read(
-                    "s3:GetPublicAccessBlock",
-                    s3.get_public_access_block()
-                        .bucket(b.name)
-                        .expected_bucket_owner(b.owner)
-                        .send(),
-                )
-                .await
-            {
-                Ok(out) => out.public_access_block_configuration().is_some_and(|c| {
-                    c.block_public_acls() == Some(true)
-                        && c.ignore_public_acls() == Some(true)
-                        && c.block_public_policy() == Some(true)
-                        && c.restrict_public_buckets() == Some(true)
-                }),
-                Err(e) if e.code_is(&["NoSuchPublicAccessBlockConfiguration"]) => false,
-                Err(e) => return Err(e.into()),
-            },
-            Self::Encryption => {
-                let kms = ctx.stack.bucket.kms_key.as_deref();
-                match ctx
-                    .aws
-                    .read(
-                        "s3:GetBucketEncryption",
-                        s3.get_bucket_encryption()
-                            .bucket(b.name)
-                            .expected_bucket_owner(b.owner)
-                            .send(),
-                    )
-                    .await
-                {
-                    Ok(out) => out
-                        .server_side_encryption_configuration()
-                        .and_then(|c| c.rules().first())
-                        .is_some_and(|r| {
-                            // S3 Bucket Keys cut KMS calls (and cost) by a bucket-level
-                            // data key.
-                            let key_ok = kms.is_none() || r.bucket_key_enabled() == Some(true);
-                            key_ok
-                                && r.apply_server_side_encryption_by_default()
-                                    .is_some_and(|d| {
-                                        *d.sse_algorithm() == sse_algorithm(kms)
-                                            && d.kms_master_key_id() == kms
-                                    })
-                        }),
-                    Err(e) if e.code_is(&["ServerSideEncryptionConfigurationNotFoundError"]) => {
-                        false
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Self::Policy => match ctx
-                .aws
-                .read(
-                    "s3:GetBucketPolicy",
-                    s3.get_bucket_policy()
-                        .bucket(b.name)
-                        .expected_bucket_owner(b.owner)
-                        .send(),
-                )
-                .await
-            {
-                Ok(out) => {
-                    out.policy().and_then(crate::iam::parse_policy).as_ref()
-                        == Some(&bucket_policy(b.partition, b.name))
-                }
-                Err(e) if e.code_is(&["NoSuchBucketPolicy"]) => false,
-                Err(e) => return Err(e.into()),
-            },
-            Self::Lifecycle => match ctx
-                .aws
-                .read(
-                    "s3:GetBucketLifecycleConfiguration",
-                    s3.get_bucket_lifecycle_configuration()
-                        .bucket(b.name)
-                        .expected_bucket_owner(b.owner)
-                        .send(),
-                )
-                .await
-            {
-                Ok(out) => {
-                    let days = expire_days(ctx);
-                    match out.rules() {
-                        [rule] => {
-                            rule.id() == Some(LIFECYCLE_RULE_ID)
-                                && rule.status() == &ExpirationStatus::Enabled
-                                && rule.expiration().and_then(|e| e.days()) == Some(days)
-                        }
-                        _ => false,
-                    }
-                }
-                Err(e) if e.code_is(&["NoSuchLifecycleConfiguration"]) => false,
-                Err(e) => return Err(e.into()),
-            },
+impl Bucket<'_> {
+    /// The [`Go`] to write a setting with, if it needs writing: always for a bucket new
+    /// in this pass (part of its creation, nothing read), otherwise when `matches` (the
+    /// setting read back) is false, as an update the plan says `detail` of.
+    async fn needs(
+        &self,
+        detail: &str,
+        matches: impl std::future::Future<Output = Result<bool>>,
+    ) -> Result<Option<Go>> {
+        Ok(match self.state {
+            State::New(go) => Some(go),
+            State::Existing if matches.await? => None,
+            State::Existing => self.ctx.change(Action::Update, KIND, self.name, detail),
         })
     }
+}
 
-    /// Writes the setting as the stack wants it.
-    async fn put(self, b: &Bucket<'_>, go: Go) -> Result<()> {
-        let (ctx, s3) = (b.ctx, &b.ctx.aws.s3);
-        match self {
-            Self::PublicAccessBlock => {
-                ctx.aws
-                    .write(
-                        go,
-                        "s3:PutPublicAccessBlock",
-                        s3.put_public_access_block()
-                            .bucket(b.name)
-                            .expected_bucket_owner(b.owner)
-                            .public_access_block_configuration(
-                                PublicAccessBlockConfiguration::builder()
-                                    .block_public_acls(true)
-                                    .ignore_public_acls(true)
-                                    .block_public_policy(true)
-                                    .restrict_public_buckets(true)
-                                    .build(),
-                            )
-                            .send(),
-                    )
-                    .await?;
-            }
-            Self::Encryption => {
-                let kms = ctx.stack.bucket.kms_key.clone();
-                let by_default = built(
-                    "default encryption",
-                    ServerSideEncryptionByDefault::builder()
-                        .sse_algorithm(sse_algorithm(kms.as_deref()))
-                        .set_kms_master_key_id(kms.clone())
-                        .build(),
-                )?;
-                let config = built(
-                    "encryption configuration",
-                    ServerSideEncryptionConfiguration::builder()
-                        .rules(
-                            ServerSideEncryptionRule::builder()
-                                .apply_server_side_encryption_by_default(by_default)
-                                .set_bucket_key_enabled(kms.is_some().then_some(true))
-                                .build(),
-                        )
-                        .build(),
-                )?;
-                ctx.aws
-                    .write(
-                        go,
-                        "s3:PutBucketEncryption",
-                        s3.put_bucket_encryption()
-                            .bucket(b.name)
-                            .expected_bucket_owner(b.owner)
-                            .server_side_encryption_configuration(config)
-                            .send(),
-                    )
-                    .await?;
-            }
-            Self::Policy => {
-                ctx.aws
-                    .write(
-                        go,
-                        "s3:PutBucketPolicy",
-                        s3.put_bucket_policy()
-                            .bucket(b.name)
-                            .expected_bucket_owner(b.owner)
-                            .policy(bucket_policy(b.partition, b.name).to_string())
-                            .send(),
-                    )
-                    .await?;
-            }
-            Self::Lifecycle => {
-                let rule = built(
-                    "lifecycle rule",
-                    LifecycleRule::builder()
-                        .id(LIFECYCLE_RULE_ID)
-                        .status(ExpirationStatus::Enabled)
-                        .filter(LifecycleRuleFilter::builder().prefix("").build())
-                        .expiration(
-                            LifecycleExpiration::builder()
-                                .days(expire_days(ctx))
-                                .build(),
-                        )
-                        .abort_incomplete_multipart_upload(
-                            AbortIncompleteMultipartUpload::builder()
-                                .days_after_initiation(1)
-                                .build(),
-                        )
-                        .build(),
-                )?;
-                let config = built(
-                    "lifecycle configuration",
-                    BucketLifecycleConfiguration::builder().rules(rule).build(),
-                )?;
-                ctx.aws
-                    .write(
-                        go,
-                        "s3:PutBucketLifecycleConfiguration",
-                        s3.put_bucket_lifecycle_configuration()
-                            .bucket(b.name)
-                            .expected_bucket_owner(b.owner)
-                            .lifecycle_configuration(config)
-                            .send(),
-                    )
-                    .await?;
-            }
+/// All four public-access blocks on.
+async fn public_access_block(b: &Bucket<'_>) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let read = async {
+        match aws
+            .read(
+                "s3:GetPublicAccessBlock",
+                s3.get_public_access_block()
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
+                    .send(),
+            )
+            .await
+        {
+            Ok(out) => Ok(out.public_access_block_configuration().is_some_and(|c| {
+                c.block_public_acls() == Some(true)
+                    && c.ignore_public_acls() == Some(true)
+                    && c.block_public_policy() == Some(true)
+                    && c.restrict_public_buckets() == Some(true)
+            })),
+            Err(e) if e.code_is(&["NoSuchPublicAccessBlockConfiguration"]) => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        Ok(())
-    }
+    };
+    let Some(go) = b.needs("block all public access", read).await? else {
+        return Ok(());
+    };
+    aws.write(
+        go,
+        "s3:PutPublicAccessBlock",
+        s3.put_public_access_block()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .public_access_block_configuration(
+                PublicAccessBlockConfiguration::builder()
+                    .block_public_acls(true)
+                    .ignore_public_acls(true)
+                    .block_public_policy(true)
+                    .restrict_public_buckets(true)
+                    .build(),
+            )
+            .send(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Default encryption: SSE-S3, or SSE-KMS with `bucket.kms_key` and an S3 Bucket Key
+/// (a bucket-level data key cuts KMS calls, and their cost).
+async fn encryption(b: &Bucket<'_>) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let kms = b.ctx.stack.bucket.kms_key.as_deref();
+    let read = async {
+        match aws
+            .read(
+                "s3:GetBucketEncryption",
+                s3.get_bucket_encryption()
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
+                    .send(),
+            )
+            .await
+        {
+            Ok(out) => Ok(out
+                .server_side_encryption_configuration()
+                .and_then(|c| c.rules().first())
+                .is_some_and(|r| {
+                    let key_ok = kms.is_none() || r.bucket_key_enabled() == Some(true);
+                    key_ok
+                        && r.apply_server_side_encryption_by_default()
+                            .is_some_and(|d| {
+                                *d.sse_algorithm() == sse_algorithm(kms)
+                                    && d.kms_master_key_id() == kms
+                            })
+                })),
+            Err(e) if e.code_is(&["ServerSideEncryptionConfigurationNotFoundError"]) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let detail = match kms {
+        Some(key) => format!("default encryption aws:kms with key {key}, bucket key enabled"),
+        None => "default encryption AES256".into(),
+    };
+    let Some(go) = b.needs(&detail, read).await? else {
+        return Ok(());
+    };
+    let by_default = built(
+        "default encryption",
+        ServerSideEncryptionByDefault::builder()
+            .sse_algorithm(sse_algorithm(kms))
+            .set_kms_master_key_id(kms.map(str::to_owned))
+            .build(),
+    )?;
+    let config = built(
+        "encryption configuration",
+        ServerSideEncryptionConfiguration::builder()
+            .rules(
+                ServerSideEncryptionRule::builder()
+                    .apply_server_side_encryption_by_default(by_default)
+                    .set_bucket_key_enabled(kms.is_some().then_some(true))
+                    .build(),
+            )
+            .build(),
+    )?;
+    aws.write(
+        go,
+        "s3:PutBucketEncryption",
+        s3.put_bucket_encryption()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .server_side_encryption_configuration(config)
+            .send(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The bucket policy denying every non-TLS request.
+async fn tls_only_policy(b: &Bucket<'_>, partition: &str) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let want = bucket_policy(partition, b.name);
+    let read = async {
+        match aws
+            .read(
+                "s3:GetBucketPolicy",
+                s3.get_bucket_policy()
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
+                    .send(),
+            )
+            .await
+        {
+            Ok(out) => Ok(out.policy().and_then(crate::iam::parse_policy).as_ref() == Some(&want)),
+            Err(e) if e.code_is(&["NoSuchBucketPolicy"]) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let Some(go) = b.needs("policy: deny non-TLS access", read).await? else {
+        return Ok(());
+    };
+    aws.write(
+        go,
+        "s3:PutBucketPolicy",
+        s3.put_bucket_policy()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .policy(want.to_string())
+            .send(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One lifecycle rule: every object expires after `bucket.expire_days`.
+async fn lifecycle(b: &Bucket<'_>) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let days = i32::try_from(b.ctx.stack.bucket.expire_days).unwrap_or(i32::MAX);
+    let read = async {
+        match aws
+            .read(
+                "s3:GetBucketLifecycleConfiguration",
+                s3.get_bucket_lifecycle_configuration()
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
+                    .send(),
+            )
+            .await
+        {
+            Ok(out) => Ok(match out.rules() {
+                [rule] => {
+                    rule.id() == Some(LIFECYCLE_RULE_ID)
+                        && rule.status() == &ExpirationStatus::Enabled
+                        && rule.expiration().and_then(|e| e.days()) == Some(days)
+                }
+                _ => false,
+            }),
+            Err(e) if e.code_is(&["NoSuchLifecycleConfiguration"]) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let detail = format!("expire objects after {days} days");
+    let Some(go) = b.needs(&detail, read).await? else {
+        return Ok(());
+    };
+    let rule = built(
+        "lifecycle rule",
+        LifecycleRule::builder()
+            .id(LIFECYCLE_RULE_ID)
+            .status(ExpirationStatus::Enabled)
+            .filter(LifecycleRuleFilter::builder().prefix("").build())
+            .expiration(LifecycleExpiration::builder().days(days).build())
+            .abort_incomplete_multipart_upload(
+                AbortIncompleteMultipartUpload::builder()
+                    .days_after_initiation(1)
+                    .build(),
+            )
+            .build(),
+    )?;
+    let config = built(
+        "lifecycle configuration",
+        BucketLifecycleConfiguration::builder().rules(rule).build(),
+    )?;
+    aws.write(
+        go,
+        "s3:PutBucketLifecycleConfiguration",
+        s3.put_bucket_lifecycle_configuration()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .lifecycle_configuration(config)
+            .send(),
+    )
+    .await?;
+    Ok(())
 }
 
 /// SSE-KMS with `bucket.kms_key`, SSE-S3 without.
@@ -489,10 +467,6 @@ fn sse_algorithm(kms: Option<&str>) -> ServerSideEncryption {
     } else {
         ServerSideEncryption::Aes256
     }
-}
-
-fn expire_days(ctx: &Ctx<'_>) -> i32 {
-    i32::try_from(ctx.stack.bucket.expire_days).unwrap_or(i32::MAX)
 }
 
 /// The plan's name for an object of the bucket.
