@@ -85,7 +85,8 @@ pub(crate) fn hosts(
     for (i, fleet) in (0..stack.runner_hosts.count).zip(&fleets) {
         let config = render::flotilla_config(stack, ids, fleet).map_err(Error::Refused)?;
         let flotilla_toml = render::flotilla_toml(&config).map_err(Error::Refused)?;
-        let runner_toml = render::runner_config_toml(stack, &config, region);
+        let runner_toml =
+            render::runner_config_toml(stack, &config, region).map_err(Error::Refused)?;
         let user_data = cloudinit::render(&HostUserData {
             hosts: &stack.runner_hosts,
             flotilla,
@@ -124,5 +125,5 @@ pub(crate) fn runner_config_toml(ctx: &Ctx<'_>, ids: &FleetIds) -> Result<String
     let fleets = stack.host_fleets();
     let first = fleets.first().map_or(stack.fleet_name(), String::as_str);
     let config = render::flotilla_config(stack, ids, first).map_err(Error::Refused)?;
-    Ok(render::runner_config_toml(stack, &config, &ctx.aws.region))
+    render::runner_config_toml(stack, &config, &ctx.aws.region).map_err(Error::Refused)
 }

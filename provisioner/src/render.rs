@@ -87,7 +87,11 @@ struct S3Cache {
 /// gitlab-runner's `config.toml` with the token placeholder; the custom executor runs
 /// every stage through flotilla, and the cache goes to the stack's bucket with the
 /// host's instance-profile credentials.
-pub(crate) fn runner_config_toml(stack: &Stack, config: &Config, region: &str) -> String {
+pub(crate) fn runner_config_toml(
+    stack: &Stack,
+    config: &Config,
+    region: &str,
+) -> Result<String, String> {
     let exec = |stage: &str| {
         (
             FLOTILLA_BIN.to_owned(),
@@ -136,11 +140,12 @@ pub(crate) fn runner_config_toml(stack: &Stack, config: &Config, region: &str) -
             },
         }],
     };
-    let body = toml::to_string_pretty(&doc).expect("runner config serializes");
-    format!(
+    let body = toml::to_string_pretty(&doc)
+        .map_err(|e| format!("cannot write gitlab-runner's config.toml: {e}"))?;
+    Ok(format!(
         "# Written by flotilla-provision. The token is filled in at boot from SSM by\n\
          # /usr/local/sbin/flotilla-runner-token; it is never in user data.\n{body}"
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -185,7 +190,7 @@ mod tests {
     fn runner_config_has_custom_executor_and_no_token() {
         let stack = Stack::from_toml(GOOD).unwrap();
         let config = flotilla_config(&stack, &FleetIds::placeholders(&stack), "ci").unwrap();
-        let text = runner_config_toml(&stack, &config, "us-east-1");
+        let text = runner_config_toml(&stack, &config, "us-east-1").unwrap();
         let v: toml::Table = toml::from_str(&text).unwrap();
         let runner = &v["runners"].as_array().unwrap()[0];
         assert_eq!(runner["executor"].as_str(), Some("custom"));
