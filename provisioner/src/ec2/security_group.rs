@@ -34,13 +34,28 @@ enum Source {
     Group(Id),
 }
 
+impl Source {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Cidr(_) => "cidr",
+            Self::Group(_) => "sg",
+        }
+    }
+
+    /// The block or the group id alone (what the string form's `[3..]` was meant to
+    /// cut out of `sg:<id>`, and cut wrong out of `cidr:<block>`).
+    fn address(&self) -> String {
+        match self {
+            Self::Cidr(block) => block.clone(),
+            Self::Group(id) => id.to_string(),
+        }
+    }
+}
+
 /// As plan lines show it: `cidr:<block>` or `sg:<group id>`.
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cidr(block) => write!(f, "cidr:{block}"),
-            Self::Group(id) => write!(f, "sg:{id}"),
-        }
+        write!(f, "{}:{}", self.kind(), self.address())
     }
 }
 
@@ -319,7 +334,13 @@ mod tests {
     /// a CIDR is sent as exactly its block and only a group can be pending.
     #[test]
     fn a_cidr_rule_is_sent_as_its_block_and_only_a_new_group_waits() {
-        let ssh = Rule::tcp(22, Source::Cidr("10.0.0.0/8".into()));
+        let block = Source::Cidr("10.0.0.0/8".into());
+        assert_eq!(block.address(), "10.0.0.0/8", "not r:10.0.0.0/8");
+        assert_eq!(
+            Source::Group(Id::pending("sg/runner-host")).address(),
+            "(known after apply: sg/runner-host)"
+        );
+        let ssh = Rule::tcp(22, block);
         assert_eq!(ssh.to_string(), "tcp 22-22 from cidr:10.0.0.0/8");
         assert!(!ssh.is_pending());
         let p = ssh.to_permission();
