@@ -7,16 +7,20 @@
 //! gateways, route tables, S3 endpoint), security groups, bucket (and the flotilla
 //! binary in it), IAM, runner registration, launch templates, runner hosts (replaced
 //! one at a time), then deletion of the stack's EC2 resources it no longer asks for.
-//! Deletion order (destroy, and that pruning): instances, launch templates, the S3
-//! endpoint, NAT gateways and their addresses, route tables, the internet gateway,
-//! security groups, subnets, the VPC; destroy deletes the registration, IAM and the
-//! bucket between the launch templates and the network.
+//! Deletion order: [`EC2_TYPES`] (instances first, the VPC last); destroy deletes the
+//! hosts and the launch templates, then the registration, IAM and the bucket, then the
+//! network.
+//!
+//! Adding a resource: its module (converge and delete side by side; an EC2 type also
+//! has a `TYPE` with the logical ids it keeps and its deletion), its call in `converge`
+//! (or `destroy`), and for an EC2 type its line in [`EC2_TYPES`] and its Describe call
+//! in `ec2::inventory`.
 
 use std::collections::BTreeSet;
 
 use crate::binary::LocalBinary;
 use crate::context::Ctx;
-use crate::ec2::inventory::{self, Inventory};
+use crate::ec2::inventory::{self, Ec2Type, Inventory};
 use crate::ec2::{
     instance, internet_gateway, launch_template, nat_gateway, route_table, security_group, subnet,
     vpc, vpc_endpoint,
@@ -94,19 +98,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let hosts = instance::converge(ctx, &inv, &specs, &launch).await?;
 
     // What the stack no longer asks for.
-    let desired: BTreeSet<String> = [
-        vpc::desired(ctx),
-        subnet::desired(ctx),
-        internet_gateway::desired(ctx),
-        nat_gateway::desired(ctx),
-        route_table::desired(ctx),
-        vpc_endpoint::desired(ctx),
-        security_group::desired(ctx),
-        launch_template::desired(ctx),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let desired: BTreeSet<String> = EC2_TYPES.iter().flat_map(|t| (t.desired)(ctx)).collect();
     delete_ec2(ctx, &inv.undesired(&desired)).await?;
 
     Ok(Outputs {
@@ -135,17 +127,26 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     })
 }
 
-/// Deletes the given EC2 resources, dependents first.
+/// The stack's EC2 resource types, dependents first: the order they are deleted in (by
+/// destroy, and when the stack no longer asks for them).
+const EC2_TYPES: [Ec2Type; 9] = [
+    instance::TYPE,
+    launch_template::TYPE,
+    vpc_endpoint::TYPE,
+    nat_gateway::TYPE,
+    route_table::TYPE,
+    internet_gateway::TYPE,
+    security_group::TYPE,
+    subnet::TYPE,
+    vpc::TYPE,
+];
+
+/// Deletes the given EC2 resources in [`EC2_TYPES`] order.
 async fn delete_ec2(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
-    instance::delete(ctx, inv).await?;
-    launch_template::delete(ctx, inv).await?;
-    vpc_endpoint::delete(ctx, inv).await?;
-    nat_gateway::delete(ctx, inv).await?;
-    route_table::delete(ctx, inv).await?;
-    internet_gateway::delete(ctx, inv).await?;
-    security_group::delete(ctx, inv).await?;
-    subnet::delete(ctx, inv).await?;
-    vpc::delete(ctx, inv).await
+    for t in &EC2_TYPES {
+        (t.delete)(ctx, inv).await?;
+    }
+    Ok(())
 }
 
 /// One destroy pass (plan or act, per the context's mode): build machines (refused
@@ -155,8 +156,16 @@ pub async fn destroy(ctx: &Ctx<'_>, terminate_build_machines: bool) -> Result<()
     tracing::info!("reading stack {} in {}", ctx.stack.name, ctx.aws.region);
     let inv = inventory::read(ctx).await?;
     instance::delete_build_machines(ctx, &inv, terminate_build_machines).await?;
-    instance::delete(ctx, &inv).await?;
-    launch_template::delete(ctx, &inv).await?;
+    let hosts = Inventory {
+        instances: inv.instances.clone(),
+        ..Inventory::default()
+    };
+    delete_ec2(ctx, &hosts).await?;
+    let templates = Inventory {
+        templates: inv.templates.clone(),
+        ..Inventory::default()
+    };
+    delete_ec2(ctx, &templates).await?;
     registration::destroy(ctx).await?;
     iam::destroy(ctx).await?;
     s3::destroy(ctx, &ctx.aws.account().await?).await?;

@@ -27,16 +27,24 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use super::inventory::{id_list, logical as logical_of, name_of, tag, tag_spec, Inventory};
+use super::inventory::{
+    id_list, logical as logical_of, name_of, tag, tag_spec, Ec2Type, Inventory,
+};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::naming::{BINARY_TAG, STACK_TAG, USER_DATA_TAG};
+use crate::naming::{logical, BINARY_TAG, STACK_TAG, USER_DATA_TAG};
 use crate::plan::{Action, Go};
 use crate::poll::{self, Backoff, Poll};
 use crate::run_command::{self, Script};
 
 const KIND: &str = "ec2:instance";
+
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
 
 /// What one host should be.
 #[derive(Debug, Clone)]
@@ -608,8 +616,16 @@ async fn run_instance(
     .await
 }
 
+/// The runner hosts' logical ids. (The engine never prunes instances: `converge`
+/// retires a host the stack no longer asks for, drained first.)
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+    (0..ctx.stack.runner_hosts.count)
+        .map(logical::host)
+        .collect()
+}
+
 /// Terminates the stack's instances (the runner hosts) and waits until they are gone.
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     let mut go = None;
     let mut ids = Vec::new();
     for i in &inv.instances {

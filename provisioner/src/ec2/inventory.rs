@@ -7,6 +7,8 @@
 //! changed or deleted.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
 
 use aws_sdk_ec2::types::{
     Address, Filter, Instance, InternetGateway, LaunchTemplate, NatGateway, ResourceType,
@@ -15,7 +17,22 @@ use aws_sdk_ec2::types::{
 
 use crate::aws::AwsError;
 use crate::context::Ctx;
+use crate::error::Result;
 use crate::naming::{RESOURCE_TAG, STACK_TAG};
+
+/// What the engine needs of an EC2 resource type besides its converge (whose inputs and
+/// outputs differ from type to type): the logical ids the stack asks for, so the rest
+/// is pruned, and its deletion. Each EC2 module has one, `TYPE`; the engine lists them
+/// in deletion order.
+pub(crate) struct Ec2Type {
+    /// The logical ids of this type the stack asks for.
+    pub(crate) desired: fn(&Ctx<'_>) -> Vec<String>,
+    /// Deletes the given inventory's resources of this type (recording each).
+    pub(crate) delete: for<'a> fn(&'a Ctx<'a>, &'a Inventory) -> Deletion<'a>,
+}
+
+/// A type's deletion, boxed so that every type's fits in one table.
+pub(crate) type Deletion<'a> = Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
 
 /// Everything tagged with the stack, as EC2 reported it at the start of a pass.
 #[derive(Debug, Default, Clone)]

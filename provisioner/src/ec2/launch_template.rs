@@ -17,7 +17,7 @@ use aws_sdk_ec2::types::{
 };
 use flotilla_proto::tags;
 
-use super::inventory::{find, tag_spec, Inventory};
+use super::inventory::{find, tag_spec, Ec2Type, Inventory};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -25,6 +25,12 @@ use crate::naming::logical;
 use crate::plan::Action;
 
 const KIND: &str = "ec2:launch-template";
+
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
 
 /// What the stack needs to know of an AMI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,7 +230,7 @@ impl Spec {
 }
 
 /// Logical ids this module keeps: one template per class.
-pub(crate) fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
     ctx.classes
         .keys()
         .map(|c| logical::launch_template(c))
@@ -371,7 +377,7 @@ pub(crate) async fn converge(
     Ok(out)
 }
 
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     for t in &inv.templates {
         let id = t.launch_template_id().unwrap_or_default();
         let name = t.launch_template_name().unwrap_or(id);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::{DomainType, ResourceType};
 
-use super::inventory::{self, find, name_of, tag_spec, Inventory};
+use super::inventory::{self, find, name_of, tag_spec, Ec2Type, Inventory};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -18,6 +18,12 @@ use crate::stack::NatMode;
 
 const KIND: &str = "ec2:nat-gateway";
 const EIP_KIND: &str = "ec2:elastic-ip";
+
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
 
 /// One NAT gateway as the rest of the stack sees it.
 #[derive(Debug, Clone)]
@@ -37,7 +43,7 @@ fn zones(ctx: &Ctx<'_>) -> Vec<String> {
 }
 
 /// Logical ids this module keeps (gateways and their addresses).
-pub(crate) fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
     zones(ctx)
         .iter()
         .flat_map(|z| [logical::nat(z), logical::eip(z)])
@@ -215,7 +221,7 @@ async fn wait_available(ctx: &Ctx<'_>, id: &str) -> Result<()> {
 
 /// Deletes the NAT gateways (waiting until they are gone, with those already being
 /// deleted), then releases their Elastic IPs.
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     let mut nats = Vec::new();
     for n in &inv.nats {
         let id = n.nat_gateway_id().unwrap_or_default();

@@ -5,7 +5,7 @@
 
 use aws_sdk_ec2::types::{ResourceType, RouteTable};
 
-use super::inventory::{find, name_of, tag_spec, Inventory};
+use super::inventory::{find, name_of, tag_spec, Ec2Type, Inventory};
 use super::nat_gateway::{self, Nat};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
@@ -15,6 +15,12 @@ use crate::plan::{Action, Go};
 use crate::poll;
 
 const KIND: &str = "ec2:route-table";
+
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
 const DEFAULT_ROUTE: &str = "0.0.0.0/0";
 
 /// Where a table's default route goes.
@@ -40,7 +46,7 @@ pub(crate) struct RouteTables {
 }
 
 /// Logical ids this module keeps.
-pub(crate) fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
     let mut out = vec![logical::PUBLIC_RTB.to_owned()];
     out.extend(
         ctx.stack
@@ -290,7 +296,7 @@ impl Table {
 }
 
 /// Disassociates each table's subnets, then deletes it.
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     for rt in &inv.route_tables {
         let id = rt.route_table_id().unwrap_or_default();
         let Some(go) = ctx.change(Action::Delete, KIND, &name_of(rt.tags(), id), id) else {

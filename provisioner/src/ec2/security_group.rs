@@ -10,7 +10,7 @@ use std::fmt;
 use aws_sdk_ec2::types::{IpPermission, IpRange, ResourceType, SecurityGroup, UserIdGroupPair};
 use flotilla_proto::bootstrap::DOCKER_TLS_PORT;
 
-use super::inventory::{find, name_of, tag_spec, Inventory};
+use super::inventory::{find, name_of, tag_spec, Ec2Type, Inventory};
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::id::Id;
@@ -19,6 +19,12 @@ use crate::plan::{Action, Go};
 use crate::poll;
 
 const KIND: &str = "ec2:security-group";
+
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
 
 #[derive(Debug, Clone)]
 pub(crate) struct SecurityGroupIds {
@@ -135,7 +141,7 @@ fn current_rules(sg: &SecurityGroup) -> BTreeSet<Rule> {
 }
 
 /// Logical ids this module keeps.
-pub(crate) fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
+fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
     vec![logical::RUNNER_SG.into(), logical::BUILD_SG.into()]
 }
 
@@ -281,7 +287,7 @@ async fn ensure_group(
 }
 
 /// Revokes the rules that name another group (they keep it alive), then deletes.
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     let mut doomed: Vec<(&SecurityGroup, Go)> = Vec::new();
     for g in &inv.security_groups {
         let id = g.group_id().unwrap_or_default();

@@ -4,7 +4,7 @@
 
 use aws_sdk_ec2::types::ResourceType;
 
-use super::inventory::{find, name_of, tag_spec, Inventory};
+use super::inventory::{find, name_of, tag_spec, Ec2Type, Inventory};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -14,6 +14,12 @@ use crate::poll;
 
 const KIND: &str = "ec2:subnet";
 
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
+
 /// Subnet ids in `network.zones` order.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Subnets {
@@ -22,7 +28,7 @@ pub(crate) struct Subnets {
 }
 
 /// Logical ids this module keeps.
-pub(crate) fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
     let zones = &ctx.stack.network.zones;
     zones
         .iter()
@@ -95,7 +101,7 @@ async fn ensure(
     Ok(id)
 }
 
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     for s in &inv.subnets {
         let id = s.subnet_id().unwrap_or_default();
         if let Some(go) = ctx.change(Action::Delete, KIND, &name_of(s.tags(), id), id) {

@@ -3,7 +3,7 @@
 
 use aws_sdk_ec2::types::ResourceType;
 
-use super::inventory::{find, name_of, tag_spec, Inventory};
+use super::inventory::{find, name_of, tag_spec, Ec2Type, Inventory};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -13,8 +13,14 @@ use crate::poll;
 
 const KIND: &str = "ec2:vpc";
 
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
+
 /// Logical ids this module keeps.
-pub(crate) fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
+fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
     vec![logical::VPC.into()]
 }
 
@@ -58,7 +64,7 @@ pub(crate) async fn converge(ctx: &Ctx<'_>, inv: &Inventory) -> Result<Id> {
     Ok(id)
 }
 
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     for v in &inv.vpcs {
         let id = v.vpc_id().unwrap_or_default();
         if let Some(go) = ctx.change(Action::Delete, KIND, &name_of(v.tags(), id), id) {

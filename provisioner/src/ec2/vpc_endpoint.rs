@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use aws_sdk_ec2::types::{ResourceType, VpcEndpointType};
 
-use super::inventory::{find, id_list, name_of, tag_spec, Inventory};
+use super::inventory::{find, id_list, name_of, tag_spec, Ec2Type, Inventory};
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::id::Id;
@@ -14,8 +14,14 @@ use crate::plan::Action;
 
 const KIND: &str = "ec2:vpc-endpoint";
 
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
+
 /// Logical ids this module keeps.
-pub(crate) fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
+fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
     vec![logical::S3_ENDPOINT.into()]
 }
 
@@ -91,7 +97,7 @@ pub(crate) async fn converge(
 }
 
 /// Records each endpoint's deletion, then deletes them in one call.
-pub(crate) async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
     let mut go = None;
     for e in &inv.endpoints {
         let id = e.vpc_endpoint_id().unwrap_or_default();
