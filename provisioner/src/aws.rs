@@ -1,7 +1,8 @@
 //! AWS clients from the standard SDK chain (region, credentials, `AWS_ENDPOINT_URL`), and
-//! the one choke point every AWS call goes through: [`Aws::call`] counts the call as a
-//! read or a write, logs it at debug level, and turns SDK errors into [`AwsError`], which
-//! keeps the operation name and the AWS error code.
+//! the one choke point every AWS call goes through: `Aws::read` and `Aws::write` count
+//! the call as a read or a write, log it at debug level, and turn SDK errors into
+//! [`AwsError`], which keeps the operation name and the AWS error code. A write takes
+//! the [`Go`] of a change recorded in apply mode, so plan mode cannot write.
 //!
 //! Invariant: nothing here knows about tests; pointing the tool at moto is done with the
 //! SDK's own environment variables.
@@ -14,17 +15,19 @@ use aws_config::retry::RetryConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 
+use crate::plan::Go;
+
 /// A failed AWS call, naming the operation and keeping AWS's error code.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{op} failed: {}{message}", code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default())]
 pub struct AwsError {
-    pub op: &'static str,
-    pub code: Option<String>,
-    pub message: String,
+    op: &'static str,
+    code: Option<String>,
+    pub(crate) message: String,
 }
 
 impl AwsError {
-    pub fn code_is(&self, codes: &[&str]) -> bool {
+    pub(crate) fn code_is(&self, codes: &[&str]) -> bool {
         self.code.as_deref().is_some_and(|c| codes.contains(&c))
     }
 
@@ -54,7 +57,7 @@ pub struct Meter {
 }
 
 /// True for operations that change nothing (Describe*, Get*, List*, Head*).
-pub fn is_read(op: &str) -> bool {
+fn is_read(op: &str) -> bool {
     let action = op.rsplit(':').next().unwrap_or(op);
     ["Describe", "Get", "List", "Head"]
         .iter()
@@ -63,13 +66,18 @@ pub fn is_read(op: &str) -> bool {
 
 impl Meter {
     fn count(&self, op: &'static str) {
-        *self.calls.lock().unwrap().entry(op).or_default() += 1;
+        *self.lock().entry(op).or_default() += 1;
+    }
+
+    /// A poisoned lock only means another thread panicked mid-count.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, u32>> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn reads(&self) -> u32 {
-        self.calls
-            .lock()
-            .unwrap()
+        self.lock()
             .iter()
             .filter(|(op, _)| is_read(op))
             .map(|(_, n)| n)
@@ -77,9 +85,7 @@ impl Meter {
     }
 
     pub fn writes(&self) -> u32 {
-        self.calls
-            .lock()
-            .unwrap()
+        self.lock()
             .iter()
             .filter(|(op, _)| !is_read(op))
             .map(|(_, n)| n)
@@ -87,18 +93,18 @@ impl Meter {
     }
 
     pub fn by_op(&self) -> BTreeMap<&'static str, u32> {
-        self.calls.lock().unwrap().clone()
+        self.lock().clone()
     }
 }
 
 /// The service clients and the meter they are counted by.
 #[derive(Debug)]
 pub struct Aws {
-    pub ec2: aws_sdk_ec2::Client,
-    pub iam: aws_sdk_iam::Client,
-    pub s3: aws_sdk_s3::Client,
-    pub ssm: aws_sdk_ssm::Client,
-    pub sts: aws_sdk_sts::Client,
+    pub(crate) ec2: aws_sdk_ec2::Client,
+    pub(crate) iam: aws_sdk_iam::Client,
+    pub(crate) s3: aws_sdk_s3::Client,
+    pub(crate) ssm: aws_sdk_ssm::Client,
+    sts: aws_sdk_sts::Client,
     pub region: String,
     pub meter: Meter,
     /// The credentials' account, read once (`sts:GetCallerIdentity`).
@@ -134,14 +140,25 @@ impl Aws {
         })
     }
 
+    /// The region's partition (`aws`, `aws-cn`, `aws-us-gov`), for ARNs.
+    pub(crate) fn partition(&self) -> &'static str {
+        if self.region.starts_with("cn-") {
+            "aws-cn"
+        } else if self.region.starts_with("us-gov-") {
+            "aws-us-gov"
+        } else {
+            "aws"
+        }
+    }
+
     /// The account the credentials belong to: the stack's account, the expected owner
     /// of its bucket and the account in its policies' ARNs. One call per process.
-    pub async fn account(&self) -> Result<String, AwsError> {
+    pub(crate) async fn account(&self) -> Result<String, AwsError> {
         if let Some(a) = self.account.get() {
             return Ok(a.clone());
         }
         let out = self
-            .call(
+            .read(
                 "sts:GetCallerIdentity",
                 self.sts.get_caller_identity().send(),
             )
@@ -158,8 +175,35 @@ impl Aws {
         Ok(self.account.get_or_init(|| account).clone())
     }
 
+    /// Runs one call that changes nothing (`Describe*`, `Get*`, `List*`, `Head*`).
+    pub(crate) async fn read<T, E, R, F>(&self, op: &'static str, fut: F) -> Result<T, AwsError>
+    where
+        F: Future<Output = Result<T, SdkError<E, R>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        debug_assert!(is_read(op), "{op} is a write: call Aws::write with a Go");
+        self.call(op, fut).await
+    }
+
+    /// Runs one call that changes something, for a change recorded in apply mode.
+    pub(crate) async fn write<T, E, R, F>(
+        &self,
+        _go: Go,
+        op: &'static str,
+        fut: F,
+    ) -> Result<T, AwsError>
+    where
+        F: Future<Output = Result<T, SdkError<E, R>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        debug_assert!(!is_read(op), "{op} is a read: call Aws::read");
+        self.call(op, fut).await
+    }
+
     /// Runs one AWS call: counts it, logs it, maps its error.
-    pub async fn call<T, E, R, F>(&self, op: &'static str, fut: F) -> Result<T, AwsError>
+    async fn call<T, E, R, F>(&self, op: &'static str, fut: F) -> Result<T, AwsError>
     where
         F: Future<Output = Result<T, SdkError<E, R>>>,
         E: ProvideErrorMetadata + std::error::Error + 'static,

@@ -15,29 +15,29 @@ use sha2::{Digest, Sha256};
 use crate::stack::Stack;
 
 /// The name of the binary, next to `flotilla-provision` and in its S3 key.
-pub const BINARY_NAME: &str = "flotilla";
+pub(crate) const BINARY_NAME: &str = "flotilla";
 /// Where uploaded binaries live in the stack's bucket: `flotilla/bin/<sha256>/flotilla`.
 /// The runner-host role may read exactly this prefix.
-pub const BIN_PREFIX: &str = "flotilla/bin/";
+pub(crate) const BIN_PREFIX: &str = "flotilla/bin/";
 
 /// The S3 key of a binary with this SHA-256 (lower-case hex).
-pub fn s3_key(sha256: &str) -> String {
+pub(crate) fn s3_key(sha256: &str) -> String {
     format!("{BIN_PREFIX}{sha256}/{BINARY_NAME}")
 }
 
 /// A local `flotilla` binary to upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalBinary {
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Lower-case hex.
-    pub sha256: String,
-    pub size: u64,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
     /// As EC2 names image architectures (`x86_64`, `arm64`), from the ELF header.
-    pub arch: String,
+    pub(crate) arch: String,
 }
 
 impl LocalBinary {
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         s3_key(&self.sha256)
     }
 }
@@ -115,7 +115,7 @@ pub fn resolve(
 }
 
 /// Hashes the file and reads the architecture from its ELF header.
-pub fn read(path: &Path) -> Result<LocalBinary, BinaryError> {
+pub(crate) fn read(path: &Path) -> Result<LocalBinary, BinaryError> {
     let io = |source| BinaryError::Read {
         path: path.to_owned(),
         source,
@@ -149,7 +149,7 @@ pub fn read(path: &Path) -> Result<LocalBinary, BinaryError> {
 }
 
 /// The EC2 architecture name of a 64-bit little-endian ELF executable's machine.
-pub fn elf_arch(header: &[u8]) -> Option<&'static str> {
+pub(crate) fn elf_arch(header: &[u8]) -> Option<&'static str> {
     const EM_X86_64: u16 = 62;
     const EM_AARCH64: u16 = 183;
     let magic_ok = header.get(..4) == Some(b"\x7fELF".as_slice());

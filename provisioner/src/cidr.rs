@@ -7,9 +7,9 @@ use std::str::FromStr;
 
 /// An IPv4 network: address (host bits zero) and prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
+pub(crate) struct Cidr {
+    pub(crate) addr: Ipv4Addr,
+    pub(crate) prefix: u8,
 }
 
 impl Cidr {
@@ -30,11 +30,11 @@ impl Cidr {
     }
 
     /// True when every address of `other` is inside `self`.
-    pub fn contains(self, other: Cidr) -> bool {
+    pub(crate) fn contains(self, other: Cidr) -> bool {
         other.prefix >= self.prefix && (other.first() & self.mask()) == self.first()
     }
 
-    pub fn overlaps(self, other: Cidr) -> bool {
+    pub(crate) fn overlaps(self, other: Cidr) -> bool {
         self.first() <= other.last() && other.first() <= self.last()
     }
 }

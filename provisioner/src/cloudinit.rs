@@ -11,21 +11,21 @@
 
 use serde_json::json;
 
-use crate::render::{
+use crate::paths::{
     FLOTILLA_BIN, FLOTILLA_TOML_PATH, GITLAB_RUNNER_BIN, RUNNER_CONFIG_PATH,
     RUNNER_CONFIG_TEMPLATE_PATH, STATE_DIR, TOKEN_PLACEHOLDER,
 };
 use crate::stack::RunnerHosts;
 
-pub const TOKEN_SCRIPT_PATH: &str = "/usr/local/sbin/flotilla-runner-token";
-pub const INSTALL_SCRIPT_PATH: &str = "/usr/local/sbin/flotilla-install";
-pub const FLOTILLA_UNIT_PATH: &str = "/etc/systemd/system/flotilla.service";
-pub const RUNNER_UNIT_PATH: &str = "/etc/systemd/system/gitlab-runner.service";
+pub(crate) const TOKEN_SCRIPT_PATH: &str = "/usr/local/sbin/flotilla-runner-token";
+pub(crate) const INSTALL_SCRIPT_PATH: &str = "/usr/local/sbin/flotilla-install";
+pub(crate) const FLOTILLA_UNIT_PATH: &str = "/etc/systemd/system/flotilla.service";
+pub(crate) const RUNNER_UNIT_PATH: &str = "/etc/systemd/system/gitlab-runner.service";
 
 /// Where a host downloads the flotilla binary from; the sum is checked before it is
 /// installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlotillaSource<'a> {
+pub(crate) enum FlotillaSource<'a> {
     /// `runner_hosts.flotilla_url` with `flotilla_sha256`.
     Url { url: &'a str, sha256: &'a str },
     /// An object of the stack's bucket (`aws s3 cp` with the host role).
@@ -37,14 +37,19 @@ pub enum FlotillaSource<'a> {
 }
 
 impl FlotillaSource<'_> {
-    pub fn sha256(&self) -> &str {
+    pub(crate) fn sha256(&self) -> &str {
         match self {
             Self::Url { sha256, .. } | Self::Bucket { sha256, .. } => sha256,
         }
     }
 
     /// `https://...` or `s3://bucket/key`.
-    pub fn location(&self) -> String {
+    /// Whether the hosts read it from the stack's bucket (so their role may).
+    pub(crate) fn is_bucket(&self) -> bool {
+        matches!(self, Self::Bucket { .. })
+    }
+
+    pub(crate) fn location(&self) -> String {
         match self {
             Self::Url { url, .. } => (*url).to_owned(),
             Self::Bucket { bucket, key, .. } => format!("s3://{bucket}/{key}"),
@@ -54,18 +59,18 @@ impl FlotillaSource<'_> {
 
 /// What a runner host's user data is made of.
 #[derive(Debug, Clone)]
-pub struct HostUserData<'a> {
-    pub hosts: &'a RunnerHosts,
-    pub flotilla: FlotillaSource<'a>,
-    pub region: &'a str,
-    pub token_param: &'a str,
-    pub flotilla_toml: &'a str,
-    pub runner_config_toml: &'a str,
+pub(crate) struct HostUserData<'a> {
+    pub(crate) hosts: &'a RunnerHosts,
+    pub(crate) flotilla: FlotillaSource<'a>,
+    pub(crate) region: &'a str,
+    pub(crate) token_param: &'a str,
+    pub(crate) flotilla_toml: &'a str,
+    pub(crate) runner_config_toml: &'a str,
 }
 
 /// Renders the user data. Every value interpolated into a shell script was validated to
 /// contain no quotes or whitespace (URLs, checksums) or is a fixed name.
-pub fn render(input: &HostUserData<'_>) -> String {
+pub(crate) fn render(input: &HostUserData<'_>) -> String {
     let doc = json!({
         "package_update": true,
         "packages": input.hosts.packages,
@@ -83,10 +88,9 @@ pub fn render(input: &HostUserData<'_>) -> String {
             ["systemctl", "enable", "--now", "flotilla.service", "gitlab-runner.service"],
         ],
     });
-    format!(
-        "#cloud-config\n{}\n",
-        serde_json::to_string_pretty(&doc).expect("JSON renders")
-    )
+    // `{:#}` is serde_json's pretty printer, as `to_string_pretty` (which cannot fail
+    // on a `Value` either).
+    format!("#cloud-config\n{doc:#}\n")
 }
 
 fn file(path: &str, content: &str, permissions: &str) -> serde_json::Value {

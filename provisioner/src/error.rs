@@ -24,3 +24,9 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An SDK builder's result: they refuse only a missing required field, which would be
+/// a bug here, reported rather than panicking.
+pub(crate) fn built<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T> {
+    r.map_err(|e| Error::Refused(format!("building the {what}: {e}")))
+}

@@ -29,7 +29,7 @@ impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -49,30 +49,30 @@ impl fmt::Display for Secret {
 #[derive(Debug, thiserror::Error)]
 #[error("GitLab {op} failed: {message}{}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
 pub struct GitlabError {
-    pub op: &'static str,
-    pub status: Option<u16>,
-    pub message: String,
+    pub(crate) op: &'static str,
+    pub(crate) status: Option<u16>,
+    pub(crate) message: String,
 }
 
 /// What `POST /api/v4/user/runners` is given.
 #[derive(Debug, Clone)]
-pub struct NewRunner {
-    pub runner_type: RunnerType,
-    pub group_id: Option<u64>,
-    pub project_id: Option<u64>,
-    pub description: String,
-    pub tags: Vec<String>,
-    pub run_untagged: bool,
-    pub locked: bool,
+pub(crate) struct NewRunner {
+    pub(crate) runner_type: RunnerType,
+    pub(crate) group_id: Option<u64>,
+    pub(crate) project_id: Option<u64>,
+    pub(crate) description: String,
+    pub(crate) tags: Vec<String>,
+    pub(crate) run_untagged: bool,
+    pub(crate) locked: bool,
 }
 
 #[derive(Debug, Clone)]
-pub struct CreatedRunner {
-    pub id: u64,
-    pub token: Secret,
+pub(crate) struct CreatedRunner {
+    pub(crate) id: u64,
+    pub(crate) token: Secret,
 }
 
-pub struct GitlabClient {
+pub(crate) struct GitlabClient {
     base: String,
     token: Secret,
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
@@ -89,7 +89,7 @@ impl fmt::Debug for GitlabClient {
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 impl GitlabClient {
-    pub fn new(base: &str, token: Secret) -> Result<Self, GitlabError> {
+    pub(crate) fn new(base: &str, token: Secret) -> Result<Self, GitlabError> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(rustls::crypto::aws_lc_rs::default_provider())
             .map_err(|e| GitlabError {
@@ -168,7 +168,7 @@ impl GitlabClient {
         ))
     }
 
-    pub async fn create_runner(&self, r: &NewRunner) -> Result<CreatedRunner, GitlabError> {
+    pub(crate) async fn create_runner(&self, r: &NewRunner) -> Result<CreatedRunner, GitlabError> {
         let mut body = json!({
             "runner_type": r.runner_type.as_str(),
             "description": r.description,
@@ -210,7 +210,7 @@ impl GitlabClient {
         })
     }
 
-    pub async fn runner_exists(&self, id: u64) -> Result<bool, GitlabError> {
+    pub(crate) async fn runner_exists(&self, id: u64) -> Result<bool, GitlabError> {
         let (status, _) = self
             .request("get runner", Method::GET, &format!("/runners/{id}"), None)
             .await?;
@@ -218,7 +218,7 @@ impl GitlabClient {
     }
 
     /// The id of a runner this token can see with exactly this description.
-    pub async fn find_by_description(
+    pub(crate) async fn find_by_description(
         &self,
         description: &str,
         runner_type: RunnerType,
@@ -248,7 +248,7 @@ impl GitlabClient {
         Ok(None)
     }
 
-    pub async fn reset_token(&self, id: u64) -> Result<Secret, GitlabError> {
+    pub(crate) async fn reset_token(&self, id: u64) -> Result<Secret, GitlabError> {
         let (status, v) = self
             .request(
                 "reset runner token",
@@ -268,7 +268,7 @@ impl GitlabClient {
     }
 
     /// Deletes a runner; false when it was already gone.
-    pub async fn delete_runner(&self, id: u64) -> Result<bool, GitlabError> {
+    pub(crate) async fn delete_runner(&self, id: u64) -> Result<bool, GitlabError> {
         let (status, _) = self
             .request(
                 "delete runner",

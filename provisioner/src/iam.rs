@@ -17,39 +17,84 @@
 use aws_sdk_iam::types::Tag;
 use serde_json::{json, Value};
 
-use crate::engine::Ctx;
-use crate::error::{Error, Result};
+use crate::context::Ctx;
+use crate::error::{built, Error, Result};
+use crate::id::Id;
 use crate::naming::{RESOURCE_TAG, STACK_TAG};
-use crate::plan::{pending, Action};
+use crate::plan::{Action, Go};
 
 /// The inline policy name on both roles.
-pub const POLICY_NAME: &str = "flotilla";
+const POLICY_NAME: &str = "flotilla";
 
 /// What the runner-host policy refers to.
 #[derive(Debug, Clone)]
-pub struct RunnerPolicyInputs {
-    pub partition: String,
-    pub region: String,
-    pub account: String,
+pub(crate) struct RunnerPolicyInputs {
+    pub(crate) partition: String,
+    pub(crate) region: String,
+    pub(crate) account: String,
     /// Every fleet name a runner host may use (one per host).
-    pub fleets: Vec<String>,
-    pub private_subnets: Vec<String>,
-    pub build_security_group: String,
-    pub build_role: String,
-    pub token_param: String,
-    pub bucket: String,
+    pub(crate) fleets: Vec<String>,
+    pub(crate) private_subnets: Vec<String>,
+    pub(crate) build_security_group: String,
+    pub(crate) build_role: String,
+    pub(crate) token_param: String,
+    pub(crate) bucket: String,
     /// The AMIs of the fleet's classes: the only images build machines launch from.
-    pub amis: Vec<String>,
+    pub(crate) amis: Vec<String>,
     /// The bucket's SSE-KMS key (`bucket.kms_key`: key id, key ARN, `alias/...` or alias
     /// ARN), when set.
-    pub kms_key: Option<String>,
+    pub(crate) kms_key: Option<String>,
     /// The hosts install the flotilla binary apply uploads to the bucket: read
     /// `flotilla/bin/*` (false with `runner_hosts.flotilla_url`, and for hosts set up by
     /// hand).
-    pub flotilla_from_bucket: bool,
+    pub(crate) flotilla_from_bucket: bool,
     /// The hosts run the SSM agent, so apply can check a new host and drain an old one
     /// with Run Command (false for hosts set up by hand).
-    pub ssm_agent: bool,
+    pub(crate) ssm_agent: bool,
+}
+
+/// The two roles' ARNs (pending in plan mode when not created yet).
+#[derive(Debug, Clone)]
+pub(crate) struct Roles {
+    pub(crate) build_arn: Id,
+    pub(crate) runner_arn: Id,
+}
+
+/// Both roles, their inline policies and instance profiles: the build machines' first
+/// (the runner policy names it), then the runner hosts'.
+pub(crate) async fn converge(ctx: &Ctx<'_>, runner: &RunnerPolicyInputs) -> Result<Roles> {
+    let build_role = ctx.names.build_role();
+    let runner_role = ctx.names.runner_role();
+    let build_arn = ensure_role(
+        ctx,
+        &build_role,
+        "Flotilla build machines: no AWS permissions",
+    )
+    .await?;
+    match build_machine_policy() {
+        Some(doc) => ensure_policy(ctx, &build_role, &doc, &build_arn).await?,
+        None => ensure_no_policy(ctx, &build_role, &build_arn, BUILD_MACHINE_NO_POLICY).await?,
+    }
+    ensure_profile(ctx, &build_role, &build_role).await?;
+    let runner_arn = ensure_role(
+        ctx,
+        &runner_role,
+        "Flotilla runner hosts: manage the fleet's build machines",
+    )
+    .await?;
+    let policy = runner_host_policy(runner);
+    ensure_policy(ctx, &runner_role, &policy, &runner_arn).await?;
+    ensure_profile(ctx, &runner_role, &runner_role).await?;
+    Ok(Roles {
+        build_arn,
+        runner_arn,
+    })
+}
+
+/// Deletes both roles and profiles, runner hosts' first.
+pub(crate) async fn destroy(ctx: &Ctx<'_>) -> Result<()> {
+    destroy_pair(ctx, &ctx.names.runner_role()).await?;
+    destroy_pair(ctx, &ctx.names.build_role()).await
 }
 
 /// What the SSM agent needs for Run Command and nothing more: register and report
@@ -57,7 +102,7 @@ pub struct RunnerPolicyInputs {
 /// (the message channels, which have no resource to scope to). Not the managed policy
 /// `AmazonSSMManagedInstanceCore`: it also grants `ssm:GetParameter(s)` on every
 /// parameter, which would let a host read every other stack's runner token.
-pub const SSM_AGENT_CHANNEL_ACTIONS: [&str; 8] = [
+const SSM_AGENT_CHANNEL_ACTIONS: [&str; 8] = [
     "ec2messages:AcknowledgeMessage",
     "ec2messages:DeleteMessage",
     "ec2messages:FailMessage",
@@ -83,13 +128,13 @@ fn trust_policy() -> Value {
 /// only through URLs the runner host pre-signs (gitlab-runner's distributed cache) and
 /// send artifacts to GitLab; the role exists so operators can attach what their jobs
 /// need (ECR pulls, say) and so the runner host can pass exactly it.
-pub fn build_machine_policy() -> Option<Value> {
+fn build_machine_policy() -> Option<Value> {
     None
 }
 
 /// Why the build-machine role has no inline policy (the plan line when an old one is
 /// deleted).
-pub const BUILD_MACHINE_NO_POLICY: &str =
+const BUILD_MACHINE_NO_POLICY: &str =
     "build machines need no AWS permissions: the cache works through pre-signed URLs";
 
 /// The IAM resource and extra condition that name a KMS key given as a key id, key ARN,
@@ -123,7 +168,7 @@ fn kms_key_grant(partition: &str, region: &str, account: &str, key: &str) -> (St
 }
 
 /// Runner hosts: manage build machines of their own fleets only, and the cache.
-pub fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
+pub(crate) fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
     let ec2 = |resource: &str| {
         format!(
             "arn:{}:ec2:{}:{}:{resource}",
@@ -294,7 +339,7 @@ pub fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
 }
 
 /// Policy documents come back URL-encoded from AWS (not from every emulator).
-pub fn parse_policy(text: &str) -> Option<Value> {
+pub(crate) fn parse_policy(text: &str) -> Option<Value> {
     serde_json::from_str(text).ok().or_else(|| {
         let decoded = percent_encoding::percent_decode_str(text)
             .decode_utf8()
@@ -303,19 +348,12 @@ pub fn parse_policy(text: &str) -> Option<Value> {
     })
 }
 
-fn stack_tags(ctx: &Ctx<'_>, logical: &str) -> Vec<Tag> {
-    vec![
-        Tag::builder()
-            .key(STACK_TAG)
-            .value(&ctx.stack.name)
-            .build()
-            .expect("tag"),
-        Tag::builder()
-            .key(RESOURCE_TAG)
-            .value(logical)
-            .build()
-            .expect("tag"),
-    ]
+fn stack_tags(ctx: &Ctx<'_>, logical: &str) -> Result<Vec<Tag>> {
+    let tag = |k: &str, v: &str| built("IAM tag", Tag::builder().key(k).value(v).build());
+    Ok(vec![
+        tag(STACK_TAG, &ctx.stack.name)?,
+        tag(RESOURCE_TAG, logical)?,
+    ])
 }
 
 fn is_ours(ctx: &Ctx<'_>, tags: &[Tag]) -> bool {
@@ -325,16 +363,16 @@ fn is_ours(ctx: &Ctx<'_>, tags: &[Tag]) -> bool {
 
 /// An existing role: its ARN, trust policy and whether it carries the stack's tag.
 #[derive(Debug, Clone)]
-pub struct RoleState {
-    pub arn: String,
-    pub trust: Option<Value>,
-    pub ours: bool,
+struct RoleState {
+    arn: String,
+    trust: Option<Value>,
+    ours: bool,
 }
 
-pub async fn get_role(ctx: &Ctx<'_>, name: &str) -> Result<Option<RoleState>> {
+async fn get_role(ctx: &Ctx<'_>, name: &str) -> Result<Option<RoleState>> {
     match ctx
         .aws
-        .call("iam:GetRole", ctx.aws.iam.get_role().role_name(name).send())
+        .read("iam:GetRole", ctx.aws.iam.get_role().role_name(name).send())
         .await
     {
         Ok(out) => {
@@ -353,7 +391,7 @@ pub async fn get_role(ctx: &Ctx<'_>, name: &str) -> Result<Option<RoleState>> {
 }
 
 /// Ensures the role exists (tagged) with the EC2 trust policy; returns its ARN.
-pub async fn ensure_role(ctx: &Ctx<'_>, name: &str, description: &str) -> Result<String> {
+async fn ensure_role(ctx: &Ctx<'_>, name: &str, description: &str) -> Result<Id> {
     let kind = "iam:role";
     match get_role(ctx, name).await? {
         Some(r) if !r.ours => Err(Error::NotOurs(format!(
@@ -361,11 +399,15 @@ pub async fn ensure_role(ctx: &Ctx<'_>, name: &str, description: &str) -> Result
             ctx.stack.name
         ))),
         Some(r) => {
-            if r.trust.as_ref() != Some(&trust_policy())
-                && ctx.change(Action::Update, kind, name, "trust policy")
-            {
+            let go = if r.trust.as_ref() == Some(&trust_policy()) {
+                None
+            } else {
+                ctx.change(Action::Update, kind, name, "trust policy")
+            };
+            if let Some(go) = go {
                 ctx.aws
-                    .call(
+                    .write(
+                        go,
                         "iam:UpdateAssumeRolePolicy",
                         ctx.aws
                             .iam
@@ -376,15 +418,16 @@ pub async fn ensure_role(ctx: &Ctx<'_>, name: &str, description: &str) -> Result
                     )
                     .await?;
             }
-            Ok(r.arn)
+            Ok(Id::Known(r.arn))
         }
         None => {
-            if !ctx.change(Action::Create, kind, name, description) {
-                return Ok(pending(name));
-            }
+            let Some(go) = ctx.change(Action::Create, kind, name, description) else {
+                return Ok(Id::pending(name));
+            };
             let out = ctx
                 .aws
-                .call(
+                .write(
+                    go,
                     "iam:CreateRole",
                     ctx.aws
                         .iam
@@ -392,25 +435,25 @@ pub async fn ensure_role(ctx: &Ctx<'_>, name: &str, description: &str) -> Result
                         .role_name(name)
                         .description(description)
                         .assume_role_policy_document(trust_policy().to_string())
-                        .set_tags(Some(stack_tags(ctx, name)))
+                        .set_tags(Some(stack_tags(ctx, name)?))
                         .send(),
                 )
                 .await?;
             let arn = out.role().map(|r| r.arn().to_owned()).unwrap_or_default();
             ctx.created(kind, name, &arn);
-            Ok(arn)
+            Ok(Id::Known(arn))
         }
     }
 }
 
-/// The role's inline policy, if it has one (none for a role that does not exist yet).
-async fn inline_policy(ctx: &Ctx<'_>, role: &str, role_exists: bool) -> Result<Option<Value>> {
-    if !role_exists {
+/// The role's inline policy, if it has one (none for a role not created yet).
+async fn inline_policy(ctx: &Ctx<'_>, role: &str, arn: &Id) -> Result<Option<Value>> {
+    if arn.is_pending() {
         return Ok(None);
     }
     match ctx
         .aws
-        .call(
+        .read(
             "iam:GetRolePolicy",
             ctx.aws
                 .iam
@@ -432,17 +475,16 @@ async fn inline_policy(ctx: &Ctx<'_>, role: &str, role_exists: bool) -> Result<O
 
 /// Ensures the role has no inline policy: an existing one (an older stack's) is deleted,
 /// the plan saying `why`.
-pub async fn ensure_no_policy(
-    ctx: &Ctx<'_>,
-    role: &str,
-    role_exists: bool,
-    why: &str,
-) -> Result<()> {
-    let have = inline_policy(ctx, role, role_exists).await?;
+async fn ensure_no_policy(ctx: &Ctx<'_>, role: &str, arn: &Id, why: &str) -> Result<()> {
+    let have = inline_policy(ctx, role, arn).await?;
     let name = format!("{role}/{POLICY_NAME}");
-    if have.is_some() && ctx.change(Action::Delete, "iam:role-policy", &name, why) {
+    if have.is_none() {
+        return Ok(());
+    }
+    if let Some(go) = ctx.change(Action::Delete, "iam:role-policy", &name, why) {
         ctx.aws
-            .call(
+            .write(
+                go,
                 "iam:DeleteRolePolicy",
                 ctx.aws
                     .iam
@@ -457,13 +499,8 @@ pub async fn ensure_no_policy(
 }
 
 /// Ensures the role's inline policy is exactly `doc`.
-pub async fn ensure_policy(
-    ctx: &Ctx<'_>,
-    role: &str,
-    doc: &Value,
-    role_exists: bool,
-) -> Result<()> {
-    let have = inline_policy(ctx, role, role_exists).await?;
+async fn ensure_policy(ctx: &Ctx<'_>, role: &str, doc: &Value, arn: &Id) -> Result<()> {
+    let have = inline_policy(ctx, role, arn).await?;
     let name = format!("{role}/{POLICY_NAME}");
     if have.as_ref() == Some(doc) {
         return Ok(());
@@ -474,14 +511,15 @@ pub async fn ensure_policy(
         Action::Create
     };
     let statements = doc["Statement"].as_array().map_or(0, Vec::len);
-    if ctx.change(
+    if let Some(go) = ctx.change(
         action,
         "iam:role-policy",
         &name,
         format!("{statements} statements"),
     ) {
         ctx.aws
-            .call(
+            .write(
+                go,
                 "iam:PutRolePolicy",
                 ctx.aws
                     .iam
@@ -498,15 +536,15 @@ pub async fn ensure_policy(
 
 /// An existing instance profile: its roles and whether it carries the stack's tag.
 #[derive(Debug, Clone)]
-pub struct ProfileState {
-    pub roles: Vec<String>,
-    pub ours: bool,
+struct ProfileState {
+    roles: Vec<String>,
+    ours: bool,
 }
 
-pub async fn get_profile(ctx: &Ctx<'_>, name: &str) -> Result<Option<ProfileState>> {
+async fn get_profile(ctx: &Ctx<'_>, name: &str) -> Result<Option<ProfileState>> {
     match ctx
         .aws
-        .call(
+        .read(
             "iam:GetInstanceProfile",
             ctx.aws
                 .iam
@@ -531,10 +569,11 @@ pub async fn get_profile(ctx: &Ctx<'_>, name: &str) -> Result<Option<ProfileStat
 }
 
 /// Ensures the instance profile (same name as the role) holds exactly that role.
-pub async fn ensure_profile(ctx: &Ctx<'_>, name: &str, role: &str) -> Result<()> {
+async fn ensure_profile(ctx: &Ctx<'_>, name: &str, role: &str) -> Result<()> {
     let kind = "iam:instance-profile";
     let state = get_profile(ctx, name).await?;
-    let created = state.is_none();
+    // A profile created now gets its role as part of its creation.
+    let mut created: Option<Go> = None;
     let roles = match state {
         Some(p) if !p.ours => {
             return Err(Error::NotOurs(format!(
@@ -545,28 +584,32 @@ pub async fn ensure_profile(ctx: &Ctx<'_>, name: &str, role: &str) -> Result<()>
         }
         Some(p) => p.roles,
         None => {
-            if !ctx.change(Action::Create, kind, name, format!("with role {role}")) {
+            let Some(go) = ctx.change(Action::Create, kind, name, format!("with role {role}"))
+            else {
                 return Ok(());
-            }
+            };
             ctx.aws
-                .call(
+                .write(
+                    go,
                     "iam:CreateInstanceProfile",
                     ctx.aws
                         .iam
                         .create_instance_profile()
                         .instance_profile_name(name)
-                        .set_tags(Some(stack_tags(ctx, name)))
+                        .set_tags(Some(stack_tags(ctx, name)?))
                         .send(),
                 )
                 .await?;
             ctx.created(kind, name, name);
+            created = Some(go);
             Vec::new()
         }
     };
     for other in roles.iter().filter(|r| *r != role) {
-        if ctx.change(Action::Update, kind, name, format!("remove role {other}")) {
+        if let Some(go) = ctx.change(Action::Update, kind, name, format!("remove role {other}")) {
             ctx.aws
-                .call(
+                .write(
+                    go,
                     "iam:RemoveRoleFromInstanceProfile",
                     ctx.aws
                         .iam
@@ -579,10 +622,12 @@ pub async fn ensure_profile(ctx: &Ctx<'_>, name: &str, role: &str) -> Result<()>
         }
     }
     if !roles.iter().any(|r| r == role) {
-        let record = created || ctx.change(Action::Update, kind, name, format!("add role {role}"));
-        if record && ctx.applying() {
+        let go =
+            created.or_else(|| ctx.change(Action::Update, kind, name, format!("add role {role}")));
+        if let Some(go) = go {
             ctx.aws
-                .call(
+                .write(
+                    go,
                     "iam:AddRoleToInstanceProfile",
                     ctx.aws
                         .iam
@@ -598,12 +643,18 @@ pub async fn ensure_profile(ctx: &Ctx<'_>, name: &str, role: &str) -> Result<()>
 }
 
 /// Deletes a role and instance profile pair the stack owns (profile first).
-pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
+async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
     if let Some(p) = get_profile(ctx, name).await? {
-        if p.ours && ctx.change(Action::Delete, "iam:instance-profile", name, "") {
+        let go = if p.ours {
+            ctx.change(Action::Delete, "iam:instance-profile", name, "")
+        } else {
+            None
+        };
+        if let Some(go) = go {
             for r in &p.roles {
                 ctx.aws
-                    .call(
+                    .write(
+                        go,
                         "iam:RemoveRoleFromInstanceProfile",
                         ctx.aws
                             .iam
@@ -615,7 +666,8 @@ pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
                     .await?;
             }
             ctx.aws
-                .call(
+                .write(
+                    go,
                     "iam:DeleteInstanceProfile",
                     ctx.aws
                         .iam
@@ -636,17 +688,18 @@ pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
                 .note(format!("IAM role {name} is not the stack's: left alone"));
             return Ok(());
         }
-        if ctx.change(Action::Delete, "iam:role", name, "") {
+        if let Some(go) = ctx.change(Action::Delete, "iam:role", name, "") {
             let policies = ctx
                 .aws
-                .call(
+                .read(
                     "iam:ListRolePolicies",
                     ctx.aws.iam.list_role_policies().role_name(name).send(),
                 )
                 .await?;
             for p in policies.policy_names() {
                 ctx.aws
-                    .call(
+                    .write(
+                        go,
                         "iam:DeleteRolePolicy",
                         ctx.aws
                             .iam
@@ -660,7 +713,7 @@ pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
             // Managed policies someone attached would block DeleteRole.
             let attached = ctx
                 .aws
-                .call(
+                .read(
                     "iam:ListAttachedRolePolicies",
                     ctx.aws
                         .iam
@@ -672,7 +725,8 @@ pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
             for p in attached.attached_policies() {
                 if let Some(arn) = p.policy_arn() {
                     ctx.aws
-                        .call(
+                        .write(
+                            go,
                             "iam:DetachRolePolicy",
                             ctx.aws
                                 .iam
@@ -685,7 +739,8 @@ pub async fn destroy_pair(ctx: &Ctx<'_>, name: &str) -> Result<()> {
                 }
             }
             ctx.aws
-                .call(
+                .write(
+                    go,
                     "iam:DeleteRole",
                     ctx.aws.iam.delete_role().role_name(name).send(),
                 )

@@ -1,28 +1,50 @@
 //! `flotilla-provision`: plan / apply / destroy / output for the AWS side of a Flotilla
 //! fleet, described by one stack file.
 //!
-//! Two steps, as everywhere in Flotilla: [`stack::Stack::load`] parses and checks the
-//! stack file without touching the network; then a pass of [`engine`] reads AWS and
-//! computes (plan) or makes (apply) the changes. One resource module per AWS service
-//! ([`ec2`], [`iam`], [`s3`], [`ssm`]) plus [`gitlab`] for runner registration,
-//! [`binary`] (the flotilla binary the hosts install, resolved without network),
-//! [`run_command`] (SSM Run Command on the hosts: readiness and drain) and [`poll`] (the
-//! one wait loop).
+//! Two steps, as everywhere in Flotilla: [`Stack::load`] parses and checks the stack
+//! file without touching the network; then a pass ([`converge`] or [`destroy`]) reads
+//! AWS and computes (plan) or makes (apply) the changes, recorded in the [`Ctx`]'s
+//! [`Plan`]. What the `flotilla-provision` binary needs is re-exported here; every
+//! module is private to the crate.
+//!
+//! Module map: `context` (what a pass hands every resource module), `engine` (the
+//! order of the passes, nothing else), one module per resource (`ec2::*` for each EC2
+//! type, `iam`, `s3`, `ssm`, `registration` for the GitLab runner), `plan` (changes,
+//! and the `Go` a write needs), `id` (ids, or placeholders for ids apply will create),
+//! `poll` (the one wait loop), `aws` (clients, the one choke point for calls),
+//! `host_config`, `render`, `cloudinit`, `paths` (what a runner host is configured with),
+//! `run_command` (SSM Run Command: readiness and drain), `binary`, `stack`, `naming`.
 
-pub mod aws;
-pub mod binary;
-pub mod cidr;
-pub mod cloudinit;
-pub mod ec2;
-pub mod engine;
-pub mod error;
-pub mod gitlab;
-pub mod iam;
-pub mod naming;
-pub mod plan;
-pub mod poll;
-pub mod render;
-pub mod run_command;
-pub mod s3;
-pub mod ssm;
-pub mod stack;
+mod aws;
+mod binary;
+mod cidr;
+mod cloudinit;
+mod context;
+mod ec2;
+mod engine;
+mod error;
+mod gitlab;
+mod host_config;
+mod iam;
+mod id;
+mod naming;
+mod outputs;
+mod paths;
+mod plan;
+mod poll;
+mod registration;
+mod render;
+mod run_command;
+mod s3;
+mod ssm;
+mod stack;
+
+pub use aws::{Aws, AwsError, Meter};
+pub use binary::{resolve as resolve_binary, BinaryError, LocalBinary, Resolved};
+pub use context::{Ctx, HostOptions};
+pub use engine::{converge, destroy};
+pub use error::{Error, Result};
+pub use gitlab::{GitlabError, Secret};
+pub use outputs::{HostOutput, NatOutput, Outputs};
+pub use plan::{Mode, Plan};
+pub use stack::{Stack, StackError};

@@ -8,12 +8,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use flotilla_provision::aws::Aws;
-use flotilla_provision::binary::{self, Resolved};
-use flotilla_provision::engine::{self, Ctx, HostOptions, Outputs};
-use flotilla_provision::gitlab::Secret;
-use flotilla_provision::plan::Mode;
-use flotilla_provision::stack::Stack;
+use flotilla_provision::{
+    converge, destroy, resolve_binary, Aws, Ctx, HostOptions, Mode, Outputs, Resolved, Secret,
+    Stack,
+};
 
 /// `flotilla-provision --version`: the crate's version and the git revision it was built
 /// from (`build.rs`; "unknown" outside a git checkout).
@@ -132,7 +130,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Shut down first (it waits for the worker threads), so that nothing its tasks log
+    // while closing (connection pools at trace level) comes after the error line.
+    drop(runtime);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -154,13 +156,13 @@ fn report_calls(aws: &Aws, what: &str) {
 async fn run(cli: Cli) -> Result<()> {
     let stack = Stack::load(&cli.stack)?;
     if let Command::Validate = cli.command {
-        println!("{}: stack {} is valid", cli.stack.display(), stack.name);
+        println!("{}: stack {} is valid", cli.stack.display(), stack.name());
         return Ok(());
     }
     // The binary the hosts install, found and hashed before any network use.
     let hosts = match cli.command {
         Command::Plan | Command::Apply { .. } | Command::Output { .. } => {
-            let resolved = binary::resolve(
+            let resolved = resolve_binary(
                 &stack,
                 &cli.stack,
                 cli.flotilla_bin.as_deref(),
@@ -176,25 +178,25 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Validate | Command::Destroy { .. } => HostOptions::default(),
     };
-    let aws = Aws::from_env(stack.aws.region.as_deref())
+    let aws = Aws::from_env(stack.region())
         .await
         .context("configuring the AWS SDK")?;
-    let token = std::env::var(&stack.gitlab.token_env)
+    let token = std::env::var(stack.token_env())
         .ok()
         .filter(|t| !t.trim().is_empty())
         .map(Secret::new);
-    let title = format!("stack {} in {}", stack.name, aws.region);
+    let title = format!("stack {} in {}", stack.name(), aws.region);
     match cli.command {
         Command::Validate => unreachable!(),
         Command::Plan => {
             let ctx = Ctx::new(&aws, &stack, Mode::Plan, token).with_hosts(hosts);
-            engine::converge(&ctx).await?;
+            converge(&ctx).await?;
             print!("{}", ctx.plan.render(&format!("Plan for {title}")));
             report_calls(&aws, "plan");
         }
         Command::Apply { .. } => {
             let plan = Ctx::new(&aws, &stack, Mode::Plan, token.clone()).with_hosts(hosts.clone());
-            engine::converge(&plan).await?;
+            converge(&plan).await?;
             print!("{}", plan.plan.render(&format!("Plan for {title}")));
             if plan.plan.is_empty() {
                 println!("Nothing to apply.");
@@ -202,7 +204,7 @@ async fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let ctx = Ctx::new(&aws, &stack, Mode::Apply, token).with_hosts(hosts);
-            let outputs = engine::converge(&ctx).await?;
+            let outputs = converge(&ctx).await?;
             println!("Apply complete: {}.", ctx.plan.summary());
             print_summary(&outputs);
             report_calls(&aws, "apply");
@@ -212,7 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
             terminate_build_machines,
         } => {
             let plan = Ctx::new(&aws, &stack, Mode::Plan, token.clone());
-            engine::destroy(&plan, terminate_build_machines).await?;
+            destroy(&plan, terminate_build_machines).await?;
             print!("{}", plan.plan.render(&format!("Destroy plan for {title}")));
             if plan.plan.is_empty() {
                 println!("Nothing to destroy.");
@@ -220,14 +222,14 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("Nothing deleted: run `destroy --yes` to delete the above.");
             } else {
                 let ctx = Ctx::new(&aws, &stack, Mode::Apply, token);
-                engine::destroy(&ctx, terminate_build_machines).await?;
+                destroy(&ctx, terminate_build_machines).await?;
                 println!("Destroy complete: {}.", ctx.plan.summary());
             }
             report_calls(&aws, "destroy");
         }
         Command::Output { json } => {
             let ctx = Ctx::new(&aws, &stack, Mode::Plan, token).with_hosts(hosts);
-            let outputs = engine::converge(&ctx).await?;
+            let outputs = converge(&ctx).await?;
             if !ctx.plan.is_empty() {
                 tracing::warn!(
                     "the stack differs from {} ({}): run apply; values not created yet \

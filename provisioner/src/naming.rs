@@ -6,82 +6,82 @@
 //! `apply` finds what it created by these tags and `destroy` deletes nothing else.
 
 /// Every resource the stack creates carries `flotilla:stack = <stack name>`.
-pub const STACK_TAG: &str = "flotilla:stack";
+pub(crate) const STACK_TAG: &str = "flotilla:stack";
 /// Which resource of the stack this is (`vpc`, `subnet/private/us-east-1a`, `host/0`, ...).
-pub const RESOURCE_TAG: &str = "flotilla:resource";
+pub(crate) const RESOURCE_TAG: &str = "flotilla:resource";
 /// On runner hosts: SHA-256 of the user data they were launched with.
-pub const USER_DATA_TAG: &str = "flotilla:user-data-sha256";
+pub(crate) const USER_DATA_TAG: &str = "flotilla:user-data-sha256";
 /// On runner hosts: SHA-256 of the flotilla binary their user data installs.
-pub const BINARY_TAG: &str = "flotilla:binary-sha256";
+pub(crate) const BINARY_TAG: &str = "flotilla:binary-sha256";
 /// On the runner token parameter: the GitLab runner id the token belongs to.
-pub const RUNNER_ID_TAG: &str = "gitlab:runner-id";
+pub(crate) const RUNNER_ID_TAG: &str = "gitlab:runner-id";
 
 /// The deterministic names of one stack's resources.
 #[derive(Debug, Clone)]
-pub struct Names {
-    pub stack: String,
+pub(crate) struct Names {
+    pub(crate) stack: String,
 }
 
 impl Names {
-    pub fn new(stack: &str) -> Self {
+    pub(crate) fn new(stack: &str) -> Self {
         Self {
             stack: stack.to_owned(),
         }
     }
 
     /// The console `Name` tag for a logical id.
-    pub fn name_tag(&self, logical: &str) -> String {
+    pub(crate) fn name_tag(&self, logical: &str) -> String {
         format!("flotilla-{}-{}", self.stack, logical.replace('/', "-"))
     }
 
     /// IAM role and instance profile of the runner hosts (same name for both).
-    pub fn runner_role(&self) -> String {
+    pub(crate) fn runner_role(&self) -> String {
         format!("flotilla-{}-runner-host", self.stack)
     }
 
     /// IAM role and instance profile of the build machines (same name for both).
-    pub fn build_role(&self) -> String {
+    pub(crate) fn build_role(&self) -> String {
         format!("flotilla-{}-build-machine", self.stack)
     }
 
-    pub fn launch_template(&self, class: &str) -> String {
+    pub(crate) fn launch_template(&self, class: &str) -> String {
         format!("flotilla-{}-{}", self.stack, class)
     }
 
     /// The SSM parameter holding the GitLab runner authentication token.
-    pub fn token_param(&self) -> String {
+    pub(crate) fn token_param(&self) -> String {
         format!("/flotilla/{}/runner-token", self.stack)
     }
 }
 
 /// Logical ids of the stack's EC2 resources.
-pub mod logical {
-    pub const VPC: &str = "vpc";
-    pub const IGW: &str = "igw";
-    pub const PUBLIC_RTB: &str = "rtb/public";
-    pub const S3_ENDPOINT: &str = "vpce/s3";
-    pub const RUNNER_SG: &str = "sg/runner-host";
-    pub const BUILD_SG: &str = "sg/build-machine";
+pub(crate) mod logical {
+    pub(crate) const VPC: &str = "vpc";
+    pub(crate) const IGW: &str = "igw";
+    pub(crate) const PUBLIC_RTB: &str = "rtb/public";
+    pub(crate) const S3_ENDPOINT: &str = "vpce/s3";
+    pub(crate) const RUNNER_SG: &str = "sg/runner-host";
+    pub(crate) const BUILD_SG: &str = "sg/build-machine";
 
-    pub fn public_subnet(zone: &str) -> String {
+    pub(crate) fn public_subnet(zone: &str) -> String {
         format!("subnet/public/{zone}")
     }
-    pub fn private_subnet(zone: &str) -> String {
+    pub(crate) fn private_subnet(zone: &str) -> String {
         format!("subnet/private/{zone}")
     }
-    pub fn nat(zone: &str) -> String {
+    pub(crate) fn nat(zone: &str) -> String {
         format!("nat/{zone}")
     }
-    pub fn eip(zone: &str) -> String {
+    pub(crate) fn eip(zone: &str) -> String {
         format!("eip/nat/{zone}")
     }
-    pub fn private_rtb(zone: &str) -> String {
+    pub(crate) fn private_rtb(zone: &str) -> String {
         format!("rtb/private/{zone}")
     }
-    pub fn launch_template(class: &str) -> String {
+    pub(crate) fn launch_template(class: &str) -> String {
         format!("lt/{class}")
     }
-    pub fn host(index: u32) -> String {
+    pub(crate) fn host(index: u32) -> String {
         format!("host/{index}")
     }
 }

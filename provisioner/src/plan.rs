@@ -1,13 +1,17 @@
 //! Plans: the list of changes computed from what AWS says before anything is written,
 //! printed before `apply` or `destroy` act, and the run mode that decides whether a
 //! resource module only records a change (plan) or also makes it (apply).
+//!
+//! The mode is not a boolean the resource modules consult: recording a change in apply
+//! mode hands back a [`Go`], and every AWS write call takes one (`Aws::write`). A module
+//! cannot write what it did not record, and in plan mode it has nothing to write with.
 
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// What one step would do to one resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Action {
+pub(crate) enum Action {
     Create,
     Update,
     Replace,
@@ -37,11 +41,11 @@ impl Action {
 /// One change: `kind` is the AWS resource type (`ec2:vpc`), `name` the stack's logical id
 /// or the resource's name, `detail` what differs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    pub action: Action,
-    pub kind: String,
-    pub name: String,
-    pub detail: String,
+pub(crate) struct Change {
+    action: Action,
+    kind: String,
+    name: String,
+    detail: String,
 }
 
 impl fmt::Display for Change {
@@ -60,54 +64,93 @@ impl fmt::Display for Change {
     }
 }
 
-/// Whether the resource modules only look (plan) or also act (apply, destroy).
+/// Whether a pass only looks (plan) or also acts (apply, destroy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Plan,
     Apply,
 }
 
-/// The placeholder for an id that only exists after apply.
-pub fn pending(logical: &str) -> String {
-    format!("(known after apply: {logical})")
-}
-
-pub fn is_pending(id: &str) -> bool {
-    id.starts_with("(known after apply")
+/// Proof that a change was recorded in apply mode: the only way to make an AWS write
+/// call. Minted by [`Plan::change`] alone, never in plan mode.
+#[derive(Debug, Clone, Copy)]
+#[must_use = "a recorded change is made with this"]
+pub(crate) struct Go {
+    _private: (),
 }
 
 /// Changes recorded during one pass, plus notes (things skipped, with the reason).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Plan {
+    mode: Mode,
     changes: Mutex<Vec<Change>>,
     notes: Mutex<Vec<String>>,
 }
 
+/// A poisoned lock only means another thread panicked mid-push; the list is still whole.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Plan {
-    pub fn record(&self, action: Action, kind: &str, name: &str, detail: impl Into<String>) {
-        let change = Change {
+    pub(crate) fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            changes: Mutex::default(),
+            notes: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Records a change; in apply mode also announces it and returns the [`Go`] to make
+    /// it with.
+    pub(crate) fn change(
+        &self,
+        action: Action,
+        kind: &str,
+        name: &str,
+        detail: impl Into<String>,
+    ) -> Option<Go> {
+        let detail = detail.into();
+        if self.mode == Mode::Apply {
+            let verb = match action {
+                Action::Create => "creating",
+                Action::Update => "updating",
+                Action::Replace => "replacing",
+                Action::Delete => "deleting",
+            };
+            if detail.is_empty() {
+                tracing::info!("{verb} {kind} {name}");
+            } else {
+                tracing::info!("{verb} {kind} {name} ({detail})");
+            }
+        }
+        lock(&self.changes).push(Change {
             action,
             kind: kind.to_owned(),
             name: name.to_owned(),
-            detail: detail.into(),
-        };
-        self.changes.lock().unwrap().push(change);
+            detail,
+        });
+        (self.mode == Mode::Apply).then_some(Go { _private: () })
     }
 
-    pub fn note(&self, note: impl Into<String>) {
-        self.notes.lock().unwrap().push(note.into());
+    pub(crate) fn note(&self, note: impl Into<String>) {
+        lock(&self.notes).push(note.into());
     }
 
-    pub fn changes(&self) -> Vec<Change> {
-        self.changes.lock().unwrap().clone()
+    pub(crate) fn changes(&self) -> Vec<Change> {
+        lock(&self.changes).clone()
     }
 
-    pub fn notes(&self) -> Vec<String> {
-        self.notes.lock().unwrap().clone()
+    fn notes(&self) -> Vec<String> {
+        lock(&self.notes).clone()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.changes.lock().unwrap().is_empty()
+        lock(&self.changes).is_empty()
     }
 
     /// The plan as printed on stdout.
@@ -162,14 +205,28 @@ mod tests {
 
     #[test]
     fn renders_counts_and_lines() {
-        let p = Plan::default();
-        p.record(Action::Create, "ec2:vpc", "vpc", "10.0.0.0/16");
-        p.record(Action::Delete, "ec2:instance", "host/1", "");
+        let p = Plan::new(Mode::Plan);
+        assert!(p
+            .change(Action::Create, "ec2:vpc", "vpc", "10.0.0.0/16")
+            .is_none());
+        assert!(p
+            .change(Action::Delete, "ec2:instance", "host/1", "")
+            .is_none());
         let text = p.render("Plan");
         assert!(text.starts_with("Plan: 1 to create, 0 to update, 0 to replace, 1 to delete"));
         assert!(text.contains("+ ec2:vpc"), "{text}");
         assert!(text.contains("(10.0.0.0/16)"), "{text}");
-        assert!(Plan::default().render("Plan").contains("nothing to do"));
-        assert!(is_pending(&pending("vpc")));
+        assert!(Plan::new(Mode::Plan)
+            .render("Plan")
+            .contains("nothing to do"));
+    }
+
+    #[test]
+    fn only_apply_mode_hands_out_the_right_to_write() {
+        let apply = Plan::new(Mode::Apply);
+        assert!(apply
+            .change(Action::Update, "s3:bucket", "b", "x")
+            .is_some());
+        assert_eq!(apply.changes().len(), 1, "recorded in both modes");
     }
 }

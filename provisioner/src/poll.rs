@@ -1,16 +1,20 @@
 //! Waiting on AWS: the one polling loop of the crate. A check runs at once, then again
 //! after capped exponential backoff, until it says done, fails, or the deadline passes
 //! (an [`Error::Timeout`] naming what was awaited and what was last seen). Every wait
-//! prints a progress line saying what it waits for.
+//! prints a progress line saying what it waits for. Every wait and retry of the crate
+//! goes through [`until`]: resources until they reach a state, Run Commands until they
+//! end, deletions while AWS reports a dependency ([`while_in_use`]), launches while a
+//! new instance profile is not usable yet.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use crate::aws::AwsError;
 use crate::error::{Error, Result};
 
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Poll<T> {
+pub(crate) enum Poll<T> {
     Done(T),
     /// Not yet: the progress line (what is being waited for, what was seen).
     Wait(String),
@@ -18,33 +22,29 @@ pub enum Poll<T> {
 
 /// How long and how often to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     /// Delay after the first check; doubled after each one, up to `max`.
-    pub first: Duration,
-    pub max: Duration,
+    pub(crate) first: Duration,
+    pub(crate) max: Duration,
     /// Give up once this much time has passed since the first check.
-    pub limit: Duration,
+    pub(crate) limit: Duration,
 }
 
 impl Backoff {
     /// 1 s doubling to 10 s, for at most `limit`.
-    pub const fn up_to(limit: Duration) -> Self {
+    pub(crate) const fn up_to(limit: Duration) -> Self {
         Self {
             first: Duration::from_secs(1),
             max: Duration::from_secs(10),
             limit,
         }
     }
-
-    pub const fn with_max(self, max: Duration) -> Self {
-        Self { max, ..self }
-    }
 }
 
 /// Runs `check` until it returns [`Poll::Done`] (its value is returned) or an error (
 /// returned as is), sleeping with backoff in between; after `backoff.limit`, an
 /// [`Error::Timeout`] for `what`, with the last progress line.
-pub async fn until<T, F, Fut>(what: &str, backoff: Backoff, mut check: F) -> Result<T>
+pub(crate) async fn until<T, F, Fut>(what: &str, backoff: Backoff, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Poll<T>>>,
@@ -67,6 +67,34 @@ where
         tokio::time::sleep(delay.min(left)).await;
         delay = (delay * 2).min(backoff.max);
     }
+}
+
+/// Runs a deletion, again while AWS still reports dependencies being released
+/// (`DependencyViolation`: an ENI of a NAT gateway or an instance going away), for up to
+/// 5 minutes.
+pub(crate) async fn while_in_use<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AwsError>>,
+{
+    let backoff = Backoff {
+        first: Duration::from_secs(2),
+        max: Duration::from_secs(15),
+        limit: Duration::from_secs(300),
+    };
+    until(what, backoff, || {
+        let attempt = f();
+        async move {
+            match attempt.await {
+                Ok(v) => Ok(Poll::Done(v)),
+                Err(e) if e.code_is(&["DependencyViolation", "InvalidRouteTableID.InUse"]) => {
+                    Ok(Poll::Wait(format!("{what}: still in use ({e})")))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -3,93 +3,32 @@
 //! gitlab-runner's `config.toml` with the `[runners.custom]` section pointing at flotilla.
 //!
 //! Invariant: neither file ever contains the runner token; `config.toml` carries the
-//! placeholder [`TOKEN_PLACEHOLDER`], which the host replaces at boot from SSM.
+//! placeholder `TOKEN_PLACEHOLDER`, which the host replaces at boot from SSM.
 
 use flotilla_proto::config::Config;
 use serde::Serialize;
 
-use crate::naming::Names;
-use crate::stack::Stack;
-
-/// Where the daemon's config goes on a runner host (the daemon's default path).
-pub const FLOTILLA_TOML_PATH: &str = flotilla_proto::config::DEFAULT_CONFIG_PATH;
-/// The daemon's state directory on a runner host (CA, state file, socket).
-pub const STATE_DIR: &str = "/var/lib/flotilla";
-/// gitlab-runner's config, as written by the boot script (with the token).
-pub const RUNNER_CONFIG_PATH: &str = "/etc/gitlab-runner/config.toml";
-/// The token-less template cloud-init writes.
-pub const RUNNER_CONFIG_TEMPLATE_PATH: &str = "/etc/gitlab-runner/config.toml.in";
-/// Replaced at boot with the runner authentication token read from SSM.
-pub const TOKEN_PLACEHOLDER: &str = "@FLOTILLA_RUNNER_TOKEN@";
-pub const FLOTILLA_BIN: &str = "/usr/local/bin/flotilla";
-pub const GITLAB_RUNNER_BIN: &str = "/usr/local/bin/gitlab-runner";
-
-/// What the stack creates that the daemon's config refers to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetIds {
-    /// Private subnet ids, in `network.zones` order.
-    pub private_subnets: Vec<String>,
-    pub build_security_group: String,
-    pub build_instance_profile: String,
-    pub region: Option<String>,
-}
-
-impl FleetIds {
-    /// Stand-ins for ids not known before `apply` (used by validation and `plan`).
-    pub fn placeholders(stack: &Stack) -> Self {
-        Self {
-            private_subnets: stack
-                .network
-                .zones
-                .iter()
-                .map(|z| format!("(subnet/private/{z})"))
-                .collect(),
-            build_security_group: "(sg/build-machine)".into(),
-            build_instance_profile: Names::new(&stack.name).build_role(),
-            region: stack.aws.region.clone(),
-        }
-    }
-}
+use crate::paths::{FLOTILLA_BIN, FLOTILLA_TOML_PATH, TOKEN_PLACEHOLDER};
+use crate::stack::{FleetIds, Stack};
 
 /// The daemon's config for one runner host of this stack (`fleet` is that host's fleet
-/// name, see [`host_fleets`]).
-pub fn flotilla_config(stack: &Stack, ids: &FleetIds, fleet: &str) -> Result<Config, String> {
+/// name, see `Stack::host_fleets`).
+pub(crate) fn flotilla_config(
+    stack: &Stack,
+    ids: &FleetIds,
+    fleet: &str,
+) -> Result<Config, String> {
     stack.fleet_config(ids, fleet).map_err(|e| e.to_string())
 }
 
-/// One fleet name per runner host: the fleet name itself for host 0, `<fleet>-<n>` for
-/// host n. Each daemon reaps instances of its own fleet that it does not know, so two
-/// daemons must never share one; host 0 keeping the plain name means adding hosts never
-/// replaces the first one.
-pub fn host_fleets(stack: &Stack) -> Vec<String> {
-    let base = stack.fleet_name();
-    (0..stack.runner_hosts.count.max(1))
-        .map(|i| {
-            if i == 0 {
-                base.to_owned()
-            } else {
-                format!("{base}-{i}")
-            }
-        })
-        .collect()
-}
-
-/// True for a fleet name this stack's hosts use or used (`<fleet>` or `<fleet>-<n>`).
-pub fn is_stack_fleet(stack: &Stack, fleet: &str) -> bool {
-    let base = stack.fleet_name();
-    fleet == base
-        || fleet
-            .strip_prefix(base)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
-}
-
 /// `flotilla.toml` as text, via the proto's own writer.
-pub fn flotilla_toml(config: &Config) -> String {
+pub(crate) fn flotilla_toml(config: &Config) -> Result<String, String> {
     let body = config
         .to_toml()
-        .expect("a Config always serializes to TOML");
-    format!("# Written by flotilla-provision; changes are overwritten by the next apply.\n{body}")
+        .map_err(|e| format!("cannot write flotilla.toml: {e}"))?;
+    Ok(format!(
+        "# Written by flotilla-provision; changes are overwritten by the next apply.\n{body}"
+    ))
 }
 
 #[derive(Serialize)]
@@ -148,7 +87,11 @@ struct S3Cache {
 /// gitlab-runner's `config.toml` with the token placeholder; the custom executor runs
 /// every stage through flotilla, and the cache goes to the stack's bucket with the
 /// host's instance-profile credentials.
-pub fn runner_config_toml(stack: &Stack, config: &Config, region: &str) -> String {
+pub(crate) fn runner_config_toml(
+    stack: &Stack,
+    config: &Config,
+    region: &str,
+) -> Result<String, String> {
     let exec = |stage: &str| {
         (
             FLOTILLA_BIN.to_owned(),
@@ -197,11 +140,12 @@ pub fn runner_config_toml(stack: &Stack, config: &Config, region: &str) -> Strin
             },
         }],
     };
-    let body = toml::to_string_pretty(&doc).expect("runner config serializes");
-    format!(
+    let body = toml::to_string_pretty(&doc)
+        .map_err(|e| format!("cannot write gitlab-runner's config.toml: {e}"))?;
+    Ok(format!(
         "# Written by flotilla-provision. The token is filled in at boot from SSM by\n\
          # /usr/local/sbin/flotilla-runner-token; it is never in user data.\n{body}"
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -221,7 +165,7 @@ mod tests {
         let config = flotilla_config(&stack, &ids, "ci").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flotilla.toml");
-        std::fs::write(&path, flotilla_toml(&config)).unwrap();
+        std::fs::write(&path, flotilla_toml(&config).unwrap()).unwrap();
         let loaded = Config::load(&path).unwrap();
         assert_eq!(loaded, config);
         assert_eq!(loaded.fleet, "ci");
@@ -234,19 +178,19 @@ mod tests {
     #[test]
     fn host_fleets_keep_the_first_name() {
         let mut stack = Stack::from_toml(GOOD).unwrap();
-        assert_eq!(host_fleets(&stack), ["ci"]);
+        assert_eq!(stack.host_fleets(), ["ci"]);
         stack.runner_hosts.count = 3;
-        assert_eq!(host_fleets(&stack), ["ci", "ci-1", "ci-2"]);
-        assert!(is_stack_fleet(&stack, "ci-7"));
-        assert!(!is_stack_fleet(&stack, "ci-x"));
-        assert!(!is_stack_fleet(&stack, "cid"));
+        assert_eq!(stack.host_fleets(), ["ci", "ci-1", "ci-2"]);
+        assert!(stack.is_own_fleet("ci-7"));
+        assert!(!stack.is_own_fleet("ci-x"));
+        assert!(!stack.is_own_fleet("cid"));
     }
 
     #[test]
     fn runner_config_has_custom_executor_and_no_token() {
         let stack = Stack::from_toml(GOOD).unwrap();
         let config = flotilla_config(&stack, &FleetIds::placeholders(&stack), "ci").unwrap();
-        let text = runner_config_toml(&stack, &config, "us-east-1");
+        let text = runner_config_toml(&stack, &config, "us-east-1").unwrap();
         let v: toml::Table = toml::from_str(&text).unwrap();
         let runner = &v["runners"].as_array().unwrap()[0];
         assert_eq!(runner["executor"].as_str(), Some("custom"));

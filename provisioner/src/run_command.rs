@@ -10,28 +10,29 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::CommandInvocationStatus;
 
-use crate::engine::Ctx;
+use crate::context::Ctx;
 use crate::error::{Error, Result};
+use crate::paths::{FLOTILLA_BIN, FLOTILLA_TOML_PATH, GITLAB_RUNNER_BIN};
+use crate::plan::Go;
 use crate::poll::{self, Backoff, Poll};
-use crate::render::{FLOTILLA_BIN, FLOTILLA_TOML_PATH, GITLAB_RUNNER_BIN};
 
 /// The SSM document every command runs.
-pub const DOCUMENT: &str = "AWS-RunShellScript";
+const DOCUMENT: &str = "AWS-RunShellScript";
 /// How long SSM may take to hand a command to the instance's agent.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a new host has to register its SSM agent, finish cloud-init and answer.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 /// Where the drain makes gitlab-runner's stop graceful (a runtime drop-in, so hosts
 /// launched before it existed get it too).
-pub const GRACEFUL_STOP_DROPIN: &str =
+const GRACEFUL_STOP_DROPIN: &str =
     "/run/systemd/system/gitlab-runner.service.d/flotilla-drain.conf";
 
 /// The drain of a host that is about to be terminated: gitlab-runner stops taking jobs
 /// and exits once the running ones have finished (the drop-in makes systemd stop it
 /// with SIGQUIT, gitlab-runner's graceful shutdown, and wait for it), then the flotilla
 /// daemon terminates its build machines and `--wait` returns when none is left.
-pub fn drain_commands() -> Vec<String> {
+pub(crate) fn drain_commands() -> Vec<String> {
     let dir = GRACEFUL_STOP_DROPIN
         .rsplit_once('/')
         .map_or(GRACEFUL_STOP_DROPIN, |(d, _)| d);
@@ -51,7 +52,7 @@ pub fn drain_commands() -> Vec<String> {
 
 /// The readiness check of a new host: cloud-init has finished and the flotilla daemon
 /// answers on its control socket (it may take a few seconds after its start).
-pub fn ready_commands() -> Vec<String> {
+pub(crate) fn ready_commands() -> Vec<String> {
     vec![
         "set -u".into(),
         "cloud-init status --wait >/dev/null 2>&1 || true".into(),
@@ -69,31 +70,36 @@ pub fn ready_commands() -> Vec<String> {
 
 /// One script for one instance.
 #[derive(Debug, Clone)]
-pub struct Script<'a> {
+pub(crate) struct Script<'a> {
     /// The host it is for (`host/0`), first on every progress line.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
     /// What it does, for progress lines and errors (`the drain of i-...`).
-    pub what: &'a str,
+    pub(crate) what: &'a str,
     /// SendCommand's comment (at most 100 characters).
-    pub comment: &'a str,
-    pub commands: Vec<String>,
+    pub(crate) comment: &'a str,
+    pub(crate) commands: Vec<String>,
     /// The script's own time limit (`executionTimeout`).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Keep resending while SSM does not know the instance yet (a new host whose agent
     /// has not registered), for up to this long.
-    pub wait_for_agent: Option<Duration>,
+    pub(crate) wait_for_agent: Option<Duration>,
 }
 
 /// Why an instance cannot be given commands: SSM's `InvalidInstanceId`.
-pub fn is_unmanaged(e: &crate::aws::AwsError) -> bool {
+pub(crate) fn is_unmanaged(e: &crate::aws::AwsError) -> bool {
     e.code_is(&["InvalidInstanceId"])
 }
 
 /// Runs the script on `instance` and waits for it to end; its standard output on
 /// success. A failure names the command id, its status and the end of its stderr.
-pub async fn run(ctx: &Ctx<'_>, instance: &str, script: &Script<'_>) -> Result<String> {
+pub(crate) async fn run(
+    ctx: &Ctx<'_>,
+    go: Go,
+    instance: &str,
+    script: &Script<'_>,
+) -> Result<String> {
     let started = Instant::now();
-    let command_id = send(ctx, instance, script).await?;
+    let command_id = send(ctx, go, instance, script).await?;
     let limit = script.timeout + DELIVERY_TIMEOUT;
     let backoff = Backoff {
         first: Duration::from_secs(2),
@@ -105,7 +111,7 @@ pub async fn run(ctx: &Ctx<'_>, instance: &str, script: &Script<'_>) -> Result<S
     poll::until(&what, backoff, || async {
         let out = ctx
             .aws
-            .call(
+            .read(
                 "ssm:GetCommandInvocation",
                 ssm.get_command_invocation()
                     .command_id(&command_id)
@@ -157,7 +163,7 @@ pub async fn run(ctx: &Ctx<'_>, instance: &str, script: &Script<'_>) -> Result<S
 }
 
 /// SendCommand, resent while the instance is not known to SSM when the script says so.
-async fn send(ctx: &Ctx<'_>, instance: &str, script: &Script<'_>) -> Result<String> {
+async fn send(ctx: &Ctx<'_>, go: Go, instance: &str, script: &Script<'_>) -> Result<String> {
     let ssm = &ctx.aws.ssm;
     let request = || {
         ssm.send_command()
@@ -173,7 +179,7 @@ async fn send(ctx: &Ctx<'_>, instance: &str, script: &Script<'_>) -> Result<Stri
             .send()
     };
     let sent = match script.wait_for_agent {
-        None => ctx.aws.call("ssm:SendCommand", request()).await?,
+        None => ctx.aws.write(go, "ssm:SendCommand", request()).await?,
         Some(limit) => {
             let what = format!("{}: {instance} to register with SSM", script.host);
             let backoff = Backoff {
@@ -182,7 +188,7 @@ async fn send(ctx: &Ctx<'_>, instance: &str, script: &Script<'_>) -> Result<Stri
                 limit,
             };
             poll::until(&what, backoff, || async {
-                match ctx.aws.call("ssm:SendCommand", request()).await {
+                match ctx.aws.write(go, "ssm:SendCommand", request()).await {
                     Ok(out) => Ok(Poll::Done(out)),
                     Err(e) if is_unmanaged(&e) => Ok(Poll::Wait(format!(
                         "{}: waiting for {instance} to register with SSM (its agent starts \
@@ -212,7 +218,7 @@ fn tail(stderr: &str) -> String {
 }
 
 /// `1h02m`, `1h`, `20m`, `3m05s`, `42s`.
-pub fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     let s = d.as_secs();
     match (s / 3600, (s % 3600) / 60, s % 60) {
         (0, 0, s) => format!("{s}s"),

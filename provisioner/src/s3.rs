@@ -30,16 +30,16 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::binary::LocalBinary;
-use crate::engine::Ctx;
-use crate::error::{Error, Result};
+use crate::context::Ctx;
+use crate::error::{built, Error, Result};
 use crate::naming::{RESOURCE_TAG, STACK_TAG};
-use crate::plan::Action;
+use crate::plan::{Action, Go};
 
-pub const LIFECYCLE_RULE_ID: &str = "flotilla-expire";
+const LIFECYCLE_RULE_ID: &str = "flotilla-expire";
 const KIND: &str = "s3:bucket";
 
 /// Denies every request that does not use TLS.
-pub fn bucket_policy(partition: &str, bucket: &str) -> Value {
+fn bucket_policy(partition: &str, bucket: &str) -> Value {
     json!({
         "Version": "2012-10-17",
         "Statement": [{
@@ -69,7 +69,7 @@ async fn find(ctx: &Ctx<'_>, bucket: &str, owner: &str) -> Result<Found> {
     let s3 = &ctx.aws.s3;
     match ctx
         .aws
-        .call(
+        .read(
             "s3:HeadBucket",
             s3.head_bucket()
                 .bucket(bucket)
@@ -84,7 +84,7 @@ async fn find(ctx: &Ctx<'_>, bucket: &str, owner: &str) -> Result<Found> {
     }
     let tags = match ctx
         .aws
-        .call(
+        .read(
             "s3:GetBucketTagging",
             s3.get_bucket_tagging()
                 .bucket(bucket)
@@ -108,7 +108,7 @@ async fn find(ctx: &Ctx<'_>, bucket: &str, owner: &str) -> Result<Found> {
     }
     let objects = ctx
         .aws
-        .call(
+        .read(
             "s3:ListObjectsV2",
             s3.list_objects_v2()
                 .bucket(bucket)
@@ -124,20 +124,29 @@ async fn find(ctx: &Ctx<'_>, bucket: &str, owner: &str) -> Result<Found> {
     })
 }
 
-fn tagging(ctx: &Ctx<'_>) -> Tagging {
-    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build().expect("tag");
-    Tagging::builder()
-        .tag_set(tag(STACK_TAG, &ctx.stack.name))
-        .tag_set(tag(RESOURCE_TAG, "bucket"))
-        .build()
-        .expect("tagging")
+fn tagging(ctx: &Ctx<'_>) -> Result<Tagging> {
+    let tag = |k: &str, v: &str| built("bucket tag", Tag::builder().key(k).value(v).build());
+    built(
+        "bucket tagging",
+        Tagging::builder()
+            .tag_set(tag(STACK_TAG, &ctx.stack.name)?)
+            .tag_set(tag(RESOURCE_TAG, "bucket")?)
+            .build(),
+    )
 }
 
-pub async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Result<()> {
+/// The bucket as this pass found it: the stack's already, or created (or adopted) now,
+/// with the [`Go`] of that change (its settings are then part of it, not updates).
+#[derive(Clone, Copy)]
+enum State {
+    Existing,
+    New(Go),
+}
+
+pub(crate) async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Result<()> {
     let bucket = ctx.stack.bucket.name.clone();
     let s3 = &ctx.aws.s3;
-    let found = find(ctx, &bucket, owner).await?;
-    let fresh = match found {
+    let state = match find(ctx, &bucket, owner).await? {
         Found::NotOurs => {
             return Err(Error::NotOurs(format!(
                 "key `bucket.name`: bucket {bucket} exists but is not tagged \
@@ -146,14 +155,14 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Result<()>
             )))
         }
         Found::Missing => {
-            if !ctx.change(
+            let Some(go) = ctx.change(
                 Action::Create,
                 KIND,
                 &bucket,
                 format!("expire after {} days", ctx.stack.bucket.expire_days),
-            ) {
+            ) else {
                 return Ok(());
-            }
+            };
             let mut req = s3.create_bucket().bucket(&bucket);
             if ctx.aws.region != "us-east-1" {
                 req = req.create_bucket_configuration(
@@ -164,221 +173,265 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Result<()>
                         .build(),
                 );
             }
-            ctx.aws.call("s3:CreateBucket", req.send()).await?;
+            ctx.aws.write(go, "s3:CreateBucket", req.send()).await?;
             ctx.created(KIND, &bucket, &bucket);
-            true
+            State::New(go)
         }
         Found::Adoptable => {
             tracing::warn!(
                 "bucket {bucket} exists untagged and empty (left by an interrupted apply): \
                  adopting it"
             );
-            ctx.change(
+            let Some(go) = ctx.change(
                 Action::Update,
                 KIND,
                 &bucket,
                 "tag (adopt untagged empty bucket)",
-            );
-            true
+            ) else {
+                return Ok(());
+            };
+            State::New(go)
         }
-        Found::Ours => false,
+        Found::Ours => State::Existing,
     };
-    if fresh && ctx.applying() {
+    if let State::New(go) = state {
         ctx.aws
-            .call(
+            .write(
+                go,
                 "s3:PutBucketTagging",
                 s3.put_bucket_tagging()
                     .bucket(&bucket)
                     .expected_bucket_owner(owner)
-                    .tagging(tagging(ctx))
+                    .tagging(tagging(ctx)?)
                     .send(),
             )
             .await?;
     }
-    if !ctx.applying() && fresh {
-        return Ok(());
-    }
-    // A setting is read only for a bucket that existed before this pass.
-    let check = |fresh: bool, differs: bool, what: &str| -> bool {
-        if fresh {
-            ctx.applying()
-        } else {
-            differs && ctx.change(Action::Update, KIND, &bucket, what)
-        }
+    let b = Bucket {
+        ctx,
+        name: &bucket,
+        owner,
+        state,
     };
+    public_access_block(&b).await?;
+    encryption(&b).await?;
+    tls_only_policy(&b, partition).await?;
+    lifecycle(&b).await
+}
 
-    // Public access block.
-    let pab_ok = !fresh && {
-        match ctx
-            .aws
-            .call(
+/// The bucket the settings below are read from and written to.
+struct Bucket<'a> {
+    ctx: &'a Ctx<'a>,
+    name: &'a str,
+    /// The stack's account: every call names it as the expected owner.
+    owner: &'a str,
+    state: State,
+}
+
+impl Bucket<'_> {
+    /// The [`Go`] to write a setting with, if it needs writing: always for a bucket new
+    /// in this pass (part of its creation, nothing read), otherwise when `matches` (the
+    /// setting read back) is false, as an update the plan says `detail` of.
+    async fn needs(
+        &self,
+        detail: &str,
+        matches: impl std::future::Future<Output = Result<bool>>,
+    ) -> Result<Option<Go>> {
+        Ok(match self.state {
+            State::New(go) => Some(go),
+            State::Existing if matches.await? => None,
+            State::Existing => self.ctx.change(Action::Update, KIND, self.name, detail),
+        })
+    }
+}
+
+/// All four public-access blocks on.
+async fn public_access_block(b: &Bucket<'_>) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let read = async {
+        match aws
+            .read(
                 "s3:GetPublicAccessBlock",
                 s3.get_public_access_block()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
                     .send(),
             )
             .await
         {
-            Ok(out) => out.public_access_block_configuration().is_some_and(|c| {
+            Ok(out) => Ok(out.public_access_block_configuration().is_some_and(|c| {
                 c.block_public_acls() == Some(true)
                     && c.ignore_public_acls() == Some(true)
                     && c.block_public_policy() == Some(true)
                     && c.restrict_public_buckets() == Some(true)
-            }),
-            Err(e) if e.code_is(&["NoSuchPublicAccessBlockConfiguration"]) => false,
-            Err(e) => return Err(e.into()),
+            })),
+            Err(e) if e.code_is(&["NoSuchPublicAccessBlockConfiguration"]) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     };
-    if check(fresh, !pab_ok, "block all public access") {
-        ctx.aws
-            .call(
-                "s3:PutPublicAccessBlock",
-                s3.put_public_access_block()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
-                    .public_access_block_configuration(
-                        PublicAccessBlockConfiguration::builder()
-                            .block_public_acls(true)
-                            .ignore_public_acls(true)
-                            .block_public_policy(true)
-                            .restrict_public_buckets(true)
-                            .build(),
-                    )
-                    .send(),
-            )
-            .await?;
-    }
-
-    // Default encryption.
-    let kms = ctx.stack.bucket.kms_key.clone();
-    let want_alg = if kms.is_some() {
-        ServerSideEncryption::AwsKms
-    } else {
-        ServerSideEncryption::Aes256
+    let Some(go) = b.needs("block all public access", read).await? else {
+        return Ok(());
     };
-    let enc_ok = !fresh && {
-        match ctx
-            .aws
-            .call(
+    aws.write(
+        go,
+        "s3:PutPublicAccessBlock",
+        s3.put_public_access_block()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .public_access_block_configuration(
+                PublicAccessBlockConfiguration::builder()
+                    .block_public_acls(true)
+                    .ignore_public_acls(true)
+                    .block_public_policy(true)
+                    .restrict_public_buckets(true)
+                    .build(),
+            )
+            .send(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Default encryption: SSE-S3, or SSE-KMS with `bucket.kms_key` and an S3 Bucket Key
+/// (a bucket-level data key cuts KMS calls, and their cost).
+async fn encryption(b: &Bucket<'_>) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let kms = b.ctx.stack.bucket.kms_key.as_deref();
+    let read = async {
+        match aws
+            .read(
                 "s3:GetBucketEncryption",
                 s3.get_bucket_encryption()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
                     .send(),
             )
             .await
         {
-            Ok(out) => out
+            Ok(out) => Ok(out
                 .server_side_encryption_configuration()
                 .and_then(|c| c.rules().first())
                 .is_some_and(|r| {
-                    // S3 Bucket Keys cut KMS calls (and cost) by a bucket-level data key.
                     let key_ok = kms.is_none() || r.bucket_key_enabled() == Some(true);
                     key_ok
                         && r.apply_server_side_encryption_by_default()
                             .is_some_and(|d| {
-                                *d.sse_algorithm() == want_alg
-                                    && d.kms_master_key_id() == kms.as_deref()
+                                *d.sse_algorithm() == sse_algorithm(kms)
+                                    && d.kms_master_key_id() == kms
                             })
-                }),
-            Err(e) if e.code_is(&["ServerSideEncryptionConfigurationNotFoundError"]) => false,
-            Err(e) => return Err(e.into()),
+                })),
+            Err(e) if e.code_is(&["ServerSideEncryptionConfigurationNotFoundError"]) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     };
-    let enc_detail = match &kms {
+    let detail = match kms {
         Some(key) => format!("default encryption aws:kms with key {key}, bucket key enabled"),
         None => "default encryption AES256".into(),
     };
-    if check(fresh, !enc_ok, &enc_detail) {
-        let by_default = ServerSideEncryptionByDefault::builder()
-            .sse_algorithm(want_alg.clone())
-            .set_kms_master_key_id(kms.clone())
-            .build()
-            .expect("sse default");
-        ctx.aws
-            .call(
-                "s3:PutBucketEncryption",
-                s3.put_bucket_encryption()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
-                    .server_side_encryption_configuration(
-                        ServerSideEncryptionConfiguration::builder()
-                            .rules(
-                                ServerSideEncryptionRule::builder()
-                                    .apply_server_side_encryption_by_default(by_default)
-                                    .set_bucket_key_enabled(kms.is_some().then_some(true))
-                                    .build(),
-                            )
-                            .build()
-                            .expect("sse config"),
-                    )
-                    .send(),
+    let Some(go) = b.needs(&detail, read).await? else {
+        return Ok(());
+    };
+    let by_default = built(
+        "default encryption",
+        ServerSideEncryptionByDefault::builder()
+            .sse_algorithm(sse_algorithm(kms))
+            .set_kms_master_key_id(kms.map(str::to_owned))
+            .build(),
+    )?;
+    let config = built(
+        "encryption configuration",
+        ServerSideEncryptionConfiguration::builder()
+            .rules(
+                ServerSideEncryptionRule::builder()
+                    .apply_server_side_encryption_by_default(by_default)
+                    .set_bucket_key_enabled(kms.is_some().then_some(true))
+                    .build(),
             )
-            .await?;
-    }
+            .build(),
+    )?;
+    aws.write(
+        go,
+        "s3:PutBucketEncryption",
+        s3.put_bucket_encryption()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .server_side_encryption_configuration(config)
+            .send(),
+    )
+    .await?;
+    Ok(())
+}
 
-    // TLS-only bucket policy.
-    let want_policy = bucket_policy(partition, &bucket);
-    let policy_ok = !fresh && {
-        match ctx
-            .aws
-            .call(
+/// The bucket policy denying every non-TLS request.
+async fn tls_only_policy(b: &Bucket<'_>, partition: &str) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let want = bucket_policy(partition, b.name);
+    let read = async {
+        match aws
+            .read(
                 "s3:GetBucketPolicy",
                 s3.get_bucket_policy()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
                     .send(),
             )
             .await
         {
-            Ok(out) => {
-                out.policy().and_then(crate::iam::parse_policy).as_ref() == Some(&want_policy)
-            }
-            Err(e) if e.code_is(&["NoSuchBucketPolicy"]) => false,
-            Err(e) => return Err(e.into()),
+            Ok(out) => Ok(out.policy().and_then(crate::iam::parse_policy).as_ref() == Some(&want)),
+            Err(e) if e.code_is(&["NoSuchBucketPolicy"]) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     };
-    if check(fresh, !policy_ok, "policy: deny non-TLS access") {
-        ctx.aws
-            .call(
-                "s3:PutBucketPolicy",
-                s3.put_bucket_policy()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
-                    .policy(want_policy.to_string())
-                    .send(),
-            )
-            .await?;
-    }
+    let Some(go) = b.needs("policy: deny non-TLS access", read).await? else {
+        return Ok(());
+    };
+    aws.write(
+        go,
+        "s3:PutBucketPolicy",
+        s3.put_bucket_policy()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .policy(want.to_string())
+            .send(),
+    )
+    .await?;
+    Ok(())
+}
 
-    // Lifecycle expiry.
-    let days = ctx.stack.bucket.expire_days as i32;
-    let lc_ok = !fresh && {
-        match ctx
-            .aws
-            .call(
+/// One lifecycle rule: every object expires after `bucket.expire_days`.
+async fn lifecycle(b: &Bucket<'_>) -> Result<()> {
+    let (aws, s3) = (b.ctx.aws, &b.ctx.aws.s3);
+    let days = i32::try_from(b.ctx.stack.bucket.expire_days).unwrap_or(i32::MAX);
+    let read = async {
+        match aws
+            .read(
                 "s3:GetBucketLifecycleConfiguration",
                 s3.get_bucket_lifecycle_configuration()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
+                    .bucket(b.name)
+                    .expected_bucket_owner(b.owner)
                     .send(),
             )
             .await
         {
-            Ok(out) => {
-                let rules = out.rules();
-                rules.len() == 1
-                    && rules[0].id() == Some(LIFECYCLE_RULE_ID)
-                    && rules[0].status() == &ExpirationStatus::Enabled
-                    && rules[0].expiration().and_then(|e| e.days()) == Some(days)
-            }
-            Err(e) if e.code_is(&["NoSuchLifecycleConfiguration"]) => false,
-            Err(e) => return Err(e.into()),
+            Ok(out) => Ok(match out.rules() {
+                [rule] => {
+                    rule.id() == Some(LIFECYCLE_RULE_ID)
+                        && rule.status() == &ExpirationStatus::Enabled
+                        && rule.expiration().and_then(|e| e.days()) == Some(days)
+                }
+                _ => false,
+            }),
+            Err(e) if e.code_is(&["NoSuchLifecycleConfiguration"]) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     };
-    if check(fresh, !lc_ok, &format!("expire objects after {days} days")) {
-        let rule = LifecycleRule::builder()
+    let detail = format!("expire objects after {days} days");
+    let Some(go) = b.needs(&detail, read).await? else {
+        return Ok(());
+    };
+    let rule = built(
+        "lifecycle rule",
+        LifecycleRule::builder()
             .id(LIFECYCLE_RULE_ID)
             .status(ExpirationStatus::Enabled)
             .filter(LifecycleRuleFilter::builder().prefix("").build())
@@ -388,35 +441,42 @@ pub async fn converge(ctx: &Ctx<'_>, partition: &str, owner: &str) -> Result<()>
                     .days_after_initiation(1)
                     .build(),
             )
-            .build()
-            .expect("lifecycle rule");
-        ctx.aws
-            .call(
-                "s3:PutBucketLifecycleConfiguration",
-                s3.put_bucket_lifecycle_configuration()
-                    .bucket(&bucket)
-                    .expected_bucket_owner(owner)
-                    .lifecycle_configuration(
-                        BucketLifecycleConfiguration::builder()
-                            .rules(rule)
-                            .build()
-                            .expect("lifecycle"),
-                    )
-                    .send(),
-            )
-            .await?;
-    }
+            .build(),
+    )?;
+    let config = built(
+        "lifecycle configuration",
+        BucketLifecycleConfiguration::builder().rules(rule).build(),
+    )?;
+    aws.write(
+        go,
+        "s3:PutBucketLifecycleConfiguration",
+        s3.put_bucket_lifecycle_configuration()
+            .bucket(b.name)
+            .expected_bucket_owner(b.owner)
+            .lifecycle_configuration(config)
+            .send(),
+    )
+    .await?;
     Ok(())
 }
 
+/// SSE-KMS with `bucket.kms_key`, SSE-S3 without.
+fn sse_algorithm(kms: Option<&str>) -> ServerSideEncryption {
+    if kms.is_some() {
+        ServerSideEncryption::AwsKms
+    } else {
+        ServerSideEncryption::Aes256
+    }
+}
+
 /// The plan's name for an object of the bucket.
-pub const OBJECT_KIND: &str = "s3:object";
+const OBJECT_KIND: &str = "s3:object";
 
 /// Whether an object written at `written` (seconds since the epoch) would expire under
 /// an `expire_days` lifecycle rule within the next day (or half its life, for a 1-day
 /// rule), as of `now`. S3 expires an object at the first midnight UTC after `written`
 /// plus the days, so this errs early.
-pub fn expires_soon(written: i64, now: i64, expire_days: u32) -> bool {
+fn expires_soon(written: i64, now: i64, expire_days: u32) -> bool {
     let life = i64::from(expire_days) * 86_400;
     let margin = (life / 2).min(86_400);
     now >= written + life - margin
@@ -438,7 +498,7 @@ fn object_tagging(ctx: &Ctx<'_>, resource: &str) -> String {
 
 /// Uploads the flotilla binary to its content-addressed key, unless an object with its
 /// checksum is there already (and not about to expire). In plan mode, only says so.
-pub async fn ensure_binary(ctx: &Ctx<'_>, owner: &str, bin: &LocalBinary) -> Result<()> {
+pub(crate) async fn ensure_binary(ctx: &Ctx<'_>, owner: &str, bin: &LocalBinary) -> Result<()> {
     let bucket = &ctx.stack.bucket.name;
     let key = bin.key();
     let s3 = &ctx.aws.s3;
@@ -448,7 +508,7 @@ pub async fn ensure_binary(ctx: &Ctx<'_>, owner: &str, bin: &LocalBinary) -> Res
     let checksum = base64::engine::general_purpose::STANDARD.encode(raw);
     let head = ctx
         .aws
-        .call(
+        .read(
             "s3:HeadObject",
             s3.head_object()
                 .bucket(bucket)
@@ -497,14 +557,15 @@ pub async fn ensure_binary(ctx: &Ctx<'_>, owner: &str, bin: &LocalBinary) -> Res
             return Ok(());
         }
     };
-    if !ctx.change(action, OBJECT_KIND, &name, detail) {
+    let Some(go) = ctx.change(action, OBJECT_KIND, &name, detail) else {
         return Ok(());
-    }
+    };
     let body = aws_sdk_s3::primitives::ByteStream::from_path(&bin.path)
         .await
         .map_err(|e| Error::Refused(format!("cannot read {}: {e}", bin.path.display())))?;
     ctx.aws
-        .call(
+        .write(
+            go,
             "s3:PutObject",
             s3.put_object()
                 .bucket(bucket)
@@ -523,7 +584,7 @@ pub async fn ensure_binary(ctx: &Ctx<'_>, owner: &str, bin: &LocalBinary) -> Res
 }
 
 /// Empties and deletes the bucket if it is the stack's.
-pub async fn destroy(ctx: &Ctx<'_>, owner: &str) -> Result<()> {
+pub(crate) async fn destroy(ctx: &Ctx<'_>, owner: &str) -> Result<()> {
     let bucket = ctx.stack.bucket.name.clone();
     let s3 = &ctx.aws.s3;
     match find(ctx, &bucket, owner).await? {
@@ -536,13 +597,13 @@ pub async fn destroy(ctx: &Ctx<'_>, owner: &str) -> Result<()> {
         }
         Found::Ours => {}
     }
-    if !ctx.change(Action::Delete, KIND, &bucket, "with all its objects") {
+    let Some(go) = ctx.change(Action::Delete, KIND, &bucket, "with all its objects") else {
         return Ok(());
-    }
+    };
     loop {
         let page = ctx
             .aws
-            .call(
+            .read(
                 "s3:ListObjectsV2",
                 s3.list_objects_v2()
                     .bucket(&bucket)
@@ -551,35 +612,38 @@ pub async fn destroy(ctx: &Ctx<'_>, owner: &str) -> Result<()> {
                     .send(),
             )
             .await?;
-        let keys: Vec<ObjectIdentifier> = page
+        let keys = page
             .contents()
             .iter()
             .filter_map(|o| o.key())
-            .map(|k| ObjectIdentifier::builder().key(k).build().expect("key"))
-            .collect();
+            .map(|k| built("object key", ObjectIdentifier::builder().key(k).build()))
+            .collect::<Result<Vec<_>>>()?;
         if keys.is_empty() {
             break;
         }
         tracing::info!("deleting {} objects from {bucket}", keys.len());
+        let delete = built(
+            "object deletion",
+            Delete::builder()
+                .set_objects(Some(keys))
+                .quiet(true)
+                .build(),
+        )?;
         ctx.aws
-            .call(
+            .write(
+                go,
                 "s3:DeleteObjects",
                 s3.delete_objects()
                     .bucket(&bucket)
                     .expected_bucket_owner(owner)
-                    .delete(
-                        Delete::builder()
-                            .set_objects(Some(keys))
-                            .quiet(true)
-                            .build()
-                            .expect("delete"),
-                    )
+                    .delete(delete)
                     .send(),
             )
             .await?;
     }
     ctx.aws
-        .call(
+        .write(
+            go,
             "s3:DeleteBucket",
             s3.delete_bucket()
                 .bucket(&bucket)

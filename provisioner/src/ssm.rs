@@ -7,38 +7,39 @@
 
 use aws_sdk_ssm::types::{ParameterStringFilter, ParameterType, ResourceTypeForTagging, Tag};
 
-use crate::engine::Ctx;
-use crate::error::Result;
+use crate::context::Ctx;
+use crate::error::{built, Result};
 use crate::gitlab::Secret;
 use crate::naming::{RESOURCE_TAG, RUNNER_ID_TAG, STACK_TAG};
-use crate::plan::Action;
+use crate::plan::{Action, Go};
 
-pub const KIND: &str = "ssm:parameter";
+const KIND: &str = "ssm:parameter";
 
 /// The token parameter as it exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenParam {
-    pub ours: bool,
-    pub runner_id: Option<u64>,
+pub(crate) struct TokenParam {
+    pub(crate) ours: bool,
+    pub(crate) runner_id: Option<u64>,
 }
 
-pub async fn read(ctx: &Ctx<'_>) -> Result<Option<TokenParam>> {
+pub(crate) async fn read(ctx: &Ctx<'_>) -> Result<Option<TokenParam>> {
     let name = ctx.names.token_param();
+    let filter = built(
+        "parameter filter",
+        ParameterStringFilter::builder()
+            .key("Name")
+            .option("Equals")
+            .values(&name)
+            .build(),
+    )?;
     let out = ctx
         .aws
-        .call(
+        .read(
             "ssm:DescribeParameters",
             ctx.aws
                 .ssm
                 .describe_parameters()
-                .parameter_filters(
-                    ParameterStringFilter::builder()
-                        .key("Name")
-                        .option("Equals")
-                        .values(&name)
-                        .build()
-                        .expect("filter"),
-                )
+                .parameter_filters(filter)
                 .send(),
         )
         .await?;
@@ -47,7 +48,7 @@ pub async fn read(ctx: &Ctx<'_>) -> Result<Option<TokenParam>> {
     }
     let tags = ctx
         .aws
-        .call(
+        .read(
             "ssm:ListTagsForResource",
             ctx.aws
                 .ssm
@@ -69,12 +70,18 @@ pub async fn read(ctx: &Ctx<'_>) -> Result<Option<TokenParam>> {
     }))
 }
 
-fn tag(k: &str, v: &str) -> Tag {
-    Tag::builder().key(k).value(v).build().expect("tag")
+fn tag(k: &str, v: &str) -> Result<Tag> {
+    built("tag", Tag::builder().key(k).value(v).build())
 }
 
 /// Writes the token (creating the parameter, or overwriting it) and the runner id tag.
-pub async fn store(ctx: &Ctx<'_>, token: &Secret, runner_id: u64, exists: bool) -> Result<()> {
+pub(crate) async fn store(
+    ctx: &Ctx<'_>,
+    go: Go,
+    token: &Secret,
+    runner_id: u64,
+    exists: bool,
+) -> Result<()> {
     let name = ctx.names.token_param();
     let ssm = &ctx.aws.ssm;
     let description = format!(
@@ -84,7 +91,8 @@ pub async fn store(ctx: &Ctx<'_>, token: &Secret, runner_id: u64, exists: bool) 
     let id = runner_id.to_string();
     if exists {
         ctx.aws
-            .call(
+            .write(
+                go,
                 "ssm:PutParameter",
                 ssm.put_parameter()
                     .name(&name)
@@ -96,27 +104,29 @@ pub async fn store(ctx: &Ctx<'_>, token: &Secret, runner_id: u64, exists: bool) 
             )
             .await?;
         ctx.aws
-            .call(
+            .write(
+                go,
                 "ssm:AddTagsToResource",
                 ssm.add_tags_to_resource()
                     .resource_type(ResourceTypeForTagging::Parameter)
                     .resource_id(&name)
-                    .tags(tag(RUNNER_ID_TAG, &id))
+                    .tags(tag(RUNNER_ID_TAG, &id)?)
                     .send(),
             )
             .await?;
     } else {
         ctx.aws
-            .call(
+            .write(
+                go,
                 "ssm:PutParameter",
                 ssm.put_parameter()
                     .name(&name)
                     .description(description)
                     .r#type(ParameterType::SecureString)
                     .value(token.expose())
-                    .tags(tag(STACK_TAG, &ctx.stack.name))
-                    .tags(tag(RESOURCE_TAG, "runner-token"))
-                    .tags(tag(RUNNER_ID_TAG, &id))
+                    .tags(tag(STACK_TAG, &ctx.stack.name)?)
+                    .tags(tag(RESOURCE_TAG, "runner-token")?)
+                    .tags(tag(RUNNER_ID_TAG, &id)?)
                     .send(),
             )
             .await?;
@@ -125,7 +135,7 @@ pub async fn store(ctx: &Ctx<'_>, token: &Secret, runner_id: u64, exists: bool) 
 }
 
 /// Deletes the parameter if it is the stack's; returns the runner id it named.
-pub async fn destroy(ctx: &Ctx<'_>) -> Result<Option<u64>> {
+pub(crate) async fn destroy(ctx: &Ctx<'_>) -> Result<Option<u64>> {
     let name = ctx.names.token_param();
     let Some(p) = read(ctx).await? else {
         return Ok(None);
@@ -136,9 +146,10 @@ pub async fn destroy(ctx: &Ctx<'_>) -> Result<Option<u64>> {
         ));
         return Ok(None);
     }
-    if ctx.change(Action::Delete, KIND, &name, "") {
+    if let Some(go) = ctx.change(Action::Delete, KIND, &name, "") {
         ctx.aws
-            .call(
+            .write(
+                go,
                 "ssm:DeleteParameter",
                 ctx.aws.ssm.delete_parameter().name(&name).send(),
             )

@@ -14,58 +14,86 @@ use flotilla_proto::duration::HumanDuration;
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Cidr;
-use crate::render::FleetIds;
+use crate::naming::Names;
+use crate::paths::STATE_DIR;
+
+/// What the stack creates that the daemon's config refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FleetIds {
+    /// Private subnet ids, in `network.zones` order.
+    pub(crate) private_subnets: Vec<String>,
+    pub(crate) build_security_group: String,
+    pub(crate) build_instance_profile: String,
+    pub(crate) region: Option<String>,
+}
+
+impl FleetIds {
+    /// Stand-ins for ids not known before `apply` (used by validation and `plan`).
+    pub(crate) fn placeholders(stack: &Stack) -> Self {
+        Self {
+            private_subnets: stack
+                .network
+                .zones
+                .iter()
+                .map(|z| format!("(subnet/private/{z})"))
+                .collect(),
+            build_security_group: "(sg/build-machine)".into(),
+            build_instance_profile: Names::new(&stack.name).build_role(),
+            region: stack.aws.region.clone(),
+        }
+    }
+}
 
 /// One stack: every resource `apply` creates carries `flotilla:stack = <name>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stack {
     /// Lower-case letters, digits and '-', at most 32 characters; prefixes resource names.
-    pub name: String,
+    pub(crate) name: String,
     #[serde(default)]
-    pub aws: AwsSection,
-    pub network: Network,
-    pub bucket: Bucket,
-    pub runner_hosts: RunnerHosts,
-    pub gitlab: Gitlab,
+    pub(crate) aws: AwsSection,
+    pub(crate) network: Network,
+    pub(crate) bucket: Bucket,
+    pub(crate) runner_hosts: RunnerHosts,
+    pub(crate) gitlab: Gitlab,
     /// The daemon's `flotilla.toml`: any of its keys, minus what the stack creates
     /// (each class's `subnets`, `security_groups`, `instance_profile`), which apply
     /// fills in; `name` is the fleet name (the stack name by default). Checked by
     /// `flotilla_proto`'s own parser and validator, so every key the daemon accepts is
     /// accepted here with the daemon's defaults.
-    pub fleet: toml::Table,
+    pub(crate) fleet: toml::Table,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AwsSection {
+pub(crate) struct AwsSection {
     /// Overrides the SDK's region chain (`AWS_REGION`, profile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub region: Option<String>,
+    pub(crate) region: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Network {
+pub(crate) struct Network {
     /// The VPC's CIDR block, /16 to /28.
-    pub cidr: String,
+    pub(crate) cidr: String,
     /// Availability zones, at least two; subnet lists are indexed like this one.
-    pub zones: Vec<String>,
+    pub(crate) zones: Vec<String>,
     /// One public subnet per zone (NAT gateways live here).
-    pub public_subnets: Vec<String>,
+    pub(crate) public_subnets: Vec<String>,
     /// One private subnet per zone (runner hosts and build machines live here).
-    pub private_subnets: Vec<String>,
+    pub(crate) private_subnets: Vec<String>,
     /// One NAT gateway for the stack, or one per zone.
     #[serde(default)]
-    pub nat: NatMode,
+    pub(crate) nat: NatMode,
     /// When set, runner hosts accept SSH (TCP 22) from this CIDR; nothing else inbound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ssh_cidr: Option<String>,
+    pub(crate) ssh_cidr: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum NatMode {
+pub(crate) enum NatMode {
     #[default]
     Single,
     PerZone,
@@ -73,65 +101,67 @@ pub enum NatMode {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Bucket {
+pub(crate) struct Bucket {
     /// Globally unique S3 bucket name for the runner cache and artifacts.
-    pub name: String,
+    pub(crate) name: String,
     /// Objects expire this many days after they were written.
     #[serde(default = "defaults::expire_days")]
-    pub expire_days: u32,
+    pub(crate) expire_days: u32,
     /// Encrypt with this KMS key (id or ARN) instead of S3-managed keys (AES256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kms_key: Option<String>,
+    pub(crate) kms_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RunnerHosts {
+pub(crate) struct RunnerHosts {
     /// How many runner hosts (gitlab-runner + flotilla daemon) to run; they share one
     /// GitLab runner registration.
     #[serde(default = "defaults::host_count")]
-    pub count: u32,
-    pub ami: String,
-    pub instance_type: String,
+    pub(crate) count: u32,
+    pub(crate) ami: String,
+    pub(crate) instance_type: String,
     #[serde(default = "defaults::host_root_gb")]
-    pub root_volume_gb: u32,
+    pub(crate) root_volume_gb: u32,
     /// EC2 key pair for SSH (optional; pair it with `network.ssh_cidr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_name: Option<String>,
+    pub(crate) key_name: Option<String>,
     /// Where cloud-init downloads the gitlab-runner binary from (https://).
     #[serde(default = "defaults::gitlab_runner_url")]
-    pub gitlab_runner_url: String,
+    pub(crate) gitlab_runner_url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gitlab_runner_sha256: Option<String>,
+    pub(crate) gitlab_runner_sha256: Option<String>,
     /// Where cloud-init downloads the flotilla binary from (https://, with
     /// `flotilla_sha256`). Unset (the default): apply uploads the local `flotilla`
     /// binary to the stack's bucket and the hosts install it from there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flotilla_url: Option<String>,
+    pub(crate) flotilla_url: Option<String>,
     /// Required with `flotilla_url`; not allowed without it (the uploaded binary's sum
     /// is computed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flotilla_sha256: Option<String>,
+    pub(crate) flotilla_sha256: Option<String>,
     /// How long a host being replaced may take to finish its jobs and give back its
     /// build machines (`gitlab-runner stop`, then `flotilla drain --wait`) before apply
     /// gives up on it.
     #[serde(default = "defaults::drain_timeout")]
-    pub drain_timeout: HumanDuration,
+    pub(crate) drain_timeout: HumanDuration,
     /// OS packages cloud-init installs (the token script needs the AWS CLI and curl).
     #[serde(default = "defaults::packages")]
-    pub packages: Vec<String>,
+    pub(crate) packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum RunnerType {
+// The variants are GitLab's own `runner_type` values (`instance_type`, ...).
+#[allow(clippy::enum_variant_names)]
+pub(crate) enum RunnerType {
     InstanceType,
     GroupType,
     ProjectType,
 }
 
 impl RunnerType {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::InstanceType => "instance_type",
             Self::GroupType => "group_type",
@@ -142,60 +172,60 @@ impl RunnerType {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Gitlab {
+pub(crate) struct Gitlab {
     /// GitLab's base URL, e.g. `https://gitlab.example.com`.
-    pub url: String,
+    pub(crate) url: String,
     /// Environment variable holding a GitLab access token with the `create_runner` scope.
     /// Without it, `apply` skips registration and says so.
     #[serde(default = "defaults::token_env")]
-    pub token_env: String,
-    pub runner_type: RunnerType,
+    pub(crate) token_env: String,
+    pub(crate) runner_type: RunnerType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group_id: Option<u64>,
+    pub(crate) group_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub project_id: Option<u64>,
+    pub(crate) project_id: Option<u64>,
     /// The runner's description in GitLab; `flotilla <stack>` by default. Also how a
     /// runner created by an interrupted apply is found again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
+    pub(crate) description: Option<String>,
     #[serde(default)]
-    pub tags: Vec<String>,
+    pub(crate) tags: Vec<String>,
     #[serde(default)]
-    pub run_untagged: bool,
+    pub(crate) run_untagged: bool,
     #[serde(default)]
-    pub locked: bool,
+    pub(crate) locked: bool,
     /// gitlab-runner's `concurrent`: jobs one runner host runs at once.
     #[serde(default = "defaults::concurrent")]
-    pub concurrent: u32,
+    pub(crate) concurrent: u32,
 }
 
 mod defaults {
-    pub fn expire_days() -> u32 {
+    pub(crate) fn expire_days() -> u32 {
         30
     }
-    pub fn host_count() -> u32 {
+    pub(crate) fn host_count() -> u32 {
         1
     }
-    pub fn host_root_gb() -> u32 {
+    pub(crate) fn host_root_gb() -> u32 {
         30
     }
-    pub fn gitlab_runner_url() -> String {
+    pub(crate) fn gitlab_runner_url() -> String {
         "https://gitlab-runner-downloads.s3.amazonaws.com/v18.6.0/binaries/gitlab-runner-linux-amd64"
             .into()
     }
     /// GitLab's default job timeout (1 h), and time to give back the build machines.
-    pub fn drain_timeout() -> super::HumanDuration {
+    pub(crate) fn drain_timeout() -> super::HumanDuration {
         super::HumanDuration::from_secs(90 * 60)
     }
-    pub fn packages() -> Vec<String> {
+    pub(crate) fn packages() -> Vec<String> {
         ["awscli", "curl", "ca-certificates"]
             .map(String::from)
             .to_vec()
     }
-    pub fn token_env() -> String {
+    pub(crate) fn token_env() -> String {
         "GITLAB_TOKEN".into()
     }
-    pub fn concurrent() -> u32 {
+    pub(crate) fn concurrent() -> u32 {
         10
     }
 }
@@ -214,7 +244,7 @@ pub enum StackError {
 }
 
 /// A broken rule, naming the key in stack-file terms (the same type as flotilla.toml's).
-pub use flotilla_proto::config::Invalid;
+pub(crate) use flotilla_proto::config::Invalid;
 
 fn bad<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, Invalid> {
     Err(Invalid {
@@ -223,15 +253,22 @@ fn bad<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, Inval
     })
 }
 
-/// The parsed networks of a validated stack.
-#[derive(Debug, Clone)]
-pub struct Cidrs {
-    pub vpc: Cidr,
-    pub public: Vec<Cidr>,
-    pub private: Vec<Cidr>,
-}
-
 impl Stack {
+    /// The stack's name (`name`), which tags and prefixes every resource.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `aws.region`, when the stack file sets it (the SDK chain's otherwise).
+    pub fn region(&self) -> Option<&str> {
+        self.aws.region.as_deref()
+    }
+
+    /// The environment variable holding the GitLab access token (`gitlab.token_env`).
+    pub fn token_env(&self) -> &str {
+        &self.gitlab.token_env
+    }
+
     /// Reads, parses and validates a stack file. No network.
     pub fn load(path: &Path) -> Result<Self, StackError> {
         let text = std::fs::read_to_string(path).map_err(|source| StackError::Read {
@@ -251,12 +288,12 @@ impl Stack {
     }
 
     /// Parses TOML with unknown keys rejected, naming the key and line of the first problem.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
+    pub(crate) fn from_toml(text: &str) -> Result<Self, String> {
         flotilla_proto::config::parse_toml(text)
     }
 
     /// The fleet name: `fleet.name`, or the stack name.
-    pub fn fleet_name(&self) -> &str {
+    pub(crate) fn fleet_name(&self) -> &str {
         self.fleet
             .get("name")
             .and_then(toml::Value::as_str)
@@ -266,7 +303,7 @@ impl Stack {
     /// The daemon's config for one runner host: `[fleet]` with the ids the stack
     /// created filled in, parsed by `flotilla_proto` (its defaults, its unknown-key
     /// rejection). Errors name the key as written in the stack file (`fleet.<path>`).
-    pub fn fleet_config(&self, ids: &FleetIds, fleet: &str) -> Result<Config, Invalid> {
+    pub(crate) fn fleet_config(&self, ids: &FleetIds, fleet: &str) -> Result<Config, Invalid> {
         let mut t = self.fleet.clone();
         if t.contains_key("fleet") {
             return bad("fleet.fleet", "the fleet name is `fleet.name`");
@@ -277,8 +314,7 @@ impl Stack {
             }
         }
         t.insert("fleet".into(), fleet.into());
-        t.entry("state_dir")
-            .or_insert_with(|| crate::render::STATE_DIR.into());
+        t.entry("state_dir").or_insert_with(|| STATE_DIR.into());
         if let Some(region) = &ids.region {
             let aws = t
                 .entry("aws")
@@ -332,37 +368,53 @@ impl Stack {
     }
 
     /// The fleet config with placeholder ids: what validation and the AMI lookup use.
-    pub fn placeholder_config(&self) -> Result<Config, Invalid> {
-        let fleets = crate::render::host_fleets(self);
-        self.fleet_config(
-            &FleetIds::placeholders(self),
-            fleets.last().expect("one fleet at least"),
-        )
+    pub(crate) fn placeholder_config(&self) -> Result<Config, Invalid> {
+        let fleets = self.host_fleets();
+        let last = fleets.last().map_or(self.fleet_name(), String::as_str);
+        self.fleet_config(&FleetIds::placeholders(self), last)
+    }
+
+    /// One fleet name per runner host: the fleet name itself for host 0, `<fleet>-<n>`
+    /// for host n. Each daemon reaps instances of its own fleet that it does not know,
+    /// so two daemons must never share one; host 0 keeping the plain name means adding
+    /// hosts never replaces the first one.
+    pub(crate) fn host_fleets(&self) -> Vec<String> {
+        let base = self.fleet_name();
+        (0..self.runner_hosts.count.max(1))
+            .map(|i| {
+                if i == 0 {
+                    base.to_owned()
+                } else {
+                    format!("{base}-{i}")
+                }
+            })
+            .collect()
+    }
+
+    /// True for a fleet name this stack's hosts use or used (`<fleet>` or `<fleet>-<n>`).
+    pub(crate) fn is_own_fleet(&self, fleet: &str) -> bool {
+        let base = self.fleet_name();
+        fleet == base
+            || fleet
+                .strip_prefix(base)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
     }
 
     /// GitLab's runner description for this stack.
-    pub fn runner_description(&self) -> String {
+    pub(crate) fn runner_description(&self) -> String {
         self.gitlab
             .description
             .clone()
             .unwrap_or_else(|| format!("flotilla {}", self.name))
     }
 
-    pub fn gitlab_url(&self) -> &str {
+    pub(crate) fn gitlab_url(&self) -> &str {
         self.gitlab.url.trim_end_matches('/')
     }
 
-    pub fn cidrs(&self) -> Cidrs {
-        let parse = |s: &String| s.parse::<Cidr>().expect("validated");
-        Cidrs {
-            vpc: parse(&self.network.cidr),
-            public: self.network.public_subnets.iter().map(parse).collect(),
-            private: self.network.private_subnets.iter().map(parse).collect(),
-        }
-    }
-
     /// Cross-field rules; each error names the key as written in the stack file.
-    pub fn validate(&self) -> Result<(), Invalid> {
+    pub(crate) fn validate(&self) -> Result<(), Invalid> {
         if !is_stack_name(&self.name) {
             return bad(
                 "name",
@@ -686,7 +738,7 @@ impl Stack {
 }
 
 /// Keys of a class that apply fills in.
-pub const OWNED_CLASS_KEYS: [&str; 3] = ["subnets", "security_groups", "instance_profile"];
+pub(crate) const OWNED_CLASS_KEYS: [&str; 3] = ["subnets", "security_groups", "instance_profile"];
 
 fn segment(s: &serde_path_to_error::Segment) -> String {
     match s {
@@ -814,8 +866,8 @@ fn is_stack_name(s: &str) -> bool {
 
 /// Shortest and longest `runner_hosts.drain_timeout` (SSM Run Command's
 /// `executionTimeout` is at most 48 hours).
-pub const MIN_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-pub const MAX_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(48 * 3600);
+pub(crate) const MIN_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const MAX_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(48 * 3600);
 
 /// A URL the stack downloads from or sends secrets to: https:// only (`why` says what
 /// travels over it). Plain http:// is accepted for a loopback host alone (127.0.0.0/8,
@@ -870,7 +922,7 @@ fn is_loopback_authority(rest: &str) -> bool {
 pub(crate) mod tests {
     use super::*;
 
-    pub const GOOD: &str = r#"
+    pub(crate) const GOOD: &str = r#"
 name = "ci"
 
 [network]

@@ -2,7 +2,8 @@
 //! IMDSv2 required with hop limit 1 (job containers cannot reach the instance role), an
 //! encrypted root volume, no public IP, the build security group and instance profile,
 //! and the fleet/class tags on instances and volumes. Drift creates a new version and
-//! makes it the default. Also the AMI lookup (root device names) the hosts share.
+//! makes it the default; a class removed from the stack has its template deleted. Also
+//! the AMI lookup (root device names, architecture) the hosts share.
 
 use std::collections::BTreeMap;
 
@@ -16,24 +17,33 @@ use aws_sdk_ec2::types::{
 };
 use flotilla_proto::tags;
 
-use super::{find, tag_spec, Inventory};
-use crate::engine::Ctx;
+use super::inventory::{find, tag_spec, Ec2Type, Inventory};
+use crate::context::Ctx;
 use crate::error::{Error, Result};
+use crate::id::Id;
 use crate::naming::logical;
-use crate::plan::{pending, Action};
+use crate::plan::Action;
+
+const KIND: &str = "ec2:launch-template";
+
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
 
 /// What the stack needs to know of an AMI.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
+pub(crate) struct ImageInfo {
     /// `/dev/xvda`, `/dev/sda1`: so root volumes can be set.
-    pub root_device: String,
+    pub(crate) root_device: String,
     /// As EC2 names it (`x86_64`, `arm64`).
-    pub architecture: String,
+    pub(crate) architecture: String,
 }
 
 /// Root device name and architecture of each AMI the stack uses. An AMI that does not
 /// exist is an error naming the stack key that asked for it.
-pub async fn images(ctx: &Ctx<'_>) -> Result<BTreeMap<String, ImageInfo>> {
+pub(crate) async fn images(ctx: &Ctx<'_>) -> Result<BTreeMap<String, ImageInfo>> {
     let mut wanted: Vec<(String, String)> = vec![(
         ctx.stack.runner_hosts.ami.clone(),
         "runner_hosts.ami".into(),
@@ -48,7 +58,7 @@ pub async fn images(ctx: &Ctx<'_>) -> Result<BTreeMap<String, ImageInfo>> {
         }
         let res = ctx
             .aws
-            .call(
+            .read(
                 "ec2:DescribeImages",
                 ctx.aws.ec2.describe_images().image_ids(&ami).send(),
             )
@@ -219,13 +229,21 @@ impl Spec {
     }
 }
 
+/// Logical ids this module keeps: one template per class.
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+    ctx.classes
+        .keys()
+        .map(|c| logical::launch_template(c))
+        .collect()
+}
+
 /// Launch template name -> id (pending in plan mode when not created yet).
-pub async fn converge(
+pub(crate) async fn converge(
     ctx: &Ctx<'_>,
     inv: &Inventory,
     images: &BTreeMap<String, ImageInfo>,
-    build_sg: &str,
-) -> Result<BTreeMap<String, String>> {
+    build_sg: &Id,
+) -> Result<BTreeMap<String, Id>> {
     let mut out = BTreeMap::new();
     let fleet = ctx.stack.fleet_name().to_owned();
     for (class, c) in &ctx.classes {
@@ -237,15 +255,18 @@ pub async fn converge(
         instance_tags.sort();
         let want = Spec {
             image: c.ami.clone(),
-            instance_type: c.instance_types[0].clone(),
+            instance_type: c.instance_types.first().cloned().unwrap_or_default(),
             profile: ctx.names.build_role(),
             http_tokens_required: true,
             hop_limit: 1,
-            root_device: images[&c.ami].root_device.clone(),
+            root_device: images
+                .get(&c.ami)
+                .map(|i| i.root_device.clone())
+                .unwrap_or_default(),
             encrypted: true,
             volume_size: c.root_volume_gb.map(|g| g as i32),
             public_ip: false,
-            groups: vec![build_sg.to_owned()],
+            groups: vec![build_sg.to_string()],
             instance_tags,
         };
         let template_name = ctx.names.launch_template(class);
@@ -256,18 +277,19 @@ pub async fn converge(
             &name,
         );
         let Some(t) = found else {
-            if !ctx.change(
+            let Some(go) = ctx.change(
                 Action::Create,
-                "ec2:launch-template",
+                KIND,
                 &template_name,
                 format!("{} {}", want.image, want.instance_type),
-            ) {
-                out.insert(template_name, pending(&name));
+            ) else {
+                out.insert(template_name, Id::pending(&name));
                 continue;
-            }
+            };
             let created = ctx
                 .aws
-                .call(
+                .write(
+                    go,
                     "ec2:CreateLaunchTemplate",
                     ctx.aws
                         .ec2
@@ -278,19 +300,19 @@ pub async fn converge(
                         .send(),
                 )
                 .await?;
-            let id = created
-                .launch_template()
-                .and_then(|t| t.launch_template_id())
-                .unwrap_or_default()
-                .to_owned();
-            ctx.created("ec2:launch-template", &template_name, &id);
+            let id = Id::from_aws(
+                created
+                    .launch_template()
+                    .and_then(|t| t.launch_template_id()),
+            );
+            ctx.created(KIND, &template_name, &id.to_string());
             out.insert(template_name, id);
             continue;
         };
         let id = t.launch_template_id().unwrap_or_default().to_owned();
         let versions = ctx
             .aws
-            .call(
+            .read(
                 "ec2:DescribeLaunchTemplateVersions",
                 ctx.aws
                     .ec2
@@ -309,17 +331,21 @@ pub async fn converge(
             Some(h) => want.diff(h),
             None => vec!["no default version".into()],
         };
-        if !diff.is_empty()
-            && ctx.change(
+        let go = if diff.is_empty() {
+            None
+        } else {
+            ctx.change(
                 Action::Update,
-                "ec2:launch-template",
+                KIND,
                 &template_name,
                 format!("new version: {}", diff.join("; ")),
             )
-        {
+        };
+        if let Some(go) = go {
             let v = ctx
                 .aws
-                .call(
+                .write(
+                    go,
                     "ec2:CreateLaunchTemplateVersion",
                     ctx.aws
                         .ec2
@@ -334,7 +360,8 @@ pub async fn converge(
                 .and_then(|v| v.version_number())
                 .unwrap_or_default();
             ctx.aws
-                .call(
+                .write(
+                    go,
                     "ec2:ModifyLaunchTemplate",
                     ctx.aws
                         .ec2
@@ -345,7 +372,28 @@ pub async fn converge(
                 )
                 .await?;
         }
-        out.insert(template_name, id);
+        out.insert(template_name, Id::Known(id));
     }
     Ok(out)
+}
+
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+    for t in &inv.templates {
+        let id = t.launch_template_id().unwrap_or_default();
+        let name = t.launch_template_name().unwrap_or(id);
+        if let Some(go) = ctx.change(Action::Delete, KIND, name, id) {
+            ctx.aws
+                .write(
+                    go,
+                    "ec2:DeleteLaunchTemplate",
+                    ctx.aws
+                        .ec2
+                        .delete_launch_template()
+                        .launch_template_id(id)
+                        .send(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
 }

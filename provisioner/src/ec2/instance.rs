@@ -11,47 +11,62 @@
 //! duplicates left by an interrupted run, are drained and terminated the same way.
 //! `apply --no-drain` skips the readiness check and the drains (hosts SSM cannot reach).
 //!
+//! destroy terminates the hosts (and, when told, the build machines of the stack's
+//! fleets in its VPC) and waits until EC2 reports them terminated.
+//!
 //! Invariant: apply never terminates a running runner host it has not drained, unless
 //! told `--no-drain`.
 
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification, Instance,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, ResourceType, VolumeType,
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    Instance, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, ResourceType,
+    VolumeType,
 };
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use super::{logical as logical_of, tag, tag_spec, Inventory};
-use crate::engine::Ctx;
+use super::inventory::{
+    id_list, logical as logical_of, name_of, tag, tag_spec, Ec2Type, Inventory,
+};
+use crate::context::Ctx;
 use crate::error::{Error, Result};
-use crate::naming::{BINARY_TAG, USER_DATA_TAG};
-use crate::plan::{is_pending, pending, Action};
+use crate::id::Id;
+use crate::naming::{logical, BINARY_TAG, STACK_TAG, USER_DATA_TAG};
+use crate::plan::{Action, Go};
 use crate::poll::{self, Backoff, Poll};
 use crate::run_command::{self, Script};
 
+const KIND: &str = "ec2:instance";
+
+/// How the engine prunes and deletes this type.
+pub(crate) const TYPE: Ec2Type = Ec2Type {
+    desired,
+    delete: |ctx, inv| Box::pin(delete(ctx, inv)),
+};
+
 /// What one host should be.
 #[derive(Debug, Clone)]
-pub struct HostSpec {
-    pub logical: String,
-    pub subnet: String,
-    pub user_data: String,
+pub(crate) struct HostSpec {
+    pub(crate) logical: String,
+    pub(crate) subnet: Id,
+    pub(crate) user_data: String,
     /// SHA-256 of the flotilla binary the user data installs (tag `flotilla:binary-sha256`,
     /// so a plan can say the binary is what changed).
-    pub flotilla_sha256: String,
+    pub(crate) flotilla_sha256: String,
 }
 
 /// One host as it is after the pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostInfo {
-    pub logical: String,
-    pub instance_id: String,
-    pub private_ip: String,
-    pub state: String,
+pub(crate) struct HostInfo {
+    pub(crate) logical: String,
+    pub(crate) instance_id: Id,
+    pub(crate) private_ip: Id,
+    pub(crate) state: String,
 }
 
-pub fn user_data_hash(user_data: &str) -> String {
+fn user_data_hash(user_data: &str) -> String {
     hex::encode(Sha256::digest(user_data.as_bytes()))
 }
 
@@ -69,8 +84,8 @@ fn id(i: &Instance) -> &str {
 fn info(logical: &str, i: &Instance) -> HostInfo {
     HostInfo {
         logical: logical.to_owned(),
-        instance_id: id(i).to_owned(),
-        private_ip: i.private_ip_address().unwrap_or_default().to_owned(),
+        instance_id: Id::Known(id(i).to_owned()),
+        private_ip: Id::from_aws(i.private_ip_address()),
         state: state(i).to_owned(),
     }
 }
@@ -90,7 +105,7 @@ fn mismatch(ctx: &Ctx<'_>, i: &Instance, spec: &HostSpec, hash: &str) -> Option<
     if itype != h.instance_type {
         why.push(format!("instance type {itype} -> {}", h.instance_type));
     }
-    if i.subnet_id() != Some(spec.subnet.as_str()) {
+    if i.subnet_id().is_none() || i.subnet_id() != spec.subnet.known() {
         why.push(format!(
             "subnet {} -> {}",
             i.subnet_id().unwrap_or("?"),
@@ -113,10 +128,11 @@ fn mismatch(ctx: &Ctx<'_>, i: &Instance, spec: &HostSpec, hash: &str) -> Option<
     (!why.is_empty()).then(|| why.join(", "))
 }
 
-pub struct Launch<'a> {
-    pub runner_sg: &'a str,
-    pub profile: &'a str,
-    pub root_device: &'a str,
+/// What every runner host is launched with, besides its own [`HostSpec`].
+pub(crate) struct Launch<'a> {
+    pub(crate) runner_sg: &'a Id,
+    pub(crate) profile: &'a str,
+    pub(crate) root_device: &'a str,
 }
 
 /// How the plan line says an old host goes.
@@ -135,7 +151,7 @@ fn retire_detail(ctx: &Ctx<'_>, old: &[&Instance]) -> String {
     }
 }
 
-pub async fn converge(
+pub(crate) async fn converge(
     ctx: &Ctx<'_>,
     inv: &Inventory,
     specs: &[HostSpec],
@@ -187,8 +203,8 @@ pub async fn converge(
         } else {
             id(i).to_owned()
         };
-        if ctx.change(Action::Delete, "ec2:instance", name, detail) {
-            retire(ctx, name, i, None).await?;
+        if let Some(go) = ctx.change(Action::Delete, KIND, name, detail) {
+            retire(ctx, go, name, i, None).await?;
         }
     }
 
@@ -220,23 +236,24 @@ pub async fn converge(
                 ),
             ),
         };
-        if !ctx.change(action, "ec2:instance", &spec.logical, detail) {
+        let Some(go) = ctx.change(action, KIND, &spec.logical, detail) else {
             out.push(HostInfo {
                 logical: spec.logical.clone(),
-                instance_id: pending(&spec.logical),
-                private_ip: pending(&spec.logical),
+                instance_id: Id::pending(&spec.logical),
+                private_ip: Id::pending(&spec.logical),
                 state: "planned".into(),
             });
             continue;
-        }
+        };
         if candidates.is_empty() {
-            let i = run_instance(ctx, spec, &hash, launch).await?;
-            ctx.created("ec2:instance", &spec.logical, id(&i));
+            let i = run_instance(ctx, go, spec, &hash, launch).await?;
+            ctx.created(KIND, &spec.logical, id(&i));
             out.push(info(&spec.logical, &i));
         } else {
             replaced += 1;
             let new = replace(
                 ctx,
+                go,
                 spec,
                 &hash,
                 launch,
@@ -254,6 +271,7 @@ pub async fn converge(
 /// drained and terminated.
 async fn replace(
     ctx: &Ctx<'_>,
+    go: Go,
     spec: &HostSpec,
     hash: &str,
     launch: &Launch<'_>,
@@ -266,15 +284,15 @@ async fn replace(
         "{name}: replacing {} (host {n} of {of} to replace): launching its new instance",
         old_ids.join(", ")
     );
-    let launched = run_instance(ctx, spec, hash, launch).await?;
+    let launched = run_instance(ctx, go, spec, hash, launch).await?;
     let new_id = id(&launched).to_owned();
-    ctx.created("ec2:instance", name, &new_id);
+    ctx.created(KIND, name, &new_id);
     let running = wait_running(ctx, name, &new_id).await?;
     if ctx.drain() {
-        ready(ctx, name, &new_id, &old_ids).await?;
+        ready(ctx, go, name, &new_id, &old_ids).await?;
     }
     for i in old {
-        retire(ctx, name, i, Some(&new_id)).await?;
+        retire(ctx, go, name, i, Some(&new_id)).await?;
     }
     tracing::info!("{name}: replaced {} with {new_id}", old_ids.join(", "));
     Ok(info(name, &running))
@@ -286,7 +304,7 @@ async fn wait_running(ctx: &Ctx<'_>, name: &str, instance: &str) -> Result<Insta
     poll::until(&what, Backoff::up_to(Duration::from_secs(600)), || async {
         let out = ctx
             .aws
-            .call(
+            .read(
                 "ec2:DescribeInstances",
                 ctx.aws
                     .ec2
@@ -335,7 +353,7 @@ async fn wait_running(ctx: &Ctx<'_>, name: &str, instance: &str) -> Result<Insta
 
 /// Waits until the new host is ready: its SSM agent registered, cloud-init done, and
 /// its flotilla daemon answering.
-async fn ready(ctx: &Ctx<'_>, name: &str, instance: &str, old: &[&str]) -> Result<()> {
+async fn ready(ctx: &Ctx<'_>, go: Go, name: &str, instance: &str, old: &[&str]) -> Result<()> {
     tracing::info!(
         "{name}: waiting for {instance} to be ready: SSM agent registered, cloud-init \
          done, flotilla daemon answering (at most {})",
@@ -348,6 +366,7 @@ async fn ready(ctx: &Ctx<'_>, name: &str, instance: &str, old: &[&str]) -> Resul
     );
     run_command::run(
         ctx,
+        go,
         instance,
         &Script {
             host: name,
@@ -373,11 +392,17 @@ async fn ready(ctx: &Ctx<'_>, name: &str, instance: &str, old: &[&str]) -> Resul
 }
 
 /// Drains (unless `--no-drain`, or it is not running) and terminates an old instance.
-async fn retire(ctx: &Ctx<'_>, name: &str, old: &Instance, new: Option<&str>) -> Result<()> {
+async fn retire(
+    ctx: &Ctx<'_>,
+    go: Go,
+    name: &str,
+    old: &Instance,
+    new: Option<&str>,
+) -> Result<()> {
     let old_id = id(old);
     match state(old) {
         "shutting-down" | "terminated" => return Ok(()),
-        "running" if ctx.drain() => drain(ctx, name, old_id, new).await?,
+        "running" if ctx.drain() => drain(ctx, go, name, old_id, new).await?,
         other if ctx.drain() => {
             tracing::info!("{name}: {old_id} is {other}: nothing to drain")
         }
@@ -388,7 +413,8 @@ async fn retire(ctx: &Ctx<'_>, name: &str, old: &Instance, new: Option<&str>) ->
     }
     tracing::info!("{name}: terminating {old_id}");
     ctx.aws
-        .call(
+        .write(
+            go,
             "ec2:TerminateInstances",
             ctx.aws
                 .ec2
@@ -402,7 +428,7 @@ async fn retire(ctx: &Ctx<'_>, name: &str, old: &Instance, new: Option<&str>) ->
 
 /// Stops gitlab-runner once its jobs are done and gives back the build machines, over
 /// SSM Run Command, within `runner_hosts.drain_timeout`.
-async fn drain(ctx: &Ctx<'_>, name: &str, instance: &str, new: Option<&str>) -> Result<()> {
+async fn drain(ctx: &Ctx<'_>, go: Go, name: &str, instance: &str, new: Option<&str>) -> Result<()> {
     let timeout = ctx.stack.runner_hosts.drain_timeout.as_duration();
     tracing::info!(
         "{name}: draining {instance}: gitlab-runner finishes its running jobs and stops, \
@@ -421,6 +447,7 @@ async fn drain(ctx: &Ctx<'_>, name: &str, instance: &str, new: Option<&str>) -> 
     };
     run_command::run(
         ctx,
+        go,
         instance,
         &Script {
             host: name,
@@ -465,12 +492,12 @@ fn with_context(e: &Error, host: &str, what: &str) -> String {
 }
 
 /// Waits until EC2 reports every instance terminated (10 minutes at most).
-pub async fn wait_terminated(ctx: &Ctx<'_>, ids: &[String]) -> Result<()> {
+async fn wait_terminated(ctx: &Ctx<'_>, ids: &[String]) -> Result<()> {
     let what = format!("instances {} to terminate", ids.join(", "));
     poll::until(&what, Backoff::up_to(Duration::from_secs(600)), || async {
         let out = ctx
             .aws
-            .call(
+            .read(
                 "ec2:DescribeInstances",
                 ctx.aws
                     .ec2
@@ -494,91 +521,220 @@ pub async fn wait_terminated(ctx: &Ctx<'_>, ids: &[String]) -> Result<()> {
     .await
 }
 
+/// RunInstances for one host, again while a new instance profile is not usable yet
+/// (it takes EC2 a few seconds to see one; up to a minute).
 async fn run_instance(
     ctx: &Ctx<'_>,
+    go: Go,
     spec: &HostSpec,
     hash: &str,
     launch: &Launch<'_>,
 ) -> Result<Instance> {
-    if [&spec.subnet, launch.runner_sg]
-        .iter()
-        .any(|s| is_pending(s))
-    {
+    let (Some(subnet), Some(runner_sg)) = (spec.subnet.known(), launch.runner_sg.known()) else {
         return Err(Error::Refused(format!(
             "cannot launch {}: its subnet or security group was not created",
             spec.logical
         )));
-    }
+    };
     let h = &ctx.stack.runner_hosts;
     let user_data = base64::engine::general_purpose::STANDARD.encode(&spec.user_data);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let req = ctx
-            .aws
-            .ec2
-            .run_instances()
-            .image_id(&h.ami)
-            .instance_type(h.instance_type.as_str().into())
-            .min_count(1)
-            .max_count(1)
-            .subnet_id(&spec.subnet)
-            .security_group_ids(launch.runner_sg)
-            .iam_instance_profile(
-                IamInstanceProfileSpecification::builder()
-                    .name(launch.profile)
-                    .build(),
-            )
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_put_response_hop_limit(1)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .build(),
-            )
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(launch.root_device)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .encrypted(true)
-                            .delete_on_termination(true)
-                            .volume_type(VolumeType::Gp3)
-                            .volume_size(h.root_volume_gb as i32)
-                            .build(),
-                    )
-                    .build(),
-            )
-            .set_key_name(h.key_name.clone())
-            .user_data(user_data.clone())
-            .tag_specifications(tag_spec(
-                ctx,
-                ResourceType::Instance,
-                &spec.logical,
-                &[
-                    (USER_DATA_TAG, hash),
-                    (BINARY_TAG, spec.flotilla_sha256.as_str()),
-                ],
-            ))
-            .tag_specifications(tag_spec(ctx, ResourceType::Volume, &spec.logical, &[]));
-        match ctx.aws.call("ec2:RunInstances", req.send()).await {
-            Ok(out) => {
-                return out
+    let backoff = Backoff {
+        first: Duration::from_secs(5),
+        max: Duration::from_secs(5),
+        limit: Duration::from_secs(55),
+    };
+    poll::until(
+        "the runner host instance profile to be usable",
+        backoff,
+        || async {
+            let req = ctx
+                .aws
+                .ec2
+                .run_instances()
+                .image_id(&h.ami)
+                .instance_type(h.instance_type.as_str().into())
+                .min_count(1)
+                .max_count(1)
+                .subnet_id(subnet)
+                .security_group_ids(runner_sg)
+                .iam_instance_profile(
+                    IamInstanceProfileSpecification::builder()
+                        .name(launch.profile)
+                        .build(),
+                )
+                .metadata_options(
+                    InstanceMetadataOptionsRequest::builder()
+                        .http_tokens(HttpTokensState::Required)
+                        .http_put_response_hop_limit(1)
+                        .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                        .build(),
+                )
+                .block_device_mappings(
+                    BlockDeviceMapping::builder()
+                        .device_name(launch.root_device)
+                        .ebs(
+                            EbsBlockDevice::builder()
+                                .encrypted(true)
+                                .delete_on_termination(true)
+                                .volume_type(VolumeType::Gp3)
+                                .volume_size(h.root_volume_gb as i32)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .set_key_name(h.key_name.clone())
+                .user_data(user_data.clone())
+                .tag_specifications(tag_spec(
+                    ctx,
+                    ResourceType::Instance,
+                    &spec.logical,
+                    &[
+                        (USER_DATA_TAG, hash),
+                        (BINARY_TAG, spec.flotilla_sha256.as_str()),
+                    ],
+                ))
+                .tag_specifications(tag_spec(ctx, ResourceType::Volume, &spec.logical, &[]));
+            match ctx.aws.write(go, "ec2:RunInstances", req.send()).await {
+                Ok(out) => out
                     .instances()
                     .first()
                     .cloned()
-                    .ok_or_else(|| Error::Refused("RunInstances returned no instance".into()))
+                    .map(Poll::Done)
+                    .ok_or_else(|| Error::Refused("RunInstances returned no instance".into())),
+                Err(e)
+                    if e.code_is(&["InvalidParameterValue"])
+                        && e.message.contains("iamInstanceProfile") =>
+                {
+                    Ok(Poll::Wait(
+                        "instance profile not usable yet; retrying in 5s".into(),
+                    ))
+                }
+                Err(e) => Err(e.into()),
             }
-            // A new instance profile takes a few seconds to be usable by EC2.
-            Err(e)
-                if attempt < 12
-                    && e.code_is(&["InvalidParameterValue"])
-                    && e.message.contains("iamInstanceProfile") =>
-            {
-                tracing::info!("instance profile not usable yet; retrying in 5s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-            Err(e) => return Err(e.into()),
+        },
+    )
+    .await
+}
+
+/// The runner hosts' logical ids. (The engine never prunes instances: `converge`
+/// retires a host the stack no longer asks for, drained first.)
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+    (0..ctx.stack.runner_hosts.count)
+        .map(logical::host)
+        .collect()
+}
+
+/// Terminates the stack's instances (the runner hosts) and waits until they are gone.
+async fn delete(ctx: &Ctx<'_>, inv: &Inventory) -> Result<()> {
+    let mut go = None;
+    let mut ids = Vec::new();
+    for i in &inv.instances {
+        let id = id(i);
+        if let Some(g) = ctx.change(Action::Delete, KIND, &name_of(i.tags(), id), id) {
+            go = Some(g);
+            ids.push(id.to_owned());
         }
     }
+    terminate_and_wait(ctx, go, ids).await
+}
+
+/// Terminates instances and waits until EC2 reports them terminated.
+async fn terminate_and_wait(ctx: &Ctx<'_>, go: Option<Go>, ids: Vec<String>) -> Result<()> {
+    let Some(go) = go.filter(|_| !ids.is_empty()) else {
+        return Ok(());
+    };
+    ctx.aws
+        .write(
+            go,
+            "ec2:TerminateInstances",
+            ctx.aws
+                .ec2
+                .terminate_instances()
+                .set_instance_ids(Some(ids.clone()))
+                .send(),
+        )
+        .await?;
+    wait_terminated(ctx, &ids).await
+}
+
+/// Before destroy: instances in the stack's VPC that are not its runner hosts. Anything
+/// but a build machine of the stack's fleets is a refusal; build machines are too,
+/// unless `terminate` (`--terminate-build-machines`), when they are terminated.
+pub(crate) async fn delete_build_machines(
+    ctx: &Ctx<'_>,
+    inv: &Inventory,
+    terminate: bool,
+) -> Result<()> {
+    let (machines, foreign) = other_instances(ctx, inv).await?;
+    if !foreign.is_empty() {
+        return Err(Error::Refused(format!(
+            "instances that are not the stack's run in its VPC ({}): they are never \
+             touched; remove them first",
+            id_list(&foreign, |i| i.instance_id()).join(", ")
+        )));
+    }
+    if machines.is_empty() {
+        return Ok(());
+    }
+    let ids = id_list(&machines, |i| i.instance_id());
+    if !terminate {
+        return Err(Error::Refused(format!(
+            "build machines of the stack's fleet still run in its VPC ({}): drain the \
+             runner hosts (`flotilla drain`) first, or pass --terminate-build-machines",
+            ids.join(", ")
+        )));
+    }
+    let mut go = None;
+    for id in &ids {
+        go = ctx
+            .change(
+                Action::Delete,
+                "ec2:build-machine",
+                id,
+                "fleet tag, in the stack's VPC",
+            )
+            .or(go);
+    }
+    terminate_and_wait(ctx, go, ids).await
+}
+
+/// Instances in the stack's VPC that are not its runner hosts: build machines of the
+/// stack's fleets (fleet tag `<fleet>` or `<fleet>-<n>`, as the daemons launch them) and
+/// anything else.
+async fn other_instances(ctx: &Ctx<'_>, inv: &Inventory) -> Result<(Vec<Instance>, Vec<Instance>)> {
+    let Some(vpc) = inv.vpcs.first().and_then(|v| v.vpc_id()) else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let mut found = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let out = ctx
+            .aws
+            .read(
+                "ec2:DescribeInstances",
+                ctx.aws
+                    .ec2
+                    .describe_instances()
+                    .filters(Filter::builder().name("vpc-id").values(vpc).build())
+                    .set_next_token(token.clone())
+                    .send(),
+            )
+            .await?;
+        found.extend(
+            out.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter(|i| i.vpc_id() == Some(vpc))
+                .filter(|i| state(i) != "terminated")
+                .filter(|i| tag(i.tags(), STACK_TAG) != Some(ctx.stack.name.as_str()))
+                .cloned(),
+        );
+        token = out.next_token().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    Ok(found.into_iter().partition(|i| {
+        tag(i.tags(), flotilla_proto::tags::FLEET).is_some_and(|f| ctx.stack.is_own_fleet(f))
+    }))
 }
