@@ -28,10 +28,10 @@ use flotilla_sandbox::faults::Call;
 use flotilla_sandbox::prom;
 use flotilla_sandbox::runner::{self, BUILD_FAILURE_EXIT_CODE};
 use flotilla_sandbox::util::wait_until;
-use flotilla_sandbox::{docker_on, Job, JobResult, Outcome, Sandbox, SandboxOptions};
+use flotilla_sandbox::{docker_on, Job, Outcome, Sandbox, SandboxOptions};
 use nix::sys::signal::Signal;
 
-use crate::common::{bounded, wait_for_job_process, POLL};
+use crate::common::{bounded, machines_used, wait_for_job_process, POLL};
 
 async fn status(sb: &Sandbox) -> Result<StatusResponse> {
     Ok(ControlClient::new(&sb.config.socket_path())
@@ -75,26 +75,6 @@ fn garble_middle(path: &Path) -> Result<Vec<u8>> {
     bytes[at..at + garbage.len()].copy_from_slice(&garbage);
     std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))?;
     Ok(bytes)
-}
-
-/// The instance a job's prepare said it runs on ("Running on build machine m-.. (i-..").
-fn instances_used(r: &JobResult) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for s in r.stages.iter().filter(|s| s.name == "prepare") {
-        for text in [&s.stdout, &s.stderr] {
-            for line in text.lines() {
-                if let Some(rest) = line.split("Running on build machine ").nth(1) {
-                    if let Some(inst) = rest
-                        .split(['(', ',', ')', ' '])
-                        .find(|w| w.starts_with("i-"))
-                    {
-                        out.insert(inst.to_owned());
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 fn unreadable_dirs(state_dir: &Path) -> Result<Vec<PathBuf>> {
@@ -387,7 +367,7 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
             "a new job during the adoption:\n{}",
             fresh.describe()
         );
-        let mut used = instances_used(&fresh);
+        let mut used = machines_used(&fresh);
         for id in [803, 804] {
             let r = sb
                 .run_job(Job::new(id, &["echo \"after-$((40 + 2))\""]))
@@ -399,7 +379,7 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
                 "job {id} after the adoption:\n{}",
                 r.describe()
             );
-            used.extend(instances_used(&r));
+            used.extend(machines_used(&r));
         }
         ensure!(
             !used.is_empty() && used.is_disjoint(&old),
