@@ -149,8 +149,26 @@ pub async fn curl_machine(
     ))
 }
 
-/// Short pause between polls.
+/// Interval of condition polls ([`flotilla_sandbox::util::wait_until`]) where the sandbox
+/// has no notification to wait on (the daemon's status, Docker on a machine).
 pub const POLL: Duration = Duration::from_millis(250);
+
+/// A build script line that holds the job until the test lets it go ([`let_go`]): a job
+/// that must span something (a daemon restart, a drain, an adoption) runs exactly until
+/// then, however slow the host, instead of for a `sleep` guessed to be long enough.
+/// [`wait_for_job_process`] finds it by [`HELD`].
+pub const HOLD: &str = "while [ ! -e /tmp/flotilla-let-go ]; do sleep 1; done";
+
+/// What a held job's container runs while it waits ([`HOLD`]'s `sleep`).
+pub const HELD: &str = "sleep 1";
+
+/// Lets a job held by [`HOLD`] go on: creates the file it waits for in its container.
+pub async fn let_go(m: &flotilla_sandbox::EmulatedMachine, container: &str) -> Result<()> {
+    flotilla_sandbox::docker_on(m, &["exec", container, "touch", "/tmp/flotilla-let-go"])
+        .await
+        .map(drop)
+        .with_context(|| format!("letting the job in {container} go"))
+}
 
 /// The instances a job's prepare stage said it ran on ("Running on build machine m-..
 /// (i-.., ...)"): read from the job's own output, no watching of machines needed.

@@ -312,7 +312,7 @@ async fn runner_emulator_calls_the_driver_like_gitlab_runner() -> Result<()> {
     });
     let job = Job::new(42, &["echo ready-$((1+1))", "while true; do sleep 1; done"])
         .with_after_script(&["echo after-cancel"]);
-    let r = runner::run_job(opts, job).await?;
+    let r = runner::run_job(opts.clone(), job).await?;
     ensure!(
         r.outcome
             == Outcome::Cancelled {
@@ -330,5 +330,40 @@ async fn runner_emulator_calls_the_driver_like_gitlab_runner() -> Result<()> {
         r.describe()
     );
     ensure!(r.ran("cleanup"));
+
+    // Cancel on the test's own event (here: the script's loop has started).
+    let cancel = std::sync::Arc::new(tokio::sync::Notify::new());
+    let started = dir.path().join("loop-started");
+    opts.cancel = Some(Cancel {
+        stage: "build_script".into(),
+        when: CancelWhen::Notified(cancel.clone()),
+    });
+    let touch = format!("touch '{}'", started.display());
+    let job = Job::new(43, &[&touch, "while true; do sleep 1; done"]);
+    let trigger = async {
+        flotilla_sandbox::util::wait_until(
+            "the script's loop to start",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            || async { Ok(started.exists().then_some(())) },
+        )
+        .await?;
+        cancel.notify_one();
+        anyhow::Ok(())
+    };
+    let (r, triggered) = tokio::join!(runner::run_job(opts.clone(), job), trigger);
+    triggered?;
+    let r = r?;
+    let b = r.stage("build_script").context("no build_script")?;
+    ensure!(
+        r.outcome
+            == Outcome::Cancelled {
+                stage: "build_script".into()
+            }
+            && b.cancelled_after.is_some()
+            && !b.killed,
+        "{}",
+        r.describe()
+    );
     Ok(())
 }

@@ -147,9 +147,12 @@ pub struct Call {
     pub injected: Option<String>,
     /// The rule that answered (its [`RuleId`]), if one did.
     pub rule: Option<RuleId>,
-    /// The SDK's attempt number of this request (`amz-sdk-request: attempt=N`): 1 for a
-    /// new logical call, more for the SDK's own retries of it.
+    /// The SDK's attempt number of this request (`amz-sdk-request: attempt=N`), for
+    /// reports.
     pub attempt: Option<u32>,
+    /// The SDK's id of the logical call (`amz-sdk-invocation-id`): the same on every retry
+    /// the SDK makes of it, so distinct ids count calls the daemon made.
+    pub invocation: Option<String>,
 }
 
 /// A rule as [`FaultProxy::inject`] numbered it, to lift it or await its answers.
@@ -496,6 +499,11 @@ async fn handle(State(s): State<Arc<ProxyState>>, req: Request<Body>) -> Respons
         .get("amz-sdk-request")
         .and_then(|v| v.to_str().ok())
         .and_then(sdk_attempt);
+    let invocation = parts
+        .headers
+        .get("amz-sdk-invocation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut call = Call {
         at: Instant::now(),
         action: params
@@ -506,6 +514,7 @@ async fn handle(State(s): State<Arc<ProxyState>>, req: Request<Body>) -> Respons
         injected: None,
         rule: None,
         attempt,
+        invocation,
     };
     // Matched and recorded under the rules lock, so `lift` cuts the calls cleanly.
     let fault = {
@@ -617,6 +626,7 @@ mod tests {
             injected: None,
             rule: None,
             attempt: None,
+            invocation: None,
         };
         let r = Rule::no_capacity_for_type("t3.micro");
         assert!(r.matches(now, &call("RunInstances", &[("InstanceType", "t3.micro")])));

@@ -231,6 +231,8 @@ pub struct StageResult {
     pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+    /// When the call started: to order it against what the proxy or the emulator saw.
+    pub started: Instant,
     pub duration: Duration,
     /// The first line of BUILD_EXIT_CODE_FILE after a build failure.
     pub build_exit_code: Option<i32>,
@@ -1408,6 +1410,7 @@ async fn run_process(
         signal: status.signal(),
         stdout,
         stderr,
+        started: start,
         duration: exited_at.duration_since(start),
         build_exit_code: None,
         cancelled_after: term_at.map(|t| exited_at.saturating_duration_since(t)),
