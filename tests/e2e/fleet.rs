@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use aws_sdk_ec2::types::Filter;
 use flotilla_proto::api::{AuditResponse, MachineState, StatusResponse};
 use flotilla_proto::config::{ClassConfig, Market};
-use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY, REQUEST_LIMIT_EXCEEDED};
+use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY};
 use flotilla_sandbox::prom::{self, Exposition};
 use flotilla_sandbox::runner::{self, SYSTEM_FAILURE_EXIT_CODE};
 use flotilla_sandbox::util::wait_until;
@@ -420,9 +420,9 @@ async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it()
 const QUIET_STORM: u64 = 6;
 
 /// Throttling storms that end on events, not after a duration: the first after a number of
-/// throttled answers, the second once a job has run through it and the replacement launch
-/// it caused has failed and backed off. What is checked is which calls were made and what
-/// the daemon did, never how many calls fit in some seconds.
+/// throttled answers, the second once a job holding the warm machine through it has made
+/// the daemon launch a replacement and that launch was refused. What is checked is which
+/// calls were made and what the daemon did, never how many calls fit in some seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -> Result<()> {
     bounded(Duration::from_secs(480), async {
@@ -437,7 +437,6 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
         .await?;
         let steady = wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
         let faults = proxy(&sb)?;
-        let control = flotilla::control::ControlClient::new(&sb.config.socket_path());
 
         // 1. A steady pool: the observations are throttled, retried, and their failure
         // changes nothing (gitlab-runner #3424: a failed Describe made docker+machine
@@ -482,8 +481,8 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             )
             .await?;
 
-        // 2. A job during a storm that lasts until the launch of the machine replacing the
-        // one the job took has failed. Leases need no EC2 call: the job gets the warm
+        // 2. A job during a storm that lasts until the machine replacing the one the job
+        // took is launched (and refused). Leases need no EC2 call: the job gets the warm
         // machine through the storm, and holds it until then (else its release could make
         // the replacement unnecessary before a reconcile pass, slowed by the storm, plans it).
         let before = faults.mark();
@@ -491,25 +490,16 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
         let task = spawn_job(&sb, Job::new(421, &["echo job-$CI_JOB_ID ok", HOLD]));
         let (machine, container) =
             wait_for_job_process(&sb, 421, HELD, Duration::from_secs(90)).await?;
-        // The replacement is launched (RunInstances, retried by the SDK), refused, and the
-        // class backs off instead of launching again at every pass.
-        let backoff = wait_until(
-            "the class to back off after a throttled launch",
-            Duration::from_secs(240),
-            Duration::from_millis(100),
-            || async {
-                let s = control.status().await?;
-                Ok(s.classes.get("default").and_then(|c| {
-                    let throttled = c
-                        .last_launch_error
-                        .as_deref()
-                        .is_some_and(|e| e.contains(REQUEST_LIMIT_EXCEEDED));
-                    c.launch_backoff_until.filter(|_| throttled)
-                }))
-            },
-        )
-        .await
-        .with_context(|| sb.diagnostics())?;
+        let (_, refused) = faults
+            .wait_call(
+                "the replacement's RunInstances",
+                Duration::from_secs(240),
+                before,
+                |c| c.action == "RunInstances",
+            )
+            .await
+            .with_context(|| sb.diagnostics())?;
+        let end = faults.lift(storm);
         let_go(&machine, &container).await?;
         let r = task.await??;
         ensure!(
@@ -518,7 +508,6 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             r.describe(),
             sb.diagnostics()
         );
-        let end = faults.lift(storm);
         let during: Vec<_> = faults.calls()[before..end].to_vec();
 
         // After the storm: exactly the one replacement (the job took the idle machine),
@@ -529,10 +518,14 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
                 .iter()
                 .map(|c| {
                     format!(
-                        "+{:.1}s {}{}{}",
+                        "+{:.1}s {}{}{}{}",
                         c.at.saturating_duration_since(storm_start).as_secs_f64(),
                         c.action,
                         c.attempt.map(|a| format!(" attempt {a}")).unwrap_or_default(),
+                        c.invocation
+                            .as_deref()
+                            .map(|i| format!(" of call {}", &i[..i.len().min(8)]))
+                            .unwrap_or_default(),
                         if c.injected.is_some() { " (throttled)" } else { "" }
                     )
                 })
@@ -579,17 +572,25 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             "something was terminated\n{}",
             timeline()
         );
-        // The launch during the storm was one launch, retried by the SDK: one logical
-        // RunInstances (one SDK invocation id), not one per reconcile pass.
-        let launches_in_storm = during
+        // Backoff, not another launch: the refused launch was retried (by the SDK, after
+        // the daemon's cool-down) until EC2 answered; every RunInstances since the storm
+        // began is that one logical call (one SDK invocation id), and it went through.
+        let runs: Vec<_> = calls[before..]
             .iter()
             .filter(|c| c.action == "RunInstances")
+            .collect();
+        let launches: std::collections::BTreeSet<_> = runs
+            .iter()
             .map(|c| c.invocation.as_deref().unwrap_or("(no invocation id)"))
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
+            .collect();
         ensure!(
-            launches_in_storm == 1,
-            "{launches_in_storm} launches started during the storm (one expected)\n{}",
+            refused.injected.is_some()
+                && launches.len() == 1
+                && refused.invocation.is_some()
+                && runs.iter().any(|c| c.injected.is_none()),
+            "{} launches since the storm began (one, retried until it went through, \
+             expected)\n{}",
+            launches.len(),
             timeline()
         );
         // The daemon saw every throttled answer (each one feeds its cool-down).
@@ -597,8 +598,7 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
         let throttles = m.sum("flotilla_ec2_throttles_total", &[]);
         let injected: u64 = faults.injected().values().sum();
         eprintln!(
-            "storm: {} EC2 requests, {throttles} throttled calls seen by the daemon, \
-             backoff until {backoff}\n{}",
+            "storm: {} EC2 requests, {throttles} throttled calls seen by the daemon\n{}",
             during.len(),
             timeline()
         );

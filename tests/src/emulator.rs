@@ -412,6 +412,7 @@ async fn watch(ec2: aws_sdk_ec2::Client, shared: Arc<Shared>) {
 
 fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceInfo]) {
     let mut gone = Vec::new();
+    let mut added = false;
     {
         let mut machines = shared.machines();
         for inst in list.iter().filter(|i| i.is_running()) {
@@ -436,6 +437,7 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
                 "{} is running in moto at {}: booting",
                 inst.instance_id, machine.private_ip
             ));
+            added = true;
             machines.insert(
                 inst.instance_id.clone(),
                 Entry {
@@ -472,7 +474,9 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
             }
         }
     }
-    shared.changed();
+    if added || !gone.is_empty() {
+        shared.changed();
+    }
     for entry in gone {
         let state = list
             .iter()
