@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use aws_sdk_ec2::types::Filter;
 use flotilla_proto::api::{AuditResponse, MachineState, StatusResponse};
 use flotilla_proto::config::{ClassConfig, Market};
-use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY};
+use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY, REQUEST_LIMIT_EXCEEDED};
 use flotilla_sandbox::prom::{self, Exposition};
 use flotilla_sandbox::runner::{self, SYSTEM_FAILURE_EXIT_CODE};
 use flotilla_sandbox::util::wait_until;
@@ -421,11 +421,12 @@ const QUIET_STORM: u64 = 6;
 
 /// Throttling storms that end on events, not after a duration: the first after a number of
 /// throttled answers, the second once a job holding the warm machine through it has made
-/// the daemon launch a replacement and that launch was refused. What is checked is which
+/// the daemon launch a replacement, that launch has failed and the class backed off. What is checked is which
 /// calls were made and what the daemon did, never how many calls fit in some seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -> Result<()> {
-    bounded(Duration::from_secs(480), async {
+    // The storm outlasts two logical calls, each retried by the SDK for about 75 s.
+    bounded(Duration::from_secs(600), async {
         let sb = Sandbox::start(SandboxOptions {
             ec2_proxy: true,
             metrics: true,
@@ -481,33 +482,36 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             )
             .await?;
 
-        // 2. A job during a storm that lasts until the machine replacing the one the job
-        // took is launched (and refused). Leases need no EC2 call: the job gets the warm
-        // machine through the storm, and holds it until then (else its release could make
-        // the replacement unnecessary before a reconcile pass, slowed by the storm, plans it).
+        // 2. A job during a storm that lasts until the launch of the machine replacing the
+        // one the job took has failed. Leases need no EC2 call: the job gets the warm
+        // machine through the storm, and holds it until the replacement is ready (its
+        // release would make the replacement unnecessary).
         let before = faults.mark();
         let storm = faults.inject(Rule::throttle_all());
         let task = spawn_job(&sb, Job::new(421, &["echo job-$CI_JOB_ID ok", HOLD]));
         let (machine, container) =
             wait_for_job_process(&sb, 421, HELD, Duration::from_secs(90)).await?;
-        let (_, refused) = faults
-            .wait_call(
-                "the replacement's RunInstances",
-                Duration::from_secs(240),
-                before,
-                |c| c.action == "RunInstances",
-            )
-            .await
-            .with_context(|| sb.diagnostics())?;
+        // The replacement is launched (RunInstances, retried by the SDK), refused, and the
+        // class backs off.
+        let control = flotilla::control::ControlClient::new(&sb.config.socket_path());
+        let backoff = wait_until(
+            "the class to back off after a throttled launch",
+            Duration::from_secs(300),
+            Duration::from_millis(100),
+            || async {
+                let s = control.status().await?;
+                Ok(s.classes.get("default").and_then(|c| {
+                    let throttled = c
+                        .last_launch_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains(REQUEST_LIMIT_EXCEEDED));
+                    c.launch_backoff_until.filter(|_| throttled)
+                }))
+            },
+        )
+        .await
+        .with_context(|| sb.diagnostics())?;
         let end = faults.lift(storm);
-        let_go(&machine, &container).await?;
-        let r = task.await??;
-        ensure!(
-            r.outcome == Outcome::Success && r.cleanup_exit == Some(0),
-            "job 421 during the storm:\n{}\n{}",
-            r.describe(),
-            sb.diagnostics()
-        );
         let during: Vec<_> = faults.calls()[before..end].to_vec();
 
         // After the storm: exactly the one replacement (the job took the idle machine),
@@ -532,7 +536,31 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
                 .collect::<Vec<_>>()
                 .join("\n")
         };
-        wait_idle(&sb, "default", 2, Duration::from_secs(120))
+        // Once EC2 answers (and the backoff is over) the replacement is launched and
+        // ready while the job still holds its machine; then the job ends: two idle.
+        wait_until(
+            "the replacement to be ready beside the job's machine",
+            Duration::from_secs(180),
+            POLL,
+            || async {
+                let s = control.status().await?;
+                Ok(s.machines
+                    .iter()
+                    .any(|m| m.state == MachineState::Idle && m.instance_id != machine.instance_id)
+                    .then_some(()))
+            },
+        )
+        .await
+        .with_context(timeline)?;
+        let_go(&machine, &container).await?;
+        let r = task.await??;
+        ensure!(
+            r.outcome == Outcome::Success && r.cleanup_exit == Some(0),
+            "job 421 during the storm:\n{}\n{}",
+            r.describe(),
+            sb.diagnostics()
+        );
+        wait_idle(&sb, "default", 2, Duration::from_secs(60))
             .await
             .with_context(timeline)?;
         // And the passes after that change nothing more.
@@ -572,25 +600,23 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             "something was terminated\n{}",
             timeline()
         );
-        // Backoff, not another launch: the refused launch was retried (by the SDK, after
-        // the daemon's cool-down) until EC2 answered; every RunInstances since the storm
-        // began is that one logical call (one SDK invocation id), and it went through.
-        let runs: Vec<_> = calls[before..]
-            .iter()
-            .filter(|c| c.action == "RunInstances")
-            .collect();
-        let launches: std::collections::BTreeSet<_> = runs
-            .iter()
-            .map(|c| c.invocation.as_deref().unwrap_or("(no invocation id)"))
-            .collect();
+        // Backoff, not more launches: during the storm one launch was made (one SDK
+        // invocation id, however many attempts the SDK made of it), never a second beside
+        // it nor one per reconcile pass; the replacement came from one launch after it.
+        let launches = |calls: &[flotilla_sandbox::faults::Call]| {
+            calls
+                .iter()
+                .filter(|c| c.action == "RunInstances")
+                .map(|c| c.invocation.clone().unwrap_or_default())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let in_storm = launches(&during);
+        let after = launches(&calls[end..]);
         ensure!(
-            refused.injected.is_some()
-                && launches.len() == 1
-                && refused.invocation.is_some()
-                && runs.iter().any(|c| c.injected.is_none()),
-            "{} launches since the storm began (one, retried until it went through, \
-             expected)\n{}",
-            launches.len(),
+            in_storm.len() == 1 && !in_storm.contains("") && after.len() == 1,
+            "{} launches during the storm and {} after it (one each expected)\n{}",
+            in_storm.len(),
+            after.len(),
             timeline()
         );
         // The daemon saw every throttled answer (each one feeds its cool-down).
@@ -598,7 +624,8 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
         let throttles = m.sum("flotilla_ec2_throttles_total", &[]);
         let injected: u64 = faults.injected().values().sum();
         eprintln!(
-            "storm: {} EC2 requests, {throttles} throttled calls seen by the daemon\n{}",
+            "storm: {} EC2 requests, {throttles} throttled calls seen by the daemon, \
+             launch backoff until {backoff}\n{}",
             during.len(),
             timeline()
         );
