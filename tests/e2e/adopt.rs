@@ -28,10 +28,10 @@ use flotilla_sandbox::faults::Call;
 use flotilla_sandbox::prom;
 use flotilla_sandbox::runner::{self, BUILD_FAILURE_EXIT_CODE};
 use flotilla_sandbox::util::wait_until;
-use flotilla_sandbox::{docker_on, Job, JobResult, Outcome, Sandbox, SandboxOptions};
+use flotilla_sandbox::{docker_on, Job, Outcome, Sandbox, SandboxOptions};
 use nix::sys::signal::Signal;
 
-use crate::common::{bounded, wait_for_job_process, POLL};
+use crate::common::{bounded, let_go, machines_used, wait_for_job_process, HELD, HOLD, POLL};
 
 async fn status(sb: &Sandbox) -> Result<StatusResponse> {
     Ok(ControlClient::new(&sb.config.socket_path())
@@ -77,26 +77,6 @@ fn garble_middle(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The instance a job's prepare said it runs on ("Running on build machine m-.. (i-..").
-fn instances_used(r: &JobResult) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for s in r.stages.iter().filter(|s| s.name == "prepare") {
-        for text in [&s.stdout, &s.stderr] {
-            for line in text.lines() {
-                if let Some(rest) = line.split("Running on build machine ").nth(1) {
-                    if let Some(inst) = rest
-                        .split(['(', ',', ')', ' '])
-                        .find(|w| w.starts_with("i-"))
-                    {
-                        out.insert(inst.to_owned());
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 fn unreadable_dirs(state_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(state_dir)? {
@@ -131,16 +111,21 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
         std::fs::write(&sb.config_path, sb.config.to_toml()?)?;
         sb.start_daemon().await?;
 
-        // One machine runs a job (L), one waits idle (I).
+        // One machine runs a job (L), one waits idle (I). The job runs until the test lets
+        // it go (a file it waits for), so it spans the whole adoption whatever the host's
+        // speed.
         let job = Job::new(
             801,
-            &["echo adopt-start", "sleep 45", "echo \"adopt-$((20 + 22))\""],
+            &[
+                "echo adopt-start",
+                HOLD,
+                "echo \"adopt-$((20 + 22))\"",
+            ],
         );
         let task = tokio::spawn(runner::run_job(sb.runner_options(), job));
-        let busy = wait_for_job_process(&sb, 801, "sleep 45", Duration::from_secs(90))
-            .await?
-            .0
-            .instance_id;
+        let (busy_machine, build_container) =
+            wait_for_job_process(&sb, 801, HELD, Duration::from_secs(90)).await?;
+        let busy = busy_machine.instance_id.clone();
         let before = wait_until(
             "one leased and one idle machine",
             Duration::from_secs(90),
@@ -268,27 +253,20 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
         .with_context(|| sb.diagnostics())?;
 
         // New jobs meanwhile run on new machines, never on an adopted one.
-        let busy_machine = sb
-            .emulator()
-            .machine(&busy)
-            .context("the busy machine is not emulated any more")?;
         let fresh = tokio::spawn(runner::run_job(
             sb.runner_options(),
             Job::new(802, &["echo \"fresh-$((40 + 2))\""]),
         ));
         // Past the orphan grace, several times over, while the job still runs.
         sb.wait_reconciles(6).await?;
-        let mut last_with_containers: Option<Instant> = None;
         let filter = format!("label={JOB_LABEL}");
         let containers = docker_on(&busy_machine, &["ps", "-aq", "--filter", &filter]).await?;
-        if !containers.trim().is_empty() {
-            last_with_containers = Some(Instant::now());
-        }
         ensure!(
-            !task.is_finished() && last_with_containers.is_some(),
-            "job 801 ended before the adoption could be checked (its sleep is too short \
-             for this host: adopted {:?} after the daemon restart)",
-            adopt_started.elapsed()
+            !task.is_finished() && !containers.trim().is_empty(),
+            "job 801 is not running on the adopted machine any more (adopted {:?} after the \
+             daemon restart)\n{}",
+            adopt_started.elapsed(),
+            sb.diagnostics()
         );
         let s = status(&sb).await?;
         ensure!(
@@ -308,15 +286,8 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
             sb.diagnostics()
         );
 
-        // Until job 801 ends: watch the busy machine's job containers.
-        while !task.is_finished() {
-            if let Ok(out) = docker_on(&busy_machine, &["ps", "-aq", "--filter", &filter]).await {
-                if !out.trim().is_empty() {
-                    last_with_containers = Some(Instant::now());
-                }
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        // Job 801 goes on to its end.
+        let_go(&busy_machine, &build_container).await?;
         let r = task.await??;
         let build = r.stage("build_script").context("job 801 ran no build_script")?;
         ensure!(
@@ -364,18 +335,33 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
                 "{inst} was terminated before --adopt: {early:#?}"
             );
         }
+        // Its containers were there until its cleanup removed them: every termination of
+        // the busy machine came after the cleanup started, and the machine had no container
+        // left when it went.
         let busy_terminations = terminate_calls_naming(&calls, &busy);
-        let last = last_with_containers.context("never saw job 801's containers")?;
+        let cleanup = r
+            .stage("cleanup")
+            .context("job 801 ran no cleanup")?
+            .started;
         ensure!(
-            !busy_terminations.is_empty() && busy_terminations.iter().all(|c| c.at > last),
-            "the busy adopted machine was terminated while job containers were on it \
-             (last seen {:?} after the adopt start; terminations at {:?})\n{}",
-            last.duration_since(adopt_started),
+            !busy_terminations.is_empty() && busy_terminations.iter().all(|c| c.at >= cleanup),
+            "the busy adopted machine was terminated before job 801's cleanup started \
+             (cleanup {:?} after the adopt start; terminations at {:?})\n{}",
+            cleanup.saturating_duration_since(adopt_started),
             busy_terminations
                 .iter()
                 .map(|c| c.at.saturating_duration_since(adopt_started))
                 .collect::<Vec<_>>(),
             sb.diagnostics()
+        );
+        let stopped = sb
+            .emulator()
+            .wait_stopped(&busy, Duration::from_secs(60))
+            .await?;
+        ensure!(
+            stopped.leftover_containers.is_empty(),
+            "the busy adopted machine went with containers on it: {:?}",
+            stopped.leftover_containers
         );
 
         let fresh = fresh.await??;
@@ -387,7 +373,7 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
             "a new job during the adoption:\n{}",
             fresh.describe()
         );
-        let mut used = instances_used(&fresh);
+        let mut used = machines_used(&fresh);
         for id in [803, 804] {
             let r = sb
                 .run_job(Job::new(id, &["echo \"after-$((40 + 2))\""]))
@@ -399,7 +385,7 @@ async fn adopt_after_an_unreadable_state_drains_the_running_fleet_and_keeps_serv
                 "job {id} after the adoption:\n{}",
                 r.describe()
             );
-            used.extend(instances_used(&r));
+            used.extend(machines_used(&r));
         }
         ensure!(
             !used.is_empty() && used.is_disjoint(&old),

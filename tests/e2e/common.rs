@@ -149,43 +149,46 @@ pub async fn curl_machine(
     ))
 }
 
-/// Short pause between polls.
+/// Interval of condition polls ([`flotilla_sandbox::util::wait_until`]) where the sandbox
+/// has no notification to wait on (the daemon's status, Docker on a machine).
 pub const POLL: Duration = Duration::from_millis(250);
 
-/// Runs a job while watching every emulated machine for containers labelled with the
-/// job's key; returns the result and the instance the job's containers ran on.
-pub async fn run_job_tracking_machine(
-    sb: &flotilla_sandbox::Sandbox,
-    opts: flotilla_sandbox::RunnerOptions,
-    job: flotilla_sandbox::Job,
-) -> Result<(flotilla_sandbox::JobResult, Option<String>)> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let filter = format!("label={JOB_ID_LABEL}={}", job.id);
-    let done = AtomicBool::new(false);
-    let seen: Mutex<Option<String>> = Mutex::new(None);
-    let watcher = async {
-        while !done.load(Ordering::Relaxed) {
-            for m in sb.machines() {
-                if let Ok(out) =
-                    flotilla_sandbox::docker_on(&m, &["ps", "-q", "--filter", &filter]).await
-                {
-                    if !out.trim().is_empty() {
-                        *seen.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(m.instance_id.clone());
+/// A build script line that holds the job until the test lets it go ([`let_go`]): a job
+/// that must span something (a daemon restart, a drain, an adoption) runs exactly until
+/// then, however slow the host, instead of for a `sleep` guessed to be long enough.
+/// [`wait_for_job_process`] finds it by [`HELD`].
+pub const HOLD: &str = "while [ ! -e /tmp/flotilla-let-go ]; do sleep 1; done";
+
+/// What a held job's container runs while it waits ([`HOLD`]'s `sleep`).
+pub const HELD: &str = "sleep 1";
+
+/// Lets a job held by [`HOLD`] go on: creates the file it waits for in its container.
+pub async fn let_go(m: &flotilla_sandbox::EmulatedMachine, container: &str) -> Result<()> {
+    flotilla_sandbox::docker_on(m, &["exec", container, "touch", "/tmp/flotilla-let-go"])
+        .await
+        .map(drop)
+        .with_context(|| format!("letting the job in {container} go"))
+}
+
+/// The instances a job's prepare stage said it ran on ("Running on build machine m-..
+/// (i-.., ...)"): read from the job's own output, no watching of machines needed.
+pub fn machines_used(r: &flotilla_sandbox::JobResult) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for s in r.stages.iter().filter(|s| s.name == "prepare") {
+        for text in [&s.stdout, &s.stderr] {
+            for line in text.lines() {
+                if let Some(rest) = line.split("Running on build machine ").nth(1) {
+                    if let Some(inst) = rest
+                        .split(['(', ',', ')', ' '])
+                        .find(|w| w.starts_with("i-"))
+                    {
+                        out.insert(inst.to_owned());
                     }
                 }
             }
-            tokio::time::sleep(POLL).await;
         }
-    };
-    let run = async {
-        let r = flotilla_sandbox::runner::run_job(opts, job).await;
-        done.store(true, Ordering::Relaxed);
-        r
-    };
-    let (r, ()) = tokio::join!(run, watcher);
-    let machine = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok((r?, machine))
+    }
+    out
 }
 
 /// The label the executor puts on everything a job creates.

@@ -4,28 +4,29 @@
 //! and output (100 MB complete with flat memory, stdout/stderr order), plus the output
 //! throughput benchmark against `docker exec`.
 //!
-//! Some tests drive the stages one by one ([`Driver`]) instead of [`Sandbox::run_job`], to
-//! look at the machine between two stages or to read a stage's raw output.
+//! Some tests drive the stages one by one (the runner emulator's [`StageDriver`]) instead
+//! of [`Sandbox::run_job`], to look at the machine between two stages or to read a stage's
+//! raw output.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use flotilla_proto::config::{JobConfig, PullPolicy};
 use flotilla_proto::duration::HumanDuration;
 use flotilla_sandbox::auth_registry::{busybox_image_with, image_id, push_image, AuthRegistry};
-use flotilla_sandbox::runner::{
-    ConfigOutput, JobContext, StageResult, BUILD_FAILURE_EXIT_CODE, SYSTEM_FAILURE_EXIT_CODE,
-};
+use flotilla_sandbox::runner::StageDriver;
+use flotilla_sandbox::runner::{StageResult, BUILD_FAILURE_EXIT_CODE};
 use flotilla_sandbox::{
     docker_on, Cancel, CancelWhen, EmulatedMachine, Job, JobResult, Outcome, RunnerOptions,
     Sandbox, SandboxOptions,
 };
 use serde_json::json;
 
-use crate::common::bounded;
+use crate::common::{bounded, POLL};
 
 pub(crate) const LIMIT: Duration = Duration::from_secs(300);
 
@@ -134,131 +135,6 @@ pub(crate) fn prepare_build_failure(r: &JobResult, ctx: &dyn Fn() -> String) -> 
     ensure!(!r.ran("build_script"), "{}", ctx());
     ensure!(r.cleanup_exit == Some(0), "{}", ctx());
     Ok(all_output(prepare))
-}
-
-/// Drives one job's stages by hand, like gitlab-runner, for tests that look at the machine
-/// between stages or read a stage's raw output.
-pub(crate) struct Driver {
-    ctx: JobContext,
-    trace: Vec<StageResult>,
-}
-
-impl Driver {
-    /// `config` then `prepare`, tried 3 times with `cleanup` between after a system
-    /// failure (as gitlab-runner does); fails (with the trace) unless they succeed.
-    pub(crate) async fn prepare(opts: RunnerOptions, job: Job) -> Result<Self> {
-        let mut d = Self {
-            ctx: JobContext::new(opts, job)?,
-            trace: Vec::new(),
-        };
-        for attempt in 1..=3 {
-            let cfg = d.ctx.call("config", &["config"]).await?;
-            let parsed: ConfigOutput = serde_json::from_str(cfg.stdout.trim())
-                .with_context(|| format!("config printed no JSON: {cfg:?}"))?;
-            d.trace.push(cfg);
-            if let Some(b) = parsed.builds_dir {
-                d.ctx.builds_dir = b;
-            }
-            if let Some(c) = parsed.cache_dir {
-                d.ctx.cache_dir = c;
-            }
-            d.ctx.job_env = parsed.job_env;
-            let prep = d.ctx.call("prepare", &["prepare"]).await?;
-            let code = prep.exit_code;
-            d.trace.push(prep);
-            if code == Some(0) {
-                return Ok(d);
-            }
-            if code != Some(SYSTEM_FAILURE_EXIT_CODE) || attempt == 3 {
-                break;
-            }
-            let c = d.ctx.call("cleanup", &["cleanup"]).await?;
-            d.trace.push(c);
-            // gitlab-runner's delay between prepare attempts (not a wait for an event).
-            tokio::time::sleep(d.ctx.opts.prepare_retry_delay).await;
-        }
-        bail!("prepare failed\n{}", d.describe())
-    }
-
-    /// Runs a stage (its body from the job), recording it in the trace.
-    pub(crate) async fn stage(&mut self, stage: &str) -> Result<StageResult> {
-        let script = self.script(stage)?;
-        let r = self
-            .ctx
-            .call(stage, &["run", &script.display().to_string(), stage])
-            .await?;
-        self.trace.push(r.clone());
-        Ok(r)
-    }
-
-    /// Runs a stage that must succeed.
-    pub(crate) async fn stage_ok(&mut self, stage: &str) -> Result<StageResult> {
-        let r = self.stage(stage).await?;
-        ensure!(r.ok(), "stage {stage} failed\n{}", self.describe());
-        Ok(r)
-    }
-
-    fn script(&mut self, stage: &str) -> Result<PathBuf> {
-        let body = self.ctx.stage_body(stage);
-        ensure!(!body.is_empty(), "stage {stage} has no body");
-        self.ctx.write_script(stage, &body)
-    }
-
-    /// `flotilla run <script> <stage>` exactly as [`JobContext::call`] starts it, for the
-    /// caller to spawn with its own stdio.
-    fn run_command(&mut self, stage: &str) -> Result<std::process::Command> {
-        let script = self.script(stage)?;
-        let opts = &self.ctx.opts;
-        let mut cmd = std::process::Command::new(&opts.flotilla_bin);
-        if let Some(c) = &opts.config_path {
-            cmd.arg("--config").arg(c);
-        }
-        cmd.arg("run")
-            .arg(&script)
-            .arg(stage)
-            .current_dir(self.ctx.dir())
-            .envs(self.ctx.env())
-            .stdin(Stdio::null());
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        Ok(cmd)
-    }
-
-    pub(crate) async fn cleanup(&mut self) -> Result<()> {
-        let r = self.ctx.call("cleanup", &["cleanup"]).await?;
-        let ok = r.ok();
-        self.trace.push(r);
-        ensure!(ok, "cleanup failed\n{}", self.describe());
-        Ok(())
-    }
-
-    /// The job's key, as the stages derive it (payload job id and temp dir).
-    pub(crate) fn job_key(&self) -> String {
-        flotilla::stages::job::job_key_for(Some(self.ctx.job.id), self.ctx.dir())
-    }
-
-    /// The build container's name on the machine.
-    pub(crate) fn build_container(&self) -> String {
-        format!("flotilla-{}-build", self.job_key())
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        JobResult {
-            config: None,
-            stages: self.trace.clone(),
-            outcome: Outcome::Success,
-            cleanup_exit: None,
-            project_dir: self.ctx.project_dir(),
-        }
-        .describe()
-    }
-}
-
-/// `/proc/<pid>/status` field in KiB (`VmHWM`, `VmRSS`).
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 // --- services ---
@@ -838,14 +714,16 @@ async fn next_job_on_a_machine_sees_only_the_cache_of_the_previous_one() -> Resu
 
 // --- cancellation ---
 
-/// Runs `script` as build_script, cancels it after 4 s like a UI cancel, and checks on the
-/// machine that nothing of it is left; then after_script and an on_failure stage run.
+/// Runs `script` as build_script, cancels it like a UI cancel once its loop runs on the
+/// machine, and checks on the machine that nothing of it is left; then after_script and an
+/// on_failure stage run.
 async fn cancel_and_check_the_container(sb: &Sandbox, id: u64, script: &str) -> Result<()> {
+    let cancel = Arc::new(tokio::sync::Notify::new());
     let mut opts = sb.runner_options();
     opts.graceful_kill_timeout = Duration::from_secs(30);
     opts.cancel = Some(Cancel {
         stage: "build_script".into(),
-        when: CancelWhen::After(Duration::from_secs(4)),
+        when: CancelWhen::Notified(cancel.clone()),
     });
     let mut job =
         Job::new(id, &[script]).with_after_script(&["echo after-script-ran", "ps -o pid,args"]);
@@ -853,42 +731,42 @@ async fn cancel_and_check_the_container(sb: &Sandbox, id: u64, script: &str) -> 
         "upload_artifacts_on_failure".into(),
         vec!["echo upload-on-failure-ran".into()],
     );
-    let mut d = Driver::prepare(opts, job).await?;
+    let mut d = StageDriver::prepare(opts, job).await?;
     let m = the_machine(sb).await?;
     let container = d.build_container();
     d.stage_ok("prepare_script").await?;
     d.stage_ok("get_sources").await?;
 
-    // The script's processes as the machine sees them, while it runs.
+    // The script's processes as the machine sees them, while it runs; the cancel comes
+    // once its loop is seen there (or the wait gave up: the stage must end either way).
     let top = |m: EmulatedMachine, c: String| async move {
         docker_on(&m, &["top", &c, "-eo", "pid,args"]).await
     };
     let watch = async {
-        for _ in 0..100 {
-            if let Ok(t) = top(m.clone(), container.clone()).await {
-                if t.contains("sleep 1") {
-                    return Some(t);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        None
+        let seen = flotilla_sandbox::util::wait_until(
+            "the script's sleep on the machine",
+            Duration::from_secs(60),
+            POLL,
+            || async {
+                Ok(top(m.clone(), container.clone())
+                    .await
+                    .ok()
+                    .filter(|t| t.contains("sleep 1")))
+            },
+        )
+        .await;
+        cancel.notify_one();
+        seen
     };
     let (build, during) = tokio::join!(d.stage("build_script"), watch);
     let build = build?;
-    let during = during.with_context(|| {
-        format!(
-            "never saw the script's sleep on the machine\n{}",
-            d.describe()
-        )
-    })?;
-    let took = build
-        .cancelled_after
-        .with_context(|| format!("the stage was not cancelled\n{}", d.describe()))?;
-    // SIGTERM, then SIGKILL after flotilla's 5 s grace for processes that ignore it.
+    let during = during.with_context(|| d.describe())?;
+    // SIGTERM, then (for a script that ignores it) flotilla's own SIGKILL after its grace:
+    // the stage ends by itself, before the runner's graceful_kill_timeout would kill it.
     ensure!(
-        took < Duration::from_secs(15) && !build.killed,
-        "run stage took {took:?} after SIGTERM (killed: {})\n{}",
+        build.cancelled_after.is_some() && !build.killed,
+        "the run stage did not end by itself after SIGTERM (cancelled: {:?}, killed: {})\n{}",
+        build.cancelled_after,
         build.killed,
         d.describe()
     );
@@ -995,7 +873,7 @@ async fn output_of_100_mb_with_binary_arrives_complete_while_run_stage_memory_st
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     bounded(LIMIT, async {
         let sb = Sandbox::start(SandboxOptions::default()).await?;
-        let mut d = Driver::prepare(sb.runner_options(), output_job(801)).await?;
+        let mut d = StageDriver::prepare(sb.runner_options(), output_job(801)).await?;
         d.stage_ok("prepare_script").await?;
         d.stage_ok("get_sources").await?;
         let generated = d.stage_ok("step_generate").await?;
@@ -1007,13 +885,13 @@ async fn output_of_100_mb_with_binary_arrives_complete_while_run_stage_memory_st
             .parse()?;
         ensure!(machine_bytes > BINARY_BYTES + TEXT_BYTES, "{}", d.describe());
 
-        // `flotilla run` read by a consumer slower than the machine (about 50 MB/s) so any
-        // buffering inside flotilla would grow; its memory sampled from /proc meanwhile.
+        // `flotilla run` read by a consumer slower than the machine, so any buffering
+        // inside flotilla would grow: after each MiB it lets flotilla fill the pipe and
+        // block on it before reading on. Its peak RSS is what the kernel accounted at exit.
         let mut cmd = d.run_command("build_script")?;
         let (status, stderr, sum, peak_kib) = tokio::task::spawn_blocking(move || -> Result<_> {
             use std::io::Write;
-            use std::sync::atomic::{AtomicBool, Ordering};
-            use std::sync::Arc;
+            use std::os::fd::AsFd;
             let mut run = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
             let pid = run.id();
             let mut out = run.stdout.take().context("no stdout")?;
@@ -1023,20 +901,6 @@ async fn output_of_100_mb_with_binary_arrives_complete_while_run_stage_memory_st
                 let _ = err_pipe.read_to_string(&mut s);
                 s
             });
-            let done = Arc::new(AtomicBool::new(false));
-            let sampler = {
-                let done = done.clone();
-                std::thread::spawn(move || {
-                    let mut peak: u64 = 0;
-                    while !done.load(Ordering::Relaxed) {
-                        for f in ["VmHWM", "VmRSS"] {
-                            peak = peak.max(proc_status_kib(pid, f).unwrap_or(0));
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    peak
-                })
-            };
             let mut sum = std::process::Command::new("sha256sum")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -1052,14 +916,22 @@ async fn output_of_100_mb_with_binary_arrives_complete_while_run_stage_memory_st
                 sum_in.write_all(&buf[..n])?;
                 since_pause += n;
                 if since_pause >= 1024 * 1024 {
-                    std::thread::sleep(Duration::from_millis(20));
                     since_pause = 0;
+                    // The pipe full (within a page: writes up to a page are atomic), or
+                    // flotilla gone; the deadline only keeps a stalled run from hanging here.
+                    flotilla_sandbox::util::wait_until_blocking(
+                        Duration::from_secs(60),
+                        Duration::from_millis(1),
+                        || {
+                            let full = flotilla_sandbox::util::pipe_fill(out.as_fd())
+                                .is_ok_and(|(queued, cap)| queued + 4096 >= cap);
+                            (full || !flotilla_sandbox::util::pid_alive(pid as i32)).then_some(())
+                        },
+                    );
                 }
             }
             drop(sum_in);
-            let status = run.wait()?;
-            done.store(true, Ordering::Relaxed);
-            let peak = sampler.join().unwrap_or(0);
+            let (status, peak) = flotilla_sandbox::util::wait_with_max_rss(pid)?;
             let sum = sum.wait_with_output()?;
             let stderr = err_reader.join().unwrap_or_default();
             Ok((status, stderr, String::from_utf8_lossy(&sum.stdout).into_owned(), peak))
@@ -1102,7 +974,7 @@ async fn stdout_and_stderr_arrive_interleaved_as_produced_with_bytes_unchanged()
                 r#"printf 'raw-\377\376\300-end\n' >&2"#.into(),
             ],
         );
-        let mut d = Driver::prepare(sb.runner_options(), job).await?;
+        let mut d = StageDriver::prepare(sb.runner_options(), job).await?;
         d.stage_ok("prepare_script").await?;
         d.stage_ok("get_sources").await?;
         let mut cmd = tokio::process::Command::from(d.run_command("build_script")?);
@@ -1205,7 +1077,7 @@ async fn output_throughput_of_flotilla_run_against_docker_exec() -> Result<()> {
             .filter(|n| *n > 0)
             .unwrap_or(5);
         let sb = Sandbox::start(SandboxOptions::default()).await?;
-        let mut d = Driver::prepare(sb.runner_options(), output_job(901)).await?;
+        let mut d = StageDriver::prepare(sb.runner_options(), output_job(901)).await?;
         d.stage_ok("prepare_script").await?;
         d.stage_ok("get_sources").await?;
         let generated = d.stage_ok("step_generate").await?;

@@ -16,14 +16,14 @@ use anyhow::{bail, ensure, Context, Result};
 use aws_sdk_ec2::types::Filter;
 use flotilla_proto::api::{AuditResponse, MachineState, StatusResponse};
 use flotilla_proto::config::{ClassConfig, Market};
-use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY};
+use flotilla_sandbox::faults::{FaultProxy, Rule, INSUFFICIENT_CAPACITY, REQUEST_LIMIT_EXCEEDED};
 use flotilla_sandbox::prom::{self, Exposition};
 use flotilla_sandbox::runner::{self, SYSTEM_FAILURE_EXIT_CODE};
 use flotilla_sandbox::util::wait_until;
 use flotilla_sandbox::{Job, JobResult, Outcome, Sandbox, SandboxOptions};
 use nix::sys::signal::Signal;
 
-use crate::common::{bounded, wait_for_job_process, POLL};
+use crate::common::{bounded, let_go, wait_for_job_process, HELD, HOLD, POLL};
 
 /// A sandbox whose daemon is not started yet, so faults can be in place before its
 /// first reconcile.
@@ -171,24 +171,37 @@ async fn successful_job(sb: &Sandbox, id: u64) -> Result<JobResult> {
 /// counted by the daemon just before it reaches the proxy); fails with both when they never do.
 async fn ec2_calls_agree(sb: &Sandbox) -> Result<Exposition> {
     let faults = proxy(sb)?;
-    let mut last = String::new();
-    for _ in 0..40 {
-        let before = faults.counts();
-        let e = scrape(sb).await?;
-        let after = faults.counts();
-        let metrics: BTreeMap<String, u64> = e
-            .by_label("flotilla_ec2_calls_total", "operation")
-            .into_iter()
-            .map(|(k, v)| (k, v as u64))
-            .filter(|(_, v)| *v > 0)
-            .collect();
-        if before == after && metrics == after {
-            return Ok(e);
-        }
-        last = format!("proxy saw {after:?}, /metrics says {metrics:?}");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    bail!("EC2 calls never agreed: {last}\n{}", sb.diagnostics())
+    let last = std::sync::Mutex::new(String::new());
+    wait_until(
+        "the proxy's counts and /metrics to agree",
+        Duration::from_secs(30),
+        POLL,
+        || async {
+            let before = faults.counts();
+            let e = scrape(sb).await?;
+            let after = faults.counts();
+            let metrics: BTreeMap<String, u64> = e
+                .by_label("flotilla_ec2_calls_total", "operation")
+                .into_iter()
+                .map(|(k, v)| (k, v as u64))
+                .filter(|(_, v)| *v > 0)
+                .collect();
+            if before == after && metrics == after {
+                return Ok(Some(e));
+            }
+            *last.lock().unwrap_or_else(|p| p.into_inner()) =
+                format!("proxy saw {after:?}, /metrics says {metrics:?}");
+            Ok(None)
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "EC2 calls never agreed: {}\n{}",
+            last.lock().unwrap_or_else(|p| p.into_inner()),
+            sb.diagnostics()
+        )
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,7 +308,6 @@ async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it()
         .await?;
         proxy(&sb)?.inject(Rule::no_spot_capacity());
         sb.start_daemon().await?;
-        let started = Instant::now();
 
         // spot-with-fallback: the spot shortfall is bought on-demand.
         wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
@@ -335,9 +347,8 @@ async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it()
         // Launch backoff (5 s, then 10 s...): a handful of attempts, not one per reconcile.
         ensure!(
             !spot_class_calls.is_empty() && spot_class_calls.len() <= 4,
-            "{} RunInstances for the spot class in {:?}",
-            spot_class_calls.len(),
-            started.elapsed()
+            "{} RunInstances for the spot class over 8 reconcile passes and more",
+            spot_class_calls.len()
         );
         let m = scrape(&sb).await?;
         let spot_failures = m.get(
@@ -404,10 +415,18 @@ async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it()
     .await
 }
 
+/// Throttled answers in a row of the quiet storm: more than the SDK's attempts at one
+/// logical call (5), so at least one observation fails outright.
+const QUIET_STORM: u64 = 6;
+
+/// Throttling storms that end on events, not after a duration: the first after a number of
+/// throttled answers, the second once a job holding the warm machine through it has made
+/// the daemon launch a replacement, that launch has failed and the class backed off. What is checked is which
+/// calls were made and what the daemon did, never how many calls fit in some seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -> Result<()> {
-    bounded(Duration::from_secs(300), async {
-        let storm = Duration::from_secs(15);
+    // The storm outlasts two logical calls, each retried by the SDK for about 75 s.
+    bounded(Duration::from_secs(600), async {
         let sb = Sandbox::start(SandboxOptions {
             ec2_proxy: true,
             metrics: true,
@@ -420,28 +439,32 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
         let steady = wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
         let faults = proxy(&sb)?;
 
-        // 1. A steady pool: the observations are throttled, retried with backoff, and
-        // their failure changes nothing (gitlab-runner #3424: a failed Describe made
-        // docker+machine believe its machines gone and create more).
-        let quiet_storm = Duration::from_secs(10);
-        let before = faults.calls().len();
-        faults.inject(Rule::throttle_everything(quiet_storm));
-        tokio::time::sleep(quiet_storm).await;
-        let first: Vec<_> = faults.calls()[before..].to_vec();
+        // 1. A steady pool: the observations are throttled, retried, and their failure
+        // changes nothing (gitlab-runner #3424: a failed Describe made docker+machine
+        // believe its machines gone and create more).
+        let log_from = std::fs::metadata(sb.daemon_log()).map_or(0, |m| m.len() as usize);
+        let before = faults.mark();
+        let storm = faults.inject(Rule::throttle_all().times(QUIET_STORM));
+        let end = faults
+            .wait_spent(storm, Duration::from_secs(120))
+            .await
+            .with_context(|| sb.diagnostics())?;
+        let first: Vec<_> = faults.calls()[before..end].to_vec();
         let mut first_actions: BTreeMap<&str, usize> = BTreeMap::new();
         for c in &first {
             *first_actions.entry(c.action.as_str()).or_default() += 1;
         }
-        eprintln!("quiet storm of {quiet_storm:?}: EC2 requests {first_actions:?}");
+        eprintln!("quiet storm of {QUIET_STORM} throttled answers: EC2 requests {first_actions:?}");
         ensure!(
-            first
-                .iter()
-                .any(|c| c.action == "DescribeInstances" && c.injected.is_some()),
-            "no observation was throttled: {first_actions:?}"
+            first.iter().all(|c| c.action == "DescribeInstances"),
+            "a storm on a steady pool made the daemon call more than DescribeInstances: {first_actions:?}"
         );
+        let log = std::fs::read(sb.daemon_log()).unwrap_or_default();
+        let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
         ensure!(
-            first.iter().all(|c| c.action == "DescribeInstances") && first.len() <= 7,
-            "a {quiet_storm:?} storm on a steady pool (reconcile every 1 s) cost {first_actions:?}"
+            log.contains("could not observe the fleet"),
+            "no observation failed under {QUIET_STORM} throttled answers\n{}",
+            sb.diagnostics()
         );
         let s = status(&sb).await?;
         ensure!(
@@ -449,51 +472,98 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             "the pool changed under a storm: {:#?}",
             s.machines
         );
-        // The SDK's retry in flight finishes, and the daemon observes again.
-        wait_until("a successful observation", Duration::from_secs(60), POLL, || async {
-            Ok(faults.calls()[before..]
-                .iter()
-                .any(|c| c.action == "DescribeInstances" && c.injected.is_none())
-                .then_some(()))
-        })
-        .await?;
+        // The daemon observes again once EC2 answers.
+        faults
+            .wait_call(
+                "a successful observation",
+                Duration::from_secs(60),
+                end,
+                |c| c.action == "DescribeInstances" && c.injected.is_none(),
+            )
+            .await?;
 
-        // 2. A job during a storm.
-        let before = faults.calls().len();
-        let storm_start = Instant::now();
-        faults.inject(Rule::throttle_everything(storm));
-
-        // Leases need no EC2 call: a job runs through the storm on the warm machine, and
-        // the idle machine it took is to be replaced (one launch, once EC2 answers).
-        successful_job(&sb, 421).await?;
-        tokio::time::sleep(storm.saturating_sub(storm_start.elapsed())).await;
-        let during: Vec<_> = faults.calls()[before..]
-            .iter()
-            .filter(|c| c.at < storm_start + storm)
-            .cloned()
-            .collect();
-        let after_storm = Instant::now();
+        // 2. A job during a storm that lasts until the launch of the machine replacing the
+        // one the job took has failed. Leases need no EC2 call: the job gets the warm
+        // machine through the storm, and holds it until the replacement is ready (its
+        // release would make the replacement unnecessary).
+        let before = faults.mark();
+        let storm = faults.inject(Rule::throttle_all());
+        let task = spawn_job(&sb, Job::new(421, &["echo job-$CI_JOB_ID ok", HOLD]));
+        let (machine, container) =
+            wait_for_job_process(&sb, 421, HELD, Duration::from_secs(90)).await?;
+        // The replacement is launched (RunInstances, retried by the SDK), refused, and the
+        // class backs off.
+        let control = flotilla::control::ControlClient::new(&sb.config.socket_path());
+        let backoff = wait_until(
+            "the class to back off after a throttled launch",
+            Duration::from_secs(300),
+            Duration::from_millis(100),
+            || async {
+                let s = control.status().await?;
+                Ok(s.classes.get("default").and_then(|c| {
+                    let throttled = c
+                        .last_launch_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains(REQUEST_LIMIT_EXCEEDED));
+                    c.launch_backoff_until.filter(|_| throttled)
+                }))
+            },
+        )
+        .await
+        .with_context(|| sb.diagnostics())?;
+        let end = faults.lift(storm);
+        let during: Vec<_> = faults.calls()[before..end].to_vec();
 
         // After the storm: exactly the one replacement (the job took the idle machine),
-        // nothing else; idle_time (20 s) keeps both until the checks are done.
+        // nothing else.
+        let storm_start = during.first().map_or_else(Instant::now, |c| c.at);
         let timeline = || {
             faults.calls()[before..]
                 .iter()
                 .map(|c| {
                     format!(
-                        "+{:.1}s {}{}",
-                        c.at.duration_since(storm_start).as_secs_f64(),
+                        "+{:.1}s {}{}{}{}",
+                        c.at.saturating_duration_since(storm_start).as_secs_f64(),
                         c.action,
+                        c.attempt.map(|a| format!(" attempt {a}")).unwrap_or_default(),
+                        c.invocation
+                            .as_deref()
+                            .map(|i| format!(" of call {}", &i[..i.len().min(8)]))
+                            .unwrap_or_default(),
                         if c.injected.is_some() { " (throttled)" } else { "" }
                     )
                 })
                 .collect::<Vec<_>>()
                 .join("\n")
         };
-        wait_idle(&sb, "default", 2, Duration::from_secs(90))
+        // Once EC2 answers (and the backoff is over) the replacement is launched and
+        // ready while the job still holds its machine; then the job ends: two idle.
+        wait_until(
+            "the replacement to be ready beside the job's machine",
+            Duration::from_secs(180),
+            POLL,
+            || async {
+                let s = control.status().await?;
+                Ok(s.machines
+                    .iter()
+                    .any(|m| m.state == MachineState::Idle && m.instance_id != machine.instance_id)
+                    .then_some(()))
+            },
+        )
+        .await
+        .with_context(timeline)?;
+        let_go(&machine, &container).await?;
+        let r = task.await??;
+        ensure!(
+            r.outcome == Outcome::Success && r.cleanup_exit == Some(0),
+            "job 421 during the storm:\n{}\n{}",
+            r.describe(),
+            sb.diagnostics()
+        );
+        wait_idle(&sb, "default", 2, Duration::from_secs(60))
             .await
             .with_context(timeline)?;
-        let replaced_after = after_storm.elapsed();
+        // And the passes after that change nothing more.
         sb.wait_reconciles(3).await?;
         let all = fleet(&sb).await?;
         ensure!(
@@ -515,34 +585,53 @@ async fn throttling_storm_causes_backoff_not_extra_launches_or_lost_machines() -
             "the storm made the daemon declare a machine lost\n{}",
             sb.diagnostics()
         );
-        let forwarded_runs = faults
-            .calls()
+        let calls = faults.calls();
+        let forwarded_runs = calls
             .iter()
             .filter(|c| c.action == "RunInstances" && c.injected.is_none())
             .count();
         ensure!(
             forwarded_runs == 2,
-            "{forwarded_runs} RunInstances reached moto (1 warm + 1 replacement expected)"
+            "{forwarded_runs} RunInstances reached moto (1 warm + 1 replacement expected)\n{}",
+            timeline()
         );
-        // Backoff: without it, 15 reconciles of DescribeInstances plus a launch attempt per
-        // pass, each retried by the SDK, is well over 60 calls.
-        let mut by_action: BTreeMap<&str, usize> = BTreeMap::new();
-        for c in &during {
-            *by_action.entry(c.action.as_str()).or_default() += 1;
-        }
-        let m = scrape(&sb).await?;
+        ensure!(
+            !calls.iter().any(|c| c.action == "TerminateInstances"),
+            "something was terminated\n{}",
+            timeline()
+        );
+        // Backoff, not more launches: during the storm one launch was made (one SDK
+        // invocation id, however many attempts the SDK made of it), never a second beside
+        // it nor one per reconcile pass; the replacement came from one launch after it.
+        let launches = |calls: &[flotilla_sandbox::faults::Call]| {
+            calls
+                .iter()
+                .filter(|c| c.action == "RunInstances")
+                .map(|c| c.invocation.clone().unwrap_or_default())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let in_storm = launches(&during);
+        let after = launches(&calls[end..]);
+        ensure!(
+            in_storm.len() == 1 && !in_storm.contains("") && after.len() == 1,
+            "{} launches during the storm and {} after it (one each expected)\n{}",
+            in_storm.len(),
+            after.len(),
+            timeline()
+        );
+        // The daemon saw every throttled answer (each one feeds its cool-down).
+        let m = ec2_calls_agree(&sb).await?;
         let throttles = m.sum("flotilla_ec2_throttles_total", &[]);
+        let injected: u64 = faults.injected().values().sum();
         eprintln!(
-            "storm of {storm:?}: {} EC2 requests {by_action:?}, {throttles} throttled calls seen by the daemon; \
-             replacement ready {replaced_after:?} after the storm\n{}",
+            "storm: {} EC2 requests, {throttles} throttled calls seen by the daemon, \
+             launch backoff until {backoff}\n{}",
             during.len(),
             timeline()
         );
-        ensure!(throttles >= 1.0, "the daemon saw no throttling");
         ensure!(
-            during.len() <= 10,
-            "{} EC2 requests during a {storm:?} storm: {by_action:?}",
-            during.len()
+            throttles == injected as f64,
+            "the proxy throttled {injected} requests, the daemon counted {throttles}"
         );
         ensure!(
             m.sum("flotilla_terminations_total", &[]) == 0.0,
@@ -561,13 +650,15 @@ async fn daemon_killed_mid_job_restarts_and_the_job_completes_without_leaking_ma
 ) -> Result<()> {
     bounded(Duration::from_secs(300), async {
         let mut sb = Sandbox::start(SandboxOptions::default()).await?;
+        // Held until the daemon is back: the job spans the kill and the restart.
         let job = Job::new(
             431,
-            &["echo before-the-kill", "sleep 12", "echo after-the-restart"],
+            &["echo before-the-kill", HOLD, "echo after-the-restart"],
         )
         .with_after_script(&["echo after-script-ran"]);
         let task = spawn_job(&sb, job);
-        wait_for_job_process(&sb, 431, "sleep 12", Duration::from_secs(90)).await?;
+        let (machine, container) =
+            wait_for_job_process(&sb, 431, HELD, Duration::from_secs(90)).await?;
         let leased_before = status(&sb).await?;
 
         sb.kill_daemon(Signal::SIGKILL).await?;
@@ -579,6 +670,11 @@ async fn daemon_killed_mid_job_restarts_and_the_job_completes_without_leaking_ma
             leased_before.machines,
             adopted.machines
         );
+        ensure!(
+            !task.is_finished(),
+            "the job ended while the daemon was down"
+        );
+        let_go(&machine, &container).await?;
 
         let r = task.await??;
         let ctx = || format!("{}\n{}", r.describe(), sb.diagnostics());
@@ -644,11 +740,9 @@ async fn machine_terminated_behind_the_daemons_back_fails_its_job_as_lost_and_is
         })
         .await?;
         wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
-        let task = spawn_job(
-            &sb,
-            Job::new(441, &["echo started", "sleep 60", "echo too-late"]),
-        );
-        let (m, _) = wait_for_job_process(&sb, 441, "sleep 60", Duration::from_secs(90)).await?;
+        let task = spawn_job(&sb, Job::new(441, &["echo started", HOLD, "echo too-late"]));
+        // Never let go: its machine is terminated under it.
+        let (m, _) = wait_for_job_process(&sb, 441, HELD, Duration::from_secs(90)).await?;
         let lost = m.instance_id.clone();
         sb.ec2()
             .terminate_instances()
@@ -918,19 +1012,38 @@ async fn drain_wait_lets_the_running_job_finish_then_ends_with_no_machines() -> 
         })
         .await?;
         wait_idle(&sb, "default", 2, Duration::from_secs(90)).await?;
-        let task = spawn_job(
-            &sb,
-            Job::new(451, &["sleep 8", "echo finished-while-draining"]),
-        );
-        wait_for_job_process(&sb, 451, "sleep 8", Duration::from_secs(60)).await?;
+        let task = spawn_job(&sb, Job::new(451, &[HOLD, "echo finished-while-draining"]));
+        let (machine, container) =
+            wait_for_job_process(&sb, 451, HELD, Duration::from_secs(60)).await?;
 
+        // The job is held until the drain is in force and has taken every machine but
+        // the job's; then it may finish, and the drain with it.
         let drain_started = Instant::now();
-        let (code, out, err) = tokio::time::timeout(
-            Duration::from_secs(120),
+        let drain = tokio::time::timeout(
+            Duration::from_secs(180),
             flotilla(&sb, &["drain", "--wait"]),
-        )
-        .await
-        .context("drain --wait did not return within 120 s")??;
+        );
+        let release = async {
+            wait_until(
+                "the drain to leave only the job's machine",
+                Duration::from_secs(90),
+                POLL,
+                || async {
+                    let s = status(&sb).await?;
+                    Ok((s.draining
+                        && s.machines.len() == 1
+                        && s.machines[0].instance_id == machine.instance_id)
+                        .then_some(()))
+                },
+            )
+            .await
+            .with_context(|| sb.diagnostics())?;
+            ensure!(!task.is_finished(), "the held job ended before the drain");
+            let_go(&machine, &container).await
+        };
+        let (drained, released) = tokio::join!(drain, release);
+        released?;
+        let (code, out, err) = drained.context("drain --wait did not return within 180 s")??;
         let drained_after = drain_started.elapsed();
         ensure!(
             code == 0 && out.contains("drained: no machines left"),
@@ -990,8 +1103,10 @@ async fn metrics_parse_as_prometheus_text_and_match_what_happened() -> Result<()
         prom::parse(&text)?;
 
         // Mid-job: one machine leased, one lease, as the daemon's status says.
-        let task = spawn_job(&sb, Job::new(461, &["sleep 6"]));
-        wait_for_job_process(&sb, 461, "sleep 6", Duration::from_secs(90)).await?;
+        // Held until the mid-job numbers are read.
+        let task = spawn_job(&sb, Job::new(461, &[HOLD]));
+        let (machine, container) =
+            wait_for_job_process(&sb, 461, HELD, Duration::from_secs(90)).await?;
         let m = scrape(&sb).await?;
         let s = status(&sb).await?;
         for state in [
@@ -1021,6 +1136,7 @@ async fn metrics_parse_as_prometheus_text_and_match_what_happened() -> Result<()
             "mid-job gauges: {:?}",
             m.by_label("flotilla_machines", "state")
         );
+        let_go(&machine, &container).await?;
         let r = task.await??;
         ensure!(r.outcome == Outcome::Success, "{}", r.describe());
         successful_job(&sb, 462).await?;

@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
+use flotilla_sandbox::runner::StageDriver;
 use flotilla_sandbox::{docker_on, Job, Outcome, Sandbox, SandboxOptions};
 use serde_json::json;
 
 use crate::common::bounded;
-use crate::compat::{all_output, the_machine, Driver, LIMIT};
+use crate::compat::{all_output, the_machine, LIMIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_claiming_another_jobs_id_leaves_the_victim_untouched() -> Result<()> {
@@ -21,7 +22,7 @@ async fn a_job_claiming_another_jobs_id_leaves_the_victim_untouched() -> Result<
         })
         .await?;
         let victim = Job::new(2001, &["echo victim-ok"]);
-        let mut d = Driver::prepare(sb.runner_options(), victim).await?;
+        let mut d = StageDriver::prepare(sb.runner_options(), victim).await?;
         d.stage_ok("prepare_script").await?;
 
         // The attacker sets CI_JOB_ID to the victim's: before, it got the victim's lease
@@ -118,7 +119,7 @@ async fn a_machine_that_failed_a_stage_is_not_handed_to_the_next_job() -> Result
             ..Default::default()
         })
         .await?;
-        let mut d = Driver::prepare(sb.runner_options(), Job::new(2201, &["true"])).await?;
+        let mut d = StageDriver::prepare(sb.runner_options(), Job::new(2201, &["true"])).await?;
         let first = the_machine(&sb).await?;
         // The build container vanishes under the job (as when the machine's Docker
         // misbehaves): the stage is a system failure, and the machine is suspect.

@@ -11,13 +11,13 @@ use anyhow::{ensure, Context, Result};
 use flotilla_proto::config::{parse_toml, ClassConfig};
 use flotilla_proto::container::ContainerOptions;
 use flotilla_sandbox::auth_registry::{busybox_image_with, push_image, AuthRegistry};
+use flotilla_sandbox::runner::StageDriver;
 use flotilla_sandbox::{docker_on, Job, Outcome, Sandbox, SandboxOptions};
 use serde_json::json;
 
 use crate::common::bounded;
 use crate::compat::{
-    all_output, job_with_image, prepare_build_failure, runner_with_job_config, the_machine, Driver,
-    LIMIT,
+    all_output, job_with_image, prepare_build_failure, runner_with_job_config, the_machine, LIMIT,
 };
 
 /// `name=value` lines a script printed.
@@ -69,7 +69,7 @@ async fn container_options_reach_the_build_container_and_the_services() -> Resul
         let mut job = Job::new(1001, &script);
         job.services = vec![json!({"name": sb.job_image, "alias": "svc",
             "entrypoint": ["sh", "-c"], "command": ["sleep 3600"]})];
-        let mut d = Driver::prepare(opts, job).await?;
+        let mut d = StageDriver::prepare(opts, job).await?;
         let m = the_machine(&sb).await?;
         let inspect = |name: String| {
             let m = m.clone();

@@ -11,6 +11,11 @@
 //! through a guard that keeps one dockerd's start from wiping the chains of the others
 //! (see [`IPTABLES_GUARD`]); every dockerd is stopped when the emulator is dropped.
 //!
+//! Tests wait on machine state changes, not on the clock: every change (a machine appears,
+//! finishes booting, fails, is dropped, is stopped) bumps a `tokio::sync::watch`, and
+//! [`Emulator::wait_for`] re-checks its condition at each one. Each stop is also kept as a
+//! [`StoppedMachine`] record (what was still on the machine when it went).
+//!
 //! Privileged containers: this host's capability bounding set may lack capabilities a
 //! real EC2 machine has (CAP_SYS_RESOURCE here), and dockerd hands a privileged container
 //! every capability it knows, so runc would refuse it. Each dockerd's default runtime is
@@ -102,6 +107,20 @@ pub struct FrozenMachine {
     pub dockerd_pid: u32,
 }
 
+/// A machine the emulator stopped because its instance left `running` (or at teardown):
+/// its dockerd is stopped and its directories are removed by the time this is recorded.
+#[derive(Debug, Clone)]
+pub struct StoppedMachine {
+    pub instance_id: String,
+    pub dockerd_pid: Option<u32>,
+    /// Names of the containers still on the machine when it was stopped (the emulator
+    /// removes them, as the machine's death would): a job's containers here mean the
+    /// machine went while the job had things on it.
+    pub leftover_containers: Vec<String>,
+    /// Whether dockerd stopped on SIGTERM (else it was killed).
+    pub clean: bool,
+}
+
 struct Entry {
     machine: EmulatedMachine,
     child: Option<Child>,
@@ -110,13 +129,22 @@ struct Entry {
 struct Shared {
     opts: EmulatorOptions,
     machines: Mutex<BTreeMap<String, Entry>>,
+    stopped: Mutex<Vec<StoppedMachine>>,
     next_pool: Mutex<u8>,
     log: Mutex<Option<File>>,
+    /// Bumped after every change of `machines` or `stopped`: what [`Emulator::wait_for`]
+    /// wakes on.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
     fn machines(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         self.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells waiters that the machines changed (call after the change, locks released).
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     fn event(&self, msg: &str) {
@@ -161,8 +189,10 @@ impl Emulator {
         let shared = Arc::new(Shared {
             opts,
             machines: Mutex::new(BTreeMap::new()),
+            stopped: Mutex::new(Vec::new()),
             next_pool: Mutex::new(0),
             log: Mutex::new(log),
+            changes: tokio::sync::watch::Sender::new(0),
         });
         let task = tokio::spawn(watch(ec2, shared.clone()));
         Ok(Self {
@@ -187,35 +217,95 @@ impl Emulator {
             .map(|e| e.machine.clone())
     }
 
-    /// Waits until at least `n` machines are running and returns them.
+    /// Waits until at least `n` machines are running and returns them; fails at once when
+    /// a machine's bootstrap failed.
     pub async fn wait_running(&self, n: usize, timeout: Duration) -> Result<Vec<EmulatedMachine>> {
-        wait_until(
-            &format!("{n} emulated machine(s) to be running"),
-            timeout,
-            Duration::from_millis(200),
-            || {
-                let running: Vec<_> = self
-                    .machines()
-                    .into_iter()
-                    .filter(|m| m.phase == MachinePhase::Running)
-                    .collect();
-                let failed: Vec<_> = self
-                    .machines()
-                    .into_iter()
-                    .filter_map(|m| match m.phase {
-                        MachinePhase::Failed(why) => Some(format!("{}: {why}", m.instance_id)),
-                        _ => None,
-                    })
-                    .collect();
-                async move {
+        let running = self
+            .wait_for(
+                &format!("{n} emulated machine(s) to be running"),
+                timeout,
+                |machines, _| {
+                    let failed: Vec<_> = machines
+                        .iter()
+                        .filter_map(|m| match &m.phase {
+                            MachinePhase::Failed(why) => Some(format!("{}: {why}", m.instance_id)),
+                            _ => None,
+                        })
+                        .collect();
                     if !failed.is_empty() {
-                        bail!("machine bootstrap failed: {}", failed.join("; "));
+                        return Some(Err(failed.join("; ")));
                     }
-                    Ok((running.len() >= n).then_some(running))
-                }
+                    let running: Vec<_> = machines
+                        .iter()
+                        .filter(|m| m.phase == MachinePhase::Running)
+                        .cloned()
+                        .collect();
+                    (running.len() >= n).then_some(Ok(running))
+                },
+            )
+            .await?;
+        running.map_err(|failed| anyhow::anyhow!("machine bootstrap failed: {failed}"))
+    }
+
+    /// Machines the emulator has stopped so far, in the order they were stopped.
+    pub fn stopped(&self) -> Vec<StoppedMachine> {
+        self.shared
+            .stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until the machine of `instance_id` has been stopped (dockerd stopped,
+    /// directories removed); returns the record.
+    pub async fn wait_stopped(
+        &self,
+        instance_id: &str,
+        timeout: Duration,
+    ) -> Result<StoppedMachine> {
+        self.wait_for(
+            &format!("the emulator to stop {instance_id}"),
+            timeout,
+            |_, stopped| {
+                stopped
+                    .iter()
+                    .find(|s| s.instance_id == instance_id)
+                    .cloned()
             },
         )
         .await
+    }
+
+    /// Waits until `check` finds what it looks for in the emulated machines and the
+    /// stopped ones, re-checking at every change the emulator makes: an event wait, with
+    /// `timeout` only as a hang guard naming `what`.
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&[EmulatedMachine], &[StoppedMachine]) -> Option<T>,
+    ) -> Result<T> {
+        let mut rx = self.shared.changes.subscribe();
+        let wait = async {
+            loop {
+                rx.borrow_and_update();
+                if let Some(v) = check(&self.machines(), &self.stopped()) {
+                    return Ok(v);
+                }
+                if rx.changed().await.is_err() {
+                    bail!("the emulator stopped while waiting for {what}");
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.with_context(|| {
+            format!(
+                "timed out after {timeout:?} waiting for {what}; machines now: {:?}",
+                self.machines()
+                    .iter()
+                    .map(|m| (&m.instance_id, &m.phase))
+                    .collect::<Vec<_>>()
+            )
+        })?
     }
 
     /// Makes a running machine stop answering, as a hung kernel or a network partition
@@ -322,6 +412,7 @@ async fn watch(ec2: aws_sdk_ec2::Client, shared: Arc<Shared>) {
 
 fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceInfo]) {
     let mut gone = Vec::new();
+    let mut added = false;
     {
         let mut machines = shared.machines();
         for inst in list.iter().filter(|i| i.is_running()) {
@@ -346,6 +437,7 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
                 "{} is running in moto at {}: booting",
                 inst.instance_id, machine.private_ip
             ));
+            added = true;
             machines.insert(
                 inst.instance_id.clone(),
                 Entry {
@@ -362,6 +454,7 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
                     if let Some(entry) = shared.machines().get_mut(&id) {
                         entry.machine.phase = MachinePhase::Failed(msg);
                     }
+                    shared.changed();
                 }
             });
         }
@@ -380,6 +473,9 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
                 gone.push(e);
             }
         }
+    }
+    if added || !gone.is_empty() {
+        shared.changed();
     }
     for entry in gone {
         let state = list
@@ -491,6 +587,7 @@ async fn boot(
     if let Some(entry) = shared.machines().get_mut(id) {
         entry.machine.phase = MachinePhase::Running;
     }
+    shared.changed();
     shared.event(&format!(
         "{id}: dockerd ready after {:?} at {}:{}",
         start.elapsed(),
@@ -851,13 +948,15 @@ pub async fn ping(socket: &Path) -> bool {
 /// Stops a machine's dockerd and removes its directories (unless `keep`).
 fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
     let id = entry.machine.instance_id.clone();
-    let bridges = if entry.child.is_some() {
+    let (bridges, leftover_containers) = if entry.child.is_some() {
         release_host_resources(&entry.machine)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
+    let mut stopped_clean = true;
     if let Some(child) = entry.child.as_mut() {
         let clean = stop_child(child, Duration::from_secs(15), false);
+        stopped_clean = clean;
         if !clean {
             // SIGKILL'ed dockerd leaves its containerd (same process group) behind.
             let _ = nix::sys::signal::killpg(
@@ -886,6 +985,17 @@ fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
             )),
         }
     }
+    shared
+        .stopped
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(StoppedMachine {
+            instance_id: id,
+            dockerd_pid: entry.machine.dockerd_pid,
+            leftover_containers,
+            clean: stopped_clean,
+        });
+    shared.changed();
 }
 
 /// Runs a command with no output, bounded by 20 s; returns its stdout when it succeeded.
@@ -921,8 +1031,9 @@ fn quiet(program: &str, args: &[&str]) -> Option<String> {
 
 /// What a real machine's death releases but a stopped dockerd leaves on this host: the
 /// bridges and iptables rules of its networks. Removes containers and networks through
-/// the machine's local socket; returns the bridge names for a last-resort delete.
-fn release_host_resources(m: &EmulatedMachine) -> Vec<String> {
+/// the machine's local socket; returns the bridge names for a last-resort delete and the
+/// names of the containers it removed.
+fn release_host_resources(m: &EmulatedMachine) -> (Vec<String>, Vec<String>) {
     let host = m.docker_host();
     let docker = |args: &[&str]| {
         let mut full = vec!["-H", host.as_str()];
@@ -941,15 +1052,19 @@ fn release_host_resources(m: &EmulatedMachine) -> Vec<String> {
     .lines()
     .map(|id| format!("br-{}", &id[..id.len().min(12)]))
     .collect();
-    let containers = docker(&["ps", "-aq"]).unwrap_or_default();
-    let ids: Vec<&str> = containers.lines().collect();
+    let containers = docker(&["ps", "-a", "--format", "{{.ID}} {{.Names}}"]).unwrap_or_default();
+    let (ids, names): (Vec<&str>, Vec<String>) = containers
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(id, name)| (id, name.to_owned()))
+        .unzip();
     if !ids.is_empty() {
         let mut args = vec!["rm", "-f"];
         args.extend(ids);
         let _ = docker(&args);
     }
     let _ = docker(&["network", "prune", "-f"]);
-    bridges
+    (bridges, names)
 }
 
 /// Lazily unmounts every mount point under `root`, deepest first.

@@ -7,6 +7,12 @@
 //! error document instead of forwarding them (the request never reaches moto, as with a
 //! real capacity or throttling error); everything else is forwarded unchanged.
 //!
+//! Tests wait on what the proxy sees, not on the clock: every recorded request wakes
+//! [`FaultProxy::wait_calls`] (a `tokio::sync::watch` of the call count), so "the storm
+//! has answered 6 requests" or "a throttled RunInstances arrived" are events a test
+//! awaits, and a rule can end on an event (`times(n)`, [`FaultProxy::lift`]) instead of
+//! after a duration.
+//!
 //! Invariant: only what the daemon sends passes through here. The harness's own checks
 //! (the emulator, `Sandbox::instances`, teardown) talk to moto directly and are never
 //! counted.
@@ -101,6 +107,12 @@ impl Rule {
 
     /// Every EC2 call is throttled for `d`: a RequestLimitExceeded storm.
     pub fn throttle_everything(d: Duration) -> Self {
+        Self::throttle_all().for_duration(d)
+    }
+
+    /// Every EC2 call is throttled until the rule is lifted ([`FaultProxy::lift`]) or,
+    /// with [`Rule::times`], has answered that many: a storm that ends on an event.
+    pub fn throttle_all() -> Self {
         Self {
             action: None,
             params: Vec::new(),
@@ -109,7 +121,6 @@ impl Rule {
             until: None,
             times: None,
         }
-        .for_duration(d)
     }
 
     fn matches(&self, now: Instant, call: &Call) -> bool {
@@ -134,7 +145,19 @@ pub struct Call {
     pub params: BTreeMap<String, String>,
     /// The error code answered instead of forwarding, if a rule matched.
     pub injected: Option<String>,
+    /// The rule that answered (its [`RuleId`]), if one did.
+    pub rule: Option<RuleId>,
+    /// The SDK's attempt number of this request (`amz-sdk-request: attempt=N`), for
+    /// reports.
+    pub attempt: Option<u32>,
+    /// The SDK's id of the logical call (`amz-sdk-invocation-id`): the same on every retry
+    /// the SDK makes of it, so distinct ids count calls the daemon made.
+    pub invocation: Option<String>,
 }
+
+/// A rule as [`FaultProxy::inject`] numbered it, to lift it or await its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleId(pub usize);
 
 impl Call {
     pub fn param(&self, key: &str) -> Option<&str> {
@@ -149,8 +172,23 @@ impl Call {
 struct ProxyState {
     upstream: String,
     client: Client<HttpConnector, Full<Bytes>>,
-    rules: Mutex<Vec<Rule>>,
+    /// Rules in the order added, each with its id; a lifted rule is removed.
+    rules: Mutex<Vec<(RuleId, Rule)>>,
+    next_rule: Mutex<usize>,
     calls: Mutex<Vec<Call>>,
+    /// The number of calls recorded; bumped after each push so waiters see the call.
+    recorded: tokio::sync::watch::Sender<usize>,
+}
+
+impl ProxyState {
+    fn record(&self, call: Call) {
+        let n = {
+            let mut calls = lock(&self.calls);
+            calls.push(call);
+            calls.len()
+        };
+        self.recorded.send_replace(n);
+    }
 }
 
 /// The running proxy; stops when dropped.
@@ -182,7 +220,9 @@ impl FaultProxy {
             upstream: upstream.trim_end_matches('/').to_owned(),
             client: Client::builder(TokioExecutor::new()).build_http(),
             rules: Mutex::new(Vec::new()),
+            next_rule: Mutex::new(0),
             calls: Mutex::new(Vec::new()),
+            recorded: tokio::sync::watch::Sender::new(0),
         });
         let app = Router::new().fallback(handle).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -202,14 +242,124 @@ impl FaultProxy {
         &self.url
     }
 
-    /// Adds a rule (checked in the order added; the first match answers).
-    pub fn inject(&self, rule: Rule) {
-        lock(&self.state.rules).push(rule);
+    /// Adds a rule (checked in the order added; the first match answers); returns its id.
+    pub fn inject(&self, rule: Rule) -> RuleId {
+        let id = {
+            let mut n = lock(&self.state.next_rule);
+            *n += 1;
+            RuleId(*n)
+        };
+        lock(&self.state.rules).push((id, rule));
+        id
+    }
+
+    /// Removes one rule: requests it matched are forwarded (or answered by a later rule)
+    /// from now on. Returns the number of calls recorded when it was lifted, so a test can
+    /// split [`FaultProxy::calls`] into before and after.
+    pub fn lift(&self, id: RuleId) -> usize {
+        let mut rules = lock(&self.state.rules);
+        rules.retain(|(r, _)| *r != id);
+        // Read under the rules lock: no request can be matched against the lifted rule
+        // after this count.
+        lock(&self.state.calls).len()
     }
 
     /// Removes every rule: everything is forwarded again.
     pub fn clear(&self) {
         lock(&self.state.rules).clear();
+    }
+
+    /// The number of calls recorded so far: an index into [`FaultProxy::calls`] to look
+    /// only at what comes after.
+    pub fn mark(&self) -> usize {
+        lock(&self.state.calls).len()
+    }
+
+    /// Waits until `check` finds what it looks for in the calls recorded so far (all of
+    /// them, in arrival order), re-checking at every new call: an event wait, with
+    /// `timeout` only as a hang guard naming `what`.
+    pub async fn wait_calls<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&[Call]) -> Option<T>,
+    ) -> Result<T> {
+        let mut rx = self.state.recorded.subscribe();
+        let wait = async {
+            loop {
+                rx.borrow_and_update();
+                if let Some(v) = check(&lock(&self.state.calls)) {
+                    return Ok(v);
+                }
+                if rx.changed().await.is_err() {
+                    anyhow::bail!("the fault proxy stopped while waiting for {what}");
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.with_context(|| {
+            format!(
+                "timed out after {timeout:?} waiting for {what}; the proxy saw {:?}",
+                self.counts()
+            )
+        })?
+    }
+
+    /// Waits until the first call from index `from` on that `pred` accepts; returns its
+    /// index and the call.
+    pub async fn wait_call(
+        &self,
+        what: &str,
+        timeout: Duration,
+        from: usize,
+        pred: impl Fn(&Call) -> bool,
+    ) -> Result<(usize, Call)> {
+        self.wait_calls(what, timeout, |calls| {
+            calls
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, c)| pred(c))
+                .map(|(i, c)| (i, c.clone()))
+        })
+        .await
+    }
+
+    /// Waits until rule `id`, made with [`Rule::times`]`(n)`, has answered its `n`
+    /// requests (the rule is spent: from then on it matches nothing); returns the index
+    /// just past its last answer. Requests recorded after that index were not answered
+    /// by this rule.
+    pub async fn wait_spent(&self, id: RuleId, timeout: Duration) -> Result<usize> {
+        let n = lock(&self.state.rules)
+            .iter()
+            .find(|(r, _)| *r == id)
+            .and_then(|(_, rule)| rule.times)
+            .map(|left| left + self.answered_by(id))
+            .with_context(|| format!("rule {id:?} is not a live rule with a times() limit"))?;
+        self.wait_calls(
+            &format!("rule {id:?} to answer {n} requests"),
+            timeout,
+            |calls| {
+                let mut seen = 0;
+                for (i, c) in calls.iter().enumerate() {
+                    if c.rule == Some(id) {
+                        seen += 1;
+                        if seen == n {
+                            return Some(i + 1);
+                        }
+                    }
+                }
+                None
+            },
+        )
+        .await
+    }
+
+    /// Requests rule `id` has answered so far.
+    pub fn answered_by(&self, id: RuleId) -> u64 {
+        lock(&self.state.calls)
+            .iter()
+            .filter(|c| c.rule == Some(id))
+            .count() as u64
     }
 
     /// Every request so far, in arrival order.
@@ -297,6 +447,14 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The attempt number in the SDK's `amz-sdk-request: attempt=2; max=5` header.
+fn sdk_attempt(header: &str) -> Option<u32> {
+    header
+        .split(';')
+        .find_map(|kv| kv.trim().strip_prefix("attempt="))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// An EC2 query-API error document, as EC2 sends it.
 pub fn ec2_error_body(code: &str, message: &str) -> String {
     format!(
@@ -336,6 +494,16 @@ async fn handle(State(s): State<Arc<ProxyState>>, req: Request<Body>) -> Respons
     }
     params.extend(parse_form(&String::from_utf8_lossy(&body)));
     params.remove("UserData");
+    let attempt = parts
+        .headers
+        .get("amz-sdk-request")
+        .and_then(|v| v.to_str().ok())
+        .and_then(sdk_attempt);
+    let invocation = parts
+        .headers
+        .get("amz-sdk-invocation-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut call = Call {
         at: Instant::now(),
         action: params
@@ -344,21 +512,32 @@ async fn handle(State(s): State<Arc<ProxyState>>, req: Request<Body>) -> Respons
             .unwrap_or_else(|| "Unknown".into()),
         params,
         injected: None,
+        rule: None,
+        attempt,
+        invocation,
     };
+    // Matched and recorded under the rules lock, so `lift` cuts the calls cleanly.
     let fault = {
         let mut rules = lock(&s.rules);
         let now = call.at;
-        rules.iter_mut().find(|r| r.matches(now, &call)).map(|r| {
-            if let Some(n) = r.times.as_mut() {
-                *n -= 1;
-            }
-            (r.code.clone(), r.status)
-        })
-    };
-    if let Some((code, status)) = fault {
-        call.injected = Some(code.clone());
+        let fault = rules
+            .iter_mut()
+            .find(|(_, r)| r.matches(now, &call))
+            .map(|(id, r)| {
+                if let Some(n) = r.times.as_mut() {
+                    *n -= 1;
+                }
+                (*id, r.code.clone(), r.status)
+            });
+        if let Some((id, code, _)) = &fault {
+            call.injected = Some(code.clone());
+            call.rule = Some(*id);
+        }
         let action = call.action.clone();
-        lock(&s.calls).push(call);
+        s.record(call);
+        fault.map(|(_, code, status)| (code, status, action))
+    };
+    if let Some((code, status, action)) = fault {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
         return text_response(
             status,
@@ -368,7 +547,6 @@ async fn handle(State(s): State<Arc<ProxyState>>, req: Request<Body>) -> Respons
             ),
         );
     }
-    lock(&s.calls).push(call);
 
     let mut fwd = hyper::Request::builder()
         .method(parts.method.clone())
@@ -446,6 +624,9 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             injected: None,
+            rule: None,
+            attempt: None,
+            invocation: None,
         };
         let r = Rule::no_capacity_for_type("t3.micro");
         assert!(r.matches(now, &call("RunInstances", &[("InstanceType", "t3.micro")])));
@@ -459,5 +640,57 @@ mod tests {
         ));
         let once = Rule::action("TerminateInstances", "X").times(0);
         assert!(!once.matches(now, &call("TerminateInstances", &[])));
+    }
+
+    #[test]
+    fn the_sdk_attempt_number_is_read_from_its_header() {
+        assert_eq!(sdk_attempt("attempt=1; max=5"), Some(1));
+        assert_eq!(
+            sdk_attempt("ttl=20250101T000000Z; attempt=3; max=5"),
+            Some(3)
+        );
+        assert_eq!(sdk_attempt("max=5"), None);
+    }
+
+    /// Waiters wake on each recorded call; a spent `times(n)` rule is an awaitable event.
+    #[tokio::test]
+    async fn waits_wake_on_calls_and_a_spent_rule() {
+        // Upstream is a closed port: forwarded requests are recorded, then answered 502.
+        let proxy = FaultProxy::start("http://127.0.0.1:9").await.unwrap();
+        let id = proxy.inject(Rule::throttle_all().times(2));
+        let url = proxy.url().to_owned();
+        let feeder = tokio::task::spawn_blocking(move || {
+            for action in ["DescribeInstances", "RunInstances", "DescribeInstances"] {
+                let _ = ureq::post(&url)
+                    .set("amz-sdk-request", "attempt=1; max=5")
+                    .send_string(&format!("Action={action}"));
+            }
+        });
+        let (i, c) = proxy
+            .wait_call("a RunInstances", Duration::from_secs(10), 0, |c| {
+                c.action == "RunInstances"
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (i, c.injected.as_deref()),
+            (1, Some(REQUEST_LIMIT_EXCEEDED))
+        );
+        assert_eq!(c.attempt, Some(1));
+        assert_eq!(
+            proxy.wait_spent(id, Duration::from_secs(10)).await.unwrap(),
+            2
+        );
+        feeder.await.unwrap();
+        proxy
+            .wait_calls("the third call", Duration::from_secs(10), |c| {
+                (c.len() == 3).then_some(())
+            })
+            .await
+            .unwrap();
+        let calls = proxy.calls();
+        assert!(calls[2].injected.is_none() && calls[2].rule.is_none());
+        assert_eq!(proxy.answered_by(id), 2);
+        assert_eq!(proxy.lift(id), 3);
     }
 }

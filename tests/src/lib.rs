@@ -24,6 +24,8 @@ pub mod sandbox;
 pub mod script;
 pub mod util;
 
-pub use emulator::{EmulatedMachine, Emulator, MachinePhase};
-pub use runner::{Cancel, CancelWhen, Job, JobResult, Outcome, RunnerOptions, StageResult};
+pub use emulator::{EmulatedMachine, Emulator, MachinePhase, StoppedMachine};
+pub use runner::{
+    Cancel, CancelWhen, Job, JobResult, Outcome, RunnerOptions, StageDriver, StageResult,
+};
 pub use sandbox::{docker_on, Sandbox, SandboxOptions};

@@ -144,13 +144,16 @@ pub struct S3Cache {
     pub path: String,
 }
 
-/// When to cancel a job, like a user pressing "Cancel" in the UI.
+/// When to cancel a job, like a user pressing "Cancel" in the UI: on an event, never after
+/// a guessed time.
 #[derive(Debug, Clone)]
 pub enum CancelWhen {
     /// When a line of the stage's stdout or stderr contains this text.
     OutputContains(String),
-    /// This long after the stage started.
-    After(Duration),
+    /// When the test notifies (e.g. once it saw the script's process on the machine). A
+    /// notification given before the stage starts (`notify_one` stores it) cancels the
+    /// stage as soon as it runs.
+    Notified(std::sync::Arc<tokio::sync::Notify>),
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +231,8 @@ pub struct StageResult {
     pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+    /// When the call started: to order it against what the proxy or the emulator saw.
+    pub started: Instant,
     pub duration: Duration,
     /// The first line of BUILD_EXIT_CODE_FILE after a build failure.
     pub build_exit_code: Option<i32>,
@@ -1320,8 +1325,8 @@ async fn run_process(
         Some(CancelWhen::OutputContains(m)) => Some(m.clone()),
         _ => None,
     };
-    let cancel_at = match &cancel {
-        Some(CancelWhen::After(d)) => Some(start + *d),
+    let cancel_notify = match &cancel {
+        Some(CancelWhen::Notified(n)) => Some(n.clone()),
         _ => None,
     };
     let timeout_at = start + timeout;
@@ -1344,9 +1349,12 @@ async fn run_process(
         if status.is_some() && !pipes_open {
             break;
         }
-        let cancel_sleep = match (cancel_at, term_at) {
-            (Some(at), None) => tokio::time::Instant::from_std(at),
-            _ => far,
+        let armed = term_at.is_none();
+        let cancelled = async {
+            match &cancel_notify {
+                Some(n) if armed => n.notified().await,
+                _ => std::future::pending().await,
+            }
         };
         let timeout_sleep = match term_at {
             None => tokio::time::Instant::from_std(timeout_at),
@@ -1380,7 +1388,7 @@ async fn run_process(
             _ = tokio::time::sleep_until(drain_deadline.unwrap_or(far)), if drain_deadline.is_some() && pipes_open => {
                 pipes_open = false;
             },
-            _ = tokio::time::sleep_until(cancel_sleep) => send_term(&mut term_at),
+            () = cancelled => send_term(&mut term_at),
             _ = tokio::time::sleep_until(timeout_sleep) => {
                 stderr.push_str(&format!("[runner emulator] {stage} timed out after {timeout:?}: SIGTERM\n"));
                 send_term(&mut term_at);
@@ -1402,6 +1410,7 @@ async fn run_process(
         signal: status.signal(),
         stdout,
         stderr,
+        started: start,
         duration: exited_at.duration_since(start),
         build_exit_code: None,
         cancelled_after: term_at.map(|t| exited_at.saturating_duration_since(t)),
@@ -1412,79 +1421,183 @@ async fn run_process(
 /// Stage order after `prepare`, from gitlab-runner's common/build.go.
 pub const PRE_BUILD_STAGES: &[&str] = &["get_sources", "restore_cache", "download_artifacts"];
 
-/// Runs one job through config, prepare, every stage and cleanup.
-pub async fn run_job(opts: RunnerOptions, job: Job) -> Result<JobResult> {
-    let mut ctx = JobContext::new(opts, job)?;
-    let mut stages = Vec::new();
-    let mut config_out = None;
-    let attempts = ctx.opts.prepare_attempts.max(1);
-    let mut outcome: Option<Outcome> = None;
-    let mut cleanup_exit = None;
+/// Drives one job's calls like gitlab-runner, keeping every call in its trace. The one
+/// stage driver: [`run_job`] runs a whole job with it, and tests that look at the machine
+/// between two stages, or read a stage's raw output, call the stages one by one.
+pub struct StageDriver {
+    pub ctx: JobContext,
+    /// Every call so far, in order.
+    pub trace: Vec<StageResult>,
+    /// `config`'s output (of the last attempt).
+    pub config: Option<ConfigOutput>,
+}
 
-    // config + prepare, retried with cleanup after each failed attempt.
-    let mut prepared = false;
-    for attempt in 1..=attempts {
-        if attempt > 1 {
-            tokio::time::sleep(ctx.opts.prepare_retry_delay).await;
-        }
-        let cfg = ctx.call("config", &["config"]).await?;
-        let parsed = match cfg.exit_code {
-            Some(0) => serde_json::from_str::<ConfigOutput>(cfg.stdout.trim())
-                .map_err(|e| format!("config printed no valid JSON: {e}")),
-            other => Err(format!("config exited with {other:?}")),
-        };
-        stages.push(cfg);
-        let parsed = match parsed {
-            Ok(p) => p,
-            Err(detail) => {
-                outcome = Some(Outcome::SystemFailure {
-                    stage: "config".into(),
-                    detail,
-                });
+impl StageDriver {
+    pub fn new(opts: RunnerOptions, job: Job) -> Result<Self> {
+        Ok(Self {
+            ctx: JobContext::new(opts, job)?,
+            trace: Vec::new(),
+            config: None,
+        })
+    }
+
+    /// `config` then `prepare`, as gitlab-runner does: after a failed prepare `cleanup`
+    /// runs and both are tried again (`prepare_attempts`, `prepare_retry_delay` apart,
+    /// gitlab-runner's own pause between attempts) unless it failed the build or was
+    /// cancelled. `None` once prepared; else the job's outcome.
+    pub async fn config_and_prepare(&mut self) -> Result<Option<Outcome>> {
+        let attempts = self.ctx.opts.prepare_attempts.max(1);
+        let mut outcome = None;
+        for attempt in 1..=attempts {
+            if attempt > 1 {
+                tokio::time::sleep(self.ctx.opts.prepare_retry_delay).await;
+            }
+            let cfg = self.ctx.call("config", &["config"]).await?;
+            let parsed = match cfg.exit_code {
+                Some(0) => serde_json::from_str::<ConfigOutput>(cfg.stdout.trim())
+                    .map_err(|e| format!("config printed no valid JSON: {e}")),
+                other => Err(format!("config exited with {other:?}")),
+            };
+            self.trace.push(cfg);
+            let parsed = match parsed {
+                Ok(p) => p,
+                Err(detail) => {
+                    return Ok(Some(Outcome::SystemFailure {
+                        stage: "config".into(),
+                        detail,
+                    }))
+                }
+            };
+            if let Some(b) = &parsed.builds_dir {
+                self.ctx.builds_dir = b.clone();
+            }
+            if let Some(c) = &parsed.cache_dir {
+                self.ctx.cache_dir = c.clone();
+            }
+            self.ctx.job_env = parsed.job_env.clone();
+            self.config = Some(parsed);
+
+            let prep = self.ctx.call("prepare", &["prepare"]).await?;
+            let code = prep.exit_code;
+            let cancelled = prep.cancelled_after.is_some();
+            self.trace.push(prep);
+            if code == Some(0) && !cancelled {
+                self.ctx.presign_cache().await?;
+                return Ok(None);
+            }
+            outcome = Some(classify("prepare", code, None, cancelled));
+            if cancelled || code == Some(BUILD_FAILURE_EXIT_CODE) || attempt == attempts {
                 break;
             }
-        };
-        if let Some(b) = &parsed.builds_dir {
-            ctx.builds_dir = b.clone();
+            let c = self.ctx.call("cleanup", &["cleanup"]).await?;
+            self.trace.push(c);
         }
-        if let Some(c) = &parsed.cache_dir {
-            ctx.cache_dir = c.clone();
-        }
-        ctx.job_env = parsed.job_env.clone();
-        config_out = Some(parsed);
-
-        let prep = ctx.call("prepare", &["prepare"]).await?;
-        let code = prep.exit_code;
-        let cancelled = prep.cancelled_after.is_some();
-        stages.push(prep);
-        if code == Some(0) && !cancelled {
-            prepared = true;
-            outcome = None;
-            break;
-        }
-        outcome = Some(classify("prepare", code, None, cancelled));
-        if cancelled || code == Some(BUILD_FAILURE_EXIT_CODE) || attempt == attempts {
-            break;
-        }
-        let c = ctx.call("cleanup", &["cleanup"]).await?;
-        stages.push(c);
+        Ok(outcome)
     }
 
-    if prepared {
-        ctx.presign_cache().await?;
-        outcome = run_stages(&mut ctx, &mut stages).await?;
+    /// A driver whose `config` and `prepare` succeeded; fails with the trace otherwise.
+    pub async fn prepare(opts: RunnerOptions, job: Job) -> Result<Self> {
+        let mut d = Self::new(opts, job)?;
+        if let Some(o) = d.config_and_prepare().await? {
+            anyhow::bail!("prepare failed: {o:?}\n{}", d.describe());
+        }
+        Ok(d)
     }
 
-    let c = ctx.call("cleanup", &["cleanup"]).await?;
-    cleanup_exit = c.exit_code.or(cleanup_exit);
-    stages.push(c);
+    /// Runs a stage (its body from the job, which must not be empty), recording it.
+    pub async fn stage(&mut self, stage: &str) -> Result<StageResult> {
+        let script = self.script(stage)?;
+        let r = self
+            .ctx
+            .call(stage, &["run", &script.display().to_string(), stage])
+            .await?;
+        self.trace.push(r.clone());
+        Ok(r)
+    }
 
+    /// Runs a stage that must succeed.
+    pub async fn stage_ok(&mut self, stage: &str) -> Result<StageResult> {
+        let r = self.stage(stage).await?;
+        anyhow::ensure!(r.ok(), "stage {stage} failed\n{}", self.describe());
+        Ok(r)
+    }
+
+    fn script(&mut self, stage: &str) -> Result<PathBuf> {
+        let body = self.ctx.stage_body(stage);
+        anyhow::ensure!(!body.is_empty(), "stage {stage} has no body");
+        self.ctx.write_script(stage, &body)
+    }
+
+    /// `flotilla run <script> <stage>` exactly as [`JobContext::call`] starts it, for the
+    /// caller to spawn with its own stdio (not recorded in the trace).
+    pub fn run_command(&mut self, stage: &str) -> Result<std::process::Command> {
+        let script = self.script(stage)?;
+        let opts = &self.ctx.opts;
+        let mut cmd = std::process::Command::new(&opts.flotilla_bin);
+        if let Some(c) = &opts.config_path {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.arg("run")
+            .arg(&script)
+            .arg(stage)
+            .current_dir(self.ctx.dir())
+            .envs(self.ctx.env())
+            .stdin(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        Ok(cmd)
+    }
+
+    /// Calls `cleanup`, recording it; returns what it did.
+    pub async fn call_cleanup(&mut self) -> Result<StageResult> {
+        let r = self.ctx.call("cleanup", &["cleanup"]).await?;
+        self.trace.push(r.clone());
+        Ok(r)
+    }
+
+    /// Calls `cleanup`, which must succeed.
+    pub async fn cleanup(&mut self) -> Result<()> {
+        let r = self.call_cleanup().await?;
+        anyhow::ensure!(r.ok(), "cleanup failed\n{}", self.describe());
+        Ok(())
+    }
+
+    /// The job's key, as the stages derive it (payload job id and temp dir).
+    pub fn job_key(&self) -> String {
+        flotilla::stages::job::job_key_for(Some(self.ctx.job.id), self.ctx.dir())
+    }
+
+    /// The build container's name on the machine.
+    pub fn build_container(&self) -> String {
+        format!("flotilla-{}-build", self.job_key())
+    }
+
+    /// A readable trace of every call so far, for assertion messages.
+    pub fn describe(&self) -> String {
+        JobResult {
+            config: None,
+            stages: self.trace.clone(),
+            outcome: Outcome::Success,
+            cleanup_exit: None,
+            project_dir: self.ctx.project_dir(),
+        }
+        .describe()
+    }
+}
+
+/// Runs one job through config, prepare, every stage and cleanup.
+pub async fn run_job(opts: RunnerOptions, job: Job) -> Result<JobResult> {
+    let mut d = StageDriver::new(opts, job)?;
+    let mut outcome = d.config_and_prepare().await?;
+    if outcome.is_none() {
+        outcome = run_stages(&mut d.ctx, &mut d.trace).await?;
+    }
+    let cleanup_exit = d.call_cleanup().await?.exit_code;
     Ok(JobResult {
-        config: config_out,
-        stages,
+        config: d.config.take(),
+        stages: std::mem::take(&mut d.trace),
         outcome: outcome.unwrap_or(Outcome::Success),
         cleanup_exit,
-        project_dir: ctx.project_dir(),
+        project_dir: d.ctx.project_dir(),
     })
 }
 

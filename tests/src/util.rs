@@ -299,3 +299,45 @@ pub async fn wait_for_http(
     .await;
     ready.map_err(|e| anyhow::anyhow!("{e:#}\n{what} log:\n{}", tail(log, 30)))
 }
+
+/// Waits for the child with this pid (which must not be waited for elsewhere) and returns
+/// its exit status and its peak resident set size in KiB, as the kernel accounted it at
+/// exit (`wait4`'s `ru_maxrss`): exact, where sampling `/proc` would miss a short peak.
+pub fn wait_with_max_rss(pid: u32) -> Result<(std::process::ExitStatus, u64)> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of that plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: both pointers are to live locals of the right types.
+        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+        if r == pid as libc::pid_t {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err).with_context(|| format!("wait4 for pid {pid}"));
+        }
+    }
+    Ok((
+        std::process::ExitStatus::from_raw(status),
+        u64::try_from(usage.ru_maxrss).unwrap_or(0),
+    ))
+}
+
+/// Bytes waiting in the pipe whose read end is `fd` (FIONREAD), and the pipe's capacity
+/// (F_GETPIPE_SZ): a writer is blocked on the pipe once the two are within a page.
+pub fn pipe_fill(fd: std::os::fd::BorrowedFd<'_>) -> Result<(usize, usize)> {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points to a local.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut queued) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("FIONREAD on a pipe");
+    }
+    let capacity = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+        .context("F_GETPIPE_SZ on a pipe")?;
+    Ok((
+        usize::try_from(queued).unwrap_or(0),
+        usize::try_from(capacity).unwrap_or(0),
+    ))
+}
