@@ -85,6 +85,53 @@ impl Instance {
     }
 }
 
+/// The tags moto holds for an instance and for its volumes, by what they are on.
+async fn machine_tags(
+    sb: &Sandbox,
+    instance_id: &str,
+) -> Result<Vec<(String, std::collections::BTreeMap<String, String>)>> {
+    let as_map = |tags: &[aws_sdk_ec2::types::Tag]| {
+        tags.iter()
+            .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let mut out = Vec::new();
+    let resp = sb
+        .ec2()
+        .describe_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+        .context("DescribeInstances in moto")?;
+    for i in resp.reservations().iter().flat_map(|r| r.instances()) {
+        out.push((format!("instance {instance_id}"), as_map(i.tags())));
+    }
+    let volumes = sb
+        .ec2()
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name("attachment.instance-id")
+                .values(instance_id)
+                .build(),
+        )
+        .send()
+        .await
+        .context("DescribeVolumes in moto")?;
+    for v in volumes.volumes() {
+        out.push((
+            format!("volume {}", v.volume_id().unwrap_or_default()),
+            as_map(v.tags()),
+        ));
+    }
+    ensure!(
+        out.len() >= 2,
+        "moto lists {} instance(s) and volume(s) for {instance_id}",
+        out.len()
+    );
+    Ok(out)
+}
+
 async fn fleet(sb: &Sandbox) -> Result<Vec<Instance>> {
     let resp = sb
         .ec2()
@@ -288,9 +335,11 @@ async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it()
             metrics: true,
             idle_count: 1,
             market: Market::SpotWithFallback,
+            tags: [("CostCenter".to_string(), "ci".to_string())].into(),
             extra_classes: vec![(
                 "spot".into(),
                 ClassConfig {
+                    tags: [("Team".to_string(), "spot-builds".to_string())].into(),
                     market: Market::Spot,
                     idle_count: 1,
                     max_machines: 2,
@@ -325,11 +374,39 @@ async fn spot_shortfall_falls_back_to_on_demand_only_where_the_class_allows_it()
             "expected one default (on-demand) instance and no spot one, moto has {all:#?}\n{}",
             sb.diagnostics()
         );
+        // The operator's tags, as moto recorded them from the launch call, on the instance
+        // and its root volume, beside Flotilla's own.
+        let tagged = machine_tags(&sb, &by_class("default")[0].id).await?;
+        for (what, tags) in &tagged {
+            ensure!(
+                tags.get("CostCenter").map(String::as_str) == Some("ci")
+                    && tags.get(flotilla_proto::tags::FLEET) == Some(&sb.fleet)
+                    && !tags.contains_key("Team"),
+                "the default class's {what} carries {tags:?}"
+            );
+        }
         let calls = proxy(&sb)?.calls();
         let runs: Vec<_> = calls
             .iter()
             .filter(|c| c.action == "RunInstances")
             .collect();
+        // The spot class's launches (refused, so nothing in moto) asked for its own tags.
+        for c in runs.iter().filter(|c| c.is_spot()) {
+            let sent: Vec<(&str, &str)> = (1..=8)
+                .filter_map(|n| {
+                    Some((
+                        c.param(&format!("TagSpecification.1.Tag.{n}.Key"))?,
+                        c.param(&format!("TagSpecification.1.Tag.{n}.Value"))?,
+                    ))
+                })
+                .collect();
+            if sent.contains(&(flotilla_proto::tags::CLASS, "spot")) {
+                ensure!(
+                    sent.contains(&("Team", "spot-builds")) && sent.contains(&("CostCenter", "ci")),
+                    "the spot class's launch sent tags {sent:?}"
+                );
+            }
+        }
         for c in runs.iter().filter(|c| c.injected.is_none()) {
             ensure!(
                 !c.is_spot(),

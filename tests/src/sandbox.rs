@@ -64,6 +64,8 @@ pub struct SandboxOptions {
     pub metrics: bool,
     /// The daemon's `reconcile_interval`.
     pub reconcile_interval: Duration,
+    /// The fleet's extra machine `tags`.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for SandboxOptions {
@@ -87,6 +89,7 @@ impl Default for SandboxOptions {
             ec2_proxy: false,
             metrics: false,
             reconcile_interval: Duration::from_secs(1),
+            tags: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -339,6 +342,7 @@ impl Sandbox {
         if opts.metrics {
             config.metrics_addr = Some(format!("127.0.0.1:{}", util::free_port()?));
         }
+        config.tags = opts.tags.clone();
         config.job.default_image = job_image.clone();
         config.job.helper_image = helper_image.clone();
         config.job.acquire_timeout = HumanDuration(opts.acquire_timeout);
