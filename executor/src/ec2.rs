@@ -291,7 +291,10 @@ pub(crate) struct LaunchSpec {
     pub subnet: String,
     pub security_groups: Vec<String>,
     pub instance_profile: Option<String>,
-    pub root_volume_gb: Option<u32>,
+    pub root_volume: flotilla_proto::config::RootVolume,
+    /// IMDSv2's hop limit (1: job containers cannot reach IMDS).
+    pub imds_hop_limit: u8,
+    pub public_ip: bool,
     pub purchase: Purchase,
     pub user_data: String,
     /// The operator's tags (`tags`, `[classes.X].tags`), set after Flotilla's own.
@@ -578,9 +581,10 @@ impl Ec2Client {
     }
 
     /// One RunInstances for one machine, tagged in the call itself (so there is no window
-    /// in which an untagged instance of ours exists), IMDSv2 only with hop limit 1 (job
-    /// containers cannot reach the instance role), no public IP, and an encrypted root
-    /// volume whatever the AMI's snapshot is (the runner-host policy requires it).
+    /// in which an untagged instance of ours exists), IMDSv2 only with the class's hop
+    /// limit (1 by default: job containers cannot reach the instance role), a public IP
+    /// only where the class asks for one, and an encrypted root volume whatever the AMI's
+    /// snapshot is (the runner-host policy requires it).
     pub(crate) async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, Ec2Error> {
         let tag_list: Vec<Tag> = spec
             .tags()
@@ -597,7 +601,7 @@ impl Ec2Client {
             .device_index(0)
             .subnet_id(&spec.subnet)
             .set_groups(Some(spec.security_groups.clone()))
-            .associate_public_ip_address(false)
+            .associate_public_ip_address(spec.public_ip)
             .delete_on_termination(true)
             .build();
         let mut req = self
@@ -612,7 +616,7 @@ impl Ec2Client {
             .metadata_options(
                 InstanceMetadataOptionsRequest::builder()
                     .http_tokens(HttpTokensState::Required)
-                    .http_put_response_hop_limit(1)
+                    .http_put_response_hop_limit(i32::from(spec.imds_hop_limit))
                     .http_endpoint(InstanceMetadataEndpointState::Enabled)
                     .build(),
             )
@@ -629,13 +633,15 @@ impl Ec2Client {
             );
         }
         let (device, ami_gb) = self.root_device(&spec.ami).await?;
+        let v = &spec.root_volume;
         // Without a configured size, the size of the AMI's own root volume.
-        let ebs = match spec.root_volume_gb {
-            Some(gb) => EbsBlockDevice::builder()
-                .volume_size(gb as i32)
-                .volume_type(VolumeType::Gp3),
-            None => EbsBlockDevice::builder().set_volume_size(ami_gb),
-        };
+        let size = v.gb.map(|gb| gb as i32).or(ami_gb);
+        let ebs = EbsBlockDevice::builder()
+            .set_volume_size(size)
+            .volume_type(VolumeType::from(v.kind.as_str()))
+            .set_iops(v.iops.map(|n| n as i32))
+            .set_throughput(v.throughput.map(|n| n as i32))
+            .set_kms_key_id(v.kms_key.clone());
         req = req.block_device_mappings(
             BlockDeviceMapping::builder()
                 .device_name(device)
@@ -728,7 +734,9 @@ mod tests {
             subnet: "subnet-1".into(),
             security_groups: vec![],
             instance_profile: None,
-            root_volume_gb: None,
+            root_volume: Default::default(),
+            imds_hop_limit: 1,
+            public_ip: false,
             purchase: Purchase::OnDemand,
             user_data: String::new(),
             extra_tags: BTreeMap::from([

@@ -122,6 +122,60 @@ pub enum Market {
     SpotWithFallback,
 }
 
+/// A class's root volume. Always encrypted (with `kms_key`, else the account's default
+/// EBS key) and deleted with the machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootVolume {
+    /// GiB; the AMI's own size when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gb: Option<u32>,
+    #[serde(default, rename = "type")]
+    pub kind: VolumeKind,
+    /// Provisioned IOPS (gp3: 3000-16000, io1: 100-64000, io2: 100-256000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u32>,
+    /// MiB/s (gp3 only: 125-1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<u32>,
+    /// KMS key id, alias or ARN for the volume's encryption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<String>,
+}
+
+/// EBS volume types a root volume may have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeKind {
+    #[default]
+    Gp3,
+    Gp2,
+    Io1,
+    Io2,
+}
+
+impl VolumeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gp3 => "gp3",
+            Self::Gp2 => "gp2",
+            Self::Io1 => "io1",
+            Self::Io2 => "io2",
+        }
+    }
+}
+
+impl ClassConfig {
+    /// The root volume machines get: `root_volume`, or `root_volume_gb` as a gp3 of that
+    /// size (validation refuses both at once).
+    pub fn effective_root_volume(&self) -> RootVolume {
+        self.root_volume.clone().unwrap_or(RootVolume {
+            gb: self.root_volume_gb,
+            ..RootVolume::default()
+        })
+    }
+}
+
 /// What the stages need to run a job on a leased machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -260,6 +314,21 @@ pub struct ClassConfig {
     /// Root volume size in GiB; the AMI's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_volume_gb: Option<u32>,
+    /// The root volume in full (always encrypted); `root_volume_gb` is its size alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<RootVolume>,
+    /// IMDSv2's hop limit: 1 keeps job containers (one hop further, behind Docker's
+    /// bridge) away from the instance metadata service; 2 lets them use the machine's
+    /// role (and read its metadata and user data: see the README before raising it).
+    #[serde(
+        default = "defaults::imds_hop_limit",
+        skip_serializing_if = "defaults::is_imds_hop_limit"
+    )]
+    pub imds_hop_limit: u8,
+    /// A public IP on each machine, for fleets in public subnets that want no NAT
+    /// charges. dockerd stays reachable only as the security groups allow, over mTLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public_ip: bool,
     /// Extra tags on this class's machines, over the fleet's `tags`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
@@ -359,6 +428,9 @@ impl Default for ClassConfig {
             security_groups: Vec::new(),
             instance_profile: None,
             root_volume_gb: None,
+            root_volume: None,
+            imds_hop_limit: defaults::imds_hop_limit(),
+            public_ip: false,
             tags: BTreeMap::new(),
             market: Market::default(),
             idle_count: 0,
@@ -454,6 +526,14 @@ mod defaults {
     }
     pub fn idle_time() -> HumanDuration {
         HumanDuration::from_secs(600)
+    }
+    pub fn imds_hop_limit() -> u8 {
+        1
+    }
+    /// Rendered configs (the provisioner's) leave the default out, so adding the key did
+    /// not change the files existing hosts were set up with.
+    pub fn is_imds_hop_limit(n: &u8) -> bool {
+        *n == imds_hop_limit()
     }
     pub fn boot_timeout() -> HumanDuration {
         HumanDuration::from_secs(300)
@@ -681,6 +761,7 @@ impl Config {
                 );
             }
         }
+        check_disk_and_network(name, class)?;
         // With the fleet's: the limit is on what one machine carries.
         check_tags(&self.machine_tags(name), &key("tags"))
     }
@@ -775,6 +856,81 @@ impl Config {
     pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
         toml::to_string_pretty(self)
     }
+}
+
+/// `[classes.X]`'s root volume and IMDS hop limit, within what EC2 accepts.
+fn check_disk_and_network(name: &str, class: &ClassConfig) -> Result<(), Invalid> {
+    let key = |k: &str| format!("classes.{name}.{k}");
+    if !(1..=64).contains(&class.imds_hop_limit) {
+        return bad(&key("imds_hop_limit"), "must be 1 to 64".into());
+    }
+    let Some(v) = &class.root_volume else {
+        return Ok(());
+    };
+    if class.root_volume_gb.is_some() {
+        return bad(
+            &key("root_volume_gb"),
+            "set the size in root_volume.gb instead (root_volume is given too)".into(),
+        );
+    }
+    if let Some(gb) = v.gb {
+        if !(1..=16_384).contains(&gb) {
+            return bad(
+                &key("root_volume.gb"),
+                format!("{gb} must be 1 to 16384 GiB"),
+            );
+        }
+    }
+    let iops_range = match v.kind {
+        VolumeKind::Gp3 => Some(3_000..=16_000),
+        VolumeKind::Io1 => Some(100..=64_000),
+        VolumeKind::Io2 => Some(100..=256_000),
+        VolumeKind::Gp2 => None,
+    };
+    match (v.iops, iops_range) {
+        (Some(_), None) => {
+            return bad(
+                &key("root_volume.iops"),
+                format!("{} volumes have no provisioned IOPS", v.kind.as_str()),
+            )
+        }
+        (Some(n), Some(r)) if !r.contains(&n) => {
+            return bad(
+                &key("root_volume.iops"),
+                format!(
+                    "{n} is outside {}-{} for {}",
+                    r.start(),
+                    r.end(),
+                    v.kind.as_str()
+                ),
+            )
+        }
+        (None, _) if matches!(v.kind, VolumeKind::Io1 | VolumeKind::Io2) => {
+            return bad(
+                &key("root_volume.iops"),
+                format!("{} volumes need iops", v.kind.as_str()),
+            )
+        }
+        _ => {}
+    }
+    if let Some(t) = v.throughput {
+        if v.kind != VolumeKind::Gp3 {
+            return bad(
+                &key("root_volume.throughput"),
+                "only gp3 volumes take a throughput".into(),
+            );
+        }
+        if !(125..=1_000).contains(&t) {
+            return bad(
+                &key("root_volume.throughput"),
+                format!("{t} must be 125 to 1000 MiB/s"),
+            );
+        }
+    }
+    if v.kms_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return bad(&key("root_volume.kms_key"), "must name a KMS key".into());
+    }
+    Ok(())
 }
 
 /// Most tags EC2 keeps on a resource, and how many of them Flotilla sets itself.
@@ -1122,6 +1278,54 @@ subnets = ["subnet-1"]
         let many: String = (0..46).map(|i| format!("k{i} = \"v\"\n")).collect();
         let too_many = err(format!("{MINIMAL}[classes.small.tags]\n{many}"));
         assert_eq!(too_many.key, "classes.small.tags");
+    }
+
+    #[test]
+    fn root_volume_and_hop_limit_are_checked_against_what_ec2_accepts() {
+        let ok = format!(
+            "{MINIMAL}imds_hop_limit = 2\npublic_ip = true\n[classes.small.root_volume]\ngb = 100\ntype = \"gp3\"\niops = 6000\nthroughput = 500\nkms_key = \"alias/ci\"\n"
+        );
+        let c = Config::from_toml(&ok).unwrap();
+        c.validate().unwrap();
+        let class = &c.classes["small"];
+        assert_eq!((class.imds_hop_limit, class.public_ip), (2, true));
+        assert_eq!(class.effective_root_volume().iops, Some(6000));
+        let plain = Config::from_toml(&format!("{MINIMAL}root_volume_gb = 40\n")).unwrap();
+        assert_eq!(
+            plain.classes["small"].effective_root_volume(),
+            RootVolume {
+                gb: Some(40),
+                ..RootVolume::default()
+            }
+        );
+        assert_eq!(plain.classes["small"].imds_hop_limit, 1, "the default");
+        let err = |extra: &str| {
+            Config::from_toml(&format!("{MINIMAL}{extra}"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .key
+        };
+        let vol = |body: &str| format!("[classes.small.root_volume]\n{body}\n");
+        assert_eq!(err("imds_hop_limit = 0\n"), "classes.small.imds_hop_limit");
+        assert_eq!(
+            err(&format!("root_volume_gb = 40\n{}", vol("gb = 50"))),
+            "classes.small.root_volume_gb"
+        );
+        assert_eq!(
+            err(&vol("type = \"io2\"")),
+            "classes.small.root_volume.iops"
+        );
+        assert_eq!(
+            err(&vol("type = \"gp2\"\niops = 3000")),
+            "classes.small.root_volume.iops"
+        );
+        assert_eq!(err(&vol("iops = 20000")), "classes.small.root_volume.iops");
+        assert_eq!(
+            err(&vol("type = \"io1\"\niops = 500\nthroughput = 200")),
+            "classes.small.root_volume.throughput"
+        );
+        assert_eq!(err(&vol("gb = 0")), "classes.small.root_volume.gb");
     }
 
     #[test]

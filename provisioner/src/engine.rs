@@ -70,6 +70,12 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
             token_param: ctx.names.token_param(),
             bucket: stack.bucket.name.clone(),
             amis: ctx.classes.values().map(|c| c.ami.clone()).collect(),
+            max_hop_limit: ctx
+                .classes
+                .values()
+                .map(|c| c.imds_hop_limit)
+                .max()
+                .unwrap_or(1),
             kms_key: stack.bucket.kms_key.clone(),
             flotilla_from_bucket: flotilla.is_bucket(),
             ssm_agent: true,

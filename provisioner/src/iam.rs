@@ -41,6 +41,8 @@ pub(crate) struct RunnerPolicyInputs {
     pub(crate) bucket: String,
     /// The AMIs of the fleet's classes: the only images build machines launch from.
     pub(crate) amis: Vec<String>,
+    /// The highest `imds_hop_limit` of the fleet's classes: launches may ask for no more.
+    pub(crate) max_hop_limit: u8,
     /// The bucket's SSE-KMS key (`bucket.kms_key`: key id, key ARN, `alias/...` or alias
     /// ARN), when set.
     pub(crate) kms_key: Option<String>,
@@ -209,7 +211,9 @@ pub(crate) fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
                     "aws:RequestTag/flotilla:fleet": p.fleets,
                     "ec2:MetadataHttpTokens": "required"
                 },
-                "NumericLessThanEquals": { "ec2:MetadataHttpPutResponseHopLimit": "1" }
+                "NumericLessThanEquals": {
+                    "ec2:MetadataHttpPutResponseHopLimit": p.max_hop_limit.max(1).to_string()
+                }
             }
         }),
         json!({
@@ -768,6 +772,7 @@ mod tests {
             token_param: "/flotilla/ci/runner-token".into(),
             bucket: "cache".into(),
             amis: vec!["ami-2".into(), "ami-1".into(), "ami-2".into()],
+            max_hop_limit: 1,
             kms_key: None,
             flotilla_from_bucket: true,
             ssm_agent: true,
@@ -790,6 +795,7 @@ mod tests {
             token_param: "/flotilla/ci-prod/runner-token".into(),
             bucket: "ci-prod-flotilla-cache".into(),
             amis: vec!["ami-0123456789abcdef0".into()],
+            max_hop_limit: 1,
             kms_key: Some(
                 "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
                     .into(),
@@ -929,6 +935,18 @@ mod tests {
         assert_eq!(
             c["NumericLessThanEquals"]["ec2:MetadataHttpPutResponseHopLimit"],
             "1"
+        );
+        // A class with imds_hop_limit = 2 raises the cap to exactly that, no further.
+        let two = runner_host_policy(&RunnerPolicyInputs {
+            max_hop_limit: 2,
+            ..inputs()
+        });
+        let [instance] = granting(&two, "ec2:RunInstances", &arn("instance/i-1"))[..] else {
+            panic!("one statement for instances")
+        };
+        assert_eq!(
+            instance["Condition"]["NumericLessThanEquals"]["ec2:MetadataHttpPutResponseHopLimit"],
+            "2"
         );
 
         let [volume] = granting(&doc, "ec2:RunInstances", &arn("volume/vol-1"))[..] else {

@@ -1333,3 +1333,135 @@ async fn one_idle_machine(sb: &Sandbox) -> Result<String> {
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_class_root_volume_hop_limit_and_public_ip_reach_ec2() -> Result<()> {
+    use flotilla_proto::config::{RootVolume, VolumeKind};
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions {
+            ec2_proxy: true,
+            idle_count: 1,
+            extra_classes: vec![(
+                "tuned".into(),
+                ClassConfig {
+                    idle_count: 1,
+                    max_machines: 1,
+                    imds_hop_limit: 2,
+                    public_ip: true,
+                    root_volume: Some(RootVolume {
+                        gb: Some(64),
+                        kind: VolumeKind::Gp3,
+                        iops: Some(6000),
+                        throughput: Some(500),
+                        kms_key: Some("alias/flotilla-ci".into()),
+                    }),
+                    forecast: flotilla_proto::config::ForecastConfig {
+                        enabled: false,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        })
+        .await?;
+        wait_idle(&sb, "tuned", 1, Duration::from_secs(90)).await?;
+        wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
+        let all = fleet(&sb).await?;
+        let tuned = all
+            .iter()
+            .find(|i| i.class.as_deref() == Some("tuned"))
+            .context("no instance of class tuned in moto")?;
+        let resp = sb
+            .ec2()
+            .describe_instances()
+            .instance_ids(&tuned.id)
+            .send()
+            .await
+            .context("DescribeInstances in moto")?;
+        let inst = resp
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .next()
+            .context("moto lists no such instance")?;
+        let hops = inst
+            .metadata_options()
+            .and_then(|m| m.http_put_response_hop_limit());
+        ensure!(hops == Some(2), "hop limit in moto: {hops:?}");
+        let tokens = inst
+            .metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str().to_owned());
+        ensure!(
+            tokens.as_deref() == Some("required"),
+            "IMDSv2 stays required: {tokens:?}"
+        );
+        ensure!(
+            inst.public_ip_address().is_some(),
+            "public_ip = true, but moto gave the instance no public address: {inst:#?}"
+        );
+        let volumes = sb
+            .ec2()
+            .describe_volumes()
+            .filters(
+                Filter::builder()
+                    .name("attachment.instance-id")
+                    .values(&tuned.id)
+                    .build(),
+            )
+            .send()
+            .await
+            .context("DescribeVolumes in moto")?;
+        let root = volumes
+            .volumes()
+            .first()
+            .context("moto lists no volume for the instance")?;
+        ensure!(
+            root.size() == Some(64)
+                && root.volume_type().map(|t| t.as_str()) == Some("gp3")
+                && root.encrypted() == Some(true)
+                && root.kms_key_id() == Some("alias/flotilla-ci"),
+            "the root volume in moto: {root:#?}"
+        );
+        // moto does not model a launch's IOPS and throughput: check them as sent.
+        let calls = proxy(&sb)?.calls();
+        let launch = calls
+            .iter()
+            .find(|c| {
+                c.action == "RunInstances"
+                    && c.param("TagSpecification.1.Tag.2.Value") == Some("tuned")
+            })
+            .context("no RunInstances for class tuned went through the proxy")?;
+        ensure!(
+            launch.param("BlockDeviceMapping.1.Ebs.Iops") == Some("6000")
+                && launch.param("BlockDeviceMapping.1.Ebs.Throughput") == Some("500"),
+            "the launch asked for {launch:#?}"
+        );
+        // The default class keeps the defaults: hop limit 1, no public address.
+        let default = all.iter().find(|i| i.class.as_deref() == Some("default"));
+        if let Some(d) = default {
+            let resp = sb
+                .ec2()
+                .describe_instances()
+                .instance_ids(&d.id)
+                .send()
+                .await?;
+            let i = resp
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .next()
+                .context("default instance")?;
+            ensure!(
+                i.metadata_options()
+                    .and_then(|m| m.http_put_response_hop_limit())
+                    == Some(1)
+                    && i.public_ip_address().is_none(),
+                "the default class's instance: {i:#?}"
+            );
+        }
+        sb.shutdown().await
+    })
+    .await
+}
