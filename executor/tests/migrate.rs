@@ -408,7 +408,7 @@ fn a_google_runner_is_refused_and_the_aws_runner_migrates_with_every_gap_reporte
         ),
         (
             "amazonec2-metadata-token-response-hop-limit=2",
-            "hop limit is always 1",
+            "imds_hop_limit, which also lets every job",
         ),
         ("amazonec2-block-duration-minutes=60", "max_age"),
         (

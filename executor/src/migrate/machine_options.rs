@@ -319,13 +319,16 @@ pub(super) fn parse(
                 ),
             },
             "amazonec2-metadata-token-response-hop-limit" => match value {
-                "1" => say(Kind::Converted, "Flotilla's hop limit is always 1".into()),
+                "1" => say(Kind::Converted, "Flotilla's default hop limit is 1".into()),
                 _ => say(
                     Kind::Unsupported,
-                    "Flotilla's IMDS hop limit is always 1, so job containers cannot reach \
-                     the instance's credentials: give jobs credentials with CI/CD variables \
-                     or id_tokens (OIDC)"
-                        .into(),
+                    format!(
+                        "not carried over: Flotilla's IMDS hop limit is 1 unless a class sets \
+                         {}, which also lets every job of the class read the machine's user \
+                         data (its TLS key; see the README, \"Jobs and the machine's role\"): \
+                         prefer id_tokens (OIDC) or CI/CD variables for jobs' credentials",
+                        ckey("imds_hop_limit")
+                    ),
                 ),
             },
             "amazonec2-retries" => say(
