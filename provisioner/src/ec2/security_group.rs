@@ -1,8 +1,10 @@
 //! Security groups: the runner hosts' (no inbound, or SSH from `network.ssh_cidr`) and
 //! the build machines' (TCP 2376, dockerd's TLS port, from the runner group only).
-//! Ingress rules are converged exactly: missing ones are authorized, extra ones revoked.
-//! Egress is AWS's default (all), which the hosts need for the NAT gateway. Deleted after
-//! the rules naming other groups are revoked (they keep those groups alive).
+//! Ingress and egress rules are converged exactly: missing ones are authorized, extra ones
+//! revoked. Egress is all traffic to anywhere (AWS's default for a new group), which the
+//! hosts need for the NAT gateway and the machines for registries; a rule someone removed
+//! comes back, one someone added goes. Deleted after the rules naming other groups are
+//! revoked (they keep those groups alive).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -111,6 +113,9 @@ impl Rule {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.protocol == "-1" {
+            return write!(f, "all traffic, {}", self.source);
+        }
         write!(
             f,
             "{} {}-{} from {}",
@@ -119,9 +124,40 @@ impl fmt::Display for Rule {
     }
 }
 
-fn current_rules(sg: &SecurityGroup) -> BTreeSet<Rule> {
+/// Which way a group's rules admit traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    /// How plan lines name the rules of this direction.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ingress => "",
+            Self::Egress => "egress ",
+        }
+    }
+}
+
+/// All traffic to anywhere: the egress every group of the stack has.
+fn all_outbound() -> BTreeSet<Rule> {
+    BTreeSet::from([Rule {
+        protocol: "-1".into(),
+        from: -1,
+        to: -1,
+        source: Source::Cidr("0.0.0.0/0".into()),
+    }])
+}
+
+fn current_rules(sg: &SecurityGroup, direction: Direction) -> BTreeSet<Rule> {
     let mut out = BTreeSet::new();
-    for p in sg.ip_permissions() {
+    let permissions = match direction {
+        Direction::Ingress => sg.ip_permissions(),
+        Direction::Egress => sg.ip_permissions_egress(),
+    };
+    for p in permissions {
         let protocol = p.ip_protocol().unwrap_or("-1").to_owned();
         let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
         let rule = |source| Rule {
@@ -201,89 +237,162 @@ async fn ensure_group(
         name,
     );
     // A group created now gets its rules as part of its creation.
-    let (id, have, created): (String, BTreeSet<Rule>, Option<Go>) = match found {
-        Some(g) => (
-            g.group_id().unwrap_or_default().to_owned(),
-            current_rules(g),
-            None,
-        ),
-        None => {
-            let rules: Vec<&Rule> = want.iter().collect();
-            let ingress = if rules.is_empty() {
-                "none".into()
-            } else {
-                listed(&rules)
-            };
-            let Some(go) = ctx.change(Action::Create, KIND, name, format!("ingress: {ingress}"))
-            else {
-                return Ok(Id::pending(name));
-            };
-            let out = ctx
-                .aws
-                .write(
-                    go,
-                    "ec2:CreateSecurityGroup",
-                    ctx.aws
-                        .ec2
-                        .create_security_group()
-                        .group_name(ctx.names.name_tag(name))
-                        .description(description)
-                        .set_vpc_id(vpc.known().map(str::to_owned))
-                        .tag_specifications(tag_spec(ctx, ResourceType::SecurityGroup, name, &[]))
-                        .send(),
-                )
-                .await?;
-            let id = out.group_id().unwrap_or_default().to_owned();
-            ctx.created(KIND, name, &id);
-            (id, BTreeSet::new(), Some(go))
-        }
-    };
-    let missing: Vec<&Rule> = want.difference(&have).collect();
-    let extra: Vec<&Rule> = have.difference(&want).collect();
+    let (id, have, have_egress, created): (String, BTreeSet<Rule>, BTreeSet<Rule>, Option<Go>) =
+        match found {
+            Some(g) => (
+                g.group_id().unwrap_or_default().to_owned(),
+                current_rules(g, Direction::Ingress),
+                current_rules(g, Direction::Egress),
+                None,
+            ),
+            None => {
+                let rules: Vec<&Rule> = want.iter().collect();
+                let ingress = if rules.is_empty() {
+                    "none".into()
+                } else {
+                    listed(&rules)
+                };
+                let Some(go) = ctx.change(
+                    Action::Create,
+                    KIND,
+                    name,
+                    format!("ingress: {ingress}; egress: all"),
+                ) else {
+                    return Ok(Id::pending(name));
+                };
+                let out = ctx
+                    .aws
+                    .write(
+                        go,
+                        "ec2:CreateSecurityGroup",
+                        ctx.aws
+                            .ec2
+                            .create_security_group()
+                            .group_name(ctx.names.name_tag(name))
+                            .description(description)
+                            .set_vpc_id(vpc.known().map(str::to_owned))
+                            .tag_specifications(tag_spec(
+                                ctx,
+                                ResourceType::SecurityGroup,
+                                name,
+                                &[],
+                            ))
+                            .send(),
+                    )
+                    .await?;
+                let id = out.group_id().unwrap_or_default().to_owned();
+                ctx.created(KIND, name, &id);
+                // AWS gives a new group the all-outbound rule itself.
+                (id, BTreeSet::new(), all_outbound(), Some(go))
+            }
+        };
+    let group = Group { id: &id, name };
+    converge_rules(ctx, &group, Direction::Ingress, &want, &have, created).await?;
+    converge_rules(
+        ctx,
+        &group,
+        Direction::Egress,
+        &all_outbound(),
+        &have_egress,
+        created,
+    )
+    .await?;
+    Ok(Id::Known(id))
+}
+
+/// A group being converged: its id and logical name.
+struct Group<'a> {
+    id: &'a str,
+    name: &'a str,
+}
+
+/// Authorizes the rules of `direction` the group lacks and revokes those it should not
+/// have. `created`: the Go of the group's own creation (its first rules are part of it).
+async fn converge_rules(
+    ctx: &Ctx<'_>,
+    group: &Group<'_>,
+    direction: Direction,
+    want: &BTreeSet<Rule>,
+    have: &BTreeSet<Rule>,
+    created: Option<Go>,
+) -> Result<()> {
+    let missing: Vec<&Rule> = want.difference(have).collect();
+    let extra: Vec<&Rule> = have.difference(want).collect();
+    let label = direction.label();
     if !missing.is_empty() {
         let go = created.or_else(|| {
             ctx.change(
                 Action::Update,
                 KIND,
-                name,
-                format!("allow {}", listed(&missing)),
+                group.name,
+                format!("allow {label}{}", listed(&missing)),
             )
         });
         if let (Some(go), false) = (go, missing.iter().any(|r| r.is_pending())) {
-            ctx.aws
-                .write(
-                    go,
-                    "ec2:AuthorizeSecurityGroupIngress",
+            let permissions = Some(missing.iter().map(|r| r.to_permission()).collect());
+            let ec2 = &ctx.aws.ec2;
+            match direction {
+                Direction::Ingress => {
                     ctx.aws
-                        .ec2
-                        .authorize_security_group_ingress()
-                        .group_id(&id)
-                        .set_ip_permissions(Some(
-                            missing.iter().map(|r| r.to_permission()).collect(),
-                        ))
-                        .send(),
-                )
-                .await?;
+                        .write(
+                            go,
+                            "ec2:AuthorizeSecurityGroupIngress",
+                            ec2.authorize_security_group_ingress()
+                                .group_id(group.id)
+                                .set_ip_permissions(permissions)
+                                .send(),
+                        )
+                        .await?;
+                }
+                Direction::Egress => {
+                    ctx.aws
+                        .write(
+                            go,
+                            "ec2:AuthorizeSecurityGroupEgress",
+                            ec2.authorize_security_group_egress()
+                                .group_id(group.id)
+                                .set_ip_permissions(permissions)
+                                .send(),
+                        )
+                        .await?;
+                }
+            }
         }
     }
     if !extra.is_empty() {
-        let detail = format!("revoke {}", listed(&extra));
-        if let Some(go) = ctx.change(Action::Update, KIND, name, detail) {
-            ctx.aws
-                .write(
-                    go,
-                    "ec2:RevokeSecurityGroupIngress",
+        let detail = format!("revoke {label}{}", listed(&extra));
+        if let Some(go) = ctx.change(Action::Update, KIND, group.name, detail) {
+            let permissions = Some(extra.iter().map(|r| r.to_permission()).collect());
+            let ec2 = &ctx.aws.ec2;
+            match direction {
+                Direction::Ingress => {
                     ctx.aws
-                        .ec2
-                        .revoke_security_group_ingress()
-                        .group_id(&id)
-                        .set_ip_permissions(Some(extra.iter().map(|r| r.to_permission()).collect()))
-                        .send(),
-                )
-                .await?;
+                        .write(
+                            go,
+                            "ec2:RevokeSecurityGroupIngress",
+                            ec2.revoke_security_group_ingress()
+                                .group_id(group.id)
+                                .set_ip_permissions(permissions)
+                                .send(),
+                        )
+                        .await?;
+                }
+                Direction::Egress => {
+                    ctx.aws
+                        .write(
+                            go,
+                            "ec2:RevokeSecurityGroupEgress",
+                            ec2.revoke_security_group_egress()
+                                .group_id(group.id)
+                                .set_ip_permissions(permissions)
+                                .send(),
+                        )
+                        .await?;
+                }
+            }
         }
     }
-    Ok(Id::Known(id))
+    Ok(())
 }
 
 /// Revokes the rules that name another group (they keep it alive), then deletes.
@@ -373,9 +482,25 @@ mod tests {
             .ip_permissions(
                 Rule::tcp(2376, Source::Group(Id::Known("sg-1".into()))).to_permission(),
             )
+            // As EC2 lists AWS's default egress: protocol -1, no ports.
+            .ip_permissions_egress(
+                IpPermission::builder()
+                    .ip_protocol("-1")
+                    .ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build())
+                    .build(),
+            )
             .build();
+        assert_eq!(current_rules(&sg, Direction::Egress), all_outbound());
         assert_eq!(
-            current_rules(&sg),
+            all_outbound()
+                .iter()
+                .next()
+                .map(|r| r.to_string())
+                .as_deref(),
+            Some("all traffic, cidr:0.0.0.0/0")
+        );
+        assert_eq!(
+            current_rules(&sg, Direction::Ingress),
             BTreeSet::from([
                 Rule::tcp(22, Source::Cidr("192.0.2.0/24".into())),
                 Rule::tcp(2376, Source::Group(Id::Known("sg-1".into()))),

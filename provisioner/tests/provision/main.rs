@@ -550,6 +550,84 @@ async fn drift_is_planned_and_converged() {
         .send()
         .await
         .unwrap();
+    // ... and also strips the runner hosts' outbound rule, lets the build machines send
+    // mail, and turns the VPC's DNS hostnames off.
+    let group_id = |resource: &'static str| {
+        let ec2 = c.ec2.clone();
+        async move {
+            ec2.describe_security_groups()
+                .filters(stack_filter("drift"))
+                .filters(
+                    Filter::builder()
+                        .name("tag:flotilla:resource")
+                        .values(resource)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap()
+                .security_groups()[0]
+                .group_id()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let runner_sg = group_id("sg/runner-host").await;
+    let all_out = aws_sdk_ec2::types::IpPermission::builder()
+        .ip_protocol("-1")
+        .ip_ranges(
+            aws_sdk_ec2::types::IpRange::builder()
+                .cidr_ip("0.0.0.0/0")
+                .build(),
+        )
+        .build();
+    c.ec2
+        .revoke_security_group_egress()
+        .group_id(&runner_sg)
+        .ip_permissions(all_out)
+        .send()
+        .await
+        .unwrap();
+    c.ec2
+        .authorize_security_group_egress()
+        .group_id(&sg_id)
+        .ip_permissions(
+            aws_sdk_ec2::types::IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(25)
+                .to_port(25)
+                .ip_ranges(
+                    aws_sdk_ec2::types::IpRange::builder()
+                        .cidr_ip("10.0.0.0/8")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = c
+        .ec2
+        .describe_vpcs()
+        .filters(stack_filter("drift"))
+        .send()
+        .await
+        .unwrap()
+        .vpcs()[0]
+        .vpc_id()
+        .unwrap()
+        .to_owned();
+    c.ec2
+        .modify_vpc_attribute()
+        .vpc_id(&vpc_id)
+        .enable_dns_hostnames(
+            aws_sdk_ec2::types::AttributeBooleanValue::builder()
+                .value(false)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
     c.s3.delete_bucket_lifecycle()
         .bucket("drift-cache")
         .send()
@@ -614,6 +692,17 @@ async fn drift_is_planned_and_converged() {
         "{}",
         plan.stdout
     );
+    for drift in [
+        "allow egress all traffic, cidr:0.0.0.0/0",
+        "revoke egress tcp 25-25 from cidr:10.0.0.0/8",
+        "turn DNS hostnames on",
+    ] {
+        assert!(
+            plan.stdout.contains(drift),
+            "{drift:?} in:\n{}",
+            plan.stdout
+        );
+    }
     assert!(plan.stdout.contains("+ ec2:instance") && plan.stdout.contains("host/1"));
     // Two hosts: each gets its own fleet (drift, drift-1), so the IAM policy changes.
     assert!(plan.stdout.contains("~ iam:role-policy"), "{}", plan.stdout);
@@ -643,6 +732,47 @@ async fn drift_is_planned_and_converged() {
     assert!(sg.security_groups()[0].ip_permissions()[0]
         .ip_ranges()
         .is_empty());
+    let groups = c
+        .ec2
+        .describe_security_groups()
+        .group_ids(&runner_sg)
+        .group_ids(&sg_id)
+        .send()
+        .await
+        .unwrap();
+    for g in groups.security_groups() {
+        let egress: Vec<_> = g
+            .ip_permissions_egress()
+            .iter()
+            .map(|p| {
+                (
+                    p.ip_protocol().unwrap_or_default().to_owned(),
+                    p.ip_ranges()
+                        .iter()
+                        .filter_map(|r| r.cidr_ip().map(str::to_owned))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            egress,
+            [("-1".to_string(), vec!["0.0.0.0/0".to_string()])],
+            "egress of {:?}",
+            g.group_id()
+        );
+    }
+    let hostnames = c
+        .ec2
+        .describe_vpc_attribute()
+        .vpc_id(&vpc_id)
+        .attribute(aws_sdk_ec2::types::VpcAttributeName::EnableDnsHostnames)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        hostnames.enable_dns_hostnames().and_then(|v| v.value()),
+        Some(true)
+    );
     let lc =
         c.s3.get_bucket_lifecycle_configuration()
             .bucket("drift-cache")
