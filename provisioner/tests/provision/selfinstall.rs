@@ -525,12 +525,31 @@ async fn a_new_binary_replaces_the_hosts_one_at_a_time_draining_each_old_one() {
         "{}",
         blunt.stderr
     );
-    assert_eq!(
-        hosts(&c, "roll").await.len(),
-        2,
-        "{:?}",
-        hosts(&c, "roll").await
+    let v4 = hosts(&c, "roll").await;
+    assert_eq!(v4.len(), 2, "{v4:?}");
+
+    // runner_hosts.count lowered to 1: host/1 goes, drained first, and host/0 stays.
+    write_stack(
+        dir.path(),
+        "s.toml",
+        &text.replace("count = 2", "count = 1"),
     );
+    proxy.reset();
+    let plan = run(&stack, &proxy.url, true, &["plan"]).await;
+    assert!(
+        plan.stdout.contains("host/1") && plan.stdout.contains("drained first"),
+        "{}",
+        plan.stdout
+    );
+    proxy.reset();
+    let fewer = apply("4", &[]).await;
+    assert!(fewer.ok, "{}", fewer.stderr);
+    let host1 = v4[1].1.clone();
+    assert_eq!(
+        events(&proxy),
+        [Drain(host1.clone()), Terminate(vec![host1.clone()])]
+    );
+    assert_eq!(hosts(&c, "roll").await, v4[..1].to_vec());
 }
 
 /// With no `runner_hosts.flotilla_url`, a flotilla-provision with no `flotilla` next to
