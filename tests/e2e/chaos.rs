@@ -652,9 +652,24 @@ async fn chaos_jobs_survive_restarts_lost_and_frozen_machines_and_ec2_faults() -
             }
             pending = later;
             driver.thaw_if_out_of_service(&sb, finished).await?;
+            // Look again at the next event that can make a pending fault applicable: a
+            // job ended, an emulated machine changed, or the daemon made an EC2 call (it
+            // observes at every reconcile pass, so each pass is one). A build script
+            // running, the one thing that sends no event, is seen at the next of them.
+            let faults = sb.faults().context("no fault proxy")?;
+            let mark = faults.mark();
+            let mut seen = false;
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                r = faults.wait_call("the daemon's next EC2 call", JOB_BOUND, mark, |_| true) => {
+                    r?;
+                }
+                r = sb.emulator().wait_for("an emulated machine to change", JOB_BOUND, |_, _| {
+                    // The first check sees the machines as they are; any later one is a change.
+                    std::mem::replace(&mut seen, true).then_some(())
+                }) => {
+                    r?;
+                }
             }
         }
         for w in workers {
