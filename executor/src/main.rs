@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use flotilla::control::ControlClient;
 use flotilla::stages::{self, JobEnv, StageError};
 use flotilla_proto::config::{Config, CONFIG_ENV, DEFAULT_CONFIG_PATH};
@@ -85,39 +85,9 @@ enum Command {
     Migrate(flotilla::migrate::Args),
 }
 
-/// What `scripts/package` asks the binary for: generated from [`Cli`], so the clap
-/// definitions are the single source of the man pages and completions. Parsed apart from
-/// `Cli` and before any config is read; absent from the help and from what it generates.
-#[derive(Parser)]
-#[command(name = "flotilla")]
-enum Packaging {
-    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
-    /// Write the man pages (flotilla.1, and flotilla-<command>.1 for each command) into DIR.
-    Man { dir: PathBuf },
-}
-
-impl Packaging {
-    fn run(self) -> ExitCode {
-        let mut cmd = Cli::command();
-        let done = match self {
-            Self::Completions { shell } => {
-                let name = cmd.get_name().to_owned();
-                clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
-                Ok(())
-            }
-            Self::Man { dir } => clap_mangen::generate_to(cmd, &dir)
-                .with_context(|| format!("cannot write man pages into {}", dir.display())),
-        };
-        match done {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("flotilla: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
-    }
-}
+#[path = "../../build/packaging.rs"]
+mod packaging;
+use packaging::Packaging;
 
 fn config_path(cli: &Option<PathBuf>) -> PathBuf {
     cli.clone()
@@ -142,7 +112,7 @@ fn exit(code: i32) -> ExitCode {
 
 fn main() -> ExitCode {
     if let Ok(packaging) = Packaging::try_parse() {
-        return packaging.run();
+        return packaging.run::<Cli>("flotilla");
     }
     let env = JobEnv::from_env();
     let cli = match Cli::try_parse() {

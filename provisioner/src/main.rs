@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use flotilla_provision::{
     converge, destroy, resolve_binary, Aws, Ctx, HostOptions, Mode, Outputs, Resolved, Secret,
     Stack,
@@ -72,39 +72,9 @@ enum Command {
     },
 }
 
-/// What `scripts/package` asks the binary for: generated from [`Cli`], so the clap
-/// definitions are the single source of the man pages and completions. Parsed apart from
-/// `Cli` (which requires `--stack`) and absent from the help and from what it generates.
-#[derive(Parser)]
-#[command(name = "flotilla-provision")]
-enum Packaging {
-    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
-    /// Write the man pages (flotilla-provision.1, and one per command) into DIR.
-    Man { dir: PathBuf },
-}
-
-impl Packaging {
-    fn run(self) -> ExitCode {
-        let mut cmd = Cli::command();
-        let done = match self {
-            Self::Completions { shell } => {
-                let name = cmd.get_name().to_owned();
-                clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
-                Ok(())
-            }
-            Self::Man { dir } => clap_mangen::generate_to(cmd, &dir)
-                .with_context(|| format!("cannot write man pages into {}", dir.display())),
-        };
-        match done {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
-    }
-}
+#[path = "../../build/packaging.rs"]
+mod packaging;
+use packaging::Packaging;
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -119,7 +89,7 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     if let Ok(packaging) = Packaging::try_parse() {
-        return packaging.run();
+        return packaging.run::<Cli>("error");
     }
     let cli = Cli::parse();
     init_tracing();
