@@ -12,8 +12,8 @@ use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
     InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
-    InstanceType, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions,
-    Tag, TagSpecification, VolumeType,
+    InstanceType, LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior,
+    SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -299,6 +299,8 @@ pub(crate) struct LaunchSpec {
     pub user_data: String,
     /// The operator's tags (`tags`, `[classes.X].tags`), set after Flotilla's own.
     pub extra_tags: BTreeMap<String, String>,
+    /// The class's launch template; every setting above overrides it.
+    pub launch_template: Option<flotilla_proto::config::LaunchTemplateRef>,
 }
 
 impl LaunchSpec {
@@ -625,6 +627,15 @@ impl Ec2Client {
             .tag_specifications(tag_spec(ResourceType::Instance))
             .tag_specifications(tag_spec(ResourceType::Volume))
             .tag_specifications(tag_spec(ResourceType::NetworkInterface));
+        if let Some(t) = &spec.launch_template {
+            req = req.launch_template(
+                LaunchTemplateSpecification::builder()
+                    .set_launch_template_name(t.name.clone())
+                    .set_launch_template_id(t.id.clone())
+                    .version(&t.version)
+                    .build(),
+            );
+        }
         if let Some(profile) = &spec.instance_profile {
             req = req.iam_instance_profile(
                 IamInstanceProfileSpecification::builder()
@@ -744,6 +755,7 @@ mod tests {
                 (tags::FLEET.to_string(), "someone-else".to_string()),
                 ("flotilla:other".to_string(), "x".to_string()),
             ]),
+            launch_template: None,
         };
         let got = spec.tags();
         let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();

@@ -165,6 +165,25 @@ impl VolumeKind {
     }
 }
 
+/// An operator-owned EC2 launch template a class launches from, for the settings
+/// Flotilla does not model (placement groups, capacity reservations, tenancy, key pairs,
+/// license specifications...). Everything Flotilla sets per launch (AMI, instance type,
+/// subnet, security groups, user data, tags, root volume, metadata options, instance
+/// profile, market, public IP) overrides the template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchTemplateRef {
+    /// The template's name; or give `id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The template's id (`lt-...`); or give `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `$Default` (the default), `$Latest` or a version number.
+    #[serde(default = "defaults::launch_template_version")]
+    pub version: String,
+}
+
 impl ClassConfig {
     /// The root volume machines get: `root_volume`, or `root_volume_gb` as a gp3 of that
     /// size (validation refuses both at once).
@@ -297,6 +316,11 @@ impl Default for JobConfig {
     }
 }
 
+/// GitLab's helper image for the machine's architecture and the runner's version; the
+/// stages expand `${ARCH}`, `${CI_RUNNER_VERSION}` and `${CI_RUNNER_REVISION}`.
+pub const DEFAULT_HELPER_IMAGE: &str =
+    "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:${ARCH}-v${CI_RUNNER_VERSION}";
+
 /// One kind of build machine and the pool policy that keeps it warm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -332,6 +356,9 @@ pub struct ClassConfig {
     /// Extra tags on this class's machines, over the fleet's `tags`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Launch from this (operator-owned) launch template; Flotilla's settings win.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_template: Option<LaunchTemplateRef>,
     #[serde(default)]
     pub market: Market,
     /// Idle (ready, unleased) machines to keep; with `idle_scale_factor` this is the cap.
@@ -431,6 +458,7 @@ impl Default for ClassConfig {
             root_volume: None,
             imds_hop_limit: defaults::imds_hop_limit(),
             public_ip: false,
+            launch_template: None,
             tags: BTreeMap::new(),
             market: Market::default(),
             idle_count: 0,
@@ -510,7 +538,7 @@ mod defaults {
         "alpine:3".into()
     }
     pub fn helper_image() -> String {
-        "registry.gitlab.com/gitlab-org/gitlab-runner/gitlab-runner-helper:x86_64-v18.6.0".into()
+        super::DEFAULT_HELPER_IMAGE.into()
     }
     pub fn acquire_timeout() -> HumanDuration {
         HumanDuration::from_secs(900)
@@ -526,6 +554,9 @@ mod defaults {
     }
     pub fn idle_time() -> HumanDuration {
         HumanDuration::from_secs(600)
+    }
+    pub fn launch_template_version() -> String {
+        "$Default".into()
     }
     pub fn imds_hop_limit() -> u8 {
         1
@@ -678,6 +709,21 @@ impl Config {
             return bad(
                 &key("instance_types"),
                 "must list at least one instance type".into(),
+            );
+        }
+        let arm: Vec<&str> = class
+            .instance_types
+            .iter()
+            .filter(|t| instance_arch(t) == Arch::Arm64)
+            .map(String::as_str)
+            .collect();
+        if !arm.is_empty() && arm.len() < class.instance_types.len() {
+            return bad(
+                &key("instance_types"),
+                format!(
+                    "mixes arm64 (Graviton: {}) and x86_64 types; a class has one AMI, so                      one architecture: make a class per architecture",
+                    arm.join(", ")
+                ),
             );
         }
         if class.subnets.is_empty() {
@@ -858,11 +904,90 @@ impl Config {
     }
 }
 
+/// A CPU architecture as EC2 names it for AMIs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Arm64,
+}
+
+impl Arch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64",
+            Self::Arm64 => "arm64",
+        }
+    }
+}
+
+/// The architecture of an EC2 instance type, from its family: Graviton families carry a
+/// `g` right after the generation (`m7g`, `c7gn`, `r8gd`, `t4g`, `im4gn`, `is4gen`), and `a1`.
+/// GPU families (`g5`, `p4d`) and everything else are x86_64.
+pub fn instance_arch(instance_type: &str) -> Arch {
+    let family = instance_type.split('.').next().unwrap_or_default();
+    if family == "a1" {
+        return Arch::Arm64;
+    }
+    let after_generation = family
+        .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+        .trim_start_matches(|c: char| c.is_ascii_digit());
+    let has_generation = family.chars().any(|c| c.is_ascii_digit());
+    if has_generation && after_generation.starts_with('g') {
+        Arch::Arm64
+    } else {
+        Arch::X86_64
+    }
+}
+
+/// A launch template reference EC2 would accept: a name or an `lt-` id (not both), and a
+/// version EC2 understands.
+fn check_launch_template(key: &str, t: &LaunchTemplateRef) -> Result<(), Invalid> {
+    match (&t.name, &t.id) {
+        (Some(_), Some(_)) | (None, None) => {
+            return bad(key, "give exactly one of name or id".into());
+        }
+        (Some(name), None) => {
+            let ok = (3..=128).contains(&name.len())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "()./_-".contains(c));
+            if !ok {
+                return bad(
+                    &format!("{key}.name"),
+                    format!("{name:?} is not a launch template name (3-128 of A-Za-z0-9()./_-)"),
+                );
+            }
+        }
+        (None, Some(id)) => {
+            let ok = id
+                .strip_prefix("lt-")
+                .is_some_and(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit()));
+            if !ok {
+                return bad(
+                    &format!("{key}.id"),
+                    format!("{id:?} is not a launch template id (lt- and hex digits)"),
+                );
+            }
+        }
+    }
+    let v = t.version.as_str();
+    if !(v == "$Default" || v == "$Latest" || v.parse::<u64>().is_ok_and(|n| n > 0)) {
+        return bad(
+            &format!("{key}.version"),
+            format!("{v:?} must be \"$Default\", \"$Latest\" or a version number"),
+        );
+    }
+    Ok(())
+}
+
 /// `[classes.X]`'s root volume and IMDS hop limit, within what EC2 accepts.
 fn check_disk_and_network(name: &str, class: &ClassConfig) -> Result<(), Invalid> {
     let key = |k: &str| format!("classes.{name}.{k}");
     if !(1..=64).contains(&class.imds_hop_limit) {
         return bad(&key("imds_hop_limit"), "must be 1 to 64".into());
+    }
+    if let Some(t) = &class.launch_template {
+        check_launch_template(&key("launch_template"), t)?;
     }
     let Some(v) = &class.root_volume else {
         return Ok(());
@@ -1278,6 +1403,78 @@ subnets = ["subnet-1"]
         let many: String = (0..46).map(|i| format!("k{i} = \"v\"\n")).collect();
         let too_many = err(format!("{MINIMAL}[classes.small.tags]\n{many}"));
         assert_eq!(too_many.key, "classes.small.tags");
+    }
+
+    #[test]
+    fn graviton_families_are_arm64_and_a_class_holds_one_architecture() {
+        for t in [
+            "m7g.large",
+            "c7gn.xlarge",
+            "r8gd.2xlarge",
+            "t4g.small",
+            "im4gn.large",
+            "is4gen.large",
+            "a1.medium",
+        ] {
+            assert_eq!(instance_arch(t), Arch::Arm64, "{t}");
+        }
+        for t in [
+            "m7i.large",
+            "c6a.xlarge",
+            "g5.xlarge",
+            "p4d.24xlarge",
+            "t3.micro",
+        ] {
+            assert_eq!(instance_arch(t), Arch::X86_64, "{t}");
+        }
+        let arm = MINIMAL.replace("t3.small", r#"m7g.large", "c7g.large"#);
+        Config::from_toml(&arm).unwrap().validate().unwrap();
+        let mixed = MINIMAL.replace(r#""t3.small""#, r#""m7g.large", "m7i.large""#);
+        let err = Config::from_toml(&mixed).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.instance_types");
+        assert!(err.message.contains("m7g.large"), "{err}");
+    }
+
+    #[test]
+    fn a_launch_template_is_a_name_or_an_id_and_a_version_ec2_accepts() {
+        let lt = |body: &str| format!("{MINIMAL}[classes.small.launch_template]\n{body}\n");
+        let c = Config::from_toml(&lt("name = \"ci-placement\"")).unwrap();
+        c.validate().unwrap();
+        let t = c.classes["small"].launch_template.clone().unwrap();
+        assert_eq!(
+            (t.name.as_deref(), t.version.as_str()),
+            (Some("ci-placement"), "$Default")
+        );
+        let ok = Config::from_toml(&lt("id = \"lt-0abc123\"\nversion = \"7\"")).unwrap();
+        ok.validate().unwrap();
+        let err = |body: &str| {
+            Config::from_toml(&lt(body))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .key
+        };
+        assert_eq!(
+            err("version = \"$Latest\""),
+            "classes.small.launch_template"
+        );
+        assert_eq!(
+            err("name = \"a\"\nid = \"lt-1\""),
+            "classes.small.launch_template"
+        );
+        assert_eq!(err("id = \"ami-1\""), "classes.small.launch_template.id");
+        assert_eq!(
+            err("name = \"has space\""),
+            "classes.small.launch_template.name"
+        );
+        assert_eq!(
+            err("name = \"ci\"\nversion = \"latest\""),
+            "classes.small.launch_template.version"
+        );
+        assert_eq!(
+            err("name = \"ci\"\nversion = \"0\""),
+            "classes.small.launch_template.version"
+        );
     }
 
     #[test]

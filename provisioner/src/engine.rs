@@ -22,8 +22,8 @@ use crate::binary::LocalBinary;
 use crate::context::Ctx;
 use crate::ec2::inventory::{self, Ec2Type, Inventory};
 use crate::ec2::{
-    instance, internet_gateway, launch_template, nat_gateway, route_table, security_group, subnet,
-    vpc, vpc_endpoint,
+    image, instance, internet_gateway, launch_template, nat_gateway, route_table, security_group,
+    subnet, vpc, vpc_endpoint,
 };
 use crate::error::Result;
 use crate::host_config;
@@ -39,7 +39,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let region = ctx.aws.region.clone();
     tracing::info!("reading stack {} in {region}", stack.name);
     let inv = inventory::read(ctx).await?;
-    let images = launch_template::images(ctx).await?;
+    let images = image::images(ctx).await?;
     let host_image = images.get(&stack.runner_hosts.ami);
     let bin_key = ctx.hosts.flotilla.as_ref().map(LocalBinary::key);
     let flotilla = host_config::flotilla_source(ctx, bin_key.as_deref(), host_image)?;
@@ -76,6 +76,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
                 .map(|c| c.imds_hop_limit)
                 .max()
                 .unwrap_or(1),
+            launch_templates: ctx.classes.values().any(|c| c.launch_template.is_some()),
             kms_key: stack.bucket.kms_key.clone(),
             flotilla_from_bucket: flotilla.is_bucket(),
             ssm_agent: true,
@@ -83,7 +84,6 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     )
     .await?;
     let registration = registration::converge(ctx).await?;
-    let templates = launch_template::converge(ctx, &inv, &images, &sgs.build).await?;
 
     let ids = FleetIds {
         private_subnets,
@@ -124,7 +124,6 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         build_role_arn: roles.build_arn.to_string(),
         runner_instance_profile: ctx.names.runner_role(),
         build_instance_profile: ctx.names.build_role(),
-        launch_templates: outputs::templates(templates),
         runner_hosts: outputs::hosts(hosts, configs),
         token_parameter: ctx.names.token_param(),
         gitlab_runner_id: registration.runner_id,

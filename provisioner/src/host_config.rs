@@ -7,8 +7,8 @@
 use crate::binary::LocalBinary;
 use crate::cloudinit::{self, FlotillaSource, HostUserData};
 use crate::context::Ctx;
+use crate::ec2::image::ImageInfo;
 use crate::ec2::instance::HostSpec;
-use crate::ec2::launch_template::ImageInfo;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::naming::logical;

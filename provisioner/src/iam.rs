@@ -43,6 +43,11 @@ pub(crate) struct RunnerPolicyInputs {
     pub(crate) amis: Vec<String>,
     /// The highest `imds_hop_limit` of the fleet's classes: launches may ask for no more.
     pub(crate) max_hop_limit: u8,
+    /// Some class launches from an operator's launch template (`launch_template`): allow
+    /// the template and what such templates are for (placement groups, capacity
+    /// reservations). Every other resource a launch touches is still held to the
+    /// statements above, so a template cannot widen what a launch may do.
+    pub(crate) launch_templates: bool,
     /// The bucket's SSE-KMS key (`bucket.kms_key`: key id, key ARN, `alias/...` or alias
     /// ARN), when set.
     pub(crate) kms_key: Option<String>,
@@ -194,6 +199,16 @@ pub(crate) fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
     network.push(ec2(&format!("security-group/{}", p.build_security_group)));
     // Spot launches (class market = spot) create a request the daemon does not tag.
     network.push(ec2("spot-instances-request/*"));
+    if p.launch_templates {
+        network.extend(
+            [
+                "launch-template/*",
+                "placement-group/*",
+                "capacity-reservation/*",
+            ]
+            .map(ec2),
+        );
+    }
     let mut statements = vec![
         json!({
             "Sid": "Observe",
@@ -773,6 +788,7 @@ mod tests {
             bucket: "cache".into(),
             amis: vec!["ami-2".into(), "ami-1".into(), "ami-2".into()],
             max_hop_limit: 1,
+            launch_templates: false,
             kms_key: None,
             flotilla_from_bucket: true,
             ssm_agent: true,
@@ -796,6 +812,7 @@ mod tests {
             bucket: "ci-prod-flotilla-cache".into(),
             amis: vec!["ami-0123456789abcdef0".into()],
             max_hop_limit: 1,
+            launch_templates: false,
             kms_key: Some(
                 "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
                     .into(),
@@ -947,6 +964,19 @@ mod tests {
         assert_eq!(
             instance["Condition"]["NumericLessThanEquals"]["ec2:MetadataHttpPutResponseHopLimit"],
             "2"
+        );
+
+        // Launch templates only when a class names one.
+        let lt = arn("launch-template/lt-0abc");
+        assert!(granting(&doc, "ec2:RunInstances", &lt).is_empty());
+        let with_lt = runner_host_policy(&RunnerPolicyInputs {
+            launch_templates: true,
+            ..inputs()
+        });
+        assert_eq!(granting(&with_lt, "ec2:RunInstances", &lt).len(), 1);
+        assert_eq!(
+            granting(&with_lt, "ec2:RunInstances", &arn("placement-group/ci")).len(),
+            1
         );
 
         let [volume] = granting(&doc, "ec2:RunInstances", &arn("volume/vol-1"))[..] else {

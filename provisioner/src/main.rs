@@ -254,9 +254,6 @@ fn print_outputs(o: &Outputs) {
     println!("build_role               {}", o.build_role_arn);
     println!("runner_instance_profile  {}", o.runner_instance_profile);
     println!("build_instance_profile   {}", o.build_instance_profile);
-    for (name, id) in &o.launch_templates {
-        println!("launch_template          {name} {id}");
-    }
     for h in &o.runner_hosts {
         println!(
             "runner_host              {} {} {} {} (fleet {})",

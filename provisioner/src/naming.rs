@@ -1,6 +1,6 @@
 //! Names and tags: the stack tag every resource carries, the logical id that says which
 //! resource of the stack it is, and the deterministic names of IAM roles, instance
-//! profiles, launch templates and the runner token parameter.
+//! profiles and the runner token parameter.
 //!
 //! Invariant: a resource is the stack's only if it carries `flotilla:stack = <stack>`;
 //! `apply` finds what it created by these tags and `destroy` deletes nothing else.
@@ -44,10 +44,6 @@ impl Names {
         format!("flotilla-{}-build-machine", self.stack)
     }
 
-    pub(crate) fn launch_template(&self, class: &str) -> String {
-        format!("flotilla-{}-{}", self.stack, class)
-    }
-
     /// The SSM parameter holding the GitLab runner authentication token.
     pub(crate) fn token_param(&self) -> String {
         format!("/flotilla/{}/runner-token", self.stack)
@@ -77,9 +73,6 @@ pub(crate) mod logical {
     }
     pub(crate) fn private_rtb(zone: &str) -> String {
         format!("rtb/private/{zone}")
-    }
-    pub(crate) fn launch_template(class: &str) -> String {
-        format!("lt/{class}")
     }
     pub(crate) fn host(index: u32) -> String {
         format!("host/{index}")

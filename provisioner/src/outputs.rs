@@ -2,8 +2,6 @@
 //! made and the generated configuration files, assembled from what each resource module
 //! returned. Placeholders (`(known after apply: ...)`) stand for what is not created yet.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 
 use crate::ec2::instance::HostInfo;
@@ -30,7 +28,6 @@ pub struct Outputs {
     pub build_role_arn: String,
     pub runner_instance_profile: String,
     pub build_instance_profile: String,
-    pub launch_templates: BTreeMap<String, String>,
     pub runner_hosts: Vec<HostOutput>,
     pub token_parameter: String,
     pub gitlab_runner_id: Option<u64>,
@@ -83,8 +80,4 @@ pub(crate) fn hosts(hosts: Vec<HostInfo>, configs: Vec<(String, String)>) -> Vec
             flotilla_toml,
         })
         .collect()
-}
-
-pub(crate) fn templates(t: BTreeMap<String, Id>) -> BTreeMap<String, String> {
-    t.into_iter().map(|(k, v)| (k, v.to_string())).collect()
 }

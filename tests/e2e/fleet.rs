@@ -1336,10 +1336,11 @@ async fn one_idle_machine(sb: &Sandbox) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_class_root_volume_hop_limit_and_public_ip_reach_ec2() -> Result<()> {
-    use flotilla_proto::config::{RootVolume, VolumeKind};
+    use flotilla_proto::config::{LaunchTemplateRef, RootVolume, VolumeKind};
     bounded(Duration::from_secs(300), async {
-        let sb = Sandbox::start(SandboxOptions {
+        let mut sb = Sandbox::start(SandboxOptions {
             ec2_proxy: true,
+            start_daemon: false,
             idle_count: 1,
             extra_classes: vec![(
                 "tuned".into(),
@@ -1348,6 +1349,11 @@ async fn a_class_root_volume_hop_limit_and_public_ip_reach_ec2() -> Result<()> {
                     max_machines: 1,
                     imds_hop_limit: 2,
                     public_ip: true,
+                    launch_template: Some(LaunchTemplateRef {
+                        name: Some("operators-ci".into()),
+                        id: None,
+                        version: "$Latest".into(),
+                    }),
                     root_volume: Some(RootVolume {
                         gb: Some(64),
                         kind: VolumeKind::Gp3,
@@ -1365,6 +1371,10 @@ async fn a_class_root_volume_hop_limit_and_public_ip_reach_ec2() -> Result<()> {
             ..Default::default()
         })
         .await?;
+        // The operator's template: a key pair and a tag, which Flotilla does not model,
+        // and an instance type Flotilla's own setting must override.
+        let template_id = plant_operator_template(&sb, "operators-ci").await?;
+        sb.start_daemon().await?;
         wait_idle(&sb, "tuned", 1, Duration::from_secs(90)).await?;
         wait_idle(&sb, "default", 1, Duration::from_secs(90)).await?;
         let all = fleet(&sb).await?;
@@ -1400,6 +1410,24 @@ async fn a_class_root_volume_hop_limit_and_public_ip_reach_ec2() -> Result<()> {
         ensure!(
             inst.public_ip_address().is_some(),
             "public_ip = true, but moto gave the instance no public address: {inst:#?}"
+        );
+        let tag = |k: &str| {
+            inst.tags()
+                .iter()
+                .find(|t| t.key() == Some(k))
+                .and_then(|t| t.value())
+                .map(str::to_owned)
+        };
+        ensure!(
+            inst.key_name() == Some("operators-key")
+                && tag("Team").as_deref() == Some("platform")
+                && tag("aws:ec2launchtemplate:id").as_deref() == Some(template_id.as_str()),
+            "the template's key pair and tag reach the machine: {inst:#?}"
+        );
+        ensure!(
+            tag(flotilla_proto::tags::CLASS).as_deref() == Some("tuned")
+                && inst.instance_type().map(|t| t.as_str()) != Some("m5.24xlarge"),
+            "Flotilla's own settings override the template's: {inst:#?}"
         );
         let volumes = sb
             .ec2()
@@ -1464,4 +1492,34 @@ async fn a_class_root_volume_hop_limit_and_public_ip_reach_ec2() -> Result<()> {
         sb.shutdown().await
     })
     .await
+}
+
+/// An operator's launch template in moto: a key pair, a tag and an instance type.
+async fn plant_operator_template(sb: &Sandbox, name: &str) -> Result<String> {
+    use aws_sdk_ec2::types::{
+        LaunchTemplateTagSpecificationRequest, RequestLaunchTemplateData, ResourceType, Tag,
+    };
+    let out = sb
+        .ec2()
+        .create_launch_template()
+        .launch_template_name(name)
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .key_name("operators-key")
+                .instance_type(aws_sdk_ec2::types::InstanceType::M524xlarge)
+                .tag_specifications(
+                    LaunchTemplateTagSpecificationRequest::builder()
+                        .resource_type(ResourceType::Instance)
+                        .tags(Tag::builder().key("Team").value("platform").build())
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .context("CreateLaunchTemplate in moto")?;
+    out.launch_template()
+        .and_then(|t| t.launch_template_id())
+        .map(str::to_owned)
+        .context("moto returned no launch template id")
 }

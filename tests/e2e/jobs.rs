@@ -68,6 +68,18 @@ async fn predefined_stages_run_in_the_helper_image_and_share_the_builds_volume()
             "get_sources did not run in the helper image\n{}",
             ctx()
         );
+        // `helper_image` names `${ARCH}-v${CI_RUNNER_VERSION}`: the machine's architecture
+        // (amd64 -> GitLab's x86_64) and the runner's version chose this tag.
+        let prepare = r.stage("prepare").context("no prepare")?;
+        ensure!(
+            prepare
+                .stdout
+                .contains(&format!("(helper {})", sb.helper_image))
+                && sb.helper_image.ends_with(":x86_64-v18.6.0"),
+            "prepare did not use {}\n{}",
+            sb.helper_image,
+            ctx()
+        );
         let build = r
             .stage("build_script")
             .with_context(|| format!("build_script did not run\n{}", ctx()))?;

@@ -163,6 +163,11 @@ pub struct Cancel {
     pub when: CancelWhen,
 }
 
+/// The gitlab-runner version and revision the emulator says it is (`CI_RUNNER_VERSION`,
+/// `CI_RUNNER_REVISION`), as a real runner does in every job's variables.
+pub const RUNNER_VERSION: &str = "18.6.0";
+pub const RUNNER_REVISION: &str = "6d9a3d3e";
+
 /// How the emulated runner calls the driver.
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -431,6 +436,8 @@ impl JobContext {
             ),
             ("CI_JOB_TIMEOUT".into(), j.timeout_secs.to_string()),
             ("CI_SERVER_URL".into(), self.opts.server_url.clone()),
+            ("CI_RUNNER_VERSION".into(), RUNNER_VERSION.into()),
+            ("CI_RUNNER_REVISION".into(), RUNNER_REVISION.into()),
         ];
         if let Some(image) = &j.image {
             v.push(("CI_JOB_IMAGE".into(), image.clone()));

@@ -107,6 +107,7 @@ pub struct Sandbox {
     pub flotilla_bin: PathBuf,
     pub network: Network,
     pub job_image: String,
+    /// The helper image jobs get: what `helper_image`'s `${ARCH}-v${CI_RUNNER_VERSION}` expands to.
     pub helper_image: String,
     /// The distributed cache's bucket in moto (`[runners.cache] Type = "s3"`).
     pub cache_bucket: String,
@@ -312,7 +313,10 @@ impl Sandbox {
             })
             .await
             .context("building the helper image panicked")??;
-            let helper = r.push_built("flotilla/helper", "latest", &built)?;
+            // Tagged as GitLab tags its helpers, so the config can name it the way an
+            // operator does: per machine architecture and runner version.
+            let tag = format!("x86_64-v{}", crate::runner::RUNNER_VERSION);
+            let helper = r.push_built("flotilla/helper", &tag, &built)?;
             (job, helper)
         };
 
@@ -344,7 +348,10 @@ impl Sandbox {
         }
         config.tags = opts.tags.clone();
         config.job.default_image = job_image.clone();
-        config.job.helper_image = helper_image.clone();
+        config.job.helper_image = format!(
+            "{}/flotilla/helper:${{ARCH}}-v${{CI_RUNNER_VERSION}}",
+            registry.host()
+        );
         config.job.acquire_timeout = HumanDuration(opts.acquire_timeout);
         {
             let class = config

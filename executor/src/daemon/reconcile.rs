@@ -338,6 +338,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
             purchase: try_next.purchase,
             user_data: user_data.clone(),
             extra_tags: shared.config.machine_tags(&class_name),
+            launch_template: class.launch_template.clone(),
         };
         let (instance_type, subnet, market) =
             (&spec.instance_type, &spec.subnet, spec.purchase.as_str());

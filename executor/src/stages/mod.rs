@@ -15,6 +15,7 @@ pub mod credentials;
 pub mod expand;
 pub mod fault;
 pub mod glob;
+mod helper_image;
 pub mod images;
 pub mod job;
 pub mod prepare;

@@ -20,8 +20,8 @@ use super::fault::DockerFault;
 use super::job::{JobNames, JOB_LABEL};
 use super::spec::{ImageSpec, JobSpec};
 use super::{
-    docker_failure, images, lease_file, machine_docker, say, services, JobEnv, StageError,
-    StageResult,
+    docker_failure, helper_image, images, lease_file, machine_docker, say, services, JobEnv,
+    StageError, StageResult,
 };
 use crate::control::{ControlClient, ControlError};
 
@@ -117,7 +117,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     let docker = machine_docker(config, &lease)?;
     let names = JobNames::new(&job_key);
     let volumes = containers::job_volumes(&job, &names, &spec)?;
-    let helper_image = job.helper_image.clone();
+    let helper_image = helper_image_for(&docker, &lease, &job.helper_image, env).await?;
     let helper_policies = [PullPolicy::IfNotPresent];
     let (a, b, c) = tokio::join!(
         images::ensure(
@@ -184,6 +184,42 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         image.name
     ));
     Ok(())
+}
+
+/// `helper_image` with its placeholders expanded (asking the machine its architecture only
+/// when the image names `${ARCH}`).
+async fn helper_image_for(
+    docker: &Docker,
+    lease: &Lease,
+    template: &str,
+    env: &JobEnv,
+) -> Result<String, StageError> {
+    let arch = if helper_image::needs_arch(template) {
+        let version = docker
+            .version()
+            .await
+            .map_err(|e| docker_failure(lease, "asking the machine its architecture", &e))?;
+        version.arch
+    } else {
+        None
+    };
+    let runner = helper_image::Runner {
+        version: env.var("CI_RUNNER_VERSION"),
+        revision: env.var("CI_RUNNER_REVISION"),
+    };
+    let resolved =
+        helper_image::resolve(template, arch.as_deref(), runner).map_err(|e| match e {
+            helper_image::HelperError::Job(m) => {
+                StageError::build_message(format!("cannot choose the helper image: {m}"))
+            }
+            helper_image::HelperError::System(m) => {
+                StageError::system(format!("cannot choose the helper image: {m}"))
+            }
+        })?;
+    if let Some(note) = &resolved.note {
+        say(note);
+    }
+    Ok(resolved.image)
 }
 
 /// Stage scripts of the custom executor call `gitlab-runner` for cache and artifacts

@@ -9,8 +9,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use aws_sdk_ec2::types::{
-    Address, Filter, Instance, InternetGateway, LaunchTemplate, NatGateway,
-    ResponseLaunchTemplateData, RouteTable, SecurityGroup, Subnet, Volume, Vpc, VpcEndpoint,
+    Address, Filter, Instance, InternetGateway, LaunchTemplate, NatGateway, RouteTable,
+    SecurityGroup, Subnet, Volume, Vpc, VpcEndpoint,
 };
 use flotilla_proto::config::Config;
 use serde_json::Value;
@@ -54,8 +54,10 @@ struct Applied {
     bucket_sse: String,
     bucket_policy: Value,
     bucket_expiry_days: Option<i32>,
+    /// The stack's launch templates after apply (an earlier version's were planted).
     templates: Vec<LaunchTemplate>,
-    template_data: Option<ResponseLaunchTemplateData>,
+    /// Names of every launch template after apply, the stack's or not.
+    all_templates: Vec<String>,
     hosts: Vec<Instance>,
     host_volumes: Vec<Volume>,
     token_value: Option<String>,
@@ -143,6 +145,10 @@ async fn record() -> Lifecycle {
         &stack_toml(STACK, 31, &gitlab.url),
     );
 
+    // What an earlier version of the provisioner left (one template per class, tagged
+    // with the stack), and an operator's own template beside it.
+    plant_template(&c, "flotilla-life-small", Some(STACK)).await;
+    plant_template(&c, "operators-placement", None).await;
     let plan = step(&stack, &proxy, &["plan"]).await;
     let runners_after_plan = gitlab.runners().len();
     let apply = step(&stack, &proxy, &["apply"]).await;
@@ -282,19 +288,15 @@ async fn read_applied(c: &Clients) -> Applied {
         .unwrap()
         .launch_templates()
         .to_vec();
-    let template_data = match templates.first().and_then(|t| t.launch_template_id()) {
-        Some(id) => ec2
-            .describe_launch_template_versions()
-            .launch_template_id(id)
-            .versions("$Default")
-            .send()
-            .await
-            .unwrap()
-            .launch_template_versions()
-            .first()
-            .and_then(|v| v.launch_template_data().cloned()),
-        None => None,
-    };
+    let all_templates = ec2
+        .describe_launch_templates()
+        .send()
+        .await
+        .unwrap()
+        .launch_templates()
+        .iter()
+        .filter_map(|t| t.launch_template_name().map(str::to_owned))
+        .collect();
     let params = c.ssm.describe_parameters().send().await.unwrap();
     Applied {
         counts: ec2_counts(c, STACK).await,
@@ -401,7 +403,7 @@ async fn read_applied(c: &Clients) -> Applied {
                 .and_then(|r| r.expiration().and_then(|e| e.days()))
         }),
         templates,
-        template_data,
+        all_templates,
         hosts,
         host_volumes,
         token_value: param_value(c, TOKEN_PARAM).await,
@@ -682,30 +684,47 @@ fn the_bucket_is_private_encrypted_tls_only_and_expiring() {
 }
 
 #[test]
-fn the_launch_template_requires_imdsv2_encryption_and_no_public_ip() {
-    let a = applied();
-    assert_eq!(
-        a.templates[0].launch_template_name(),
-        Some("flotilla-life-small")
+fn launch_templates_an_earlier_version_left_are_deleted_and_an_operators_template_is_not() {
+    let l = lifecycle();
+    let a = &l.applied;
+    assert!(
+        l.plan.run.stdout.contains("flotilla-life-small"),
+        "the plan names the template it deletes:\n{}",
+        l.plan.run.stdout
     );
-    let data = a.template_data.as_ref().expect("a default version");
-    let md = data.metadata_options().unwrap();
-    assert_eq!(md.http_tokens().map(|t| t.as_str()), Some("required"));
-    assert_eq!(md.http_put_response_hop_limit(), Some(1));
-    let bd = &data.block_device_mappings()[0];
-    assert_eq!(bd.device_name(), Some("/dev/xvda"));
-    assert_eq!(bd.ebs().and_then(|e| e.encrypted()), Some(true));
-    assert_eq!(bd.ebs().and_then(|e| e.volume_size()), Some(20));
-    let ni = &data.network_interfaces()[0];
-    assert_eq!(ni.associate_public_ip_address(), Some(false));
-    assert_eq!(
-        ni.groups(),
-        [a.group("sg/build-machine").group_id().unwrap().to_owned()]
+    assert!(a.templates.is_empty(), "apply creates no launch template");
+    assert_eq!(a.all_templates, ["operators-placement"]);
+    assert!(
+        l.apply
+            .writes
+            .iter()
+            .any(|w| w.contains("DeleteLaunchTemplate")),
+        "{:?}",
+        l.apply.writes
     );
-    assert_eq!(
-        data.iam_instance_profile().and_then(|p| p.name()),
-        Some("flotilla-life-build-machine")
-    );
+}
+
+/// A launch template with one setting, tagged with `stack` when given.
+async fn plant_template(c: &Clients, name: &str, stack: Option<&str>) {
+    use aws_sdk_ec2::types::{RequestLaunchTemplateData, ResourceType, Tag, TagSpecification};
+    let mut req = c
+        .ec2
+        .create_launch_template()
+        .launch_template_name(name)
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        );
+    if let Some(stack) = stack {
+        req = req.tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::LaunchTemplate)
+                .tags(Tag::builder().key(STACK_TAG).value(stack).build())
+                .build(),
+        );
+    }
+    req.send().await.unwrap();
 }
 
 #[test]

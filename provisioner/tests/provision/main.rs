@@ -170,7 +170,7 @@ fn expected_counts() -> std::collections::BTreeMap<&'static str, usize> {
         ("route-table", 3),
         ("vpc-endpoint", 1),
         ("security-group", 2),
-        ("launch-template", 1),
+        ("launch-template", 0),
         ("instance", 1),
     ]
     .into()
