@@ -7,6 +7,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod config;
 pub mod container;
+pub mod dockerd;
 pub mod duration;
 pub mod schedule;
 pub mod tags;

@@ -66,6 +66,10 @@ pub struct SandboxOptions {
     pub reconcile_interval: Duration,
     /// The fleet's extra machine `tags`.
     pub tags: std::collections::BTreeMap<String, String>,
+    /// Files the emulated machines' image ships (path, content): e.g. an AMI's daemon.json.
+    pub ami_files: Vec<(String, String)>,
+    /// The fleet's `[dockerd]` settings.
+    pub dockerd: flotilla_proto::dockerd::DockerdSettings,
 }
 
 impl Default for SandboxOptions {
@@ -90,6 +94,8 @@ impl Default for SandboxOptions {
             metrics: false,
             reconcile_interval: Duration::from_secs(1),
             tags: std::collections::BTreeMap::new(),
+            ami_files: Vec::new(),
+            dockerd: Default::default(),
         }
     }
 }
@@ -343,6 +349,7 @@ impl Sandbox {
             config.metrics_addr = Some(format!("127.0.0.1:{}", util::free_port()?));
         }
         config.tags = opts.tags.clone();
+        config.dockerd = opts.dockerd.clone();
         config.job.default_image = job_image.clone();
         config.job.helper_image = helper_image.clone();
         config.job.acquire_timeout = HumanDuration(opts.acquire_timeout);
@@ -397,6 +404,7 @@ impl Sandbox {
                 slot: n,
                 boot_delay: opts.boot_delay,
                 poll_interval: Duration::from_millis(250),
+                ami_files: opts.ami_files.clone(),
             },
         )?;
 
