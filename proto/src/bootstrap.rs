@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::boot_hooks::{self, UserDataPart};
 use crate::dockerd::DockerdSettings;
 
 /// dockerd's TLS port on every build machine.
@@ -133,7 +134,7 @@ impl DockerdConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("user data is {size} bytes, above EC2's limit of {MAX_USER_DATA_BYTES}")]
+    #[error("user data is {size} bytes (with the class's user_data_parts), above EC2's limit of {MAX_USER_DATA_BYTES}")]
     TooLarge { size: usize },
     #[error("user data does not start with #cloud-config")]
     NotCloudConfig,
@@ -187,15 +188,25 @@ impl CloudConfig {
 
     /// `#cloud-config` + JSON, checked against EC2's size limit.
     pub fn render(&self) -> Result<String, BootstrapError> {
-        let text = format!("#cloud-config\n{}\n", serde_json::to_string(self)?);
+        self.render_with(&[])
+    }
+
+    /// This part, then a class's `user_data_parts` (a MIME multipart when there are any),
+    /// checked against EC2's size limit.
+    pub fn render_with(&self, parts: &[UserDataPart]) -> Result<String, BootstrapError> {
+        let ours = format!("#cloud-config\n{}\n", serde_json::to_string(self)?);
+        let text = boot_hooks::render_multipart(&ours, parts);
         if text.len() > MAX_USER_DATA_BYTES {
             return Err(BootstrapError::TooLarge { size: text.len() });
         }
         Ok(text)
     }
 
+    /// Flotilla's own part of user data (plain, or the first part of a multipart).
     pub fn parse(user_data: &str) -> Result<Self, BootstrapError> {
-        let body = user_data
+        let (ours, _) =
+            boot_hooks::split_multipart(user_data).ok_or(BootstrapError::NotCloudConfig)?;
+        let body = ours
             .strip_prefix("#cloud-config")
             .ok_or(BootstrapError::NotCloudConfig)?;
         Ok(serde_json::from_str(body.trim())?)

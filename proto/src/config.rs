@@ -381,6 +381,12 @@ pub struct ClassConfig {
     /// [`Config::dockerd_for`].
     #[serde(default, skip_serializing_if = "DockerdSettings::is_empty")]
     pub dockerd: DockerdSettings,
+    /// Extra cloud-init parts after Flotilla's own (per class: they go with the AMI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_data_parts: Vec<crate::boot_hooks::UserDataPart>,
+    /// A check a booting machine must pass before it is ready; failing it is a failed boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_command: Option<crate::boot_hooks::ReadyCommand>,
 }
 
 /// Flotilla's learned warm pool, on top of `idle_count` and the schedules: a warm machine
@@ -454,6 +460,8 @@ impl Default for ClassConfig {
             forecast: ForecastConfig::default(),
             job: None,
             dockerd: DockerdSettings::default(),
+            user_data_parts: Vec::new(),
+            ready_command: None,
         }
     }
 }
@@ -775,6 +783,13 @@ impl Config {
         }
         check_disk_and_network(name, class)?;
         check_dockerd(&class.dockerd, &key("dockerd"))?;
+        crate::boot_hooks::check(
+            &class.user_data_parts,
+            class.ready_command.as_ref(),
+            crate::boot_hooks::FLOTILLA_PART_BUDGET,
+            crate::bootstrap::MAX_USER_DATA_BYTES,
+        )
+        .or_else(|(k, message)| bad(&key(&k), message))?;
         // With the fleet's: the limit is on what one machine carries.
         check_tags(&self.machine_tags(name), &key("tags"))
     }

@@ -4,6 +4,7 @@
 //! depends on no AWS, Docker or async crate, so every side can use it cheaply.
 
 pub mod api;
+pub mod boot_hooks;
 pub mod bootstrap;
 pub mod config;
 pub mod container;

@@ -307,7 +307,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
                 server_key_pem: &cert.key_pem,
                 dockerd: &dockerd,
             })
-            .render()
+            .render_with(&class.user_data_parts)
             .map_err(|e| e.to_string())
         }) {
         Ok(u) => u,
