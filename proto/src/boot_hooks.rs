@@ -222,7 +222,10 @@ mod tests {
         );
         assert!(multipart_size(22, &parts) >= text.len());
         // No parts: the user data stays plain cloud-config.
-        assert_eq!(render_multipart("#cloud-config\n{}\n", &[]), "#cloud-config\n{}\n");
+        assert_eq!(
+            render_multipart("#cloud-config\n{}\n", &[]),
+            "#cloud-config\n{}\n"
+        );
         assert_eq!(
             split_multipart("#cloud-config\n{}\n").unwrap().0,
             "#cloud-config\n{}\n"
@@ -232,14 +235,21 @@ mod tests {
     #[test]
     fn bad_parts_and_ready_commands_name_the_key() {
         let cases: [(Vec<UserDataPart>, Option<ReadyCommand>, &str); 5] = [
-            (vec![part(PartKind::Shell, "echo")], None, "user_data_parts[0].content"),
+            (
+                vec![part(PartKind::Shell, "echo")],
+                None,
+                "user_data_parts[0].content",
+            ),
             (
                 vec![part(PartKind::CloudConfig, &format!("x\n--{BOUNDARY}\n"))],
                 None,
                 "user_data_parts[0].content",
             ),
             (
-                vec![part(PartKind::Shell, &format!("#!/bin/sh\n{}", "x".repeat(9000)))],
+                vec![part(
+                    PartKind::Shell,
+                    &format!("#!/bin/sh\n{}", "x".repeat(9000)),
+                )],
                 None,
                 "user_data_parts",
             ),

@@ -320,15 +320,17 @@ mod tests {
         .unwrap();
         let cloud = CloudConfig::parse(&with_settings(&settings).render().unwrap()).unwrap();
         let ours: serde_json::Value =
-            serde_json::from_str(&cloud.file(FLOTILLA_DAEMON_JSON_PATH).unwrap().content)
-                .unwrap();
+            serde_json::from_str(&cloud.file(FLOTILLA_DAEMON_JSON_PATH).unwrap().content).unwrap();
         assert_eq!(ours["mtu"], 1450);
         assert_eq!(ours["data-root"], "/mnt/docker");
         assert_eq!(ours["tlsverify"], true);
         assert_eq!(
             cloud.dockerd_env(),
             vec![
-                ("HTTP_PROXY".to_string(), "http://u:pw@proxy:3128".to_string()),
+                (
+                    "HTTP_PROXY".to_string(),
+                    "http://u:pw@proxy:3128".to_string()
+                ),
                 ("NO_PROXY".to_string(), "localhost,10.0.0.0/8".to_string()),
             ]
         );

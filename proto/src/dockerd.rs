@@ -14,8 +14,14 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 /// daemon.json keys Flotilla always sets itself: listening only with TLS verification.
-pub const FLOTILLA_OWNED_KEYS: [&str; 6] =
-    ["hosts", "tls", "tlsverify", "tlscacert", "tlscert", "tlskey"];
+pub const FLOTILLA_OWNED_KEYS: [&str; 6] = [
+    "hosts",
+    "tls",
+    "tlsverify",
+    "tlscacert",
+    "tlscert",
+    "tlskey",
+];
 
 /// dockerd settings; every key is optional so a class can override the fleet's key by key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,7 +200,10 @@ impl DockerdSettings {
                 );
             }
         }
-        for (key, v) in [("http_proxy", &self.http_proxy), ("https_proxy", &self.https_proxy)] {
+        for (key, v) in [
+            ("http_proxy", &self.http_proxy),
+            ("https_proxy", &self.https_proxy),
+        ] {
             if let Some(v) = v {
                 if !is_url(v, &["http", "https", "socks5"]) {
                     return bad(
@@ -283,8 +292,14 @@ mod tests {
     #[test]
     fn bad_values_name_the_key() {
         for (text, key) in [
-            ("registry_mirrors = [\"mirror:5000\"]", "registry_mirrors[0]"),
-            ("insecure_registries = [\"http://r\"]", "insecure_registries[0]"),
+            (
+                "registry_mirrors = [\"mirror:5000\"]",
+                "registry_mirrors[0]",
+            ),
+            (
+                "insecure_registries = [\"http://r\"]",
+                "insecure_registries[0]",
+            ),
             ("mtu = 40", "mtu"),
             ("data_root = \"docker\"", "data_root"),
             ("data_root = \"/\"", "data_root"),

@@ -52,7 +52,10 @@ async fn dockerd_settings_merge_over_the_amis_daemon_json_and_jobs_still_run() -
             serde_json::from_str(&std::fs::read_to_string(m.file("/etc/docker/daemon.json"))?)?;
         ensure!(merged["labels"][0] == "ami=base", "{merged:#}");
         ensure!(merged["mtu"] == 1450, "{merged:#}");
-        ensure!(merged["tls"] == true && merged["tlsverify"] == true, "{merged:#}");
+        ensure!(
+            merged["tls"] == true && merged["tlsverify"] == true,
+            "{merged:#}"
+        );
         ensure!(
             merged["hosts"]
                 .as_array()
@@ -99,16 +102,27 @@ async fn dockerd_settings_merge_over_the_amis_daemon_json_and_jobs_still_run() -
             info["HttpsProxy"],
             info["NoProxy"]
         );
-        ensure!(info["LoggingDriver"] == "json-file", "{}", info["LoggingDriver"]);
+        ensure!(
+            info["LoggingDriver"] == "json-file",
+            "{}",
+            info["LoggingDriver"]
+        );
 
         // A job runs on it (its images pulled past the proxy settings, into the data root).
-        let r = sb.run_job(Job::new(701, &["echo ran-on-tuned-dockerd"])).await?;
+        let r = sb
+            .run_job(Job::new(701, &["echo ran-on-tuned-dockerd"]))
+            .await?;
         ensure!(r.outcome == Outcome::Success, "{}\n{}", r.describe(), ctx());
         // A container made now gets the configured log options by default.
         let id = docker_on(&m, &["create", &sb.job_image, "true"]).await?;
         let log_config = docker_on(
             &m,
-            &["inspect", "--format", "{{json .HostConfig.LogConfig}}", id.trim()],
+            &[
+                "inspect",
+                "--format",
+                "{{json .HostConfig.LogConfig}}",
+                id.trim(),
+            ],
         )
         .await?;
         let log_config: serde_json::Value = serde_json::from_str(&log_config)?;

@@ -15,6 +15,9 @@
 //! mapped into the machine root, and the systemd drop-in's `Environment=` (proxies).
 //! The operator's `default-address-pools` are not applied: emulated machines share one
 //! host and each gets its own pool in 10.<slot>.0.0/16.
+//! Of a multipart user data only Flotilla's own part is applied: the operator's
+//! `user_data_parts` (YAML cloud-config, shell scripts that would run as root on this
+//! host) are not.
 //!
 //! Invariants: never the default bridge (`--bridge=none`), distinct data/exec roots, pid
 //! files and `--default-address-pool`s per machine (10.<slot>.<k>.0/24), so several
@@ -601,15 +604,8 @@ async fn boot(
         // dockerd's network controller recreates the shared iptables chains at start; two
         // starting at once race ("Chain already exists"). One start at a time per host.
         let lock = tokio::task::spawn_blocking(dockerd_start_lock).await??;
-        let started = start_dockerd(
-            shared,
-            &machine,
-            &args,
-            &env,
-            tls_port,
-            machine_id.clone(),
-        )
-        .await;
+        let started =
+            start_dockerd(shared, &machine, &args, &env, tls_port, machine_id.clone()).await;
         drop(lock);
         match started {
             Ok(true) => break,

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::bootstrap::{machine_dns_name, DOCKER_TLS_PORT};
 use flotilla_proto::boot_hooks::ReadyCommand;
+use flotilla_proto::bootstrap::{machine_dns_name, DOCKER_TLS_PORT};
 use futures_util::future::BoxFuture;
 
 use super::ready::ReadyRun;

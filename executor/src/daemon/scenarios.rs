@@ -450,7 +450,10 @@ async fn a_failing_ready_command_is_a_failed_boot_replaced_like_a_boot_timeout()
     let first = r.shared.pool().machines().keys().next().unwrap().clone();
     r.until("the failed boot", |p| p.machines()[&first].boot_failed)
         .await;
-    assert_eq!(r.shared.pool().machines()[&first].state, MachineState::Broken);
+    assert_eq!(
+        r.shared.pool().machines()[&first].state,
+        MachineState::Broken
+    );
     assert_eq!(r.in_state(MachineState::Idle), Vec::<String>::new());
     r.machines.set_ready_exit(0);
     r.pass().await;
