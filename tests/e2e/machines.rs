@@ -1,10 +1,14 @@
 //! Build machines configured the way operators run them: `[dockerd]` settings merged over
-//! the AMI's own daemon.json, and the machine they give still running jobs.
+//! the AMI's own daemon.json, and the machine they give still running jobs; a class's
+//! `ready_command` deciding when a machine is ready, and a failing one a failed boot.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use flotilla_proto::boot_hooks::ReadyCommand;
 use flotilla_proto::dockerd::{AddressPool, DockerdSettings};
+use flotilla_proto::duration::HumanDuration;
+use flotilla_sandbox::util::wait_until;
 use flotilla_sandbox::{docker_on, Job, Outcome, Sandbox, SandboxOptions};
 
 use crate::common::bounded;
@@ -133,6 +137,73 @@ async fn dockerd_settings_merge_over_the_amis_daemon_json_and_jobs_still_run() -
         ensure!(
             std::fs::read_dir(data_root.join("containers"))?.count() > 0,
             "no containers under the configured data root"
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_ready_command_is_a_failed_boot_and_a_replacement_serves_the_job() -> Result<()> {
+    bounded(Duration::from_secs(300), async {
+        // The ready command checks a file under /host: in the sandbox that is this host's /
+        // (the emulated machines' dockerd run here), so the test decides when it passes.
+        let flag = tempfile::NamedTempFile::new()?.into_temp_path();
+        let flag_path = flag.to_path_buf();
+        std::fs::remove_file(&flag_path)?;
+        let sb = Sandbox::start(SandboxOptions {
+            metrics: true,
+            ready_command: Some(ReadyCommand {
+                image: "{registry}/flotilla/busybox:latest".into(),
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("echo checking; test -e /host{}", flag_path.display()),
+                ],
+                timeout: Some(HumanDuration::from_secs(60)),
+            }),
+            ..Default::default()
+        })
+        .await?;
+        let job = tokio::spawn(flotilla_sandbox::runner::run_job(
+            sb.runner_options(),
+            Job::new(702, &["echo served"]),
+        ));
+        // The first machine fails its ready command and is terminated as a failed boot.
+        let first = wait_until(
+            "a machine terminated as a failed boot",
+            Duration::from_secs(120),
+            Duration::from_millis(250),
+            || async {
+                let text = sb.metrics().await?;
+                Ok(text
+                    .contains(r#"flotilla_terminations_total{reason="boot_timeout"} 1"#)
+                    .then_some(()))
+            },
+        )
+        .await
+        .with_context(|| sb.diagnostics());
+        let log = std::fs::read_to_string(sb.daemon_log()).unwrap_or_default();
+        first?;
+        ensure!(
+            log.contains("failed its ready_command") && log.contains("exited with 1"),
+            "the daemon log says why: {}",
+            sb.diagnostics()
+        );
+        let terminated = flotilla_sandbox::moto::fleet_instances(sb.ec2(), &sb.fleet)
+            .await?
+            .into_iter()
+            .filter(|i| i.state == "terminated" || i.state == "shutting-down")
+            .count();
+        ensure!(terminated >= 1, "moto holds no terminated instance");
+        // Now the check passes: a replacement becomes ready and serves the job.
+        std::fs::write(&flag_path, b"ok")?;
+        let r = job.await??;
+        ensure!(
+            r.outcome == Outcome::Success,
+            "{}\n{}",
+            r.describe(),
+            sb.diagnostics()
         );
         sb.shutdown().await
     })

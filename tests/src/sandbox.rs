@@ -70,6 +70,10 @@ pub struct SandboxOptions {
     pub ami_files: Vec<(String, String)>,
     /// The fleet's `[dockerd]` settings.
     pub dockerd: flotilla_proto::dockerd::DockerdSettings,
+    /// The default class's `ready_command`; `{registry}` in its image is the sandbox
+    /// registry's address. Its `/host` is this host's `/` (the emulated machines' dockerd
+    /// run here).
+    pub ready_command: Option<flotilla_proto::boot_hooks::ReadyCommand>,
 }
 
 impl Default for SandboxOptions {
@@ -96,6 +100,7 @@ impl Default for SandboxOptions {
             tags: std::collections::BTreeMap::new(),
             ami_files: Vec::new(),
             dockerd: Default::default(),
+            ready_command: None,
         }
     }
 }
@@ -370,6 +375,10 @@ impl Sandbox {
             class.forecast.enabled = opts.forecast;
             class.instance_types = opts.instance_types.clone();
             class.market = opts.market;
+            class.ready_command = opts.ready_command.clone().map(|mut r| {
+                r.image = r.image.replace("{registry}", &registry.host());
+                r
+            });
         }
         for (name, extra) in &opts.extra_classes {
             let mut class = extra.clone();
