@@ -14,9 +14,10 @@ pub const BOUNDARY: &str = "==flotilla-user-data-part==";
 /// (write_files, runcmd: Flotilla's run first), existing keys kept (Flotilla's win).
 pub const MERGE_TYPE: &str = "list(append)+dict(no_replace,recurse_list)+str()";
 
-/// Bytes every machine's own (Flotilla) part takes at most: CA and server certificates,
-/// key, daemon.json, merge program (about 7 KiB measured, with room for growth). Used to
-/// refuse at validation parts that would push the user data over EC2's 16 KiB.
+/// Bytes set aside for every machine's own (Flotilla) part: CA and server certificates,
+/// key, daemon.json, merge program (a few KiB; an estimate, not a measured bound). Used to
+/// refuse at validation parts that would push the user data over EC2's 16 KiB; the exact
+/// size is checked again at launch ([`crate::bootstrap::CloudConfig::render_with`]).
 pub const FLOTILLA_PART_BUDGET: usize = 8 * 1024;
 
 /// One extra cloud-init part of a class's user data.
