@@ -190,12 +190,22 @@ async fn a_failing_ready_command_is_a_failed_boot_and_a_replacement_serves_the_j
             "the daemon log says why: {}",
             sb.diagnostics()
         );
-        let terminated = flotilla_sandbox::moto::fleet_instances(sb.ec2(), &sb.fleet)
-            .await?
-            .into_iter()
-            .filter(|i| i.state == "terminated" || i.state == "shutting-down")
-            .count();
-        ensure!(terminated >= 1, "moto holds no terminated instance");
+        // The metric counts the termination when it is decided; moto shows it once the
+        // daemon's TerminateInstances call went through.
+        wait_until(
+            "moto to hold the failed machine terminated",
+            Duration::from_secs(60),
+            Duration::from_millis(250),
+            || async {
+                let terminated = flotilla_sandbox::moto::fleet_instances(sb.ec2(), &sb.fleet)
+                    .await?
+                    .into_iter()
+                    .any(|i| i.state == "terminated" || i.state == "shutting-down");
+                Ok(terminated.then_some(()))
+            },
+        )
+        .await
+        .with_context(|| sb.diagnostics())?;
         // Now the check passes: a replacement becomes ready and serves the job.
         std::fs::write(&flag_path, b"ok")?;
         let r = job.await??;
