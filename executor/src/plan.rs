@@ -263,6 +263,10 @@ fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mu
             continue;
         };
         match m.state {
+            // A failed boot counts as one: same reason, metric and alert as a timeout.
+            MachineState::Broken if m.boot_failed => {
+                doomed.terminate(&m.id, TerminateReason::BootTimeout)
+            }
             MachineState::Broken => doomed.terminate(&m.id, TerminateReason::Broken),
             // Only once RunInstances answered: a launch still in flight (throttled, in the
             // SDK's retries) has no instance to time out, and timing out its record would

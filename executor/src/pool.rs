@@ -71,6 +71,10 @@ pub struct Machine {
     /// (never handed to a job) until drained, see [`crate::observe::adopt`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted_at: Option<DateTime<Utc>>,
+    /// Broken before it was ever ready (its class's `ready_command` failed): terminated as
+    /// a failed boot, like one past its boot timeout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_failed: bool,
 }
 
 impl Machine {
@@ -91,6 +95,7 @@ impl Machine {
             terminate_reason: None,
             terminate_sent_at: None,
             adopted_at: None,
+            boot_failed: false,
         }
     }
 
@@ -365,6 +370,20 @@ impl Pool {
                 m.state = MachineState::Idle;
                 m.ready_at = Some(now);
                 m.idle_since = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A booting machine failed its boot (its `ready_command`): never ready, replaced by
+    /// the plan as a failed boot. False when it is no longer booting.
+    pub fn fail_boot(&mut self, machine_id: &str, why: &str) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m) if m.state == MachineState::Booting => {
+                m.state = MachineState::Broken;
+                m.boot_failed = true;
+                m.note = Some(why.to_owned());
                 true
             }
             _ => false,

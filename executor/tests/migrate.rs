@@ -412,14 +412,19 @@ fn a_google_runner_is_refused_and_the_aws_runner_migrates_with_every_gap_reporte
         ),
         ("amazonec2-block-duration-minutes=60", "max_age"),
         (
-            "engine-registry-mirror=http://10.11.12.13:12345",
-            "daemon.json",
+            "engine-storage-driver=overlay2",
+            "AMI's /etc/docker/daemon.json",
         ),
-        ("engine-storage-driver=overlay2", "into the AMI"),
     ] {
         let line = m.line("no equivalent: ", needle);
         assert!(line.contains(what), "{line}");
     }
+    // A registry mirror now has a Flotilla key.
+    let mirror = m.line(
+        "converted: ",
+        "engine-registry-mirror=http://10.11.12.13:12345",
+    );
+    assert!(mirror.contains("dockerd.registry_mirrors"), "{mirror}");
     let off_peak = m.line("no equivalent: ", "OffPeakPeriods");
     assert!(
         off_peak.contains("periods = [\"* 0-7,19-23 * * mon-fri\", \"* * * * sat,sun\"], timezone = \"America/New_York\", idle_count = 0, idle_time = \"300s\""),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::container::{ContainerOptions, VolumeSpec};
+use crate::dockerd::DockerdSettings;
 use crate::duration::HumanDuration;
 pub use crate::schedule::Schedule;
 
@@ -69,6 +70,10 @@ pub struct Config {
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
     pub job: JobConfig,
+    /// `[dockerd]`: settings of every build machine's dockerd, merged into the AMI's
+    /// daemon.json; a class's `[classes.X.dockerd]` overrides them key by key.
+    #[serde(default, skip_serializing_if = "DockerdSettings::is_empty")]
+    pub dockerd: DockerdSettings,
     /// Named machine classes; a job picks one with the `FLOTILLA_CLASS` variable.
     pub classes: BTreeMap<String, ClassConfig>,
     /// USD per hour by instance type (`[prices]`, e.g. `"m5.large" = 0.096`); used by
@@ -399,6 +404,16 @@ pub struct ClassConfig {
     /// [`Config::job_for`]. `builds_dir` and `cache_dir` are the runner's and cannot differ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<toml::Table>,
+    /// `[classes.X.dockerd]`: `[dockerd]` keys that differ for this class, see
+    /// [`Config::dockerd_for`].
+    #[serde(default, skip_serializing_if = "DockerdSettings::is_empty")]
+    pub dockerd: DockerdSettings,
+    /// Extra cloud-init parts after Flotilla's own (per class: they go with the AMI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_data_parts: Vec<crate::boot_hooks::UserDataPart>,
+    /// A check a booting machine must pass before it is ready; failing it is a failed boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_command: Option<crate::boot_hooks::ReadyCommand>,
 }
 
 /// Flotilla's learned warm pool, on top of `idle_count` and the schedules: a warm machine
@@ -472,6 +487,9 @@ impl Default for ClassConfig {
             schedules: Vec::new(),
             forecast: ForecastConfig::default(),
             job: None,
+            dockerd: DockerdSettings::default(),
+            user_data_parts: Vec::new(),
+            ready_command: None,
         }
     }
 }
@@ -495,6 +513,7 @@ impl Default for Config {
             aws: AwsConfig::default(),
             tags: BTreeMap::new(),
             job: JobConfig::default(),
+            dockerd: DockerdSettings::default(),
             classes: BTreeMap::new(),
             prices: BTreeMap::new(),
         }
@@ -689,6 +708,7 @@ impl Config {
         if self.reconcile_interval.0.is_zero() {
             return bad("reconcile_interval", "must be greater than zero".into());
         }
+        check_dockerd(&self.dockerd, "dockerd")?;
         check_tags(&self.tags, "tags")
     }
 
@@ -808,6 +828,14 @@ impl Config {
             }
         }
         check_disk_and_network(name, class)?;
+        check_dockerd(&class.dockerd, &key("dockerd"))?;
+        crate::boot_hooks::check(
+            &class.user_data_parts,
+            class.ready_command.as_ref(),
+            crate::boot_hooks::FLOTILLA_PART_BUDGET,
+            crate::bootstrap::MAX_USER_DATA_BYTES,
+        )
+        .or_else(|(k, message)| bad(&key(&k), message))?;
         // With the fleet's: the limit is on what one machine carries.
         check_tags(&self.machine_tags(name), &key("tags"))
     }
@@ -860,6 +888,14 @@ impl Config {
             tags.extend(c.tags.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         tags
+    }
+
+    /// The dockerd settings of `class`'s machines: `[dockerd]` with the class's keys over it.
+    pub fn dockerd_for(&self, class: &str) -> DockerdSettings {
+        match self.classes.get(class) {
+            Some(c) => self.dockerd.overridden_by(&c.dockerd),
+            None => self.dockerd.clone(),
+        }
     }
 
     /// The `[job]` settings for jobs of `class`: the fleet's `[job]` with the class's
@@ -1056,6 +1092,14 @@ fn check_disk_and_network(name: &str, class: &ClassConfig) -> Result<(), Invalid
         return bad(&key("root_volume.kms_key"), "must name a KMS key".into());
     }
     Ok(())
+}
+
+/// One `[dockerd]` table (the fleet's or a class's), keys under `prefix`.
+fn check_dockerd(d: &DockerdSettings, prefix: &str) -> Result<(), Invalid> {
+    d.check().map_err(|(key, message)| Invalid {
+        key: format!("{prefix}.{key}"),
+        message,
+    })
 }
 
 /// Most tags EC2 keeps on a resource, and how many of them Flotilla sets itself.

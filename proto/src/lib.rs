@@ -4,9 +4,11 @@
 //! depends on no AWS, Docker or async crate, so every side can use it cheaply.
 
 pub mod api;
+pub mod boot_hooks;
 pub mod bootstrap;
 pub mod config;
 pub mod container;
+pub mod dockerd;
 pub mod duration;
 pub mod schedule;
 pub mod tags;

@@ -17,6 +17,7 @@ mod harness;
 mod helper;
 mod isolation;
 mod jobs;
+mod machines;
 mod observability;
 mod pipelines;
 mod pool;

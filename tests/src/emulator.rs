@@ -5,6 +5,20 @@
 //! IP (a loopback address). When the instance is terminated or gone, that dockerd is
 //! stopped and the machine's directories removed.
 //!
+//! Like cloud-init it writes the AMI's own files first ([`EmulatorOptions::ami_files`],
+//! e.g. a daemon.json the image ships), then the user data's `write_files`, then runs the
+//! user data's `python3` runcmd entries (the daemon.json merge) with every absolute path
+//! argument mapped into the machine root; `systemctl` entries are skipped (there is no
+//! systemd: dockerd is started directly). dockerd gets the merged daemon.json (as its
+//! `--config-file`, minus the keys the emulator must set as flags: hosts and TLS files
+//! mapped into the root, its own exec root, pid file and address pools), `data-root`
+//! mapped into the machine root, and the systemd drop-in's `Environment=` (proxies).
+//! The operator's `default-address-pools` are not applied: emulated machines share one
+//! host and each gets its own pool in 10.<slot>.0.0/16.
+//! Of a multipart user data only Flotilla's own part is applied: the operator's
+//! `user_data_parts` (YAML cloud-config, shell scripts that would run as root on this
+//! host) are not.
+//!
 //! Invariants: never the default bridge (`--bridge=none`), distinct data/exec roots, pid
 //! files and `--default-address-pool`s per machine (10.<slot>.<k>.0/24), so several
 //! dockerd (also of other sandboxes) run side by side; they share the host's iptables
@@ -33,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
-use flotilla_proto::bootstrap::{CloudConfig, DockerdConfig};
+use flotilla_proto::bootstrap::{CloudConfig, DockerdConfig, DAEMON_JSON_PATH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
@@ -54,6 +68,9 @@ pub struct EmulatorOptions {
     pub boot_delay: Duration,
     /// How often moto is polled.
     pub poll_interval: Duration,
+    /// Files every machine's image ships (path on the machine, content), written before
+    /// the user data's: e.g. an AMI's own `/etc/docker/daemon.json`.
+    pub ami_files: Vec<(String, String)>,
 }
 
 /// Where an emulated machine is in its life.
@@ -515,11 +532,15 @@ async fn boot(
         .context("user data is not base64")?;
     let text = String::from_utf8(raw).context("user data is not UTF-8")?;
     let cloud = CloudConfig::parse(&text).context("parsing user data as cloud-config")?;
-    let dockerd_config = cloud
-        .dockerd_config()
-        .context("reading dockerd config from user data")?;
 
     let fs_root = machine.root.join("fs");
+    for (path, content) in &shared.opts.ami_files {
+        crate::util::write_file(
+            &fs_root.join(path.trim_start_matches('/')),
+            content.as_bytes(),
+            0o644,
+        )?;
+    }
     for f in &cloud.write_files {
         let mode = u32::from_str_radix(f.permissions.trim_start_matches("0o"), 8)
             .with_context(|| format!("bad permissions {:?} for {}", f.permissions, f.path))?;
@@ -527,6 +548,23 @@ async fn boot(
         crate::util::write_file(&dest, f.content.as_bytes(), mode)?;
     }
     std::fs::write(machine.root.join("user-data"), &text)?;
+    run_commands(&cloud, &fs_root)?;
+    let merged = read_daemon_json(&fs_root)?;
+    let dockerd_config: DockerdConfig = serde_json::from_value(merged.clone().into())
+        .context("reading the merged /etc/docker/daemon.json")?;
+    let data_root = merged
+        .get("data-root")
+        .and_then(|v| v.as_str())
+        .map(|p| fs_root.join(p.trim_start_matches('/')));
+    let mut flags = merged;
+    for key in EMULATOR_FLAGS {
+        flags.remove(key);
+    }
+    std::fs::write(
+        machine.root.join("daemon-flags.json"),
+        serde_json::to_vec_pretty(&flags)?,
+    )?;
+    let env = cloud.dockerd_env();
     shared.event(&format!(
         "{id}: wrote {} cloud-init files; dockerd in {:?}",
         cloud.write_files.len(),
@@ -545,14 +583,20 @@ async fn boot(
         *n = n.wrapping_add(1);
         k
     };
-    let (mut args, tls_port) =
-        dockerd_args(&machine, &dockerd_config, &fs_root, shared.opts.slot, pool)?;
+    let data_dir = data_root.unwrap_or_else(|| machine.root.join("d"));
+    let (mut args, tls_port) = dockerd_args(
+        &machine,
+        &dockerd_config,
+        &fs_root,
+        &data_dir,
+        shared.opts.slot,
+        pool,
+    )?;
     let runtime = shared.opts.dir.join("bin").join(RUNC_WRAPPER);
     args.extend([
         format!("--add-runtime={RUNC_WRAPPER}={}", runtime.display()),
         format!("--default-runtime={RUNC_WRAPPER}"),
     ]);
-    std::fs::write(machine.root.join("daemon-flags.json"), b"{}")?;
     let start = Instant::now();
     let mut attempt = 0;
     loop {
@@ -560,7 +604,8 @@ async fn boot(
         // dockerd's network controller recreates the shared iptables chains at start; two
         // starting at once race ("Chain already exists"). One start at a time per host.
         let lock = tokio::task::spawn_blocking(dockerd_start_lock).await??;
-        let started = start_dockerd(shared, &machine, &args, tls_port, machine_id.clone()).await;
+        let started =
+            start_dockerd(shared, &machine, &args, &env, tls_port, machine_id.clone()).await;
         drop(lock);
         match started {
             Ok(true) => break,
@@ -578,7 +623,7 @@ async fn boot(
                     }
                 }
                 unmount_under(&machine.root.join("x"));
-                unmount_under(&machine.root.join("d"));
+                unmount_under(&data_dir);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e),
@@ -597,6 +642,63 @@ async fn boot(
             .unwrap_or_else(|| "-".into())
     ));
     Ok(())
+}
+
+/// daemon.json keys the emulator sets as dockerd flags instead (dockerd refuses a key given
+/// both ways).
+const EMULATOR_FLAGS: [&str; 11] = [
+    "hosts",
+    "tls",
+    "tlsverify",
+    "tlscacert",
+    "tlscert",
+    "tlskey",
+    "data-root",
+    "exec-root",
+    "pidfile",
+    "bridge",
+    "default-address-pools",
+];
+
+/// Runs the user data's `python3` runcmd entries as cloud-init would, every absolute path
+/// argument mapped into the machine root (`fs_root`); other entries (`systemctl`) are
+/// skipped: the emulator starts dockerd itself.
+fn run_commands(cloud: &CloudConfig, fs_root: &Path) -> Result<()> {
+    for cmd in &cloud.runcmd {
+        let Some((program, args)) = cmd.split_first() else {
+            continue;
+        };
+        if program != "python3" {
+            continue;
+        }
+        let mapped: Vec<PathBuf> = args
+            .iter()
+            .map(|a| match a.strip_prefix('/') {
+                Some(rel) => fs_root.join(rel),
+                None => PathBuf::from(a),
+            })
+            .collect();
+        let out = Command::new("python3")
+            .args(&mapped)
+            .output()
+            .with_context(|| format!("running runcmd {cmd:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "runcmd {cmd:?} failed with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The machine's /etc/docker/daemon.json after boot's merge.
+fn read_daemon_json(fs_root: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let path = fs_root.join(DAEMON_JSON_PATH.trim_start_matches('/'));
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (the merge did not write it)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// Real machines each have their own iptables; the emulated ones share the host's. At
@@ -790,6 +892,7 @@ async fn start_dockerd(
     shared: &Arc<Shared>,
     machine: &EmulatedMachine,
     args: &[String],
+    env: &[(String, String)],
     tls_port: Option<u16>,
     machine_id: Option<String>,
 ) -> Result<bool> {
@@ -807,6 +910,7 @@ async fn start_dockerd(
         std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
     );
     cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("PATH", path)
         .stdin(Stdio::null())
         .stdout(log)
@@ -871,6 +975,7 @@ fn dockerd_args(
     m: &EmulatedMachine,
     c: &DockerdConfig,
     fs_root: &Path,
+    data_root: &Path,
     slot: u8,
     pool: u8,
 ) -> Result<(Vec<String>, Option<u16>)> {
@@ -915,7 +1020,7 @@ fn dockerd_args(
     }
     let r = &m.root;
     args.extend([
-        format!("--data-root={}", r.join("d").display()),
+        format!("--data-root={}", data_root.display()),
         format!("--exec-root={}", r.join("x").display()),
         format!("--pidfile={}", r.join("docker.pid").display()),
         "--bridge=none".to_owned(),

@@ -66,6 +66,14 @@ pub struct SandboxOptions {
     pub reconcile_interval: Duration,
     /// The fleet's extra machine `tags`.
     pub tags: std::collections::BTreeMap<String, String>,
+    /// Files the emulated machines' image ships (path, content): e.g. an AMI's daemon.json.
+    pub ami_files: Vec<(String, String)>,
+    /// The fleet's `[dockerd]` settings.
+    pub dockerd: flotilla_proto::dockerd::DockerdSettings,
+    /// The default class's `ready_command`; `{registry}` in its image is the sandbox
+    /// registry's address. Its `/host` is this host's `/` (the emulated machines' dockerd
+    /// run here).
+    pub ready_command: Option<flotilla_proto::boot_hooks::ReadyCommand>,
 }
 
 impl Default for SandboxOptions {
@@ -90,6 +98,9 @@ impl Default for SandboxOptions {
             metrics: false,
             reconcile_interval: Duration::from_secs(1),
             tags: std::collections::BTreeMap::new(),
+            ami_files: Vec::new(),
+            dockerd: Default::default(),
+            ready_command: None,
         }
     }
 }
@@ -347,6 +358,7 @@ impl Sandbox {
             config.metrics_addr = Some(format!("127.0.0.1:{}", util::free_port()?));
         }
         config.tags = opts.tags.clone();
+        config.dockerd = opts.dockerd.clone();
         config.job.default_image = job_image.clone();
         config.job.helper_image = format!(
             "{}/flotilla/helper:${{ARCH}}-v${{CI_RUNNER_VERSION}}",
@@ -370,6 +382,10 @@ impl Sandbox {
             class.forecast.enabled = opts.forecast;
             class.instance_types = opts.instance_types.clone();
             class.market = opts.market;
+            class.ready_command = opts.ready_command.clone().map(|mut r| {
+                r.image = r.image.replace("{registry}", &registry.host());
+                r
+            });
         }
         for (name, extra) in &opts.extra_classes {
             let mut class = extra.clone();
@@ -404,6 +420,7 @@ impl Sandbox {
                 slot: n,
                 boot_delay: opts.boot_delay,
                 poll_interval: Duration::from_millis(250),
+                ami_files: opts.ami_files.clone(),
             },
         )?;
 

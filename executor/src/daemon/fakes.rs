@@ -282,12 +282,20 @@ pub(super) enum Dockerd {
 pub(super) struct FakeMachines {
     dockerd: Mutex<HashMap<String, Dockerd>>,
     otherwise: Mutex<Option<Dockerd>>,
+    /// Exit code of every ready command (0 unless set).
+    ready_exit: Mutex<i64>,
+    /// Ready commands run, by machine id.
+    pub(super) ready_runs: Mutex<Vec<String>>,
 }
 
 impl FakeMachines {
     /// How machines not scripted by id behave (new launches included).
     pub(super) fn set_default(&self, d: Dockerd) {
         *self.otherwise.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
+    }
+
+    pub(super) fn set_ready_exit(&self, code: i64) {
+        *self.ready_exit.lock().unwrap_or_else(|p| p.into_inner()) = code;
     }
 
     pub(super) fn set(&self, machine_id: &str, d: Dockerd) {
@@ -331,5 +339,26 @@ impl MachineApi for FakeMachines {
         _job_key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<usize, String>> {
         Box::pin(self.answer(machine_id))
+    }
+
+    fn ready_command<'a>(
+        &'a self,
+        machine_id: &'a str,
+        _address: &'a str,
+        _cmd: &'a flotilla_proto::boot_hooks::ReadyCommand,
+        _timeout: std::time::Duration,
+    ) -> BoxFuture<'a, Result<super::ready::ReadyRun, String>> {
+        self.ready_runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(machine_id.to_owned());
+        let exit_code = *self.ready_exit.lock().unwrap_or_else(|p| p.into_inner());
+        Box::pin(async move {
+            self.answer(machine_id).await?;
+            Ok(super::ready::ReadyRun {
+                exit_code,
+                output_tail: format!("exit {exit_code}\n"),
+            })
+        })
     }
 }

@@ -6,8 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_proto::boot_hooks::ReadyCommand;
 use flotilla_proto::bootstrap::{machine_dns_name, DOCKER_TLS_PORT};
 use futures_util::future::BoxFuture;
+
+use super::ready::ReadyRun;
 
 /// Bound on one Docker call the daemon makes to a machine.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -30,6 +33,15 @@ pub trait MachineApi: Send + Sync {
         address: &'a str,
         job_key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<usize, String>>;
+
+    /// Runs a class's `ready_command` on a booting machine, within `timeout`.
+    fn ready_command<'a>(
+        &'a self,
+        machine_id: &'a str,
+        address: &'a str,
+        cmd: &'a ReadyCommand,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ReadyRun, String>>;
 }
 
 /// The machines' dockerd over mutual TLS with the fleet CA (server name: the machine's
@@ -39,6 +51,22 @@ pub struct MtlsMachines {
 }
 
 impl MachineApi for MtlsMachines {
+    fn ready_command<'a>(
+        &'a self,
+        machine_id: &'a str,
+        address: &'a str,
+        cmd: &'a ReadyCommand,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ReadyRun, String>> {
+        Box::pin(super::ready::run(
+            self.tls.clone(),
+            machine_id,
+            address,
+            cmd,
+            timeout,
+        ))
+    }
+
     fn ping<'a>(
         &'a self,
         machine_id: &'a str,

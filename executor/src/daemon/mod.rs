@@ -17,6 +17,7 @@ mod clock;
 mod fakes;
 pub mod machine_api;
 mod probe;
+mod ready;
 mod reconcile;
 #[cfg(test)]
 mod scenarios;

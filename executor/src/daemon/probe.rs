@@ -1,6 +1,8 @@
 //! Boot probes: a booting machine becomes idle the moment its dockerd answers `/_ping`
-//! over mutual TLS. Polls with a short capped backoff (no fixed sleeps); past the class's
-//! boot timeout the probe gives up and the plan replaces the machine.
+//! over mutual TLS (and its class's `ready_command`, if any, passed). Polls with a short
+//! capped backoff (no fixed sleeps); past the class's boot timeout the probe gives up and
+//! the plan replaces the machine; a failed ready command marks the boot failed at once,
+//! and the plan replaces it the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,13 +46,14 @@ pub(super) fn spawn(shared: Arc<Shared>, machine_id: String) {
 }
 
 async fn run(shared: &Arc<Shared>, machine_id: &str) {
-    let Some((address, deadline)) = ({
+    let Some((address, deadline, class)) = ({
         let pool = shared.pool();
         pool.machines().get(machine_id).and_then(|m| {
             let timeout = shared.policy.classes.get(&m.class)?.boot_timeout;
             Some((
                 m.address.clone(),
                 super::saturating_add(m.launched_at, timeout),
+                m.class.clone(),
             ))
         })
     }) else {
@@ -73,6 +76,14 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
         );
         match ping.await.unwrap_or_else(|_| Err("no answer".into())) {
             Ok(()) => {
+                if let Err(why) = check_ready(shared, machine_id, &address, &class, deadline).await
+                {
+                    let gen = shared.update(|p| p.fail_boot(machine_id, &why)).1;
+                    shared.commit(gen).await;
+                    tracing::warn!(machine = machine_id, %address, class = %class, error = %why, "machine failed its ready_command: a failed boot, replaced");
+                    shared.wake.notify_one();
+                    return;
+                }
                 let now = shared.now();
                 let (boot_ms, gen) = shared.update(|p| {
                     let launched = p.machines().get(machine_id).map(|m| m.launched_at)?;
@@ -98,6 +109,44 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_DELAY);
     }
+}
+
+/// The class's `ready_command` on a machine whose dockerd answers, within its own timeout
+/// and what is left of the boot timeout; `Ok` without one.
+async fn check_ready(
+    shared: &Arc<Shared>,
+    machine_id: &str,
+    address: &str,
+    class: &str,
+    deadline: chrono::DateTime<chrono::Utc>,
+) -> Result<(), String> {
+    let Some(cmd) = shared
+        .config
+        .classes
+        .get(class)
+        .and_then(|c| c.ready_command.as_ref())
+    else {
+        return Ok(());
+    };
+    let left = (deadline - shared.now()).to_std().unwrap_or_default();
+    let timeout = cmd.timeout.map_or(left, |t| t.0.min(left));
+    if timeout.is_zero() {
+        return Err("no time left within boot_timeout for ready_command".into());
+    }
+    let started = std::time::Instant::now();
+    let run = shared
+        .machines
+        .ready_command(machine_id, address, cmd, timeout)
+        .await;
+    if let Ok(r) = &run {
+        tracing::info!(
+            machine = machine_id,
+            exit_code = r.exit_code,
+            run_ms = started.elapsed().as_millis() as u64,
+            "ready_command ran"
+        );
+    }
+    super::ready::verdict(&run)
 }
 
 /// Consecutive failed pings before an unleased machine is declared lost.

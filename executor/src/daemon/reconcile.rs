@@ -294,6 +294,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
     let Some(class) = shared.config.classes.get(&class_name).cloned() else {
         return;
     };
+    let dockerd = shared.config.dockerd_for(&class_name);
     let user_data = match shared
         .ca
         .issue_server(&machine_id)
@@ -304,8 +305,9 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
                 ca_cert_pem: shared.ca.cert_pem(),
                 server_cert_pem: &cert.cert_pem,
                 server_key_pem: &cert.key_pem,
+                dockerd: &dockerd,
             })
-            .render()
+            .render_with(&class.user_data_parts)
             .map_err(|e| e.to_string())
         }) {
         Ok(u) => u,

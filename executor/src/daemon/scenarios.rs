@@ -440,6 +440,37 @@ async fn a_machine_that_never_answers_is_replaced_after_its_boot_timeout() {
 }
 
 #[tokio::test]
+async fn a_failing_ready_command_is_a_failed_boot_replaced_like_a_boot_timeout() {
+    let r = rig(
+        "",
+        "idle_count = 1\nready_command = { image = \"busybox\", command = [\"test\", \"-e\", \"/host/ready\"] }",
+    );
+    r.machines.set_ready_exit(1);
+    r.pass().await;
+    let first = r.shared.pool().machines().keys().next().unwrap().clone();
+    r.until("the failed boot", |p| p.machines()[&first].boot_failed)
+        .await;
+    assert_eq!(
+        r.shared.pool().machines()[&first].state,
+        MachineState::Broken
+    );
+    assert_eq!(r.in_state(MachineState::Idle), Vec::<String>::new());
+    r.machines.set_ready_exit(0);
+    r.pass().await;
+    assert_eq!(r.ec2.terminated(), vec![r.instance_of(&first)]);
+    assert_eq!(
+        r.shared.pool().machines()[&first].terminate_reason,
+        Some(TerminateReason::BootTimeout)
+    );
+    r.until("a replacement that passed", |p| {
+        p.count("c", MachineState::Idle) == 1
+    })
+    .await;
+    let runs = r.machines.ready_runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+}
+
+#[tokio::test]
 async fn health_checks_replace_a_dead_idle_machine_but_never_take_a_leased_one() {
     let r = rig("health_interval = \"100ms\"", "idle_count = 2");
     r.warm(2).await;

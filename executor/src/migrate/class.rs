@@ -239,6 +239,7 @@ pub(super) fn plan_runner(
         instance_profile: ec2.instance_profile.clone(),
         root_volume_gb: ec2.root_volume_gb,
         tags: ec2.tags.clone(),
+        dockerd: ec2.dockerd.clone(),
         market: if ec2.spot {
             Market::Spot
         } else {

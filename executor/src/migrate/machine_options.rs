@@ -23,6 +23,9 @@ pub(super) struct Ec2Options {
     pub spot: bool,
     /// `amazonec2-private-address-only` or `amazonec2-use-private-address` was set.
     pub private_address: bool,
+    /// `engine-registry-mirror`, `engine-insecure-registry`, `engine-opt` and `engine-env`
+    /// settings Flotilla has (`[classes.X.dockerd]`).
+    pub dockerd: flotilla_proto::dockerd::DockerdSettings,
 }
 
 /// docker-machine's region when `amazonec2-region` is not set.
@@ -352,17 +355,29 @@ pub(super) fn parse(
                  TLS settings): bake what this script did into the AMI"
                     .into(),
             ),
-            "engine-registry-mirror"
-            | "engine-insecure-registry"
-            | "engine-opt"
-            | "engine-storage-driver"
-            | "engine-label"
-            | "engine-env" => say(
+            "engine-registry-mirror" => {
+                o.dockerd
+                    .registry_mirrors
+                    .get_or_insert_with(Vec::new)
+                    .push(text()?);
+                say(Kind::Converted, ckey("dockerd.registry_mirrors"));
+            }
+            "engine-insecure-registry" => {
+                o.dockerd
+                    .insecure_registries
+                    .get_or_insert_with(Vec::new)
+                    .push(text()?);
+                say(Kind::Converted, ckey("dockerd.insecure_registries"));
+            }
+            "engine-opt" | "engine-env" if engine_setting(&mut o.dockerd, name, value) => {
+                say(Kind::Converted, ckey("dockerd"));
+            }
+            "engine-opt" | "engine-storage-driver" | "engine-label" | "engine-env" => say(
                 Kind::Unsupported,
-                "Flotilla writes dockerd's /etc/docker/daemon.json at boot with its TLS \
-                 settings only; for a registry mirror pull images through the mirror by name \
-                 (or an ECR pull-through cache), other dockerd settings go into the AMI \
-                 (the docker.service unit's environment or flags)"
+                "no [dockerd] key for this setting (Flotilla has registry mirrors, insecure \
+                 registries, mtu, data-root, log-driver, log-opt, default-address-pool and \
+                 the proxy variables): put it in the AMI's /etc/docker/daemon.json, which \
+                 Flotilla merges its own keys into"
                     .into(),
             ),
             "engine-install-url" => say(
@@ -385,6 +400,12 @@ pub(super) fn parse(
             ),
         }
     }
+    if let Err((k, message)) = o.dockerd.check() {
+        return Err(Bad::new(
+            key.to_owned(),
+            format!("{} {k}: {message}", ckey("dockerd")),
+        ));
+    }
     if !credentials.is_empty() {
         report.push(
             Kind::Action,
@@ -395,6 +416,58 @@ pub(super) fn parse(
         );
     }
     Ok(o)
+}
+
+/// An `engine-opt` (`mtu=1450`, `data-root=/x`, `log-driver=x`, `log-opt=k=v`,
+/// `default-address-pool=base=CIDR,size=N`) or `engine-env` (`HTTP_PROXY=...`) Flotilla has
+/// a `[dockerd]` key for, set in `d`; false when it has none.
+fn engine_setting(
+    d: &mut flotilla_proto::dockerd::DockerdSettings,
+    option: &str,
+    value: &str,
+) -> bool {
+    let Some((k, v)) = value.split_once('=') else {
+        return false;
+    };
+    let v = v.to_owned();
+    match (option, k) {
+        ("engine-opt", "mtu") => match v.parse() {
+            Ok(mtu) => d.mtu = Some(mtu),
+            Err(_) => return false,
+        },
+        ("engine-opt", "data-root" | "graph") => d.data_root = Some(v),
+        ("engine-opt", "log-driver") => d.log_driver = Some(v),
+        ("engine-opt", "log-opt") => {
+            let Some((ok, ov)) = v.split_once('=') else {
+                return false;
+            };
+            d.log_opts
+                .get_or_insert_with(Default::default)
+                .insert(ok.to_owned(), ov.to_owned());
+        }
+        ("engine-opt", "default-address-pool") => {
+            let mut base = None;
+            let mut size = None;
+            for kv in v.split(',') {
+                match kv.split_once('=') {
+                    Some(("base", b)) => base = Some(b.to_owned()),
+                    Some(("size", s)) => size = s.parse().ok(),
+                    _ => return false,
+                }
+            }
+            let (Some(base), Some(size)) = (base, size) else {
+                return false;
+            };
+            d.default_address_pools
+                .get_or_insert_with(Vec::new)
+                .push(flotilla_proto::dockerd::AddressPool { base, size });
+        }
+        ("engine-env", "HTTP_PROXY" | "http_proxy") => d.http_proxy = Some(v),
+        ("engine-env", "HTTPS_PROXY" | "https_proxy") => d.https_proxy = Some(v),
+        ("engine-env", "NO_PROXY" | "no_proxy") => d.no_proxy = Some(v),
+        _ => return false,
+    }
+    true
 }
 
 /// Go's strconv.ParseBool, plus a bare flag (no value) meaning true.
@@ -471,7 +544,7 @@ mod tests {
         let (o, report) = run(&[
             "amazonec2-open-port=8080",
             "amazonec2-frobnicate=1",
-            "engine-registry-mirror=http://m",
+            "engine-label=a=b",
             "amazonec2-security-group=builders",
         ]);
         o.unwrap();
@@ -479,6 +552,40 @@ mod tests {
         assert_eq!(report.count(Kind::Unknown), 1);
         let actions = report.lines(Kind::Action);
         assert!(actions[0].contains("group ids"), "{actions:?}");
+    }
+
+    #[test]
+    fn engine_options_flotilla_has_become_the_classs_dockerd_settings() {
+        let (o, report) = run(&[
+            "engine-registry-mirror=https://mirror:5000",
+            "engine-insecure-registry=registry.internal:5000",
+            "engine-opt=mtu=1450",
+            "engine-opt=data-root=/mnt/docker",
+            "engine-opt=log-opt=max-size=10m",
+            "engine-opt=default-address-pool=base=172.80.0.0/16,size=24",
+            "engine-env=HTTP_PROXY=http://proxy:3128",
+            "engine-env=NO_PROXY=localhost",
+            "engine-opt=storage-driver=overlay2",
+        ]);
+        let d = o.unwrap().dockerd;
+        assert_eq!(
+            d.registry_mirrors,
+            Some(vec!["https://mirror:5000".to_string()])
+        );
+        assert_eq!(d.insecure_registries.unwrap()[0], "registry.internal:5000");
+        assert_eq!(
+            (d.mtu, d.data_root.as_deref()),
+            (Some(1450), Some("/mnt/docker"))
+        );
+        assert_eq!(d.log_opts.unwrap()["max-size"], "10m");
+        assert_eq!(d.default_address_pools.unwrap()[0].size, 24);
+        assert_eq!(d.http_proxy.as_deref(), Some("http://proxy:3128"));
+        assert_eq!(d.no_proxy.as_deref(), Some("localhost"));
+        assert_eq!(report.count(Kind::Converted), 8);
+        assert_eq!(report.count(Kind::Unsupported), 1);
+        // A value Flotilla would refuse is an error naming the option list and the key.
+        let (bad, _) = run(&["engine-opt=mtu=20"]);
+        assert!(bad.unwrap_err().message.contains("dockerd mtu"));
     }
 
     #[test]
