@@ -8,5 +8,6 @@ pub mod bootstrap;
 pub mod config;
 pub mod container;
 pub mod duration;
+pub mod logs;
 pub mod schedule;
 pub mod tags;
