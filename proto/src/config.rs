@@ -618,7 +618,10 @@ impl Config {
             self.check_class(name, class)?;
         }
         self.check_jobs()?;
-        self.logs.validate()?;
+        self.logs.validate().map_err(|(key, message)| Invalid {
+            key: key.into(),
+            message,
+        })?;
         self.check_prices()
     }
 

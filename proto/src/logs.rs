@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Invalid;
-
 /// `[logs]`: off (the state directory) unless `group` is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,25 +66,27 @@ impl LogsConfig {
         }
     }
 
-    /// `logs.group` as CloudWatch allows it: 1-512 of `[A-Za-z0-9_./#-]`.
-    pub fn validate(&self) -> Result<(), Invalid> {
+    /// `logs.group` as CloudWatch allows it (1-512 of `[A-Za-z0-9_./#-]`) and an http(s)
+    /// endpoint: the first broken rule as (key, message). `config` turns it into its
+    /// `Invalid` (this module does not depend on `config`, which holds it).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if let Some(g) = &self.group {
             if !is_log_group_name(g) {
-                return Err(Invalid {
-                    key: "logs.group".into(),
-                    message: format!(
+                return Err((
+                    "logs.group",
+                    format!(
                         "{g:?} is not a CloudWatch Logs group name (1-512 characters of \
                          letters, digits, '_', '-', '/', '.' and '#')"
                     ),
-                });
+                ));
             }
         }
         if let Some(u) = &self.endpoint_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(Invalid {
-                    key: "logs.endpoint_url".into(),
-                    message: format!("{u:?} is not an http:// or https:// URL"),
-                });
+                return Err((
+                    "logs.endpoint_url",
+                    format!("{u:?} is not an http:// or https:// URL"),
+                ));
             }
         }
         Ok(())
@@ -133,14 +133,14 @@ mod tests {
         }
         .validate()
         .unwrap_err();
-        assert_eq!(e.key, "logs.group");
+        assert_eq!(e.0, "logs.group");
         let e = LogsConfig {
             group: None,
             endpoint_url: Some("ftp://x".into()),
         }
         .validate()
         .unwrap_err();
-        assert_eq!(e.key, "logs.endpoint_url");
+        assert_eq!(e.0, "logs.endpoint_url");
         assert!(!is_log_group_name(""));
         assert!(is_log_group_name("/flotilla/prod-1"));
     }

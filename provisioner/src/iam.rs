@@ -1220,6 +1220,8 @@ mod tests {
             );
         }
         // The build machines get nothing at all, KMS included.
+        let mut with_kms = inputs();
+        with_kms.kms_key = Some("alias/cache".into());
         assert_eq!(build_machine_policy(&with_kms), None);
     }
 
@@ -1245,19 +1247,43 @@ mod tests {
             .is_empty());
         }
         assert!(!actions(&host).contains("logs:CreateLogGroup"));
-        assert!(!actions(&runner_host_policy(&inputs())).iter().any(|a| a.starts_with("logs:")));
+        assert!(!actions(&runner_host_policy(&inputs()))
+            .iter()
+            .any(|a| a.starts_with("logs:")));
         let build = build_machine_policy(&p).expect("a build machine policy with logs on");
         assert_eq!(
-            granting(&build, "logs:PutLogEvents", &format!("{group}:log-stream:build-machines/i-1")).len(),
+            granting(
+                &build,
+                "logs:PutLogEvents",
+                &format!("{group}:log-stream:build-machines/i-1")
+            )
+            .len(),
             1
         );
-        assert!(granting(&build, "logs:PutLogEvents", &format!("{group}:log-stream:machines/m-1")).is_empty());
-        assert!(granting(&build, "logs:PutLogEvents", &format!("{group}:log-stream:i-1/journal")).is_empty());
+        assert!(granting(
+            &build,
+            "logs:PutLogEvents",
+            &format!("{group}:log-stream:machines/m-1")
+        )
+        .is_empty());
+        assert!(granting(
+            &build,
+            "logs:PutLogEvents",
+            &format!("{group}:log-stream:i-1/journal")
+        )
+        .is_empty());
         // Console output only of the host's own fleets.
-        let [console] = granting(&host, "ec2:GetConsoleOutput", "arn:aws:ec2:us-east-1:123456789012:instance/i-1")[..] else {
+        let [console] = granting(
+            &host,
+            "ec2:GetConsoleOutput",
+            "arn:aws:ec2:us-east-1:123456789012:instance/i-1",
+        )[..] else {
             panic!("one statement")
         };
-        assert_eq!(console["Condition"]["StringEquals"]["ec2:ResourceTag/flotilla:fleet"], json!(["ci", "ci-1"]));
+        assert_eq!(
+            console["Condition"]["StringEquals"]["ec2:ResourceTag/flotilla:fleet"],
+            json!(["ci", "ci-1"])
+        );
     }
 
     #[test]

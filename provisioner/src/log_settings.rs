@@ -4,12 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::stack::Invalid;
+use flotilla_proto::config::Invalid;
 
 /// Retention periods CloudWatch Logs accepts (`PutRetentionPolicy`), in days.
 pub(crate) const RETENTION_DAYS: [u32; 22] = [
-    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
-    2922, 3288, 3653,
+    1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
+    3288, 3653,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,7 +49,10 @@ async fn read(ctx: &Ctx<'_>, name: &str) -> Result<Option<Group>> {
             logs.list_tags_for_resource().resource_arn(&arn).send(),
         )
         .await?;
-    let ours = tags.tags().and_then(|t| t.get(STACK_TAG)).map(String::as_str)
+    let ours = tags
+        .tags()
+        .and_then(|t| t.get(STACK_TAG))
+        .map(String::as_str)
         == Some(ctx.stack.name());
     Ok(Some(Group {
         arn,

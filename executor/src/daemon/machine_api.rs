@@ -175,15 +175,11 @@ impl MachineApi for MtlsMachines {
                     lines.push_back(format!("(stream ended early: {e})"));
                     Ok(lines.into())
                 }
-                Err(_) if lines.is_empty() => Err(format!(
-                    "no answer within {}s",
-                    EVENTS_TIMEOUT.as_secs()
-                )),
+                Err(_) if lines.is_empty() => {
+                    Err(format!("no answer within {}s", EVENTS_TIMEOUT.as_secs()))
+                }
                 Err(_) => {
-                    lines.push_back(format!(
-                        "(cut off after {}s)",
-                        EVENTS_TIMEOUT.as_secs()
-                    ));
+                    lines.push_back(format!("(cut off after {}s)", EVENTS_TIMEOUT.as_secs()));
                     Ok(lines.into())
                 }
             }

@@ -141,8 +141,7 @@ impl Postmortems {
         if c.instance_id.is_empty() {
             return "(no instance: the launch never answered)".into();
         }
-        match tokio::time::timeout(CONSOLE_TIMEOUT, self.ec2.console_output(&c.instance_id)).await
-        {
+        match tokio::time::timeout(CONSOLE_TIMEOUT, self.ec2.console_output(&c.instance_id)).await {
             Ok(Ok(text)) if text.trim().is_empty() => "(EC2 has no console output yet)".into(),
             Ok(Ok(text)) => text,
             Ok(Err(e)) => format!("(GetConsoleOutput failed: {e})"),

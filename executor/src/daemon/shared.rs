@@ -78,7 +78,11 @@ pub(crate) struct Parts {
 impl Shared {
     pub(crate) fn new(p: Parts) -> Self {
         Self {
-            postmortems: Arc::new(Postmortems::new(&p.config, p.ec2.clone(), p.machines.clone())),
+            postmortems: Arc::new(Postmortems::new(
+                &p.config,
+                p.ec2.clone(),
+                p.machines.clone(),
+            )),
             policy: Policy::from_config(&p.config),
             ownership: ownership(&p.config, p.daemon_id),
             config: p.config,

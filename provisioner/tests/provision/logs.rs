@@ -13,7 +13,8 @@ use crate::{live_instances, user_data, write_file_content, STACK_TAG};
 const GROUP: &str = "/flotilla/logs";
 
 async fn logs_client(moto: &str) -> aws_sdk_cloudwatchlogs::Client {
-    let creds = aws_sdk_cloudwatchlogs::config::Credentials::new("AKIDCHECK", "check", None, None, "t");
+    let creds =
+        aws_sdk_cloudwatchlogs::config::Credentials::new("AKIDCHECK", "check", None, None, "t");
     let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(moto)
         .region(aws_config::Region::new(REGION))
@@ -24,7 +25,9 @@ async fn logs_client(moto: &str) -> aws_sdk_cloudwatchlogs::Client {
 }
 
 /// The group as moto holds it: (retention, tags), or `None`.
-async fn group(logs: &aws_sdk_cloudwatchlogs::Client) -> Option<(Option<i32>, HashMap<String, String>)> {
+async fn group(
+    logs: &aws_sdk_cloudwatchlogs::Client,
+) -> Option<(Option<i32>, HashMap<String, String>)> {
     let out = logs
         .describe_log_groups()
         .log_group_name_prefix(GROUP)
@@ -73,7 +76,7 @@ async fn the_log_group_is_tagged_kept_at_its_retention_and_destroyed_only_when_o
     // Plan names the group and creates nothing.
     let plan = run(&stack, &proxy.url, true, &["plan"]).await;
     assert!(plan.ok, "{}", plan.all());
-    assert!(plan.stdout.contains(&format!("+ logs:log-group")), "{}", plan.stdout);
+    assert!(plan.stdout.contains("+ logs:log-group"), "{}", plan.stdout);
     assert!(plan.stdout.contains(GROUP), "{}", plan.stdout);
     assert!(group(&logs).await.is_none());
 
@@ -96,7 +99,11 @@ async fn the_log_group_is_tagged_kept_at_its_retention_and_destroyed_only_when_o
         .into_iter()
         .find(|c| c.op == "logs:CreateLogGroup")
         .unwrap();
-    assert!(create.body.contains(STACK_TAG), "tags in the create call: {}", create.body);
+    assert!(
+        create.body.contains(STACK_TAG),
+        "tags in the create call: {}",
+        create.body
+    );
     let (retention, tags) = group(&logs).await.expect("the group exists");
     assert_eq!(retention, Some(14));
     assert_eq!(tags.get(STACK_TAG).map(String::as_str), Some("logs"));
@@ -107,15 +114,16 @@ async fn the_log_group_is_tagged_kept_at_its_retention_and_destroyed_only_when_o
     let ud = user_data(&c, host[0].instance_id().unwrap()).await;
     let cloud: Value = serde_json::from_str(ud.strip_prefix("#cloud-config\n").unwrap()).unwrap();
     let toml_path = dir.path().join("flotilla.toml");
-    std::fs::write(&toml_path, write_file_content(&cloud, "/etc/flotilla/flotilla.toml")).unwrap();
+    std::fs::write(
+        &toml_path,
+        write_file_content(&cloud, "/etc/flotilla/flotilla.toml"),
+    )
+    .unwrap();
     let config = Config::load(&toml_path).unwrap();
     assert_eq!(config.logs.group.as_deref(), Some(GROUP));
     let runner_policy = crate::role_policy(&c, "flotilla-logs-runner-host").await;
     let text = runner_policy.to_string();
-    assert!(
-        text.contains(&format!("log-group:{GROUP}:*")),
-        "{text}"
-    );
+    assert!(text.contains(&format!("log-group:{GROUP}:*")), "{text}");
     let build_policy = crate::role_policy(&c, "flotilla-logs-build-machine").await;
     assert!(
         build_policy
@@ -178,7 +186,11 @@ async fn the_log_group_is_tagged_kept_at_its_retention_and_destroyed_only_when_o
         proxy.writes().len()
     );
     assert!(logs_ops(&proxy.writes()).is_empty(), "{:?}", proxy.writes());
-    assert!(destroy.stdout.contains("not tagged as the stack's"), "{}", destroy.stdout);
+    assert!(
+        destroy.stdout.contains("not tagged as the stack's"),
+        "{}",
+        destroy.stdout
+    );
     assert!(group(&logs).await.is_some(), "left alone");
 
     // Tagged again, it is the stack's: destroy deletes it.
@@ -189,7 +201,11 @@ async fn the_log_group_is_tagged_kept_at_its_retention_and_destroyed_only_when_o
         .await
         .unwrap();
     proxy.reset();
-    assert!(run(&stack, &proxy.url, true, &["destroy", "--yes"]).await.ok);
+    assert!(
+        run(&stack, &proxy.url, true, &["destroy", "--yes"])
+            .await
+            .ok
+    );
     assert_eq!(logs_ops(&proxy.writes()), ["logs:DeleteLogGroup"]);
     assert!(group(&logs).await.is_none());
 }
