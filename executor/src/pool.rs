@@ -830,10 +830,10 @@ mod tests {
     fn every_broken_machine_is_queued_once_for_its_report() {
         let mut pool = Pool::default();
         idle(&mut pool, "a", 10);
-        idle(&mut pool, "b", 10);
         pool.try_lease("job-1", "c", "l1".into(), t(30)).unwrap();
         pool.mark_broken("a", "instance terminated outside flotilla");
         pool.mark_broken("a", "again");
+        idle(&mut pool, "b", 10);
         pool.try_lease("job-2", "c", "l2".into(), t(31)).unwrap();
         pool.release("l2", ReleaseOutcome::Broken, None, t(40));
         let taken = pool.take_casualties();
