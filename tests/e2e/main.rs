@@ -20,6 +20,7 @@ mod jobs;
 mod observability;
 mod pipelines;
 mod pool;
+mod postmortem;
 mod prometheus;
 mod restart;
 mod stages;

@@ -66,6 +66,9 @@ pub struct SandboxOptions {
     pub reconcile_interval: Duration,
     /// The fleet's extra machine `tags`.
     pub tags: std::collections::BTreeMap<String, String>,
+    /// `logs.group`: broken or lost machines' reports go to this CloudWatch Logs group
+    /// in moto (created here); unset, to `<state_dir>/machines/`.
+    pub logs_group: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -90,6 +93,7 @@ impl Default for SandboxOptions {
             metrics: false,
             reconcile_interval: Duration::from_secs(1),
             tags: std::collections::BTreeMap::new(),
+            logs_group: None,
         }
     }
 }
@@ -343,6 +347,12 @@ impl Sandbox {
             config.metrics_addr = Some(format!("127.0.0.1:{}", util::free_port()?));
         }
         config.tags = opts.tags.clone();
+        if let Some(group) = &opts.logs_group {
+            moto::create_log_group(&moto_url, group).await?;
+            config.logs.group = Some(group.clone());
+            // Straight to moto: the fault proxy speaks EC2 only.
+            config.logs.endpoint_url = Some(moto_url.clone());
+        }
         config.job.default_image = job_image.clone();
         config.job.helper_image = helper_image.clone();
         config.job.acquire_timeout = HumanDuration(opts.acquire_timeout);
