@@ -65,7 +65,15 @@ async fn a_lost_machines_console_and_events_go_to_its_log_stream_named_in_the_jo
             "the machine's report in moto",
             Duration::from_secs(60),
             POLL,
-            || moto::log_events(sb.moto_url(), group, &stream),
+            || {
+                let (url, stream) = (sb.moto_url().to_owned(), stream.clone());
+                // The stream is created before its events are put.
+                async move {
+                    Ok(moto::log_events(&url, group, &stream)
+                        .await?
+                        .filter(|e| !e.is_empty()))
+                }
+            },
         )
         .await
         .with_context(|| sb.diagnostics())?;
