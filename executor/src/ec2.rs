@@ -382,6 +382,18 @@ pub(crate) trait Ec2Api: Send + Sync {
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> Ec2Future<'a, Launched>;
     /// TerminateInstances, batched.
     fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()>;
+    /// GetConsoleOutput of one instance, decoded (empty when EC2 has none yet). Only for
+    /// the report saved when a machine is marked broken or lost; fakes need not answer.
+    fn console_output<'a>(&'a self, instance_id: &'a str) -> Ec2Future<'a, String> {
+        let _ = instance_id;
+        Box::pin(async {
+            Err(Ec2Error {
+                operation: "GetConsoleOutput",
+                code: None,
+                message: "not available here".into(),
+            })
+        })
+    }
 }
 
 impl Ec2Api for Ec2Client {
@@ -395,6 +407,10 @@ impl Ec2Api for Ec2Client {
 
     fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
         Box::pin(Ec2Client::terminate(self, instance_ids))
+    }
+
+    fn console_output<'a>(&'a self, instance_id: &'a str) -> Ec2Future<'a, String> {
+        Box::pin(Ec2Client::console_output(self, instance_id))
     }
 }
 
@@ -711,6 +727,28 @@ impl Ec2Client {
             }
         }
         Ok(())
+    }
+
+    /// The instance's serial console output (the last 64 KiB EC2 keeps), base64-decoded;
+    /// undecodable bytes are replaced, never an error.
+    pub(crate) async fn console_output(&self, instance_id: &str) -> Result<String, Ec2Error> {
+        use base64::Engine as _;
+        self.count("GetConsoleOutput").await;
+        let out = self
+            .settle(
+                self.client
+                    .get_console_output()
+                    .instance_id(instance_id)
+                    .send()
+                    .await
+                    .map_err(|e| Ec2Error::from_sdk("GetConsoleOutput", e)),
+            )
+            .await?;
+        let encoded = out.output().unwrap_or_default();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .unwrap_or_else(|_| encoded.as_bytes().to_vec());
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     async fn terminate_batch(&self, ids: &[String]) -> Result<(), Ec2Error> {

@@ -8,6 +8,7 @@
 #![warn(unreachable_pub)]
 
 pub mod control;
+pub(crate) mod cwlogs;
 pub mod daemon;
 pub(crate) mod docker;
 pub(crate) mod ec2;

@@ -218,6 +218,15 @@ fn migrate(config_given: bool, args: &flotilla::migrate::Args) -> ExitCode {
 }
 
 async fn run_stage(config: &Config, env: &JobEnv, command: Command) -> Result<(), StageError> {
+    let result = run_stage_command(config, env, command).await;
+    stages::name_machine_log(config, env, result)
+}
+
+async fn run_stage_command(
+    config: &Config,
+    env: &JobEnv,
+    command: Command,
+) -> Result<(), StageError> {
     match command {
         Command::Config => {
             println!("{}", stages::config::render(config));

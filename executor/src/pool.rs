@@ -183,12 +183,39 @@ pub struct Pool {
     /// Job arrivals the policy learns from (bounded).
     #[serde(default)]
     history: crate::forecast::DemandHistory,
+    /// Machines marked broken or lost since the daemon last took them (not persisted;
+    /// bounded, oldest dropped): it saves each one's console output and dockerd events.
+    #[serde(skip)]
+    casualties: Vec<Casualty>,
 }
+
+/// A machine just marked broken or lost, as its report needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Casualty {
+    pub machine_id: String,
+    pub instance_id: String,
+    pub address: String,
+    pub why: String,
+}
+
+/// Most casualties held between two takes (the simulator never takes them).
+const MAX_CASUALTIES: usize = 64;
 
 /// What the daemon keeps of a lease secret.
 pub fn secret_hash(secret: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+impl Casualty {
+    fn of(m: &Machine, why: &str) -> Self {
+        Self {
+            machine_id: m.id.clone(),
+            instance_id: m.instance_id.clone(),
+            address: m.address.clone(),
+            why: why.to_owned(),
+        }
+    }
 }
 
 impl LeaseRecord {
@@ -353,14 +380,28 @@ impl Pool {
                         }
                         ReleaseOutcome::Broken => {
                             m.state = MachineState::Broken;
-                            m.note =
-                                Some(reason.unwrap_or_else(|| "reported broken by a job".into()));
+                            let why = reason.unwrap_or_else(|| "reported broken by a job".into());
+                            let casualty = Casualty::of(m, &why);
+                            m.note = Some(why);
+                            self.record_casualty(casualty);
                         }
                     }
                 }
             }
         }
         true
+    }
+
+    fn record_casualty(&mut self, c: Casualty) {
+        if self.casualties.len() >= MAX_CASUALTIES {
+            self.casualties.remove(0);
+        }
+        self.casualties.push(c);
+    }
+
+    /// The machines marked broken or lost since the last call, oldest first.
+    pub fn take_casualties(&mut self) -> Vec<Casualty> {
+        std::mem::take(&mut self.casualties)
     }
 
     /// A booting machine's dockerd answered over mTLS.
@@ -400,6 +441,11 @@ impl Pool {
         }
         m.state = MachineState::Broken;
         m.note = Some(why.to_owned());
+        let casualty = Casualty::of(m, why);
+        self.record_casualty(casualty);
+        let Some(m) = self.machines.get_mut(machine_id) else {
+            return;
+        };
         if let Some(lease_id) = m.lease_id.take() {
             if let Some(lease) = self.leases.get_mut(&lease_id) {
                 lease.lost = Some(why.to_owned());
@@ -795,6 +841,40 @@ mod tests {
         pool.mark_broken("a", "instance terminated outside flotilla");
         assert!(pool.leases["l1"].lost.is_some());
         assert_eq!(pool.lease_for_job("job-1").unwrap().lease_id, "l1");
+    }
+
+    /// Every way into `Broken` (lost, unanswered checks, expired lease, a job's broken
+    /// release) queues the machine once for its report; a second mark does not.
+    #[test]
+    fn every_broken_machine_is_queued_once_for_its_report() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        pool.try_lease("job-1", "c", "l1".into(), t(30)).unwrap();
+        pool.mark_broken("a", "instance terminated outside flotilla");
+        pool.mark_broken("a", "again");
+        idle(&mut pool, "b", 10);
+        pool.try_lease("job-2", "c", "l2".into(), t(31)).unwrap();
+        pool.release("l2", ReleaseOutcome::Broken, None, t(40));
+        let taken = pool.take_casualties();
+        let ids: Vec<(&str, &str)> = taken
+            .iter()
+            .map(|c| (c.machine_id.as_str(), c.why.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("a", "instance terminated outside flotilla"),
+                ("b", "reported broken by a job")
+            ]
+        );
+        assert!(pool.take_casualties().is_empty(), "taken once");
+        for i in 0..100 {
+            idle(&mut pool, &format!("m{i}"), 10);
+            pool.mark_broken(&format!("m{i}"), "x");
+        }
+        let taken = pool.take_casualties();
+        assert_eq!(taken.len(), MAX_CASUALTIES);
+        assert_eq!(taken.last().unwrap().machine_id, "m99", "the newest kept");
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct Config {
     pub metrics_addr: Option<String>,
     #[serde(default)]
     pub aws: AwsConfig,
+    /// Where broken or lost machines' console output and dockerd events are saved.
+    #[serde(default, skip_serializing_if = "crate::logs::LogsConfig::is_off")]
+    pub logs: crate::logs::LogsConfig,
     /// Extra tags on every build machine (instance, root volume, network interface), set in
     /// the launch call beside Flotilla's own (`flotilla:*`, `Name`), which cannot be set
     /// here; a class's `tags` add to these and win on the same key.
@@ -511,6 +514,7 @@ impl Default for Config {
             on_shutdown: ShutdownPolicy::default(),
             metrics_addr: None,
             aws: AwsConfig::default(),
+            logs: crate::logs::LogsConfig::default(),
             tags: BTreeMap::new(),
             job: JobConfig::default(),
             dockerd: DockerdSettings::default(),
@@ -664,6 +668,10 @@ impl Config {
             self.check_class(name, class)?;
         }
         self.check_jobs()?;
+        self.logs.validate().map_err(|(key, message)| Invalid {
+            key: key.into(),
+            message,
+        })?;
         self.check_prices()
     }
 

@@ -10,5 +10,6 @@ pub mod config;
 pub mod container;
 pub mod dockerd;
 pub mod duration;
+pub mod logs;
 pub mod schedule;
 pub mod tags;

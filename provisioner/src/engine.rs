@@ -5,11 +5,11 @@
 //!
 //! Converge order: EC2 inventory and AMIs, network (VPC, subnets, internet gateway, NAT
 //! gateways, route tables, S3 endpoint), security groups, bucket (and the flotilla
-//! binary in it), IAM, runner registration, launch templates, runner hosts (replaced
+//! binary in it), log group, IAM, runner registration, launch templates, runner hosts (replaced
 //! one at a time), then deletion of the stack's EC2 resources it no longer asks for.
 //! Deletion order: [`EC2_TYPES`] (instances first, the VPC last); destroy deletes the
-//! hosts and the launch templates, then the registration, IAM and the bucket, then the
-//! network.
+//! hosts and the launch templates, then the registration, IAM, the bucket and the log
+//! group, then the network.
 //!
 //! Adding a resource: its module (converge and delete side by side; an EC2 type also
 //! has a `TYPE` with the logical ids it keeps and its deletion), its call in `converge`
@@ -28,6 +28,7 @@ use crate::ec2::{
 use crate::error::Result;
 use crate::host_config;
 use crate::iam::{self, RunnerPolicyInputs};
+use crate::logs;
 use crate::outputs::{self, Outputs};
 use crate::registration;
 use crate::s3;
@@ -56,6 +57,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     if let Some(bin) = &ctx.hosts.flotilla {
         s3::ensure_binary(ctx, &account, bin).await?;
     }
+    logs::converge(ctx).await?;
     let private_subnets = outputs::ids(&subnets.private);
     let roles = iam::converge(
         ctx,
@@ -80,6 +82,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
             kms_key: stack.bucket.kms_key.clone(),
             flotilla_from_bucket: flotilla.is_bucket(),
             ssm_agent: true,
+            log_group: stack.log_group(),
         },
     )
     .await?;
@@ -174,6 +177,7 @@ pub async fn destroy(ctx: &Ctx<'_>, terminate_build_machines: bool) -> Result<()
     registration::destroy(ctx).await?;
     iam::destroy(ctx).await?;
     s3::destroy(ctx, &ctx.aws.account().await?).await?;
+    logs::destroy(ctx).await?;
     let network = Inventory {
         instances: Vec::new(),
         templates: Vec::new(),

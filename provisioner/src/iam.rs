@@ -58,6 +58,8 @@ pub(crate) struct RunnerPolicyInputs {
     /// The hosts run the SSM agent, so apply can check a new host and drain an old one
     /// with Run Command (false for hosts set up by hand).
     pub(crate) ssm_agent: bool,
+    /// The stack's CloudWatch Logs group (`[logs]`), when on.
+    pub(crate) log_group: Option<String>,
 }
 
 /// The two roles' ARNs (pending in plan mode when not created yet).
@@ -78,7 +80,7 @@ pub(crate) async fn converge(ctx: &Ctx<'_>, runner: &RunnerPolicyInputs) -> Resu
         "Flotilla build machines: no AWS permissions",
     )
     .await?;
-    match build_machine_policy() {
+    match build_machine_policy(runner) {
         Some(doc) => ensure_policy(ctx, &build_role, &doc, &build_arn).await?,
         None => ensure_no_policy(ctx, &build_role, &build_arn, BUILD_MACHINE_NO_POLICY).await?,
     }
@@ -131,12 +133,46 @@ fn trust_policy() -> Value {
     })
 }
 
-/// Build machines: no AWS permissions at all, so no inline policy. Jobs reach the cache
+/// Build machines: no AWS permissions at all (but their journal with `[logs]`, below),
+/// so no inline policy. Jobs reach the cache
 /// only through URLs the runner host pre-signs (gitlab-runner's distributed cache) and
 /// send artifacts to GitLab; the role exists so operators can attach what their jobs
 /// need (ECR pulls, say) and so the runner host can pass exactly it.
-fn build_machine_policy() -> Option<Value> {
-    None
+///
+/// With `[logs]` on, they may ship their journal, and only into streams under
+/// `build-machines/` of the stack's group (jobs that reach the instance's credentials
+/// cannot write over the hosts' journals or the daemon's machine reports).
+fn build_machine_policy(p: &RunnerPolicyInputs) -> Option<Value> {
+    let group = p.log_group.as_deref()?;
+    let arn = log_group_arn(p, group);
+    Some(json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "ShipJournalToOwnStreams",
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": format!("{arn}:log-stream:{BUILD_MACHINE_STREAMS}*")
+            },
+            {
+                "Sid": "FindOwnStreams",
+                "Effect": "Allow",
+                "Action": "logs:DescribeLogStreams",
+                "Resource": format!("{arn}:*")
+            }
+        ]
+    }))
+}
+
+/// The prefix of the build machines' journal streams (`build-machines/<instance-id>`).
+pub(crate) const BUILD_MACHINE_STREAMS: &str = "build-machines/";
+
+/// `arn:<partition>:logs:<region>:<account>:log-group:<group>`.
+fn log_group_arn(p: &RunnerPolicyInputs, group: &str) -> String {
+    format!(
+        "arn:{}:logs:{}:{}:log-group:{group}",
+        p.partition, p.region, p.account
+    )
 }
 
 /// Why the build-machine role has no inline policy (the plan line when an old one is
@@ -279,6 +315,14 @@ pub(crate) fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
             "Resource": ec2("instance/*"),
             "Condition": { "StringEquals": { "ec2:ResourceTag/flotilla:fleet": p.fleets } }
         }),
+        // The report saved when the daemon marks a machine broken or lost.
+        json!({
+            "Sid": "ConsoleOutputOfOwnFleet",
+            "Effect": "Allow",
+            "Action": "ec2:GetConsoleOutput",
+            "Resource": ec2("instance/*"),
+            "Condition": { "StringEquals": { "ec2:ResourceTag/flotilla:fleet": p.fleets } }
+        }),
         json!({
             "Sid": "PassOnlyBuildMachineRole",
             "Effect": "Allow",
@@ -339,6 +383,15 @@ pub(crate) fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
             "Effect": "Allow",
             "Action": SSM_AGENT_CHANNEL_ACTIONS,
             "Resource": "*"
+        }));
+    }
+    // The hosts' journals and the daemon's machine reports, in the stack's group only.
+    if let Some(group) = &p.log_group {
+        statements.push(json!({
+            "Sid": "ShipLogsToStackGroup",
+            "Effect": "Allow",
+            "Action": ["logs:CreateLogStream", "logs:DescribeLogStreams", "logs:PutLogEvents"],
+            "Resource": format!("{}:*", log_group_arn(p, group))
         }));
     }
     if let Some(key) = &p.kms_key {
@@ -792,6 +845,7 @@ mod tests {
             kms_key: None,
             flotilla_from_bucket: true,
             ssm_agent: true,
+            log_group: None,
         }
     }
 
@@ -820,6 +874,7 @@ mod tests {
             // Hosts set up by hand get flotilla their own way and need no Run Command.
             flotilla_from_bucket: false,
             ssm_agent: false,
+            log_group: None,
         }
     }
 
@@ -874,6 +929,7 @@ mod tests {
             "ec2:RunInstances",
             "ec2:CreateTags",
             "ec2:TerminateInstances",
+            "ec2:GetConsoleOutput",
             "iam:PassRole",
             "ssm:GetParameter",
             "s3:GetObject",
@@ -1194,7 +1250,70 @@ mod tests {
             );
         }
         // The build machines get nothing at all, KMS included.
-        assert_eq!(build_machine_policy(), None);
+        let mut with_kms = inputs();
+        with_kms.kms_key = Some("alias/cache".into());
+        assert_eq!(build_machine_policy(&with_kms), None);
+    }
+
+    /// With `[logs]`: the hosts write any stream of the stack's group and nothing else;
+    /// build machines only streams under `build-machines/`.
+    #[test]
+    fn log_grants_are_scoped_to_the_stack_group() {
+        let mut p = inputs();
+        p.log_group = Some("/flotilla/ci".into());
+        let group = "arn:aws:logs:us-east-1:123456789012:log-group:/flotilla/ci";
+        let host = runner_host_policy(&p);
+        for action in ["logs:CreateLogStream", "logs:PutLogEvents"] {
+            assert_eq!(
+                granting(&host, action, &format!("{group}:log-stream:machines/m-1")).len(),
+                1,
+                "{action}"
+            );
+            assert!(granting(
+                &host,
+                action,
+                "arn:aws:logs:us-east-1:123456789012:log-group:/other:log-stream:x"
+            )
+            .is_empty());
+        }
+        assert!(!actions(&host).contains("logs:CreateLogGroup"));
+        assert!(!actions(&runner_host_policy(&inputs()))
+            .iter()
+            .any(|a| a.starts_with("logs:")));
+        let build = build_machine_policy(&p).expect("a build machine policy with logs on");
+        assert_eq!(
+            granting(
+                &build,
+                "logs:PutLogEvents",
+                &format!("{group}:log-stream:build-machines/i-1")
+            )
+            .len(),
+            1
+        );
+        assert!(granting(
+            &build,
+            "logs:PutLogEvents",
+            &format!("{group}:log-stream:machines/m-1")
+        )
+        .is_empty());
+        assert!(granting(
+            &build,
+            "logs:PutLogEvents",
+            &format!("{group}:log-stream:i-1/journal")
+        )
+        .is_empty());
+        // Console output only of the host's own fleets.
+        let [console] = granting(
+            &host,
+            "ec2:GetConsoleOutput",
+            "arn:aws:ec2:us-east-1:123456789012:instance/i-1",
+        )[..] else {
+            panic!("one statement")
+        };
+        assert_eq!(
+            console["Condition"]["StringEquals"]["ec2:ResourceTag/flotilla:fleet"],
+            json!(["ci", "ci-1"])
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!
 //! Module map: `context` (what a pass hands every resource module), `engine` (the
 //! order of the passes, nothing else), one module per resource (`ec2::*` for each EC2
-//! type, `iam`, `s3`, `ssm`, `registration` for the GitLab runner), `plan` (changes,
+//! type, `iam`, `s3`, `ssm`, `logs`, `registration` for the GitLab runner; `log_settings` is
+//! the stack file's `[logs]`), `plan` (changes,
 //! and the `Go` a write needs), `id` (ids, or placeholders for ids apply will create),
 //! `poll` (the one wait loop), `aws` (clients, the one choke point for calls),
 //! `host_config`, `render`, `cloudinit`, `paths` (what a runner host is configured with),
@@ -27,6 +28,8 @@ mod gitlab;
 mod host_config;
 mod iam;
 mod id;
+mod log_settings;
+mod logs;
 mod naming;
 mod outputs;
 mod paths;

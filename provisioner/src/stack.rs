@@ -56,6 +56,10 @@ pub struct Stack {
     pub(crate) bucket: Bucket,
     pub(crate) runner_hosts: RunnerHosts,
     pub(crate) gitlab: Gitlab,
+    /// `[logs]`: a CloudWatch Logs group for the hosts' and build machines' journals and
+    /// the daemon's reports on broken or lost machines. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) logs: Option<crate::log_settings::LogSettings>,
     /// The daemon's `flotilla.toml`: any of its keys, minus what the stack creates
     /// (each class's `subnets`, `security_groups`, `instance_profile`), which apply
     /// fills in; `name` is the fleet name (the stack name by default). Checked by
@@ -314,6 +318,9 @@ impl Stack {
             }
         }
         t.insert("fleet".into(), fleet.into());
+        if let Some(group) = self.log_group() {
+            crate::log_settings::fill_daemon_logs(&mut t, &group);
+        }
         t.entry("state_dir").or_insert_with(|| STATE_DIR.into());
         if let Some(region) = &ids.region {
             let aws = t
@@ -409,6 +416,12 @@ impl Stack {
             .unwrap_or_else(|| format!("flotilla {}", self.name))
     }
 
+    /// The stack's log group when `[logs]` is on (`logs.group`, `/flotilla/<stack>` by
+    /// default).
+    pub(crate) fn log_group(&self) -> Option<String> {
+        self.logs.as_ref().map(|l| l.group(&self.name))
+    }
+
     pub(crate) fn gitlab_url(&self) -> &str {
         self.gitlab.url.trim_end_matches('/')
     }
@@ -434,6 +447,9 @@ impl Stack {
         self.validate_bucket()?;
         self.validate_hosts()?;
         self.validate_gitlab()?;
+        if let Some(logs) = &self.logs {
+            logs.validate()?;
+        }
         self.validate_fleet()
     }
 

@@ -21,6 +21,7 @@ mod machines;
 mod observability;
 mod pipelines;
 mod pool;
+mod postmortem;
 mod prometheus;
 mod restart;
 mod stages;

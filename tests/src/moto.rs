@@ -537,3 +537,59 @@ impl Drop for TcpForward {
         self.task.abort();
     }
 }
+
+/// A CloudWatch Logs client for an endpoint (moto), with test credentials and us-east-1.
+pub async fn logs_client(endpoint: &str) -> aws_sdk_cloudwatchlogs::Client {
+    let creds =
+        aws_sdk_cloudwatchlogs::config::Credentials::new("test", "test", None, None, "sandbox");
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(creds)
+        .load()
+        .await;
+    aws_sdk_cloudwatchlogs::Client::new(&shared)
+}
+
+/// Creates a log group in moto's CloudWatch Logs (as `flotilla-provision` would).
+pub async fn create_log_group(endpoint: &str, group: &str) -> anyhow::Result<()> {
+    logs_client(endpoint)
+        .await
+        .create_log_group()
+        .log_group_name(group)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("creating log group {group} in moto: {e:?}"))?;
+    Ok(())
+}
+
+/// The messages of one stream (`None` while it does not exist).
+pub async fn log_events(
+    endpoint: &str,
+    group: &str,
+    stream: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let out = logs_client(endpoint)
+        .await
+        .get_log_events()
+        .log_group_name(group)
+        .log_stream_name(stream)
+        .start_from_head(true)
+        .send()
+        .await;
+    match out {
+        Ok(o) => Ok(Some(
+            o.events()
+                .iter()
+                .filter_map(|e| e.message().map(str::to_owned))
+                .collect(),
+        )),
+        Err(e)
+            if aws_sdk_cloudwatchlogs::error::ProvideErrorMetadata::code(&e)
+                == Some("ResourceNotFoundException") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!("GetLogEvents {group}/{stream}: {e:?}")),
+    }
+}

@@ -74,6 +74,9 @@ pub struct SandboxOptions {
     /// registry's address. Its `/host` is this host's `/` (the emulated machines' dockerd
     /// run here).
     pub ready_command: Option<flotilla_proto::boot_hooks::ReadyCommand>,
+    /// `logs.group`: broken or lost machines' reports go to this CloudWatch Logs group
+    /// in moto (created here); unset, to `<state_dir>/machines/`.
+    pub logs_group: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -101,6 +104,7 @@ impl Default for SandboxOptions {
             ami_files: Vec::new(),
             dockerd: Default::default(),
             ready_command: None,
+            logs_group: None,
         }
     }
 }
@@ -359,6 +363,12 @@ impl Sandbox {
         }
         config.tags = opts.tags.clone();
         config.dockerd = opts.dockerd.clone();
+        if let Some(group) = &opts.logs_group {
+            moto::create_log_group(&moto_url, group).await?;
+            config.logs.group = Some(group.clone());
+            // Straight to moto: the fault proxy speaks EC2 only.
+            config.logs.endpoint_url = Some(moto_url.clone());
+        }
         config.job.default_image = job_image.clone();
         config.job.helper_image = format!(
             "{}/flotilla/helper:${{ARCH}}-v${{CI_RUNNER_VERSION}}",

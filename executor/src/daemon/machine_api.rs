@@ -42,7 +42,25 @@ pub trait MachineApi: Send + Sync {
         cmd: &'a ReadyCommand,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<ReadyRun, String>>;
+    /// The machine's dockerd events between two Unix times, one line each, oldest first
+    /// (at most [`MAX_EVENTS`]): for the report saved when it is marked broken or lost.
+    /// Fakes need not answer.
+    fn events<'a>(
+        &'a self,
+        machine_id: &'a str,
+        address: &'a str,
+        since: i64,
+        until: i64,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        let _ = (machine_id, address, since, until);
+        Box::pin(async { Err("not available here".to_string()) })
+    }
 }
+
+/// Most dockerd events kept in a machine's report (the newest win).
+pub const MAX_EVENTS: usize = 500;
+/// Bound on reading a machine's events: a frozen dockerd must not hold a report up.
+pub const EVENTS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The machines' dockerd over mutual TLS with the fleet CA (server name: the machine's
 /// DNS name).
@@ -141,4 +159,82 @@ impl MachineApi for MtlsMachines {
             Ok(list.len() + networks)
         })
     }
+
+    fn events<'a>(
+        &'a self,
+        machine_id: &'a str,
+        address: &'a str,
+        since: i64,
+        until: i64,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            use bollard::query_parameters::EventsOptions;
+            use futures_util::StreamExt;
+            let docker = crate::docker::connect(
+                self.tls.clone(),
+                address,
+                DOCKER_TLS_PORT,
+                &machine_dns_name(machine_id),
+                EVENTS_TIMEOUT,
+            )
+            .map_err(|e| e.to_string())?;
+            let mut stream = docker.events(Some(EventsOptions {
+                since: Some(since.to_string()),
+                until: Some(until.to_string()),
+                filters: None,
+            }));
+            let mut lines = std::collections::VecDeque::new();
+            let read = tokio::time::timeout(EVENTS_TIMEOUT, async {
+                while let Some(e) = stream.next().await {
+                    let e = e.map_err(|e| e.to_string())?;
+                    if lines.len() == MAX_EVENTS {
+                        lines.pop_front();
+                    }
+                    lines.push_back(event_line(&e));
+                }
+                Ok::<(), String>(())
+            })
+            .await;
+            match read {
+                Ok(Ok(())) => Ok(lines.into()),
+                Ok(Err(e)) if lines.is_empty() => Err(e),
+                Ok(Err(e)) => {
+                    lines.push_back(format!("(stream ended early: {e})"));
+                    Ok(lines.into())
+                }
+                Err(_) if lines.is_empty() => {
+                    Err(format!("no answer within {}s", EVENTS_TIMEOUT.as_secs()))
+                }
+                Err(_) => {
+                    lines.push_back(format!("(cut off after {}s)", EVENTS_TIMEOUT.as_secs()));
+                    Ok(lines.into())
+                }
+            }
+        })
+    }
+}
+
+/// One event as a report line: time, type, action, object (its name when it has one).
+fn event_line(e: &bollard::models::EventMessage) -> String {
+    let time = e
+        .time
+        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+        .map_or_else(|| "?".to_string(), |t| t.to_rfc3339());
+    let typ = e.typ.map_or_else(|| "?".to_string(), |t| t.to_string());
+    let actor = e.actor.as_ref();
+    let id: String = actor
+        .and_then(|a| a.id.as_deref())
+        .unwrap_or("")
+        .chars()
+        .take(12)
+        .collect();
+    let name = actor
+        .and_then(|a| a.attributes.as_ref())
+        .and_then(|a| a.get("name"))
+        .map(|n| format!(" name={n}"))
+        .unwrap_or_default();
+    format!(
+        "{time} {typ} {} {id}{name}",
+        e.action.as_deref().unwrap_or("?")
+    )
 }

@@ -16,6 +16,7 @@ mod clock;
 #[cfg(test)]
 mod fakes;
 pub mod machine_api;
+mod postmortem;
 mod probe;
 mod ready;
 mod reconcile;

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Notify};
 use super::class_status;
 use super::clock::Clock;
 use super::machine_api::MachineApi;
+use super::postmortem::Postmortems;
 use crate::ec2::Ec2Api;
 use crate::metrics::Metrics;
 use crate::pki::FleetCa;
@@ -55,6 +56,8 @@ pub(crate) struct Shared {
     pub uid: u32,
     /// Reconcile passes completed (shown by `status`).
     pub passes: std::sync::atomic::AtomicU64,
+    /// Saves each machine marked broken or lost (see [`Shared::update`]).
+    pub(super) postmortems: Arc<Postmortems>,
 }
 
 /// What the daemon is built from once its state, CA and EC2 client are loaded.
@@ -75,6 +78,11 @@ pub(crate) struct Parts {
 impl Shared {
     pub(crate) fn new(p: Parts) -> Self {
         Self {
+            postmortems: Arc::new(Postmortems::new(
+                &p.config,
+                p.ec2.clone(),
+                p.machines.clone(),
+            )),
             policy: Policy::from_config(&p.config),
             ownership: ownership(&p.config, p.daemon_id),
             config: p.config,
@@ -152,6 +160,7 @@ impl Shared {
     pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> (R, u64) {
         let mut pool = self.pool();
         let r = f(&mut pool);
+        self.postmortems.submit(pool.take_casualties(), self.now());
         (r, self.store.bump())
     }
 
@@ -166,6 +175,7 @@ impl Shared {
         let (r, written) = {
             let mut pool = self.pool();
             let (r, op) = f(&mut pool);
+            self.postmortems.submit(pool.take_casualties(), self.now());
             let written = match op {
                 Some(op) => Some(self.store.append(&op)?),
                 None => None,

@@ -125,6 +125,24 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
     written.map_err(|e| StageError::system(format!("cannot write {}: {e}", path.display())))
 }
 
+/// A stage that failed for its machine's sake says where that machine's console output
+/// and last dockerd events are saved: the daemon saves them when it marks the machine
+/// broken or lost (EC2 observation, or this job's cleanup releasing it as broken), at a
+/// place known from the machine id alone, so the stage need not wait for it.
+pub fn name_machine_log(config: &Config, env: &JobEnv, result: StageResult) -> StageResult {
+    match result {
+        Err(StageError::Machine(m)) => match read_lease(&lease_file(env)) {
+            Some(lease) => Err(StageError::Machine(format!(
+                "{m}\nflotilla: console output and dockerd events of build machine {} are saved to {}",
+                lease.machine_id,
+                config.logs.machine_log(&config.state_dir, &lease.machine_id)
+            ))),
+            None => Err(StageError::Machine(m)),
+        },
+        other => other,
+    }
+}
+
 pub fn read_lease(path: &Path) -> Option<Lease> {
     let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()

@@ -7,6 +7,7 @@
 //! scenario on their own moto.
 
 mod lifecycle;
+mod logs;
 mod selfinstall;
 mod support;
 
