@@ -18,7 +18,11 @@ pub(crate) fn flotilla_config(
     ids: &FleetIds,
     fleet: &str,
 ) -> Result<Config, String> {
-    stack.fleet_config(ids, fleet).map_err(|e| e.to_string())
+    let mut config = stack.fleet_config(ids, fleet).map_err(|e| e.to_string())?;
+    if let Some(m) = &stack.monitoring {
+        config.metrics_addr = Some(m.flotilla_addr());
+    }
+    Ok(config)
 }
 
 /// `flotilla.toml` as text, via the proto's own writer.
@@ -36,6 +40,9 @@ struct RunnerConfig {
     concurrent: u32,
     check_interval: u32,
     shutdown_timeout: u32,
+    /// gitlab-runner's metrics endpoint (`[monitoring]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen_address: Option<String>,
     runners: Vec<RunnerEntry>,
 }
 
@@ -110,6 +117,7 @@ pub(crate) fn runner_config_toml(
         concurrent: stack.gitlab.concurrent,
         check_interval: 3,
         shutdown_timeout: 0,
+        listen_address: stack.monitoring.as_ref().map(|m| m.runner_addr()),
         runners: vec![RunnerEntry {
             name: format!("flotilla-{}", stack.name),
             url: stack.gitlab_url().to_owned(),
