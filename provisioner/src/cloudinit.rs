@@ -358,4 +358,29 @@ mod tests {
         // After flotilla is installed and checked.
         assert!(script.find("check-config").unwrap() < script.find("ssm_agent ||").unwrap());
     }
+
+    #[test]
+    fn the_private_address_is_filled_in_before_the_config_is_checked_and_only_when_asked() {
+        let stack = Stack::from_toml(GOOD).unwrap();
+        let with = |toml: &str| {
+            install(&render(&HostUserData {
+                hosts: &stack.runner_hosts,
+                flotilla: FlotillaSource::Url {
+                    url: "https://downloads.example.com/flotilla",
+                    sha256: SUM,
+                },
+                region: "us-east-1",
+                token_param: "/flotilla/ci/runner-token",
+                flotilla_toml: toml,
+                runner_config_toml: "concurrent = 1\n",
+            }))
+        };
+        let script = with("metrics_addr = \"@FLOTILLA_PRIVATE_IPV4@:9402\"\n");
+        let sed = script
+            .find("sed -i \"s/@FLOTILLA_PRIVATE_IPV4@/$ip/g\" /etc/flotilla/flotilla.toml /etc/gitlab-runner/config.toml.in")
+            .unwrap_or_else(|| panic!("{script}"));
+        assert!(sed < script.find("check-config").unwrap(), "{script}");
+        assert!(script.contains("meta-data/local-ipv4"), "{script}");
+        assert!(!with("fleet = \"ci\"\n").contains("local-ipv4"));
+    }
 }

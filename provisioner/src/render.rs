@@ -220,4 +220,33 @@ mod tests {
             Some("ci-flotilla-cache")
         );
     }
+
+    /// With `[monitoring]` both endpoints listen on the private address the host fills in
+    /// at first boot; once filled in, the daemon's own loader accepts the file.
+    #[test]
+    fn monitoring_puts_both_endpoints_on_the_private_address() {
+        let stack =
+            Stack::from_toml(&format!("{GOOD}\n[monitoring]\ncidr = \"10.9.0.0/16\"\n")).unwrap();
+        stack.validate().unwrap();
+        let config = flotilla_config(&stack, &FleetIds::placeholders(&stack), "ci").unwrap();
+        let text = flotilla_toml(&config).unwrap();
+        let filled = text.replace(crate::paths::PRIVATE_IPV4_PLACEHOLDER, "10.9.16.5");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flotilla.toml");
+        std::fs::write(&path, filled).unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded.metrics_addr.as_deref(), Some("10.9.16.5:9402"));
+        let runner = runner_config_toml(&stack, &config, "us-east-1").unwrap();
+        let v: toml::Table = toml::from_str(&runner).unwrap();
+        assert_eq!(
+            v["listen_address"].as_str(),
+            Some("@FLOTILLA_PRIVATE_IPV4@:9252")
+        );
+        // Without the section: no listener beyond what [fleet] says, none for the runner.
+        let plain = Stack::from_toml(GOOD).unwrap();
+        let config = flotilla_config(&plain, &FleetIds::placeholders(&plain), "ci").unwrap();
+        assert_eq!(config.metrics_addr, None);
+        let runner = runner_config_toml(&plain, &config, "us-east-1").unwrap();
+        assert!(!runner.contains("listen_address"), "{runner}");
+    }
 }
