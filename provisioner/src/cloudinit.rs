@@ -12,8 +12,8 @@
 use serde_json::json;
 
 use crate::paths::{
-    FLOTILLA_BIN, FLOTILLA_TOML_PATH, GITLAB_RUNNER_BIN, RUNNER_CONFIG_PATH,
-    RUNNER_CONFIG_TEMPLATE_PATH, STATE_DIR, TOKEN_PLACEHOLDER,
+    FLOTILLA_BIN, FLOTILLA_TOML_PATH, GITLAB_RUNNER_BIN, PRIVATE_IPV4_PLACEHOLDER,
+    RUNNER_CONFIG_PATH, RUNNER_CONFIG_TEMPLATE_PATH, STATE_DIR, TOKEN_PLACEHOLDER,
 };
 use crate::stack::RunnerHosts;
 
@@ -155,7 +155,7 @@ ssm_agent() {{
 fetch '{runner_url}' {runner_bin} '{runner_sum}'
 {flotilla}
 install -d -m 0700 {state_dir} /var/lib/gitlab-runner
-{flotilla_bin} check-config
+{private_addr}{flotilla_bin} check-config
 ssm_agent || echo "flotilla-install: no SSM agent: apply cannot check or drain this host" >&2
 "#,
         region = input.region,
@@ -164,6 +164,32 @@ ssm_agent || echo "flotilla-install: no SSM agent: apply cannot check or drain t
         runner_sum = h.gitlab_runner_sha256.clone().unwrap_or_default(),
         flotilla_bin = FLOTILLA_BIN,
         state_dir = STATE_DIR,
+        private_addr = private_addr_script(input),
+    )
+}
+
+/// With `[monitoring]` the configs carry [`PRIVATE_IPV4_PLACEHOLDER`]: fill in the
+/// host's private address from IMDSv2 (it never changes while the instance lives, so
+/// once at first boot is enough). Empty otherwise, so stacks without it keep their user
+/// data, and their hosts.
+fn private_addr_script(input: &HostUserData<'_>) -> String {
+    let uses = |text: &str| text.contains(PRIVATE_IPV4_PLACEHOLDER);
+    if !uses(input.flotilla_toml) && !uses(input.runner_config_toml) {
+        return String::new();
+    }
+    format!(
+        r#"# The metrics endpoints listen on this host's private address, known only here.
+imds=http://169.254.169.254/latest
+imds_token=$(curl --fail --silent --show-error --retry 5 -X PUT \
+  -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$imds/api/token")
+ip=$(curl --fail --silent --show-error --retry 5 \
+  -H "X-aws-ec2-metadata-token: $imds_token" "$imds/meta-data/local-ipv4")
+case "$ip" in *[!0-9.]*|'') echo "flotilla-install: no private address: $ip" >&2; exit 1;; esac
+sed -i "s/{placeholder}/$ip/g" {flotilla_toml} {runner_template}
+"#,
+        placeholder = PRIVATE_IPV4_PLACEHOLDER,
+        flotilla_toml = FLOTILLA_TOML_PATH,
+        runner_template = RUNNER_CONFIG_TEMPLATE_PATH,
     )
 }
 
@@ -331,5 +357,30 @@ mod tests {
         assert!(script.contains("ssm_agent || echo"), "{script}");
         // After flotilla is installed and checked.
         assert!(script.find("check-config").unwrap() < script.find("ssm_agent ||").unwrap());
+    }
+
+    #[test]
+    fn the_private_address_is_filled_in_before_the_config_is_checked_and_only_when_asked() {
+        let stack = Stack::from_toml(GOOD).unwrap();
+        let with = |toml: &str| {
+            install(&render(&HostUserData {
+                hosts: &stack.runner_hosts,
+                flotilla: FlotillaSource::Url {
+                    url: "https://downloads.example.com/flotilla",
+                    sha256: SUM,
+                },
+                region: "us-east-1",
+                token_param: "/flotilla/ci/runner-token",
+                flotilla_toml: toml,
+                runner_config_toml: "concurrent = 1\n",
+            }))
+        };
+        let script = with("metrics_addr = \"@FLOTILLA_PRIVATE_IPV4@:9402\"\n");
+        let sed = script
+            .find("sed -i \"s/@FLOTILLA_PRIVATE_IPV4@/$ip/g\" /etc/flotilla/flotilla.toml /etc/gitlab-runner/config.toml.in")
+            .unwrap_or_else(|| panic!("{script}"));
+        assert!(sed < script.find("check-config").unwrap(), "{script}");
+        assert!(script.contains("meta-data/local-ipv4"), "{script}");
+        assert!(!with("fleet = \"ci\"\n").contains("local-ipv4"));
     }
 }

@@ -29,6 +29,7 @@ use crate::error::Result;
 use crate::host_config;
 use crate::iam::{self, RunnerPolicyInputs};
 use crate::logs;
+use crate::oidc;
 use crate::outputs::{self, Outputs};
 use crate::registration;
 use crate::s3;
@@ -86,6 +87,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         },
     )
     .await?;
+    let deploy = oidc::converge(ctx, &ctx.aws.account().await?).await?;
     let registration = registration::converge(ctx).await?;
 
     let ids = FleetIds {
@@ -110,7 +112,10 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let desired: BTreeSet<String> = EC2_TYPES.iter().flat_map(|t| (t.desired)(ctx)).collect();
     delete_ec2(ctx, &inv.undesired(&desired)).await?;
 
+    let runner_hosts = outputs::hosts(hosts, configs);
     Ok(Outputs {
+        scrape_targets: outputs::scrape_targets(stack.monitoring.as_ref(), &runner_hosts),
+        deploy,
         stack: stack.name.clone(),
         region: region.clone(),
         vpc: vpc.to_string(),
@@ -127,7 +132,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
         build_role_arn: roles.build_arn.to_string(),
         runner_instance_profile: ctx.names.runner_role(),
         build_instance_profile: ctx.names.build_role(),
-        runner_hosts: outputs::hosts(hosts, configs),
+        runner_hosts,
         token_parameter: ctx.names.token_param(),
         gitlab_runner_id: registration.runner_id,
         registration: registration.status,
@@ -176,6 +181,7 @@ pub async fn destroy(ctx: &Ctx<'_>, terminate_build_machines: bool) -> Result<()
     delete_ec2(ctx, &templates).await?;
     registration::destroy(ctx).await?;
     iam::destroy(ctx).await?;
+    oidc::destroy(ctx).await?;
     s3::destroy(ctx, &ctx.aws.account().await?).await?;
     logs::destroy(ctx).await?;
     let network = Inventory {

@@ -420,7 +420,7 @@ pub(crate) fn parse_policy(text: &str) -> Option<Value> {
     })
 }
 
-fn stack_tags(ctx: &Ctx<'_>, logical: &str) -> Result<Vec<Tag>> {
+pub(crate) fn stack_tags(ctx: &Ctx<'_>, logical: &str) -> Result<Vec<Tag>> {
     let tag = |k: &str, v: &str| built("IAM tag", Tag::builder().key(k).value(v).build());
     Ok(vec![
         tag(STACK_TAG, &ctx.stack.name)?,
@@ -428,20 +428,20 @@ fn stack_tags(ctx: &Ctx<'_>, logical: &str) -> Result<Vec<Tag>> {
     ])
 }
 
-fn is_ours(ctx: &Ctx<'_>, tags: &[Tag]) -> bool {
+pub(crate) fn is_ours(ctx: &Ctx<'_>, tags: &[Tag]) -> bool {
     tags.iter()
         .any(|t| t.key() == STACK_TAG && t.value() == ctx.stack.name)
 }
 
 /// An existing role: its ARN, trust policy and whether it carries the stack's tag.
 #[derive(Debug, Clone)]
-struct RoleState {
-    arn: String,
-    trust: Option<Value>,
-    ours: bool,
+pub(crate) struct RoleState {
+    pub(crate) arn: String,
+    pub(crate) trust: Option<Value>,
+    pub(crate) ours: bool,
 }
 
-async fn get_role(ctx: &Ctx<'_>, name: &str) -> Result<Option<RoleState>> {
+pub(crate) async fn get_role(ctx: &Ctx<'_>, name: &str) -> Result<Option<RoleState>> {
     match ctx
         .aws
         .read("iam:GetRole", ctx.aws.iam.get_role().role_name(name).send())
@@ -571,7 +571,7 @@ async fn ensure_no_policy(ctx: &Ctx<'_>, role: &str, arn: &Id, why: &str) -> Res
 }
 
 /// Ensures the role's inline policy is exactly `doc`.
-async fn ensure_policy(ctx: &Ctx<'_>, role: &str, doc: &Value, arn: &Id) -> Result<()> {
+pub(crate) async fn ensure_policy(ctx: &Ctx<'_>, role: &str, doc: &Value, arn: &Id) -> Result<()> {
     let have = inline_policy(ctx, role, arn).await?;
     let name = format!("{role}/{POLICY_NAME}");
     if have.as_ref() == Some(doc) {

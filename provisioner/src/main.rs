@@ -265,6 +265,15 @@ fn print_outputs(o: &Outputs) {
         Some(id) => println!("gitlab_runner            {id} ({})", o.registration),
         None => println!("gitlab_runner            ({})", o.registration),
     }
+    if !o.deploy.provider_arn.is_empty() {
+        println!("oidc_provider            {}", o.deploy.provider_arn);
+    }
+    for (name, arn) in &o.deploy.roles {
+        println!("deploy_role              {name} {arn}");
+    }
+    for t in &o.scrape_targets {
+        println!("scrape_target            {} {} {}", t.job, t.host, t.target);
+    }
     println!("\n# gitlab-runner config.toml (/etc/gitlab-runner/config.toml)");
     print!("{}", o.gitlab_runner_config_toml);
     for h in &o.runner_hosts {

@@ -44,6 +44,18 @@ impl Names {
         format!("flotilla-{}-build-machine", self.stack)
     }
 
+    /// An `[[oidc.roles]]` deploy role (`name` as the stack file gives it); `deploy-`
+    /// keeps it apart from the stack's own two roles.
+    pub(crate) fn deploy_role(&self, name: &str) -> String {
+        format!("flotilla-{}-deploy-{name}", self.stack)
+    }
+
+    /// The IAM path every deploy role of the stack is created under: how apply finds the
+    /// ones the stack no longer lists (the stack tag still decides).
+    pub(crate) fn deploy_role_path(&self) -> String {
+        format!("/flotilla-deploy/{}/", self.stack)
+    }
+
     /// The SSM parameter holding the GitLab runner authentication token.
     pub(crate) fn token_param(&self) -> String {
         format!("/flotilla/{}/runner-token", self.stack)

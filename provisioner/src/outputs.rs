@@ -7,6 +7,8 @@ use serde::Serialize;
 use crate::ec2::instance::HostInfo;
 use crate::ec2::nat_gateway::Nat;
 use crate::id::Id;
+use crate::monitoring::{Monitoring, ScrapeTarget};
+use crate::oidc::DeployOutputs;
 
 /// What `output` prints: ids, addresses and the generated configuration files.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -33,6 +35,10 @@ pub struct Outputs {
     pub gitlab_runner_id: Option<u64>,
     pub registration: String,
     pub gitlab_runner_config_toml: String,
+    /// `[oidc]`: the provider and the deploy roles' ARNs.
+    pub deploy: DeployOutputs,
+    /// `[monitoring]`: what Prometheus scrapes (empty without it).
+    pub scrape_targets: Vec<ScrapeTarget>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,4 +86,16 @@ pub(crate) fn hosts(hosts: Vec<HostInfo>, configs: Vec<(String, String)>) -> Vec
             flotilla_toml,
         })
         .collect()
+}
+
+/// Both metrics endpoints of each host that has an address, with `[monitoring]`.
+pub(crate) fn scrape_targets(
+    monitoring: Option<&Monitoring>,
+    hosts: &[HostOutput],
+) -> Vec<ScrapeTarget> {
+    let hosts: Vec<(String, String)> = hosts
+        .iter()
+        .map(|h| (h.name.clone(), h.private_ip.clone()))
+        .collect();
+    monitoring.map_or_else(Vec::new, |m| m.scrape_targets(&hosts))
 }

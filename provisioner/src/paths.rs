@@ -17,3 +17,6 @@ pub(crate) const TOKEN_PLACEHOLDER: &str = "@FLOTILLA_RUNNER_TOKEN@";
 pub(crate) const FLOTILLA_BIN: &str = "/usr/local/bin/flotilla";
 /// gitlab-runner, installed by the user data.
 pub(crate) const GITLAB_RUNNER_BIN: &str = "/usr/local/bin/gitlab-runner";
+/// Replaced at first boot with the host's private IPv4 address (from IMDS): what the
+/// metrics endpoints listen on with `[monitoring]`, known only once the host runs.
+pub(crate) const PRIVATE_IPV4_PLACEHOLDER: &str = "@FLOTILLA_PRIVATE_IPV4@";

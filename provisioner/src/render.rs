@@ -18,7 +18,11 @@ pub(crate) fn flotilla_config(
     ids: &FleetIds,
     fleet: &str,
 ) -> Result<Config, String> {
-    stack.fleet_config(ids, fleet).map_err(|e| e.to_string())
+    let mut config = stack.fleet_config(ids, fleet).map_err(|e| e.to_string())?;
+    if let Some(m) = &stack.monitoring {
+        config.metrics_addr = Some(m.flotilla_addr());
+    }
+    Ok(config)
 }
 
 /// `flotilla.toml` as text, via the proto's own writer.
@@ -36,6 +40,9 @@ struct RunnerConfig {
     concurrent: u32,
     check_interval: u32,
     shutdown_timeout: u32,
+    /// gitlab-runner's metrics endpoint (`[monitoring]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen_address: Option<String>,
     runners: Vec<RunnerEntry>,
 }
 
@@ -110,6 +117,7 @@ pub(crate) fn runner_config_toml(
         concurrent: stack.gitlab.concurrent,
         check_interval: 3,
         shutdown_timeout: 0,
+        listen_address: stack.monitoring.as_ref().map(|m| m.runner_addr()),
         runners: vec![RunnerEntry {
             name: format!("flotilla-{}", stack.name),
             url: stack.gitlab_url().to_owned(),
@@ -211,5 +219,34 @@ mod tests {
             runner["cache"]["s3"]["BucketName"].as_str(),
             Some("ci-flotilla-cache")
         );
+    }
+
+    /// With `[monitoring]` both endpoints listen on the private address the host fills in
+    /// at first boot; once filled in, the daemon's own loader accepts the file.
+    #[test]
+    fn monitoring_puts_both_endpoints_on_the_private_address() {
+        let stack =
+            Stack::from_toml(&format!("{GOOD}\n[monitoring]\ncidr = \"10.9.0.0/16\"\n")).unwrap();
+        stack.validate().unwrap();
+        let config = flotilla_config(&stack, &FleetIds::placeholders(&stack), "ci").unwrap();
+        let text = flotilla_toml(&config).unwrap();
+        let filled = text.replace(crate::paths::PRIVATE_IPV4_PLACEHOLDER, "10.9.16.5");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flotilla.toml");
+        std::fs::write(&path, filled).unwrap();
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded.metrics_addr.as_deref(), Some("10.9.16.5:9402"));
+        let runner = runner_config_toml(&stack, &config, "us-east-1").unwrap();
+        let v: toml::Table = toml::from_str(&runner).unwrap();
+        assert_eq!(
+            v["listen_address"].as_str(),
+            Some("@FLOTILLA_PRIVATE_IPV4@:9252")
+        );
+        // Without the section: no listener beyond what [fleet] says, none for the runner.
+        let plain = Stack::from_toml(GOOD).unwrap();
+        let config = flotilla_config(&plain, &FleetIds::placeholders(&plain), "ci").unwrap();
+        assert_eq!(config.metrics_addr, None);
+        let runner = runner_config_toml(&plain, &config, "us-east-1").unwrap();
+        assert!(!runner.contains("listen_address"), "{runner}");
     }
 }

@@ -14,7 +14,9 @@ use flotilla_proto::duration::HumanDuration;
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Cidr;
+use crate::monitoring::Monitoring;
 use crate::naming::Names;
+use crate::oidc_section::Oidc;
 use crate::paths::STATE_DIR;
 
 /// What the stack creates that the daemon's config refers to.
@@ -66,6 +68,12 @@ pub struct Stack {
     /// `flotilla_proto`'s own parser and validator, so every key the daemon accepts is
     /// accepted here with the daemon's defaults.
     pub(crate) fleet: toml::Table,
+    /// GitLab OIDC deploy roles (`oidc_section`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) oidc: Option<Oidc>,
+    /// Metrics scraped from inside the VPC (`monitoring`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) monitoring: Option<Monitoring>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,6 +457,15 @@ impl Stack {
         self.validate_gitlab()?;
         if let Some(logs) = &self.logs {
             logs.validate()?;
+        }
+        if let Some(o) = &self.oidc {
+            let prefix = Names::new(&self.name).deploy_role("");
+            o.check(&self.gitlab.url, &prefix)
+                .or_else(|(key, message)| bad(key, message))?;
+        }
+        if let Some(m) = &self.monitoring {
+            m.check(self.fleet.contains_key("metrics_addr"))
+                .or_else(|(key, message)| bad(key, message))?;
         }
         self.validate_fleet()
     }

@@ -16,6 +16,7 @@ use super::inventory::{find, name_of, tag_spec, Ec2Type, Inventory};
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::id::Id;
+use crate::monitoring;
 use crate::naming::logical;
 use crate::plan::{Action, Go};
 use crate::poll;
@@ -182,13 +183,14 @@ fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
 }
 
 pub(crate) async fn converge(ctx: &Ctx<'_>, inv: &Inventory, vpc: &Id) -> Result<SecurityGroupIds> {
-    let runner_rules: BTreeSet<Rule> = ctx
+    let mut runner_rules: BTreeSet<Rule> = ctx
         .stack
         .network
         .ssh_cidr
         .iter()
         .map(|cidr| Rule::tcp(22, Source::Cidr(cidr.clone())))
         .collect();
+    runner_rules.extend(monitoring_rules(ctx));
     let runner = ensure_group(
         ctx,
         inv,
@@ -212,6 +214,23 @@ pub(crate) async fn converge(ctx: &Ctx<'_>, inv: &Inventory, vpc: &Id) -> Result
     )
     .await?;
     Ok(SecurityGroupIds { runner, build })
+}
+
+/// `[monitoring]`: the two metrics ports, from the monitoring CIDR and/or group only.
+fn monitoring_rules(ctx: &Ctx<'_>) -> Vec<Rule> {
+    let Some(m) = &ctx.stack.monitoring else {
+        return Vec::new();
+    };
+    m.ingress()
+        .into_iter()
+        .map(|(port, source)| {
+            let source = match source {
+                monitoring::Source::Cidr(block) => Source::Cidr(block),
+                monitoring::Source::Group(id) => Source::Group(Id::Known(id)),
+            };
+            Rule::tcp(i32::from(port), source)
+        })
+        .collect()
 }
 
 fn listed(rules: &[&Rule]) -> String {

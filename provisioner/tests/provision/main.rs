@@ -6,6 +6,7 @@
 //! plan to destroy once and checks it in separate tests; the others each run their own
 //! scenario on their own moto.
 
+mod deploy;
 mod lifecycle;
 mod logs;
 mod selfinstall;
