@@ -9,6 +9,7 @@
 mod lifecycle;
 mod selfinstall;
 mod support;
+mod vpn;
 
 use std::path::Path;
 
