@@ -112,7 +112,7 @@ struct Diff {
 
 fn diff(have: &Settings, want: &Settings) -> Diff {
     let mut d = Diff::default();
-    let mut note = |list: &mut Vec<String>, what: &str, have: String, want: String| {
+    let note = |list: &mut Vec<String>, what: &str, have: String, want: String| {
         if have != want {
             list.push(format!("{what} {have} -> {want}"));
         }

@@ -248,7 +248,7 @@ async fn client_vpn_is_planned_applied_kept_and_destroyed() {
         .await
         .expect("the endpoint's group");
     let vpn_sg_id = vpn_sg.group_id().unwrap().to_owned();
-    assert_eq!(ep.security_group_ids(), [vpn_sg_id.clone()]);
+    assert_eq!(ep.security_group_ids(), std::slice::from_ref(&vpn_sg_id));
     assert!(vpn_sg.ip_permissions().is_empty(), "{vpn_sg:?}");
     let mut vpn_subnets = vec![
         subnet_id(&c, "subnet/vpn/us-east-1a").await.unwrap(),
