@@ -4,8 +4,9 @@
 //! is passed along here.
 //!
 //! Converge order: EC2 inventory and AMIs, network (VPC, subnets, internet gateway, NAT
-//! gateways, route tables, S3 endpoint), security groups, bucket (and the flotilla
-//! binary in it), log group, IAM, runner registration, launch templates, runner hosts (replaced
+//! gateways, route tables, S3 endpoint), security groups, the Client VPN endpoint
+//! (`[network.vpn]`), bucket (and the flotilla binary in it), log group, IAM, runner
+//! registration, launch templates, runner hosts (replaced
 //! one at a time), then deletion of the stack's EC2 resources it no longer asks for.
 //! Deletion order: [`EC2_TYPES`] (instances first, the VPC last); destroy deletes the
 //! hosts and the launch templates, then the registration, IAM, the bucket and the log
@@ -22,8 +23,8 @@ use crate::binary::LocalBinary;
 use crate::context::Ctx;
 use crate::ec2::inventory::{self, Ec2Type, Inventory};
 use crate::ec2::{
-    image, instance, internet_gateway, launch_template, nat_gateway, route_table, security_group,
-    subnet, vpc, vpc_endpoint,
+    client_vpn, image, instance, internet_gateway, launch_template, nat_gateway, route_table,
+    security_group, subnet, vpc, vpc_endpoint,
 };
 use crate::error::Result;
 use crate::host_config;
@@ -54,6 +55,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let rtbs = route_table::converge(ctx, &inv, &vpc, &igw, &nats, &subnets).await?;
     let s3_endpoint = vpc_endpoint::converge(ctx, &inv, &vpc, &rtbs.private).await?;
     let sgs = security_group::converge(ctx, &inv, &vpc).await?;
+    client_vpn::converge(ctx, &inv, &vpc, &sgs, &subnets).await?;
     s3::converge(ctx, ctx.aws.partition(), &account).await?;
     if let Some(bin) = &ctx.hosts.flotilla {
         s3::ensure_binary(ctx, &account, bin).await?;
@@ -142,9 +144,10 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
 
 /// The stack's EC2 resource types, dependents first: the order they are deleted in (by
 /// destroy, and when the stack no longer asks for them).
-const EC2_TYPES: [Ec2Type; 9] = [
+const EC2_TYPES: [Ec2Type; 10] = [
     instance::TYPE,
     launch_template::TYPE,
+    client_vpn::TYPE,
     vpc_endpoint::TYPE,
     nat_gateway::TYPE,
     route_table::TYPE,

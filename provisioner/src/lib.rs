@@ -14,7 +14,8 @@
 //! and the `Go` a write needs), `id` (ids, or placeholders for ids apply will create),
 //! `poll` (the one wait loop), `aws` (clients, the one choke point for calls),
 //! `host_config`, `render`, `cloudinit`, `paths` (what a runner host is configured with),
-//! `run_command` (SSM Run Command: readiness and drain), `binary`, `stack`, `naming`.
+//! `run_command` (SSM Run Command: readiness and drain), `binary`, `stack`, `vpn` (the
+//! `[network.vpn]` section), `naming`.
 
 mod aws;
 mod binary;
@@ -44,6 +45,7 @@ mod run_command;
 mod s3;
 mod ssm;
 mod stack;
+mod vpn;
 
 pub use aws::{Aws, AwsError, Meter};
 pub use binary::{resolve as resolve_binary, BinaryError, LocalBinary, Resolved};

@@ -70,12 +70,18 @@ pub(crate) mod logical {
     pub(crate) const S3_ENDPOINT: &str = "vpce/s3";
     pub(crate) const RUNNER_SG: &str = "sg/runner-host";
     pub(crate) const BUILD_SG: &str = "sg/build-machine";
+    /// The Client VPN endpoint (`[network.vpn]`) and its security group.
+    pub(crate) const CLIENT_VPN: &str = "cvpn";
+    pub(crate) const VPN_SG: &str = "sg/vpn-endpoint";
 
     pub(crate) fn public_subnet(zone: &str) -> String {
         format!("subnet/public/{zone}")
     }
     pub(crate) fn private_subnet(zone: &str) -> String {
         format!("subnet/private/{zone}")
+    }
+    pub(crate) fn vpn_subnet(zone: &str) -> String {
+        format!("subnet/vpn/{zone}")
     }
     pub(crate) fn nat(zone: &str) -> String {
         format!("nat/{zone}")

@@ -18,6 +18,7 @@ use crate::monitoring::Monitoring;
 use crate::naming::Names;
 use crate::oidc_section::Oidc;
 use crate::paths::STATE_DIR;
+use crate::vpn::Vpn;
 
 /// What the stack creates that the daemon's config refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +102,9 @@ pub(crate) struct Network {
     /// When set, runner hosts accept SSH (TCP 22) from this CIDR; nothing else inbound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ssh_cidr: Option<String>,
+    /// An AWS Client VPN endpoint and its subnets; runner-host SSH only through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) vpn: Option<Vpn>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -548,6 +552,9 @@ impl Stack {
             if let Err(e) = ssh.parse::<Cidr>() {
                 return bad("network.ssh_cidr", e);
             }
+        }
+        if let Some(vpn) = &n.vpn {
+            vpn.validate(vpc, n.zones.len(), &all, n.ssh_cidr.is_some())?;
         }
         Ok(())
     }

@@ -11,8 +11,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use aws_sdk_ec2::types::{
-    Address, Filter, Instance, InternetGateway, LaunchTemplate, NatGateway, ResourceType,
-    RouteTable, SecurityGroup, Subnet, Tag, TagSpecification, Vpc, VpcEndpoint,
+    Address, ClientVpnEndpoint, Filter, Instance, InternetGateway, LaunchTemplate, NatGateway,
+    ResourceType, RouteTable, SecurityGroup, Subnet, Tag, TagSpecification, Vpc, VpcEndpoint,
 };
 
 use crate::aws::AwsError;
@@ -48,6 +48,8 @@ pub(crate) struct Inventory {
     pub(crate) templates: Vec<LaunchTemplate>,
     /// Instances not yet terminated.
     pub(crate) instances: Vec<Instance>,
+    /// Client VPN endpoints not being deleted.
+    pub(crate) client_vpns: Vec<ClientVpnEndpoint>,
 }
 
 /// An EC2 resource as Describe returns it: what the inventory filters and prunes by.
@@ -74,7 +76,8 @@ tagged!(
     VpcEndpoint,
     SecurityGroup,
     LaunchTemplate,
-    Instance
+    Instance,
+    ClientVpnEndpoint
 );
 
 /// The items whose logical id is not in `desired`.
@@ -101,6 +104,7 @@ impl Inventory {
             security_groups: not_in(&self.security_groups, desired),
             templates: not_in(&self.templates, desired),
             instances: Vec::new(),
+            client_vpns: not_in(&self.client_vpns, desired),
         }
     }
 }
@@ -153,7 +157,7 @@ fn stack_filter(stack: &str) -> Filter {
         .build()
 }
 
-/// Reads the stack's EC2 resources: ten Describe calls (more only when a result pages).
+/// Reads the stack's EC2 resources: eleven Describe calls (more only when a result pages).
 pub(crate) async fn read(ctx: &Ctx<'_>) -> Result<Inventory, AwsError> {
     let ec2 = &ctx.aws.ec2;
     let f = || stack_filter(&ctx.stack.name);
@@ -229,6 +233,7 @@ pub(crate) async fn read(ctx: &Ctx<'_>) -> Result<Inventory, AwsError> {
             .launch_templates
             .unwrap_or_default(),
         instances: Vec::new(),
+        client_vpns: client_vpns(ctx).await?,
     };
     let mut token: Option<String> = None;
     loop {
@@ -265,6 +270,7 @@ pub(crate) async fn read(ctx: &Ctx<'_>) -> Result<Inventory, AwsError> {
     keep_ours(&mut inv.security_groups, stack);
     keep_ours(&mut inv.templates, stack);
     keep_ours(&mut inv.instances, stack);
+    keep_ours(&mut inv.client_vpns, stack);
     inv.instances.retain(|i| {
         !matches!(
             i.state().and_then(|s| s.name()).map(|n| n.as_str()),
@@ -282,6 +288,38 @@ pub(crate) async fn read(ctx: &Ctx<'_>) -> Result<Inventory, AwsError> {
         )
     });
     Ok(inv)
+}
+
+/// Client VPN endpoints, every page: DescribeClientVpnEndpoints has no tag filter, so
+/// [`read`] keeps the stack's own. Those being deleted are left out.
+async fn client_vpns(ctx: &Ctx<'_>) -> Result<Vec<ClientVpnEndpoint>, AwsError> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = ctx
+            .aws
+            .read(
+                "ec2:DescribeClientVpnEndpoints",
+                ctx.aws
+                    .ec2
+                    .describe_client_vpn_endpoints()
+                    .set_next_token(token.clone())
+                    .send(),
+            )
+            .await?;
+        out.extend(page.client_vpn_endpoints().iter().cloned());
+        token = page.next_token().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    out.retain(|e| {
+        !matches!(
+            e.status().and_then(|s| s.code()).map(|c| c.as_str()),
+            Some("deleting" | "deleted")
+        )
+    });
+    Ok(out)
 }
 
 /// Finds the one resource with a logical id; `id_of` gives the AWS id for sorting, so the

@@ -2,6 +2,7 @@
 //! side; `inventory` reads the stack's EC2 resources once per pass and holds the tag
 //! helpers they share. This file only declares them (the engine orders them).
 
+pub(crate) mod client_vpn;
 pub(crate) mod image;
 pub(crate) mod instance;
 pub(crate) mod internet_gateway;

@@ -1,5 +1,8 @@
 //! Security groups: the runner hosts' (no inbound, or SSH from `network.ssh_cidr`) and
-//! the build machines' (TCP 2376, dockerd's TLS port, from the runner group only).
+//! the build machines' (TCP 2376, dockerd's TLS port, from the runner group only). With
+//! `[network.vpn]`, also the Client VPN endpoint's (no inbound), and the runner hosts'
+//! SSH comes from that group only: Client VPN source-NATs client traffic to its own
+//! network interfaces, so a rule on the client CIDR would never match.
 //! Ingress and egress rules are converged exactly: missing ones are authorized, extra ones
 //! revoked. Egress is all traffic to anywhere (AWS's default for a new group), which the
 //! hosts need for the NAT gateway and the machines for registries; a rule someone removed
@@ -33,6 +36,8 @@ pub(crate) const TYPE: Ec2Type = Ec2Type {
 pub(crate) struct SecurityGroupIds {
     pub(crate) runner: Id,
     pub(crate) build: Id,
+    /// The Client VPN endpoint's group (`[network.vpn]` only).
+    pub(crate) vpn: Option<Id>,
 }
 
 /// Where an ingress rule admits traffic from.
@@ -178,11 +183,29 @@ fn current_rules(sg: &SecurityGroup, direction: Direction) -> BTreeSet<Rule> {
 }
 
 /// Logical ids this module keeps.
-fn desired(_ctx: &Ctx<'_>) -> Vec<String> {
-    vec![logical::RUNNER_SG.into(), logical::BUILD_SG.into()]
+fn desired(ctx: &Ctx<'_>) -> Vec<String> {
+    let mut out = vec![logical::RUNNER_SG.into(), logical::BUILD_SG.into()];
+    if ctx.stack.network.vpn.is_some() {
+        out.push(logical::VPN_SG.into());
+    }
+    out
 }
 
 pub(crate) async fn converge(ctx: &Ctx<'_>, inv: &Inventory, vpc: &Id) -> Result<SecurityGroupIds> {
+    let vpn = match ctx.stack.network.vpn {
+        Some(_) => Some(
+            ensure_group(
+                ctx,
+                inv,
+                vpc,
+                logical::VPN_SG,
+                "Flotilla Client VPN endpoint: no inbound",
+                BTreeSet::new(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let mut runner_rules: BTreeSet<Rule> = ctx
         .stack
         .network
@@ -191,6 +214,7 @@ pub(crate) async fn converge(ctx: &Ctx<'_>, inv: &Inventory, vpc: &Id) -> Result
         .map(|cidr| Rule::tcp(22, Source::Cidr(cidr.clone())))
         .collect();
     runner_rules.extend(monitoring_rules(ctx));
+    runner_rules.extend(vpn.iter().map(|g| Rule::tcp(22, Source::Group(g.clone()))));
     let runner = ensure_group(
         ctx,
         inv,
@@ -213,7 +237,7 @@ pub(crate) async fn converge(ctx: &Ctx<'_>, inv: &Inventory, vpc: &Id) -> Result
         build_rules,
     )
     .await?;
-    Ok(SecurityGroupIds { runner, build })
+    Ok(SecurityGroupIds { runner, build, vpn })
 }
 
 /// `[monitoring]`: the two metrics ports, from the monitoring CIDR and/or group only.

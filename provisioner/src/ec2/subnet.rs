@@ -1,6 +1,8 @@
 //! The stack's subnets: a public and a private one per zone (`network.zones`,
 //! `network.public_subnets`, `network.private_subnets`). A subnet cannot change in
-//! place: a CIDR or zone that differs is an error saying to destroy first.
+//! place: a CIDR or zone that differs is an error saying to destroy first. With
+//! `[network.vpn]`, also a VPN subnet per zone (`network.vpn.subnets`) for the Client
+//! VPN endpoint's associations; it keeps the VPC's main route table (local routes only).
 
 use aws_sdk_ec2::types::ResourceType;
 
@@ -25,14 +27,18 @@ pub(crate) const TYPE: Ec2Type = Ec2Type {
 pub(crate) struct Subnets {
     pub(crate) public: Vec<Id>,
     pub(crate) private: Vec<Id>,
+    /// Empty without `[network.vpn]`.
+    pub(crate) vpn: Vec<Id>,
 }
 
 /// Logical ids this module keeps.
 fn desired(ctx: &Ctx<'_>) -> Vec<String> {
     let zones = &ctx.stack.network.zones;
+    let vpn = ctx.stack.network.vpn.is_some();
     zones
         .iter()
         .flat_map(|z| [logical::public_subnet(z), logical::private_subnet(z)])
+        .chain(zones.iter().filter(|_| vpn).map(|z| logical::vpn_subnet(z)))
         .collect()
 }
 
@@ -46,6 +52,10 @@ pub(crate) async fn converge(ctx: &Ctx<'_>, inv: &Inventory, vpc: &Id) -> Result
         let private = &logical::private_subnet(zone);
         out.private
             .push(ensure(ctx, inv, vpc, private, zone, &net.private_subnets[i]).await?);
+        if let Some(cidr) = net.vpn.as_ref().and_then(|v| v.subnets.get(i)) {
+            let name = &logical::vpn_subnet(zone);
+            out.vpn.push(ensure(ctx, inv, vpc, name, zone, cidr).await?);
+        }
     }
     Ok(out)
 }

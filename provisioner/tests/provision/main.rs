@@ -11,6 +11,7 @@ mod lifecycle;
 mod logs;
 mod selfinstall;
 mod support;
+mod vpn;
 
 use std::path::Path;
 

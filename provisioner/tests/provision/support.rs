@@ -47,9 +47,12 @@ pub fn free_port() -> u16 {
 /// denial), so the stack's `DenyInsecureTransport` statement would refuse every object
 /// request. The plain-HTTP requests to this moto stand in for the TLS ones the tool
 /// makes to AWS: `aws:SecureTransport` is true, `Bool` is evaluated, and a statement
-/// whose condition does not hold does not apply (as in IAM).
+/// whose condition does not hold does not apply (as in IAM). It also loads
+/// `client_vpn_model.py`: AWS Client VPN, which moto does not implement (see that file
+/// for what it models and what not).
 const MOTO_WRAPPER: &str = r#"
 import sys
+import client_vpn_model
 from moto.iam import access_control, policy_conditions
 
 def bool_equals(expected, actual):
@@ -92,6 +95,11 @@ impl Moto {
         let log = std::fs::File::create(dir.join("moto.log")).unwrap();
         let wrapper = dir.join("moto_server_tls.py");
         std::fs::write(&wrapper, MOTO_WRAPPER).unwrap();
+        std::fs::write(
+            dir.join("client_vpn_model.py"),
+            include_str!("client_vpn_model.py"),
+        )
+        .unwrap();
         let child = Command::new(venv.join("bin/python3"))
             .arg(&wrapper)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
