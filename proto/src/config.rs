@@ -1520,11 +1520,11 @@ subnets = ["subnet-1"]
             "classes.small.launch_template.name"
         );
         assert_eq!(
-            err("name = \"ci\"\nversion = \"latest\""),
+            err("name = \"ci-x\"\nversion = \"latest\""),
             "classes.small.launch_template.version"
         );
         assert_eq!(
-            err("name = \"ci\"\nversion = \"0\""),
+            err("name = \"ci-x\"\nversion = \"0\""),
             "classes.small.launch_template.version"
         );
     }
