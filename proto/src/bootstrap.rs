@@ -12,7 +12,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::boot_hooks::{self, UserDataPart};
+use crate::cloud_files::root_owner;
+pub use crate::cloud_files::WriteFile;
 use crate::dockerd::DockerdSettings;
+use crate::journal::{self, ShipperConfig};
 
 /// dockerd's TLS port on every build machine.
 pub const DOCKER_TLS_PORT: u16 = 2376;
@@ -81,6 +84,8 @@ pub struct MachineBootstrap<'a> {
     pub server_key_pem: &'a str,
     /// The class's `[dockerd]` settings (fleet's, class's over them).
     pub dockerd: &'a DockerdSettings,
+    /// Ship the machine's journal (`[logs]` with a group): the shipper's configuration.
+    pub journal: Option<&'a ShipperConfig>,
 }
 
 /// The subset of cloud-config Flotilla uses.
@@ -89,20 +94,6 @@ pub struct CloudConfig {
     pub write_files: Vec<WriteFile>,
     #[serde(default)]
     pub runcmd: Vec<Vec<String>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WriteFile {
-    pub path: String,
-    pub content: String,
-    /// Octal mode as cloud-init expects it, e.g. `"0600"`.
-    pub permissions: String,
-    #[serde(default = "root_owner")]
-    pub owner: String,
-}
-
-fn root_owner() -> String {
-    "root:root".into()
 }
 
 /// dockerd's daemon.json as Flotilla writes it.
@@ -134,7 +125,7 @@ impl DockerdConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("user data is {size} bytes (with the class's user_data_parts), above EC2's limit of {MAX_USER_DATA_BYTES}")]
+    #[error("user data is {size} bytes (with the class's user_data_parts and, with a [logs] group, the journal shipper), above EC2's limit of {MAX_USER_DATA_BYTES}")]
     TooLarge { size: usize },
     #[error("user data does not start with #cloud-config")]
     NotCloudConfig,
@@ -151,6 +142,7 @@ impl CloudConfig {
             content,
             permissions: permissions.into(),
             owner: root_owner(),
+            encoding: None,
         };
         let daemon_json = flotilla_daemon_json(b.dockerd);
         let mut dropin = "[Service]\nExecStart=\nExecStart=/usr/bin/dockerd\n".to_owned();
@@ -158,7 +150,7 @@ impl CloudConfig {
             // Validation keeps quotes, backslashes and whitespace out of proxy values.
             dropin.push_str(&format!("Environment=\"{name}={value}\"\n"));
         }
-        Self {
+        let mut cloud = Self {
             write_files: vec![
                 file(CA_CERT_PATH, b.ca_cert_pem.into(), "0644"),
                 file(SERVER_CERT_PATH, b.server_cert_pem.into(), "0644"),
@@ -183,7 +175,16 @@ impl CloudConfig {
                 vec!["systemctl".into(), "daemon-reload".into()],
                 vec!["systemctl".into(), "restart".into(), "docker".into()],
             ],
+        };
+        if let Some(journal) = b.journal {
+            let mut files = journal::cloud_init_files(journal);
+            for f in &mut files {
+                f.owner = root_owner();
+            }
+            cloud.write_files.extend(files);
+            cloud.runcmd.push(journal::enable_command());
         }
+        cloud
     }
 
     /// `#cloud-config` + JSON, checked against EC2's size limit.
@@ -269,6 +270,7 @@ mod tests {
             server_cert_pem: "CERT",
             server_key_pem: "KEY",
             dockerd: &DockerdSettings::default(),
+            journal: None,
         };
         let text = CloudConfig::for_machine(&b).render().unwrap();
         assert!(text.starts_with("#cloud-config\n"));
@@ -294,6 +296,7 @@ mod tests {
             server_cert_pem: "",
             server_key_pem: "",
             dockerd: &DockerdSettings::default(),
+            journal: None,
         };
         assert!(matches!(
             CloudConfig::for_machine(&b).render(),
@@ -308,6 +311,7 @@ mod tests {
             server_cert_pem: "CERT",
             server_key_pem: "KEY",
             dockerd,
+            journal: None,
         })
     }
 
@@ -387,5 +391,35 @@ mod tests {
     #[test]
     fn dns_name_is_derived_from_machine_id() {
         assert_eq!(machine_dns_name("m-1"), "m-1.machine.flotilla.internal");
+    }
+
+    #[test]
+    fn with_logs_the_journal_shipper_is_written_and_started_leaving_room_for_parts() {
+        let journal = ShipperConfig::new(
+            "/flotilla/ci",
+            journal::BUILD_MACHINE_STREAMS,
+            journal::BUILD_MACHINE_UNITS,
+        );
+        // Sizes of the fleet's real PEMs (ECDSA P-256) with room to spare.
+        let (ca, cert, key) = ("c".repeat(800), "s".repeat(1000), "k".repeat(300));
+        let b = MachineBootstrap {
+            machine_id: "m-1",
+            ca_cert_pem: &ca,
+            server_cert_pem: &cert,
+            server_key_pem: &key,
+            dockerd: &DockerdSettings::default(),
+            journal: Some(&journal),
+        };
+        let text = CloudConfig::for_machine(&b).render().unwrap();
+        let parsed = CloudConfig::parse(&text).unwrap();
+        let program = parsed.file(journal::SHIPPER_PATH).unwrap();
+        assert_eq!(program.bytes().unwrap(), journal::SHIPPER.as_bytes());
+        assert!(parsed.file(journal::UNIT_PATH).is_some());
+        assert_eq!(parsed.runcmd.last(), Some(&journal::enable_command()));
+        // What is left for the class's user_data_parts.
+        let left = MAX_USER_DATA_BYTES - text.len();
+        assert!(left > 5 * 1024, "{left} bytes left");
+        let without = CloudConfig::for_machine(&MachineBootstrap { journal: None, ..b });
+        assert!(without.file(journal::SHIPPER_PATH).is_none());
     }
 }

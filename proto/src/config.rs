@@ -840,7 +840,11 @@ impl Config {
         crate::boot_hooks::check(
             &class.user_data_parts,
             class.ready_command.as_ref(),
-            crate::boot_hooks::FLOTILLA_PART_BUDGET,
+            crate::boot_hooks::FLOTILLA_PART_BUDGET
+                + self
+                    .logs
+                    .build_machine_journal()
+                    .map_or(0, |j| crate::journal::user_data_bytes(&j)),
             crate::bootstrap::MAX_USER_DATA_BYTES,
         )
         .or_else(|(k, message)| bad(&key(&k), message))?;
@@ -1575,6 +1579,23 @@ subnets = ["subnet-1"]
             "classes.small.root_volume.throughput"
         );
         assert_eq!(err(&vol("gb = 0")), "classes.small.root_volume.gb");
+    }
+
+    #[test]
+    fn with_a_logs_group_the_journal_shipper_counts_against_the_user_data_limit() {
+        // A shell part that fits beside Flotilla's own part, but not also beside the
+        // journal shipper that a [logs] group adds to every machine.
+        let script = format!("#!/bin/sh\n# {}\n", "x".repeat(5 * 1024));
+        let part = format!(
+            "{MINIMAL}\n[[classes.small.user_data_parts]]\ntype = \"shell\"\ncontent = '''{script}'''\n"
+        );
+        Config::from_toml(&part).unwrap().validate().unwrap();
+        let with_logs = format!("{part}\n[logs]\ngroup = \"/flotilla/ci\"\n");
+        let err = Config::from_toml(&with_logs)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.key, "classes.small.user_data_parts", "{err}");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 pub mod api;
 pub mod boot_hooks;
 pub mod bootstrap;
+pub mod cloud_files;
 pub mod config;
 pub mod container;
 pub mod dockerd;
 pub mod duration;
+pub mod journal;
 pub mod logs;
 pub mod schedule;
 pub mod tags;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::{ShipperConfig, BUILD_MACHINE_STREAMS, BUILD_MACHINE_UNITS};
+
 /// `[logs]`: off (the state directory) unless `group` is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +51,16 @@ impl LogsConfig {
     /// Nothing set (the default), so not written out.
     pub fn is_off(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// The build machines' journal shipper, when a group is set: streams
+    /// `build-machines/<instance-id>`, through `endpoint_url` when set (the machines do not
+    /// use `aws.endpoint_url`, the runner host's).
+    pub fn build_machine_journal(&self) -> Option<ShipperConfig> {
+        let group = self.group.as_deref()?;
+        let mut c = ShipperConfig::new(group, BUILD_MACHINE_STREAMS, BUILD_MACHINE_UNITS);
+        c.endpoint_url.clone_from(&self.endpoint_url);
+        Some(c)
     }
 
     /// Where machine `machine_id`'s report goes.

@@ -9,6 +9,7 @@
 //!
 //! Invariant: the user data carries the parameter's NAME, never the token.
 
+use flotilla_proto::journal::{self, ShipperConfig};
 use serde_json::json;
 
 use crate::paths::{
@@ -66,12 +67,14 @@ pub(crate) struct HostUserData<'a> {
     pub(crate) token_param: &'a str,
     pub(crate) flotilla_toml: &'a str,
     pub(crate) runner_config_toml: &'a str,
+    /// `[logs]`: the journal shipper's configuration (streams `hosts/<instance-id>`).
+    pub(crate) journal: Option<&'a ShipperConfig>,
 }
 
 /// Renders the user data. Every value interpolated into a shell script was validated to
 /// contain no quotes or whitespace (URLs, checksums) or is a fixed name.
 pub(crate) fn render(input: &HostUserData<'_>) -> String {
-    let doc = json!({
+    let mut doc = json!({
         "package_update": true,
         "packages": input.hosts.packages,
         "write_files": [
@@ -88,6 +91,18 @@ pub(crate) fn render(input: &HostUserData<'_>) -> String {
             ["systemctl", "enable", "--now", "flotilla.service", "gitlab-runner.service"],
         ],
     });
+    if let Some(journal) = input.journal {
+        for f in journal::cloud_init_files(journal) {
+            if let (Some(files), Ok(f)) =
+                (doc["write_files"].as_array_mut(), serde_json::to_value(f))
+            {
+                files.push(f);
+            }
+        }
+        if let Some(cmds) = doc["runcmd"].as_array_mut() {
+            cmds.push(json!(journal::enable_command()));
+        }
+    }
     // `{:#}` is serde_json's pretty printer, as `to_string_pretty` (which cannot fail
     // on a `Value` either).
     format!("#cloud-config\n{doc:#}\n")
@@ -259,6 +274,7 @@ mod tests {
             token_param: "/flotilla/ci/runner-token",
             flotilla_toml: "fleet = \"ci\"\n",
             runner_config_toml: "concurrent = 1\n",
+            journal: None,
         })
     }
 
@@ -373,6 +389,7 @@ mod tests {
                 token_param: "/flotilla/ci/runner-token",
                 flotilla_toml: toml,
                 runner_config_toml: "concurrent = 1\n",
+                journal: None,
             }))
         };
         let script = with("metrics_addr = \"@FLOTILLA_PRIVATE_IPV4@:9402\"\n");
@@ -382,5 +399,50 @@ mod tests {
         assert!(sed < script.find("check-config").unwrap(), "{script}");
         assert!(script.contains("meta-data/local-ipv4"), "{script}");
         assert!(!with("fleet = \"ci\"\n").contains("local-ipv4"));
+    }
+
+    #[test]
+    fn with_logs_the_host_ships_its_journal_to_its_own_stream() {
+        let stack = Stack::from_toml(GOOD).unwrap();
+        let journal =
+            ShipperConfig::new("/flotilla/ci", journal::HOST_STREAMS, journal::HOST_UNITS);
+        let ud = render(&HostUserData {
+            hosts: &stack.runner_hosts,
+            flotilla: FlotillaSource::Url {
+                url: "https://downloads.example.com/flotilla",
+                sha256: SUM,
+            },
+            region: "us-east-1",
+            token_param: "/flotilla/ci/runner-token",
+            flotilla_toml: "fleet = \"ci\"\n",
+            runner_config_toml: "concurrent = 1\n",
+            journal: Some(&journal),
+        });
+        let v: serde_json::Value =
+            serde_json::from_str(ud.strip_prefix("#cloud-config\n").unwrap()).unwrap();
+        let files: Vec<flotilla_proto::cloud_files::WriteFile> =
+            serde_json::from_value(v["write_files"].clone()).unwrap();
+        let program = files
+            .iter()
+            .find(|f| f.path == journal::SHIPPER_PATH)
+            .unwrap();
+        assert_eq!(program.bytes().unwrap(), journal::SHIPPER.as_bytes());
+        let config = files
+            .iter()
+            .find(|f| f.path == journal::CONFIG_PATH)
+            .unwrap();
+        let config: ShipperConfig = serde_json::from_str(&config.content).unwrap();
+        assert_eq!(config, journal);
+        let cmds = v["runcmd"].as_array().unwrap();
+        let last = cmds.last().unwrap().to_string();
+        assert!(last.contains(journal::UNIT_NAME), "{last}");
+        // After the unit files are known to systemd.
+        assert!(cmds.iter().any(|c| c.to_string().contains("daemon-reload")));
+        assert!(ud.len() < flotilla_proto::bootstrap::MAX_USER_DATA_BYTES);
+        assert!(!render_with(FlotillaSource::Url {
+            url: "https://downloads.example.com/flotilla",
+            sha256: SUM,
+        })
+        .contains(journal::UNIT_NAME));
     }
 }

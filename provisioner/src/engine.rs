@@ -55,7 +55,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let rtbs = route_table::converge(ctx, &inv, &vpc, &igw, &nats, &subnets).await?;
     let s3_endpoint = vpc_endpoint::converge(ctx, &inv, &vpc, &rtbs.private).await?;
     let sgs = security_group::converge(ctx, &inv, &vpc).await?;
-    client_vpn::converge(ctx, &inv, &vpc, &sgs, &subnets).await?;
+    let client_vpn = client_vpn::converge(ctx, &inv, &vpc, &sgs, &subnets).await?;
     s3::converge(ctx, ctx.aws.partition(), &account).await?;
     if let Some(bin) = &ctx.hosts.flotilla {
         s3::ensure_binary(ctx, &account, bin).await?;
@@ -83,6 +83,11 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
                 .unwrap_or(1),
             launch_templates: ctx.classes.values().any(|c| c.launch_template.is_some()),
             kms_key: stack.bucket.kms_key.clone(),
+            volume_kms_keys: ctx
+                .classes
+                .values()
+                .filter_map(|c| c.root_volume.as_ref()?.kms_key.clone())
+                .collect(),
             flotilla_from_bucket: flotilla.is_bucket(),
             ssm_agent: true,
             log_group: stack.log_group(),
@@ -117,6 +122,7 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let runner_hosts = outputs::hosts(hosts, configs);
     Ok(Outputs {
         scrape_targets: outputs::scrape_targets(stack.monitoring.as_ref(), &runner_hosts),
+        client_vpn_endpoint: client_vpn.map(|id| id.to_string()),
         deploy,
         stack: stack.name.clone(),
         region: region.clone(),

@@ -4,6 +4,8 @@
 //! and the user data carrying them. Pure: computed from the stack and the ids of the
 //! resources the configs name.
 
+use flotilla_proto::journal::{self, ShipperConfig};
+
 use crate::binary::LocalBinary;
 use crate::cloudinit::{self, FlotillaSource, HostUserData};
 use crate::context::Ctx;
@@ -81,6 +83,9 @@ pub(crate) fn hosts(
     let region = &ctx.aws.region;
     let fleets = stack.host_fleets();
     let token_param = ctx.names.token_param();
+    let journal = stack
+        .log_group()
+        .map(|group| ShipperConfig::new(&group, journal::HOST_STREAMS, journal::HOST_UNITS));
     let mut out = Vec::new();
     for (i, fleet) in (0..stack.runner_hosts.count).zip(&fleets) {
         let config = render::flotilla_config(stack, ids, fleet).map_err(Error::Refused)?;
@@ -94,6 +99,7 @@ pub(crate) fn hosts(
             token_param: &token_param,
             flotilla_toml: &flotilla_toml,
             runner_config_toml: &runner_toml,
+            journal: journal.as_ref(),
         });
         if user_data.len() > flotilla_proto::bootstrap::MAX_USER_DATA_BYTES {
             return Err(Error::Refused(format!(

@@ -15,6 +15,7 @@
 //! a role that needs no permissions has its inline policy deleted.
 
 use aws_sdk_iam::types::Tag;
+use flotilla_proto::journal::BUILD_MACHINE_STREAMS;
 use serde_json::{json, Value};
 
 use crate::context::Ctx;
@@ -51,6 +52,9 @@ pub(crate) struct RunnerPolicyInputs {
     /// The bucket's SSE-KMS key (`bucket.kms_key`: key id, key ARN, `alias/...` or alias
     /// ARN), when set.
     pub(crate) kms_key: Option<String>,
+    /// The classes' `root_volume.kms_key`s: launching with a customer-managed key needs
+    /// the launching principal to let EC2 use it (a grant, data keys).
+    pub(crate) volume_kms_keys: Vec<String>,
     /// The hosts install the flotilla binary apply uploads to the bucket: read
     /// `flotilla/bin/*` (false with `runner_hosts.flotilla_url`, and for hosts set up by
     /// hand).
@@ -163,9 +167,6 @@ fn build_machine_policy(p: &RunnerPolicyInputs) -> Option<Value> {
         ]
     }))
 }
-
-/// The prefix of the build machines' journal streams (`build-machines/<instance-id>`).
-pub(crate) const BUILD_MACHINE_STREAMS: &str = "build-machines/";
 
 /// `arn:<partition>:logs:<region>:<account>:log-group:<group>`.
 fn log_group_arn(p: &RunnerPolicyInputs, group: &str) -> String {
@@ -392,6 +393,46 @@ pub(crate) fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
             "Effect": "Allow",
             "Action": ["logs:CreateLogStream", "logs:DescribeLogStreams", "logs:PutLogEvents"],
             "Resource": format!("{}:*", log_group_arn(p, group))
+        }));
+    }
+    // Root volumes encrypted with a class's key: EC2 (and only EC2, kms:ViaService) may
+    // use the key on the daemon's behalf; grants only for AWS resources (the volume).
+    let mut volume_keys = p.volume_kms_keys.clone();
+    volume_keys.sort();
+    volume_keys.dedup();
+    for (i, key) in volume_keys.iter().enumerate() {
+        let (resource, alias) = kms_key_grant(&p.partition, &p.region, &p.account, key);
+        let via_ec2 = json!({ "kms:ViaService": format!("ec2.{}.amazonaws.com", p.region) });
+        let mut use_key = json!({ "StringEquals": via_ec2.clone() });
+        let mut grant = json!({
+            "StringEquals": via_ec2,
+            "Bool": { "kms:GrantIsForAWSResource": "true" }
+        });
+        if let Value::Object(extra) = alias {
+            for (k, v) in extra {
+                use_key[&k] = v.clone();
+                grant[&k] = v;
+            }
+        }
+        statements.push(json!({
+            "Sid": format!("BuildVolumeKmsKey{i}"),
+            "Effect": "Allow",
+            "Action": [
+                "kms:DescribeKey",
+                "kms:GenerateDataKeyWithoutPlaintext",
+                "kms:Decrypt",
+                "kms:ReEncryptFrom",
+                "kms:ReEncryptTo"
+            ],
+            "Resource": resource.clone(),
+            "Condition": use_key
+        }));
+        statements.push(json!({
+            "Sid": format!("BuildVolumeKmsGrant{i}"),
+            "Effect": "Allow",
+            "Action": "kms:CreateGrant",
+            "Resource": resource,
+            "Condition": grant
         }));
     }
     if let Some(key) = &p.kms_key {
@@ -843,6 +884,7 @@ mod tests {
             max_hop_limit: 1,
             launch_templates: false,
             kms_key: None,
+            volume_kms_keys: Vec::new(),
             flotilla_from_bucket: true,
             ssm_agent: true,
             log_group: None,
@@ -871,10 +913,68 @@ mod tests {
                 "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
                     .into(),
             ),
+            volume_kms_keys: Vec::new(),
             // Hosts set up by hand get flotilla their own way and need no Run Command.
             flotilla_from_bucket: false,
             ssm_agent: false,
             log_group: None,
+        }
+    }
+
+    #[test]
+    fn a_class_volume_key_is_usable_only_through_ec2_and_grants_only_for_volumes() {
+        assert!(!runner_host_policy(&inputs())
+            .to_string()
+            .contains("kms:CreateGrant"));
+        let doc = runner_host_policy(&RunnerPolicyInputs {
+            volume_kms_keys: vec![
+                "alias/ci-volumes".into(),
+                "1234abcd-12ab-34cd-56ef-1234567890ab".into(),
+                "alias/ci-volumes".into(),
+            ],
+            ..inputs()
+        });
+        let grants: Vec<&Value> = statements(&doc)
+            .iter()
+            .filter(|s| s["Action"] == "kms:CreateGrant")
+            .collect();
+        assert_eq!(grants.len(), 2, "one per distinct key: {doc:#}");
+        for g in &grants {
+            assert_eq!(g["Condition"]["Bool"]["kms:GrantIsForAWSResource"], "true");
+            assert_eq!(
+                g["Condition"]["StringEquals"]["kms:ViaService"],
+                "ec2.us-east-1.amazonaws.com"
+            );
+        }
+        let by_alias = grants
+            .iter()
+            .find(|g| g["Resource"] == "arn:aws:kms:us-east-1:123456789012:key/*")
+            .expect("an alias is any key of the account carrying it");
+        assert_eq!(
+            by_alias["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"],
+            "alias/ci-volumes"
+        );
+        let use_key: Vec<&Value> = statements(&doc)
+            .iter()
+            .filter(|s| {
+                s["Sid"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("BuildVolumeKmsKey")
+            })
+            .collect();
+        assert_eq!(use_key.len(), 2);
+        for u in use_key {
+            let actions = u["Action"].to_string();
+            assert!(
+                actions.contains("kms:GenerateDataKeyWithoutPlaintext"),
+                "{actions}"
+            );
+            assert!(!actions.contains("\"kms:Encrypt\""), "{actions}");
+            assert_eq!(
+                u["Condition"]["StringEquals"]["kms:ViaService"],
+                "ec2.us-east-1.amazonaws.com"
+            );
         }
     }
 

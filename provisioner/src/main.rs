@@ -271,6 +271,9 @@ fn print_outputs(o: &Outputs) {
     for (name, arn) in &o.deploy.roles {
         println!("deploy_role              {name} {arn}");
     }
+    if let Some(id) = &o.client_vpn_endpoint {
+        println!("client_vpn_endpoint      {id}");
+    }
     for t in &o.scrape_targets {
         println!("scrape_target            {} {} {}", t.job, t.host, t.target);
     }

@@ -37,6 +37,10 @@ pub struct Outputs {
     pub gitlab_runner_config_toml: String,
     /// `[oidc]`: the provider and the deploy roles' ARNs.
     pub deploy: DeployOutputs,
+    /// `[network.vpn]`: the Client VPN endpoint (what `aws ec2
+    /// export-client-vpn-client-configuration` takes), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_vpn_endpoint: Option<String>,
     /// `[monitoring]`: what Prometheus scrapes (empty without it).
     pub scrape_targets: Vec<ScrapeTarget>,
 }

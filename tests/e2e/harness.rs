@@ -34,6 +34,7 @@ async fn emulated_machine_serves_docker_only_over_mutual_tls_and_stops_on_termin
             server_cert_pem: &server.cert_pem,
             server_key_pem: &server.key_pem,
             dockerd: &Default::default(),
+            journal: None,
         })
         .render()?;
         let id = flotilla_sandbox::moto::launch_instance(

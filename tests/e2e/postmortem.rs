@@ -5,20 +5,33 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use flotilla_proto::journal::{self, ShipperConfig};
 use flotilla_sandbox::runner::{self, SYSTEM_FAILURE_EXIT_CODE};
 use flotilla_sandbox::util::wait_until;
 use flotilla_sandbox::{moto, Job, Outcome, Sandbox, SandboxOptions};
 
 use crate::common::{bounded, wait_for_job_process, HELD, HOLD, POLL};
 
+/// What the machine's cloud-init wrote for journal shipping: (program, configuration).
+type JournalFiles = Option<(Vec<u8>, ShipperConfig)>;
+
 /// Runs a job that holds its machine, terminates the instance behind the daemon's back,
-/// and returns (machine id, the failed stage's stderr).
-async fn lose_a_job_machine(sb: &Sandbox, job: u64) -> Result<(String, String)> {
+/// and returns (machine id, the failed stage's stderr, the journal shipper's files as the
+/// machine had them).
+async fn lose_a_job_machine(sb: &Sandbox, job: u64) -> Result<(String, String, JournalFiles)> {
     let task = tokio::spawn(runner::run_job(
         sb.runner_options(),
         Job::new(job, &["echo started", HOLD]),
     ));
     let (m, _) = wait_for_job_process(sb, job, HELD, Duration::from_secs(90)).await?;
+    let journal = match std::fs::read(m.file(journal::SHIPPER_PATH)) {
+        Ok(program) => {
+            let config = std::fs::read(m.file(journal::CONFIG_PATH))?;
+            Some((program, serde_json::from_slice(&config)?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
     sb.ec2()
         .terminate_instances()
         .instance_ids(&m.instance_id)
@@ -41,7 +54,7 @@ async fn lose_a_job_machine(sb: &Sandbox, job: u64) -> Result<(String, String)> 
         .machine_id
         .clone()
         .context("the machine has no machine tag")?;
-    Ok((machine, failed.stderr.clone()))
+    Ok((machine, failed.stderr.clone(), journal))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +68,18 @@ async fn a_lost_machines_console_and_events_go_to_its_log_stream_named_in_the_jo
             ..Default::default()
         })
         .await?;
-        let (machine, stderr) = lose_a_job_machine(&sb, 501).await?;
+        let (machine, stderr, journal) = lose_a_job_machine(&sb, 501).await?;
+        // The machine ships its journal to its own streams of the group: the daemon's
+        // user data carries the program (gzipped), the emulator decodes it as cloud-init.
+        let (program, config) = journal.context("the machine has no journal shipper")?;
+        ensure!(
+            program == journal::SHIPPER.as_bytes(),
+            "the shipper differs"
+        );
+        ensure!(
+            config.group == group && config.stream_prefix == journal::BUILD_MACHINE_STREAMS,
+            "{config:?}"
+        );
         let stream = format!("machines/{machine}");
         ensure!(
             stderr.contains(&format!("CloudWatch Logs group {group}, stream {stream}")),
@@ -101,7 +125,11 @@ async fn with_logs_off_a_lost_machines_report_is_a_private_file_named_in_the_job
             ..Default::default()
         })
         .await?;
-        let (machine, stderr) = lose_a_job_machine(&sb, 502).await?;
+        let (machine, stderr, journal) = lose_a_job_machine(&sb, 502).await?;
+        ensure!(
+            journal.is_none(),
+            "no [logs] group, yet the machine ships its journal"
+        );
         let path = sb
             .state_dir()
             .join("machines")

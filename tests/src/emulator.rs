@@ -545,7 +545,8 @@ async fn boot(
         let mode = u32::from_str_radix(f.permissions.trim_start_matches("0o"), 8)
             .with_context(|| format!("bad permissions {:?} for {}", f.permissions, f.path))?;
         let dest = fs_root.join(f.path.trim_start_matches('/'));
-        crate::util::write_file(&dest, f.content.as_bytes(), mode)?;
+        let bytes = f.bytes().context("decoding a user data file")?;
+        crate::util::write_file(&dest, &bytes, mode)?;
     }
     std::fs::write(machine.root.join("user-data"), &text)?;
     run_commands(&cloud, &fs_root)?;

@@ -295,6 +295,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
         return;
     };
     let dockerd = shared.config.dockerd_for(&class_name);
+    let journal = shared.config.logs.build_machine_journal();
     let user_data = match shared
         .ca
         .issue_server(&machine_id)
@@ -306,6 +307,7 @@ async fn launch_reserved(shared: Arc<Shared>, class_name: String, machine_id: St
                 server_cert_pem: &cert.cert_pem,
                 server_key_pem: &cert.key_pem,
                 dockerd: &dockerd,
+                journal: journal.as_ref(),
             })
             .render_with(&class.user_data_parts)
             .map_err(|e| e.to_string())

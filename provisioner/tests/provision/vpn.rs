@@ -272,6 +272,16 @@ async fn client_vpn_is_planned_applied_kept_and_destroyed() {
         [("tcp".to_owned(), 22, vec![vpn_sg_id.clone()], vec![])]
     );
 
+    // `output` names the endpoint (what a VPN client configuration is exported from).
+    let out = run(&stack, &proxy.url, true, &["output"]).await;
+    assert!(out.ok, "{}", out.all());
+    assert!(
+        out.stdout
+            .contains(&format!("client_vpn_endpoint      {id}")),
+        "{}",
+        out.stdout
+    );
+
     // A second apply changes nothing.
     proxy.reset();
     let again = run(&stack, &proxy.url, true, &["apply"]).await;
