@@ -114,7 +114,9 @@ impl Flotilla {
         let now = ctx.now_utc();
         for action in plan(&self.policy, &self.pool, now) {
             match action {
-                Action::Terminate { machine_id, .. } => {
+                // The engine has no stopped machines yet: a stop terminates, as the
+                // daemon does today, so no machine is ever stopped and none started.
+                Action::Terminate { machine_id, .. } | Action::Stop { machine_id } => {
                     if self.pool.forget(&machine_id) {
                         if let Some(m) = self.engine_of.remove(&machine_id) {
                             self.pool_of.remove(&m);
@@ -122,6 +124,7 @@ impl Flotilla {
                         }
                     }
                 }
+                Action::Start { .. } => {}
                 Action::Launch { class, count } => {
                     let instance_type =
                         self.instance_types.get(&class).cloned().unwrap_or_default();
