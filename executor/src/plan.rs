@@ -310,8 +310,10 @@ fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mu
                 doomed.terminate(&m.id, TerminateReason::BootTimeout)
             }
             // A start that does not answer in time is a failed boot: terminated and, through
-            // the launch phase, replaced. `launched_at` is the start's time here.
-            MachineState::Starting if elapsed(m.launched_at, now) >= class.boot_timeout => {
+            // the launch phase, replaced (a stopped spare first, else a launch).
+            MachineState::Starting
+                if elapsed(m.started_at.unwrap_or(m.launched_at), now) >= class.boot_timeout =>
+            {
                 doomed.terminate(&m.id, TerminateReason::BootTimeout)
             }
             // A stopped machine is retired like an idle one (its certificate and AMI age
@@ -1052,6 +1054,48 @@ mod tests {
         );
         assert_eq!(starts(&actions), ["spare"], "{actions:?}");
         assert_eq!(launches(&actions), 1, "{actions:?}");
+    }
+
+    #[test]
+    fn an_old_machine_started_now_times_out_from_its_start_not_its_launch() {
+        let mut pool = Pool::default();
+        add_launched(&mut pool, "s", MachineState::Stopped, 0, DAY);
+        assert!(pool.begin_start("s", t(DAY)));
+        let p = with_stopped(policy(0, 600, 5, 0), 2);
+        assert!(terminated(&plan(&p, &pool, t(DAY + 299))).is_empty());
+        assert_eq!(
+            terminated(&plan(&p, &pool, t(DAY + 300))),
+            vec![("s".to_string(), TerminateReason::BootTimeout)]
+        );
+    }
+
+    #[test]
+    fn pool_walks_idle_stopping_stopped_starting_idle() {
+        let mut pool = Pool::default();
+        add(&mut pool, "m", MachineState::Idle, 0);
+        assert!(
+            !pool.begin_start("m", t(1)),
+            "only a stopped machine starts"
+        );
+        assert!(pool.begin_stop("m", t(1)));
+        assert_eq!(pool.machines()["m"].state, MachineState::Stopping);
+        assert!(!pool.mark_ready("m", t(2)));
+        assert!(pool.mark_stopped("m"));
+        assert!(pool.begin_start("m", t(3)));
+        assert_eq!(pool.machines()["m"].state, MachineState::Starting);
+        assert!(pool.mark_ready("m", t(4)));
+        assert_eq!(pool.machines()["m"].state, MachineState::Idle);
+        // The state file: the new fields round-trip, and an old record without them loads.
+        let m = pool.machines()["m"].clone();
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Machine = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.started_at, Some(t(3)));
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("started_at");
+        let old: Machine = serde_json::from_value(old).unwrap();
+        assert_eq!(old.started_at, None);
+        let stopped: MachineState = serde_json::from_str("\"stopped\"").unwrap();
+        assert_eq!(stopped.as_str(), "stopped");
     }
 
     #[test]
