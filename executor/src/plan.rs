@@ -472,10 +472,12 @@ fn plan_launches(
         .filter(live_now)
         .filter(|m| matches!(m.state, MachineState::Booting | MachineState::Starting))
         .count() as u32;
+    // Stopped machines are live already: a start needs growth room only, a launch both.
+    let mut growth_room = policy.max_growth_rate.saturating_sub(booting_total);
     let mut global_room = policy
         .max_machines
         .saturating_sub(total_live)
-        .min(policy.max_growth_rate.saturating_sub(booting_total));
+        .min(growth_room);
     let mut launches: BTreeMap<String, u32> = BTreeMap::new();
     let mut starts: Vec<Action> = Vec::new();
     let mut started: BTreeMap<&str, u32> = BTreeMap::new();
@@ -494,7 +496,7 @@ fn plan_launches(
             let s = started.entry(name.as_str()).or_default();
             let planned = launches.get(name).copied().unwrap_or(0);
             let mut need = want.saturating_sub(room.available + planned + *s);
-            while need > 0 && global_room > 0 {
+            while need > 0 && growth_room > 0 {
                 let Some(id) = room.stopped.get(*s as usize) else {
                     break;
                 };
@@ -503,13 +505,15 @@ fn plan_launches(
                 });
                 *s += 1;
                 need -= 1;
-                global_room -= 1;
+                growth_room -= 1;
+                global_room = global_room.min(growth_room);
             }
             let class_room = class.max_machines.saturating_sub(room.live + planned);
             let n = need.min(class_room).min(global_room);
             if n > 0 {
                 *launches.entry(name.clone()).or_default() += n;
                 global_room -= n;
+                growth_room -= n;
             }
         }
     }
@@ -1096,6 +1100,19 @@ mod tests {
         assert_eq!(old.started_at, None);
         let stopped: MachineState = serde_json::from_str("\"stopped\"").unwrap();
         assert_eq!(stopped.as_str(), "stopped");
+    }
+
+    #[test]
+    fn a_fleet_at_max_machines_still_starts_its_stopped_machines() {
+        let mut p = with_stopped(policy(0, 600, 5, 0), 5);
+        p.max_machines = 2;
+        let mut pool = Pool::default();
+        add(&mut pool, "s1", MachineState::Stopped, 0);
+        add(&mut pool, "s2", MachineState::Stopped, 0);
+        pool.set_waiting_for_test("c", 3);
+        let actions = plan(&p, &pool, t(1));
+        assert_eq!(starts(&actions), ["s1", "s2"], "{actions:?}");
+        assert_eq!(launches(&actions), 0);
     }
 
     #[test]
