@@ -192,6 +192,9 @@ impl Metrics {
             MachineState::Leased,
             MachineState::Broken,
             MachineState::Terminating,
+            MachineState::Stopping,
+            MachineState::Stopped,
+            MachineState::Starting,
         ];
         let mut all_classes: Vec<&str> = classes.to_vec();
         for m in pool.machines().values() {

@@ -21,6 +21,9 @@ use crate::pool::{Machine, Pool, TerminateReason};
 pub struct ClassPolicy {
     pub idle: IdlePolicy,
     pub max_machines: u32,
+    /// Most machines kept stopped (not terminated) beyond the hot idle target; 0 turns
+    /// the stopped pool off.
+    pub max_stopped: u32,
     pub max_builds: u32,
     pub boot_timeout: Duration,
     /// Machines older than this (since launch) take no further job.
@@ -137,6 +140,7 @@ impl Policy {
                                 idle_time: k.idle_time.0,
                             },
                             max_machines: k.max_machines,
+                            max_stopped: k.max_stopped,
                             max_builds: k.max_builds,
                             boot_timeout: k.boot_timeout.0,
                             max_age: k.max_age.0,
@@ -170,6 +174,14 @@ pub(crate) enum Action {
     Terminate {
         machine_id: String,
         reason: TerminateReason,
+    },
+    /// StopInstances: an idle machine beyond the hot target joins the stopped pool.
+    Stop {
+        machine_id: String,
+    },
+    /// StartInstances: a stopped machine serves demand before any cold launch.
+    Start {
+        machine_id: String,
     },
 }
 
@@ -210,9 +222,10 @@ pub(crate) fn launch_order(class: &ClassConfig) -> Vec<LaunchAttempt> {
     order
 }
 
-/// Decides which machines to terminate and how many to launch, in three phases: the
-/// machines that must go whatever the demand, then idle machines beyond each class's
-/// target, then launches for what is still missing.
+/// Decides which machines to terminate, stop, start and how many to launch, in three
+/// phases: the machines that must go whatever the demand, then idle machines beyond each
+/// class's hot target (stopped while the class's stopped pool has room, else terminated),
+/// then starts of stopped machines and launches for what is still missing.
 pub(crate) fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
     let mut doomed = Doomed::default();
     retire_unneeded(policy, pool, now, &mut doomed);
@@ -225,6 +238,11 @@ pub(crate) fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Acti
     let mut actions = doomed.actions;
     actions.extend(launches);
     actions
+}
+
+/// Whether `state` is a stopped-pool state that is not (yet) serving: stopping or stopped.
+fn parked(state: MachineState) -> bool {
+    matches!(state, MachineState::Stopping | MachineState::Stopped)
 }
 
 /// Terminations decided so far, in order, each machine at most once.
@@ -244,6 +262,15 @@ impl Doomed {
         }
     }
 
+    /// Stops an idle machine instead of terminating it (phase 2 only).
+    fn stop(&mut self, id: &str) {
+        if self.ids.insert(id.to_owned()) {
+            self.actions.push(Action::Stop {
+                machine_id: id.to_owned(),
+            });
+        }
+    }
+
     fn contains(&self, id: &str) -> bool {
         self.ids.contains(id)
     }
@@ -256,7 +283,11 @@ fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mu
         let Some(class) = policy.classes.get(&m.class) else {
             if matches!(
                 m.state,
-                MachineState::Idle | MachineState::Booting | MachineState::Broken
+                MachineState::Idle
+                    | MachineState::Booting
+                    | MachineState::Broken
+                    | MachineState::Stopped
+                    | MachineState::Starting
             ) {
                 doomed.terminate(&m.id, TerminateReason::ClassRemoved);
             }
@@ -278,6 +309,22 @@ fn retire_unneeded(policy: &Policy, pool: &Pool, now: DateTime<Utc>, doomed: &mu
             {
                 doomed.terminate(&m.id, TerminateReason::BootTimeout)
             }
+            // A start that does not answer in time is a failed boot: terminated and, through
+            // the launch phase, replaced (a stopped spare first, else a launch).
+            MachineState::Starting
+                if elapsed(m.started_at.unwrap_or(m.launched_at), now) >= class.boot_timeout =>
+            {
+                doomed.terminate(&m.id, TerminateReason::BootTimeout)
+            }
+            // A stopped machine is retired like an idle one (its certificate and AMI age
+            // while it sleeps), and does not survive a drain.
+            MachineState::Stopped => {
+                if let Some(reason) = class.retire_reason(m, now) {
+                    doomed.terminate(&m.id, reason)
+                } else if pool.is_draining() {
+                    doomed.terminate(&m.id, TerminateReason::Drained)
+                }
+            }
             MachineState::Idle => {
                 if let Some(reason) = class.retire_reason(m, now) {
                     doomed.terminate(&m.id, reason)
@@ -298,6 +345,8 @@ struct ClassRoom {
     available: u32,
     /// Idle machines the class should keep (idle policy in force, or the forecast).
     idle_target: u32,
+    /// Stopped machines a start can bring back, oldest stop first.
+    stopped: Vec<String>,
 }
 
 /// Phase 2, per class: the idle target in force (schedule, scale factor, forecast), idle
@@ -328,10 +377,18 @@ fn scale_down_idle<'a>(
             .values()
             .filter(|m| &m.class == name && !doomed.contains(&m.id))
             .collect();
+        // A starting machine is coming capacity, as a booting one is.
         let booting = mine
             .iter()
-            .filter(|m| m.state == MachineState::Booting)
+            .filter(|m| matches!(m.state, MachineState::Booting | MachineState::Starting))
             .count() as u32;
+        let mut stopped: Vec<_> = mine
+            .iter()
+            .filter(|m| m.state == MachineState::Stopped)
+            .collect();
+        stopped.sort_by_key(|m| (m.idle_since, m.id.clone()));
+        let mut parked_count = mine.iter().filter(|m| parked(m.state)).count() as u32;
+        let stop_room = |parked_count: u32| !pool.is_draining() && parked_count < class.max_stopped;
         let mut idle: Vec<_> = mine
             .iter()
             .filter(|m| m.state == MachineState::Idle)
@@ -345,25 +402,49 @@ fn scale_down_idle<'a>(
         let mut surplus = (idle.len() as u32 + booting).saturating_sub(demand);
         let mut over = live.saturating_sub(class.max_machines);
         let mut removed = 0u32;
+        let mut left_idle = idle.len() as u32;
+        // Over capacity, stopped machines go before idle ones: they serve nobody now.
+        for m in &stopped {
+            if over == 0 {
+                break;
+            }
+            doomed.terminate(&m.id, TerminateReason::OverCapacity);
+            over -= 1;
+            parked_count -= 1;
+            removed += 1;
+        }
         for m in &idle {
             if over > 0 {
                 doomed.terminate(&m.id, TerminateReason::OverCapacity);
                 over -= 1;
                 surplus = surplus.saturating_sub(1);
+                removed += 1;
             } else if surplus > 0 && elapsed(m.idle_since, now) >= idle_policy.idle_time {
-                doomed.terminate(&m.id, TerminateReason::IdleTimeout);
                 surplus -= 1;
+                if stop_room(parked_count) {
+                    // Stays live (it counts towards max_machines) but leaves the hot pool.
+                    doomed.stop(&m.id);
+                    parked_count += 1;
+                } else {
+                    doomed.terminate(&m.id, TerminateReason::IdleTimeout);
+                    removed += 1;
+                }
             } else {
                 continue;
             }
-            removed += 1;
+            left_idle -= 1;
         }
         rooms.insert(
             name.as_str(),
             ClassRoom {
                 live: live - removed,
-                available: idle.len() as u32 - removed + booting,
+                available: left_idle + booting,
                 idle_target,
+                stopped: stopped
+                    .iter()
+                    .filter(|m| !doomed.contains(&m.id))
+                    .map(|m| m.id.clone())
+                    .collect(),
             },
         );
     }
@@ -389,13 +470,17 @@ fn plan_launches(
         .machines()
         .values()
         .filter(live_now)
-        .filter(|m| m.state == MachineState::Booting)
+        .filter(|m| matches!(m.state, MachineState::Booting | MachineState::Starting))
         .count() as u32;
+    // Stopped machines are live already: a start needs growth room only, a launch both.
+    let mut growth_room = policy.max_growth_rate.saturating_sub(booting_total);
     let mut global_room = policy
         .max_machines
         .saturating_sub(total_live)
-        .min(policy.max_growth_rate.saturating_sub(booting_total));
+        .min(growth_room);
     let mut launches: BTreeMap<String, u32> = BTreeMap::new();
+    let mut starts: Vec<Action> = Vec::new();
+    let mut started: BTreeMap<&str, u32> = BTreeMap::new();
     for pass in [Pass::Waiting, Pass::IdleCount] {
         for (name, class) in &policy.classes {
             let Some(room) = classes.get(name.as_str()) else {
@@ -406,20 +491,38 @@ fn plan_launches(
                 Pass::Waiting => waiting,
                 Pass::IdleCount => waiting + room.idle_target,
             };
+            // Starts first: a stopped machine is already counted live, so only the growth
+            // rate bounds it, and it comes back faster and with its image cache.
+            let s = started.entry(name.as_str()).or_default();
             let planned = launches.get(name).copied().unwrap_or(0);
-            let need = want.saturating_sub(room.available + planned);
+            let mut need = want.saturating_sub(room.available + planned + *s);
+            while need > 0 && growth_room > 0 {
+                let Some(id) = room.stopped.get(*s as usize) else {
+                    break;
+                };
+                starts.push(Action::Start {
+                    machine_id: id.clone(),
+                });
+                *s += 1;
+                need -= 1;
+                growth_room -= 1;
+                global_room = global_room.min(growth_room);
+            }
             let class_room = class.max_machines.saturating_sub(room.live + planned);
             let n = need.min(class_room).min(global_room);
             if n > 0 {
                 *launches.entry(name.clone()).or_default() += n;
                 global_room -= n;
+                growth_room -= n;
             }
         }
     }
-    launches
-        .into_iter()
-        .map(|(class, count)| Action::Launch { class, count })
-        .collect()
+    starts.extend(
+        launches
+            .into_iter()
+            .map(|(class, count)| Action::Launch { class, count }),
+    );
+    starts
 }
 
 #[derive(Clone, Copy)]
@@ -450,6 +553,7 @@ mod tests {
                         idle_time: Duration::from_secs(idle_time),
                     },
                     max_machines: max,
+                    max_stopped: 0,
                     max_builds,
                     boot_timeout: Duration::from_secs(300),
                     max_age: Duration::from_secs(7 * 86_400),
@@ -848,6 +952,216 @@ mod tests {
         let off = text.to_owned() + "[classes.c.forecast]\nenabled = false\n";
         let p = Policy::from_config(&Config::from_toml(&off).unwrap());
         assert_eq!(p.classes["c"].learned, None);
+    }
+
+    fn with_stopped(mut p: Policy, max_stopped: u32) -> Policy {
+        p.classes.get_mut("c").unwrap().max_stopped = max_stopped;
+        p
+    }
+
+    fn stops(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Stop { machine_id } => Some(machine_id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn starts(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { machine_id } => Some(machine_id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn idle_machine_beyond_the_hot_target_is_stopped_instead_of_terminated() {
+        let mut pool = Pool::default();
+        add(&mut pool, "a", MachineState::Idle, 0);
+        let p = with_stopped(policy(0, 600, 5, 0), 2);
+        assert!(plan(&p, &pool, t(599)).is_empty());
+        let actions = plan(&p, &pool, t(600));
+        assert_eq!(stops(&actions), ["a"], "{actions:?}");
+        assert!(terminated(&actions).is_empty(), "{actions:?}");
+        assert_eq!(launches(&actions), 0);
+    }
+
+    #[test]
+    fn without_max_stopped_idle_machines_are_terminated_as_before() {
+        let mut pool = Pool::default();
+        add(&mut pool, "a", MachineState::Idle, 0);
+        let actions = plan(&policy(0, 600, 5, 0), &pool, t(600));
+        assert!(stops(&actions).is_empty());
+        assert_eq!(terminated(&actions).len(), 1);
+    }
+
+    #[test]
+    fn the_stopped_pool_is_bounded_by_max_stopped() {
+        let mut pool = Pool::default();
+        add(&mut pool, "s", MachineState::Stopped, 0);
+        add(&mut pool, "x", MachineState::Stopping, 0);
+        add(&mut pool, "a", MachineState::Idle, 0);
+        add(&mut pool, "b", MachineState::Idle, 1);
+        add(&mut pool, "c", MachineState::Idle, 2);
+        let actions = plan(&with_stopped(policy(0, 600, 10, 0), 3), &pool, t(1000));
+        assert_eq!(stops(&actions), ["a"], "{actions:?}");
+        assert_eq!(
+            terminated(&actions),
+            vec![
+                ("b".to_string(), TerminateReason::IdleTimeout),
+                ("c".to_string(), TerminateReason::IdleTimeout)
+            ]
+        );
+    }
+
+    #[test]
+    fn demand_starts_stopped_machines_before_any_cold_launch() {
+        let mut pool = Pool::default();
+        add(&mut pool, "old", MachineState::Stopped, 0);
+        add(&mut pool, "new", MachineState::Stopped, 10);
+        let p = with_stopped(policy(0, 600, 5, 0), 2);
+        pool.set_waiting_for_test("c", 1);
+        let one = plan(&p, &pool, t(20));
+        assert_eq!(starts(&one), ["old"], "{one:?}");
+        assert_eq!(launches(&one), 0);
+        pool.set_waiting_for_test("c", 4);
+        let four = plan(&p, &pool, t(20));
+        assert_eq!(starts(&four), ["old", "new"], "{four:?}");
+        // Stopped machines count towards max_machines (5): 2 + 2 launches.
+        assert_eq!(launches(&four), 2, "{four:?}");
+    }
+
+    #[test]
+    fn a_starting_machine_is_coming_capacity() {
+        let mut pool = Pool::default();
+        add(&mut pool, "s", MachineState::Starting, 0);
+        pool.set_waiting_for_test("c", 1);
+        let actions = plan(&with_stopped(policy(0, 600, 5, 0), 2), &pool, t(1));
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+
+    #[test]
+    fn a_failed_start_is_terminated_and_replaced() {
+        let mut pool = Pool::default();
+        add(&mut pool, "s", MachineState::Starting, 0);
+        add(&mut pool, "spare", MachineState::Stopped, 0);
+        pool.set_waiting_for_test("c", 2);
+        let actions = plan(&with_stopped(policy(0, 600, 5, 0), 2), &pool, t(300));
+        assert_eq!(
+            terminated(&actions),
+            vec![("s".to_string(), TerminateReason::BootTimeout)]
+        );
+        assert_eq!(starts(&actions), ["spare"], "{actions:?}");
+        assert_eq!(launches(&actions), 1, "{actions:?}");
+    }
+
+    #[test]
+    fn an_old_machine_started_now_times_out_from_its_start_not_its_launch() {
+        let mut pool = Pool::default();
+        add_launched(&mut pool, "s", MachineState::Stopped, 0, DAY);
+        assert!(pool.begin_start("s", t(DAY)));
+        let p = with_stopped(policy(0, 600, 5, 0), 2);
+        assert!(terminated(&plan(&p, &pool, t(DAY + 299))).is_empty());
+        assert_eq!(
+            terminated(&plan(&p, &pool, t(DAY + 300))),
+            vec![("s".to_string(), TerminateReason::BootTimeout)]
+        );
+    }
+
+    #[test]
+    fn pool_walks_idle_stopping_stopped_starting_idle() {
+        let mut pool = Pool::default();
+        add(&mut pool, "m", MachineState::Idle, 0);
+        assert!(
+            !pool.begin_start("m", t(1)),
+            "only a stopped machine starts"
+        );
+        assert!(pool.begin_stop("m", t(1)));
+        assert_eq!(pool.machines()["m"].state, MachineState::Stopping);
+        assert!(!pool.mark_ready("m", t(2)));
+        assert!(pool.mark_stopped("m"));
+        assert!(pool.begin_start("m", t(3)));
+        assert_eq!(pool.machines()["m"].state, MachineState::Starting);
+        assert!(pool.mark_ready("m", t(4)));
+        assert_eq!(pool.machines()["m"].state, MachineState::Idle);
+        // The state file: the new fields round-trip, and an old record without them loads.
+        let m = pool.machines()["m"].clone();
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Machine = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.started_at, Some(t(3)));
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("started_at");
+        let old: Machine = serde_json::from_value(old).unwrap();
+        assert_eq!(old.started_at, None);
+        let stopped: MachineState = serde_json::from_str("\"stopped\"").unwrap();
+        assert_eq!(stopped.as_str(), "stopped");
+    }
+
+    #[test]
+    fn a_fleet_at_max_machines_still_starts_its_stopped_machines() {
+        let mut p = with_stopped(policy(0, 600, 5, 0), 5);
+        p.max_machines = 2;
+        let mut pool = Pool::default();
+        add(&mut pool, "s1", MachineState::Stopped, 0);
+        add(&mut pool, "s2", MachineState::Stopped, 0);
+        pool.set_waiting_for_test("c", 3);
+        let actions = plan(&p, &pool, t(1));
+        assert_eq!(starts(&actions), ["s1", "s2"], "{actions:?}");
+        assert_eq!(launches(&actions), 0);
+    }
+
+    #[test]
+    fn starts_share_the_growth_rate_with_launches() {
+        let mut p = with_stopped(policy(0, 600, 50, 0), 5);
+        p.max_growth_rate = 2;
+        let mut pool = Pool::default();
+        for id in ["s1", "s2", "s3"] {
+            add(&mut pool, id, MachineState::Stopped, 0);
+        }
+        pool.set_waiting_for_test("c", 5);
+        let actions = plan(&p, &pool, t(1));
+        assert_eq!(starts(&actions), ["s1", "s2"], "{actions:?}");
+        assert_eq!(launches(&actions), 0);
+    }
+
+    #[test]
+    fn stopped_machines_retire_at_max_age_and_on_drain() {
+        let mut pool = Pool::default();
+        add_launched(&mut pool, "old", MachineState::Stopped, 0, DAY);
+        add_launched(&mut pool, "young", MachineState::Stopped, DAY, DAY);
+        let p = with_stopped(policy(0, 600, 5, 0), 2);
+        assert_eq!(
+            terminated(&plan(&p, &pool, t(7 * DAY))),
+            vec![("old".to_string(), TerminateReason::MaxAge)]
+        );
+        pool.set_draining(true);
+        let mut got = terminated(&plan(&p, &pool, t(2 * DAY)));
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("old".to_string(), TerminateReason::Drained),
+                ("young".to_string(), TerminateReason::Drained)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_forecast_hot_target_is_kept_hot_not_stopped() {
+        let mut pool = Pool::default();
+        for i in 0..30 {
+            pool.record_arrival("c", t(i * 10));
+        }
+        add(&mut pool, "a", MachineState::Idle, 0);
+        let p = with_stopped(with_learned(policy(0, 600, 5, 0), learned(20)), 2);
+        let actions = plan(&p, &pool, t(400));
+        assert!(stops(&actions).is_empty(), "{actions:?}");
+        assert!(terminated(&actions).is_empty(), "{actions:?}");
     }
 
     #[test]

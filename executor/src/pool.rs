@@ -75,6 +75,10 @@ pub struct Machine {
     /// a failed boot, like one past its boot timeout.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub boot_failed: bool,
+    /// When the last StartInstances of a stopped machine was sent: its start times out
+    /// from here, while `launched_at` (and so `max_age`) keeps counting from the launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 impl Machine {
@@ -96,6 +100,7 @@ impl Machine {
             terminate_sent_at: None,
             adopted_at: None,
             boot_failed: false,
+            started_at: None,
         }
     }
 
@@ -407,10 +412,47 @@ impl Pool {
     /// A booting machine's dockerd answered over mTLS.
     pub fn mark_ready(&mut self, machine_id: &str, now: DateTime<Utc>) -> bool {
         match self.machines.get_mut(machine_id) {
-            Some(m) if m.state == MachineState::Booting => {
+            Some(m) if matches!(m.state, MachineState::Booting | MachineState::Starting) => {
                 m.state = MachineState::Idle;
                 m.ready_at = Some(now);
                 m.idle_since = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The plan stops an idle machine: it leaves the hot pool at once (no lease can take
+    /// it), and is `stopped` once EC2 says so. False when it is no longer idle.
+    pub fn begin_stop(&mut self, machine_id: &str, now: DateTime<Utc>) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m) if m.state == MachineState::Idle && m.lease_id.is_none() => {
+                m.state = MachineState::Stopping;
+                m.idle_since = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// EC2 reports a stopping machine stopped.
+    pub fn mark_stopped(&mut self, machine_id: &str) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m) if m.state == MachineState::Stopping => {
+                m.state = MachineState::Stopped;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The plan starts a stopped machine: `starting` until its dockerd answers again
+    /// ([`Self::mark_ready`]) or its start times out (the plan terminates it).
+    pub fn begin_start(&mut self, machine_id: &str, now: DateTime<Utc>) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m) if m.state == MachineState::Stopped => {
+                m.state = MachineState::Starting;
+                m.started_at = Some(now);
                 true
             }
             _ => false,

@@ -121,6 +121,13 @@ pub enum MachineState {
     Broken,
     /// Termination requested.
     Terminating,
+    /// StopInstances requested: the machine leaves the hot pool but keeps its disk (image
+    /// cache, certificates), billed for EBS only once stopped.
+    Stopping,
+    /// Stopped: a warm spare that starts in a fraction of a cold launch.
+    Stopped,
+    /// StartInstances requested; waiting for its dockerd to answer again.
+    Starting,
 }
 
 impl MachineState {
@@ -131,6 +138,9 @@ impl MachineState {
             Self::Leased => "leased",
             Self::Broken => "broken",
             Self::Terminating => "terminating",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
         }
     }
 }

@@ -385,6 +385,12 @@ pub struct ClassConfig {
     /// Machines of this class in any state.
     #[serde(default = "defaults::max_machines")]
     pub max_machines: u32,
+    /// Idle machines the policy does not need hot are stopped (not terminated) up to this
+    /// many per class, and started before any cold launch when demand comes: a stopped
+    /// machine costs only its disk and keeps its image cache. 0 (the default) terminates
+    /// them as before.
+    #[serde(default)]
+    pub max_stopped: u32,
     /// Jobs per machine before it is replaced; 0 means unlimited.
     #[serde(default)]
     pub max_builds: u32,
@@ -484,6 +490,7 @@ impl Default for ClassConfig {
             idle_scale_factor: 0.0,
             idle_time: defaults::idle_time(),
             max_machines: defaults::max_machines(),
+            max_stopped: 0,
             max_builds: 0,
             boot_timeout: defaults::boot_timeout(),
             max_age: defaults::max_age(),
@@ -769,6 +776,15 @@ impl Config {
                 format!(
                     "{} is more than max_machines ({})",
                     class.idle_count, class.max_machines
+                ),
+            );
+        }
+        if class.max_stopped > class.max_machines {
+            return bad(
+                &key("max_stopped"),
+                format!(
+                    "{} is more than max_machines ({})",
+                    class.max_stopped, class.max_machines
                 ),
             );
         }
@@ -1402,6 +1418,19 @@ subnets = ["subnet-1"]
         let err = Config::from_toml(&text).unwrap_err();
         assert!(err.contains("classes.small.idle_time"), "{err}");
         assert!(err.contains("duration"), "{err}");
+    }
+
+    #[test]
+    fn max_stopped_defaults_to_zero_and_is_bounded_by_max_machines() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.classes["small"].max_stopped, 0);
+        let text = MINIMAL.replace(
+            "subnets = [\"subnet-1\"]",
+            "subnets = [\"subnet-1\"]\nmax_stopped = 3\nmax_machines = 2",
+        );
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.max_stopped");
+        assert!(err.message.contains("max_machines (2)"), "{}", err.message);
     }
 
     #[test]

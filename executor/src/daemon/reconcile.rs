@@ -16,6 +16,7 @@ use super::{new_id, probe, Shared};
 use crate::ec2::LaunchSpec;
 use crate::observe::{fold, Graces};
 use crate::plan::{launch_order, plan, Action};
+use crate::pool::TerminateReason;
 
 const LAUNCH_BACKOFF_START: Duration = Duration::from_secs(5);
 const LAUNCH_BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -191,6 +192,18 @@ pub(super) async fn act(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
                     }
                 }
                 Action::Launch { class, count } => launches.push((class, count)),
+                // The daemon does not call StopInstances/StartInstances yet (issue 15,
+                // item 1 is in the plan and the simulator only): a machine the plan would
+                // stop is terminated as before, and so no machine is ever stopped here.
+                Action::Stop { machine_id } => {
+                    if pool.begin_terminate(&machine_id, TerminateReason::IdleTimeout) {
+                        tracing::warn!(machine = %machine_id, "stopped pool not supported by the daemon yet; terminating instead");
+                        changed = true;
+                    }
+                }
+                Action::Start { machine_id } => {
+                    tracing::warn!(machine = %machine_id, "stopped pool not supported by the daemon yet; not starting");
+                }
             }
         }
         pool.terminations_due(now, TERMINATE_RETRY)

@@ -114,6 +114,22 @@ impl Flotilla {
         let now = ctx.now_utc();
         for action in plan(&self.policy, &self.pool, now) {
             match action {
+                Action::Stop { machine_id } => {
+                    if self.pool.begin_stop(&machine_id, now) {
+                        // The simulated StopInstances completes at once.
+                        self.pool.mark_stopped(&machine_id);
+                        if let Some(&m) = self.engine_of.get(&machine_id) {
+                            ctx.stop(m);
+                        }
+                    }
+                }
+                Action::Start { machine_id } => {
+                    if self.pool.begin_start(&machine_id, now) {
+                        if let Some(&m) = self.engine_of.get(&machine_id) {
+                            ctx.start_stopped(m);
+                        }
+                    }
+                }
                 Action::Terminate { machine_id, .. } => {
                     if self.pool.forget(&machine_id) {
                         if let Some(m) = self.engine_of.remove(&machine_id) {
@@ -247,6 +263,23 @@ mod tests {
         assert_eq!(off.violations + on.violations, 0);
         assert!(late_waits(&off) >= 60_000, "{:?}", off.waits_ms);
         assert_eq!(late_waits(&on), 0, "{:?}", on.waits_ms);
+    }
+
+    #[test]
+    fn a_stopped_pool_serves_bursts_from_starts_instead_of_launches() {
+        let t = trace(&bursts());
+        let off = run_flotilla("off", &config(false, 0, 60), &t, &env(60.0));
+        let mut c = config(false, 0, 60);
+        c.classes.get_mut("c").unwrap().max_stopped = 3;
+        let on = run_flotilla("on", &c, &t, &env(60.0));
+        assert_eq!(off.violations + on.violations, 0);
+        let (off, on) = (off.summary(), on.summary());
+        assert_eq!(off.starts, 0);
+        assert!(on.starts > 0, "{on:?}");
+        assert!(on.launches < off.launches, "{on:?} vs {off:?}");
+        assert!(on.stopped_machine_hours > 0.0, "{on:?}");
+        // A start takes a quarter of a launch in this environment.
+        assert!(on.p95_wait_s < off.p95_wait_s, "{on:?} vs {off:?}");
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub(super) trait Scaler {
 #[derive(Debug, Clone)]
 pub(super) struct Env {
     pub boot: Dist,
+    /// StartInstances to ready, for a stopped machine (seconds).
+    pub start: Dist,
+    /// USD per hour a stopped machine's root volume costs (GB x price per GB-month / 730).
+    pub stopped_usd_per_hour: f64,
     pub seed: u64,
     /// Mean spot reclaims per machine-hour (0: none).
     pub reclaims_per_hour: f64,
@@ -58,7 +62,14 @@ enum Ev {
 #[derive(Debug, Clone)]
 struct SimMachine {
     price_per_ms: f64,
-    launched: i64,
+    /// Start of the current running period (launch or start).
+    run_since: i64,
+    /// Running time of closed periods, and what EC2 bills for them (60 s minimum each).
+    run_ms: i64,
+    billed_ms: i64,
+    /// Stopped since (a stopped machine is neither alive nor billed per second).
+    stopped_since: Option<i64>,
+    stopped_ms: i64,
     ready: Option<i64>,
     ended: Option<i64>,
     busy_ms: i64,
@@ -85,6 +96,9 @@ pub(super) struct Outcome {
     pub machine_ms: i64,
     pub busy_ms: i64,
     pub launches: u64,
+    /// StartInstances of stopped machines, and their stopped time.
+    pub starts: u64,
+    pub stopped_ms: i64,
     pub cost: f64,
     pub reclaims: u64,
     /// Policy errors the engine refused (terminating a busy machine, running a job twice):
@@ -111,6 +125,7 @@ pub(super) struct Ctx<'a> {
     arrived: u32,
     done: u32,
     launches: u64,
+    starts: u64,
     reclaims: u64,
     violations: u64,
 }
@@ -134,7 +149,11 @@ impl<'a> Ctx<'a> {
         let price = self.env.prices.get(instance_type).copied().unwrap_or(0.0);
         self.machines.push(SimMachine {
             price_per_ms: price / 3.6e6,
-            launched: self.now,
+            run_since: self.now,
+            run_ms: 0,
+            billed_ms: 0,
+            stopped_since: None,
+            stopped_ms: 0,
             ready: None,
             ended: None,
             busy_ms: 0,
@@ -165,7 +184,58 @@ impl<'a> Ctx<'a> {
             return;
         }
         machine.ended = Some(self.now);
+        if let Some(since) = machine.stopped_since.take() {
+            machine.stopped_ms += self.now - since;
+        } else {
+            let run = self.now - machine.run_since;
+            machine.run_ms += run;
+            machine.billed_ms += run.max(MIN_BILLED_MS);
+            self.alive -= 1;
+        }
+    }
+
+    /// Stops a ready, free machine: its running period ends (billed with EC2's minimum),
+    /// its disk is billed until it starts or is terminated. Refused otherwise.
+    pub(super) fn stop(&mut self, m: usize) {
+        let now = self.now;
+        let Some(machine) = self.machines.get_mut(m) else {
+            self.violations += 1;
+            return;
+        };
+        if machine.ended.is_some()
+            || machine.job.is_some()
+            || machine.ready.is_none()
+            || machine.stopped_since.is_some()
+        {
+            self.violations += 1;
+            return;
+        }
+        let run = now - machine.run_since;
+        machine.run_ms += run;
+        machine.billed_ms += run.max(MIN_BILLED_MS);
+        machine.stopped_since = Some(now);
+        machine.ready = None;
         self.alive -= 1;
+    }
+
+    /// Starts a stopped machine: ready again after a draw from the start distribution.
+    pub(super) fn start_stopped(&mut self, m: usize) {
+        let now = self.now;
+        let Some(machine) = self.machines.get_mut(m) else {
+            self.violations += 1;
+            return;
+        };
+        let (None, Some(since)) = (machine.ended, machine.stopped_since) else {
+            self.violations += 1;
+            return;
+        };
+        machine.stopped_ms += now - since;
+        machine.stopped_since = None;
+        machine.run_since = now;
+        self.alive += 1;
+        self.starts += 1;
+        let start_ms = (self.env.start.sample(&mut self.rng) * 1000.0).round() as i64;
+        self.push(now + start_ms, Ev::Ready(m));
     }
 
     /// Runs `job` on machine `m` (ready, alive and free).
@@ -216,6 +286,7 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
         arrived: 0,
         done: 0,
         launches: 0,
+        starts: 0,
         reclaims: 0,
         violations: 0,
     };
@@ -243,7 +314,10 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
             }
             Ev::Ready(m) => {
                 let machine = &mut ctx.machines[m];
-                if machine.ended.is_none() && machine.ready.is_none() {
+                if machine.ended.is_none()
+                    && machine.ready.is_none()
+                    && machine.stopped_since.is_none()
+                {
                     machine.ready = Some(t);
                     scaler.ready(&mut ctx, m);
                 }
@@ -262,8 +336,13 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
             }
             Ev::Reclaim(m) => {
                 let machine = &mut ctx.machines[m];
-                if machine.ended.is_none() {
+                // A stopped machine is not reclaimed (spot instances of a stopped pool are
+                // out of scope); a reclaim of a running one ends its period.
+                if machine.ended.is_none() && machine.stopped_since.is_none() {
                     machine.ended = Some(t);
+                    let run = t - machine.run_since;
+                    machine.run_ms += run;
+                    machine.billed_ms += run.max(MIN_BILLED_MS);
                     let job = machine.job.take().map(|(j, since)| {
                         machine.busy_ms += t - since;
                         (j, t - since)
@@ -295,6 +374,7 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
     let mut out = Outcome {
         name: name.to_owned(),
         launches: ctx.launches,
+        starts: ctx.starts,
         reclaims: ctx.reclaims,
         violations: ctx.violations,
         timeline,
@@ -303,11 +383,22 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
         ..Outcome::default()
     };
     for m in &ctx.machines {
-        let life = m.ended.unwrap_or(end) - m.launched;
+        let (mut run, mut billed, mut stopped) = (m.run_ms, m.billed_ms, m.stopped_ms);
+        if m.ended.is_none() {
+            match m.stopped_since {
+                Some(since) => stopped += end - since,
+                None => {
+                    run += end - m.run_since;
+                    billed += (end - m.run_since).max(MIN_BILLED_MS);
+                }
+            }
+        }
         let busy = m.busy_ms + m.job.map_or(0, |(_, since)| end - since);
-        out.machine_ms += life;
+        out.machine_ms += run;
         out.busy_ms += busy;
-        out.cost += life.max(MIN_BILLED_MS) as f64 * m.price_per_ms;
+        out.stopped_ms += stopped;
+        out.cost +=
+            billed as f64 * m.price_per_ms + stopped as f64 / 3.6e6 * env.stopped_usd_per_hour;
     }
     // A job's wait: from arrival to its (last) start, minus time spent on reclaimed machines.
     out.waits_ms = trace
@@ -331,7 +422,9 @@ pub(super) struct Summary {
     pub max_wait_s: f64,
     pub idle_machine_hours: f64,
     pub busy_machine_hours: f64,
+    pub stopped_machine_hours: f64,
     pub launches: u64,
+    pub starts: u64,
     pub cost: f64,
 }
 
@@ -357,7 +450,9 @@ impl Outcome {
             max_wait_s: s(w.last().copied().unwrap_or(0)),
             idle_machine_hours: h(self.machine_ms - self.busy_ms),
             busy_machine_hours: h(self.busy_ms),
+            stopped_machine_hours: h(self.stopped_ms),
             launches: self.launches,
+            starts: self.starts,
             cost: (self.cost * 100.0).round() / 100.0,
         }
     }
@@ -370,6 +465,8 @@ pub(crate) mod tests {
     pub(crate) fn env(boot: f64) -> Env {
         Env {
             boot: Dist::Fixed(boot),
+            start: Dist::Fixed(boot / 4.0),
+            stopped_usd_per_hour: 0.0,
             seed: 1,
             reclaims_per_hour: 0.0,
             tick_ms: 10_000,

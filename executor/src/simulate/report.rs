@@ -37,27 +37,31 @@ pub(super) fn print_table(out: &mut String, rows: &[Summary]) {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(6).max(6);
     outln!(
         out,
-        "{:<width$}  {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>10}",
+        "{:<width$}  {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>6} {:>10}",
         "policy",
         "p50 wait",
         "p95 wait",
         "max wait",
         "idle m-h",
         "busy m-h",
+        "stopped m-h",
         "launches",
+        "starts",
         "cost"
     );
     for r in rows {
         outln!(
             out,
-            "{:<width$}  {:>8.1}s {:>8.1}s {:>8.1}s {:>10.1} {:>10.1} {:>8} {:>10}",
+            "{:<width$}  {:>8.1}s {:>8.1}s {:>8.1}s {:>10.1} {:>10.1} {:>10.1} {:>8} {:>6} {:>10}",
             r.name,
             r.p50_wait_s,
             r.p95_wait_s,
             r.max_wait_s,
             r.idle_machine_hours,
             r.busy_machine_hours,
+            r.stopped_machine_hours,
             r.launches,
+            r.starts,
             format!("${:.2}", r.cost),
         );
     }

@@ -153,8 +153,16 @@ impl Setup {
                 );
             }
         }
+        // gp3 at $0.08 per GB-month, the default class's root volume (30 GB without one).
+        let root_gb = config
+            .classes
+            .get(&config.default_class)
+            .and_then(|c| c.root_volume_gb)
+            .unwrap_or(30);
         let env = Env {
             boot,
+            start: super::rng::Dist::Uniform(15.0, 30.0),
+            stopped_usd_per_hour: f64::from(root_gb) * 0.08 / 730.0,
             seed: args.seed,
             reclaims_per_hour: args.spot_reclaims_per_hour,
             tick_ms: config.reconcile_interval.0.as_millis().max(1) as i64,

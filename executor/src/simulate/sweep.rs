@@ -422,7 +422,9 @@ mod tests {
             max_wait_s: p95,
             idle_machine_hours: idle,
             busy_machine_hours: 0.0,
+            stopped_machine_hours: 0.0,
             launches: 0,
+            starts: 0,
             cost: 0.0,
         }
     }
