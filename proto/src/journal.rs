@@ -108,10 +108,17 @@ pub fn cloud_init_files(config: &ShipperConfig) -> Vec<WriteFile> {
         encoding: encoding.map(str::to_owned),
     };
     vec![
-        file(SHIPPER_PATH, gz_b64(SHIPPER.as_bytes()), Some("gz+b64")),
+        file(SHIPPER_PATH, shipper_gz_b64().to_owned(), Some("gz+b64")),
         file(CONFIG_PATH, config.to_json(), None),
         file(UNIT_PATH, UNIT.to_owned(), None),
     ]
+}
+
+/// [`SHIPPER`] gzipped and base64-encoded, computed once: config validation (every
+/// stage call loads the config) and every launch need it.
+fn shipper_gz_b64() -> &'static str {
+    static ENCODED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ENCODED.get_or_init(|| gz_b64(SHIPPER.as_bytes()))
 }
 
 /// What the shipper adds to a machine's user data, in bytes (as JSON in the cloud-config).
