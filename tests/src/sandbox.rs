@@ -74,6 +74,9 @@ pub struct SandboxOptions {
     /// registry's address. Its `/host` is this host's `/` (the emulated machines' dockerd
     /// run here).
     pub ready_command: Option<flotilla_proto::boot_hooks::ReadyCommand>,
+    /// The default class's `user_data_parts` (the emulator applies them chrooted into
+    /// each machine's root, see [`crate::cloud_init`]).
+    pub user_data_parts: Vec<flotilla_proto::boot_hooks::UserDataPart>,
     /// `logs.group`: broken or lost machines' reports go to this CloudWatch Logs group
     /// in moto (created here); unset, to `<state_dir>/machines/`.
     pub logs_group: Option<String>,
@@ -104,6 +107,7 @@ impl Default for SandboxOptions {
             ami_files: Vec::new(),
             dockerd: Default::default(),
             ready_command: None,
+            user_data_parts: Vec::new(),
             logs_group: None,
         }
     }
@@ -396,6 +400,7 @@ impl Sandbox {
                 r.image = r.image.replace("{registry}", &registry.host());
                 r
             });
+            class.user_data_parts = opts.user_data_parts.clone();
         }
         for (name, extra) in &opts.extra_classes {
             let mut class = extra.clone();
