@@ -286,6 +286,8 @@ pub(super) struct FakeMachines {
     ready_exit: Mutex<i64>,
     /// Ready commands run, by machine id.
     pub(super) ready_runs: Mutex<Vec<String>>,
+    /// `events` never answers (a report stays under way, as when the daemon dies).
+    pub(super) hold_events: std::sync::atomic::AtomicBool,
 }
 
 impl FakeMachines {
@@ -359,6 +361,23 @@ impl MachineApi for FakeMachines {
                 exit_code,
                 output_tail: format!("exit {exit_code}\n"),
             })
+        })
+    }
+
+    fn events<'a>(
+        &'a self,
+        machine_id: &'a str,
+        _address: &'a str,
+        _since: i64,
+        _until: i64,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            if self.hold_events.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.answer(machine_id)
+                .await
+                .map(|_| vec![format!("container die {machine_id}")])
         })
     }
 }

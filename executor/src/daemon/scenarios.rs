@@ -564,3 +564,61 @@ async fn a_restart_retires_a_machine_past_max_builds_before_any_lease() {
         Some(TerminateReason::MaxBuilds)
     );
 }
+
+/// A daemon that dies while a machine's report is under way makes it after its restart,
+/// naming the time of the verdict, and forgets it only once saved.
+#[tokio::test]
+async fn a_report_under_way_when_the_daemon_dies_is_made_after_the_restart() {
+    let r = rig("", "idle_count = 1");
+    r.warm(1).await;
+    let machine = r.in_state(MachineState::Idle).remove(0);
+    let verdict_at = r.shared.now();
+    r.machines
+        .hold_events
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let gen = r
+        .shared
+        .update(|pool| pool.mark_broken(&machine, "dockerd stopped answering"))
+        .1;
+    assert!(r.shared.commit(gen).await);
+    let report = r
+        .dir
+        .path()
+        .join(flotilla_proto::logs::MACHINES_DIR)
+        .join(format!("{machine}.log"));
+    assert!(!report.exists(), "the report is held up");
+
+    // The daemon dies; an hour later it starts again over the same state.
+    let Rig { dir, clock, .. } = r;
+    clock.advance(Duration::from_secs(3600));
+    let r = rig_in(dir, "", "idle_count = 1", clock);
+    r.pass().await;
+    for _ in 0..2_000 {
+        if report.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let text = std::fs::read_to_string(&report).expect("the report was made after the restart");
+    assert!(
+        text.contains(&format!(
+            "marked broken or lost at {}",
+            verdict_at.to_rfc3339()
+        )) && text.contains("dockerd stopped answering")
+            && text.contains(&format!("container die {machine}")),
+        "{text}"
+    );
+    // Saved: the daemon forgets it, and so does the state on disk.
+    let held = |r: &Rig| serde_json::to_value(&*r.shared.pool()).unwrap()["casualties"].clone();
+    for _ in 0..2_000 {
+        r.shared.settle_reports().await;
+        if held(&r).is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(held(&r).is_null(), "{}", held(&r));
+    let Rig { dir, clock, .. } = r;
+    let r = rig_in(dir, "", "idle_count = 1", clock);
+    assert!(held(&r).is_null(), "not reported again: {}", held(&r));
+}
