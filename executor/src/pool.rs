@@ -188,6 +188,9 @@ pub struct Pool {
     /// Job arrivals the policy learns from (bounded).
     #[serde(default)]
     history: crate::forecast::DemandHistory,
+    /// The images each class's jobs ran (bounded): what new machines prefetch.
+    #[serde(default)]
+    images: crate::image_usage::ImageUsage,
     /// Machines marked broken or lost whose report (console output and dockerd events)
     /// is not made yet: persisted, so a daemon that dies between the verdict and the
     /// report makes it after its restart (bounded, oldest dropped).
@@ -725,6 +728,16 @@ impl Pool {
     /// A job asked for a machine of `class` at `now`: the forecast learns from it.
     pub fn record_arrival(&mut self, class: &str, now: DateTime<Utc>) {
         self.history.record(class, now);
+    }
+
+    /// The images a job of `class` ran, as its cleanup reported them.
+    pub fn record_images(&mut self, class: &str, images: &[String], now: DateTime<Utc>) {
+        self.images.record(class, images, now);
+    }
+
+    /// The `n` images of `class` a new machine should pull, most used first.
+    pub fn images_to_prefetch(&self, class: &str, n: usize, now: DateTime<Utc>) -> Vec<String> {
+        self.images.top(class, n, now)
     }
 
     /// Drops the record of a machine EC2 no longer has (terminated, or a launch that never

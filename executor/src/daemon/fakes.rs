@@ -288,6 +288,8 @@ pub(super) struct FakeMachines {
     pub(super) ready_runs: Mutex<Vec<String>>,
     /// `events` never answers (a report stays under way, as when the daemon dies).
     pub(super) hold_events: std::sync::atomic::AtomicBool,
+    /// Images pulled, as (machine id, image), in order.
+    pub(super) pulls: Mutex<Vec<(String, String)>>,
 }
 
 impl FakeMachines {
@@ -378,6 +380,23 @@ impl MachineApi for FakeMachines {
             self.answer(machine_id)
                 .await
                 .map(|_| vec![format!("container die {machine_id}")])
+        })
+    }
+
+    fn pull<'a>(
+        &'a self,
+        machine_id: &'a str,
+        _address: &'a str,
+        image: &'a str,
+        _timeout: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.answer(machine_id).await?;
+            self.pulls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((machine_id.to_owned(), image.to_owned()));
+            Ok(())
         })
     }
 }

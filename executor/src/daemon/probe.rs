@@ -96,6 +96,7 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
                     tracing::info!(machine = machine_id, %address, boot_ms, "machine ready");
                     shared.changed.notify_waiters();
                     shared.wake.notify_one();
+                    super::prefetch::spawn(shared, machine_id, &address, &class);
                 }
                 return;
             }

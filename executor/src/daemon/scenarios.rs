@@ -622,3 +622,40 @@ async fn a_report_under_way_when_the_daemon_dies_is_made_after_the_restart() {
     let r = rig_in(dir, "", "idle_count = 1", clock);
     assert!(held(&r).is_null(), "not reported again: {}", held(&r));
 }
+
+/// A machine that becomes ready pulls its class's most used images while idle (it is
+/// leasable at once); `prefetch_images = 0` pulls nothing.
+#[tokio::test]
+async fn a_new_machine_prefetches_the_classs_most_used_images() {
+    let r = rig("", "idle_count = 1\nprefetch_images = 2");
+    let now = r.shared.now();
+    r.shared.update(|pool| {
+        let used = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        pool.record_images("c", &used(&["rust:1", "helper:x"]), now);
+        pool.record_images("c", &used(&["rust:1", "helper:x", "redis:7"]), now);
+        pool.record_images("other", &used(&["not-this-class:1"]), now);
+    });
+    r.warm(1).await;
+    let machine = r.in_state(MachineState::Idle).remove(0);
+    for _ in 0..2_000 {
+        if r.machines.pulls.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let pulls = r.machines.pulls.lock().unwrap().clone();
+    assert_eq!(
+        pulls,
+        vec![
+            (machine.clone(), "helper:x".to_string()),
+            (machine, "rust:1".to_string())
+        ]
+    );
+
+    let off = rig("", "idle_count = 1\nprefetch_images = 0");
+    off.shared
+        .update(|pool| pool.record_images("c", &["rust:1".to_string()], now));
+    off.warm(1).await;
+    tokio::task::yield_now().await;
+    assert!(off.machines.pulls.lock().unwrap().is_empty());
+}
