@@ -22,6 +22,7 @@ mod observability;
 mod pipelines;
 mod pool;
 mod postmortem;
+mod prefetch;
 mod prometheus;
 mod restart;
 mod stages;
