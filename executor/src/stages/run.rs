@@ -23,6 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::fault::DockerFault;
 use super::job::{runs_in_build_container, JobNames};
+use super::output::{Output, Stream};
 use super::verdict::{
     verdict, Attempt, Container, LeaseCheck, Liveness, LossProof, Ping, Probe, Report, Target,
     Verdict, LOSS_PROOF_WAIT,
@@ -83,6 +84,11 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
         address: lease.address.clone(),
         container: container.clone(),
     };
+    let docker = machine_docker(config, &lease)?;
+    // The TLS handshakes of the exec's connections (create, then the attach and the
+    // inspect, which cannot share it) happen while the daemon confirms the lease: not
+    // awaited, so a lost machine that never answers delays nothing.
+    warm_connections(&docker);
     // Confirmed with the daemon first, so a lost machine fails the stage at once.
     let confirmed = ControlClient::new(&config.socket_path())
         .with_patience(DAEMON_PATIENCE)
@@ -103,7 +109,6 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
             script.display()
         ))
     })?;
-    let docker = machine_docker(config, &lease)?;
     // Predefined stages run with umask 0000 (gitlab-runner-helper's approach) so the build
     // container's user, whoever it is, can modify what they create.
     let shell = if runs_in_build_container(stage) {
@@ -131,6 +136,21 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
         "the stage on build machine {} ended undecided after {MAX_PROBES} probes (a flotilla bug): {report:?}",
         report.target.machine_id
     )))
+}
+
+/// Connections a stage's exec needs at once: the attach takes its connection over, so the
+/// inspect after it needs another.
+const WARM_CONNECTIONS: usize = 2;
+
+/// Opens [`WARM_CONNECTIONS`] connections to the machine (a `/_ping` each) in the
+/// background; hyper's pool hands them to the exec's requests.
+fn warm_connections(docker: &Docker) {
+    for _ in 0..WARM_CONNECTIONS {
+        let docker = docker.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(LOST_PROBE_TIMEOUT, docker.ping()).await;
+        });
+    }
 }
 
 /// The lease `prepare` wrote to the job's temp dir.
@@ -326,19 +346,21 @@ impl StageIo {
             // The half-close is what gives the shell EOF.
             input.shutdown().await
         };
+        let sink = match Output::start() {
+            Ok(s) => s,
+            Err(e) => {
+                return Attempt::Local(format!("cannot start the stage's output writer: {e}"))
+            }
+        };
         let pump = async {
-            let mut stdout = tokio::io::stdout();
-            let mut stderr = tokio::io::stderr();
             while let Some(item) = output.next().await {
                 match item {
                     Ok(bollard::container::LogOutput::StdErr { message }) => {
-                        stderr.write_all(&message).await?;
-                        stderr.flush().await?;
+                        sink.send(Stream::Err, message).await?;
                     }
                     Ok(bollard::container::LogOutput::StdOut { message })
                     | Ok(bollard::container::LogOutput::Console { message }) => {
-                        stdout.write_all(&message).await?;
-                        stdout.flush().await?;
+                        sink.send(Stream::Out, message).await?;
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -348,7 +370,7 @@ impl StageIo {
                     }
                 }
             }
-            Ok::<(), std::io::Error>(())
+            sink.finish().await
         };
 
         let signals = signal(SignalKind::terminate())
