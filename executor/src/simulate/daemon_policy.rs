@@ -8,8 +8,9 @@
 //! - release: `Pool::release`, replan (a machine at `max_builds` is terminated), waiters
 //!   retry, replan (top the idle pool back up);
 //! - every reconcile interval: replan;
-//! - plan actions: `Launch` adds a `Booting` machine (ready after the simulated boot),
-//!   `Terminate` removes it.
+//! - plan actions: `Launch` adds a `Booting` machine (ready after the simulated launch),
+//!   `Stop` parks an idle one (its disk billed), `Start` brings a stopped one back (ready
+//!   after the simulated start), `Terminate` removes it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -23,6 +24,8 @@ pub(super) struct Flotilla {
     policy: Policy,
     pub pool: Pool,
     instance_types: BTreeMap<String, String>,
+    /// Root volume size (GB) of each class's machines: what a stopped one costs.
+    root_gb: BTreeMap<String, u32>,
     default_class: String,
     queues: BTreeMap<String, VecDeque<usize>>,
     engine_of: HashMap<String, usize>,
@@ -33,10 +36,11 @@ pub(super) struct Flotilla {
 
 impl Flotilla {
     /// `instance_types`: the type launched for each class (the daemon launches the first
-    /// of the class's list when it has capacity).
+    /// of the class's list when it has capacity); `root_gb`: each class's root volume.
     pub(super) fn new(
         policy: Policy,
         instance_types: BTreeMap<String, String>,
+        root_gb: BTreeMap<String, u32>,
         default_class: String,
         pool: Pool,
     ) -> Self {
@@ -44,6 +48,7 @@ impl Flotilla {
             policy,
             pool,
             instance_types,
+            root_gb,
             default_class,
             queues: BTreeMap::new(),
             engine_of: HashMap::new(),
@@ -141,8 +146,13 @@ impl Flotilla {
                 Action::Launch { class, count } => {
                     let instance_type =
                         self.instance_types.get(&class).cloned().unwrap_or_default();
+                    let root_gb = self
+                        .root_gb
+                        .get(&class)
+                        .copied()
+                        .unwrap_or(super::engine::DEFAULT_ROOT_GB);
                     for _ in 0..count {
-                        let m = ctx.launch(&instance_type);
+                        let m = ctx.launch_with_root(&instance_type, root_gb);
                         let id = format!("m-{m}");
                         self.pool.reserve(&id, &class, &instance_type, now);
                         self.engine_of.insert(id.clone(), m);
@@ -289,6 +299,7 @@ mod tests {
         let mut s = Flotilla::new(
             crate::plan::Policy::from_config(&c),
             BTreeMap::from([("c".to_string(), "t".to_string())]),
+            BTreeMap::new(),
             "c".into(),
             Pool::default(),
         );
