@@ -961,7 +961,7 @@ mod tests {
             lookahead: Duration::from_secs(300),
             memory: Duration::from_secs(600),
             idle_time: Duration::from_secs(60),
-            stopped_horizon: Duration::from_secs(7200),
+            stopped_horizon: Duration::from_secs(6 * 3600),
         }
     }
 
@@ -1280,11 +1280,12 @@ mod tests {
         assert!(terminated(&actions).is_empty(), "{actions:?}");
     }
 
-    /// The forecast with no hot look-ahead (so only the stopped target is at play) and a
-    /// stopped pool of at most `max_stopped`.
+    /// The forecast with no hot look-ahead (so only the stopped target is at play), a
+    /// 2 h stopped horizon and a stopped pool of at most `max_stopped`.
     fn burst_sized(max_stopped: u32) -> Policy {
         let mut l = learned(20);
         l.lookahead = Duration::ZERO;
+        l.stopped_horizon = Duration::from_secs(2 * 3600);
         with_stopped(with_learned(policy(0, 600, 50, 0), l), max_stopped)
     }
 

@@ -624,7 +624,7 @@ mod defaults {
         HumanDuration::from_secs(60)
     }
     pub fn forecast_stopped_horizon() -> HumanDuration {
-        HumanDuration::from_secs(2 * 3600)
+        HumanDuration::from_secs(6 * 3600)
     }
 }
 
@@ -1678,11 +1678,11 @@ subnets = ["subnet-1"]
     }
 
     #[test]
-    fn stopped_horizon_defaults_to_two_hours_and_is_validated_by_name() {
+    fn stopped_horizon_defaults_to_six_hours_and_is_validated_by_name() {
         let c = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(
             c.classes["small"].forecast.stopped_horizon,
-            HumanDuration::from_secs(7200)
+            HumanDuration::from_secs(6 * 3600)
         );
         for bad in ["30s", "25h"] {
             let text =
@@ -1690,7 +1690,7 @@ subnets = ["subnet-1"]
             let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
             assert_eq!(err.key, "classes.small.forecast.stopped_horizon", "{bad}");
         }
-        let text = format!("{MINIMAL}\n[classes.small.forecast]\nstopped_horizon = \"6h\"\n");
+        let text = format!("{MINIMAL}\n[classes.small.forecast]\nstopped_horizon = \"2h\"\n");
         let c = Config::from_toml(&text).unwrap();
         c.validate().unwrap();
         assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);

@@ -584,6 +584,56 @@ pub(crate) mod tests {
         assert_eq!(out.violations, 0);
     }
 
+    /// Launches a machine for the job, stops it once booted, starts it an hour later and
+    /// runs the job on it.
+    #[derive(Default)]
+    struct StopStart {
+        machine: Option<usize>,
+        stopped_at: Option<i64>,
+        job: Option<usize>,
+    }
+
+    impl Scaler for StopStart {
+        fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize) {
+            self.machine = Some(ctx.launch_with_root("t", 73));
+            self.job = Some(job);
+        }
+        fn ready(&mut self, ctx: &mut Ctx<'_>, machine: usize) {
+            if self.stopped_at.is_none() {
+                ctx.stop(machine);
+                self.stopped_at = Some(ctx.now);
+            } else if let Some(j) = self.job.take() {
+                ctx.start(j, machine);
+            }
+        }
+        fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
+            ctx.terminate(machine);
+        }
+        fn lost(&mut self, _ctx: &mut Ctx<'_>, _machine: usize, _job: Option<usize>) {}
+        fn tick(&mut self, ctx: &mut Ctx<'_>) {
+            if let (Some(m), Some(at)) = (self.machine, self.stopped_at) {
+                if self.job.is_some() && ctx.now - at >= 3_600_000 {
+                    ctx.start_stopped(m);
+                    self.machine = None;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stopped_machine_costs_its_root_volume_and_each_running_period_a_minute_at_least() {
+        let mut e = env(40.0); // launch 40 s, start 10 s
+        e.ebs_usd_per_gb_month = 10.0; // 73 GB: $1 an hour while stopped
+        let out = run("x", &trace(&[(0, 100)]), &mut StopStart::default(), &e);
+        assert_eq!(out.violations, 0);
+        assert_eq!((out.launches, out.starts), (1, 1));
+        assert_eq!(out.stopped_ms, 3_600_000);
+        assert_eq!(out.waits_ms, vec![3_650_000]);
+        // Booted 40 s, billed 60 s ($0.06 at $3.6/h); stopped an hour ($1); started and
+        // ran the job: 110 s ($0.11).
+        assert!((out.cost - 1.17).abs() < 1e-9, "{}", out.cost);
+    }
+
     #[test]
     fn percentile_is_nearest_rank() {
         let v: Vec<i64> = (1..=100).collect();

@@ -53,7 +53,7 @@ impl Task {
 
 /// Stopped-pool bounds and sizing horizons walked by `--sweep`.
 const STOPPED_SIZES: [u32; 4] = [10, 20, 40, 60];
-const STOPPED_HORIZONS: [u64; 3] = [3600, 2 * 3600, 6 * 3600];
+const STOPPED_HORIZONS: [u64; 3] = [2 * 3600, 6 * 3600, 12 * 3600];
 
 /// The busiest hours of the shared week (weekdays, 14:00-23:59 UTC), for the baselines'
 /// working-hours periods.
@@ -554,6 +554,6 @@ mod tests {
         assert_eq!(fl[0].name(), "flotilla");
         assert!(fl.iter().any(|t| t
             .name()
-            .contains("max_stopped=40 stopped_horizon=2h lookahead=0s")));
+            .contains("max_stopped=40 stopped_horizon=6h lookahead=0s")));
     }
 }
