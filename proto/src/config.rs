@@ -387,8 +387,9 @@ pub struct ClassConfig {
     pub max_machines: u32,
     /// Idle machines the policy does not need hot are stopped (not terminated) up to this
     /// many per class, and started before any cold launch when demand comes: a stopped
-    /// machine costs only its disk and keeps its image cache. 0 (the default) terminates
-    /// them as before.
+    /// machine costs only its disk and keeps its image cache. With the forecast on this is
+    /// a bound: the pool is sized by `forecast.stopped_horizon`. 0 (the default)
+    /// terminates them as before.
     #[serde(default)]
     pub max_stopped: u32,
     /// Jobs per machine before it is replaced; 0 means unlimited.
