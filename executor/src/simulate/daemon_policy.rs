@@ -293,6 +293,31 @@ mod tests {
     }
 
     #[test]
+    fn a_forecast_sized_pool_lets_its_disks_go_once_the_bursts_are_past_its_horizon() {
+        // An hour of bursts, then one job nine hours later.
+        let mut jobs: Vec<(i64, i64)> = (0..15).flat_map(|i| [(i * 240, 100); 3]).collect();
+        jobs.push((9 * 3600, 100));
+        let t = trace(&jobs);
+        let mut fixed = config(false, 0, 60);
+        fixed.classes.get_mut("c").unwrap().max_stopped = 3;
+        let mut sized = config(true, 0, 60);
+        let k = sized.classes.get_mut("c").unwrap();
+        k.max_stopped = 3;
+        k.forecast.lookahead = HumanDuration::from_secs(0);
+        let (fixed, sized) = (
+            run_flotilla("fixed", &fixed, &t, &env(60.0)),
+            run_flotilla("sized", &sized, &t, &env(60.0)),
+        );
+        assert_eq!(fixed.violations + sized.violations, 0);
+        let (fixed, sized) = (fixed.summary(), sized.summary());
+        assert!(sized.starts > 0, "{sized:?}");
+        // The fixed pool sleeps through the nine hours; the sized one for six at most
+        // (its horizon), then its machines are terminated.
+        assert!(fixed.stopped_machine_hours > 3.0 * 8.0, "{fixed:?}");
+        assert!(sized.stopped_machine_hours < 3.0 * 6.5, "{sized:?}");
+    }
+
+    #[test]
     fn arrivals_are_recorded_in_the_pools_history_like_the_daemon_does() {
         let t = trace(&bursts());
         let c = config(true, 0, 60);
