@@ -1,8 +1,13 @@
 //! What the daemon learns from job arrivals, to keep the right number of machines warm
 //! before the jobs arrive. Persisted with the pool (`state.json`) and bounded in size: per
-//! class, 48 numbers (jobs per hour by hour of day, weekdays and weekends, as a moving
-//! average over days) and the arrivals of the last hours (at most [`RECENT_MAX`] entries);
-//! at most [`MAX_CLASSES`] classes (the least recently used one is forgotten).
+//! class, 96 numbers (jobs per hour, and the largest burst, by hour of day, weekdays and
+//! weekends, as moving averages over days) and the arrivals of the last hours (at most
+//! [`RECENT_MAX`] entries); at most [`MAX_CLASSES`] classes (the least recently used one is
+//! forgotten).
+//!
+//! A burst is the jobs that arrive within [`BURST_SECS`] of each other (a pipeline's
+//! jobs): what a stopped pool must cover, since a burst comes faster than machines
+//! launch.
 //!
 //! Pure like `plan`: the caller passes every time, so the daemon and the simulator learn
 //! and forecast identically.
@@ -24,6 +29,8 @@ const PROFILE_ALPHA: f64 = 0.3;
 /// Hours of silence folded into the profile at most (a week: after that, it is all zeros).
 const MAX_FOLD_HOURS: i64 = 7 * 24;
 const SLOTS: usize = 48;
+/// Jobs arriving within this many seconds of each other count as one burst.
+pub(crate) const BURST_SECS: i64 = 60;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DemandHistory {
@@ -44,6 +51,11 @@ struct ClassHistory {
     hour: i64,
     #[serde(default)]
     hour_jobs: u32,
+    /// Largest burst by slot (as `per_hour`), and the largest one of the hour being counted.
+    #[serde(default)]
+    burst: Vec<f64>,
+    #[serde(default)]
+    hour_burst: u32,
     /// (Unix second, jobs) of recent arrivals, oldest first.
     #[serde(default)]
     recent: VecDeque<(i64, u32)>,
@@ -67,6 +79,7 @@ impl ClassHistory {
         Self {
             per_hour: vec![0.0; SLOTS],
             days: vec![0; SLOTS],
+            burst: vec![0.0; SLOTS],
             hour,
             ..Self::default()
         }
@@ -76,7 +89,8 @@ impl ClassHistory {
     fn normalise(&mut self) {
         self.per_hour.resize(SLOTS, 0.0);
         self.days.resize(SLOTS, 0);
-        for v in &mut self.per_hour {
+        self.burst.resize(SLOTS, 0.0);
+        for v in self.per_hour.iter_mut().chain(self.burst.iter_mut()) {
             if !v.is_finite() || *v < 0.0 {
                 *v = 0.0;
             }
@@ -86,14 +100,17 @@ impl ClassHistory {
         }
     }
 
-    fn fold(&mut self, hour_index: i64, jobs: u32) {
+    fn fold(&mut self, hour_index: i64, jobs: u32, burst: u32) {
         let s = slot(hour_index);
-        let v = f64::from(jobs);
-        self.per_hour[s] = if self.days[s] == 0 {
-            v
-        } else {
-            (1.0 - PROFILE_ALPHA) * self.per_hour[s] + PROFILE_ALPHA * v
+        let average = |old: f64, new: u32| {
+            if self.days[s] == 0 {
+                f64::from(new)
+            } else {
+                (1.0 - PROFILE_ALPHA) * old + PROFILE_ALPHA * f64::from(new)
+            }
         };
+        self.per_hour[s] = average(self.per_hour[s], jobs);
+        self.burst[s] = average(self.burst[s], burst);
         self.days[s] = self.days[s].saturating_add(1).min(9999);
     }
 
@@ -101,13 +118,14 @@ impl ClassHistory {
         self.normalise();
         let h = at.div_euclid(3600);
         if h > self.hour {
-            self.fold(self.hour, self.hour_jobs);
+            self.fold(self.hour, self.hour_jobs, self.hour_burst);
             let first_silent = (self.hour + 1).max(h - MAX_FOLD_HOURS);
             for silent in first_silent..h {
-                self.fold(silent, 0);
+                self.fold(silent, 0, 0);
             }
             self.hour = h;
             self.hour_jobs = 0;
+            self.hour_burst = 0;
         }
         self.hour_jobs = self.hour_jobs.saturating_add(1);
         match self.recent.back_mut() {
@@ -122,7 +140,45 @@ impl ClassHistory {
         {
             self.recent.pop_front();
         }
+        // This arrival ends a burst of the jobs since `at - BURST_SECS` (itself included).
+        let burst = self.jobs_between(at - BURST_SECS, at);
+        self.hour_burst = self.hour_burst.max(burst);
         self.last_seen = at;
+    }
+
+    /// The largest burst among the recent arrivals after `from` (up to `to`).
+    fn recent_burst(&self, from: i64, to: i64) -> u32 {
+        let start = self.recent.partition_point(|(s, _)| *s <= from);
+        let end = self.recent.partition_point(|(s, _)| *s <= to);
+        let (mut best, mut in_window, mut oldest) = (0u32, 0u32, start);
+        for (s, n) in self.recent.range(start..end) {
+            in_window = in_window.saturating_add(*n);
+            while let Some((_, k)) = self
+                .recent
+                .get(oldest)
+                .filter(|(o, _)| *o <= s - BURST_SECS)
+            {
+                in_window = in_window.saturating_sub(*k);
+                oldest += 1;
+            }
+            best = best.max(in_window);
+        }
+        best
+    }
+
+    /// The learned largest burst of each hour from the one containing `from` to the one
+    /// containing `to`, at most a day of slots; the largest of them, if any was learned.
+    fn profile_burst(&self, from: i64, to: i64) -> Option<f64> {
+        let first = from.div_euclid(3600);
+        let last = to.div_euclid(3600).min(first + 23);
+        (first..=last)
+            .filter_map(|h| {
+                let s = slot(h);
+                // A state file from before bursts were learned has none: 0 for a learned hour.
+                (self.days.get(s).copied().unwrap_or(0) > 0)
+                    .then(|| self.burst.get(s).copied().unwrap_or(0.0))
+            })
+            .reduce(f64::max)
     }
 
     /// Learned jobs per hour for the hour containing `at`, if that slot was ever learned.
@@ -182,6 +238,21 @@ impl DemandHistory {
             profile_per_hour: h.profile_rate(now),
             recent_per_hour: f64::from(recent) * 3600.0 / window_s as f64,
         }
+    }
+
+    /// The largest burst of `class` to prepare for at `now` over `horizon`: the larger of
+    /// the largest burst seen in the last `horizon` (at most the [`RECENT_SECS`] kept) and
+    /// the largest learned for the hours of the day from now to `now + horizon` (at most a
+    /// day ahead). 0 without history.
+    pub fn burst_ahead(&self, class: &str, now: DateTime<Utc>, horizon: Duration) -> f64 {
+        let Some(h) = self.classes.get(class) else {
+            return 0.0;
+        };
+        let now = now.timestamp();
+        let horizon_s = i64::try_from(horizon.as_secs()).unwrap_or(i64::MAX);
+        let recent = h.recent_burst(now.saturating_sub(horizon_s.min(RECENT_SECS)), now);
+        let profile = h.profile_burst(now, now.saturating_add(horizon_s));
+        f64::from(recent).max(profile.unwrap_or(0.0))
     }
 
     /// Classes with history (for status and tests).
@@ -277,6 +348,58 @@ mod tests {
         // A state file from before the history existed still loads.
         let empty: DemandHistory = serde_json::from_str("{}").unwrap();
         assert_eq!(empty, DemandHistory::default());
+    }
+
+    #[test]
+    fn the_largest_recent_burst_counts_jobs_within_a_minute() {
+        let mut d = DemandHistory::default();
+        for _ in 0..20 {
+            d.record("c", at(1, 9, 0, 0)); // a 20-job pipeline
+        }
+        for _ in 0..5 {
+            d.record("c", at(1, 9, 0, 30)); // 5 more within the minute
+        }
+        for _ in 0..10 {
+            d.record("c", at(1, 9, 3, 0)); // a separate 10-job pipeline
+        }
+        assert_eq!(d.burst_ahead("c", at(1, 9, 5, 0), HOUR), 25.0);
+        // Only bursts within the horizon count: the 10-job one is 2 minutes old.
+        let two_min = Duration::from_secs(150);
+        assert_eq!(d.burst_ahead("c", at(1, 9, 5, 0), two_min), 10.0);
+        // A 59 s horizon at 09:01:00 sees only the 5 of 09:00:30.
+        assert_eq!(
+            d.burst_ahead("c", at(1, 9, 1, 0), Duration::from_secs(59)),
+            5.0
+        );
+        assert_eq!(d.burst_ahead("other", at(1, 9, 5, 0), HOUR), 0.0);
+    }
+
+    #[test]
+    fn bursts_are_learned_by_hour_of_day_and_looked_up_ahead() {
+        let mut d = DemandHistory::default();
+        for _ in 0..12 {
+            d.record("c", at(1, 10, 0, 0)); // Monday 10:00, a 12-job pipeline
+        }
+        d.record("c", at(1, 10, 30, 0));
+        d.record("c", at(1, 23, 0, 0)); // closes Monday's hours
+                                        // Tuesday 08:30: the last bursts are hours old; 10:00 is within 2 h ahead.
+        assert_eq!(d.burst_ahead("c", at(2, 8, 30, 0), 2 * HOUR), 12.0);
+        // Within 1 h ahead only 08:00 and 09:00, never learned: nothing.
+        assert_eq!(d.burst_ahead("c", at(2, 8, 30, 0), HOUR), 0.0);
+        // A second Monday-like day with a 2-job burst at 10:00 averages it in.
+        for _ in 0..2 {
+            d.record("c", at(2, 10, 0, 0));
+        }
+        d.record("c", at(2, 23, 0, 0));
+        let b = d.burst_ahead("c", at(3, 9, 0, 0), 2 * HOUR);
+        assert!((b - (0.7 * 12.0 + 0.3 * 2.0)).abs() < 1e-9, "{b}");
+        // A state written before bursts were learned loads and forecasts no burst.
+        let mut old: serde_json::Value = serde_json::to_value(&d).unwrap();
+        let class = old["classes"]["c"].as_object_mut().unwrap();
+        class.remove("burst");
+        class.remove("hour_burst");
+        let old: DemandHistory = serde_json::from_value(old).unwrap();
+        assert_eq!(old.burst_ahead("c", at(3, 9, 0, 0), 2 * HOUR), 0.0);
     }
 
     #[test]

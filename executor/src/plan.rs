@@ -47,6 +47,9 @@ pub struct Learned {
     pub lookahead: Duration,
     pub memory: Duration,
     pub idle_time: Duration,
+    /// The stopped pool is sized for the largest burst of the last `stopped_horizon` or
+    /// learned for the hours of the day within the next one (see [`Learned::stopped`]).
+    pub stopped_horizon: Duration,
 }
 
 impl Learned {
@@ -57,6 +60,23 @@ impl Learned {
         let rate = o.profile_per_hour.unwrap_or(0.0).max(o.recent_per_hour);
         let expected = rate * self.lookahead.as_secs_f64() / 3600.0;
         expected.floor().clamp(0.0, f64::from(self.max_idle)) as u32
+    }
+
+    /// Stopped machines to keep for `class` at `now`, at most `max_stopped`: one per job of
+    /// the largest burst (jobs arriving within a minute) the history saw in the last
+    /// `stopped_horizon` or learned for the hours of the day up to `stopped_horizon`
+    /// ahead. A burst outruns launches, and a stopped machine costs only its disk, so the
+    /// pool is sized for the peak, not the mean; at night and at weekends it shrinks with
+    /// the bursts.
+    pub fn stopped(
+        &self,
+        history: &DemandHistory,
+        class: &str,
+        now: DateTime<Utc>,
+        max_stopped: u32,
+    ) -> u32 {
+        let burst = history.burst_ahead(class, now, self.stopped_horizon);
+        burst.ceil().clamp(0.0, f64::from(max_stopped)) as u32
     }
 }
 
@@ -94,6 +114,15 @@ impl ClassPolicy {
             Some(TerminateReason::MaxAge)
         } else {
             None
+        }
+    }
+
+    /// The stopped pool's size at `now`: from the forecast ([`Learned::stopped`]) when the
+    /// class has one, else `max_stopped` itself.
+    pub fn stopped_target(&self, history: &DemandHistory, class: &str, now: DateTime<Utc>) -> u32 {
+        match &self.learned {
+            Some(l) if self.max_stopped > 0 => l.stopped(history, class, now, self.max_stopped),
+            _ => self.max_stopped,
         }
     }
 
@@ -154,6 +183,7 @@ impl Policy {
                                 lookahead: k.forecast.lookahead.0,
                                 memory: k.forecast.memory.0,
                                 idle_time: k.forecast.idle_time.0,
+                                stopped_horizon: k.forecast.stopped_horizon.0,
                             }),
                         },
                     )
@@ -224,8 +254,9 @@ pub(crate) fn launch_order(class: &ClassConfig) -> Vec<LaunchAttempt> {
 
 /// Decides which machines to terminate, stop, start and how many to launch, in three
 /// phases: the machines that must go whatever the demand, then idle machines beyond each
-/// class's hot target (stopped while the class's stopped pool has room, else terminated),
-/// then starts of stopped machines and launches for what is still missing.
+/// class's hot target (stopped while the class's stopped pool is below its target, else
+/// terminated) and stopped machines beyond that target (terminated), then starts of
+/// stopped machines and launches for what is still missing.
 pub(crate) fn plan(policy: &Policy, pool: &Pool, now: DateTime<Utc>) -> Vec<Action> {
     let mut doomed = Doomed::default();
     retire_unneeded(policy, pool, now, &mut doomed);
@@ -343,15 +374,22 @@ struct ClassRoom {
     live: u32,
     /// Idle or booting machines: those a waiting job can still get.
     available: u32,
+    /// Idle or starting machines: those a waiting job gets sooner than a start would
+    /// bring one (a boot in flight may take longer).
+    ready_soon: u32,
     /// Idle machines the class should keep (idle policy in force, or the forecast).
     idle_target: u32,
     /// Stopped machines a start can bring back, oldest stop first.
     stopped: Vec<String>,
+    /// Machines the stopped pool is short of its (forecast) target.
+    fill: u32,
 }
 
 /// Phase 2, per class: the idle target in force (schedule, scale factor, forecast), idle
-/// machines over `max_machines` or beyond the target past their idle time terminated
-/// (oldest idle first), and what is left.
+/// machines over `max_machines` or beyond the target past their idle time stopped while
+/// the stopped pool is below its target (the forecast's, bounded by `max_stopped`) or
+/// terminated (oldest idle first), stopped machines beyond that target terminated (oldest
+/// launch first, sparing those demand is about to start), and what is left.
 fn scale_down_idle<'a>(
     policy: &'a Policy,
     pool: &Pool,
@@ -382,13 +420,18 @@ fn scale_down_idle<'a>(
             .iter()
             .filter(|m| matches!(m.state, MachineState::Booting | MachineState::Starting))
             .count() as u32;
+        let starting = mine
+            .iter()
+            .filter(|m| m.state == MachineState::Starting)
+            .count() as u32;
         let mut stopped: Vec<_> = mine
             .iter()
             .filter(|m| m.state == MachineState::Stopped)
             .collect();
         stopped.sort_by_key(|m| (m.idle_since, m.id.clone()));
         let mut parked_count = mine.iter().filter(|m| parked(m.state)).count() as u32;
-        let stop_room = |parked_count: u32| !pool.is_draining() && parked_count < class.max_stopped;
+        let stop_target = class.stopped_target(pool.history(), name, now);
+        let stop_room = |parked_count: u32| !pool.is_draining() && parked_count < stop_target;
         let mut idle: Vec<_> = mine
             .iter()
             .filter(|m| m.state == MachineState::Idle)
@@ -434,12 +477,57 @@ fn scale_down_idle<'a>(
             }
             left_idle -= 1;
         }
+        // Stopped machines beyond the target go (oldest launch first): nobody is expected
+        // to start them, and their disks cost. Those the launch phase is about to start
+        // for demand (the first in start order) are not counted against the target.
+        let startable: Vec<_> = stopped.iter().filter(|m| !doomed.contains(&m.id)).collect();
+        let waiting_starts = if pool.is_draining() {
+            0
+        } else {
+            waiting.saturating_sub(left_idle + starting)
+        };
+        let to_start = (demand
+            .saturating_sub(left_idle + booting)
+            .max(waiting_starts) as usize)
+            .min(startable.len());
+        let mut spare = startable[to_start..].to_vec();
+        spare.sort_by_key(|m| (m.launched_at, m.id.clone()));
+        let mut beyond = parked_count
+            .saturating_sub(to_start as u32)
+            .saturating_sub(stop_target);
+        for m in spare {
+            if beyond == 0 {
+                break;
+            }
+            doomed.terminate(&m.id, TerminateReason::IdleTimeout);
+            beyond -= 1;
+            removed += 1;
+            parked_count -= 1;
+        }
+        // A forecast-sized pool is a target, not only a bound: when short, the launch
+        // phase launches machines for it (they are stopped once idle past their idle time;
+        // a machine launched only to be stopped costs its boot and a minute or so). Leased
+        // machines count towards it: they come back when their jobs end, and refilling
+        // for them too would launch a machine per start, only to terminate the one that
+        // comes back.
+        let fill = match &class.learned {
+            Some(_) if !pool.is_draining() => {
+                let leased = mine
+                    .iter()
+                    .filter(|m| m.state == MachineState::Leased)
+                    .count() as u32;
+                stop_target.saturating_sub(parked_count + leased)
+            }
+            _ => 0,
+        };
         rooms.insert(
             name.as_str(),
             ClassRoom {
                 live: live - removed,
                 available: left_idle + booting,
+                ready_soon: left_idle + starting,
                 idle_target,
+                fill,
                 stopped: stopped
                     .iter()
                     .filter(|m| !doomed.contains(&m.id))
@@ -451,8 +539,9 @@ fn scale_down_idle<'a>(
     rooms
 }
 
-/// Phase 3: launches, jobs waiting first (every class), then idle-target top-ups, within
-/// the per-class and fleet caps and the growth rate.
+/// Phase 3: starts and launches, jobs waiting first (every class), then idle-target
+/// top-ups, then launches for stopped pools short of their forecast target, within the
+/// per-class and fleet caps and the growth rate.
 fn plan_launches(
     policy: &Policy,
     pool: &Pool,
@@ -481,22 +570,30 @@ fn plan_launches(
     let mut launches: BTreeMap<String, u32> = BTreeMap::new();
     let mut starts: Vec<Action> = Vec::new();
     let mut started: BTreeMap<&str, u32> = BTreeMap::new();
-    for pass in [Pass::Waiting, Pass::IdleCount] {
+    for pass in [Pass::Waiting, Pass::IdleCount, Pass::StoppedPool] {
         for (name, class) in &policy.classes {
             let Some(room) = classes.get(name.as_str()) else {
                 continue;
             };
             let waiting = pool.waiting(name);
+            let s = started.entry(name.as_str()).or_default();
             let want = match pass {
                 Pass::Waiting => waiting,
                 Pass::IdleCount => waiting + room.idle_target,
+                // Machines started above will be leased: they still count for the pool.
+                Pass::StoppedPool => waiting + room.idle_target + room.fill,
             };
             // Starts first: a stopped machine is already counted live, so only the growth
-            // rate bounds it, and it comes back faster and with its image cache.
-            let s = started.entry(name.as_str()).or_default();
+            // rate bounds it, and it comes back faster and with its image cache. A waiting
+            // job gets a start even while launches boot (a start is faster than most of a
+            // boot; the booted machine then joins the pool). Never to fill the pool itself.
             let planned = launches.get(name).copied().unwrap_or(0);
-            let mut need = want.saturating_sub(room.available + planned + *s);
-            while need > 0 && growth_room > 0 {
+            let mut start_need = match pass {
+                Pass::Waiting => want.saturating_sub(room.ready_soon + *s),
+                Pass::IdleCount => want.saturating_sub(room.available + planned + *s),
+                Pass::StoppedPool => 0,
+            };
+            while start_need > 0 && growth_room > 0 {
                 let Some(id) = room.stopped.get(*s as usize) else {
                     break;
                 };
@@ -504,10 +601,11 @@ fn plan_launches(
                     machine_id: id.clone(),
                 });
                 *s += 1;
-                need -= 1;
+                start_need -= 1;
                 growth_room -= 1;
                 global_room = global_room.min(growth_room);
             }
+            let need = want.saturating_sub(room.available + planned + *s);
             let class_room = class.max_machines.saturating_sub(room.live + planned);
             let n = need.min(class_room).min(global_room);
             if n > 0 {
@@ -529,6 +627,8 @@ fn plan_launches(
 enum Pass {
     Waiting,
     IdleCount,
+    /// Launches for a forecast-sized stopped pool that is short (lowest priority).
+    StoppedPool,
 }
 
 #[cfg(test)]
@@ -861,6 +961,7 @@ mod tests {
             lookahead: Duration::from_secs(300),
             memory: Duration::from_secs(600),
             idle_time: Duration::from_secs(60),
+            stopped_horizon: Duration::from_secs(6 * 3600),
         }
     }
 
@@ -1037,6 +1138,21 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_job_gets_a_start_even_while_a_launch_boots() {
+        let mut pool = Pool::default();
+        add(&mut pool, "b", MachineState::Booting, 0);
+        add(&mut pool, "s", MachineState::Stopped, 0);
+        pool.set_waiting_for_test("c", 1);
+        let actions = plan(&with_stopped(policy(0, 600, 5, 0), 2), &pool, t(5));
+        assert_eq!(starts(&actions), ["s"], "{actions:?}");
+        assert_eq!(launches(&actions), 0, "{actions:?}");
+        // An idle-target top-up does not: the booting machine will be idle.
+        pool.set_waiting_for_test("c", 0);
+        let actions = plan(&with_stopped(policy(1, 600, 5, 0), 2), &pool, t(5));
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+
+    #[test]
     fn a_starting_machine_is_coming_capacity() {
         let mut pool = Pool::default();
         add(&mut pool, "s", MachineState::Starting, 0);
@@ -1162,6 +1278,160 @@ mod tests {
         let actions = plan(&p, &pool, t(400));
         assert!(stops(&actions).is_empty(), "{actions:?}");
         assert!(terminated(&actions).is_empty(), "{actions:?}");
+    }
+
+    /// The forecast with no hot look-ahead (so only the stopped target is at play), a
+    /// 2 h stopped horizon and a stopped pool of at most `max_stopped`.
+    fn burst_sized(max_stopped: u32) -> Policy {
+        let mut l = learned(20);
+        l.lookahead = Duration::ZERO;
+        l.stopped_horizon = Duration::from_secs(2 * 3600);
+        with_stopped(with_learned(policy(0, 600, 50, 0), l), max_stopped)
+    }
+
+    /// `n` jobs arriving together at `at` (a pipeline).
+    fn burst(pool: &mut Pool, n: u32, at: i64) {
+        for _ in 0..n {
+            pool.record_arrival("c", t(at));
+        }
+    }
+
+    #[test]
+    fn the_stopped_pool_is_sized_for_the_largest_recent_burst() {
+        let mut pool = Pool::default();
+        burst(&mut pool, 4, -100);
+        for i in 0..6 {
+            add(&mut pool, &format!("i{i}"), MachineState::Idle, -1000 + i);
+        }
+        let actions = plan(&burst_sized(10), &pool, t(0));
+        assert_eq!(stops(&actions), ["i0", "i1", "i2", "i3"], "{actions:?}");
+        assert_eq!(terminated(&actions).len(), 2, "{actions:?}");
+        // max_stopped still bounds it.
+        let actions = plan(&burst_sized(3), &pool, t(0));
+        assert_eq!(stops(&actions).len(), 3, "{actions:?}");
+        // No history, no burst to prepare for: nothing is kept stopped.
+        let mut quiet = Pool::default();
+        add(&mut quiet, "i", MachineState::Idle, -1000);
+        let actions = plan(&burst_sized(10), &quiet, t(0));
+        assert!(stops(&actions).is_empty(), "{actions:?}");
+        assert_eq!(terminated(&actions).len(), 1);
+    }
+
+    #[test]
+    fn stopped_machines_beyond_the_target_are_terminated_oldest_launch_first() {
+        let mut pool = Pool::default();
+        burst(&mut pool, 2, -100);
+        // Stopped in the order s0..s4, launched in the reverse order.
+        for i in 0..5i64 {
+            let id = format!("s{i}");
+            add_launched(
+                &mut pool,
+                &id,
+                MachineState::Stopped,
+                -DAY + 4 - i,
+                -500 + i,
+            );
+        }
+        add(&mut pool, "stopping", MachineState::Stopping, -10);
+        let actions = plan(&burst_sized(10), &pool, t(0));
+        // Target 2, six parked (the stopping one included): four go, oldest launch first.
+        assert_eq!(
+            terminated(&actions),
+            ["s4", "s3", "s2", "s1"]
+                .map(|id| (id.to_string(), TerminateReason::IdleTimeout))
+                .to_vec()
+        );
+        assert!(
+            starts(&actions).is_empty() && launches(&actions) == 0,
+            "{actions:?}"
+        );
+        // Two hours later the burst is past the horizon: every stopped machine goes.
+        let later = plan(&burst_sized(10), &pool, t(7201));
+        assert_eq!(terminated(&later).len(), 5, "{later:?}");
+        // Without the forecast the stopped pool is max_stopped, as before.
+        let fixed = with_stopped(policy(0, 600, 50, 0), 10);
+        assert!(terminated(&plan(&fixed, &pool, t(7201))).is_empty());
+    }
+
+    #[test]
+    fn stopped_machines_demand_is_about_to_start_are_not_surplus() {
+        let mut pool = Pool::default();
+        for i in 0..4 {
+            add(&mut pool, &format!("s{i}"), MachineState::Stopped, i);
+        }
+        // Three waiting jobs, no history: the target is 0, yet three are started, not
+        // terminated and replaced by launches; only the fourth goes.
+        pool.set_waiting_for_test("c", 3);
+        let actions = plan(&burst_sized(10), &pool, t(10));
+        assert_eq!(starts(&actions), ["s0", "s1", "s2"], "{actions:?}");
+        assert_eq!(
+            terminated(&actions),
+            vec![("s3".to_string(), TerminateReason::IdleTimeout)]
+        );
+        assert_eq!(launches(&actions), 0);
+    }
+
+    #[test]
+    fn a_forecast_pool_short_of_its_target_is_filled_by_launches_after_demand() {
+        let mut pool = Pool::default();
+        burst(&mut pool, 6, -100);
+        for i in 0..4 {
+            add(&mut pool, &format!("s{i}"), MachineState::Stopped, i);
+        }
+        pool.set_waiting_for_test("c", 3);
+        let actions = plan(&burst_sized(10), &pool, t(10));
+        // Target 6: the three started machines will be leased and come back, so only
+        // the two the pool never had are launched.
+        assert_eq!(starts(&actions), ["s0", "s1", "s2"], "{actions:?}");
+        assert_eq!(launches(&actions), 2, "{actions:?}");
+        // Refills come last: with the growth rate at 4, the waiting jobs take 3 of it.
+        let mut p = burst_sized(10);
+        p.max_growth_rate = 4;
+        let actions = plan(&p, &pool, t(10));
+        assert_eq!(
+            starts(&actions).len() as u32 + launches(&actions),
+            4,
+            "{actions:?}"
+        );
+        assert_eq!(starts(&actions).len(), 3, "{actions:?}");
+        // A fixed pool (no forecast) is a bound only: nothing is launched to fill it.
+        let fixed = with_stopped(policy(0, 600, 50, 0), 10);
+        let actions = plan(&fixed, &pool, t(10));
+        assert_eq!(launches(&actions), 0, "{actions:?}");
+        // Booting machines count: once launched, the refill is not planned again.
+        let mut refilling = Pool::default();
+        burst(&mut refilling, 4, -100);
+        add(&mut refilling, "s", MachineState::Stopped, 0);
+        for i in 0..3 {
+            add(&mut refilling, &format!("b{i}"), MachineState::Booting, 10);
+        }
+        let actions = plan(&burst_sized(10), &refilling, t(11));
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+
+    #[test]
+    fn a_burst_learned_for_the_coming_hours_keeps_the_pool_overnight() {
+        let monday = |h, m| Utc.with_ymd_and_hms(2026, 11, 30, h, m, 0).unwrap();
+        let mut pool = Pool::default();
+        for _ in 0..12 {
+            pool.record_arrival("c", monday(10, 0));
+        }
+        pool.record_arrival("c", monday(23, 0));
+        let tuesday = |h| monday(h, 0) + chrono::Duration::days(1);
+        let mut m = Machine::booting("s".into(), "c".into(), "t".into(), monday(12, 0));
+        m.instance_id = "i-s".into();
+        m.state = MachineState::Stopped;
+        pool.insert_for_test(m);
+        // At 09:00 the 10:00 burst is within the 2 h horizon: the machine is kept, and the
+        // pool is filled up to the burst (bounded by max_stopped) by launches.
+        let actions = plan(&burst_sized(10), &pool, tuesday(9));
+        assert!(terminated(&actions).is_empty(), "{actions:?}");
+        assert_eq!(launches(&actions), 9, "{actions:?}");
+        // At 06:00 it is not (and the recent arrivals are older than 2 h): it goes.
+        assert_eq!(
+            terminated(&plan(&burst_sized(10), &pool, tuesday(6))).len(),
+            1
+        );
     }
 
     #[test]

@@ -387,8 +387,9 @@ pub struct ClassConfig {
     pub max_machines: u32,
     /// Idle machines the policy does not need hot are stopped (not terminated) up to this
     /// many per class, and started before any cold launch when demand comes: a stopped
-    /// machine costs only its disk and keeps its image cache. 0 (the default) terminates
-    /// them as before.
+    /// machine costs only its disk and keeps its image cache. With the forecast on this is
+    /// a bound: the pool is sized by `forecast.stopped_horizon`. 0 (the default)
+    /// terminates them as before.
     #[serde(default)]
     pub max_stopped: u32,
     /// Jobs per machine before it is replaced; 0 means unlimited.
@@ -456,6 +457,11 @@ pub struct ForecastConfig {
     /// the class's `idle_time`, whichever is shorter): the forecast keeps what is needed.
     #[serde(default = "defaults::forecast_idle_time")]
     pub idle_time: HumanDuration,
+    /// With `max_stopped`: the stopped pool is sized for the largest burst (jobs arriving
+    /// within a minute) seen in the last `stopped_horizon` or learned for the hours of the
+    /// day within the next `stopped_horizon`; stopped machines beyond it are terminated.
+    #[serde(default = "defaults::forecast_stopped_horizon")]
+    pub stopped_horizon: HumanDuration,
 }
 
 impl Default for ForecastConfig {
@@ -466,6 +472,7 @@ impl Default for ForecastConfig {
             lookahead: defaults::forecast_lookahead(),
             memory: defaults::forecast_memory(),
             idle_time: defaults::forecast_idle_time(),
+            stopped_horizon: defaults::forecast_stopped_horizon(),
         }
     }
 }
@@ -628,6 +635,9 @@ mod defaults {
     }
     pub fn forecast_idle_time() -> HumanDuration {
         HumanDuration::from_secs(60)
+    }
+    pub fn forecast_stopped_horizon() -> HumanDuration {
+        HumanDuration::from_secs(6 * 3600)
     }
 }
 
@@ -854,6 +864,14 @@ impl Config {
         }
         if f.lookahead.0 > std::time::Duration::from_secs(3600) {
             return bad(&key("forecast.lookahead"), "must be at most 1h".into());
+        }
+        if f.stopped_horizon.0 < std::time::Duration::from_secs(60)
+            || f.stopped_horizon.0 > std::time::Duration::from_secs(24 * 3600)
+        {
+            return bad(
+                &key("forecast.stopped_horizon"),
+                "must be between 1m and 24h (the hour-of-day profile covers a day)".into(),
+            );
         }
         for (i, schedule) in class.schedules.iter().enumerate() {
             if let Err(e) = schedule.compile() {
@@ -1691,6 +1709,25 @@ subnets = ["subnet-1"]
         let text = format!("{MINIMAL}\n[prices]\n\"t3.small\" = -1.0\n");
         let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
         assert_eq!(err.key, "prices.t3.small");
+    }
+
+    #[test]
+    fn stopped_horizon_defaults_to_six_hours_and_is_validated_by_name() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(
+            c.classes["small"].forecast.stopped_horizon,
+            HumanDuration::from_secs(6 * 3600)
+        );
+        for bad in ["30s", "25h"] {
+            let text =
+                format!("{MINIMAL}\n[classes.small.forecast]\nstopped_horizon = \"{bad}\"\n");
+            let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+            assert_eq!(err.key, "classes.small.forecast.stopped_horizon", "{bad}");
+        }
+        let text = format!("{MINIMAL}\n[classes.small.forecast]\nstopped_horizon = \"2h\"\n");
+        let c = Config::from_toml(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml().unwrap()).unwrap(), c);
     }
 
     #[test]

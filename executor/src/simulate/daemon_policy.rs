@@ -8,8 +8,9 @@
 //! - release: `Pool::release`, replan (a machine at `max_builds` is terminated), waiters
 //!   retry, replan (top the idle pool back up);
 //! - every reconcile interval: replan;
-//! - plan actions: `Launch` adds a `Booting` machine (ready after the simulated boot),
-//!   `Terminate` removes it.
+//! - plan actions: `Launch` adds a `Booting` machine (ready after the simulated launch),
+//!   `Stop` parks an idle one (its disk billed), `Start` brings a stopped one back (ready
+//!   after the simulated start), `Terminate` removes it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -23,6 +24,8 @@ pub(super) struct Flotilla {
     policy: Policy,
     pub pool: Pool,
     instance_types: BTreeMap<String, String>,
+    /// Root volume size (GB) of each class's machines: what a stopped one costs.
+    root_gb: BTreeMap<String, u32>,
     default_class: String,
     queues: BTreeMap<String, VecDeque<usize>>,
     engine_of: HashMap<String, usize>,
@@ -33,10 +36,11 @@ pub(super) struct Flotilla {
 
 impl Flotilla {
     /// `instance_types`: the type launched for each class (the daemon launches the first
-    /// of the class's list when it has capacity).
+    /// of the class's list when it has capacity); `root_gb`: each class's root volume.
     pub(super) fn new(
         policy: Policy,
         instance_types: BTreeMap<String, String>,
+        root_gb: BTreeMap<String, u32>,
         default_class: String,
         pool: Pool,
     ) -> Self {
@@ -44,6 +48,7 @@ impl Flotilla {
             policy,
             pool,
             instance_types,
+            root_gb,
             default_class,
             queues: BTreeMap::new(),
             engine_of: HashMap::new(),
@@ -141,8 +146,13 @@ impl Flotilla {
                 Action::Launch { class, count } => {
                     let instance_type =
                         self.instance_types.get(&class).cloned().unwrap_or_default();
+                    let root_gb = self
+                        .root_gb
+                        .get(&class)
+                        .copied()
+                        .unwrap_or(super::engine::DEFAULT_ROOT_GB);
                     for _ in 0..count {
-                        let m = ctx.launch(&instance_type);
+                        let m = ctx.launch_with_root(&instance_type, root_gb);
                         let id = format!("m-{m}");
                         self.pool.reserve(&id, &class, &instance_type, now);
                         self.engine_of.insert(id.clone(), m);
@@ -283,12 +293,38 @@ mod tests {
     }
 
     #[test]
+    fn a_forecast_sized_pool_lets_its_disks_go_once_the_bursts_are_past_its_horizon() {
+        // An hour of bursts, then one job nine hours later.
+        let mut jobs: Vec<(i64, i64)> = (0..15).flat_map(|i| [(i * 240, 100); 3]).collect();
+        jobs.push((9 * 3600, 100));
+        let t = trace(&jobs);
+        let mut fixed = config(false, 0, 60);
+        fixed.classes.get_mut("c").unwrap().max_stopped = 3;
+        let mut sized = config(true, 0, 60);
+        let k = sized.classes.get_mut("c").unwrap();
+        k.max_stopped = 3;
+        k.forecast.lookahead = HumanDuration::from_secs(0);
+        let (fixed, sized) = (
+            run_flotilla("fixed", &fixed, &t, &env(60.0)),
+            run_flotilla("sized", &sized, &t, &env(60.0)),
+        );
+        assert_eq!(fixed.violations + sized.violations, 0);
+        let (fixed, sized) = (fixed.summary(), sized.summary());
+        assert!(sized.starts > 0, "{sized:?}");
+        // The fixed pool sleeps through the nine hours; the sized one for six at most
+        // (its horizon), then its machines are terminated.
+        assert!(fixed.stopped_machine_hours > 3.0 * 8.0, "{fixed:?}");
+        assert!(sized.stopped_machine_hours < 3.0 * 6.5, "{sized:?}");
+    }
+
+    #[test]
     fn arrivals_are_recorded_in_the_pools_history_like_the_daemon_does() {
         let t = trace(&bursts());
         let c = config(true, 0, 60);
         let mut s = Flotilla::new(
             crate::plan::Policy::from_config(&c),
             BTreeMap::from([("c".to_string(), "t".to_string())]),
+            BTreeMap::new(),
             "c".into(),
             Pool::default(),
         );

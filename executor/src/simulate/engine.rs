@@ -1,5 +1,7 @@
-//! The simulated world: a clock, an event queue, simulated EC2 (launch-to-ready drawn from a
-//! distribution, optional spot reclaims, per-second billing with a one-minute minimum) and
+//! The simulated world: a clock, an event queue, simulated EC2 (launch-to-ready and
+//! start-to-ready drawn from their distributions, optional spot reclaims, per-second billing
+//! with a one-minute minimum per running period, the root volume of a stopped machine
+//! billed per GB-month) and
 //! the job bookkeeping every policy is measured by. Policies only decide; the engine owns
 //! what actually happened, so every policy is measured the same way.
 
@@ -13,6 +15,10 @@ use super::trace::{Job, Trace};
 
 /// EC2 bills Linux instances per second with a one-minute minimum.
 const MIN_BILLED_MS: i64 = 60_000;
+
+/// Root volume size (GB) of a class that sets none (the AMI's default, typically 8-30 GB;
+/// the larger, as CI machines keep an image cache).
+pub(super) const DEFAULT_ROOT_GB: u32 = 30;
 
 /// What a policy sees of the world and may do to it.
 pub(super) trait Scaler {
@@ -31,11 +37,13 @@ pub(super) trait Scaler {
 /// The simulated environment, the same for every policy compared.
 #[derive(Debug, Clone)]
 pub(super) struct Env {
-    pub boot: Dist,
+    /// RunInstances to ready, for a cold launch (seconds).
+    pub launch: Dist,
     /// StartInstances to ready, for a stopped machine (seconds).
     pub start: Dist,
-    /// USD per hour a stopped machine's root volume costs (GB x price per GB-month / 730).
-    pub stopped_usd_per_hour: f64,
+    /// USD per GB-month of EBS: what a stopped machine's root volume costs (a running
+    /// machine's volume is not counted, for any policy).
+    pub ebs_usd_per_gb_month: f64,
     pub seed: u64,
     /// Mean spot reclaims per machine-hour (0: none).
     pub reclaims_per_hour: f64,
@@ -62,6 +70,8 @@ enum Ev {
 #[derive(Debug, Clone)]
 struct SimMachine {
     price_per_ms: f64,
+    /// What its root volume costs while it is stopped.
+    stopped_price_per_ms: f64,
     /// Start of the current running period (launch or start).
     run_since: i64,
     /// Running time of closed periods, and what EC2 bills for them (60 s minimum each).
@@ -74,6 +84,26 @@ struct SimMachine {
     ended: Option<i64>,
     busy_ms: i64,
     job: Option<(usize, i64)>,
+}
+
+/// Hours in a month as AWS bills EBS (GB-months are prorated by the hour over 730 h).
+const HOURS_PER_MONTH: f64 = 730.0;
+
+impl SimMachine {
+    /// Ends the current running period at `now` (a stop, a termination or a reclaim): its
+    /// time is billed with EC2's one-minute minimum.
+    fn end_run(&mut self, now: i64) {
+        let run = now - self.run_since;
+        self.run_ms += run;
+        self.billed_ms += run.max(MIN_BILLED_MS);
+    }
+
+    /// Ends the current stopped period at `now` (a start or a termination).
+    fn end_stop(&mut self, now: i64) {
+        if let Some(since) = self.stopped_since.take() {
+            self.stopped_ms += now - since;
+        }
+    }
 }
 
 /// One sample of the time series: jobs in the system (running or waiting), machines that
@@ -142,13 +172,21 @@ impl<'a> Ctx<'a> {
             .unwrap_or_default()
     }
 
-    /// Starts an instance of `instance_type`; it is ready after a draw from the boot
-    /// distribution. Returns the machine's index.
+    /// Launches an instance of `instance_type` (a root volume of the default size: policies
+    /// that never stop machines never pay for it). Returns the machine's index.
     pub(super) fn launch(&mut self, instance_type: &str) -> usize {
+        self.launch_with_root(instance_type, DEFAULT_ROOT_GB)
+    }
+
+    /// Launches an instance of `instance_type` with a `root_gb` root volume; it is ready
+    /// after a draw from the launch distribution. Returns the machine's index.
+    pub(super) fn launch_with_root(&mut self, instance_type: &str, root_gb: u32) -> usize {
         let id = self.machines.len();
         let price = self.env.prices.get(instance_type).copied().unwrap_or(0.0);
+        let disk_per_hour = f64::from(root_gb) * self.env.ebs_usd_per_gb_month / HOURS_PER_MONTH;
         self.machines.push(SimMachine {
             price_per_ms: price / 3.6e6,
+            stopped_price_per_ms: disk_per_hour / 3.6e6,
             run_since: self.now,
             run_ms: 0,
             billed_ms: 0,
@@ -161,7 +199,7 @@ impl<'a> Ctx<'a> {
         });
         self.alive += 1;
         self.launches += 1;
-        let boot_ms = (self.env.boot.sample(&mut self.rng) * 1000.0).round() as i64;
+        let boot_ms = (self.env.launch.sample(&mut self.rng) * 1000.0).round() as i64;
         self.push(self.now + boot_ms, Ev::Ready(id));
         if self.env.reclaims_per_hour > 0.0 {
             let life = self.rng.exponential(3.6e6 / self.env.reclaims_per_hour) as i64;
@@ -184,12 +222,10 @@ impl<'a> Ctx<'a> {
             return;
         }
         machine.ended = Some(self.now);
-        if let Some(since) = machine.stopped_since.take() {
-            machine.stopped_ms += self.now - since;
+        if machine.stopped_since.is_some() {
+            machine.end_stop(self.now);
         } else {
-            let run = self.now - machine.run_since;
-            machine.run_ms += run;
-            machine.billed_ms += run.max(MIN_BILLED_MS);
+            machine.end_run(self.now);
             self.alive -= 1;
         }
     }
@@ -210,9 +246,7 @@ impl<'a> Ctx<'a> {
             self.violations += 1;
             return;
         }
-        let run = now - machine.run_since;
-        machine.run_ms += run;
-        machine.billed_ms += run.max(MIN_BILLED_MS);
+        machine.end_run(now);
         machine.stopped_since = Some(now);
         machine.ready = None;
         self.alive -= 1;
@@ -225,12 +259,11 @@ impl<'a> Ctx<'a> {
             self.violations += 1;
             return;
         };
-        let (None, Some(since)) = (machine.ended, machine.stopped_since) else {
+        if machine.ended.is_some() || machine.stopped_since.is_none() {
             self.violations += 1;
             return;
-        };
-        machine.stopped_ms += now - since;
-        machine.stopped_since = None;
+        }
+        machine.end_stop(now);
         machine.run_since = now;
         self.alive += 1;
         self.starts += 1;
@@ -340,9 +373,7 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
                 // out of scope); a reclaim of a running one ends its period.
                 if machine.ended.is_none() && machine.stopped_since.is_none() {
                     machine.ended = Some(t);
-                    let run = t - machine.run_since;
-                    machine.run_ms += run;
-                    machine.billed_ms += run.max(MIN_BILLED_MS);
+                    machine.end_run(t);
                     let job = machine.job.take().map(|(j, since)| {
                         machine.busy_ms += t - since;
                         (j, t - since)
@@ -383,22 +414,21 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
         ..Outcome::default()
     };
     for m in &ctx.machines {
-        let (mut run, mut billed, mut stopped) = (m.run_ms, m.billed_ms, m.stopped_ms);
+        // Machines still there at the end are billed up to it, as if ended then.
+        let mut m = m.clone();
         if m.ended.is_none() {
-            match m.stopped_since {
-                Some(since) => stopped += end - since,
-                None => {
-                    run += end - m.run_since;
-                    billed += (end - m.run_since).max(MIN_BILLED_MS);
-                }
+            if m.stopped_since.is_some() {
+                m.end_stop(end);
+            } else {
+                m.end_run(end);
             }
         }
         let busy = m.busy_ms + m.job.map_or(0, |(_, since)| end - since);
-        out.machine_ms += run;
+        out.machine_ms += m.run_ms;
         out.busy_ms += busy;
-        out.stopped_ms += stopped;
+        out.stopped_ms += m.stopped_ms;
         out.cost +=
-            billed as f64 * m.price_per_ms + stopped as f64 / 3.6e6 * env.stopped_usd_per_hour;
+            m.billed_ms as f64 * m.price_per_ms + m.stopped_ms as f64 * m.stopped_price_per_ms;
     }
     // A job's wait: from arrival to its (last) start, minus time spent on reclaimed machines.
     out.waits_ms = trace
@@ -464,9 +494,9 @@ pub(crate) mod tests {
 
     pub(crate) fn env(boot: f64) -> Env {
         Env {
-            boot: Dist::Fixed(boot),
+            launch: Dist::Fixed(boot),
             start: Dist::Fixed(boot / 4.0),
-            stopped_usd_per_hour: 0.0,
+            ebs_usd_per_gb_month: 0.0,
             seed: 1,
             reclaims_per_hour: 0.0,
             tick_ms: 10_000,
@@ -552,6 +582,56 @@ pub(crate) mod tests {
         );
         assert!(out.launches > 1);
         assert_eq!(out.violations, 0);
+    }
+
+    /// Launches a machine for the job, stops it once booted, starts it an hour later and
+    /// runs the job on it.
+    #[derive(Default)]
+    struct StopStart {
+        machine: Option<usize>,
+        stopped_at: Option<i64>,
+        job: Option<usize>,
+    }
+
+    impl Scaler for StopStart {
+        fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize) {
+            self.machine = Some(ctx.launch_with_root("t", 73));
+            self.job = Some(job);
+        }
+        fn ready(&mut self, ctx: &mut Ctx<'_>, machine: usize) {
+            if self.stopped_at.is_none() {
+                ctx.stop(machine);
+                self.stopped_at = Some(ctx.now);
+            } else if let Some(j) = self.job.take() {
+                ctx.start(j, machine);
+            }
+        }
+        fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
+            ctx.terminate(machine);
+        }
+        fn lost(&mut self, _ctx: &mut Ctx<'_>, _machine: usize, _job: Option<usize>) {}
+        fn tick(&mut self, ctx: &mut Ctx<'_>) {
+            if let (Some(m), Some(at)) = (self.machine, self.stopped_at) {
+                if self.job.is_some() && ctx.now - at >= 3_600_000 {
+                    ctx.start_stopped(m);
+                    self.machine = None;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stopped_machine_costs_its_root_volume_and_each_running_period_a_minute_at_least() {
+        let mut e = env(40.0); // launch 40 s, start 10 s
+        e.ebs_usd_per_gb_month = 10.0; // 73 GB: $1 an hour while stopped
+        let out = run("x", &trace(&[(0, 100)]), &mut StopStart::default(), &e);
+        assert_eq!(out.violations, 0);
+        assert_eq!((out.launches, out.starts), (1, 1));
+        assert_eq!(out.stopped_ms, 3_600_000);
+        assert_eq!(out.waits_ms, vec![3_650_000]);
+        // Booted 40 s, billed 60 s ($0.06 at $3.6/h); stopped an hour ($1); started and
+        // ran the job: 110 s ($0.11).
+        assert!((out.cost - 1.17).abs() < 1e-9, "{}", out.cost);
     }
 
     #[test]

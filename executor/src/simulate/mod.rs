@@ -76,11 +76,12 @@ pub fn run(config_path: Option<&Path>, args: &Args) -> anyhow::Result<()> {
     let mut out = String::new();
     outln!(
         out,
-        "{} jobs over {:.1} h ({:.1} job-hours), boot {}, seed {}, reconcile every {} ms",
+        "{} jobs over {:.1} h ({:.1} job-hours), launch {}, start {}, seed {}, reconcile every {} ms",
         jobs,
         setup.trace.span_hours(),
         setup.trace.job_hours(),
-        setup.env.boot,
+        setup.env.launch,
+        setup.env.start,
         setup.env.seed,
         setup.env.tick_ms
     );

@@ -25,9 +25,18 @@ pub(super) fn run_flotilla(name: &str, config: &Config, trace: &Trace, env: &Env
             )
         })
         .collect();
+    let root_gb = config
+        .classes
+        .iter()
+        .map(|(k, c)| {
+            let gb = c.effective_root_volume().gb;
+            (k.clone(), gb.unwrap_or(engine::DEFAULT_ROOT_GB))
+        })
+        .collect();
     let mut s = daemon_policy::Flotilla::new(
         policy,
         types,
+        root_gb,
         config.default_class.clone(),
         crate::pool::Pool::default(),
     );

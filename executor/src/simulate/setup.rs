@@ -30,10 +30,24 @@ pub struct Args {
     /// Write an SVG plot of demand, machines and idle machines over time.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// Launch-to-ready time: fixed:S, uniform:MIN:MAX, normal:MEAN:SD or
-    /// lognormal:MEDIAN:SIGMA (seconds).
-    #[arg(long, default_value = "uniform:40:90", value_name = "DIST")]
-    pub boot: String,
+    /// Cold launch to ready (RunInstances, boot, dockerd answering): fixed:S,
+    /// uniform:MIN:MAX, normal:MEAN:SD or lognormal:MEDIAN:SIGMA (seconds). `--boot` is its
+    /// older name.
+    #[arg(
+        long,
+        alias = "boot",
+        default_value = "uniform:40:90",
+        value_name = "DIST"
+    )]
+    pub launch: String,
+    /// Start of a stopped machine to ready (StartInstances, boot, dockerd answering), in
+    /// the same forms as `--launch`.
+    #[arg(long, default_value = "uniform:15:30", value_name = "DIST")]
+    pub start: String,
+    /// EBS price per GB-month (gp3 in us-east-1: 0.08); a stopped machine costs its class's
+    /// root volume (`root_volume.gb`, 30 GB when unset) at this price.
+    #[arg(long, default_value_t = 0.08, value_name = "USD")]
+    pub ebs_usd_per_gb_month: f64,
     /// Seed of the simulated EC2's random draws (boot times, reclaims).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -110,10 +124,7 @@ pub(super) struct Setup {
 
 impl Setup {
     pub(super) fn load(config_path: Option<&Path>, args: &Args) -> anyhow::Result<Self> {
-        let boot = Dist::parse(&args.boot).map_err(|e| anyhow::anyhow!("--boot {e}"))?;
-        if !(args.spot_reclaims_per_hour.is_finite() && args.spot_reclaims_per_hour >= 0.0) {
-            bail!("--spot-reclaims-per-hour must be a number >= 0");
-        }
+        check_args(args)?;
         let config = match config_path {
             Some(p) => Some(Config::load(p)?),
             None => None,
@@ -153,23 +164,110 @@ impl Setup {
                 );
             }
         }
-        // gp3 at $0.08 per GB-month, the default class's root volume (30 GB without one).
-        let root_gb = config
-            .classes
-            .get(&config.default_class)
-            .and_then(|c| c.root_volume_gb)
-            .unwrap_or(30);
-        let env = Env {
-            boot,
-            start: super::rng::Dist::Uniform(15.0, 30.0),
-            stopped_usd_per_hour: f64::from(root_gb) * 0.08 / 730.0,
-            seed: args.seed,
-            reclaims_per_hour: args.spot_reclaims_per_hour,
-            tick_ms: config.reconcile_interval.0.as_millis().max(1) as i64,
-            prices,
-            lead_ms: 15 * 60_000,
-            timeline: args.plot.is_some() || !args.json,
-        };
+        let env = env_from(args, &config, prices)?;
         Ok(Self { config, trace, env })
+    }
+}
+
+/// The flags' own checks, before any file is read: each error names its flag.
+fn check_args(args: &Args) -> anyhow::Result<()> {
+    Dist::parse(&args.launch).map_err(|e| anyhow::anyhow!("--launch {e}"))?;
+    Dist::parse(&args.start).map_err(|e| anyhow::anyhow!("--start {e}"))?;
+    if !(args.spot_reclaims_per_hour.is_finite() && args.spot_reclaims_per_hour >= 0.0) {
+        bail!("--spot-reclaims-per-hour must be a number >= 0");
+    }
+    if !(args.ebs_usd_per_gb_month.is_finite() && args.ebs_usd_per_gb_month >= 0.0) {
+        bail!(
+            "--ebs-usd-per-gb-month must be a number >= 0, not {}",
+            args.ebs_usd_per_gb_month
+        );
+    }
+    Ok(())
+}
+
+/// The simulated EC2 of the flags and the config (reconcile interval); root volumes are
+/// per class, taken by the replay of each class (`runs`).
+fn env_from(args: &Args, config: &Config, prices: BTreeMap<String, f64>) -> anyhow::Result<Env> {
+    check_args(args)?;
+    Ok(Env {
+        launch: Dist::parse(&args.launch).map_err(|e| anyhow::anyhow!("--launch {e}"))?,
+        start: Dist::parse(&args.start).map_err(|e| anyhow::anyhow!("--start {e}"))?,
+        ebs_usd_per_gb_month: args.ebs_usd_per_gb_month,
+        seed: args.seed,
+        reclaims_per_hour: args.spot_reclaims_per_hour,
+        tick_ms: config.reconcile_interval.0.as_millis().max(1) as i64,
+        prices,
+        lead_ms: 15 * 60_000,
+        timeline: args.plot.is_some() || !args.json,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        let argv = ["simulate", "--trace", "t.csv"].iter().chain(flags);
+        Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    fn env(flags: &[&str]) -> anyhow::Result<Env> {
+        let config = default_config(&["default".to_string()]);
+        env_from(&parse(flags)?, &config, prices(&config))
+    }
+
+    #[test]
+    fn launch_and_start_latencies_default_to_the_issues_distributions() {
+        let e = env(&[]).unwrap();
+        assert_eq!(e.launch, Dist::Uniform(40.0, 90.0));
+        assert_eq!(e.start, Dist::Uniform(15.0, 30.0));
+        assert_eq!(e.ebs_usd_per_gb_month, 0.08);
+    }
+
+    #[test]
+    fn launch_start_and_ebs_price_are_settable_and_boot_is_the_old_name_of_launch() {
+        let e = env(&[
+            "--launch",
+            "fixed:60",
+            "--start",
+            "lognormal:20:0.3",
+            "--ebs-usd-per-gb-month",
+            "0.1",
+        ])
+        .unwrap();
+        assert_eq!(e.launch, Dist::Fixed(60.0));
+        assert_eq!(e.start, Dist::LogNormal(20.0, 0.3));
+        assert_eq!(e.ebs_usd_per_gb_month, 0.1);
+        assert_eq!(
+            env(&["--boot", "fixed:45"]).unwrap().launch,
+            Dist::Fixed(45.0)
+        );
+    }
+
+    #[test]
+    fn a_bad_value_is_refused_naming_its_flag() {
+        let msg = |flags: &[&str]| format!("{:#}", env(flags).unwrap_err());
+        assert!(
+            msg(&["--start", "uniform:30"]).starts_with("--start "),
+            "{}",
+            msg(&["--start", "uniform:30"])
+        );
+        assert!(msg(&["--launch", "gamma:1:2"]).starts_with("--launch "));
+        assert!(msg(&["--boot", "fixed:-1"]).starts_with("--launch "));
+        assert!(msg(&["--ebs-usd-per-gb-month=-0.5"]).starts_with("--ebs-usd-per-gb-month "));
+        assert!(msg(&["--ebs-usd-per-gb-month", "NaN"]).starts_with("--ebs-usd-per-gb-month "));
+        // Not a number at all: clap's own error names the flag.
+        let e = parse(&["--ebs-usd-per-gb-month", "cheap"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--ebs-usd-per-gb-month"), "{e}");
     }
 }

@@ -51,6 +51,10 @@ impl Task {
     }
 }
 
+/// Stopped-pool bounds and sizing horizons walked by `--sweep`.
+const STOPPED_SIZES: [u32; 4] = [10, 20, 40, 60];
+const STOPPED_HORIZONS: [u64; 3] = [2 * 3600, 6 * 3600, 12 * 3600];
+
 /// The busiest hours of the shared week (weekdays, 14:00-23:59 UTC), for the baselines'
 /// working-hours periods.
 const BUSY_HOURS: &str = "* 14-23 * * mon-fri";
@@ -214,7 +218,9 @@ pub(super) fn flotilla_grid(config: &Config) -> Vec<Task> {
 }
 
 /// Variations of Flotilla's policy knobs walked by `--sweep`, with their labels: the
-/// forecast's look-ahead (its main knob), its idle time and cap, and the forecast off.
+/// forecast's look-ahead (its main knob), its idle time and cap, the forecast off, and the
+/// stopped pool (`max_stopped`, the forecast's `stopped_horizon` sizing it, with shorter
+/// look-aheads: stopped machines cover bursts, so fewer need to be hot).
 pub(super) fn flotilla_variants(config: &Config) -> Vec<(String, Config)> {
     use flotilla_proto::duration::HumanDuration as D;
     let mut out = Vec::new();
@@ -234,6 +240,26 @@ pub(super) fn flotilla_variants(config: &Config) -> Vec<(String, Config)> {
                         k.forecast.max_idle = max_idle;
                     }),
                 ));
+            }
+        }
+    }
+    for max_stopped in STOPPED_SIZES {
+        for horizon in STOPPED_HORIZONS {
+            for lookahead in [0u64, 60, 120, 300] {
+                for idle_time in [30u64, 60] {
+                    out.push((
+                        format!(
+                            "max_stopped={max_stopped} stopped_horizon={}h lookahead={lookahead}s idle_time={idle_time}s",
+                            horizon / 3600
+                        ),
+                        with(&|k: &mut ClassConfig| {
+                            k.max_stopped = max_stopped.min(k.max_machines);
+                            k.forecast.stopped_horizon = D::from_secs(horizon);
+                            k.forecast.lookahead = D::from_secs(lookahead);
+                            k.forecast.idle_time = D::from_secs(idle_time);
+                        }),
+                    ));
+                }
             }
         }
     }
@@ -289,6 +315,32 @@ pub(super) fn pareto(points: &[Summary]) -> Vec<Summary> {
         }
     }
     front
+}
+
+/// Flotilla's points no other beats on both cost and p95 wait, cheapest first: with a
+/// stopped pool, idle machine-hours no longer say what a policy costs (disks do too).
+pub(super) fn cost_pareto(points: &[Summary]) -> Vec<Summary> {
+    let mut sorted: Vec<&Summary> = points.iter().collect();
+    sorted.sort_by(|a, b| {
+        a.cost
+            .total_cmp(&b.cost)
+            .then(a.p95_wait_s.total_cmp(&b.p95_wait_s))
+    });
+    let mut front: Vec<Summary> = Vec::new();
+    for p in sorted {
+        if front.last().is_none_or(|l| p.p95_wait_s < l.p95_wait_s) {
+            front.push(p.clone());
+        }
+    }
+    front
+}
+
+/// The cheapest point with a p95 wait of at most `p95_s`.
+pub(super) fn cheapest_within(points: &[Summary], p95_s: f64) -> Option<&Summary> {
+    points
+        .iter()
+        .filter(|p| p.p95_wait_s <= p95_s)
+        .min_by(|a, b| a.cost.total_cmp(&b.cost))
 }
 
 /// The baseline point with the fewest idle machine-hours among those waiting no longer
@@ -390,6 +442,25 @@ pub(super) fn run(setup: &Setup, args: &Args) -> anyhow::Result<()> {
         );
         print_table(&mut out, &pareto(points));
     }
+    if let Some(points) = by_family.get("flotilla") {
+        outln!(
+            out,
+            "\nflotilla: Pareto front of cost vs p95 wait (the stopped pool's disks included):"
+        );
+        print_table(&mut out, &cost_pareto(points));
+        let half = flotilla.p95_wait_s / 2.0;
+        match cheapest_within(points, half) {
+            Some(b) => outln!(
+                out,
+                "  cheapest with p95 wait <= {half:.1} s (half the configured policy's): {} at ${:.2} ({:+.1}% vs ${:.2})",
+                b.name,
+                b.cost,
+                100.0 * (b.cost / flotilla.cost.max(1e-9) - 1.0),
+                flotilla.cost
+            ),
+            None => outln!(out, "  no configuration reaches a p95 wait of {half:.1} s"),
+        }
+    }
     outln!(
         out,
         "\nComparison: Flotilla as configured vs each baseline's best points"
@@ -443,6 +514,22 @@ mod tests {
     }
 
     #[test]
+    fn cost_front_and_cheapest_within_a_wait() {
+        let mut pts = vec![s("a", 10.0, 90.0), s("b", 5.0, 40.0), s("c", 50.0, 20.0)];
+        for (p, cost) in pts.iter_mut().zip([100.0, 120.0, 110.0]) {
+            p.cost = cost;
+        }
+        let names: Vec<String> = cost_pareto(&pts).into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            vec!["a", "c"],
+            "b costs more and waits longer than c"
+        );
+        assert_eq!(cheapest_within(&pts, 45.0).unwrap().name, "c");
+        assert!(cheapest_within(&pts, 10.0).is_none());
+    }
+
+    #[test]
     fn best_points_at_equal_wait_and_equal_idle() {
         let pts = [s("a", 10.0, 90.0), s("c", 30.0, 40.0), s("e", 50.0, 0.0)];
         let me = s("me", 20.0, 45.0);
@@ -463,6 +550,10 @@ mod tests {
         assert!(ts
             .iter()
             .any(|t| t.name().contains("scale_factor_limit=30")));
-        assert_eq!(flotilla_grid(&c)[0].name(), "flotilla");
+        let fl = flotilla_grid(&c);
+        assert_eq!(fl[0].name(), "flotilla");
+        assert!(fl.iter().any(|t| t
+            .name()
+            .contains("max_stopped=40 stopped_horizon=6h lookahead=0s")));
     }
 }
