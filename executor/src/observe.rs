@@ -45,6 +45,11 @@ pub(crate) struct Observation {
     /// Fleet-tagged instances unknown to the pool that are not ours to terminate
     /// (instance id, why): reported, never reaped.
     pub foreign: Vec<(String, String)>,
+    /// Stopping machines EC2 now lists stopped.
+    pub stopped: Vec<String>,
+    /// Starting machines EC2 lists pending or running: to health-check (their address
+    /// re-read from the listing).
+    pub started: Vec<String>,
 }
 
 /// What makes an unknown fleet-tagged instance this daemon's to reap.
@@ -142,13 +147,62 @@ pub(crate) fn fold(
             continue;
         }
         seen_machines.insert(machine_id.clone());
-        if inst.life.is_gone() && m.state != MachineState::Terminating {
-            let why = format!(
-                "instance {} is {:?} (terminated or reclaimed outside flotilla)",
-                inst.instance_id, inst.life
-            )
-            .to_lowercase();
-            out.lost.push((machine_id.clone(), why));
+        let state = m.state;
+        // Ready a moment ago: a listing a little behind (EC2 is eventually consistent) may
+        // still show the stop a start just undid.
+        let just_ready = m
+            .ready_at
+            .is_some_and(|t| !older_than(t, graces.visibility));
+        let running = matches!(inst.life, InstanceLife::Pending | InstanceLife::Running);
+        match state {
+            MachineState::Terminating => {}
+            _ if inst.life.is_gone() => {
+                let why = format!(
+                    "instance {} is {:?} (terminated or reclaimed outside flotilla)",
+                    inst.instance_id, inst.life
+                )
+                .to_lowercase();
+                out.lost.push((machine_id.clone(), why));
+            }
+            // The stopped pool: a stop, a stopped machine and a start are what EC2 lists
+            // between them. A stop not carried out yet is resent after a while (reconcile);
+            // a start not yet visible is bounded by its boot timeout (plan).
+            MachineState::Stopping if inst.life == InstanceLife::Stopped => {
+                pool.mark_stopped(&machine_id);
+                out.stopped.push(machine_id.clone());
+            }
+            MachineState::Stopping | MachineState::Stopped if !running => {}
+            MachineState::Stopping => {}
+            MachineState::Stopped => {
+                // Started outside Flotilla: taken back as a start, health-checked first.
+                pool.started_outside(&machine_id, now);
+                if let Some(ip) = inst.private_ip.as_deref() {
+                    pool.readdress_started(&machine_id, ip);
+                }
+                out.started.push(machine_id.clone());
+            }
+            MachineState::Starting if running => {
+                if let Some(ip) = inst.private_ip.as_deref() {
+                    pool.readdress_started(&machine_id, ip);
+                }
+                out.started.push(machine_id.clone());
+            }
+            MachineState::Starting => {}
+            // Stopped behind Flotilla's back while booting, idle or leased: it serves no
+            // job and its state (a job's leftovers, a half boot) is unknown, so it is lost
+            // like a terminated one: its job told, the machine replaced (a broken stopped
+            // instance is terminated by the plan like any broken machine).
+            _ if inst.life.is_stopped() && !just_ready => {
+                let why = format!(
+                    "instance {} is {:?} (stopped outside flotilla while {})",
+                    inst.instance_id,
+                    inst.life,
+                    state.as_str()
+                )
+                .to_lowercase();
+                out.lost.push((machine_id.clone(), why));
+            }
+            _ => {}
         }
         // Adopt what a crash mid-launch left unrecorded.
         pool.fill_in_instance(&machine_id, &inst.instance_id, inst.private_ip.as_deref());
@@ -237,7 +291,12 @@ pub(crate) fn adopt(
                 .machines()
                 .values()
                 .any(|m| m.instance_id == inst.instance_id);
-        if inst.life.is_gone() || known || owner.why_not_ours(inst).is_some() {
+        // Only running instances: a stopped one of ours without a record is an orphan.
+        if inst.life.is_gone()
+            || inst.life.is_stopped()
+            || known
+            || owner.why_not_ours(inst).is_some()
+        {
             continue;
         }
         pool.adopt(
