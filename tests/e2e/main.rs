@@ -25,4 +25,5 @@ mod postmortem;
 mod prometheus;
 mod restart;
 mod stages;
+mod stopped;
 mod tls;
