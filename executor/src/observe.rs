@@ -627,6 +627,95 @@ mod tests {
     }
 
     #[test]
+    fn the_stopped_pool_is_neither_lost_nor_orphaned() {
+        let mut seen = HashMap::new();
+        // Stopping, then EC2 says stopped: stopped in the pool, nothing lost.
+        let mut pool = pool_with("m1", "i-1", MachineState::Stopping);
+        for life in [InstanceLife::Running, InstanceLife::Stopping] {
+            let out = fold(
+                &mut pool,
+                &[obs("i-1", Some("m1"), life)],
+                t(100),
+                &G,
+                &own(),
+                &mut seen,
+            );
+            assert_eq!(out, Observation::default(), "{life:?}");
+            assert_eq!(pool.machines()["m1"].state, MachineState::Stopping);
+        }
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", Some("m1"), InstanceLife::Stopped)],
+            t(101),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out.stopped, vec!["m1"]);
+        assert!(out.lost.is_empty());
+        assert_eq!(pool.machines()["m1"].state, MachineState::Stopped);
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", Some("m1"), InstanceLife::Stopped)],
+            t(9000),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out, Observation::default());
+
+        // Starting: still listed stopped (the start not visible yet), then pending at a
+        // new address: to probe there.
+        assert!(pool.begin_start("m1", t(9001)));
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", Some("m1"), InstanceLife::Stopped)],
+            t(9002),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out, Observation::default());
+        let moved = ObservedInstance {
+            private_ip: Some("10.1.2.3".into()),
+            ..obs("i-1", Some("m1"), InstanceLife::Pending)
+        };
+        let out = fold(&mut pool, &[moved], t(9003), &G, &own(), &mut seen);
+        assert_eq!(out.started, vec!["m1"]);
+        assert_eq!(pool.machines()["m1"].address, "10.1.2.3");
+        assert_eq!(pool.machines()["m1"].state, MachineState::Starting);
+
+        // Idle, but EC2 says stopped (outside flotilla): lost, replaced.
+        let mut pool = pool_with("m2", "i-2", MachineState::Idle);
+        let out = fold(
+            &mut pool,
+            &[obs("i-2", Some("m2"), InstanceLife::Stopped)],
+            t(100),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out.lost.len(), 1);
+        assert!(
+            out.lost[0]
+                .1
+                .contains("stopped outside flotilla while idle"),
+            "{out:?}"
+        );
+        assert_eq!(pool.machines()["m2"].state, MachineState::Broken);
+
+        // An unknown stopped instance of ours is an orphan (its disk costs), not adopted.
+        let mut pool = Pool::default();
+        let o = [obs("i-x", Some("m-x"), InstanceLife::Stopped)];
+        assert!(adopt(&mut pool, &o, t(0), &own()).is_empty());
+        fold(&mut pool, &o, t(0), &G, &own(), &mut seen);
+        assert_eq!(
+            fold(&mut pool, &o, t(600), &G, &own(), &mut seen).orphans,
+            vec!["i-x"]
+        );
+    }
+
+    #[test]
     fn spot_reclaim_marks_leased_machine_lost() {
         let mut pool = pool_with("m1", "i-1", MachineState::Idle);
         pool.try_lease("job", "c", "l1".into(), t(1)).unwrap();

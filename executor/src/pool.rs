@@ -1068,6 +1068,40 @@ mod tests {
         );
     }
 
+    /// Server certificates live 30 days from launch and validation keeps `max_age` plus
+    /// `lease_timeout` inside that; the plan retires a stopped machine at `max_age` since
+    /// its launch, so the stopped period itself never outlives the certificate (dockerd
+    /// does not even serve it while stopped). The gap: a machine started just before its
+    /// `max_age` answers just after it, and a lease granted then would run up to
+    /// `lease_timeout` past `max_age + boot_timeout`. So a machine that answers past its
+    /// `max_age` is retired in the same critical section, never idle.
+    #[test]
+    fn a_started_machine_answering_past_max_age_is_retired_not_idle() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        assert!(pool.begin_stop("a", t(10)));
+        assert!(pool.mark_stopped("a"));
+        let max_age = |m: &Machine| {
+            ((m.launched_at + chrono::Duration::seconds(100)) <= t(100))
+                .then_some(TerminateReason::MaxAge)
+        };
+        assert!(pool.begin_start("a", t(99)));
+        assert!(!pool.mark_ready_retiring("a", t(100), max_age));
+        assert_eq!(pool.machines["a"].state, MachineState::Terminating);
+        assert_eq!(
+            pool.machines["a"].terminate_reason,
+            Some(TerminateReason::MaxAge)
+        );
+        assert!(pool.try_lease("job", "c", "l1".into(), t(100)).is_none());
+        // Younger: idle as usual.
+        idle(&mut pool, "b", 0);
+        assert!(pool.begin_stop("b", t(10)));
+        assert!(pool.mark_stopped("b"));
+        assert!(pool.begin_start("b", t(20)));
+        assert!(pool.mark_ready_retiring("b", t(30), |_| None));
+        assert_eq!(pool.machines["b"].state, MachineState::Idle);
+    }
+
     #[test]
     fn other_class_is_not_leased() {
         let mut pool = Pool::default();

@@ -29,7 +29,10 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut last_observe: Option<Instant> = None;
     let mut accounted: HashMap<String, Instant> = HashMap::new();
     loop {
-        let observing = last_observe.is_none_or(|t| t.elapsed() >= interval);
+        let soon = shared
+            .observe_soon
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let observing = soon || last_observe.is_none_or(|t| t.elapsed() >= interval);
         if observing {
             last_observe = Some(Instant::now());
             observe(&shared, &graces).await;
@@ -464,8 +467,9 @@ enum Lifecycle {
 
 /// Sends the stops (or starts) of `due` (machine, instance), already durable as
 /// `stopping` (`starting`) in the pool, in one batched call. Accepted: the pool records it
-/// (a start's machine is then probed over mTLS like a fresh boot: same certificate, address
-/// re-read from the next listing). A transient failure (throttling, no answer, EC2's own
+/// (a start's machine is then probed over mTLS like a fresh boot, same certificate, once
+/// the next listing, asked for at once, shows it pending or running, at the address that
+/// listing gives). A transient failure (throttling, no answer, EC2's own
 /// error) is retried by the next pass. A refusal (a one-time spot instance cannot be
 /// stopped, no capacity for a start, a role without `ec2:StopInstances`) would be refused
 /// again: a refused stop terminates the machine instead, a refused start terminates it as a
@@ -497,10 +501,17 @@ async fn stop_or_start(shared: &Arc<Shared>, op: Lifecycle, due: Vec<(String, St
                             tracing::info!(%machine, %instance, "StopInstances accepted");
                         }
                         Lifecycle::Start => {
-                            tracing::info!(%machine, %instance, "StartInstances accepted; probing it");
-                            probe::spawn(shared.clone(), machine.clone());
+                            tracing::info!(%machine, %instance, "StartInstances accepted");
                         }
                     }
+                }
+                if op == Lifecycle::Start {
+                    // Probed once a listing shows it pending or running, at the address
+                    // that listing gives: observe on the next pass, not a whole interval on.
+                    shared
+                        .observe_soon
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    shared.wake.notify_one();
                 }
             }
             Err(e) if !is_refusal(&e) => {
