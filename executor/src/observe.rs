@@ -20,6 +20,14 @@
 //! for every state but terminated) once it is known to have existed (it was ready or
 //! adopted) or its launch is past the visibility grace (a fresh launch may not be listed yet).
 //!
+//! The stopped warm pool: a machine the pool has stopping, stopped or starting is matched
+//! to what EC2 lists for it (stopping → stopped once listed so; starting → probed once
+//! listed pending or running, at the listed address; a stopped one listed running was
+//! started by someone else and is taken back as a start): never lost, never an orphan. A
+//! booting, idle or leased machine EC2 lists stopped was stopped outside Flotilla: lost
+//! (its job told), replaced. An unknown stopped instance of ours is an orphan like a
+//! running one (its disks cost), and is never adopted.
+//!
 //! After an unreadable pool state (`flotilla daemon --adopt`), [`adopt`] takes in the
 //! fleet's running instances the first observation lists, and [`drain_adopted`] retires
 //! them once they are free, instead of reaping them as orphans.

@@ -1254,8 +1254,12 @@ mod tests {
             assert_eq!(s["Condition"], term["Condition"], "{action}");
             assert_eq!(s["Resource"], term["Resource"], "{action}");
             assert!(
-                granting(&doc, action, "arn:aws:ec2:us-east-1:123456789012:volume/v-1")
-                    .is_empty(),
+                granting(
+                    &doc,
+                    action,
+                    "arn:aws:ec2:us-east-1:123456789012:volume/v-1"
+                )
+                .is_empty(),
                 "{action} on instances only"
             );
         }
