@@ -241,9 +241,14 @@ impl ControlClient {
         secret: &str,
         outcome: ReleaseOutcome,
         reason: Option<String>,
+        images: Vec<String>,
     ) -> Result<ReleaseResponse, ControlError> {
         let path = format!("{LEASES_PATH}/{lease_id}/release");
-        let body = ReleaseRequest { outcome, reason };
+        let body = ReleaseRequest {
+            outcome,
+            reason,
+            images,
+        };
         self.patiently(|_| {
             self.call_with_secret(
                 Method::POST,
@@ -324,7 +329,7 @@ mod tests {
             }
         };
         let (released, ()) = tokio::join!(
-            client.release("l-1", "s", ReleaseOutcome::Healthy, None),
+            client.release("l-1", "s", ReleaseOutcome::Healthy, None, Vec::new()),
             serve
         );
         assert!(released.unwrap().released);

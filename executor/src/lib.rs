@@ -13,6 +13,7 @@ pub mod daemon;
 pub(crate) mod docker;
 pub(crate) mod ec2;
 pub(crate) mod forecast;
+pub(crate) mod image_usage;
 pub mod metrics;
 pub mod migrate;
 pub(crate) mod observe;

@@ -38,6 +38,7 @@ pub struct Metrics {
     ec2_calls: Family<Labels, Counter>,
     ec2_throttles: Family<Labels, Counter>,
     machine_seconds: Family<Labels, Counter<f64>>,
+    prefetch_pulls: Family<Labels, Counter>,
     /// Serializes scrapes (gauges are rewritten per scrape).
     scrape: Mutex<()>,
 }
@@ -65,6 +66,7 @@ impl Metrics {
             ec2_calls: Family::default(),
             ec2_throttles: Family::default(),
             machine_seconds: Family::default(),
+            prefetch_pulls: Family::default(),
             registry: Registry::default(),
             scrape: Mutex::new(()),
         };
@@ -129,7 +131,18 @@ impl Metrics {
             "Machine running time by class and instance type (for cost)",
             m.machine_seconds.clone(),
         );
+        registry.register(
+            "prefetch_pulls",
+            "Images new machines pulled before their first job, by result (pulled, failed)",
+            m.prefetch_pulls.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn prefetched(&self, result: &str) {
+        self.prefetch_pulls
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
     }
 
     pub fn launched(&self, class: &str, instance_type: &str, market: &str) {

@@ -198,19 +198,31 @@ pub struct Pool {
     /// Job arrivals the policy learns from (bounded).
     #[serde(default)]
     history: crate::forecast::DemandHistory,
-    /// Machines marked broken or lost since the daemon last took them (not persisted;
-    /// bounded, oldest dropped): it saves each one's console output and dockerd events.
-    #[serde(skip)]
+    /// The images each class's jobs ran (bounded): what new machines prefetch.
+    #[serde(default)]
+    images: crate::image_usage::ImageUsage,
+    /// Machines marked broken or lost whose report (console output and dockerd events)
+    /// is not made yet: persisted, so a daemon that dies between the verdict and the
+    /// report makes it after its restart (bounded, oldest dropped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     casualties: Vec<Casualty>,
+    /// Casualties handed out for a report that has not finished (not persisted: after a
+    /// restart every casualty left is reported again).
+    #[serde(skip)]
+    reporting: std::collections::BTreeSet<String>,
 }
 
 /// A machine just marked broken or lost, as its report needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Casualty {
     pub machine_id: String,
     pub instance_id: String,
     pub address: String,
     pub why: String,
+    /// When the report was first handed out: the time it names and its events window
+    /// ends at, also when it is made again after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// Most casualties held between two takes (the simulator never takes them).
@@ -229,6 +241,7 @@ impl Casualty {
             instance_id: m.instance_id.clone(),
             address: m.address.clone(),
             why: why.to_owned(),
+            at: None,
         }
     }
 }
@@ -409,14 +422,31 @@ impl Pool {
 
     fn record_casualty(&mut self, c: Casualty) {
         if self.casualties.len() >= MAX_CASUALTIES {
-            self.casualties.remove(0);
+            let dropped = self.casualties.remove(0);
+            self.reporting.remove(&dropped.machine_id);
         }
         self.casualties.push(c);
     }
 
-    /// The machines marked broken or lost since the last call, oldest first.
-    pub fn take_casualties(&mut self) -> Vec<Casualty> {
-        std::mem::take(&mut self.casualties)
+    /// Casualties whose report is not under way, oldest first, now marked under way (and
+    /// stamped `now` if they never were). They stay in the pool, and so in the state
+    /// file, until [`Pool::casualty_reported`].
+    pub fn casualties_to_report(&mut self, now: DateTime<Utc>) -> Vec<Casualty> {
+        let mut out = Vec::new();
+        for c in &mut self.casualties {
+            if self.reporting.insert(c.machine_id.clone()) {
+                c.at.get_or_insert(now);
+                out.push(c.clone());
+            }
+        }
+        out
+    }
+
+    /// The report of `machine_id` was saved (or could not be made and will not be
+    /// retried): forget the casualty.
+    pub fn casualty_reported(&mut self, machine_id: &str) {
+        self.casualties.retain(|c| c.machine_id != machine_id);
+        self.reporting.remove(machine_id);
     }
 
     /// A booting machine's dockerd answered over mTLS.
@@ -833,6 +863,16 @@ impl Pool {
         self.history.record(class, now);
     }
 
+    /// The images a job of `class` ran, as its cleanup reported them.
+    pub fn record_images(&mut self, class: &str, images: &[String], now: DateTime<Utc>) {
+        self.images.record(class, images, now);
+    }
+
+    /// The `n` images of `class` a new machine should pull, most used first.
+    pub fn images_to_prefetch(&self, class: &str, n: usize, now: DateTime<Utc>) -> Vec<String> {
+        self.images.top(class, n, now)
+    }
+
     /// Drops the record of a machine EC2 no longer has (terminated, or a launch that never
     /// ran). Returns whether there was one.
     pub fn forget(&mut self, machine_id: &str) -> bool {
@@ -1030,7 +1070,7 @@ mod tests {
         idle(&mut pool, "b", 10);
         pool.try_lease("job-2", "c", "l2".into(), t(31)).unwrap();
         pool.release("l2", ReleaseOutcome::Broken, None, t(40));
-        let taken = pool.take_casualties();
+        let taken = pool.casualties_to_report(t(41));
         let ids: Vec<(&str, &str)> = taken
             .iter()
             .map(|c| (c.machine_id.as_str(), c.why.as_str()))
@@ -1042,14 +1082,44 @@ mod tests {
                 ("b", "reported broken by a job")
             ]
         );
-        assert!(pool.take_casualties().is_empty(), "taken once");
+        assert!(taken.iter().all(|c| c.at == Some(t(41))));
+        assert!(
+            pool.casualties_to_report(t(42)).is_empty(),
+            "handed out once"
+        );
         for i in 0..100 {
             idle(&mut pool, &format!("m{i}"), 10);
             pool.mark_broken(&format!("m{i}"), "x");
         }
-        let taken = pool.take_casualties();
+        let taken = pool.casualties_to_report(t(43));
         assert_eq!(taken.len(), MAX_CASUALTIES);
         assert_eq!(taken.last().unwrap().machine_id, "m99", "the newest kept");
+    }
+
+    #[test]
+    fn a_casualty_stays_in_the_state_until_reported_and_is_reported_again_after_a_restart() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 10);
+        idle(&mut pool, "b", 10);
+        pool.mark_broken("a", "lost");
+        pool.mark_broken("b", "lost");
+        assert_eq!(pool.casualties_to_report(t(50)).len(), 2);
+        pool.casualty_reported("b");
+        // The daemon dies with a's report under way: the state it left still holds a,
+        // with the time of the verdict's first report.
+        let saved = serde_json::to_string(&pool).unwrap();
+        let mut restarted: Pool = serde_json::from_str(&saved).unwrap();
+        let again = restarted.casualties_to_report(t(90));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].machine_id, "a");
+        assert_eq!(
+            again[0].at,
+            Some(t(50)),
+            "the report keeps its original time"
+        );
+        restarted.casualty_reported("a");
+        let empty = serde_json::to_value(&restarted).unwrap();
+        assert!(empty.get("casualties").is_none(), "{empty}");
     }
 
     #[test]

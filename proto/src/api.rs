@@ -72,6 +72,10 @@ pub struct ReleaseRequest {
     pub outcome: ReleaseOutcome,
     #[serde(default)]
     pub reason: Option<String>,
+    /// The images the job's containers ran (job, services, helper), as cleanup found
+    /// them: what the class's new machines prefetch (`prefetch_images`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

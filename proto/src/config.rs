@@ -423,7 +423,15 @@ pub struct ClassConfig {
     /// A check a booting machine must pass before it is ready; failing it is a failed boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_command: Option<crate::boot_hooks::ReadyCommand>,
+    /// A new machine (launched or started) pulls this many of the class's most used recent
+    /// images (job, services, helper; learned from the jobs' cleanups) while it is idle,
+    /// so its first job finds them present. 0 turns it off.
+    #[serde(default = "defaults::prefetch_images")]
+    pub prefetch_images: u32,
 }
+
+/// Most images a class may prefetch onto each new machine.
+pub const MAX_PREFETCH_IMAGES: u32 = 16;
 
 /// Flotilla's learned warm pool, on top of `idle_count` and the schedules: a warm machine
 /// for each job expected within `lookahead`, at the larger of the job rate learned for this
@@ -500,6 +508,7 @@ impl Default for ClassConfig {
             dockerd: DockerdSettings::default(),
             user_data_parts: Vec::new(),
             ready_command: None,
+            prefetch_images: defaults::prefetch_images(),
         }
     }
 }
@@ -535,6 +544,9 @@ mod defaults {
     use super::HumanDuration;
     pub fn max_machines() -> u32 {
         10
+    }
+    pub fn prefetch_images() -> u32 {
+        3
     }
     pub fn reconcile_interval() -> HumanDuration {
         HumanDuration::from_secs(10)
@@ -864,6 +876,15 @@ impl Config {
             crate::bootstrap::MAX_USER_DATA_BYTES,
         )
         .or_else(|(k, message)| bad(&key(&k), message))?;
+        if class.prefetch_images > MAX_PREFETCH_IMAGES {
+            return bad(
+                &key("prefetch_images"),
+                format!(
+                    "{} is more than {MAX_PREFETCH_IMAGES} (each new machine pulls them all)",
+                    class.prefetch_images
+                ),
+            );
+        }
         // With the fleet's: the limit is on what one machine carries.
         check_tags(&self.machine_tags(name), &key("tags"))
     }
@@ -1418,6 +1439,18 @@ subnets = ["subnet-1"]
         let err = Config::from_toml(&text).unwrap_err();
         assert!(err.contains("classes.small.idle_time"), "{err}");
         assert!(err.contains("duration"), "{err}");
+    }
+
+    #[test]
+    fn prefetch_images_defaults_to_three_and_is_bounded() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.classes["small"].prefetch_images, 3);
+        let text = MINIMAL.replace(
+            "subnets = [\"subnet-1\"]",
+            "subnets = [\"subnet-1\"]\nprefetch_images = 17",
+        );
+        let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+        assert_eq!(err.key, "classes.small.prefetch_images");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Build machines configured the way operators run them: `[dockerd]` settings merged over
 //! the AMI's own daemon.json, and the machine they give still running jobs; a class's
-//! `ready_command` deciding when a machine is ready, and a failing one a failed boot.
+//! `ready_command` deciding when a machine is ready, and a failing one a failed boot;
+//! `user_data_parts` run in cloud-init's order before dockerd starts.
 
 use std::time::Duration;
 
@@ -209,6 +210,79 @@ async fn a_failing_ready_command_is_a_failed_boot_and_a_replacement_serves_the_j
         // Now the check passes: a replacement becomes ready and serves the job.
         std::fs::write(&flag_path, b"ok")?;
         let r = job.await??;
+        ensure!(
+            r.outcome == Outcome::Success,
+            "{}\n{}",
+            r.describe(),
+            sb.diagnostics()
+        );
+        sb.shutdown().await
+    })
+    .await
+}
+
+/// A class's `user_data_parts` as cloud-init runs them: every part's files written, the
+/// shell part before the runcmd (Flotilla's daemon.json merge and dockerd start, then the
+/// operator's commands), all on the machine itself. The shell part prepares the AMI's
+/// daemon.json, which proves it ran before dockerd read it; the cloud-config part installs
+/// a registry CA (one of the documented uses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_data_parts_run_in_cloud_inits_order_before_dockerd_starts() -> Result<()> {
+    use flotilla_proto::boot_hooks::{PartKind, UserDataPart};
+    bounded(Duration::from_secs(300), async {
+        let sb = Sandbox::start(SandboxOptions {
+            idle_count: 1,
+            user_data_parts: vec![
+                UserDataPart {
+                    kind: PartKind::Shell,
+                    content: "#!/bin/sh\nset -e\nmkdir -p /etc/docker /var/log\n\
+                              printf '{\"labels\": [\"hook=ran\"]}' > /etc/docker/daemon.json\n\
+                              echo shell-part >> /var/log/flotilla-hooks\n"
+                        .into(),
+                },
+                UserDataPart {
+                    kind: PartKind::CloudConfig,
+                    content: "#cloud-config\n\
+                              write_files:\n\
+                              \x20 - path: /etc/docker/certs.d/registry.flotilla.test:5000/ca.crt\n\
+                              \x20   permissions: '0644'\n\
+                              \x20   content: |\n\
+                              \x20     operator-ca\n\
+                              runcmd:\n\
+                              \x20 - [sh, -c, 'echo runcmd-list >> /var/log/flotilla-hooks']\n\
+                              \x20 - test -s /etc/docker/daemon.json && echo runcmd-string >> /var/log/flotilla-hooks\n"
+                        .into(),
+                },
+            ],
+            ..Default::default()
+        })
+        .await?;
+        let m = sb
+            .emulator()
+            .wait_running(1, Duration::from_secs(120))
+            .await
+            .with_context(|| sb.diagnostics())?
+            .remove(0);
+        let hooks = std::fs::read_to_string(m.file("/var/log/flotilla-hooks"))?;
+        ensure!(
+            hooks == "shell-part\nruncmd-list\nruncmd-string\n",
+            "hook order: {hooks:?}"
+        );
+        let ca = std::fs::read_to_string(
+            m.file("/etc/docker/certs.d/registry.flotilla.test:5000/ca.crt"),
+        )?;
+        ensure!(ca == "operator-ca\n", "{ca:?}");
+        // dockerd started from the daemon.json the shell part left, merged with Flotilla's.
+        let info: serde_json::Value =
+            serde_json::from_str(&docker_on(&m, &["info", "--format", "{{json .}}"]).await?)?;
+        ensure!(
+            info["Labels"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|l| l == "hook=ran")),
+            "labels: {}",
+            info["Labels"]
+        );
+        let r = sb.run_job(Job::new(703, &["echo after-hooks"])).await?;
         ensure!(
             r.outcome == Outcome::Success,
             "{}\n{}",

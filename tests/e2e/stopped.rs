@@ -71,6 +71,9 @@ async fn a_stopped_machine_is_started_for_the_next_job_with_its_image_already_th
             boot_delay: Duration::from_secs(6),
             start_delay: Duration::from_secs(2),
             ec2_proxy: true,
+            // No prefetch: the image the started machine has must be the one its own
+            // disk kept, and any pull after the start would be the job's.
+            prefetch_images: Some(0),
             ..Default::default()
         })
         .await?;

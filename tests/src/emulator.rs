@@ -19,9 +19,10 @@
 //! mapped into the machine root, and the systemd drop-in's `Environment=` (proxies).
 //! The operator's `default-address-pools` are not applied: emulated machines share one
 //! host and each gets its own pool in 10.<slot>.0.0/16.
-//! Of a multipart user data only Flotilla's own part is applied: the operator's
-//! `user_data_parts` (YAML cloud-config, shell scripts that would run as root on this
-//! host) are not.
+//! The operator's `user_data_parts` are applied as cloud-init would, in its order: their
+//! `write_files` after Flotilla's, their shell scripts next, then Flotilla's runcmd and
+//! theirs; scripts and commands run chrooted into the machine root ([`crate::cloud_init`]),
+//! `systemctl` entries skipped as above.
 //!
 //! Invariants: never the default bridge (`--bridge=none`), distinct data/exec roots, pid
 //! files and `--default-address-pool`s per machine (10.<slot>.<k>.0/24), so several
@@ -55,6 +56,7 @@ use flotilla_proto::bootstrap::{CloudConfig, DockerdConfig, DAEMON_JSON_PATH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
+use crate::cloud_init::{self, OperatorParts};
 use crate::moto::{fleet_instances, InstanceInfo};
 use crate::util::{stop_child, tail, wait_until};
 
@@ -653,7 +655,21 @@ async fn boot(
         crate::util::write_file(&dest, &bytes, mode)?;
     }
     std::fs::write(machine.root.join("user-data"), &text)?;
+    let operator = OperatorParts::parse(&text).context("reading the user_data_parts")?;
+    for f in &operator.write_files {
+        let mode = u32::from_str_radix(f.permissions.trim_start_matches("0o"), 8)
+            .with_context(|| format!("bad permissions {:?} for {}", f.permissions, f.path))?;
+        let bytes = f.bytes().context("decoding a user_data_parts file")?;
+        crate::util::write_file(&fs_root.join(f.path.trim_start_matches('/')), &bytes, mode)?;
+    }
+    cloud_init::run_scripts(&fs_root, &operator.scripts)?;
     run_commands(&cloud, &fs_root)?;
+    for cmd in &operator.runcmd {
+        if cmd.first().is_some_and(|p| p == "systemctl") {
+            continue;
+        }
+        cloud_init::run_in_machine(&fs_root, cmd).context("a user_data_parts runcmd")?;
+    }
     let merged = read_daemon_json(&fs_root)?;
     let dockerd_config: DockerdConfig = serde_json::from_value(merged.clone().into())
         .context("reading the merged /etc/docker/daemon.json")?;

@@ -9,6 +9,7 @@
 //! Nothing here talks to anything but loopback and its own containers.
 
 pub mod auth_registry;
+pub mod cloud_init;
 pub mod emulator;
 pub mod faults;
 pub mod gitlab_stub;

@@ -42,6 +42,8 @@ pub struct SandboxOptions {
     pub start_delay: Duration,
     /// The default class's `max_stopped` (the stopped warm pool).
     pub max_stopped: u32,
+    /// The default class's `prefetch_images` (`None`: the config's default).
+    pub prefetch_images: Option<u32>,
     pub orphan_grace: Duration,
     pub acquire_timeout: Duration,
     /// Exact directory to use (emptied first); default: a new `flt-*` dir under `base_dir`.
@@ -78,6 +80,9 @@ pub struct SandboxOptions {
     /// registry's address. Its `/host` is this host's `/` (the emulated machines' dockerd
     /// run here).
     pub ready_command: Option<flotilla_proto::boot_hooks::ReadyCommand>,
+    /// The default class's `user_data_parts` (the emulator applies them chrooted into
+    /// each machine's root, see [`crate::cloud_init`]).
+    pub user_data_parts: Vec<flotilla_proto::boot_hooks::UserDataPart>,
     /// `logs.group`: broken or lost machines' reports go to this CloudWatch Logs group
     /// in moto (created here); unset, to `<state_dir>/machines/`.
     pub logs_group: Option<String>,
@@ -93,6 +98,7 @@ impl Default for SandboxOptions {
             boot_delay: Duration::from_secs(2),
             start_delay: Duration::from_secs(1),
             max_stopped: 0,
+            prefetch_images: None,
             orphan_grace: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(90),
             dir: None,
@@ -110,6 +116,7 @@ impl Default for SandboxOptions {
             ami_files: Vec::new(),
             dockerd: Default::default(),
             ready_command: None,
+            user_data_parts: Vec::new(),
             logs_group: None,
         }
     }
@@ -393,6 +400,9 @@ impl Sandbox {
             class.max_machines = opts.max_machines;
             class.max_builds = opts.max_builds;
             class.max_stopped = opts.max_stopped;
+            if let Some(n) = opts.prefetch_images {
+                class.prefetch_images = n;
+            }
             class.boot_timeout = HumanDuration::from_secs(60);
             // The pool tests assert idle_count/idle_time exactly; the learned warm pool
             // would (rightly) keep a machine after a job. Tests of it turn it on.
@@ -403,6 +413,7 @@ impl Sandbox {
                 r.image = r.image.replace("{registry}", &registry.host());
                 r
             });
+            class.user_data_parts = opts.user_data_parts.clone();
         }
         for (name, extra) in &opts.extra_classes {
             let mut class = extra.clone();

@@ -422,6 +422,13 @@ async fn release(
     }
     let released = shared.update_journaled(|pool| {
         let machine = pool.leases().get(&id).map(|l| l.machine_id.clone());
+        if let Some(class) = machine
+            .as_ref()
+            .and_then(|m| pool.machines().get(m))
+            .map(|m| m.class.clone())
+        {
+            pool.record_images(&class, &req.images, now);
+        }
         // A machine at max_builds or max_age must not be leased by a waiter woken below
         // before the plan retires it: retired in the same critical section.
         let released = pool.release_retiring(&id, req.outcome, req.reason.clone(), now, |m| {

@@ -353,6 +353,10 @@ pub(super) struct FakeMachines {
     pub(super) ready_runs: Mutex<Vec<String>>,
     /// Every ping, as (machine id, address).
     pub(super) pings: Mutex<Vec<(String, String)>>,
+    /// `events` never answers (a report stays under way, as when the daemon dies).
+    pub(super) hold_events: std::sync::atomic::AtomicBool,
+    /// Images pulled, as (machine id, image), in order.
+    pub(super) pulls: Mutex<Vec<(String, String)>>,
 }
 
 impl FakeMachines {
@@ -430,6 +434,40 @@ impl MachineApi for FakeMachines {
                 exit_code,
                 output_tail: format!("exit {exit_code}\n"),
             })
+        })
+    }
+
+    fn events<'a>(
+        &'a self,
+        machine_id: &'a str,
+        _address: &'a str,
+        _since: i64,
+        _until: i64,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            if self.hold_events.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.answer(machine_id)
+                .await
+                .map(|_| vec![format!("container die {machine_id}")])
+        })
+    }
+
+    fn pull<'a>(
+        &'a self,
+        machine_id: &'a str,
+        _address: &'a str,
+        image: &'a str,
+        _timeout: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.answer(machine_id).await?;
+            self.pulls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((machine_id.to_owned(), image.to_owned()));
+            Ok(())
         })
     }
 }

@@ -55,6 +55,19 @@ pub trait MachineApi: Send + Sync {
         let _ = (machine_id, address, since, until);
         Box::pin(async { Err("not available here".to_string()) })
     }
+
+    /// Pulls `image` (anonymously: no job's credentials are the daemon's to use) onto the
+    /// machine, within `timeout`: a prefetch before its first job. Fakes need not answer.
+    fn pull<'a>(
+        &'a self,
+        machine_id: &'a str,
+        address: &'a str,
+        image: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        let _ = (machine_id, address, image, timeout);
+        Box::pin(async { Err("not available here".to_string()) })
+    }
 }
 
 /// Most dockerd events kept in a machine's report (the newest win).
@@ -211,6 +224,53 @@ impl MachineApi for MtlsMachines {
                 }
             }
         })
+    }
+
+    fn pull<'a>(
+        &'a self,
+        machine_id: &'a str,
+        address: &'a str,
+        image: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(self.pull_image(machine_id, address, image, timeout))
+    }
+}
+
+impl MtlsMachines {
+    async fn pull_image(
+        &self,
+        machine_id: &str,
+        address: &str,
+        image: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        use bollard::query_parameters::CreateImageOptions;
+        use futures_util::StreamExt;
+        let docker = crate::docker::connect(
+            self.tls.clone(),
+            address,
+            DOCKER_TLS_PORT,
+            &machine_dns_name(machine_id),
+            timeout,
+        )
+        .map_err(|e| e.to_string())?;
+        let options = CreateImageOptions {
+            from_image: Some(image.to_owned()),
+            ..Default::default()
+        };
+        let pulled = tokio::time::timeout(timeout, async {
+            let mut stream = docker.create_image(Some(options), None, None);
+            while let Some(item) = stream.next().await {
+                let info = item.map_err(|e| e.to_string())?;
+                if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                    return Err(message);
+                }
+            }
+            Ok(())
+        })
+        .await;
+        pulled.unwrap_or_else(|_| Err(format!("not pulled within {}s", timeout.as_secs())))
     }
 }
 

@@ -17,6 +17,7 @@ mod clock;
 mod fakes;
 pub mod machine_api;
 mod postmortem;
+mod prefetch;
 mod probe;
 mod ready;
 mod reconcile;

@@ -3,10 +3,12 @@
 //! CloudWatch Logs stream `machines/<machine-id>`, or `<state_dir>/machines/<id>.log`),
 //! so an operator can see why a job's machine died after the job log is gone.
 //!
-//! Off the critical path: the pool queues casualties (`Pool::take_casualties`),
+//! Off the critical path: the pool keeps casualties (`Pool::casualties_to_report`),
 //! [`Postmortems::submit`] spawns one task each (at most [`CONCURRENT`] at work), and
 //! every call in it is bounded. A report that cannot be made is logged, never retried:
-//! it must not hold up leasing, reconcile passes or shutdown.
+//! it must not hold up leasing, reconcile passes or shutdown. A finished report (saved or
+//! given up) is handed back ([`Postmortems::take_finished`]) and only then leaves the
+//! pool, so one under way when the daemon dies is made after its restart (at least once).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub(crate) struct Postmortems {
     machines: Arc<dyn MachineApi>,
     permits: Arc<Semaphore>,
     logs: OnceCell<LogsClient>,
+    /// Machines whose report is finished, for the pool to forget.
+    finished: std::sync::Mutex<Vec<String>>,
 }
 
 impl Postmortems {
@@ -52,16 +56,33 @@ impl Postmortems {
             machines,
             permits: Arc::new(Semaphore::new(CONCURRENT)),
             logs: OnceCell::new(),
+            finished: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// Starts one report per casualty and returns at once (outside a runtime, as in
-    /// the simulator, there is nothing to report with: they are dropped).
+    /// Machines whose report finished since the last call.
+    pub(crate) fn take_finished(&self) -> Vec<String> {
+        std::mem::take(&mut *self.finished.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn finish(&self, machine_id: &str) {
+        self.finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(machine_id.to_owned());
+    }
+
+    /// Starts one report per casualty and returns at once (outside a runtime there is
+    /// nothing to report with: they are finished unreported). Each report names the time
+    /// of the casualty (`at`, else `now`).
     pub(crate) fn submit(self: &Arc<Self>, casualties: Vec<Casualty>, now: DateTime<Utc>) {
         if casualties.is_empty() {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            for c in &casualties {
+                self.finish(&c.machine_id);
+            }
             return;
         };
         for c in casualties {
@@ -70,7 +91,8 @@ impl Postmortems {
                 let Ok(_permit) = this.permits.clone().acquire_owned().await else {
                     return;
                 };
-                this.report(&c, now).await;
+                this.report(&c, c.at.unwrap_or(now)).await;
+                this.finish(&c.machine_id);
             });
         }
     }

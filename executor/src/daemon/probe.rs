@@ -118,6 +118,10 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
                 } else if retired {
                     tracing::info!(machine = machine_id, %address, "machine answered past its max_age; retired instead of idle");
                 }
+                if ready {
+                    // Launched or started: the class's most used images, while it is idle.
+                    super::prefetch::spawn(shared, machine_id, &address, &class);
+                }
                 shared.changed.notify_waiters();
                 shared.wake.notify_one();
                 return;

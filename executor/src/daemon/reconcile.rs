@@ -37,6 +37,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             last_observe = Some(Instant::now());
             observe(&shared, &graces).await;
             account_machine_time(&shared, &mut accounted);
+            shared.settle_reports().await;
         }
         // Launches run in the background (their handles are for tests).
         drop(act(&shared).await);

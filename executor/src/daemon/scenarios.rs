@@ -778,3 +778,98 @@ async fn a_machine_stopped_behind_its_back_while_idle_is_replaced_and_one_starte
     .await;
     assert_eq!(r.ec2.count(Op::Start), 0);
 }
+
+/// A daemon that dies while a machine's report is under way makes it after its restart,
+/// naming the time of the verdict, and forgets it only once saved.
+#[tokio::test]
+async fn a_report_under_way_when_the_daemon_dies_is_made_after_the_restart() {
+    let r = rig("", "idle_count = 1");
+    r.warm(1).await;
+    let machine = r.in_state(MachineState::Idle).remove(0);
+    let verdict_at = r.shared.now();
+    r.machines
+        .hold_events
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let gen = r
+        .shared
+        .update(|pool| pool.mark_broken(&machine, "dockerd stopped answering"))
+        .1;
+    assert!(r.shared.commit(gen).await);
+    let report = r
+        .dir
+        .path()
+        .join(flotilla_proto::logs::MACHINES_DIR)
+        .join(format!("{machine}.log"));
+    assert!(!report.exists(), "the report is held up");
+
+    // The daemon dies; an hour later it starts again over the same state.
+    let Rig { dir, clock, .. } = r;
+    clock.advance(Duration::from_secs(3600));
+    let r = rig_in(dir, "", "idle_count = 1", clock);
+    r.pass().await;
+    for _ in 0..2_000 {
+        if report.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let text = std::fs::read_to_string(&report).expect("the report was made after the restart");
+    assert!(
+        text.contains(&format!(
+            "marked broken or lost at {}",
+            verdict_at.to_rfc3339()
+        )) && text.contains("dockerd stopped answering")
+            && text.contains(&format!("container die {machine}")),
+        "{text}"
+    );
+    // Saved: the daemon forgets it, and so does the state on disk.
+    let held = |r: &Rig| serde_json::to_value(&*r.shared.pool()).unwrap()["casualties"].clone();
+    for _ in 0..2_000 {
+        r.shared.settle_reports().await;
+        if held(&r).is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(held(&r).is_null(), "{}", held(&r));
+    let Rig { dir, clock, .. } = r;
+    let r = rig_in(dir, "", "idle_count = 1", clock);
+    assert!(held(&r).is_null(), "not reported again: {}", held(&r));
+}
+
+/// A machine that becomes ready pulls its class's most used images while idle (it is
+/// leasable at once); `prefetch_images = 0` pulls nothing.
+#[tokio::test]
+async fn a_new_machine_prefetches_the_classs_most_used_images() {
+    let r = rig("", "idle_count = 1\nprefetch_images = 2");
+    let now = r.shared.now();
+    r.shared.update(|pool| {
+        let used = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        pool.record_images("c", &used(&["rust:1", "helper:x"]), now);
+        pool.record_images("c", &used(&["rust:1", "helper:x", "redis:7"]), now);
+        pool.record_images("other", &used(&["not-this-class:1"]), now);
+    });
+    r.warm(1).await;
+    let machine = r.in_state(MachineState::Idle).remove(0);
+    for _ in 0..2_000 {
+        if r.machines.pulls.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let pulls = r.machines.pulls.lock().unwrap().clone();
+    assert_eq!(
+        pulls,
+        vec![
+            (machine.clone(), "helper:x".to_string()),
+            (machine, "rust:1".to_string())
+        ]
+    );
+
+    let off = rig("", "idle_count = 1\nprefetch_images = 0");
+    off.shared
+        .update(|pool| pool.record_images("c", &["rust:1".to_string()], now));
+    off.warm(1).await;
+    tokio::task::yield_now().await;
+    assert!(off.machines.pulls.lock().unwrap().is_empty());
+}

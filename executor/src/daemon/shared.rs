@@ -164,7 +164,8 @@ impl Shared {
     pub(crate) fn update<R>(&self, f: impl FnOnce(&mut Pool) -> R) -> (R, u64) {
         let mut pool = self.pool();
         let r = f(&mut pool);
-        self.postmortems.submit(pool.take_casualties(), self.now());
+        let now = self.now();
+        self.postmortems.submit(pool.casualties_to_report(now), now);
         (r, self.store.bump())
     }
 
@@ -179,7 +180,8 @@ impl Shared {
         let (r, written) = {
             let mut pool = self.pool();
             let (r, op) = f(&mut pool);
-            self.postmortems.submit(pool.take_casualties(), self.now());
+            let now = self.now();
+            self.postmortems.submit(pool.casualties_to_report(now), now);
             let written = match op {
                 Some(op) => Some(self.store.append(&op)?),
                 None => None,
@@ -208,6 +210,23 @@ impl Shared {
     /// Every snapshot is fsynced.
     pub(crate) async fn commit_durable(&self, gen: u64) -> bool {
         self.commit(gen).await
+    }
+
+    /// Forgets the casualties whose report finished, and persists that: until then a
+    /// restart makes their reports again (see [`Postmortems`]).
+    pub(crate) async fn settle_reports(&self) {
+        let finished = self.postmortems.take_finished();
+        if finished.is_empty() {
+            return;
+        }
+        let gen = self
+            .update(|pool| {
+                for id in &finished {
+                    pool.casualty_reported(id);
+                }
+            })
+            .1;
+        self.commit(gen).await;
     }
 }
 

@@ -175,8 +175,10 @@ pub(super) fn plan_runner(
             Kind::Note,
             mat("MachineOptions"),
             "docker+machine gave the machines public IPs (no amazonec2-private-address-only): \
-             Flotilla never does, the subnets need a NAT gateway (or VPC endpoints) to pull \
-             images",
+             Flotilla does not by default, so the subnets need a NAT gateway (or VPC \
+             endpoints) to pull images; in public subnets without NAT set public_ip = true on \
+             the class (dockerd is still reached on the private address, from the runner's \
+             security group only)",
         );
     }
     let region = match &ec2.region {

@@ -220,14 +220,28 @@ pub(super) fn parse(
                 "gp3" => say(Kind::Converted, "Flotilla's root volumes are gp3".into()),
                 "gp2" | "" => say(
                     Kind::Note,
-                    "Flotilla's root volumes are gp3 (cheaper and faster than gp2), encrypted"
-                        .into(),
+                    format!(
+                        "Flotilla's root volumes are gp3 by default (cheaper and faster than \
+                         gp2), encrypted; {} = {{ type = \"gp2\" }} keeps gp2",
+                        ckey("root_volume")
+                    ),
+                ),
+                "io1" | "io2" => say(
+                    Kind::Unsupported,
+                    format!(
+                        "not converted: {value} needs provisioned IOPS, which docker-machine \
+                         did not set; write {} = {{ gb = .., type = \"{value}\", iops = .. }} \
+                         by hand (instead of root_volume_gb)",
+                        ckey("root_volume")
+                    ),
                 ),
                 _ => say(
                     Kind::Unsupported,
-                    "Flotilla's root volumes are always gp3 (encrypted); other volume types \
-                     are not available"
-                        .into(),
+                    format!(
+                        "{value:?} is not a root volume type Flotilla offers (gp3, gp2, io1, \
+                         io2 in {}); the machines get gp3",
+                        ckey("root_volume")
+                    ),
                 ),
             },
             "amazonec2-device-name" => say(
@@ -285,9 +299,9 @@ pub(super) fn parse(
                 o.private_address = o.private_address || flag()?;
                 say(
                     Kind::Converted,
-                    "Flotilla machines never get a public IP and are reached on their \
-                     private address: the subnets need a NAT gateway (or VPC endpoints) to \
-                     pull images"
+                    "Flotilla machines get no public IP by default and are always reached \
+                     on their private address: the subnets need a NAT gateway (or VPC \
+                     endpoints) to pull images"
                         .into(),
                 );
             }
@@ -518,6 +532,21 @@ mod tests {
         assert_eq!(o.endpoint.as_deref(), Some("https://ec2.internal:4566"));
         assert_eq!(report.count(Kind::Unsupported), 0);
         assert_eq!(report.count(Kind::Action), 1, "the AMI needs Docker");
+    }
+
+    #[test]
+    fn volume_types_point_at_root_volume() {
+        let (o, report) = run(&["amazonec2-volume-type=io2", "amazonec2-root-size=80"]);
+        assert_eq!(o.unwrap().root_volume_gb, Some(80));
+        let text = report.render("r");
+        assert_eq!(report.count(Kind::Unsupported), 1, "{text}");
+        assert!(
+            text.contains("classes.c.root_volume = { gb = .., type = \"io2\", iops = .. }"),
+            "{text}"
+        );
+        let (_, report) = run(&["amazonec2-volume-type=gp2"]);
+        assert_eq!(report.count(Kind::Note), 1);
+        assert!(report.render("r").contains("type = \"gp2\" } keeps gp2"));
     }
 
     #[test]

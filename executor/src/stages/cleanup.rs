@@ -60,11 +60,14 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     let suspect = std::fs::read_to_string(env.tmpdir.join(super::MACHINE_SUSPECT_FILE)).ok();
     // A machine that does not answer is asked nothing else (each call would wait the
     // whole docker_timeout): it is released as broken and replaced.
+    let mut images = Vec::new();
     let removed = match answers(config, &lease).await {
         Ok(()) => {
             // Measured before the job's containers go: `df` runs in its helper container.
             let prune_at = measure_disk(config, &lease).await;
-            let removed = remove_job_objects(config, &lease).await;
+            let removed = remove_job_objects(config, &lease)
+                .await
+                .map(|used| images = used);
             if let (Ok(()), Some(percent)) = (&removed, prune_at) {
                 prune_machine(config, &lease, percent).await;
             }
@@ -90,7 +93,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         (Ok(()), None) => (ReleaseOutcome::Healthy, None),
     };
     client
-        .release(&lease.lease_id, &secret, outcome, reason)
+        .release(&lease.lease_id, &secret, outcome, reason, images)
         .await
         .map_err(|e| {
             StageError::system(format!(
@@ -321,7 +324,9 @@ fn human_bytes(n: i64) -> String {
     }
 }
 
-async fn remove_job_objects(config: &Config, lease: &Lease) -> Result<(), String> {
+/// Removes the job's containers, networks and volumes; returns the images its
+/// containers ran (what the daemon learns to prefetch).
+async fn remove_job_objects(config: &Config, lease: &Lease) -> Result<Vec<String>, String> {
     let docker = machine_docker(config, lease).map_err(|e| e.to_string())?;
     let filter = HashMap::from([(
         "label".to_string(),
@@ -338,6 +343,14 @@ async fn remove_job_objects(config: &Config, lease: &Lease) -> Result<(), String
         }))
         .await
         .map_err(|e| fail("listing containers", e))?;
+    // A bare image id (the image was re-tagged or removed since) cannot be pulled.
+    let mut images: Vec<String> = containers
+        .iter()
+        .filter_map(|c| c.image.clone())
+        .filter(|i| !i.starts_with("sha256:"))
+        .collect();
+    images.sort_unstable();
+    images.dedup();
     let removals = containers.iter().filter_map(|c| c.id.clone()).map(|id| {
         let docker = docker.clone();
         async move {
@@ -364,7 +377,8 @@ async fn remove_job_objects(config: &Config, lease: &Lease) -> Result<(), String
             } else {
                 fail("removing networks and volumes", e)
             }
-        })
+        })?;
+    Ok(images)
 }
 
 async fn remove_networks_and_volumes(

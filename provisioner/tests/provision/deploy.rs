@@ -198,6 +198,59 @@ async fn oidc_deploy_roles_and_monitoring_converge_and_are_destroyed() {
     );
     assert_eq!(metrics_rules(&c).await, want);
 
+    // Audience drift: someone adds an audience by hand, and the stack's changes. Apply
+    // leaves the provider with exactly the stack's (one add, one remove, no re-create),
+    // and the trust policy follows.
+    c.iam
+        .add_client_id_to_open_id_connect_provider()
+        .open_id_connect_provider_arn(provider)
+        .client_id("sts.amazonaws.com")
+        .send()
+        .await
+        .unwrap();
+    let moved = text.replace(
+        "audience = \"https://gitlab.example.com\"",
+        "audience = \"https://deploy.example.com\"",
+    );
+    assert_ne!(moved, text);
+    let moved_stack = write_stack(dir.path(), "moved.toml", &moved);
+    let plan = run(&moved_stack, &proxy.url, true, &["plan"]).await;
+    assert!(
+        plan.stdout
+            .contains("add audience https://deploy.example.com")
+            && plan.stdout.contains("remove audience sts.amazonaws.com")
+            && plan
+                .stdout
+                .contains("remove audience https://gitlab.example.com"),
+        "{}",
+        plan.stdout
+    );
+    proxy.reset();
+    assert!(run(&moved_stack, &proxy.url, true, &["apply"]).await.ok);
+    let writes = proxy.writes();
+    assert!(
+        !writes
+            .iter()
+            .any(|w| w.contains("CreateOpenIDConnectProvider")
+                || w.contains("DeleteOpenIDConnectProvider")),
+        "{writes:?}"
+    );
+    let audiences = c
+        .iam
+        .get_open_id_connect_provider()
+        .open_id_connect_provider_arn(provider)
+        .send()
+        .await
+        .unwrap()
+        .client_id_list()
+        .to_vec();
+    assert_eq!(audiences, vec!["https://deploy.example.com".to_string()]);
+    assert_eq!(
+        trust(&c).await["Statement"][0]["Condition"]["StringEquals"]["gitlab.example.com:aud"],
+        "https://deploy.example.com"
+    );
+    assert!(run(&stack, &proxy.url, true, &["apply"]).await.ok);
+
     // A job's token for the role, through the real STS client (moto checks neither
     // signature nor conditions).
     let creds = aws_sdk_sts::config::Credentials::new("AKIDCHECK", "check", None, None, "t");

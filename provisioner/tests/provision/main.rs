@@ -7,6 +7,7 @@
 //! scenario on their own moto.
 
 mod deploy;
+mod everything;
 mod lifecycle;
 mod logs;
 mod selfinstall;

@@ -49,11 +49,31 @@ pub fn free_port() -> u16 {
 /// makes to AWS: `aws:SecureTransport` is true, `Bool` is evaluated, and a statement
 /// whose condition does not hold does not apply (as in IAM). It also loads
 /// `client_vpn_model.py`: AWS Client VPN, which moto does not implement (see that file
-/// for what it models and what not).
+/// for what it models and what not). And it adds IAM's `AddClientIDToOpenIDConnectProvider`
+/// and `RemoveClientIDFromOpenIDConnectProvider` (an OIDC provider's audiences), which
+/// moto lacks: adding one twice is a no-op, removing an absent one too, as in IAM.
 const MOTO_WRAPPER: &str = r#"
 import sys
 import client_vpn_model
+from moto.core.responses import EmptyResult
 from moto.iam import access_control, policy_conditions
+from moto.iam.responses import IamResponse
+
+def add_client_id_to_open_id_connect_provider(self):
+    p = self.backend.get_open_id_connect_provider(self._get_param("OpenIDConnectProviderArn"))
+    client_id = self._get_param("ClientID")
+    if client_id not in p.client_id_list:
+        p.client_id_list.append(client_id)
+    return EmptyResult()
+
+def remove_client_id_from_open_id_connect_provider(self):
+    p = self.backend.get_open_id_connect_provider(self._get_param("OpenIDConnectProviderArn"))
+    client_id = self._get_param("ClientID")
+    p.client_id_list = [c for c in p.client_id_list if c != client_id]
+    return EmptyResult()
+
+IamResponse.add_client_id_to_open_id_connect_provider = add_client_id_to_open_id_connect_provider
+IamResponse.remove_client_id_from_open_id_connect_provider = remove_client_id_from_open_id_connect_provider
 
 def bool_equals(expected, actual):
     wanted = expected if isinstance(expected, list) else [expected]

@@ -288,6 +288,7 @@ async fn daemon_scale(
                         &format!("bench-secret-{round}-{c}"),
                         ReleaseOutcome::Healthy,
                         None,
+                        Vec::new(),
                     )
                     .await?;
                 anyhow::Ok((acquired, t.elapsed()))
