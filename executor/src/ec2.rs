@@ -250,7 +250,8 @@ impl aws_sdk_ec2::config::Intercept for CountRequests {
     ) -> Result<(), aws_sdk_ec2::error::BoxError> {
         use aws_sdk_ec2::operation::{
             describe_images::DescribeImagesError, describe_instances::DescribeInstancesError,
-            run_instances::RunInstancesError, terminate_instances::TerminateInstancesError,
+            run_instances::RunInstancesError, start_instances::StartInstancesError,
+            stop_instances::StopInstancesError, terminate_instances::TerminateInstancesError,
         };
         let Some(Err(e)) = ctx.output_or_error() else {
             return Ok(());
@@ -266,6 +267,10 @@ impl aws_sdk_ec2::config::Intercept for CountRequests {
             ("TerminateInstances", e.code())
         } else if let Some(e) = e.downcast_ref::<DescribeImagesError>() {
             ("DescribeImages", e.code())
+        } else if let Some(e) = e.downcast_ref::<StopInstancesError>() {
+            ("StopInstances", e.code())
+        } else if let Some(e) = e.downcast_ref::<StartInstancesError>() {
+            ("StartInstances", e.code())
         } else {
             return Ok(());
         };
@@ -345,12 +350,15 @@ pub(crate) enum InstanceLife {
 }
 
 impl InstanceLife {
-    /// Gone or going: the machine will never run a job again.
+    /// Gone or going: the instance will never run again.
     pub(crate) fn is_gone(self) -> bool {
-        matches!(
-            self,
-            Self::ShuttingDown | Self::Terminated | Self::Stopping | Self::Stopped
-        )
+        matches!(self, Self::ShuttingDown | Self::Terminated)
+    }
+
+    /// Stopped or on its way there: it runs no job now, but keeps its disk and can be
+    /// started again (the stopped warm pool, or an operator's stop).
+    pub(crate) fn is_stopped(self) -> bool {
+        matches!(self, Self::Stopping | Self::Stopped)
     }
 }
 
@@ -372,7 +380,7 @@ pub(crate) struct ObservedInstance {
 /// A boxed EC2 call: the daemon holds its EC2 side as `Arc<dyn Ec2Api>`.
 pub(crate) type Ec2Future<'a, T> = futures_util::future::BoxFuture<'a, Result<T, Ec2Error>>;
 
-/// The three EC2 calls the daemon makes. Behind a trait so that the reconcile loop's
+/// The EC2 calls the daemon makes. Behind a trait so that the reconcile loop's
 /// failure paths (throttling, capacity errors, instances vanishing) run as millisecond unit
 /// tests against a recording fake; [`Ec2Client`] is the one real implementation.
 pub(crate) trait Ec2Api: Send + Sync {
@@ -382,6 +390,10 @@ pub(crate) trait Ec2Api: Send + Sync {
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> Ec2Future<'a, Launched>;
     /// TerminateInstances, batched.
     fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()>;
+    /// StopInstances, batched (the stopped warm pool; only instances of this fleet).
+    fn stop<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()>;
+    /// StartInstances, batched (a stopped machine brought back; only this fleet's).
+    fn start<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()>;
     /// GetConsoleOutput of one instance, decoded (empty when EC2 has none yet). Only for
     /// the report saved when a machine is marked broken or lost; fakes need not answer.
     fn console_output<'a>(&'a self, instance_id: &'a str) -> Ec2Future<'a, String> {
@@ -407,6 +419,14 @@ impl Ec2Api for Ec2Client {
 
     fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
         Box::pin(Ec2Client::terminate(self, instance_ids))
+    }
+
+    fn stop<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
+        Box::pin(Ec2Client::batched(self, Lifecycle::Stop, instance_ids))
+    }
+
+    fn start<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
+        Box::pin(Ec2Client::batched(self, Lifecycle::Start, instance_ids))
     }
 
     fn console_output<'a>(&'a self, instance_id: &'a str) -> Ec2Future<'a, String> {
@@ -709,15 +729,27 @@ impl Ec2Client {
 
     /// Terminates in batches. Callers pass only instances proven to carry this fleet's tag.
     pub(crate) async fn terminate(&self, instance_ids: &[String]) -> Result<(), Ec2Error> {
+        self.batched(Lifecycle::Terminate, instance_ids).await
+    }
+
+    /// One lifecycle call over `instance_ids` in batches of 500. An instance EC2 no longer
+    /// knows (or cannot act on in its state) fails the whole batch; then the batch goes one
+    /// by one so the others are not held hostage: terminating an instance already gone is
+    /// done, and stopping or starting one in the wrong state is left to the next
+    /// observation (it fails that instance's call, not the others').
+    async fn batched(&self, op: Lifecycle, instance_ids: &[String]) -> Result<(), Ec2Error> {
+        let mut failed = None;
         for chunk in instance_ids.chunks(500) {
-            match self.terminate_batch(chunk).await {
-                // One instance EC2 no longer knows (or will not terminate again) fails the
-                // whole batch; then go one by one so the others are not held hostage.
+            match self.lifecycle_batch(op, chunk).await {
                 Err(e) if chunk.len() > 1 && e.is_bad_instance() => {
                     for id in chunk {
-                        match self.terminate_batch(std::slice::from_ref(id)).await {
-                            Err(e) if e.is_bad_instance() => {
+                        match self.lifecycle_batch(op, std::slice::from_ref(id)).await {
+                            Err(e) if e.is_bad_instance() && op == Lifecycle::Terminate => {
                                 tracing::debug!(instance = %id, error = %e, "instance already gone");
+                            }
+                            Err(e) if e.is_bad_instance() => {
+                                tracing::warn!(instance = %id, error = %e, "instance cannot be {} now", op.done());
+                                failed = Some(e);
                             }
                             other => other?,
                         }
@@ -726,7 +758,7 @@ impl Ec2Client {
                 other => other?,
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// The instance's serial console output (the last 64 KiB EC2 keeps), base64-decoded;
@@ -751,18 +783,71 @@ impl Ec2Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    async fn terminate_batch(&self, ids: &[String]) -> Result<(), Ec2Error> {
-        self.count("TerminateInstances").await;
-        self.settle(
-            self.client
-                .terminate_instances()
-                .set_instance_ids(Some(ids.to_vec()))
-                .send()
-                .await
-                .map_err(|e| Ec2Error::from_sdk("TerminateInstances", e)),
-        )
-        .await
-        .map(|_| ())
+    /// One call of `op` for `ids`. Each arm names its operation in its own `count` (the
+    /// provisioner's IAM test reads those names).
+    async fn lifecycle_batch(&self, op: Lifecycle, ids: &[String]) -> Result<(), Ec2Error> {
+        let name = op.operation();
+        let ids = Some(ids.to_vec());
+        let sent = match op {
+            Lifecycle::Terminate => {
+                self.count("TerminateInstances").await;
+                self.client
+                    .terminate_instances()
+                    .set_instance_ids(ids)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Ec2Error::from_sdk(name, e))
+            }
+            Lifecycle::Stop => {
+                self.count("StopInstances").await;
+                self.client
+                    .stop_instances()
+                    .set_instance_ids(ids)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Ec2Error::from_sdk(name, e))
+            }
+            Lifecycle::Start => {
+                self.count("StartInstances").await;
+                self.client
+                    .start_instances()
+                    .set_instance_ids(ids)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Ec2Error::from_sdk(name, e))
+            }
+        };
+        self.settle(sent).await
+    }
+}
+
+/// The batched lifecycle calls: what [`Ec2Client::batched`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Terminate,
+    Stop,
+    Start,
+}
+
+impl Lifecycle {
+    /// The EC2 operation, as its errors name it.
+    fn operation(self) -> &'static str {
+        match self {
+            Self::Terminate => "TerminateInstances",
+            Self::Stop => "StopInstances",
+            Self::Start => "StartInstances",
+        }
+    }
+
+    fn done(self) -> &'static str {
+        match self {
+            Self::Terminate => "terminated",
+            Self::Stop => "stopped",
+            Self::Start => "started",
+        }
     }
 }
 

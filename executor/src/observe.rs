@@ -20,6 +20,14 @@
 //! for every state but terminated) once it is known to have existed (it was ready or
 //! adopted) or its launch is past the visibility grace (a fresh launch may not be listed yet).
 //!
+//! The stopped warm pool: a machine the pool has stopping, stopped or starting is matched
+//! to what EC2 lists for it (stopping → stopped once listed so; starting → probed once
+//! listed pending or running, at the listed address; a stopped one listed running was
+//! started by someone else and is taken back as a start): never lost, never an orphan. A
+//! booting, idle or leased machine EC2 lists stopped was stopped outside Flotilla: lost
+//! (its job told), replaced. An unknown stopped instance of ours is an orphan like a
+//! running one (its disks cost), and is never adopted.
+//!
 //! After an unreadable pool state (`flotilla daemon --adopt`), [`adopt`] takes in the
 //! fleet's running instances the first observation lists, and [`drain_adopted`] retires
 //! them once they are free, instead of reaping them as orphans.
@@ -45,6 +53,11 @@ pub(crate) struct Observation {
     /// Fleet-tagged instances unknown to the pool that are not ours to terminate
     /// (instance id, why): reported, never reaped.
     pub foreign: Vec<(String, String)>,
+    /// Stopping machines EC2 now lists stopped.
+    pub stopped: Vec<String>,
+    /// Starting machines EC2 lists pending or running: to health-check (their address
+    /// re-read from the listing).
+    pub started: Vec<String>,
 }
 
 /// What makes an unknown fleet-tagged instance this daemon's to reap.
@@ -142,13 +155,62 @@ pub(crate) fn fold(
             continue;
         }
         seen_machines.insert(machine_id.clone());
-        if inst.life.is_gone() && m.state != MachineState::Terminating {
-            let why = format!(
-                "instance {} is {:?} (terminated or reclaimed outside flotilla)",
-                inst.instance_id, inst.life
-            )
-            .to_lowercase();
-            out.lost.push((machine_id.clone(), why));
+        let state = m.state;
+        // Ready a moment ago: a listing a little behind (EC2 is eventually consistent) may
+        // still show the stop a start just undid.
+        let just_ready = m
+            .ready_at
+            .is_some_and(|t| !older_than(t, graces.visibility));
+        let running = matches!(inst.life, InstanceLife::Pending | InstanceLife::Running);
+        match state {
+            MachineState::Terminating => {}
+            _ if inst.life.is_gone() => {
+                let why = format!(
+                    "instance {} is {:?} (terminated or reclaimed outside flotilla)",
+                    inst.instance_id, inst.life
+                )
+                .to_lowercase();
+                out.lost.push((machine_id.clone(), why));
+            }
+            // The stopped pool: a stop, a stopped machine and a start are what EC2 lists
+            // between them. A stop not carried out yet is resent after a while (reconcile);
+            // a start not yet visible is bounded by its boot timeout (plan).
+            MachineState::Stopping if inst.life == InstanceLife::Stopped => {
+                pool.mark_stopped(&machine_id);
+                out.stopped.push(machine_id.clone());
+            }
+            MachineState::Stopping | MachineState::Stopped if !running => {}
+            MachineState::Stopping => {}
+            MachineState::Stopped => {
+                // Started outside Flotilla: taken back as a start, health-checked first.
+                pool.started_outside(&machine_id, now);
+                if let Some(ip) = inst.private_ip.as_deref() {
+                    pool.readdress_started(&machine_id, ip);
+                }
+                out.started.push(machine_id.clone());
+            }
+            MachineState::Starting if running => {
+                if let Some(ip) = inst.private_ip.as_deref() {
+                    pool.readdress_started(&machine_id, ip);
+                }
+                out.started.push(machine_id.clone());
+            }
+            MachineState::Starting => {}
+            // Stopped behind Flotilla's back while booting, idle or leased: it serves no
+            // job and its state (a job's leftovers, a half boot) is unknown, so it is lost
+            // like a terminated one: its job told, the machine replaced (a broken stopped
+            // instance is terminated by the plan like any broken machine).
+            _ if inst.life.is_stopped() && !just_ready => {
+                let why = format!(
+                    "instance {} is {:?} (stopped outside flotilla while {})",
+                    inst.instance_id,
+                    inst.life,
+                    state.as_str()
+                )
+                .to_lowercase();
+                out.lost.push((machine_id.clone(), why));
+            }
+            _ => {}
         }
         // Adopt what a crash mid-launch left unrecorded.
         pool.fill_in_instance(&machine_id, &inst.instance_id, inst.private_ip.as_deref());
@@ -237,7 +299,12 @@ pub(crate) fn adopt(
                 .machines()
                 .values()
                 .any(|m| m.instance_id == inst.instance_id);
-        if inst.life.is_gone() || known || owner.why_not_ours(inst).is_some() {
+        // Only running instances: a stopped one of ours without a record is an orphan.
+        if inst.life.is_gone()
+            || inst.life.is_stopped()
+            || known
+            || owner.why_not_ours(inst).is_some()
+        {
             continue;
         }
         pool.adopt(
@@ -564,6 +631,95 @@ mod tests {
             out.foreign[0].1.contains("without a daemon id"),
             "{:?}",
             out.foreign
+        );
+    }
+
+    #[test]
+    fn the_stopped_pool_is_neither_lost_nor_orphaned() {
+        let mut seen = HashMap::new();
+        // Stopping, then EC2 says stopped: stopped in the pool, nothing lost.
+        let mut pool = pool_with("m1", "i-1", MachineState::Stopping);
+        for life in [InstanceLife::Running, InstanceLife::Stopping] {
+            let out = fold(
+                &mut pool,
+                &[obs("i-1", Some("m1"), life)],
+                t(100),
+                &G,
+                &own(),
+                &mut seen,
+            );
+            assert_eq!(out, Observation::default(), "{life:?}");
+            assert_eq!(pool.machines()["m1"].state, MachineState::Stopping);
+        }
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", Some("m1"), InstanceLife::Stopped)],
+            t(101),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out.stopped, vec!["m1"]);
+        assert!(out.lost.is_empty());
+        assert_eq!(pool.machines()["m1"].state, MachineState::Stopped);
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", Some("m1"), InstanceLife::Stopped)],
+            t(9000),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out, Observation::default());
+
+        // Starting: still listed stopped (the start not visible yet), then pending at a
+        // new address: to probe there.
+        assert!(pool.begin_start("m1", t(9001)));
+        let out = fold(
+            &mut pool,
+            &[obs("i-1", Some("m1"), InstanceLife::Stopped)],
+            t(9002),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out, Observation::default());
+        let moved = ObservedInstance {
+            private_ip: Some("10.1.2.3".into()),
+            ..obs("i-1", Some("m1"), InstanceLife::Pending)
+        };
+        let out = fold(&mut pool, &[moved], t(9003), &G, &own(), &mut seen);
+        assert_eq!(out.started, vec!["m1"]);
+        assert_eq!(pool.machines()["m1"].address, "10.1.2.3");
+        assert_eq!(pool.machines()["m1"].state, MachineState::Starting);
+
+        // Idle, but EC2 says stopped (outside flotilla): lost, replaced.
+        let mut pool = pool_with("m2", "i-2", MachineState::Idle);
+        let out = fold(
+            &mut pool,
+            &[obs("i-2", Some("m2"), InstanceLife::Stopped)],
+            t(100),
+            &G,
+            &own(),
+            &mut seen,
+        );
+        assert_eq!(out.lost.len(), 1);
+        assert!(
+            out.lost[0]
+                .1
+                .contains("stopped outside flotilla while idle"),
+            "{out:?}"
+        );
+        assert_eq!(pool.machines()["m2"].state, MachineState::Broken);
+
+        // An unknown stopped instance of ours is an orphan (its disk costs), not adopted.
+        let mut pool = Pool::default();
+        let o = [obs("i-x", Some("m-x"), InstanceLife::Stopped)];
+        assert!(adopt(&mut pool, &o, t(0), &own()).is_empty());
+        fold(&mut pool, &o, t(0), &G, &own(), &mut seen);
+        assert_eq!(
+            fold(&mut pool, &o, t(600), &G, &own(), &mut seen).orphans,
+            vec!["i-x"]
         );
     }
 

@@ -8,6 +8,14 @@
 //! third of it is left. Nothing can revoke a certificate, so a short lifetime is what bounds
 //! the use of a leaked one.
 //!
+//! A stopped machine (the stopped warm pool) keeps the server certificate it was launched
+//! with: nothing is reissued at a start. Its lifetime still runs from the launch, and so
+//! does `max_age`: the plan retires a stopped machine at `max_age` since its launch, a
+//! started one that answers past it is retired before it is ever idle
+//! (`Pool::mark_ready_retiring`), and validation keeps `max_age + lease_timeout` a day
+//! short of the 30 days. So however long a machine sleeps, no job uses it past its
+//! certificate.
+//!
 //! The CA's identity is its own certificate on disk (a name chosen once at creation, never
 //! derived from the fleet name), and it is never recreated while machines that trust it may
 //! still run. New CAs carry name constraints: they can only vouch for names under

@@ -79,6 +79,14 @@ pub struct Machine {
     /// from here, while `launched_at` (and so `max_age`) keeps counting from the launch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
+    /// When EC2 accepted the StopInstances of this stopping machine (resent after a while
+    /// if EC2 does not carry it out, as a termination is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_sent_at: Option<DateTime<Utc>>,
+    /// When EC2 accepted the StartInstances of this starting machine (until then the start
+    /// is resent; its boot timeout runs from `started_at` either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_sent_at: Option<DateTime<Utc>>,
 }
 
 impl Machine {
@@ -101,6 +109,8 @@ impl Machine {
             adopted_at: None,
             boot_failed: false,
             started_at: None,
+            stop_sent_at: None,
+            start_sent_at: None,
         }
     }
 
@@ -452,6 +462,33 @@ impl Pool {
         }
     }
 
+    /// [`Pool::mark_ready`], then retires the machine if `retire` says it must take no
+    /// job (`max_age`): in the same critical section, so no waiting job leases it first.
+    /// A stopped machine started just before its `max_age` answers after it; leased then,
+    /// its job could outlive the server certificate (see [`crate::pki`]). Returns whether
+    /// it became idle (false: not booting or starting, or retired).
+    pub fn mark_ready_retiring(
+        &mut self,
+        machine_id: &str,
+        now: DateTime<Utc>,
+        retire: impl Fn(&Machine) -> Option<TerminateReason>,
+    ) -> bool {
+        if !self.mark_ready(machine_id, now) {
+            return false;
+        }
+        let Some(m) = self.machines.get_mut(machine_id) else {
+            return false;
+        };
+        match retire(m) {
+            Some(why) => {
+                m.state = MachineState::Terminating;
+                m.terminate_reason = Some(why);
+                false
+            }
+            None => true,
+        }
+    }
+
     /// The plan stops an idle machine: it leaves the hot pool at once (no lease can take
     /// it), and is `stopped` once EC2 says so. False when it is no longer idle.
     pub fn begin_stop(&mut self, machine_id: &str, now: DateTime<Utc>) -> bool {
@@ -459,6 +496,7 @@ impl Pool {
             Some(m) if m.state == MachineState::Idle && m.lease_id.is_none() => {
                 m.state = MachineState::Stopping;
                 m.idle_since = now;
+                m.stop_sent_at = None;
                 true
             }
             _ => false,
@@ -470,6 +508,7 @@ impl Pool {
         match self.machines.get_mut(machine_id) {
             Some(m) if m.state == MachineState::Stopping => {
                 m.state = MachineState::Stopped;
+                m.stop_sent_at = None;
                 true
             }
             _ => false,
@@ -483,17 +522,106 @@ impl Pool {
             Some(m) if m.state == MachineState::Stopped => {
                 m.state = MachineState::Starting;
                 m.started_at = Some(now);
+                m.start_sent_at = None;
                 true
             }
             _ => false,
         }
     }
 
-    /// A booting machine failed its boot (its `ready_command`): never ready, replaced by
-    /// the plan as a failed boot. False when it is no longer booting.
+    /// EC2 lists a machine the pool has stopped as pending or running: started outside
+    /// Flotilla (an operator). It is taken back as a start sent at `now`: health-checked
+    /// like any start, idle once its dockerd answers, replaced if it does not within its
+    /// boot timeout. False unless it was stopped.
+    pub fn started_outside(&mut self, machine_id: &str, now: DateTime<Utc>) -> bool {
+        let started = self.begin_start(machine_id, now);
+        if let (true, Some(m)) = (started, self.machines.get_mut(machine_id)) {
+            m.start_sent_at = Some(now);
+        }
+        started
+    }
+
+    /// Stopping machines with an instance whose StopInstances was never accepted, or
+    /// accepted at least `retry` ago without EC2 carrying it out: (machine, instance).
+    pub fn stops_due(
+        &self,
+        now: DateTime<Utc>,
+        retry: std::time::Duration,
+    ) -> Vec<(String, String)> {
+        self.machines
+            .values()
+            .filter(|m| m.state == MachineState::Stopping && !m.instance_id.is_empty())
+            .filter(|m| {
+                m.stop_sent_at
+                    .is_none_or(|t| (now - t).to_std().unwrap_or_default() >= retry)
+            })
+            .map(|m| (m.id.clone(), m.instance_id.clone()))
+            .collect()
+    }
+
+    /// EC2 accepted the StopInstances of these machines at `now`.
+    pub fn stop_sent<'a>(
+        &mut self,
+        machine_ids: impl IntoIterator<Item = &'a String>,
+        now: DateTime<Utc>,
+    ) {
+        for id in machine_ids {
+            if let Some(m) = self.machines.get_mut(id) {
+                if m.state == MachineState::Stopping {
+                    m.stop_sent_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// Starting machines whose StartInstances EC2 has not accepted yet: (machine,
+    /// instance). A start once accepted is not resent: its boot timeout decides.
+    pub fn starts_due(&self) -> Vec<(String, String)> {
+        self.machines
+            .values()
+            .filter(|m| m.state == MachineState::Starting && !m.instance_id.is_empty())
+            .filter(|m| m.start_sent_at.is_none())
+            .map(|m| (m.id.clone(), m.instance_id.clone()))
+            .collect()
+    }
+
+    /// EC2 accepted the StartInstances of these machines at `now`.
+    pub fn start_sent<'a>(
+        &mut self,
+        machine_ids: impl IntoIterator<Item = &'a String>,
+        now: DateTime<Utc>,
+    ) {
+        for id in machine_ids {
+            if let Some(m) = self.machines.get_mut(id) {
+                if m.state == MachineState::Starting {
+                    m.start_sent_at = Some(now);
+                }
+            }
+        }
+    }
+
+    /// The private address DescribeInstances gives a starting machine (a start may move
+    /// an instance outside a VPC; inside one it keeps its address, but the listing is the
+    /// truth). Only a starting machine's address changes. Returns whether it did.
+    pub fn readdress_started(&mut self, machine_id: &str, address: &str) -> bool {
+        match self.machines.get_mut(machine_id) {
+            Some(m)
+                if m.state == MachineState::Starting
+                    && !address.is_empty()
+                    && m.address != address =>
+            {
+                m.address = address.to_owned();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A booting (or starting) machine failed its boot (its `ready_command`): never ready,
+    /// replaced by the plan as a failed boot. False when it is no longer booting.
     pub fn fail_boot(&mut self, machine_id: &str, why: &str) -> bool {
         match self.machines.get_mut(machine_id) {
-            Some(m) if m.state == MachineState::Booting => {
+            Some(m) if matches!(m.state, MachineState::Booting | MachineState::Starting) => {
                 m.state = MachineState::Broken;
                 m.boot_failed = true;
                 m.note = Some(why.to_owned());
@@ -691,7 +819,12 @@ impl Pool {
         for m in self.machines.values_mut() {
             if matches!(
                 m.state,
-                MachineState::Idle | MachineState::Booting | MachineState::Broken
+                MachineState::Idle
+                    | MachineState::Booting
+                    | MachineState::Broken
+                    | MachineState::Stopping
+                    | MachineState::Stopped
+                    | MachineState::Starting
             ) && !m.instance_id.is_empty()
             {
                 m.state = MachineState::Terminating;
@@ -1003,6 +1136,40 @@ mod tests {
             pool.expire_leases(t(30 + 90_000), day).is_empty(),
             "expired once"
         );
+    }
+
+    /// Server certificates live 30 days from launch and validation keeps `max_age` plus
+    /// `lease_timeout` inside that; the plan retires a stopped machine at `max_age` since
+    /// its launch, so the stopped period itself never outlives the certificate (dockerd
+    /// does not even serve it while stopped). The gap: a machine started just before its
+    /// `max_age` answers just after it, and a lease granted then would run up to
+    /// `lease_timeout` past `max_age + boot_timeout`. So a machine that answers past its
+    /// `max_age` is retired in the same critical section, never idle.
+    #[test]
+    fn a_started_machine_answering_past_max_age_is_retired_not_idle() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        assert!(pool.begin_stop("a", t(10)));
+        assert!(pool.mark_stopped("a"));
+        let max_age = |m: &Machine| {
+            ((m.launched_at + chrono::Duration::seconds(100)) <= t(100))
+                .then_some(TerminateReason::MaxAge)
+        };
+        assert!(pool.begin_start("a", t(99)));
+        assert!(!pool.mark_ready_retiring("a", t(100), max_age));
+        assert_eq!(pool.machines["a"].state, MachineState::Terminating);
+        assert_eq!(
+            pool.machines["a"].terminate_reason,
+            Some(TerminateReason::MaxAge)
+        );
+        assert!(pool.try_lease("job", "c", "l1".into(), t(100)).is_none());
+        // Younger: idle as usual.
+        idle(&mut pool, "b", 0);
+        assert!(pool.begin_stop("b", t(10)));
+        assert!(pool.mark_stopped("b"));
+        assert!(pool.begin_start("b", t(20)));
+        assert!(pool.mark_ready_retiring("b", t(30), |_| None));
+        assert_eq!(pool.machines["b"].state, MachineState::Idle);
     }
 
     #[test]

@@ -26,17 +26,18 @@ pub fn render_table(s: &StatusResponse) -> String {
     if !s.classes.is_empty() {
         let _ = writeln!(
             out,
-            "{:<10} {:>4} {:>6} {:>7} {:>9} {:>7}  WAITING FOR",
-            "CLASS", "IDLE", "LEASED", "BOOTING", "LIVE/MAX", "WAITING"
+            "{:<10} {:>4} {:>6} {:>7} {:>8} {:>9} {:>7}  WAITING FOR",
+            "CLASS", "IDLE", "LEASED", "BOOTING", "STOPPED", "LIVE/MAX", "WAITING"
         );
         for (name, c) in &s.classes {
             let _ = writeln!(
                 out,
-                "{:<10} {:>4} {:>6} {:>7} {:>9} {:>7}  {}",
+                "{:<10} {:>4} {:>6} {:>7} {:>8} {:>9} {:>7}  {}",
                 name,
                 c.idle,
                 c.leased,
-                c.booting,
+                c.booting + c.starting,
+                c.stopped,
                 format!("{}/{}", c.live, c.max_machines),
                 c.waiting,
                 c.waiting_for.as_deref().unwrap_or("-")

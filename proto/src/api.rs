@@ -188,6 +188,12 @@ pub struct ClassStatus {
     pub idle: u32,
     pub leased: u32,
     pub booting: u32,
+    /// The stopped pool: stopping or stopped machines (they still count as live).
+    #[serde(default)]
+    pub stopped: u32,
+    /// Stopped machines started, not answering yet.
+    #[serde(default)]
+    pub starting: u32,
     /// Machines that count against `max_machines` (terminating ones do not).
     pub live: u32,
     pub max_machines: u32,

@@ -2,13 +2,14 @@
 //! works through URLs the runner host pre-signs, artifacts go to GitLab) and the
 //! runner-host role and instance profile (launch build machines only with the fleet's
 //! tags, IMDSv2 with hop limit 1, encrypted volumes and the configured AMIs; tag only in
-//! the launch call; terminate only its fleets' instances; pass only the build-machine
+//! the launch call; terminate, stop and start only its fleets' instances; pass only the build-machine
 //! role; read only its own SSM parameter; read and write the cache bucket's objects and
 //! use its KMS key).
 //!
 //! The runner-host policy grants exactly the EC2 calls the daemon makes
 //! (`executor/src/ec2.rs`: DescribeInstances, DescribeImages, RunInstances with tags in
-//! the call, TerminateInstances) and nothing else.
+//! the call, TerminateInstances, StopInstances and StartInstances for the stopped warm
+//! pool, GetConsoleOutput) and nothing else.
 //!
 //! Roles and profiles have deterministic names; one that exists without the stack's tag
 //! is never adopted. Inline policy documents are compared as JSON and rewritten on drift;
@@ -313,6 +314,14 @@ pub(crate) fn runner_host_policy(p: &RunnerPolicyInputs) -> Value {
             "Sid": "TerminateOnlyOwnFleet",
             "Effect": "Allow",
             "Action": "ec2:TerminateInstances",
+            "Resource": ec2("instance/*"),
+            "Condition": { "StringEquals": { "ec2:ResourceTag/flotilla:fleet": p.fleets } }
+        }),
+        // The stopped warm pool (`max_stopped`): same fleet-tag condition as terminate.
+        json!({
+            "Sid": "StopStartOnlyOwnFleet",
+            "Effect": "Allow",
+            "Action": ["ec2:StopInstances", "ec2:StartInstances"],
             "Resource": ec2("instance/*"),
             "Condition": { "StringEquals": { "ec2:ResourceTag/flotilla:fleet": p.fleets } }
         }),
@@ -1029,6 +1038,8 @@ mod tests {
             "ec2:RunInstances",
             "ec2:CreateTags",
             "ec2:TerminateInstances",
+            "ec2:StopInstances",
+            "ec2:StartInstances",
             "ec2:GetConsoleOutput",
             "iam:PassRole",
             "ssm:GetParameter",
@@ -1232,6 +1243,26 @@ mod tests {
             term["Condition"]["StringEquals"]["ec2:ResourceTag/flotilla:fleet"],
             json!(["ci", "ci-1"])
         );
+        // Stop and start (the stopped warm pool): the same fleet-tag condition, on
+        // instances only, in one statement of exactly these two actions.
+        let instance = "arn:aws:ec2:us-east-1:123456789012:instance/i-1";
+        for action in ["ec2:StopInstances", "ec2:StartInstances"] {
+            let [s] = granting(&doc, action, instance)[..] else {
+                panic!("one statement grants {action}")
+            };
+            assert_eq!(s["Sid"], "StopStartOnlyOwnFleet");
+            assert_eq!(s["Condition"], term["Condition"], "{action}");
+            assert_eq!(s["Resource"], term["Resource"], "{action}");
+            assert!(
+                granting(
+                    &doc,
+                    action,
+                    "arn:aws:ec2:us-east-1:123456789012:volume/v-1"
+                )
+                .is_empty(),
+                "{action} on instances only"
+            );
+        }
         let pass = statement(&doc, "PassOnlyBuildMachineRole");
         assert_eq!(
             pass["Resource"],

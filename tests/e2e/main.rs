@@ -26,4 +26,5 @@ mod prefetch;
 mod prometheus;
 mod restart;
 mod stages;
+mod stopped;
 mod tls;

@@ -3,7 +3,11 @@
 //! files cloud-init would write under a per-machine root, and after a boot delay starts a
 //! real dockerd configured from exactly those files, listening on the instance's private
 //! IP (a loopback address). When the instance is terminated or gone, that dockerd is
-//! stopped and the machine's directories removed.
+//! stopped and the machine's directories removed. When it is stopped (StopInstances), its
+//! dockerd is stopped but its directories are kept (data root with the image cache,
+//! certificates, daemon.json): when moto lists it running again (StartInstances), the same
+//! dockerd is started again on them after [`EmulatorOptions::start_delay`], as a real
+//! machine's disk survives a stop and cloud-init's per-instance files are not rewritten.
 //!
 //! Like cloud-init it writes the AMI's own files first ([`EmulatorOptions::ami_files`],
 //! e.g. a daemon.json the image ships), then the user data's `write_files`, then runs the
@@ -68,6 +72,9 @@ pub struct EmulatorOptions {
     pub slot: u8,
     /// Time between "running" in moto and starting dockerd, like a real boot.
     pub boot_delay: Duration,
+    /// Time between "running" again after a stop and dockerd starting again (a start is
+    /// faster than a first boot: no cloud-init, an image cache already on disk).
+    pub start_delay: Duration,
     /// How often moto is polled.
     pub poll_interval: Duration,
     /// Files every machine's image ships (path on the machine, content), written before
@@ -101,6 +108,8 @@ pub struct EmulatedMachine {
     pub tls_port: Option<u16>,
     pub phase: MachinePhase,
     pub dockerd_pid: Option<u32>,
+    /// How many times it was started again after a stop (0: its first boot).
+    pub starts: u32,
 }
 
 impl EmulatedMachine {
@@ -138,16 +147,34 @@ pub struct StoppedMachine {
     pub leftover_containers: Vec<String>,
     /// Whether dockerd stopped on SIGTERM (else it was killed).
     pub clean: bool,
+    /// The instance was stopped, not terminated: its directories (data root, images,
+    /// certificates) are kept for its next start.
+    pub kept: bool,
+}
+
+/// How a machine's dockerd is started: decided at its first boot, reused by every start.
+#[derive(Debug, Clone)]
+struct Launch {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    tls_port: Option<u16>,
+    machine_id: Option<String>,
+    data_dir: PathBuf,
 }
 
 struct Entry {
     machine: EmulatedMachine,
     child: Option<Child>,
+    launch: Option<Launch>,
 }
 
 struct Shared {
     opts: EmulatorOptions,
     machines: Mutex<BTreeMap<String, Entry>>,
+    /// Machines whose instance is stopped: dockerd stopped, directories kept.
+    parked: Mutex<BTreeMap<String, Entry>>,
+    /// Instances whose dockerd is being stopped for a stop (not yet parked).
+    parking: Mutex<std::collections::BTreeSet<String>>,
     stopped: Mutex<Vec<StoppedMachine>>,
     next_pool: Mutex<u8>,
     log: Mutex<Option<File>>,
@@ -159,6 +186,14 @@ struct Shared {
 impl Shared {
     fn machines(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         self.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn parked(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn parking(&self) -> MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.parking.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Tells waiters that the machines changed (call after the change, locks released).
@@ -208,6 +243,8 @@ impl Emulator {
         let shared = Arc::new(Shared {
             opts,
             machines: Mutex::new(BTreeMap::new()),
+            parked: Mutex::new(BTreeMap::new()),
+            parking: Mutex::new(std::collections::BTreeSet::new()),
             stopped: Mutex::new(Vec::new()),
             next_pool: Mutex::new(0),
             log: Mutex::new(log),
@@ -387,14 +424,15 @@ impl Emulator {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        let entries: Vec<Entry> = std::mem::take(&mut *self.shared.machines())
+        let mut entries: Vec<Entry> = std::mem::take(&mut *self.shared.machines())
             .into_values()
             .collect();
+        entries.extend(std::mem::take(&mut *self.shared.parked()).into_values());
         let handles: Vec<_> = entries
             .into_iter()
             .map(|e| {
                 let shared = self.shared.clone();
-                std::thread::spawn(move || stop_machine(&shared, e, true))
+                std::thread::spawn(move || stop_machine(&shared, e, true, false))
             })
             .collect();
         for h in handles {
@@ -430,12 +468,50 @@ async fn watch(ec2: aws_sdk_ec2::Client, shared: Arc<Shared>) {
 }
 
 fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceInfo]) {
-    let mut gone = Vec::new();
+    // (entry, park: stopped rather than terminated, moto's state)
+    let mut gone: Vec<(Entry, bool, String)> = Vec::new();
     let mut added = false;
+    let state_of = |id: &str| {
+        list.iter()
+            .find(|i| i.instance_id == id)
+            .map_or_else(|| "gone".to_owned(), |i| i.state.clone())
+    };
     {
         let mut machines = shared.machines();
+        let mut parked = shared.parked();
+        let parking = shared.parking();
         for inst in list.iter().filter(|i| i.is_running()) {
-            if machines.contains_key(&inst.instance_id) {
+            if machines.contains_key(&inst.instance_id) || parking.contains(&inst.instance_id) {
+                continue;
+            }
+            // Started again after a stop: the same directories, dockerd started again.
+            if let Some(mut entry) = parked.remove(&inst.instance_id) {
+                entry.machine.phase = MachinePhase::Booting;
+                entry.machine.starts += 1;
+                entry.machine.dockerd_pid = None;
+                let (machine, launch) = (entry.machine.clone(), entry.launch.clone());
+                shared.event(&format!(
+                    "{} is running again in moto: starting its dockerd in {:?} (same data root and certificates)",
+                    inst.instance_id, shared.opts.start_delay
+                ));
+                machines.insert(inst.instance_id.clone(), entry);
+                added = true;
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let id = machine.instance_id.clone();
+                    let started = match launch {
+                        Some(launch) => restart(&shared, machine, launch).await,
+                        None => Err(anyhow::anyhow!("stopped before its first dockerd start")),
+                    };
+                    if let Err(e) = started {
+                        let msg = format!("{e:#}");
+                        shared.event(&format!("{id} failed to start: {msg}"));
+                        if let Some(entry) = shared.machines().get_mut(&id) {
+                            entry.machine.phase = MachinePhase::Failed(msg);
+                        }
+                        shared.changed();
+                    }
+                });
                 continue;
             }
             let Some(ip) = inst.private_ip.clone() else {
@@ -451,6 +527,7 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
                 tls_port: None,
                 phase: MachinePhase::Booting,
                 dockerd_pid: None,
+                starts: 0,
             };
             shared.event(&format!(
                 "{} is running in moto at {}: booting",
@@ -462,6 +539,7 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
                 Entry {
                     machine: machine.clone(),
                     child: None,
+                    launch: None,
                 },
             );
             let (ec2, shared) = (ec2.clone(), shared.clone());
@@ -489,26 +567,52 @@ fn reconcile(ec2: &aws_sdk_ec2::Client, shared: &Arc<Shared>, list: &[InstanceIn
             .collect();
         for id in dead {
             if let Some(e) = machines.remove(&id) {
-                gone.push(e);
+                let state = state_of(&id);
+                let park = matches!(state.as_str(), "stopping" | "stopped");
+                gone.push((e, park, state));
+            }
+        }
+        // Stopped machines whose instance is now terminated (or gone): their disks go.
+        let kept: Vec<String> = parked
+            .keys()
+            .filter(|id| {
+                !matches!(
+                    state_of(id).as_str(),
+                    "stopping" | "stopped" | "pending" | "running"
+                )
+            })
+            .cloned()
+            .collect();
+        for id in kept {
+            if let Some(e) = parked.remove(&id) {
+                let state = state_of(&id);
+                gone.push((e, false, state));
             }
         }
     }
     if added || !gone.is_empty() {
         shared.changed();
     }
-    for entry in gone {
-        let state = list
-            .iter()
-            .find(|i| i.instance_id == entry.machine.instance_id)
-            .map(|i| i.state.clone())
-            .unwrap_or_else(|| "gone".into());
-        shared.event(&format!(
-            "{} is {state} in moto: stopping its dockerd",
-            entry.machine.instance_id
-        ));
+    for (entry, park, state) in gone {
+        let id = entry.machine.instance_id.clone();
+        if park {
+            shared.parking().insert(id.clone());
+            shared.event(&format!(
+                "{id} is {state} in moto: stopping its dockerd, keeping its disk"
+            ));
+        } else {
+            shared.event(&format!("{id} is {state} in moto: stopping its dockerd"));
+        }
         let shared = shared.clone();
-        tokio::task::spawn_blocking(move || stop_machine(&shared, entry, false));
+        tokio::task::spawn_blocking(move || stop_machine(&shared, entry, false, park));
     }
+}
+
+/// Starts a stopped machine's dockerd again after the start delay, exactly as its first
+/// boot did (same arguments, data root, certificates): no user data is read again.
+async fn restart(shared: &Arc<Shared>, machine: EmulatedMachine, launch: Launch) -> Result<()> {
+    tokio::time::sleep(shared.opts.start_delay).await;
+    run_dockerd(shared, &machine, &launch).await
 }
 
 /// Reads user data, writes the files, waits the boot delay, starts dockerd, waits for it.
@@ -614,6 +718,33 @@ async fn boot(
         format!("--add-runtime={RUNC_WRAPPER}={}", runtime.display()),
         format!("--default-runtime={RUNC_WRAPPER}"),
     ]);
+    let launch = Launch {
+        args,
+        env,
+        tls_port,
+        machine_id,
+        data_dir,
+    };
+    if let Some(entry) = shared.machines().get_mut(id) {
+        entry.launch = Some(launch.clone());
+    }
+    run_dockerd(shared, &machine, &launch).await
+}
+
+/// Starts the machine's dockerd (retrying a failed start twice) and marks it running.
+async fn run_dockerd(
+    shared: &Arc<Shared>,
+    machine: &EmulatedMachine,
+    launch: &Launch,
+) -> Result<()> {
+    let id = &machine.instance_id;
+    let Launch {
+        args,
+        env,
+        tls_port,
+        machine_id,
+        data_dir,
+    } = launch;
     let start = Instant::now();
     let mut attempt = 0;
     loop {
@@ -622,7 +753,7 @@ async fn boot(
         // starting at once race ("Chain already exists"). One start at a time per host.
         let lock = tokio::task::spawn_blocking(dockerd_start_lock).await??;
         let started =
-            start_dockerd(shared, &machine, &args, &env, tls_port, machine_id.clone()).await;
+            start_dockerd(shared, machine, args, env, *tls_port, machine_id.clone()).await;
         drop(lock);
         match started {
             Ok(true) => break,
@@ -640,7 +771,7 @@ async fn boot(
                     }
                 }
                 unmount_under(&machine.root.join("x"));
-                unmount_under(&data_dir);
+                unmount_under(data_dir);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e),
@@ -949,9 +1080,10 @@ async fn start_dockerd(
                 let entry = Entry {
                     machine: machine.clone(),
                     child: Some(child),
+                    launch: None,
                 };
                 let shared = shared.clone();
-                tokio::task::spawn_blocking(move || stop_machine(&shared, entry, false));
+                tokio::task::spawn_blocking(move || stop_machine(&shared, entry, false, false));
                 return Ok(false);
             }
         }
@@ -1067,8 +1199,12 @@ pub async fn ping(socket: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Stops a machine's dockerd and removes its directories (unless `keep`).
-fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
+/// Stops a machine's dockerd and removes its directories (unless `keep_dirs`, at teardown
+/// with `FLOTILLA_KEEP_SANDBOX`). `park`: the instance was stopped, not terminated: its
+/// directories are kept and it waits, parked, for its next start. Its containers and
+/// networks are removed either way (they hold this host's bridges and iptables rules;
+/// Flotilla cleans a job's before a machine is idle, so a stopped machine has none).
+fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool, park: bool) {
     let id = entry.machine.instance_id.clone();
     let (bridges, leftover_containers) = if entry.child.is_some() {
         release_host_resources(&entry.machine)
@@ -1097,6 +1233,27 @@ fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
         }
     }
     unmount_under(&entry.machine.root);
+    if park {
+        let record = StoppedMachine {
+            instance_id: id.clone(),
+            dockerd_pid: entry.machine.dockerd_pid,
+            leftover_containers,
+            clean: stopped_clean,
+            kept: true,
+        };
+        entry.child = None;
+        entry.machine.dockerd_pid = None;
+        shared.parked().insert(id.clone(), entry);
+        shared.parking().remove(&id);
+        shared
+            .stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+        shared.event(&format!("{id}: stopped, disk kept"));
+        shared.changed();
+        return;
+    }
     if !keep_dirs || std::env::var_os("FLOTILLA_KEEP_SANDBOX").is_none() {
         match std::fs::remove_dir_all(&entry.machine.root) {
             Ok(()) => {}
@@ -1116,6 +1273,7 @@ fn stop_machine(shared: &Shared, mut entry: Entry, keep_dirs: bool) {
             dockerd_pid: entry.machine.dockerd_pid,
             leftover_containers,
             clean: stopped_clean,
+            kept: false,
         });
     shared.changed();
 }

@@ -38,6 +38,12 @@ pub struct SandboxOptions {
     pub max_machines: u32,
     /// Emulated boot time between `running` in moto and dockerd starting.
     pub boot_delay: Duration,
+    /// Emulated start time of a stopped machine (`running` again to dockerd started).
+    pub start_delay: Duration,
+    /// The default class's `max_stopped` (the stopped warm pool).
+    pub max_stopped: u32,
+    /// The default class's `prefetch_images` (`None`: the config's default).
+    pub prefetch_images: Option<u32>,
     pub orphan_grace: Duration,
     pub acquire_timeout: Duration,
     /// Exact directory to use (emptied first); default: a new `flt-*` dir under `base_dir`.
@@ -90,6 +96,9 @@ impl Default for SandboxOptions {
             max_builds: 0,
             max_machines: 5,
             boot_delay: Duration::from_secs(2),
+            start_delay: Duration::from_secs(1),
+            max_stopped: 0,
+            prefetch_images: None,
             orphan_grace: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(90),
             dir: None,
@@ -390,6 +399,10 @@ impl Sandbox {
             class.idle_time = HumanDuration(opts.idle_time);
             class.max_machines = opts.max_machines;
             class.max_builds = opts.max_builds;
+            class.max_stopped = opts.max_stopped;
+            if let Some(n) = opts.prefetch_images {
+                class.prefetch_images = n;
+            }
             class.boot_timeout = HumanDuration::from_secs(60);
             // The pool tests assert idle_count/idle_time exactly; the learned warm pool
             // would (rightly) keep a machine after a job. Tests of it turn it on.
@@ -434,6 +447,7 @@ impl Sandbox {
                 dir: dir.join("m"),
                 slot: n,
                 boot_delay: opts.boot_delay,
+                start_delay: opts.start_delay,
                 poll_interval: Duration::from_millis(250),
                 ami_files: opts.ami_files.clone(),
             },

@@ -45,12 +45,20 @@ pub fn class_statuses(
                 count(MachineState::Leased),
                 count(MachineState::Booting),
             );
-            let live = idle + leased + booting + count(MachineState::Broken);
+            let stopped = count(MachineState::Stopping) + count(MachineState::Stopped);
+            let starting = count(MachineState::Starting);
+            let live = idle + leased + booting + stopped + starting + count(MachineState::Broken);
             let waiting = pool.waiting(name);
             let backoff = backoff.get(name).filter(|b| now < b.until);
             let waiting_for = (waiting > 0).then(|| {
                 if pool.is_draining() {
                     "nothing: the daemon is draining and grants no leases".to_owned()
+                // Starts come before launches, and are held up by neither a launch
+                // backoff nor max_machines (a stopped machine already counts).
+                } else if starting > 0 {
+                    format!("{starting} stopped machine(s) starting")
+                } else if count(MachineState::Stopped) > 0 {
+                    "a start of a stopped machine on the next reconcile pass".to_owned()
                 } else if let Some(b) = backoff {
                     format!(
                         "launch backoff until {} after: {}",
@@ -82,6 +90,8 @@ pub fn class_statuses(
                 idle,
                 leased,
                 booting,
+                stopped,
+                starting,
                 live,
                 max_machines: class.max_machines,
                 waiting,
@@ -175,6 +185,17 @@ mod tests {
             now() + chrono::Duration::seconds(11),
         );
         assert_eq!(later["c"].launch_backoff_until, None);
+        // The stopped pool: a start before any launch, whatever the backoff or the cap.
+        let stopped = pool(3, &[MachineState::Leased, MachineState::Stopped]);
+        assert_eq!(
+            waiting_for(&p, &stopped, &backoff).as_deref(),
+            Some("a start of a stopped machine on the next reconcile pass")
+        );
+        let starting = pool(3, &[MachineState::Leased, MachineState::Starting]);
+        assert_eq!(
+            waiting_for(&p, &starting, &backoff).as_deref(),
+            Some("1 stopped machine(s) starting")
+        );
         let mut draining = pool(1, &[]);
         draining.set_draining(true);
         assert!(waiting_for(&p, &draining, &backoff).is_some_and(|w| w.contains("draining")));
@@ -190,10 +211,14 @@ mod tests {
                 MachineState::Idle,
                 MachineState::Leased,
                 MachineState::Terminating,
+                MachineState::Stopping,
+                MachineState::Stopped,
+                MachineState::Starting,
             ],
         );
         let s = &class_statuses(&p, &pool, &HashMap::new(), now())["c"];
-        assert_eq!((s.idle, s.leased, s.booting, s.live), (2, 1, 0, 3));
+        assert_eq!((s.idle, s.leased, s.booting, s.live), (2, 1, 0, 6));
+        assert_eq!((s.stopped, s.starting), (2, 1));
         assert_eq!(s.max_machines, 5);
     }
 }

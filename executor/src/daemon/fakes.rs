@@ -19,6 +19,8 @@ pub(super) enum Op {
     Describe,
     Launch,
     Terminate,
+    Stop,
+    Start,
 }
 
 /// One recorded call.
@@ -32,6 +34,8 @@ pub(super) enum Call {
         purchase: Purchase,
     },
     Terminate(Vec<String>),
+    Stop(Vec<String>),
+    Start(Vec<String>),
 }
 
 /// A scripted error: calls of `op` matching the filters fail with `code`, `times` times
@@ -102,10 +106,13 @@ struct Ec2State {
     ignore_terminate: bool,
     /// Instance ids of every accepted TerminateInstances, in order (resends included).
     accepted_terminations: Vec<String>,
+    /// StartInstances gives the instance this private address instead of its old one.
+    address_after_start: Option<String>,
 }
 
 /// EC2 as a map of instances. Launches get `i-<n>` and `10.0.0.<n>`, tagged as the spec
-/// says; terminations make instances `Terminated` (still listed, as EC2 does for a while).
+/// says; terminations make instances `Terminated` (still listed, as EC2 does for a while);
+/// StopInstances makes them `Stopped` at once, StartInstances `Running`.
 pub(super) struct FakeEc2 {
     clock: Clock,
     state: Mutex<Ec2State>,
@@ -141,6 +148,8 @@ impl FakeEc2 {
                     (Op::Describe, Call::Describe)
                         | (Op::Launch, Call::Launch { .. })
                         | (Op::Terminate, Call::Terminate(_))
+                        | (Op::Stop, Call::Stop(_))
+                        | (Op::Start, Call::Start(_))
                 )
             })
             .count()
@@ -167,6 +176,28 @@ impl FakeEc2 {
     /// Instance ids of every TerminateInstances EC2 accepted (a failed call is not here).
     pub(super) fn terminated(&self) -> Vec<String> {
         self.state().accepted_terminations.clone()
+    }
+
+    /// Every StopInstances and StartInstances call, in order, failed ones included.
+    pub(super) fn stops_and_starts(&self) -> Vec<Call> {
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| matches!(c, Call::Stop(_) | Call::Start(_)))
+            .cloned()
+            .collect()
+    }
+
+    /// The next StartInstances moves the instance to `address` (EC2 outside a VPC).
+    pub(super) fn address_after_start(&self, address: &str) {
+        self.state().address_after_start = Some(address.to_owned());
+    }
+
+    /// Sets an instance's state behind the daemon's back (an operator's stop or start).
+    pub(super) fn set_life(&self, instance_id: &str, life: InstanceLife) {
+        if let Some(i) = self.state().instances.get_mut(instance_id) {
+            i.life = life;
+        }
     }
 
     /// An instance of the fleet the daemon did not launch (another daemon's, or one whose
@@ -199,6 +230,8 @@ impl FakeEc2 {
                 Op::Describe => "DescribeInstances",
                 Op::Launch => "RunInstances",
                 Op::Terminate => "TerminateInstances",
+                Op::Stop => "StopInstances",
+                Op::Start => "StartInstances",
             },
             code: Some(fault.code.to_owned()),
             message: "scripted by the test".into(),
@@ -265,6 +298,38 @@ impl Ec2Api for FakeEc2 {
             });
         Box::pin(async move { r })
     }
+
+    fn stop<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
+        let r = self
+            .call(Op::Stop, None, Call::Stop(instance_ids.to_vec()))
+            .map(|()| {
+                let mut s = self.state();
+                for id in instance_ids {
+                    if let Some(i) = s.instances.get_mut(id) {
+                        i.life = InstanceLife::Stopped;
+                    }
+                }
+            });
+        Box::pin(async move { r })
+    }
+
+    fn start<'a>(&'a self, instance_ids: &'a [String]) -> Ec2Future<'a, ()> {
+        let r = self
+            .call(Op::Start, None, Call::Start(instance_ids.to_vec()))
+            .map(|()| {
+                let mut s = self.state();
+                let address = s.address_after_start.take();
+                for id in instance_ids {
+                    if let Some(i) = s.instances.get_mut(id) {
+                        i.life = InstanceLife::Running;
+                        if let Some(a) = &address {
+                            i.private_ip = Some(a.clone());
+                        }
+                    }
+                }
+            });
+        Box::pin(async move { r })
+    }
 }
 
 /// How a fake machine's dockerd behaves.
@@ -286,6 +351,8 @@ pub(super) struct FakeMachines {
     ready_exit: Mutex<i64>,
     /// Ready commands run, by machine id.
     pub(super) ready_runs: Mutex<Vec<String>>,
+    /// Every ping, as (machine id, address).
+    pub(super) pings: Mutex<Vec<(String, String)>>,
     /// `events` never answers (a report stays under way, as when the daemon dies).
     pub(super) hold_events: std::sync::atomic::AtomicBool,
     /// Images pulled, as (machine id, image), in order.
@@ -331,8 +398,12 @@ impl MachineApi for FakeMachines {
     fn ping<'a>(
         &'a self,
         machine_id: &'a str,
-        _address: &'a str,
+        address: &'a str,
     ) -> BoxFuture<'a, Result<(), String>> {
+        self.pings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((machine_id.to_owned(), address.to_owned()));
         Box::pin(async move { self.answer(machine_id).await.map(|_| ()) })
     }
 

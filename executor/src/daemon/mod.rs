@@ -142,15 +142,6 @@ fn open_state(state_dir: &Path, adopt: bool) -> anyhow::Result<(StateStore, Pool
 
 /// Runs the daemon until SIGTERM or SIGINT. `adopt`: see [`open_state`].
 pub async fn run(config: Config, adopt: bool) -> anyhow::Result<()> {
-    // The stopped pool is decided by the plan and modelled by the simulator, but the
-    // daemon has no StopInstances/StartInstances yet: refuse rather than ignore the key.
-    if let Some((name, class)) = config.classes.iter().find(|(_, c)| c.max_stopped > 0) {
-        anyhow::bail!(
-            "classes.{name}.max_stopped = {}: the daemon does not stop and start machines yet \
-             (only `flotilla simulate` models a stopped pool); remove it or set it to 0",
-            class.max_stopped
-        );
-    }
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;

@@ -2,7 +2,9 @@
 //! over mutual TLS (and its class's `ready_command`, if any, passed). Polls with a short
 //! capped backoff (no fixed sleeps); past the class's boot timeout the probe gives up and
 //! the plan replaces the machine; a failed ready command marks the boot failed at once,
-//! and the plan replaces it the same way.
+//! and the plan replaces it the same way. A stopped machine that was started is probed
+//! the same way (same certificate, the address the last listing gave), its boot timeout
+//! counted from its start; one that answers past its `max_age` is retired, not idle.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,15 +47,26 @@ pub(super) fn spawn(shared: Arc<Shared>, machine_id: String) {
     });
 }
 
+/// Whether a machine in `state` is waiting for its probe.
+fn coming_up(state: MachineState) -> bool {
+    matches!(state, MachineState::Booting | MachineState::Starting)
+}
+
 async fn run(shared: &Arc<Shared>, machine_id: &str) {
-    let Some((address, deadline, class)) = ({
+    let Some((since, deadline, class, starting)) = ({
         let pool = shared.pool();
         pool.machines().get(machine_id).and_then(|m| {
             let timeout = shared.policy.classes.get(&m.class)?.boot_timeout;
+            let starting = m.state == MachineState::Starting;
+            let since = match m.started_at {
+                Some(t) if starting => t,
+                _ => m.launched_at,
+            };
             Some((
-                m.address.clone(),
-                super::saturating_add(m.launched_at, timeout),
+                since,
+                super::saturating_add(since, timeout),
                 m.class.clone(),
+                starting,
             ))
         })
     }) else {
@@ -62,14 +75,16 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
     let mut delay = FIRST_DELAY;
     let mut last_error;
     loop {
-        let still_booting = shared
+        // Read each time: a listing may give a started machine a new address meanwhile.
+        let Some(address) = shared
             .pool()
             .machines()
             .get(machine_id)
-            .is_some_and(|m| m.state == MachineState::Booting);
-        if !still_booting {
+            .filter(|m| coming_up(m.state))
+            .map(|m| m.address.clone())
+        else {
             return;
-        }
+        };
         let ping = tokio::time::timeout(
             super::machine_api::CALL_TIMEOUT,
             shared.machines.ping(machine_id, &address),
@@ -85,19 +100,30 @@ async fn run(shared: &Arc<Shared>, machine_id: &str) {
                     return;
                 }
                 let now = shared.now();
-                let (boot_ms, gen) = shared.update(|p| {
-                    let launched = p.machines().get(machine_id).map(|m| m.launched_at)?;
-                    p.mark_ready(machine_id, now)
-                        .then(|| (now - launched).num_milliseconds())
+                let ((ready, retired), gen) = shared.update(|p| {
+                    let ready =
+                        p.mark_ready_retiring(machine_id, now, |m| shared.retire_reason(m, now));
+                    let retired = !ready
+                        && p.machine(machine_id)
+                            .is_some_and(|m| m.state == MachineState::Terminating);
+                    (ready, retired)
                 });
                 shared.commit(gen).await;
-                if let Some(boot_ms) = boot_ms {
-                    shared.metrics.boot_time.observe(boot_ms as f64 / 1000.0);
-                    tracing::info!(machine = machine_id, %address, boot_ms, "machine ready");
-                    shared.changed.notify_waiters();
-                    shared.wake.notify_one();
+                let ms = (now - since).num_milliseconds();
+                if ready && starting {
+                    tracing::info!(machine = machine_id, %address, start_ms = ms, "started machine ready");
+                } else if ready {
+                    shared.metrics.boot_time.observe(ms as f64 / 1000.0);
+                    tracing::info!(machine = machine_id, %address, boot_ms = ms, "machine ready");
+                } else if retired {
+                    tracing::info!(machine = machine_id, %address, "machine answered past its max_age; retired instead of idle");
+                }
+                if ready {
+                    // Launched or started: the class's most used images, while it is idle.
                     super::prefetch::spawn(shared, machine_id, &address, &class);
                 }
+                shared.changed.notify_waiters();
+                shared.wake.notify_one();
                 return;
             }
             Err(e) => last_error = e,

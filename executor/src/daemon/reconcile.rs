@@ -20,7 +20,7 @@ use crate::pool::TerminateReason;
 
 const LAUNCH_BACKOFF_START: Duration = Duration::from_secs(5);
 const LAUNCH_BACKOFF_MAX: Duration = Duration::from_secs(300);
-/// Re-send a termination EC2 has not carried out after this long.
+/// Re-send a termination (or a stop) EC2 has not carried out after this long.
 const TERMINATE_RETRY: Duration = Duration::from_secs(120);
 
 pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -29,7 +29,10 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut last_observe: Option<Instant> = None;
     let mut accounted: HashMap<String, Instant> = HashMap::new();
     loop {
-        let observing = last_observe.is_none_or(|t| t.elapsed() >= interval);
+        let soon = shared
+            .observe_soon
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let observing = soon || last_observe.is_none_or(|t| t.elapsed() >= interval);
         if observing {
             last_observe = Some(Instant::now());
             observe(&shared, &graces).await;
@@ -66,13 +69,19 @@ pub(super) fn graces(shared: &Shared) -> Graces {
     }
 }
 
-/// Adds each live machine's running time since the last pass to the cost counter.
+/// Adds each live machine's running time since the last pass to the cost counter
+/// (stopped machines' time is not instance time).
 fn account_machine_time(shared: &Shared, accounted: &mut HashMap<String, Instant>) {
     let now = Instant::now();
     let pool = shared.pool();
     accounted.retain(|id, _| pool.machines().contains_key(id));
     for m in pool.machines().values() {
         if m.instance_id.is_empty() {
+            continue;
+        }
+        // A stopped instance bills its disks only, not instance time.
+        if m.state == flotilla_proto::api::MachineState::Stopped {
+            accounted.insert(m.id.clone(), now);
             continue;
         }
         let since = accounted.insert(m.id.clone(), now).unwrap_or(now);
@@ -151,6 +160,13 @@ pub(super) async fn observe(shared: &Arc<Shared>, graces: &Graces) {
     for (machine, why) in &outcome.lost {
         tracing::warn!(machine = %machine, reason = %why, "machine lost");
     }
+    for machine in &outcome.stopped {
+        tracing::info!(%machine, "machine stopped (stopped pool)");
+    }
+    // Started machines EC2 lists running: probed (again after a restart; one probe each).
+    for machine in &outcome.started {
+        probe::spawn(shared.clone(), machine.clone());
+    }
     if !outcome.lost.is_empty() {
         shared.metrics.lost(outcome.lost.len() as u64);
         shared.changed.notify_waiters();
@@ -181,7 +197,7 @@ pub(super) async fn act(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
     let mut changed = false;
     // Planned and applied in one critical section: an acquire between the two could
     // otherwise lease a machine the plan saw idle and is about to terminate.
-    let (to_terminate, gen) = shared.update(|pool| {
+    let (due, gen) = shared.update(|pool| {
         for action in plan(&shared.policy, pool, now) {
             match action {
                 Action::Terminate { machine_id, reason } => {
@@ -193,25 +209,35 @@ pub(super) async fn act(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
                     }
                 }
                 Action::Launch { class, count } => launches.push((class, count)),
-                // The daemon does not call StopInstances/StartInstances yet (issue 15,
-                // item 1 is in the plan and the simulator only): a machine the plan would
-                // stop is terminated as before, and so no machine is ever stopped here.
+                // The stopped pool: the state changes here, durable before the calls below.
                 Action::Stop { machine_id } => {
-                    if pool.begin_terminate(&machine_id, TerminateReason::IdleTimeout) {
-                        tracing::warn!(machine = %machine_id, "stopped pool not supported by the daemon yet; terminating instead");
+                    if pool.begin_stop(&machine_id, now) {
+                        if let Some(m) = pool.machines().get(&machine_id) {
+                            tracing::info!(machine = %m.id, instance = %m.instance_id, "stopping machine (stopped pool)");
+                        }
                         changed = true;
                     }
                 }
                 Action::Start { machine_id } => {
-                    tracing::warn!(machine = %machine_id, "stopped pool not supported by the daemon yet; not starting");
+                    if pool.begin_start(&machine_id, now) {
+                        if let Some(m) = pool.machines().get(&machine_id) {
+                            tracing::info!(machine = %m.id, instance = %m.instance_id, "starting stopped machine");
+                        }
+                        changed = true;
+                    }
                 }
             }
         }
-        pool.terminations_due(now, TERMINATE_RETRY)
+        (
+            pool.terminations_due(now, TERMINATE_RETRY),
+            pool.stops_due(now, TERMINATE_RETRY),
+            pool.starts_due(),
+        )
     });
     if changed {
         shared.commit_durable(gen).await;
     }
+    let (to_terminate, to_stop, to_start) = due;
 
     if !to_terminate.is_empty() {
         let ids: Vec<String> = to_terminate.iter().map(|(_, i, _)| i.clone()).collect();
@@ -229,6 +255,12 @@ pub(super) async fn act(shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
             }
             Err(e) => tracing::warn!(error = %e, "terminate failed; will retry"),
         }
+    }
+    if !to_stop.is_empty() {
+        stop_or_start(shared, Lifecycle::Stop, to_stop).await;
+    }
+    if !to_start.is_empty() {
+        stop_or_start(shared, Lifecycle::Start, to_start).await;
     }
 
     // Reserve the machines in the pool now (so the next plan counts them) and launch in the
@@ -425,4 +457,107 @@ async fn abandon(shared: &Shared, machine_id: &str) {
     shared.commit(gen).await;
     // Waiting jobs may now be planned for again.
     shared.wake.notify_one();
+}
+
+/// StopInstances or StartInstances, for the stopped pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Stop,
+    Start,
+}
+
+/// Sends the stops (or starts) of `due` (machine, instance), already durable as
+/// `stopping` (`starting`) in the pool, in one batched call. Accepted: the pool records it
+/// (a start's machine is then probed over mTLS like a fresh boot, same certificate, once
+/// the next listing, asked for at once, shows it pending or running, at the address that
+/// listing gives). A transient failure (throttling, no answer, EC2's own
+/// error) is retried by the next pass. A refusal (a one-time spot instance cannot be
+/// stopped, no capacity for a start, a role without `ec2:StopInstances`) would be refused
+/// again: a refused stop terminates the machine instead, a refused start terminates it as a
+/// failed boot (the plan replaces it). A refused batch of several is asked one by one, so
+/// one machine's refusal never decides for the others.
+async fn stop_or_start(shared: &Arc<Shared>, op: Lifecycle, due: Vec<(String, String)>) {
+    let mut batches = vec![due];
+    let mut refused: Vec<(String, String, crate::ec2::Ec2Error)> = Vec::new();
+    let now = shared.now();
+    while let Some(batch) = batches.pop() {
+        let ids: Vec<String> = batch.iter().map(|(_, i)| i.clone()).collect();
+        let sent = match op {
+            Lifecycle::Stop => shared.ec2.stop(&ids).await,
+            Lifecycle::Start => shared.ec2.start(&ids).await,
+        };
+        match sent {
+            Ok(()) => {
+                let machines = batch.iter().map(|(m, _)| m);
+                let gen = shared
+                    .update(|pool| match op {
+                        Lifecycle::Stop => pool.stop_sent(machines, now),
+                        Lifecycle::Start => pool.start_sent(machines, now),
+                    })
+                    .1;
+                shared.commit_durable(gen).await;
+                for (machine, instance) in &batch {
+                    match op {
+                        Lifecycle::Stop => {
+                            tracing::info!(%machine, %instance, "StopInstances accepted");
+                        }
+                        Lifecycle::Start => {
+                            tracing::info!(%machine, %instance, "StartInstances accepted");
+                        }
+                    }
+                }
+                if op == Lifecycle::Start {
+                    // Probed once a listing shows it pending or running, at the address
+                    // that listing gives: observe on the next pass, not a whole interval on.
+                    shared
+                        .observe_soon
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    shared.wake.notify_one();
+                }
+            }
+            Err(e) if !is_refusal(&e) => {
+                tracing::warn!(op = ?op, instances = ?ids, error = %e, "stop/start failed; will retry");
+            }
+            Err(e) if batch.len() > 1 => {
+                tracing::warn!(op = ?op, instances = ?ids, error = %e, "batch refused; asking one by one");
+                batches.extend(batch.into_iter().map(|one| vec![one]));
+            }
+            Err(e) => {
+                refused.extend(batch.into_iter().map(|(m, i)| (m, i, e.clone())));
+            }
+        }
+    }
+    if refused.is_empty() {
+        return;
+    }
+    let gen = shared
+        .update(|pool| {
+            for (machine, instance, e) in &refused {
+                let reason = match op {
+                    Lifecycle::Stop => TerminateReason::IdleTimeout,
+                    Lifecycle::Start => TerminateReason::BootTimeout,
+                };
+                let what = match op {
+                    Lifecycle::Stop => "cannot be stopped; terminating it instead",
+                    Lifecycle::Start => "cannot be started; terminating it (replaced)",
+                };
+                tracing::error!(%machine, %instance, error = %e, "machine {what}");
+                pool.begin_terminate(machine, reason);
+            }
+        })
+        .1;
+    shared.commit_durable(gen).await;
+    shared.wake.notify_one();
+}
+
+/// An EC2 answer that would be the same if asked again: an error code that is neither
+/// throttling nor EC2's own failure. No code (a timeout, a dropped connection) is not one.
+fn is_refusal(e: &crate::ec2::Ec2Error) -> bool {
+    e.code.as_deref().is_some_and(|c| {
+        !e.is_throttling()
+            && !matches!(
+                c,
+                "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
+            )
+    })
 }

@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use flotilla_proto::api::{MachineState, ReleaseOutcome};
 use tokio::sync::watch;
 
-use super::fakes::{Dockerd, FakeEc2, FakeMachines, Fault, Op};
+use super::fakes::{Call, Dockerd, FakeEc2, FakeMachines, Fault, Op};
 use super::{reconcile, test_rig, Clock, Shared};
 use crate::ec2::{InstanceLife, ObservedInstance, Purchase};
 use crate::pool::{LeaseTerms, Pool, TerminateReason};
@@ -563,6 +563,220 @@ async fn a_restart_retires_a_machine_past_max_builds_before_any_lease() {
         pool.machines()[&machine].terminate_reason,
         Some(TerminateReason::MaxBuilds)
     );
+}
+
+/// The stopped pool's class: no hot target, a minute of idle time, one stopped spare.
+const STOPPED_POOL: &str =
+    "idle_count = 0\nidle_time = \"1m\"\nmax_stopped = 1\nboot_timeout = \"2m\"";
+
+impl Rig {
+    /// One machine launched for a waiting job, ready, then idle past its idle time with
+    /// nobody waiting: the next pass stops it. Returns (machine id, instance id).
+    async fn idle_past_idle_time(&self) -> (String, String) {
+        self.shared.update(|pool| pool.set_waiting_for_test("c", 1));
+        self.pass().await;
+        self.until("an idle machine", |p| p.count("c", MachineState::Idle) == 1)
+            .await;
+        self.shared.update(|pool| pool.set_waiting_for_test("c", 0));
+        self.clock.advance(Duration::from_secs(61));
+        let machine = self.in_state(MachineState::Idle)[0].clone();
+        let instance = self.instance_of(&machine);
+        (machine, instance)
+    }
+
+    /// [`Rig::idle_past_idle_time`], then stopped: the pool has it stopped.
+    async fn stopped_machine(&self) -> (String, String) {
+        let (machine, instance) = self.idle_past_idle_time().await;
+        self.pass().await; // StopInstances
+        self.pass().await; // observed stopped
+        assert_eq!(self.in_state(MachineState::Stopped), vec![machine.clone()]);
+        (machine, instance)
+    }
+
+    fn state_of(&self, machine: &str) -> MachineState {
+        self.shared.pool().machines()[machine].state
+    }
+}
+
+#[tokio::test]
+async fn an_idle_machine_past_its_idle_time_is_stopped_not_terminated() {
+    let r = rig("", STOPPED_POOL);
+    let (machine, instance) = r.idle_past_idle_time().await;
+    r.pass().await;
+    assert_eq!(
+        r.ec2.stops_and_starts(),
+        vec![Call::Stop(vec![instance.clone()])]
+    );
+    assert_eq!(r.state_of(&machine), MachineState::Stopping);
+    assert!(r.ec2.terminated().is_empty());
+    r.pass().await;
+    assert_eq!(r.state_of(&machine), MachineState::Stopped);
+    // Stopped is neither lost nor resent, however long it stays so.
+    for _ in 0..3 {
+        r.clock.advance(Duration::from_secs(300));
+        r.pass().await;
+    }
+    assert_eq!(r.state_of(&machine), MachineState::Stopped);
+    assert_eq!(r.ec2.count(Op::Stop), 1);
+    assert_eq!(r.ec2.count(Op::Launch), 1);
+    assert!(r.ec2.terminated().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_stop_is_retried_and_a_refused_one_terminates_instead() {
+    let r = rig("", STOPPED_POOL);
+    let (machine, instance) = r.idle_past_idle_time().await;
+    r.ec2.inject(Fault::throttle(Op::Stop).times(1));
+    r.pass().await;
+    assert_eq!(
+        r.state_of(&machine),
+        MachineState::Stopping,
+        "kept, to retry"
+    );
+    r.pass().await;
+    assert_eq!(
+        r.ec2.stops_and_starts(),
+        vec![
+            Call::Stop(vec![instance.clone()]),
+            Call::Stop(vec![instance.clone()])
+        ],
+        "resent on the next pass"
+    );
+    assert_eq!(r.state_of(&machine), MachineState::Stopping);
+    r.pass().await;
+    assert_eq!(r.state_of(&machine), MachineState::Stopped);
+
+    // A one-time spot instance cannot be stopped: asked again it would say the same.
+    let r = rig("", STOPPED_POOL);
+    let (machine, instance) = r.idle_past_idle_time().await;
+    r.ec2.inject(Fault::new(Op::Stop, "UnsupportedOperation"));
+    r.pass().await;
+    assert_eq!(r.state_of(&machine), MachineState::Terminating);
+    r.pass().await;
+    assert_eq!(r.ec2.terminated(), vec![instance]);
+    assert_eq!(r.ec2.count(Op::Stop), 1, "a refusal is not resent");
+}
+
+#[tokio::test]
+async fn a_waiting_job_starts_the_stopped_machine_probed_at_its_listed_address() {
+    let r = rig("", STOPPED_POOL);
+    let (machine, instance) = r.stopped_machine().await;
+    r.ec2.address_after_start("10.7.7.7");
+    r.shared.update(|pool| pool.set_waiting_for_test("c", 1));
+    r.pass().await;
+    assert_eq!(
+        r.ec2.stops_and_starts().last(),
+        Some(&Call::Start(vec![instance.clone()]))
+    );
+    assert_eq!(r.state_of(&machine), MachineState::Starting);
+    assert!(
+        r.shared
+            .observe_soon
+            .load(std::sync::atomic::Ordering::SeqCst),
+        "the next pass observes at once"
+    );
+    r.pass().await; // lists it running at its new address: probed there
+    r.until("the started machine idle", |p| {
+        p.machines()[&machine].state == MachineState::Idle
+    })
+    .await;
+    assert_eq!(r.shared.pool().machines()[&machine].address, "10.7.7.7");
+    let pings = r.machines.pings.lock().unwrap().clone();
+    assert_eq!(
+        pings
+            .iter()
+            .rev()
+            .find(|(m, _)| *m == machine)
+            .map(|(_, a)| a.as_str()),
+        Some("10.7.7.7")
+    );
+    assert_eq!(r.ec2.count(Op::Launch), 1, "started, not launched");
+    assert_eq!(r.ec2.count(Op::Start), 1);
+    let (_, leased) = r.lease("job-after-start");
+    assert_eq!(leased, machine);
+}
+
+#[tokio::test]
+async fn a_start_that_never_answers_is_terminated_at_its_boot_timeout_and_replaced() {
+    let r = rig("", STOPPED_POOL);
+    let (machine, instance) = r.stopped_machine().await;
+    r.machines.set(&machine, Dockerd::Down);
+    r.shared.update(|pool| pool.set_waiting_for_test("c", 1));
+    r.pass().await; // StartInstances
+    r.pass().await; // running: probed, never answers
+    r.clock.advance(Duration::from_secs(119));
+    r.pass().await;
+    assert_eq!(r.state_of(&machine), MachineState::Starting);
+    assert!(r.ec2.terminated().is_empty());
+    r.clock.advance(Duration::from_secs(1));
+    r.pass().await;
+    assert_eq!(r.ec2.terminated(), vec![instance]);
+    assert_eq!(
+        r.shared.pool().machines()[&machine].terminate_reason,
+        Some(TerminateReason::BootTimeout)
+    );
+    r.until("a launched replacement", |p| {
+        p.count("c", MachineState::Idle) == 1
+    })
+    .await;
+    assert_eq!(r.ec2.count(Op::Launch), 2);
+}
+
+#[tokio::test]
+async fn a_refused_start_terminates_the_machine_and_a_launch_replaces_it() {
+    let r = rig("", STOPPED_POOL);
+    let (machine, instance) = r.stopped_machine().await;
+    r.ec2
+        .inject(Fault::new(Op::Start, "InsufficientInstanceCapacity").times(1));
+    r.shared.update(|pool| pool.set_waiting_for_test("c", 1));
+    r.pass().await;
+    assert_eq!(r.state_of(&machine), MachineState::Terminating);
+    assert_eq!(
+        r.shared.pool().machines()[&machine].terminate_reason,
+        Some(TerminateReason::BootTimeout)
+    );
+    r.pass().await;
+    assert_eq!(r.ec2.terminated(), vec![instance]);
+    r.until("a launched replacement", |p| {
+        p.count("c", MachineState::Idle) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_machine_stopped_behind_its_back_while_idle_is_replaced_and_one_started_is_taken_back() {
+    let r = rig("", "idle_count = 1\nmax_stopped = 1");
+    r.warm(1).await;
+    let machine = r.in_state(MachineState::Idle)[0].clone();
+    let instance = r.instance_of(&machine);
+    r.clock.advance(Duration::from_secs(600));
+    r.ec2.set_life(&instance, InstanceLife::Stopped);
+    r.pass().await;
+    {
+        let pool = r.shared.pool();
+        let m = &pool.machines()[&machine];
+        assert_eq!(m.state, MachineState::Terminating);
+        assert_eq!(m.terminate_reason, Some(TerminateReason::Broken));
+        assert!(
+            m.note
+                .as_deref()
+                .is_some_and(|n| n.contains("stopped outside flotilla while idle")),
+            "{m:?}"
+        );
+    }
+    assert_eq!(r.ec2.terminated(), vec![instance]);
+
+    // The other way round: a stopped machine an operator started is health-checked and
+    // taken back into service, not left running unseen.
+    let r = rig("", STOPPED_POOL);
+    let (machine, instance) = r.stopped_machine().await;
+    r.ec2.set_life(&instance, InstanceLife::Running);
+    r.pass().await;
+    r.until("the machine back in service", |p| {
+        p.machines()[&machine].state == MachineState::Idle
+    })
+    .await;
+    assert_eq!(r.ec2.count(Op::Start), 0);
 }
 
 /// A daemon that dies while a machine's report is under way makes it after its restart,

@@ -56,6 +56,9 @@ pub(crate) struct Shared {
     pub uid: u32,
     /// Reconcile passes completed (shown by `status`).
     pub passes: std::sync::atomic::AtomicU64,
+    /// The next reconcile pass observes EC2 whatever its interval (set after a start: the
+    /// started machine is probed at the address the listing gives it).
+    pub observe_soon: AtomicBool,
     /// Saves each machine marked broken or lost (see [`Shared::update`]).
     pub(super) postmortems: Arc<Postmortems>,
 }
@@ -102,6 +105,7 @@ impl Shared {
             stop: p.stop,
             uid: nix::unistd::geteuid().as_raw(),
             passes: std::sync::atomic::AtomicU64::new(0),
+            observe_soon: AtomicBool::new(false),
         }
     }
 }
