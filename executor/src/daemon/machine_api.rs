@@ -123,14 +123,7 @@ impl MachineApi for MtlsMachines {
     ) -> BoxFuture<'a, Result<usize, String>> {
         Box::pin(async move {
             use bollard::query_parameters::ListContainersOptions;
-            let docker = crate::docker::connect(
-                self.tls.clone(),
-                address,
-                DOCKER_TLS_PORT,
-                &machine_dns_name(machine_id),
-                CALL_TIMEOUT,
-            )
-            .map_err(|e| e.to_string())?;
+            let docker = self.docker(machine_id, address, CALL_TIMEOUT)?;
             let filters = std::collections::HashMap::from([(
                 "label".to_string(),
                 vec![match job_key {
@@ -183,14 +176,7 @@ impl MachineApi for MtlsMachines {
         Box::pin(async move {
             use bollard::query_parameters::EventsOptions;
             use futures_util::StreamExt;
-            let docker = crate::docker::connect(
-                self.tls.clone(),
-                address,
-                DOCKER_TLS_PORT,
-                &machine_dns_name(machine_id),
-                EVENTS_TIMEOUT,
-            )
-            .map_err(|e| e.to_string())?;
+            let docker = self.docker(machine_id, address, EVENTS_TIMEOUT)?;
             let mut stream = docker.events(Some(EventsOptions {
                 since: Some(since.to_string()),
                 until: Some(until.to_string()),
@@ -238,6 +224,24 @@ impl MachineApi for MtlsMachines {
 }
 
 impl MtlsMachines {
+    /// A client for one machine's dockerd (verified by its DNS name), calls bounded by
+    /// `timeout`.
+    fn docker(
+        &self,
+        machine_id: &str,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<bollard::Docker, String> {
+        crate::docker::connect(
+            self.tls.clone(),
+            address,
+            DOCKER_TLS_PORT,
+            &machine_dns_name(machine_id),
+            timeout,
+        )
+        .map_err(|e| e.to_string())
+    }
+
     async fn pull_image(
         &self,
         machine_id: &str,
@@ -247,14 +251,7 @@ impl MtlsMachines {
     ) -> Result<(), String> {
         use bollard::query_parameters::CreateImageOptions;
         use futures_util::StreamExt;
-        let docker = crate::docker::connect(
-            self.tls.clone(),
-            address,
-            DOCKER_TLS_PORT,
-            &machine_dns_name(machine_id),
-            timeout,
-        )
-        .map_err(|e| e.to_string())?;
+        let docker = self.docker(machine_id, address, timeout)?;
         let options = CreateImageOptions {
             from_image: Some(image.to_owned()),
             ..Default::default()

@@ -302,28 +302,21 @@ pub(super) fn run_all(tasks: &[Task], trace: &Trace, env: &Env) -> Vec<Outcome> 
 
 /// The points no other point beats on both idle machine-hours and p95 wait, cheapest first.
 pub(super) fn pareto(points: &[Summary]) -> Vec<Summary> {
-    let mut sorted: Vec<&Summary> = points.iter().collect();
-    sorted.sort_by(|a, b| {
-        a.idle_machine_hours
-            .total_cmp(&b.idle_machine_hours)
-            .then(a.p95_wait_s.total_cmp(&b.p95_wait_s))
-    });
-    let mut front: Vec<Summary> = Vec::new();
-    for p in sorted {
-        if front.last().is_none_or(|l| p.p95_wait_s < l.p95_wait_s) {
-            front.push(p.clone());
-        }
-    }
-    front
+    front_by(points, |p| p.idle_machine_hours)
 }
 
 /// Flotilla's points no other beats on both cost and p95 wait, cheapest first: with a
 /// stopped pool, idle machine-hours no longer say what a policy costs (disks do too).
 pub(super) fn cost_pareto(points: &[Summary]) -> Vec<Summary> {
+    front_by(points, |p| p.cost)
+}
+
+/// The points no other beats on both `price` and p95 wait, lowest price first.
+fn front_by(points: &[Summary], price: impl Fn(&Summary) -> f64) -> Vec<Summary> {
     let mut sorted: Vec<&Summary> = points.iter().collect();
     sorted.sort_by(|a, b| {
-        a.cost
-            .total_cmp(&b.cost)
+        price(a)
+            .total_cmp(&price(b))
             .then(a.p95_wait_s.total_cmp(&b.p95_wait_s))
     });
     let mut front: Vec<Summary> = Vec::new();
