@@ -33,6 +33,7 @@ const EMPTY_PANELS: &[&str] = &[
     "Launch failures by class and reason",
     "EC2 throttles by operation",
     "Instance types without a price",
+    "Images prefetched onto new machines",
 ];
 
 fn now() -> f64 {

@@ -251,6 +251,7 @@ pub fn exported_families() -> Result<BTreeMap<String, String>> {
     m.machine_time("default", "t3.micro", 1.0);
     m.lease_wait.observe(1.0);
     m.boot_time.observe(1.0);
+    m.prefetched("pulled");
     let mut pool = flotilla::pool::Pool::default();
     pool.add_waiter("default");
     let text = m.render(&pool, &["default"]);
