@@ -18,7 +18,6 @@ pub mod glob;
 mod helper_image;
 pub mod images;
 pub mod job;
-mod output;
 pub mod prepare;
 pub mod run;
 pub mod services;

@@ -23,7 +23,6 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::fault::DockerFault;
 use super::job::{runs_in_build_container, JobNames};
-use super::output::{Output, Stream};
 use super::verdict::{
     verdict, Attempt, Container, LeaseCheck, Liveness, LossProof, Ping, Probe, Report, Target,
     Verdict, LOSS_PROOF_WAIT,
@@ -346,21 +345,19 @@ impl StageIo {
             // The half-close is what gives the shell EOF.
             input.shutdown().await
         };
-        let sink = match Output::start() {
-            Ok(s) => s,
-            Err(e) => {
-                return Attempt::Local(format!("cannot start the stage's output writer: {e}"))
-            }
-        };
         let pump = async {
+            let mut stdout = tokio::io::stdout();
+            let mut stderr = tokio::io::stderr();
             while let Some(item) = output.next().await {
                 match item {
                     Ok(bollard::container::LogOutput::StdErr { message }) => {
-                        sink.send(Stream::Err, message).await?;
+                        stderr.write_all(&message).await?;
+                        stderr.flush().await?;
                     }
                     Ok(bollard::container::LogOutput::StdOut { message })
                     | Ok(bollard::container::LogOutput::Console { message }) => {
-                        sink.send(Stream::Out, message).await?;
+                        stdout.write_all(&message).await?;
+                        stdout.flush().await?;
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -370,7 +367,7 @@ impl StageIo {
                     }
                 }
             }
-            sink.finish().await
+            Ok::<(), std::io::Error>(())
         };
 
         let signals = signal(SignalKind::terminate())
