@@ -337,7 +337,7 @@ pub(crate) fn drain_adopted(
     let due: Vec<(String, String)> = pool
         .machines()
         .values()
-        .filter(|m| m.state == MachineState::Leased && m.lease_id.is_none())
+        .filter(|m| m.state == MachineState::Leased && m.leases.is_empty())
         .filter_map(|m| {
             let held = (now - m.adopted_at?).to_std().unwrap_or_default();
             let why = if free.contains(&m.id) {
@@ -763,7 +763,7 @@ mod tests {
         assert_eq!(adopted, vec!["m-1", "m-4"]);
         let m = &pool.machines()["m-1"];
         assert_eq!(m.state, MachineState::Leased);
-        assert_eq!(m.lease_id, None);
+        assert!(m.leases.is_empty());
         assert_eq!(m.adopted_at, Some(t(0)));
         assert_eq!(
             (m.instance_id.as_str(), m.address.as_str()),

@@ -25,6 +25,9 @@ pub struct ClassPolicy {
     /// the stopped pool off.
     pub max_stopped: u32,
     pub max_builds: u32,
+    /// Jobs a machine runs at once (at least 1): the idle target, waiting jobs and the
+    /// forecast count jobs, and are turned into machines by [`ClassPolicy::machines_for`].
+    pub jobs_per_machine: u32,
     pub boot_timeout: Duration,
     /// Machines older than this (since launch) take no further job.
     pub max_age: Duration,
@@ -74,9 +77,12 @@ impl Learned {
         class: &str,
         now: DateTime<Utc>,
         max_stopped: u32,
+        slots: u32,
     ) -> u32 {
         let burst = history.burst_ahead(class, now, self.stopped_horizon);
-        burst.ceil().clamp(0.0, f64::from(max_stopped)) as u32
+        (burst / f64::from(slots.max(1)))
+            .ceil()
+            .clamp(0.0, f64::from(max_stopped)) as u32
     }
 }
 
@@ -107,8 +113,11 @@ impl ClassPolicy {
     /// `max_builds` jobs, or it is `max_age` old. The plan retires idle machines for it; a
     /// release applies it in the same critical section, so no waiting job gets such a
     /// machine and a machine kept busy still retires at the end of its current job.
+    /// Jobs still running on a shared machine count as taken: with slots, a machine at
+    /// `max_builds` takes no new job while its last ones finish.
     pub fn retire_reason(&self, m: &Machine, now: DateTime<Utc>) -> Option<TerminateReason> {
-        if self.max_builds > 0 && m.builds >= self.max_builds {
+        let taken = m.builds.saturating_add(m.leases.len() as u32);
+        if self.max_builds > 0 && taken >= self.max_builds {
             Some(TerminateReason::MaxBuilds)
         } else if elapsed(m.launched_at, now) >= self.max_age {
             Some(TerminateReason::MaxAge)
@@ -117,11 +126,24 @@ impl ClassPolicy {
         }
     }
 
+    /// Slots per machine (`jobs_per_machine`, at least 1).
+    pub fn slots(&self) -> u32 {
+        self.jobs_per_machine.max(1)
+    }
+
+    /// Machines that give `jobs` job slots beyond the `free` slots machines already
+    /// running jobs have left. Pure.
+    pub fn machines_for(&self, jobs: u32, free: u32) -> u32 {
+        jobs.saturating_sub(free).div_ceil(self.slots())
+    }
+
     /// The stopped pool's size at `now`: from the forecast ([`Learned::stopped`]) when the
     /// class has one, else `max_stopped` itself.
     pub fn stopped_target(&self, history: &DemandHistory, class: &str, now: DateTime<Utc>) -> u32 {
         match &self.learned {
-            Some(l) if self.max_stopped > 0 => l.stopped(history, class, now, self.max_stopped),
+            Some(l) if self.max_stopped > 0 => {
+                l.stopped(history, class, now, self.max_stopped, self.slots())
+            }
             _ => self.max_stopped,
         }
     }
@@ -171,6 +193,7 @@ impl Policy {
                             max_machines: k.max_machines,
                             max_stopped: k.max_stopped,
                             max_builds: k.max_builds,
+                            jobs_per_machine: k.jobs_per_machine.max(1),
                             boot_timeout: k.boot_timeout.0,
                             max_age: k.max_age.0,
                             schedules: k
@@ -377,8 +400,11 @@ struct ClassRoom {
     /// Idle or starting machines: those a waiting job gets sooner than a start would
     /// bring one (a boot in flight may take longer).
     ready_soon: u32,
-    /// Idle machines the class should keep (idle policy in force, or the forecast).
-    idle_target: u32,
+    /// Machines the waiting jobs need beyond the free slots of machines running jobs.
+    waiting: u32,
+    /// Machines for the waiting jobs and the idle slots the class should keep (idle
+    /// policy in force, or the forecast).
+    demand: u32,
     /// Stopped machines a start can bring back, oldest stop first.
     stopped: Vec<String>,
     /// Machines the stopped pool is short of its (forecast) target.
@@ -398,23 +424,37 @@ fn scale_down_idle<'a>(
 ) -> BTreeMap<&'a str, ClassRoom> {
     let mut rooms = BTreeMap::new();
     for (name, class) in &policy.classes {
-        let waiting = pool.waiting(name);
-        let mut idle_policy = class.idle_at(now);
-        let mut idle_target = idle_policy.target(pool.count(name, MachineState::Leased));
-        if let Some(learned) = &class.learned {
-            idle_target = idle_target.max(learned.warm(pool.history(), name, now));
-            idle_policy.idle_time = idle_policy.idle_time.min(learned.idle_time);
-        }
-        let demand = if pool.is_draining() {
-            0
-        } else {
-            idle_target + waiting
-        };
         let mine: Vec<_> = pool
             .machines()
             .values()
             .filter(|m| &m.class == name && !doomed.contains(&m.id))
             .collect();
+        // Jobs and idle targets count slots; machines running jobs (that may take more)
+        // serve them from their free slots first, and the rest is whole machines.
+        let leased: Vec<_> = mine
+            .iter()
+            .filter(|m| m.state == MachineState::Leased)
+            .collect();
+        let in_use_jobs: u32 = leased.iter().map(|m| (m.leases.len() as u32).max(1)).sum();
+        let partial_free: u32 = leased
+            .iter()
+            .filter(|m| !m.leases.is_empty() && m.adopted_at.is_none())
+            .filter(|m| class.retire_reason(m, now).is_none())
+            .map(|m| class.slots().saturating_sub(m.leases.len() as u32))
+            .sum();
+        let waiting_jobs = pool.waiting(name);
+        let mut idle_policy = class.idle_at(now);
+        let mut idle_target = idle_policy.target(in_use_jobs);
+        if let Some(learned) = &class.learned {
+            idle_target = idle_target.max(learned.warm(pool.history(), name, now));
+            idle_policy.idle_time = idle_policy.idle_time.min(learned.idle_time);
+        }
+        let waiting = class.machines_for(waiting_jobs, partial_free);
+        let demand = if pool.is_draining() {
+            0
+        } else {
+            class.machines_for(idle_target + waiting_jobs, partial_free)
+        };
         // A starting machine is coming capacity, as a booting one is.
         let booting = mine
             .iter()
@@ -512,11 +552,7 @@ fn scale_down_idle<'a>(
         // comes back.
         let fill = match &class.learned {
             Some(_) if !pool.is_draining() => {
-                let leased = mine
-                    .iter()
-                    .filter(|m| m.state == MachineState::Leased)
-                    .count() as u32;
-                stop_target.saturating_sub(parked_count + leased)
+                stop_target.saturating_sub(parked_count + leased.len() as u32)
             }
             _ => 0,
         };
@@ -526,7 +562,8 @@ fn scale_down_idle<'a>(
                 live: live - removed,
                 available: left_idle + booting,
                 ready_soon: left_idle + starting,
-                idle_target,
+                waiting,
+                demand,
                 fill,
                 stopped: stopped
                     .iter()
@@ -575,13 +612,12 @@ fn plan_launches(
             let Some(room) = classes.get(name.as_str()) else {
                 continue;
             };
-            let waiting = pool.waiting(name);
             let s = started.entry(name.as_str()).or_default();
             let want = match pass {
-                Pass::Waiting => waiting,
-                Pass::IdleCount => waiting + room.idle_target,
+                Pass::Waiting => room.waiting,
+                Pass::IdleCount => room.waiting.max(room.demand),
                 // Machines started above will be leased: they still count for the pool.
-                Pass::StoppedPool => waiting + room.idle_target + room.fill,
+                Pass::StoppedPool => room.waiting.max(room.demand) + room.fill,
             };
             // Starts first: a stopped machine is already counted live, so only the growth
             // rate bounds it, and it comes back faster and with its image cache. A waiting
@@ -655,6 +691,7 @@ mod tests {
                     max_machines: max,
                     max_stopped: 0,
                     max_builds,
+                    jobs_per_machine: 1,
                     boot_timeout: Duration::from_secs(300),
                     max_age: Duration::from_secs(7 * 86_400),
                     schedules: Vec::new(),
@@ -738,6 +775,85 @@ mod tests {
         add(&mut pool, "a", MachineState::Leased, 0);
         let actions = plan(&policy(0, 600, 5, 0), &pool, t(0));
         assert_eq!(launches(&actions), 4, "{actions:?}");
+    }
+
+    /// A machine of class `c` running the jobs `leases` (each a lease the pool holds).
+    fn running(pool: &mut Pool, id: &str, jobs: &[&str]) {
+        add(pool, id, MachineState::Idle, 0);
+        for job in jobs {
+            let terms = crate::pool::LeaseTerms {
+                slots: 4,
+                ..Default::default()
+            };
+            let l = pool.try_lease_where(job, "c", format!("l-{job}"), terms, t(0), |m| m.id == id);
+            assert!(l.is_some(), "{job} on {id}");
+        }
+    }
+
+    fn sharing(slots: u32, p: Policy) -> Policy {
+        let mut p = p;
+        for c in p.classes.values_mut() {
+            c.jobs_per_machine = slots;
+        }
+        p
+    }
+
+    #[test]
+    fn with_slots_jobs_and_idle_targets_count_slots_not_machines() {
+        // 4 slots: 7 waiting jobs need 2 machines, an idle target of 5 slots another 2.
+        let mut pool = Pool::default();
+        pool.set_waiting_for_test("c", 7);
+        let p = sharing(4, policy(0, 600, 10, 0));
+        assert_eq!(launches(&plan(&p, &pool, t(0))), 2);
+        let p = sharing(4, policy(5, 600, 10, 0));
+        assert_eq!(launches(&plan(&p, &pool, t(0))), 3);
+        // A machine running 1 job has 3 slots free: 3 waiting jobs need no launch.
+        let mut pool = Pool::default();
+        running(&mut pool, "a", &["j1"]);
+        pool.set_waiting_for_test("c", 3);
+        let p = sharing(4, policy(0, 600, 10, 0));
+        assert_eq!(launches(&plan(&p, &pool, t(0))), 0);
+        pool.set_waiting_for_test("c", 4);
+        assert_eq!(launches(&plan(&p, &pool, t(0))), 1);
+    }
+
+    #[test]
+    fn with_slots_an_idle_machine_covering_the_idle_slots_stays() {
+        // idle_count 2 slots, 4 per machine: one idle machine covers it; a second goes.
+        let mut pool = Pool::default();
+        add(&mut pool, "old", MachineState::Idle, 0);
+        add(&mut pool, "new", MachineState::Idle, 100);
+        let p = sharing(4, policy(2, 60, 10, 0));
+        let actions = plan(&p, &pool, t(1000));
+        assert_eq!(
+            terminated(&actions),
+            vec![("old".to_string(), TerminateReason::IdleTimeout)]
+        );
+        assert_eq!(launches(&actions), 0);
+        // Free slots on a busy machine cover the idle target too: both idle ones go.
+        running(&mut pool, "busy", &["j1", "j2"]);
+        let actions = plan(&p, &pool, t(1000));
+        assert_eq!(terminated(&actions).len(), 2, "{actions:?}");
+    }
+
+    #[test]
+    fn a_shared_machine_at_max_builds_offers_no_free_slots() {
+        // max_builds 2: a machine with 1 job done and 1 running has taken its 2.
+        let mut pool = Pool::default();
+        running(&mut pool, "a", &["j1", "j2"]);
+        pool.release(
+            "l-j1",
+            flotilla_proto::api::ReleaseOutcome::Healthy,
+            None,
+            t(1),
+        );
+        pool.set_waiting_for_test("c", 1);
+        let p = sharing(4, policy(0, 600, 10, 2));
+        assert_eq!(launches(&plan(&p, &pool, t(2))), 1);
+        assert!(
+            terminated(&plan(&p, &pool, t(2))).is_empty(),
+            "its job runs on"
+        );
     }
 
     #[test]

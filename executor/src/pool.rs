@@ -1,7 +1,8 @@
 //! The daemon's model of its machines and leases, and the synchronous operations on it.
 //!
-//! Invariants: a machine is leased to at most one job; a `Broken` or `Terminating` machine
-//! is never leased; a lease outlives its machine only as a record that the machine was lost
+//! Invariants: a machine holds at most its class's `jobs_per_machine` leases (slots), and
+//! is `Leased` exactly while it holds one; a `Broken` or `Terminating` machine is never
+//! leased; a lease outlives its machine only as a record that the machine was lost
 //! (so the job's next stage fails with a system failure instead of a timeout). Nothing
 //! here does I/O; the daemon persists [`Pool`] after every change.
 
@@ -60,7 +61,15 @@ pub struct Machine {
     /// When the machine last became idle (ready, or its last job ended).
     pub idle_since: DateTime<Utc>,
     pub builds: u32,
-    pub lease_id: Option<String>,
+    /// The leases it holds, oldest first: one per job running on it, at most its class's
+    /// `jobs_per_machine`. (Read from the `lease_id` of state files written before slots.)
+    #[serde(
+        default,
+        alias = "lease_id",
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub leases: Vec<String>,
     /// Why the machine is broken or being terminated, for operators.
     pub note: Option<String>,
     pub terminate_reason: Option<TerminateReason>,
@@ -102,7 +111,7 @@ impl Machine {
             ready_at: None,
             idle_since: now,
             builds: 0,
-            lease_id: None,
+            leases: Vec::new(),
             note: None,
             terminate_reason: None,
             terminate_sent_at: None,
@@ -126,12 +135,41 @@ impl Machine {
             launched_at: self.launched_at,
             ready_at: self.ready_at,
             job_key: self
-                .lease_id
-                .as_ref()
+                .leases
+                .first()
                 .and_then(|l| pool.leases.get(l))
                 .map(|l| l.job_key.clone()),
+            jobs: self.leases.len() as u32,
         }
     }
+
+    /// Whether it may take one more job with `slots` per machine: ready and idle, or
+    /// leased with a slot free (never an adopted machine, which is held for no job).
+    fn has_free_slot(&self, slots: u32) -> bool {
+        match self.state {
+            MachineState::Idle => true,
+            MachineState::Leased => {
+                self.adopted_at.is_none()
+                    && !self.leases.is_empty()
+                    && (self.leases.len() as u32) < slots.max(1)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A lease list, or the single optional lease id of older state files.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Option<String>),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => one.into_iter().collect(),
+        OneOrMany::Many(many) => many,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +198,8 @@ pub struct LeaseRecord {
 pub struct LeaseTerms {
     pub secret_hash: String,
     pub expires_after_secs: Option<u64>,
+    /// Jobs the class runs at once on a machine (`jobs_per_machine`; 0 counts as 1).
+    pub slots: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,8 +376,9 @@ impl Pool {
         self.leases.values().find(|l| l.job_key == job_key)
     }
 
-    /// Leases an idle machine of `class` to the job, preferring the most recently used
-    /// one (warm caches; lets the oldest idle machines age out and be scaled down).
+    /// Leases an idle machine of `class` to the job (one job per machine), preferring the
+    /// most recently used one (warm caches; lets the oldest idle machines age out and be
+    /// scaled down).
     pub fn try_lease(
         &mut self,
         job_key: &str,
@@ -349,7 +390,8 @@ impl Pool {
     }
 
     /// [`Pool::try_lease`] for a job that proves itself with a secret (see
-    /// [`LeaseRecord::accepts`]) and says how long it may run.
+    /// [`LeaseRecord::accepts`]), says how long it may run, and may share a machine with
+    /// `terms.slots - 1` other jobs.
     pub fn try_lease_with_terms(
         &mut self,
         job_key: &str,
@@ -358,13 +400,32 @@ impl Pool {
         terms: LeaseTerms,
         now: DateTime<Utc>,
     ) -> Option<&LeaseRecord> {
+        self.try_lease_where(job_key, class, lease_id, terms, now, |_| true)
+    }
+
+    /// [`Pool::try_lease_with_terms`] on a machine `may_take` accepts (one that must take
+    /// no further job, `max_builds` or `max_age`, is refused there). With slots, machines
+    /// already running jobs are filled first, the fullest first: the others stay idle, to
+    /// be scaled down or kept for a burst.
+    pub fn try_lease_where(
+        &mut self,
+        job_key: &str,
+        class: &str,
+        lease_id: String,
+        terms: LeaseTerms,
+        now: DateTime<Utc>,
+        may_take: impl Fn(&Machine) -> bool,
+    ) -> Option<&LeaseRecord> {
         let machine = self
             .machines
             .values_mut()
-            .filter(|m| m.class == class && m.state == MachineState::Idle)
-            .max_by(|a, b| (a.idle_since, &a.id).cmp(&(b.idle_since, &b.id)))?;
+            .filter(|m| m.class == class && m.has_free_slot(terms.slots))
+            .filter(|m| may_take(m))
+            .max_by(|a, b| {
+                (a.leases.len(), a.idle_since, &a.id).cmp(&(b.leases.len(), b.idle_since, &b.id))
+            })?;
         machine.state = MachineState::Leased;
-        machine.lease_id = Some(lease_id.clone());
+        machine.leases.push(lease_id.clone());
         let record = LeaseRecord {
             lease_id: lease_id.clone(),
             job_key: job_key.to_owned(),
@@ -397,21 +458,22 @@ impl Pool {
             return false;
         };
         if let Some(m) = self.machines.get_mut(&lease.machine_id) {
-            if m.lease_id.as_deref() == Some(lease_id) {
-                m.lease_id = None;
+            if let Some(at) = m.leases.iter().position(|l| l == lease_id) {
+                m.leases.remove(at);
                 m.builds = m.builds.saturating_add(1);
                 if m.state == MachineState::Leased {
                     match outcome {
+                        // Other jobs still run on it: it stays leased.
+                        ReleaseOutcome::Healthy if !m.leases.is_empty() => {}
                         ReleaseOutcome::Healthy => {
                             m.state = MachineState::Idle;
                             m.idle_since = now;
                         }
                         ReleaseOutcome::Broken => {
-                            m.state = MachineState::Broken;
                             let why = reason.unwrap_or_else(|| "reported broken by a job".into());
-                            let casualty = Casualty::of(m, &why);
-                            m.note = Some(why);
-                            self.record_casualty(casualty);
+                            let machine_id = m.id.clone();
+                            // The jobs still on it are lost with it.
+                            self.mark_broken(&machine_id, &why);
                         }
                     }
                 }
@@ -493,7 +555,7 @@ impl Pool {
     /// it), and is `stopped` once EC2 says so. False when it is no longer idle.
     pub fn begin_stop(&mut self, machine_id: &str, now: DateTime<Utc>) -> bool {
         match self.machines.get_mut(machine_id) {
-            Some(m) if m.state == MachineState::Idle && m.lease_id.is_none() => {
+            Some(m) if m.state == MachineState::Idle && m.leases.is_empty() => {
                 m.state = MachineState::Stopping;
                 m.idle_since = now;
                 m.stop_sent_at = None;
@@ -646,7 +708,7 @@ impl Pool {
         let Some(m) = self.machines.get_mut(machine_id) else {
             return;
         };
-        if let Some(lease_id) = m.lease_id.take() {
+        for lease_id in std::mem::take(&mut m.leases) {
             if let Some(lease) = self.leases.get_mut(&lease_id) {
                 lease.lost = Some(why.to_owned());
             }
@@ -731,7 +793,7 @@ impl Pool {
     /// taken from its job this way. Returns whether it changed.
     pub fn begin_terminate(&mut self, machine_id: &str, reason: TerminateReason) -> bool {
         match self.machines.get_mut(machine_id) {
-            Some(m) if m.lease_id.is_none() && m.state != MachineState::Terminating => {
+            Some(m) if m.leases.is_empty() && m.state != MachineState::Terminating => {
                 m.state = MachineState::Terminating;
                 m.terminate_reason = Some(reason);
                 true
@@ -839,7 +901,9 @@ impl Pool {
     pub fn restore_lease(&mut self, lease: &LeaseRecord) {
         if let Some(m) = self.machines.get_mut(&lease.machine_id) {
             m.state = MachineState::Leased;
-            m.lease_id = Some(lease.lease_id.clone());
+            if !m.leases.contains(&lease.lease_id) {
+                m.leases.push(lease.lease_id.clone());
+            }
         }
         self.leases.insert(lease.lease_id.clone(), lease.clone());
     }
@@ -851,9 +915,11 @@ impl Pool {
             return;
         };
         if let Some(m) = self.machines.get_mut(&l.machine_id) {
-            if m.lease_id.as_deref() == Some(lease_id) {
-                m.state = MachineState::Idle;
-                m.lease_id = None;
+            if let Some(at) = m.leases.iter().position(|x| x == lease_id) {
+                m.leases.remove(at);
+                if m.leases.is_empty() {
+                    m.state = MachineState::Idle;
+                }
             }
         }
     }
@@ -923,7 +989,7 @@ impl Pool {
             Some(m)
                 if m.adopted_at.is_some()
                     && m.state == MachineState::Leased
-                    && m.lease_id.is_none() =>
+                    && m.leases.is_empty() =>
             {
                 m.state = MachineState::Terminating;
                 m.terminate_reason = Some(TerminateReason::Drained);
@@ -976,6 +1042,101 @@ mod tests {
         assert!(pool.mark_ready(id, t(since)));
     }
 
+    fn slots(n: u32) -> LeaseTerms {
+        LeaseTerms {
+            slots: n,
+            ..LeaseTerms::default()
+        }
+    }
+
+    fn lease_on(pool: &mut Pool, job: &str, n: u32, at: i64) -> Option<String> {
+        pool.try_lease_with_terms(job, "c", format!("l-{job}"), slots(n), t(at))
+            .map(|l| l.machine_id.clone())
+    }
+
+    #[test]
+    fn with_slots_jobs_fill_a_busy_machine_before_an_idle_one() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        idle(&mut pool, "b", 5);
+        assert_eq!(lease_on(&mut pool, "j1", 2, 10).as_deref(), Some("b"));
+        // b has a slot left: the next job shares it, and a stays idle.
+        assert_eq!(lease_on(&mut pool, "j2", 2, 11).as_deref(), Some("b"));
+        assert_eq!(lease_on(&mut pool, "j3", 2, 12).as_deref(), Some("a"));
+        assert_eq!(pool.machine("b").unwrap().leases, ["l-j1", "l-j2"]);
+        // One job per machine never shares.
+        assert_eq!(lease_on(&mut pool, "j4", 1, 13), None);
+        // The machine is leased while any of its jobs runs, idle after the last.
+        pool.release("l-j1", ReleaseOutcome::Healthy, None, t(20));
+        let b = pool.machine("b").unwrap();
+        assert_eq!(
+            (b.state, b.builds, b.idle_since),
+            (MachineState::Leased, 1, t(5))
+        );
+        pool.release("l-j2", ReleaseOutcome::Healthy, None, t(30));
+        let b = pool.machine("b").unwrap();
+        assert_eq!(
+            (b.state, b.builds, b.idle_since),
+            (MachineState::Idle, 2, t(30))
+        );
+    }
+
+    #[test]
+    fn a_shared_machine_reported_broken_takes_its_other_jobs_with_it() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        lease_on(&mut pool, "j1", 3, 1);
+        lease_on(&mut pool, "j2", 3, 1);
+        pool.release(
+            "l-j1",
+            ReleaseOutcome::Broken,
+            Some("disk gone".into()),
+            t(2),
+        );
+        let a = pool.machine("a").unwrap();
+        assert_eq!(a.state, MachineState::Broken);
+        assert!(a.leases.is_empty());
+        assert_eq!(
+            pool.lease("l-j2").unwrap().lost.as_deref(),
+            Some("disk gone")
+        );
+        assert_eq!(lease_on(&mut pool, "j3", 3, 3), None, "never leased again");
+    }
+
+    #[test]
+    fn a_lease_undone_on_a_shared_machine_leaves_the_others() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        lease_on(&mut pool, "j1", 2, 1);
+        lease_on(&mut pool, "j2", 2, 1);
+        pool.undo_lease("l-j2");
+        let a = pool.machine("a").unwrap();
+        assert_eq!(
+            (a.state, a.leases.clone()),
+            (MachineState::Leased, vec!["l-j1".to_string()])
+        );
+        pool.undo_lease("l-j1");
+        assert_eq!(pool.machine("a").unwrap().state, MachineState::Idle);
+    }
+
+    #[test]
+    fn state_files_from_before_slots_load_their_single_lease() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        lease_on(&mut pool, "j1", 1, 1);
+        let mut json = serde_json::to_value(&pool).unwrap();
+        let m = &mut json["machines"]["a"];
+        assert_eq!(m["leases"], serde_json::json!(["l-j1"]));
+        let obj = m.as_object_mut().unwrap();
+        obj.remove("leases");
+        obj.insert("lease_id".into(), "l-j1".into());
+        let old: Pool = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(old.machine("a").unwrap().leases, ["l-j1"]);
+        json["machines"]["a"]["lease_id"] = serde_json::Value::Null;
+        let old: Pool = serde_json::from_value(json).unwrap();
+        assert!(old.machine("a").unwrap().leases.is_empty());
+    }
+
     #[test]
     fn a_lease_expires_after_its_jobs_own_time_not_the_default() {
         let mut pool = Pool::default();
@@ -984,6 +1145,7 @@ mod tests {
         let terms = |secs| LeaseTerms {
             secret_hash: secret_hash("s"),
             expires_after_secs: secs,
+            slots: 1,
         };
         pool.try_lease_with_terms("job-1", "c", "l1".into(), terms(Some(600)), t(0))
             .unwrap();
@@ -1003,6 +1165,7 @@ mod tests {
         let terms = LeaseTerms {
             secret_hash: secret_hash("right"),
             expires_after_secs: None,
+            slots: 1,
         };
         let lease = pool
             .try_lease_with_terms("job-1", "c", "l1".into(), terms, t(0))

@@ -161,9 +161,12 @@ pub struct MachineStatus {
     pub launched_at: DateTime<Utc>,
     #[serde(default)]
     pub ready_at: Option<DateTime<Utc>>,
-    /// The job holding the machine, when leased.
+    /// The job holding the machine (the first, when several share it), when leased.
     #[serde(default)]
     pub job_key: Option<String>,
+    /// Jobs running on it (more than one with `jobs_per_machine`).
+    #[serde(default)]
+    pub jobs: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -369,7 +369,8 @@ pub struct ClassConfig {
     pub launch_template: Option<LaunchTemplateRef>,
     #[serde(default)]
     pub market: Market,
-    /// Idle (ready, unleased) machines to keep; with `idle_scale_factor` this is the cap.
+    /// Idle job slots to keep (machines, with one job per machine); with
+    /// `idle_scale_factor` this is the cap.
     #[serde(default)]
     pub idle_count: u32,
     /// With `idle_scale_factor`: keep at least this many idle machines.
@@ -395,6 +396,15 @@ pub struct ClassConfig {
     /// Jobs per machine before it is replaced; 0 means unlimited.
     #[serde(default)]
     pub max_builds: u32,
+    /// Jobs a machine runs at once (docker-autoscaler's `capacity_per_instance`): each
+    /// lease is a slot, each job's containers get `1/jobs_per_machine` of the machine's
+    /// CPUs and memory unless `[job.container]` sets `cpus`/`memory`. Jobs sharing a
+    /// machine share its dockerd, so a class with more than one may not run privileged.
+    #[serde(
+        default = "defaults::jobs_per_machine",
+        skip_serializing_if = "defaults::is_jobs_per_machine"
+    )]
+    pub jobs_per_machine: u32,
     /// A machine whose dockerd does not answer over mTLS within this is replaced.
     #[serde(default = "defaults::boot_timeout")]
     pub boot_timeout: HumanDuration,
@@ -430,6 +440,9 @@ pub struct ClassConfig {
     #[serde(default = "defaults::prefetch_images")]
     pub prefetch_images: u32,
 }
+
+/// Most jobs one machine may run at once.
+pub const MAX_JOBS_PER_MACHINE: u32 = 64;
 
 /// Most images a class may prefetch onto each new machine.
 pub const MAX_PREFETCH_IMAGES: u32 = 16;
@@ -507,6 +520,7 @@ impl Default for ClassConfig {
             max_machines: defaults::max_machines(),
             max_stopped: 0,
             max_builds: 0,
+            jobs_per_machine: defaults::jobs_per_machine(),
             boot_timeout: defaults::boot_timeout(),
             max_age: defaults::max_age(),
             schedules: Vec::new(),
@@ -617,6 +631,12 @@ mod defaults {
     }
     pub fn boot_timeout() -> HumanDuration {
         HumanDuration::from_secs(300)
+    }
+    pub fn jobs_per_machine() -> u32 {
+        1
+    }
+    pub fn is_jobs_per_machine(n: &u32) -> bool {
+        *n == jobs_per_machine()
     }
     pub fn max_age() -> HumanDuration {
         HumanDuration::from_secs(7 * 86_400)
@@ -801,6 +821,15 @@ impl Config {
                 ),
             );
         }
+        if !(1..=MAX_JOBS_PER_MACHINE).contains(&class.jobs_per_machine) {
+            return bad(
+                &key("jobs_per_machine"),
+                format!(
+                    "{} must be from 1 to {MAX_JOBS_PER_MACHINE}",
+                    class.jobs_per_machine
+                ),
+            );
+        }
         if class.max_stopped > class.max_machines {
             return bad(
                 &key("max_stopped"),
@@ -912,6 +941,9 @@ impl Config {
     fn check_jobs(&self) -> Result<(), Invalid> {
         check_job(&self.job, "job")?;
         for (name, class) in &self.classes {
+            if class.jobs_per_machine > 1 {
+                check_sharable(&self.job_for(name)?, name)?;
+            }
             let Some(over) = &class.job else { continue };
             for fixed in ["builds_dir", "cache_dir"] {
                 if over.contains_key(fixed) {
@@ -1219,6 +1251,38 @@ fn bad(key: &str, message: String) -> Result<(), Invalid> {
     })
 }
 
+/// Jobs that share a machine share its dockerd: one that controls the machine (a
+/// privileged container, dockerd's socket) controls the other jobs on it too.
+fn check_sharable(job: &JobConfig, class: &str) -> Result<(), Invalid> {
+    let key = format!("classes.{class}.jobs_per_machine");
+    let why = "jobs sharing a machine must not control it";
+    if job.privileged || job.services_privileged == Some(true) {
+        return bad(
+            &key,
+            format!(
+                "is more than 1 with privileged jobs or services: {why} (a privileged \
+                 container controls the machine and the other jobs on it); give privileged \
+                 builds a class of their own with jobs_per_machine = 1"
+            ),
+        );
+    }
+    let binds_socket = |v: &&String| {
+        v.split(':')
+            .next()
+            .is_some_and(|host| host.ends_with("docker.sock"))
+    };
+    if let Some(v) = job.volumes.iter().find(binds_socket) {
+        return bad(
+            &key,
+            format!(
+                "is more than 1 with the volume {v:?}: {why} (dockerd's socket runs any \
+                 container on it)"
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Rules of one `[job]` (the fleet's, or a class's merged one), keys under `prefix`.
 fn check_job(job: &JobConfig, prefix: &str) -> Result<(), Invalid> {
     let bad = |key: &str, message: String| Invalid {
@@ -1469,6 +1533,57 @@ subnets = ["subnet-1"]
         );
         let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
         assert_eq!(err.key, "classes.small.prefetch_images");
+    }
+
+    #[test]
+    fn jobs_per_machine_defaults_to_one_and_is_bounded() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.classes["small"].jobs_per_machine, 1);
+        for bad_value in ["0", "65"] {
+            let text = MINIMAL.replace(
+                "subnets = [\"subnet-1\"]",
+                &format!("subnets = [\"subnet-1\"]\njobs_per_machine = {bad_value}"),
+            );
+            let err = Config::from_toml(&text).unwrap().validate().unwrap_err();
+            assert_eq!(err.key, "classes.small.jobs_per_machine");
+            assert!(err.message.contains("from 1 to 64"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn machines_shared_by_jobs_refuse_what_controls_the_machine() {
+        let shared = |job: &str| {
+            let text = MINIMAL.replace(
+                "subnets = [\"subnet-1\"]",
+                &format!("subnets = [\"subnet-1\"]\njobs_per_machine = 4\n{job}"),
+            );
+            Config::from_toml(&text).unwrap().validate()
+        };
+        shared("").unwrap();
+        for job in [
+            "[classes.small.job]\nprivileged = true",
+            "[classes.small.job]\nservices_privileged = true",
+            "[classes.small.job]\nvolumes = [\"/var/run/docker.sock:/var/run/docker.sock\"]",
+        ] {
+            let err = shared(job).unwrap_err();
+            assert_eq!(err.key, "classes.small.jobs_per_machine", "{job}");
+            assert!(
+                err.message.contains("must not control it"),
+                "{}",
+                err.message
+            );
+        }
+        // The fleet's [job] counts too, and one job per machine may do as it likes.
+        let fleet = format!("{MINIMAL}\n[job]\nprivileged = true\n");
+        Config::from_toml(&fleet).unwrap().validate().unwrap();
+        let err = Config::from_toml(&fleet.replace(
+            "subnets = [\"subnet-1\"]",
+            "subnets = [\"subnet-1\"]\njobs_per_machine = 2",
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.key, "classes.small.jobs_per_machine");
     }
 
     #[test]

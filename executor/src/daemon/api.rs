@@ -265,14 +265,14 @@ async fn acquire_lease(shared: Arc<Shared>, req: AcquireRequest) -> Result<Json<
                     t.saturating_add(LEASE_GRACE_SECS)
                         .min(shared.config.lease_timeout.0.as_secs())
                 }),
+                slots: shared.policy.classes.get(&class).map_or(1, |c| c.slots()),
             };
-            match pool.try_lease_with_terms(
-                &req.job_key,
-                &class,
-                lease_id.clone(),
-                terms,
-                shared.now(),
-            ) {
+            let now = shared.now();
+            // A shared machine at max_builds or max_age takes no further job (an idle one
+            // was retired when it became idle).
+            match pool.try_lease_where(&req.job_key, &class, lease_id.clone(), terms, now, |m| {
+                shared.retire_reason(m, now).is_none()
+            }) {
                 Some(l) => {
                     let record = l.clone();
                     if counted {

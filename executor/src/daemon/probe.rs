@@ -247,12 +247,17 @@ enum Check {
     Ping,
     /// Adopted without a lease: count all job containers (drain check).
     Adopted,
-    /// Leased past [`LEASE_RECLAIM_GRACE`]: count the job's containers.
-    Lease {
-        lease_id: String,
-        job_key: String,
-        age: Duration,
-    },
+    /// Leases past [`LEASE_RECLAIM_GRACE`] (one per job on the machine): count each
+    /// job's containers.
+    Leases(Vec<LeaseCheck>),
+}
+
+/// A lease old enough to be checked for its job's containers.
+#[derive(Debug, Clone)]
+struct LeaseCheck {
+    lease_id: String,
+    job_key: String,
+    age: Duration,
 }
 
 /// Pings every idle and leased machine each `health_interval`, concurrently, each check
@@ -285,22 +290,24 @@ pub(super) async fn watch_health(
                 .values()
                 .filter(|m| matches!(m.state, MachineState::Idle | MachineState::Leased))
                 .map(|m| {
-                    let lease = m.lease_id.as_ref().and_then(|l| pool.leases().get(l));
-                    let check = match lease {
-                        None if m.adopted_at.is_some() => Check::Adopted,
-                        Some(l) if l.lost.is_none() => {
-                            let age = (now - l.acquired_at).to_std().unwrap_or_default();
-                            if age >= LEASE_RECLAIM_GRACE {
-                                Check::Lease {
-                                    lease_id: l.lease_id.clone(),
-                                    job_key: l.job_key.clone(),
-                                    age,
-                                }
-                            } else {
-                                Check::Ping
-                            }
-                        }
-                        _ => Check::Ping,
+                    let old: Vec<LeaseCheck> = m
+                        .leases
+                        .iter()
+                        .filter_map(|l| pool.leases().get(l))
+                        .filter(|l| l.lost.is_none())
+                        .map(|l| LeaseCheck {
+                            lease_id: l.lease_id.clone(),
+                            job_key: l.job_key.clone(),
+                            age: (now - l.acquired_at).to_std().unwrap_or_default(),
+                        })
+                        .filter(|l| l.age >= LEASE_RECLAIM_GRACE)
+                        .collect();
+                    let check = if m.leases.is_empty() && m.adopted_at.is_some() {
+                        Check::Adopted
+                    } else if old.is_empty() {
+                        Check::Ping
+                    } else {
+                        Check::Leases(old)
                     };
                     (m.id.clone(), m.address.clone(), check)
                 })
@@ -308,9 +315,9 @@ pub(super) async fn watch_health(
         };
         failures.retain(|id, _| targets.iter().any(|(t, _, _)| t == id));
         empty_leases.retain(|l| {
-            targets
-                .iter()
-                .any(|(_, _, c)| matches!(c, Check::Lease { lease_id, .. } if lease_id == l))
+            targets.iter().any(
+                |(_, _, c)| matches!(c, Check::Leases(old) if old.iter().any(|o| &o.lease_id == l)),
+            )
         });
         let free = std::sync::Mutex::new(std::collections::HashSet::new());
         // (lease id, age, job containers) of each leased machine checked by listing.
@@ -335,19 +342,18 @@ pub(super) async fn watch_health(
                                         .insert(check_id.clone());
                                 }
                             }),
-                        Check::Lease {
-                            lease_id,
-                            job_key,
-                            age,
-                        } => machines
-                            .job_containers(&check_id, &address, Some(&job_key))
-                            .await
-                            .map(|n| {
+                        Check::Leases(old) => {
+                            for l in old {
+                                let n = machines
+                                    .job_containers(&check_id, &address, Some(&l.job_key))
+                                    .await?;
                                 lease_counts
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .push((lease_id, age, n));
-                            }),
+                                    .push((l.lease_id, l.age, n));
+                            }
+                            Ok(())
+                        }
                         Check::Ping => machines.ping(&check_id, &address).await,
                     }
                 };
@@ -379,7 +385,7 @@ pub(super) async fn watch_health(
                         .pool()
                         .machines()
                         .get(&id)
-                        .is_some_and(|m| m.lease_id.is_some());
+                        .is_some_and(|m| !m.leases.is_empty());
                     match health_action(leased, *n) {
                         HealthAction::Tolerate => {
                             tracing::warn!(machine = %id, failures = *n, error = %e, "leased machine did not answer its health check; left to its job and to EC2 observation")
@@ -434,7 +440,7 @@ pub(super) async fn watch_health(
                 let leased = pool
                     .machines()
                     .get(id)
-                    .is_some_and(|m| m.lease_id.is_some());
+                    .is_some_and(|m| !m.leases.is_empty());
                 if health_action(leased, *n) == HealthAction::MarkLost {
                     pool.mark_broken(id, &format!("its Docker daemon stopped answering ({e})"));
                     marked += 1;
