@@ -26,16 +26,17 @@ pub fn render_table(s: &StatusResponse) -> String {
     if !s.classes.is_empty() {
         let _ = writeln!(
             out,
-            "{:<10} {:>4} {:>6} {:>7} {:>8} {:>9} {:>7}  WAITING FOR",
-            "CLASS", "IDLE", "LEASED", "BOOTING", "STOPPED", "LIVE/MAX", "WAITING"
+            "{:<10} {:>4} {:>6} {:>4} {:>7} {:>8} {:>9} {:>7}  WAITING FOR",
+            "CLASS", "IDLE", "LEASED", "JOBS", "BOOTING", "STOPPED", "LIVE/MAX", "WAITING"
         );
         for (name, c) in &s.classes {
             let _ = writeln!(
                 out,
-                "{:<10} {:>4} {:>6} {:>7} {:>8} {:>9} {:>7}  {}",
+                "{:<10} {:>4} {:>6} {:>4} {:>7} {:>8} {:>9} {:>7}  {}",
                 name,
                 c.idle,
                 c.leased,
+                c.jobs,
                 c.booting + c.starting,
                 c.stopped,
                 format!("{}/{}", c.live, c.max_machines),
@@ -67,8 +68,17 @@ pub fn render_table(s: &StatusResponse) -> String {
             m.address,
             m.builds,
             age,
-            m.job_key.as_deref().unwrap_or("-")
+            job_column(m)
         );
     }
     out
+}
+
+/// The job on the machine, and how many more share it (`jobs_per_machine`).
+fn job_column(m: &flotilla_proto::api::MachineStatus) -> String {
+    match (&m.job_key, m.jobs) {
+        (None, _) => "-".to_string(),
+        (Some(k), 0 | 1) => k.clone(),
+        (Some(k), n) => format!("{k} (+{} more)", n - 1),
+    }
 }

@@ -199,6 +199,13 @@ pub struct ClassStatus {
     pub starting: u32,
     /// Machines that count against `max_machines` (terminating ones do not).
     pub live: u32,
+    /// Jobs running on the class's machines: more than `leased` when machines run
+    /// several (`jobs_per_machine`).
+    #[serde(default)]
+    pub jobs: u32,
+    /// The class's `jobs_per_machine`.
+    #[serde(default)]
+    pub jobs_per_machine: u32,
     pub max_machines: u32,
     /// Acquire requests waiting for a machine of this class.
     pub waiting: u32,

@@ -25,6 +25,7 @@ mod postmortem;
 mod prefetch;
 mod prometheus;
 mod restart;
+mod shared;
 mod stages;
 mod stopped;
 mod tls;

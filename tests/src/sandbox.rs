@@ -44,6 +44,8 @@ pub struct SandboxOptions {
     pub max_stopped: u32,
     /// The default class's `prefetch_images` (`None`: the config's default).
     pub prefetch_images: Option<u32>,
+    /// The default class's `jobs_per_machine` (0: the config's default, 1).
+    pub jobs_per_machine: u32,
     pub orphan_grace: Duration,
     pub acquire_timeout: Duration,
     /// Exact directory to use (emptied first); default: a new `flt-*` dir under `base_dir`.
@@ -99,6 +101,7 @@ impl Default for SandboxOptions {
             start_delay: Duration::from_secs(1),
             max_stopped: 0,
             prefetch_images: None,
+            jobs_per_machine: 0,
             orphan_grace: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(90),
             dir: None,
@@ -400,6 +403,9 @@ impl Sandbox {
             class.max_machines = opts.max_machines;
             class.max_builds = opts.max_builds;
             class.max_stopped = opts.max_stopped;
+            if opts.jobs_per_machine > 0 {
+                class.jobs_per_machine = opts.jobs_per_machine;
+            }
             if let Some(n) = opts.prefetch_images {
                 class.prefetch_images = n;
             }

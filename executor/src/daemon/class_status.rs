@@ -86,6 +86,12 @@ pub fn class_statuses(
                     "a launch on the next reconcile pass".to_owned()
                 }
             });
+            let jobs = pool
+                .machines()
+                .values()
+                .filter(|m| &m.class == name)
+                .map(|m| m.leases.len() as u32)
+                .sum();
             let status = ClassStatus {
                 idle,
                 leased,
@@ -93,6 +99,8 @@ pub fn class_statuses(
                 stopped,
                 starting,
                 live,
+                jobs,
+                jobs_per_machine: class.slots(),
                 max_machines: class.max_machines,
                 waiting,
                 launch_backoff_until: backoff.map(|b| b.until),

@@ -235,19 +235,31 @@ pub fn should_prune(df_output: &str, high_water: u8) -> Option<u8> {
 /// Prunes the machine past its high-water mark, once the job's objects are gone: every
 /// image no container uses (the next jobs pull what they need again) and the project cache
 /// volumes no container uses. Warns on failure; never fails cleanup.
+///
+/// On a machine other jobs still run on (`jobs_per_machine`), another job's prepare may
+/// have pulled an image or made its cache volume and not yet created the container that
+/// uses it: only untagged images go then, which no prepare names.
 async fn prune_machine(config: &Config, lease: &Lease, percent: u8) {
     let Ok(docker) = machine_docker(config, lease) else {
         return;
     };
     let prune = async {
+        let shared = other_jobs_run(&docker).await;
         let images = docker
             .prune_images(Some(PruneImagesOptions {
                 filters: Some(HashMap::from([(
                     "dangling".to_string(),
-                    vec!["false".to_string()],
+                    vec![shared.to_string()],
                 )])),
             }))
             .await;
+        if shared {
+            eprintln!(
+                "flotilla: build machine {} runs other jobs: pruning untagged images only",
+                lease.machine_id
+            );
+            return (images, Ok(Default::default()));
+        }
         let volume_filters = |all: bool| {
             let mut f =
                 HashMap::from([("label".to_string(), vec![CACHE_PROJECT_LABEL.to_string()])]);
@@ -313,6 +325,23 @@ async fn prune_machine(config: &Config, lease: &Lease, percent: u8) {
             parts.join(" and ")
         );
     }
+}
+
+/// Whether any job's containers are left on the machine (this job's are removed by
+/// now). Unknown counts as yes: the careful prune.
+async fn other_jobs_run(docker: &bollard::Docker) -> bool {
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            limit: Some(1),
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![JOB_LABEL.to_string()],
+            )])),
+            ..Default::default()
+        }))
+        .await
+        .map_or(true, |c| !c.is_empty())
 }
 
 fn human_bytes(n: i64) -> String {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use bollard::models::{DeviceMapping, DeviceRequest, HostConfig, ResourcesUlimits};
 use flotilla_proto::config::JobConfig;
-use flotilla_proto::container::{Gpus, VolumeSpec};
+use flotilla_proto::container::{ByteSize, Cpus, Gpus, VolumeSpec};
 
 use super::glob;
 use super::job::{JobNames, CACHE_VOLUME_PREFIX};
@@ -267,12 +267,54 @@ pub fn build_host_config(
     }
 }
 
-pub fn helper_host_config(job: &JobConfig, names: &JobNames, volumes: &JobVolumes) -> HostConfig {
+/// The helper container's: its job's share of a machine it shares, else no limit.
+pub fn helper_host_config(
+    job: &JobConfig,
+    names: &JobNames,
+    volumes: &JobVolumes,
+    share: Option<&MachineShare>,
+) -> HostConfig {
     let mut binds = vec![builds_bind(job, names), cache_bind(job, volumes)];
     binds.extend(volumes.binds.iter().cloned());
     HostConfig {
         binds: Some(binds),
+        memory: share.map(|s| s.memory),
+        nano_cpus: share.map(|s| s.nano_cpus),
         ..network_options(job, &names.network)
+    }
+}
+
+/// A job's share of a machine that runs `jobs_per_machine` jobs at once: its CPUs and
+/// memory divided evenly, so one job cannot starve the others on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineShare {
+    pub nano_cpus: i64,
+    pub memory: i64,
+}
+
+impl MachineShare {
+    /// The share of one of `slots` jobs on a machine with `cpus` CPUs and `memory` bytes
+    /// (as dockerd reports them); `None` with one job per machine or nothing reported.
+    pub fn of(cpus: i64, memory: i64, slots: u32) -> Option<Self> {
+        if slots <= 1 || cpus <= 0 || memory <= 0 {
+            return None;
+        }
+        let slots = i64::from(slots);
+        Some(Self {
+            nano_cpus: (cpus.saturating_mul(1_000_000_000) / slots).max(1),
+            memory: (memory / slots).max(1),
+        })
+    }
+
+    /// Limits every container of the job (build and services) to the share, where
+    /// `[job.container]` does not set its own.
+    pub fn limit(&self, job: &mut JobConfig) {
+        let c = &mut job.container;
+        let memory = ByteSize(self.memory.unsigned_abs());
+        c.memory.get_or_insert(memory);
+        c.service_memory.get_or_insert(memory);
+        c.cpus.get_or_insert(Cpus(self.nano_cpus));
+        c.service_cpus.get_or_insert(Cpus(self.nano_cpus));
     }
 }
 
@@ -510,7 +552,7 @@ mod tests {
             b.extra_hosts,
             Some(vec!["gitlab.internal:10.0.0.5".to_string()])
         );
-        let h = helper_host_config(&j, &names, &v);
+        let h = helper_host_config(&j, &names, &v, None);
         assert_eq!(h.privileged, None);
         assert_eq!(h.cap_add, None);
         assert_eq!(
@@ -531,5 +573,34 @@ mod tests {
             Some("1000"),
             "the image's user when the runner sets none"
         );
+    }
+
+    #[test]
+    fn a_shared_machine_is_divided_evenly_unless_the_config_says() {
+        assert_eq!(MachineShare::of(4, 16 << 30, 1), None, "one job: no limit");
+        assert_eq!(MachineShare::of(0, 16 << 30, 4), None, "nothing reported");
+        let share = MachineShare::of(4, 16 << 30, 4).unwrap();
+        assert_eq!(share.nano_cpus, 1_000_000_000);
+        assert_eq!(share.memory, 4 << 30);
+        let mut j = JobConfig::default();
+        j.container.memory = Some(ByteSize(1 << 30));
+        share.limit(&mut j);
+        let names = JobNames::new("runner-1-job-9");
+        let v = job_volumes(&j, &names, &spec("[]", "[]")).unwrap();
+        let build = build_host_config(&j, &names, &v, false);
+        assert_eq!(build.memory, Some(1 << 30), "the config's own limit wins");
+        assert_eq!(build.nano_cpus, Some(1_000_000_000));
+        let service = service_host_config(&j, &names, &v, "postgres:16");
+        assert_eq!(
+            (service.memory, service.nano_cpus),
+            (Some(4 << 30), Some(1_000_000_000))
+        );
+        let helper = helper_host_config(&j, &names, &v, Some(&share));
+        assert_eq!(
+            (helper.memory, helper.nano_cpus),
+            (Some(4 << 30), Some(1_000_000_000))
+        );
+        let alone = helper_host_config(&j, &names, &v, None);
+        assert_eq!((alone.memory, alone.nano_cpus), (None, None));
     }
 }

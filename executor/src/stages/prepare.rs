@@ -39,7 +39,7 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
             config.class_names().join(", ")
         )));
     }
-    let job = config
+    let mut job = config
         .job_for(&class)
         .map_err(|e| StageError::system(format!("flotilla.toml is invalid: {e}")))?;
     let spec = JobSpec::from_env(env, env.job_response_file.as_deref())?;
@@ -119,7 +119,8 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
     let volumes = containers::job_volumes(&job, &names, &spec)?;
     let helper_image = helper_image_for(&docker, &lease, &job.helper_image, env).await?;
     let helper_policies = [PullPolicy::IfNotPresent];
-    let (a, b, c) = tokio::join!(
+    let slots = config.classes.get(&class).map_or(1, |c| c.jobs_per_machine);
+    let (a, b, c, share) = tokio::join!(
         images::ensure(
             &docker,
             &lease,
@@ -137,16 +138,21 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
             &helper_policies
         ),
         create_network_and_volumes(&docker, &lease, &names, &volumes),
+        machine_share(&docker, &lease, slots),
     );
     a?;
     b?;
     c?;
+    let share = share?;
+    if let Some(s) = &share {
+        s.limit(&mut job);
+    }
     let helper = container_body(
         &names,
         &helper_image,
         &Some(vec![]),
         "helper",
-        containers::helper_host_config(&job, &names, &volumes),
+        containers::helper_host_config(&job, &names, &volumes, share.as_ref()),
         None,
     );
     create_and_start(&docker, &lease, &names, &names.helper, helper, None).await?;
@@ -184,6 +190,27 @@ pub async fn run(config: &Config, env: &JobEnv) -> StageResult {
         image.name
     ));
     Ok(())
+}
+
+/// This job's share of a machine that runs `slots` jobs at once (`None` with one): the
+/// machine's CPUs and memory as its dockerd reports them, divided evenly.
+async fn machine_share(
+    docker: &Docker,
+    lease: &Lease,
+    slots: u32,
+) -> Result<Option<containers::MachineShare>, StageError> {
+    if slots <= 1 {
+        return Ok(None);
+    }
+    let info = docker
+        .info()
+        .await
+        .map_err(|e| docker_failure(lease, "asking the machine its CPUs and memory failed", &e))?;
+    Ok(containers::MachineShare::of(
+        info.ncpu.unwrap_or(0),
+        info.mem_total.unwrap_or(0),
+        slots,
+    ))
 }
 
 /// `helper_image` with its placeholders expanded (asking the machine its architecture only
