@@ -111,6 +111,7 @@ fn exit(code: i32) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    flotilla::stages::timing::main_entered();
     if let Ok(packaging) = Packaging::try_parse() {
         return packaging.run::<Cli>("flotilla");
     }
@@ -143,6 +144,7 @@ fn main() -> ExitCode {
         Command::Config | Command::Prepare | Command::Run { .. } | Command::Cleanup
     );
     init_logging(if is_stage { "warn" } else { "info" });
+    flotilla::stages::timing::mark("logging_ready");
     if let Command::Simulate(args) = &cli.command {
         return match flotilla::simulate::run(cli.config.as_deref(), args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -159,7 +161,10 @@ fn main() -> ExitCode {
 
     let path = config_path(&cli.config);
     let config = match Config::load(&path) {
-        Ok(c) => c,
+        Ok(c) => {
+            flotilla::stages::timing::mark("config_loaded");
+            c
+        }
         Err(e) => {
             eprintln!("flotilla: {e}");
             return exit(if is_stage { env.system_failure_code } else { 2 });
@@ -176,6 +181,7 @@ fn main() -> ExitCode {
         }
     };
     if is_stage {
+        flotilla::stages::timing::mark("runtime_started");
         let result = runtime.block_on(run_stage(&config, &env, cli.command));
         return stage_exit(&env, result);
     }

@@ -1046,6 +1046,63 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// The phases `flotilla::timing` logged for one call of `cmd` (stdout to /dev/null), each
+/// as (phase, milliseconds since the spawn), ending with ("exit", the call's wall time).
+fn call_phases(mut cmd: std::process::Command) -> Result<Vec<(String, f64)>> {
+    cmd.env("FLOTILLA_LOG", "warn,flotilla::timing=debug");
+    let spawned = std::time::SystemTime::now();
+    let start = Instant::now();
+    let out = cmd
+        .stdout(std::fs::File::create("/dev/null")?)
+        .stderr(Stdio::piped())
+        .output()?;
+    let took = start.elapsed().as_secs_f64() * 1e3;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {stderr}",
+        out.status
+    );
+    let spawned_us = spawned.duration_since(std::time::UNIX_EPOCH)?.as_micros() as f64;
+    let mut phases = Vec::new();
+    for line in stderr.lines().filter(|l| l.contains("timing")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        if let (Some(phase), Some(us)) = (field("phase="), field("unix_us=")) {
+            phases.push((phase, (us.parse::<f64>()? - spawned_us) / 1e3));
+        }
+    }
+    ensure!(!phases.is_empty(), "no timing marks in:\n{stderr}");
+    phases.push(("exit".into(), took));
+    Ok(phases)
+}
+
+/// Median milliseconds each phase took after the one before it (the first: since the
+/// spawn), over several calls, as a report line.
+fn phase_breakdown(calls: &[Vec<(String, f64)>]) -> String {
+    let Some(first) = calls.first() else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    for (i, (phase, _)) in first.iter().enumerate() {
+        let steps: Vec<f64> = calls
+            .iter()
+            .filter_map(|c| {
+                let at = c.get(i)?.1;
+                let before = if i == 0 { 0.0 } else { c.get(i - 1)?.1 };
+                Some(at - before)
+            })
+            .collect();
+        if steps.len() == calls.len() {
+            parts.push(format!("{phase} +{:.1}", median(steps)));
+        }
+    }
+    format!("{} ms", parts.join(", "))
+}
+
 /// Wall time of a command whose stdout goes to /dev/null.
 fn time_to_devnull(mut cmd: std::process::Command) -> Result<f64> {
     let start = Instant::now();
@@ -1160,6 +1217,16 @@ async fn output_throughput_of_flotilla_run_against_docker_exec() -> Result<()> {
                 runs_of(full)
             ));
         }
+        // Where an empty call's time goes (ms after the previous phase, medians).
+        let mut calls = Vec::new();
+        for _ in 0..runs.max(5) {
+            let cmd = d.run_command("step_noop")?;
+            calls.push(tokio::task::spawn_blocking(move || call_phases(cmd)).await??);
+        }
+        report.push_str(&format!(
+            "  flotilla empty call, phases: {}\n",
+            phase_breakdown(&calls)
+        ));
         println!("{report}");
         eprintln!("{report}");
         if let Ok(path) = std::env::var("FLOTILLA_BENCH_OUT") {

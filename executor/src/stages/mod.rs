@@ -22,6 +22,7 @@ pub mod prepare;
 pub mod run;
 pub mod services;
 pub mod spec;
+pub mod timing;
 pub mod verdict;
 
 use std::path::{Path, PathBuf};

@@ -98,6 +98,7 @@ pub async fn run(config: &Config, env: &JobEnv, script: &Path, stage: &str) -> S
             tracing::warn!(error = %e, "could not confirm the lease with the daemon; continuing");
         }
     }
+    super::timing::mark("lease_checked");
     let mut report = Report::new(target, lease_check(&confirmed));
     if let Verdict::Done(outcome) = verdict(&report) {
         return outcome.into();
@@ -308,6 +309,7 @@ impl StageIo {
             .await;
         // The container may also stop between the two calls (an entrypoint that exits at
         // once after a restart): Docker then refuses start_exec with "is not running".
+        super::timing::mark("exec_created");
         let started = match exec {
             Ok(exec) => docker
                 .start_exec(&exec.id, None)
@@ -319,6 +321,7 @@ impl StageIo {
             Ok(e) => e,
             Err(e) => return Attempt::Refused(DockerFault::from_bollard(&e)),
         };
+        super::timing::mark("exec_started");
         let StartExecResults::Attached {
             mut output,
             mut input,
@@ -429,13 +432,16 @@ impl StageIo {
             }
         }
         feed.abort();
-        if cancelled {
+        super::timing::mark("output_ended");
+        let attempt = if cancelled {
             tokio::time::timeout(LOST_PROBE_TIMEOUT, exit_code(docker, &exec.id, true))
                 .await
                 .unwrap_or(Attempt::CancelUnanswered)
         } else {
             exit_code(docker, &exec.id, false).await
-        }
+        };
+        super::timing::mark("exit_code_read");
+        attempt
     }
 }
 
