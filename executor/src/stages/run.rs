@@ -348,19 +348,24 @@ impl StageIo {
             // The half-close is what gives the shell EOF.
             input.shutdown().await
         };
+        // Each frame is written and flushed before the next is read: output reaches the job
+        // log as it is produced, and memory stays one frame whatever the output's size.
+        // Written in place, not through tokio's stdout (a blocking-pool hop per write and
+        // per flush halved the throughput); gitlab-runner drains the pipe as it fills.
         let pump = async {
-            let mut stdout = tokio::io::stdout();
-            let mut stderr = tokio::io::stderr();
+            use std::io::Write;
             while let Some(item) = output.next().await {
                 match item {
                     Ok(bollard::container::LogOutput::StdErr { message }) => {
-                        stderr.write_all(&message).await?;
-                        stderr.flush().await?;
+                        let mut stderr = std::io::stderr().lock();
+                        stderr.write_all(&message)?;
+                        stderr.flush()?;
                     }
                     Ok(bollard::container::LogOutput::StdOut { message })
                     | Ok(bollard::container::LogOutput::Console { message }) => {
-                        stdout.write_all(&message).await?;
-                        stdout.flush().await?;
+                        let mut stdout = std::io::stdout().lock();
+                        stdout.write_all(&message)?;
+                        stdout.flush()?;
                     }
                     Ok(_) => {}
                     Err(e) => {
