@@ -70,6 +70,12 @@ pub struct Machine {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub leases: Vec<String>,
+    /// Reported broken (or abandoned) by one of its jobs while others still ran on it:
+    /// it takes no new job and is broken once the last of them ends. Its other jobs are
+    /// not failed for what one job reported; if the machine is really gone, their own
+    /// stages find out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_after_jobs: Option<String>,
     /// Why the machine is broken or being terminated, for operators.
     pub note: Option<String>,
     pub terminate_reason: Option<TerminateReason>,
@@ -112,6 +118,7 @@ impl Machine {
             idle_since: now,
             builds: 0,
             leases: Vec::new(),
+            broken_after_jobs: None,
             note: None,
             terminate_reason: None,
             terminate_sent_at: None,
@@ -150,6 +157,7 @@ impl Machine {
             MachineState::Idle => true,
             MachineState::Leased => {
                 self.adopted_at.is_none()
+                    && self.broken_after_jobs.is_none()
                     && !self.leases.is_empty()
                     && (self.leases.len() as u32) < slots.max(1)
             }
@@ -462,18 +470,25 @@ impl Pool {
                 m.leases.remove(at);
                 m.builds = m.builds.saturating_add(1);
                 if m.state == MachineState::Leased {
+                    let why = || reason.unwrap_or_else(|| "reported broken by a job".into());
                     match outcome {
                         // Other jobs still run on it: it stays leased.
                         ReleaseOutcome::Healthy if !m.leases.is_empty() => {}
-                        ReleaseOutcome::Healthy => {
+                        ReleaseOutcome::Broken if !m.leases.is_empty() => {
+                            m.broken_after_jobs = Some(why());
+                        }
+                        ReleaseOutcome::Healthy if m.broken_after_jobs.is_none() => {
                             m.state = MachineState::Idle;
                             m.idle_since = now;
                         }
-                        ReleaseOutcome::Broken => {
-                            let why = reason.unwrap_or_else(|| "reported broken by a job".into());
+                        ReleaseOutcome::Healthy => {
+                            let why = m.broken_after_jobs.take().unwrap_or_default();
                             let machine_id = m.id.clone();
-                            // The jobs still on it are lost with it.
                             self.mark_broken(&machine_id, &why);
+                        }
+                        ReleaseOutcome::Broken => {
+                            let machine_id = m.id.clone();
+                            self.mark_broken(&machine_id, &why());
                         }
                     }
                 }
@@ -739,7 +754,14 @@ impl Pool {
             let why = format!(
                 "lease {lease_id} was held longer than its job may run without cleanup (its runner is gone)"
             );
-            self.mark_broken(machine_id, &why);
+            match self.machines.get_mut(machine_id) {
+                // Its other jobs run on; the machine is broken once they end.
+                Some(m) if m.leases.iter().any(|l| l != lease_id) => {
+                    m.leases.retain(|l| l != lease_id);
+                    m.broken_after_jobs = Some(why.clone());
+                }
+                _ => self.mark_broken(machine_id, &why),
+            }
             if let Some(l) = self.leases.get_mut(lease_id) {
                 l.lost = Some(why);
             }
@@ -1082,10 +1104,11 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_machine_reported_broken_takes_its_other_jobs_with_it() {
+    fn a_shared_machine_one_job_reports_broken_takes_no_new_job_and_breaks_after_the_others() {
         let mut pool = Pool::default();
         idle(&mut pool, "a", 0);
-        lease_on(&mut pool, "j1", 3, 1);
+        idle(&mut pool, "b", 0);
+        assert_eq!(lease_on(&mut pool, "j1", 3, 1).as_deref(), Some("b"));
         lease_on(&mut pool, "j2", 3, 1);
         pool.release(
             "l-j1",
@@ -1093,14 +1116,44 @@ mod tests {
             Some("disk gone".into()),
             t(2),
         );
-        let a = pool.machine("a").unwrap();
-        assert_eq!(a.state, MachineState::Broken);
-        assert!(a.leases.is_empty());
+        // j2 is not failed for what j1 reported; no new job joins it.
+        let b = pool.machine("b").unwrap();
+        assert_eq!(b.state, MachineState::Leased);
+        assert_eq!(pool.lease("l-j2").unwrap().lost, None);
+        assert_eq!(lease_on(&mut pool, "j3", 3, 3).as_deref(), Some("a"));
+        // Broken once j2 ends, healthy as j2 found it: never leased again.
+        pool.release("l-j2", ReleaseOutcome::Healthy, None, t(4));
+        let b = pool.machine("b").unwrap();
         assert_eq!(
-            pool.lease("l-j2").unwrap().lost.as_deref(),
-            Some("disk gone")
+            (b.state, b.note.as_deref()),
+            (MachineState::Broken, Some("disk gone"))
         );
-        assert_eq!(lease_on(&mut pool, "j3", 3, 3), None, "never leased again");
+        assert_eq!(pool.casualties_to_report(t(5)).len(), 1);
+    }
+
+    #[test]
+    fn an_abandoned_lease_on_a_shared_machine_leaves_its_other_jobs_running() {
+        let mut pool = Pool::default();
+        idle(&mut pool, "a", 0);
+        let terms = |secs| LeaseTerms {
+            expires_after_secs: Some(secs),
+            slots: 2,
+            ..LeaseTerms::default()
+        };
+        pool.try_lease_with_terms("j1", "c", "l1".into(), terms(60), t(0));
+        pool.try_lease_with_terms("j2", "c", "l2".into(), terms(600), t(0));
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(pool.expire_leases(t(60), day), ["l1".to_string()]);
+        let a = pool.machine("a").unwrap();
+        assert_eq!(
+            (a.state, a.leases.clone()),
+            (MachineState::Leased, vec!["l2".to_string()])
+        );
+        assert!(pool.lease("l1").unwrap().lost.is_some());
+        assert_eq!(pool.lease("l2").unwrap().lost, None);
+        // The last job's end breaks it (its state after an abandoned job is unknown).
+        pool.release("l2", ReleaseOutcome::Healthy, None, t(100));
+        assert_eq!(pool.machine("a").unwrap().state, MachineState::Broken);
     }
 
     #[test]
