@@ -2,20 +2,23 @@
 //! [`plan`] function, driven by simulated time instead of the reconcile loop. What the
 //! daemon does on each event is mirrored here:
 //!
-//! - acquire (`daemon/api.rs`): record the arrival in `pool.history`, lease an idle machine
-//!   (`Pool::try_lease`) or count the request in `pool.waiting` and replan;
+//! - acquire (`daemon/api.rs`): record the arrival in `pool.history`, lease a free slot
+//!   (`Pool::try_lease_where` with the class's `jobs_per_machine` slots, never on a machine
+//!   due to retire) or count the request in `pool.waiting` and replan;
 //! - a machine answers its boot probe: `Pool::mark_ready`, waiters retry their lease;
 //! - release: `Pool::release`, replan (a machine at `max_builds` is terminated), waiters
 //!   retry, replan (top the idle pool back up);
 //! - every reconcile interval: replan;
 //! - plan actions: `Launch` adds a `Booting` machine (ready after the simulated launch),
 //!   `Stop` parks an idle one (its disk billed), `Start` brings a stopped one back (ready
-//!   after the simulated start), `Terminate` removes it.
+//!   after the simulated start), `Terminate` removes it;
+//! - a spot reclaim: the machine is broken, each job's lease is released as `Broken` (as
+//!   its cleanup would) and each job acquires again, as its retry does.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::plan::{plan, Action, Policy};
-use crate::pool::Pool;
+use crate::pool::{LeaseTerms, Pool};
 use flotilla_proto::api::ReleaseOutcome;
 
 use super::engine::{Ctx, Scaler};
@@ -82,9 +85,19 @@ impl Flotilla {
         self.next_id += 1;
         let lease_id = format!("l-{}", self.next_id);
         let job_key = format!("job-{job}-{}", self.next_id);
-        let Some(lease) = self
-            .pool
-            .try_lease(&job_key, class, lease_id.clone(), ctx.now_utc())
+        let now = ctx.now_utc();
+        let policy = self.policy.classes.get(class);
+        let terms = LeaseTerms {
+            slots: policy.map_or(1, |c| c.slots()),
+            ..LeaseTerms::default()
+        };
+        // As the daemon's acquire: a shared machine at max_builds or max_age takes no
+        // further job (an idle one was retired when it became idle).
+        let Some(lease) =
+            self.pool
+                .try_lease_where(&job_key, class, lease_id.clone(), terms, now, |m| {
+                    policy.is_none_or(|c| c.retire_reason(m, now).is_none())
+                })
         else {
             return false;
         };
@@ -151,8 +164,9 @@ impl Flotilla {
                         .get(&class)
                         .copied()
                         .unwrap_or(super::engine::DEFAULT_ROOT_GB);
+                    let capacity = self.policy.classes.get(&class).map_or(1, |c| c.slots());
                     for _ in 0..count {
-                        let m = ctx.launch_with_root(&instance_type, root_gb);
+                        let m = ctx.launch_with(&instance_type, root_gb, capacity);
                         let id = format!("m-{m}");
                         self.pool.reserve(&id, &class, &instance_type, now);
                         self.engine_of.insert(id.clone(), m);
@@ -188,13 +202,13 @@ impl Scaler for Flotilla {
         }
     }
 
-    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]) {
         if let Some(id) = self.pool_of.get(&machine).cloned() {
             self.pool.mark_broken(&id, "spot instance reclaimed");
         }
-        if let Some(j) = job {
-            if let Some(lease) = self.lease_of.remove(&j) {
-                // As the job's cleanup does: the lease ends, the machine stays broken.
+        // As each job's cleanup does: its lease ends, the machine stays broken.
+        for j in jobs {
+            if let Some(lease) = self.lease_of.remove(j) {
                 self.pool.release(
                     &lease,
                     ReleaseOutcome::Broken,
@@ -202,9 +216,12 @@ impl Scaler for Flotilla {
                     ctx.now_utc(),
                 );
             }
-            // The job fails with a system failure; its retry is a new acquire.
+        }
+        // Each job fails with a system failure; its retry is a new acquire.
+        for &j in jobs {
             self.acquire(ctx, j);
-        } else {
+        }
+        if jobs.is_empty() {
             self.replan(ctx);
         }
     }

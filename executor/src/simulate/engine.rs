@@ -26,10 +26,11 @@ pub(super) trait Scaler {
     fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize);
     /// A launched machine finished booting.
     fn ready(&mut self, ctx: &mut Ctx<'_>, machine: usize);
-    /// A job ended; its machine is free.
+    /// A job ended; its slot on the machine is free.
     fn finish(&mut self, ctx: &mut Ctx<'_>, job: usize, machine: usize);
-    /// EC2 took the machine back (spot reclaim); `job` was running on it and must run again.
-    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>);
+    /// EC2 took the machine back (spot reclaim); `jobs` (in the order they started, none
+    /// for an idle or booting machine) were running on it and must run again.
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]);
     /// The periodic reconcile pass.
     fn tick(&mut self, ctx: &mut Ctx<'_>);
 }
@@ -82,8 +83,14 @@ struct SimMachine {
     stopped_ms: i64,
     ready: Option<i64>,
     ended: Option<i64>,
+    /// Jobs it runs at once (`jobs_per_machine`; 1 for one job per machine).
+    capacity: u32,
+    /// Time it ran at least one job (closed periods), and since when it runs one now: a
+    /// machine is busy while it runs any job, idle (paid for nothing) while it runs none.
     busy_ms: i64,
-    job: Option<(usize, i64)>,
+    busy_since: Option<i64>,
+    /// The jobs running on it and when each started, oldest first.
+    jobs: Vec<(usize, i64)>,
 }
 
 /// Hours in a month as AWS bills EBS (GB-months are prorated by the hour over 730 h).
@@ -178,9 +185,21 @@ impl<'a> Ctx<'a> {
         self.launch_with_root(instance_type, DEFAULT_ROOT_GB)
     }
 
-    /// Launches an instance of `instance_type` with a `root_gb` root volume; it is ready
-    /// after a draw from the launch distribution. Returns the machine's index.
+    /// Launches an instance of `instance_type` with a `root_gb` root volume, for one job
+    /// at a time. Returns the machine's index.
     pub(super) fn launch_with_root(&mut self, instance_type: &str, root_gb: u32) -> usize {
+        self.launch_with(instance_type, root_gb, 1)
+    }
+
+    /// Launches an instance of `instance_type` with a `root_gb` root volume that runs up
+    /// to `capacity` jobs at once (0 counts as 1); it is ready after a draw from the
+    /// launch distribution. Returns the machine's index.
+    pub(super) fn launch_with(
+        &mut self,
+        instance_type: &str,
+        root_gb: u32,
+        capacity: u32,
+    ) -> usize {
         let id = self.machines.len();
         let price = self.env.prices.get(instance_type).copied().unwrap_or(0.0);
         let disk_per_hour = f64::from(root_gb) * self.env.ebs_usd_per_gb_month / HOURS_PER_MONTH;
@@ -194,8 +213,10 @@ impl<'a> Ctx<'a> {
             stopped_ms: 0,
             ready: None,
             ended: None,
+            capacity: capacity.max(1),
             busy_ms: 0,
-            job: None,
+            busy_since: None,
+            jobs: Vec::new(),
         });
         self.alive += 1;
         self.launches += 1;
@@ -208,7 +229,8 @@ impl<'a> Ctx<'a> {
         id
     }
 
-    /// Terminates a machine (no-op when it is already gone). Refused for a busy machine.
+    /// Terminates a machine (no-op when it is already gone). Refused for a machine running
+    /// any job.
     pub(super) fn terminate(&mut self, m: usize) {
         let Some(machine) = self.machines.get_mut(m) else {
             self.violations += 1;
@@ -217,7 +239,7 @@ impl<'a> Ctx<'a> {
         if machine.ended.is_some() {
             return;
         }
-        if machine.job.is_some() {
+        if !machine.jobs.is_empty() {
             self.violations += 1;
             return;
         }
@@ -239,7 +261,7 @@ impl<'a> Ctx<'a> {
             return;
         };
         if machine.ended.is_some()
-            || machine.job.is_some()
+            || !machine.jobs.is_empty()
             || machine.ready.is_none()
             || machine.stopped_since.is_some()
         {
@@ -271,21 +293,25 @@ impl<'a> Ctx<'a> {
         self.push(now + start_ms, Ev::Ready(m));
     }
 
-    /// Runs `job` on machine `m` (ready, alive and free).
+    /// Runs `job` on machine `m` (ready, alive, with a free slot). A job does not slow
+    /// the others on its machine: it takes its recorded duration however many share it.
     pub(super) fn start(&mut self, job: usize, m: usize) {
-        let ok = self
-            .machines
-            .get(m)
-            .is_some_and(|x| x.ended.is_none() && x.ready.is_some() && x.job.is_none())
-            && self.running_on[job].is_none()
+        let ok = self.machines.get(m).is_some_and(|x| {
+            x.ended.is_none() && x.ready.is_some() && (x.jobs.len() as u32) < x.capacity
+        }) && self.running_on[job].is_none()
             && self.started[job].is_none();
         if !ok {
             self.violations += 1;
             return;
         }
-        self.machines[m].job = Some((job, self.now));
+        let now = self.now;
+        let machine = &mut self.machines[m];
+        if machine.jobs.is_empty() {
+            machine.busy_since = Some(now);
+            self.busy += 1;
+        }
+        machine.jobs.push((job, now));
         self.running_on[job] = Some(m);
-        self.busy += 1;
         let duration = self.jobs[job].duration;
         self.push(self.now + duration, Ev::Finish(job, m));
     }
@@ -357,10 +383,13 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
             }
             Ev::Finish(j, m) => {
                 let machine = &mut ctx.machines[m];
-                if machine.ended.is_none() && machine.job.map(|(x, _)| x) == Some(j) {
-                    let (_, since) = machine.job.take().unwrap_or((j, t));
-                    machine.busy_ms += t - since;
-                    ctx.busy -= 1;
+                let at = machine.jobs.iter().position(|&(x, _)| x == j);
+                if let Some(at) = at.filter(|_| machine.ended.is_none()) {
+                    let (_, since) = machine.jobs.remove(at);
+                    if machine.jobs.is_empty() {
+                        machine.busy_ms += t - machine.busy_since.take().unwrap_or(t);
+                        ctx.busy -= 1;
+                    }
                     ctx.running_on[j] = None;
                     ctx.started[j] = Some(since);
                     ctx.done += 1;
@@ -374,18 +403,19 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
                 if machine.ended.is_none() && machine.stopped_since.is_none() {
                     machine.ended = Some(t);
                     machine.end_run(t);
-                    let job = machine.job.take().map(|(j, since)| {
+                    let running = std::mem::take(&mut machine.jobs);
+                    if let Some(since) = machine.busy_since.take() {
                         machine.busy_ms += t - since;
-                        (j, t - since)
-                    });
+                        ctx.busy -= 1;
+                    }
                     ctx.alive -= 1;
                     ctx.reclaims += 1;
-                    if let Some((j, ran)) = job {
-                        ctx.busy -= 1;
+                    for &(j, since) in &running {
                         ctx.running_on[j] = None;
-                        ctx.ran_before[j] += ran;
+                        ctx.ran_before[j] += t - since;
                     }
-                    scaler.lost(&mut ctx, m, job.map(|(j, _)| j));
+                    let jobs: Vec<usize> = running.iter().map(|&(j, _)| j).collect();
+                    scaler.lost(&mut ctx, m, &jobs);
                 }
             }
             Ev::Tick => {
@@ -423,7 +453,7 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
                 m.end_run(end);
             }
         }
-        let busy = m.busy_ms + m.job.map_or(0, |(_, since)| end - since);
+        let busy = m.busy_ms + m.busy_since.map_or(0, |since| end - since);
         out.machine_ms += m.run_ms;
         out.busy_ms += busy;
         out.stopped_ms += m.stopped_ms;
@@ -538,8 +568,9 @@ pub(crate) mod tests {
         fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
             ctx.terminate(machine);
         }
-        fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+        fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]) {
             let booting = self.waiting.iter().position(|(m, _)| *m == machine);
+            let job = jobs.first().copied();
             if let Some(j) = job.or_else(|| booting.map(|i| self.waiting.remove(i).1)) {
                 self.arrive(ctx, j);
             }
@@ -609,7 +640,7 @@ pub(crate) mod tests {
         fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
             ctx.terminate(machine);
         }
-        fn lost(&mut self, _ctx: &mut Ctx<'_>, _machine: usize, _job: Option<usize>) {}
+        fn lost(&mut self, _ctx: &mut Ctx<'_>, _machine: usize, _jobs: &[usize]) {}
         fn tick(&mut self, ctx: &mut Ctx<'_>) {
             if let (Some(m), Some(at)) = (self.machine, self.stopped_at) {
                 if self.job.is_some() && ctx.now - at >= 3_600_000 {

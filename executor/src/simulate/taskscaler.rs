@@ -252,12 +252,10 @@ impl Scaler for Taskscaler {
         }
     }
 
-    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]) {
         if let Some((r, i)) = self.runner_with(machine) {
             r.instances.remove(i);
-            if let Some(j) = job {
-                r.waiting.push_back(j);
-            }
+            r.waiting.extend(jobs.iter().copied());
             r.step(ctx);
         }
     }
