@@ -334,6 +334,69 @@ mod tests {
         assert!(sized.stopped_machine_hours < 3.0 * 6.5, "{sized:?}");
     }
 
+    fn sharing(slots: u32) -> flotilla_proto::config::Config {
+        let mut c = config(false, 0, 60);
+        c.classes.get_mut("c").unwrap().jobs_per_machine = slots;
+        c
+    }
+
+    #[test]
+    fn two_jobs_arriving_together_share_one_machine_with_two_slots() {
+        let t = trace(&[(0, 100), (0, 100)]);
+        let shared = run_flotilla("2", &sharing(2), &t, &env(60.0));
+        assert_eq!(shared.violations, 0);
+        assert_eq!(shared.launches, 1);
+        assert_eq!(shared.waits_ms, vec![60_000, 60_000]);
+        assert_eq!(
+            shared.busy_ms, 100_000,
+            "one machine, busy while its jobs run"
+        );
+        // One job per machine, as before slots: a machine each.
+        let alone = run_flotilla("1", &sharing(1), &t, &env(60.0));
+        assert_eq!(alone.violations, 0);
+        assert_eq!(alone.launches, 2);
+        assert_eq!(alone.waits_ms, vec![60_000, 60_000]);
+        assert_eq!(alone.busy_ms, 200_000);
+        assert!(
+            (alone.cost - 2.0 * shared.cost).abs() < 1e-9,
+            "{} vs {}",
+            alone.cost,
+            shared.cost
+        );
+    }
+
+    #[test]
+    fn jobs_of_a_reclaimed_shared_machine_all_run_again() {
+        let mut e = env(10.0);
+        e.reclaims_per_hour = 60.0; // mean life 60 s: most 110 s runs are cut short
+        let t = trace(&[(0, 100), (0, 100)]);
+        let mut reclaimed = 0;
+        for seed in 1..=10 {
+            e.seed = seed;
+            let mut s = Flotilla::new(
+                crate::plan::Policy::from_config(&sharing(2)),
+                BTreeMap::from([("c".to_string(), "t".to_string())]),
+                BTreeMap::new(),
+                "c".into(),
+                Pool::default(),
+            );
+            let out = run("f", &t, &mut s, &e);
+            assert_eq!(out.violations, 0);
+            reclaimed += out.reclaims;
+            // Both jobs finished (the run ended long before its horizon) and every lease,
+            // the lost ones too, was released.
+            assert!(out.end - out.start < 86_400_000, "{out:?}");
+            assert!(s.pool.leases().is_empty());
+            assert!(s.pool.waiting_by_class().is_empty());
+            assert!(
+                out.waits_ms.iter().all(|&w| w >= 10_000),
+                "{:?}",
+                out.waits_ms
+            );
+        }
+        assert!(reclaimed > 0);
+    }
+
     #[test]
     fn arrivals_are_recorded_in_the_pools_history_like_the_daemon_does() {
         let t = trace(&bursts());

@@ -665,6 +665,146 @@ pub(crate) mod tests {
         assert!((out.cost - 1.17).abs() < 1e-9, "{}", out.cost);
     }
 
+    /// Every job on one machine of `capacity` slots, launched on the first arrival (and
+    /// again after a reclaim), terminated once it runs nothing and nothing waits. A
+    /// `careless` one terminates it whenever a job ends; `assumed` is the slots it believes
+    /// the machine has.
+    struct Shared {
+        capacity: u32,
+        assumed: u32,
+        careless: bool,
+        machine: Option<usize>,
+        ready: bool,
+        running: u32,
+        queue: Vec<usize>,
+        /// The most jobs one reclaim took.
+        most_lost: usize,
+    }
+
+    impl Shared {
+        fn new(capacity: u32) -> Self {
+            Self {
+                capacity,
+                assumed: capacity,
+                careless: false,
+                machine: None,
+                ready: false,
+                running: 0,
+                queue: Vec::new(),
+                most_lost: 0,
+            }
+        }
+
+        fn run_queued(&mut self, ctx: &mut Ctx<'_>) {
+            match self.machine {
+                None if !self.queue.is_empty() => {
+                    self.machine = Some(ctx.launch_with("t", DEFAULT_ROOT_GB, self.capacity));
+                }
+                Some(m) if self.ready => {
+                    while self.running < self.assumed && !self.queue.is_empty() {
+                        ctx.start(self.queue.remove(0), m);
+                        self.running += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    impl Scaler for Shared {
+        fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize) {
+            self.queue.push(job);
+            self.run_queued(ctx);
+        }
+        fn ready(&mut self, ctx: &mut Ctx<'_>, _machine: usize) {
+            self.ready = true;
+            self.run_queued(ctx);
+        }
+        fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
+            self.running -= 1;
+            self.run_queued(ctx);
+            if self.careless || (self.running == 0 && self.queue.is_empty()) {
+                ctx.terminate(machine);
+            }
+            if self.running == 0 && self.queue.is_empty() {
+                self.machine = None;
+                self.ready = false;
+            }
+        }
+        fn lost(&mut self, ctx: &mut Ctx<'_>, _machine: usize, jobs: &[usize]) {
+            self.most_lost = self.most_lost.max(jobs.len());
+            (self.machine, self.ready, self.running) = (None, false, 0);
+            self.queue.extend_from_slice(jobs);
+            self.run_queued(ctx);
+        }
+        fn tick(&mut self, _ctx: &mut Ctx<'_>) {}
+    }
+
+    #[test]
+    fn jobs_sharing_a_machine_run_together_and_it_is_busy_while_any_runs() {
+        // Two slots: both jobs run from the boot (40 s); the machine is busy 100 s, not
+        // 150 (the job-seconds), and billed 140 s.
+        let t = trace(&[(0, 100), (0, 50)]);
+        let out = run("x", &t, &mut Shared::new(2), &env(40.0));
+        assert_eq!(out.violations, 0);
+        assert_eq!(out.launches, 1);
+        assert_eq!(out.waits_ms, vec![40_000, 40_000]);
+        assert_eq!((out.machine_ms, out.busy_ms), (140_000, 100_000));
+        assert!((out.cost - 0.14).abs() < 1e-9, "{}", out.cost);
+        // One slot: the second job waits for the first, as before slots.
+        let out = run("x", &t, &mut Shared::new(1), &env(40.0));
+        assert_eq!(out.violations, 0);
+        assert_eq!(out.waits_ms, vec![40_000, 140_000]);
+        assert_eq!((out.machine_ms, out.busy_ms), (190_000, 150_000));
+    }
+
+    #[test]
+    fn a_machine_running_any_job_is_not_terminated_and_a_full_one_takes_none() {
+        let t = trace(&[(0, 100), (0, 50)]);
+        let mut careless = Shared::new(2);
+        careless.careless = true;
+        let out = run("x", &t, &mut careless, &env(40.0));
+        // The first end (90 s) leaves a job running: refused; the second is fine.
+        assert_eq!(out.violations, 1);
+        assert_eq!(out.machine_ms, 140_000);
+        // A third job on a two-slot machine is refused; with two, it waits for a slot.
+        let t = trace(&[(0, 100), (0, 100), (0, 100)]);
+        let mut overfull = Shared::new(2);
+        overfull.assumed = 3;
+        assert_eq!(run("x", &t, &mut overfull, &env(40.0)).violations, 1);
+        let ok = run("x", &t, &mut Shared::new(2), &env(40.0));
+        assert_eq!(ok.violations, 0);
+        assert_eq!(ok.waits_ms, vec![40_000, 40_000, 140_000]);
+    }
+
+    #[test]
+    fn a_reclaimed_shared_machine_gives_back_every_job_it_ran() {
+        let mut e = env(10.0);
+        e.reclaims_per_hour = 60.0; // mean life 60 s: most 110 s runs are cut short
+        let t = trace(&[(0, 100), (0, 100)]);
+        let mut both_lost = 0;
+        for seed in 1..=10 {
+            e.seed = seed;
+            let mut s = Shared::new(2);
+            let out = run("x", &t, &mut s, &e);
+            assert_eq!(out.violations, 0);
+            if s.most_lost == 2 {
+                both_lost += 1;
+                // Both ran again from the start; only the time not running is waiting.
+                assert!(out.launches > 1 && out.busy_ms > 100_000, "{out:?}");
+                assert!(
+                    out.waits_ms.iter().all(|&w| w >= 20_000),
+                    "{:?}",
+                    out.waits_ms
+                );
+            }
+        }
+        assert!(
+            both_lost > 0,
+            "no seed reclaimed the machine under both jobs"
+        );
+    }
+
     #[test]
     fn percentile_is_nearest_rank() {
         let v: Vec<i64> = (1..=100).collect();
