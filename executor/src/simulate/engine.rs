@@ -91,6 +91,8 @@ struct SimMachine {
     busy_since: Option<i64>,
     /// The jobs running on it and when each started, oldest first.
     jobs: Vec<(usize, i64)>,
+    /// Time its jobs ran (closed runs), summed over its slots.
+    job_ms: i64,
 }
 
 /// Hours in a month as AWS bills EBS (GB-months are prorated by the hour over 730 h).
@@ -132,6 +134,13 @@ pub(super) struct Outcome {
     pub waits_ms: Vec<i64>,
     pub machine_ms: i64,
     pub busy_ms: i64,
+    /// Running time x capacity (job slots paid for) and the time jobs ran in them
+    /// (reruns of reclaimed jobs too); equal to `machine_ms` and `busy_ms` when every
+    /// machine runs one job at a time.
+    pub slot_ms: i64,
+    pub job_ms: i64,
+    /// Whether some machine had more than one slot (then the summary shows idle slots).
+    pub shared: bool,
     pub launches: u64,
     /// StartInstances of stopped machines, and their stopped time.
     pub starts: u64,
@@ -217,6 +226,7 @@ impl<'a> Ctx<'a> {
             busy_ms: 0,
             busy_since: None,
             jobs: Vec::new(),
+            job_ms: 0,
         });
         self.alive += 1;
         self.launches += 1;
@@ -386,6 +396,7 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
                 let at = machine.jobs.iter().position(|&(x, _)| x == j);
                 if let Some(at) = at.filter(|_| machine.ended.is_none()) {
                     let (_, since) = machine.jobs.remove(at);
+                    machine.job_ms += t - since;
                     if machine.jobs.is_empty() {
                         machine.busy_ms += t - machine.busy_since.take().unwrap_or(t);
                         ctx.busy -= 1;
@@ -411,6 +422,7 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
                     ctx.alive -= 1;
                     ctx.reclaims += 1;
                     for &(j, since) in &running {
+                        machine.job_ms += t - since;
                         ctx.running_on[j] = None;
                         ctx.ran_before[j] += t - since;
                     }
@@ -454,8 +466,12 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
             }
         }
         let busy = m.busy_ms + m.busy_since.map_or(0, |since| end - since);
+        let jobs: i64 = m.jobs.iter().map(|&(_, since)| end - since).sum();
         out.machine_ms += m.run_ms;
         out.busy_ms += busy;
+        out.slot_ms += m.run_ms * i64::from(m.capacity);
+        out.job_ms += m.job_ms + jobs;
+        out.shared |= m.capacity > 1;
         out.stopped_ms += m.stopped_ms;
         out.cost +=
             m.billed_ms as f64 * m.price_per_ms + m.stopped_ms as f64 * m.stopped_price_per_ms;
@@ -483,6 +499,11 @@ pub(super) struct Summary {
     pub idle_machine_hours: f64,
     pub busy_machine_hours: f64,
     pub stopped_machine_hours: f64,
+    /// Job slots paid for and running no job (slot-hours), when machines run several jobs
+    /// at once: a machine is busy while any of its jobs runs, so idle machine-hours alone
+    /// hide its empty slots. Absent (and not in the JSON) with one job per machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_slot_hours: Option<f64>,
     pub launches: u64,
     pub starts: u64,
     pub cost: f64,
@@ -511,6 +532,7 @@ impl Outcome {
             idle_machine_hours: h(self.machine_ms - self.busy_ms),
             busy_machine_hours: h(self.busy_ms),
             stopped_machine_hours: h(self.stopped_ms),
+            idle_slot_hours: self.shared.then(|| h(self.slot_ms - self.job_ms)),
             launches: self.launches,
             starts: self.starts,
             cost: (self.cost * 100.0).round() / 100.0,
@@ -750,12 +772,21 @@ pub(crate) mod tests {
         assert_eq!(out.launches, 1);
         assert_eq!(out.waits_ms, vec![40_000, 40_000]);
         assert_eq!((out.machine_ms, out.busy_ms), (140_000, 100_000));
+        // Two slots for 140 s, jobs in them for 150 s: 130 slot-seconds idle.
+        assert_eq!((out.slot_ms, out.job_ms), (280_000, 150_000));
+        assert_eq!(out.summary().idle_slot_hours, Some(0.04));
         assert!((out.cost - 0.14).abs() < 1e-9, "{}", out.cost);
         // One slot: the second job waits for the first, as before slots.
         let out = run("x", &t, &mut Shared::new(1), &env(40.0));
         assert_eq!(out.violations, 0);
         assert_eq!(out.waits_ms, vec![40_000, 140_000]);
         assert_eq!((out.machine_ms, out.busy_ms), (190_000, 150_000));
+        assert_eq!((out.slot_ms, out.job_ms), (190_000, 150_000));
+        assert_eq!(
+            out.summary().idle_slot_hours,
+            None,
+            "one slot: idle machine-hours say it"
+        );
     }
 
     #[test]
