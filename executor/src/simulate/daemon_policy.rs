@@ -283,6 +283,24 @@ mod tests {
     }
 
     #[test]
+    fn with_slots_and_without_the_forecast_the_plan_still_behaves_like_taskscaler() {
+        let t = trace(&bursts());
+        for (idle_count, idle_time) in [(0, 60), (2, 60), (3, 300)] {
+            let mut c = config(false, idle_count, idle_time);
+            c.classes.get_mut("c").unwrap().jobs_per_machine = 2;
+            let ours = run_flotilla("f", &c, &t, &env(60.0));
+            let theirs = run_taskscaler("t", taskscaler_from(&c), &t, &env(60.0));
+            assert_eq!(ours.violations + theirs.violations, 0);
+            let (ours, theirs) = (ours.summary(), theirs.summary());
+            assert_eq!(
+                (ours.p95_wait_s, ours.idle_slot_hours, ours.launches),
+                (theirs.p95_wait_s, theirs.idle_slot_hours, theirs.launches),
+                "idle_count {idle_count}, idle_time {idle_time}"
+            );
+        }
+    }
+
+    #[test]
     fn the_forecast_learns_the_stream_and_jobs_stop_waiting() {
         let t = trace(&bursts());
         let off = run_flotilla("off", &config(false, 0, 60), &t, &env(60.0));

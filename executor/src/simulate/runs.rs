@@ -109,7 +109,8 @@ pub(super) fn docker_machine_from(config: &Config) -> BTreeMap<String, docker_ma
 
 /// taskscaler with the config's knobs: `idle_count` (or with a scale factor, `idle_count_min`
 /// as the floor and `idle_count` as `scale_factor_limit`), `idle_time`, `max_builds` as
-/// `max_use_count`, `max_machines` as `max_instances`.
+/// `max_use_count`, `max_machines` as `max_instances`, `jobs_per_machine` as
+/// `capacity_per_instance`.
 pub(super) fn taskscaler_from(config: &Config) -> BTreeMap<String, taskscaler::Config> {
     let knobs = |count: u32, min: u32, factor: f64, idle_time_s: u64| taskscaler::Knobs {
         idle_count: if factor > 0.0 { min } else { count },
@@ -144,6 +145,7 @@ pub(super) fn taskscaler_from(config: &Config) -> BTreeMap<String, taskscaler::C
                     max_instances: k.max_machines.min(config.max_machines),
                     max_use_count: k.max_builds,
                     instance_type: k.instance_types.first().cloned().unwrap_or_default(),
+                    capacity_per_instance: k.jobs_per_machine,
                 },
             )
         })
