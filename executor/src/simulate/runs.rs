@@ -67,6 +67,7 @@ pub(super) fn run_taskscaler(
 
 /// docker+machine with the config's knobs under docker+machine's semantics (schedules
 /// become `[[runners.machine.autoscaling]]` periods, unset fields taking the class value).
+/// `jobs_per_machine` has no counterpart there: docker+machine runs one job per machine.
 pub(super) fn docker_machine_from(config: &Config) -> BTreeMap<String, docker_machine::Config> {
     config
         .classes
