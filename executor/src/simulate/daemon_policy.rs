@@ -2,20 +2,23 @@
 //! [`plan`] function, driven by simulated time instead of the reconcile loop. What the
 //! daemon does on each event is mirrored here:
 //!
-//! - acquire (`daemon/api.rs`): record the arrival in `pool.history`, lease an idle machine
-//!   (`Pool::try_lease`) or count the request in `pool.waiting` and replan;
+//! - acquire (`daemon/api.rs`): record the arrival in `pool.history`, lease a free slot
+//!   (`Pool::try_lease_where` with the class's `jobs_per_machine` slots, never on a machine
+//!   due to retire) or count the request in `pool.waiting` and replan;
 //! - a machine answers its boot probe: `Pool::mark_ready`, waiters retry their lease;
 //! - release: `Pool::release`, replan (a machine at `max_builds` is terminated), waiters
 //!   retry, replan (top the idle pool back up);
 //! - every reconcile interval: replan;
 //! - plan actions: `Launch` adds a `Booting` machine (ready after the simulated launch),
 //!   `Stop` parks an idle one (its disk billed), `Start` brings a stopped one back (ready
-//!   after the simulated start), `Terminate` removes it.
+//!   after the simulated start), `Terminate` removes it;
+//! - a spot reclaim: the machine is broken, each job's lease is released as `Broken` (as
+//!   its cleanup would) and each job acquires again, as its retry does.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::plan::{plan, Action, Policy};
-use crate::pool::Pool;
+use crate::pool::{LeaseTerms, Pool};
 use flotilla_proto::api::ReleaseOutcome;
 
 use super::engine::{Ctx, Scaler};
@@ -82,9 +85,19 @@ impl Flotilla {
         self.next_id += 1;
         let lease_id = format!("l-{}", self.next_id);
         let job_key = format!("job-{job}-{}", self.next_id);
-        let Some(lease) = self
-            .pool
-            .try_lease(&job_key, class, lease_id.clone(), ctx.now_utc())
+        let now = ctx.now_utc();
+        let policy = self.policy.classes.get(class);
+        let terms = LeaseTerms {
+            slots: policy.map_or(1, |c| c.slots()),
+            ..LeaseTerms::default()
+        };
+        // As the daemon's acquire: a shared machine at max_builds or max_age takes no
+        // further job (an idle one was retired when it became idle).
+        let Some(lease) =
+            self.pool
+                .try_lease_where(&job_key, class, lease_id.clone(), terms, now, |m| {
+                    policy.is_none_or(|c| c.retire_reason(m, now).is_none())
+                })
         else {
             return false;
         };
@@ -151,8 +164,9 @@ impl Flotilla {
                         .get(&class)
                         .copied()
                         .unwrap_or(super::engine::DEFAULT_ROOT_GB);
+                    let capacity = self.policy.classes.get(&class).map_or(1, |c| c.slots());
                     for _ in 0..count {
-                        let m = ctx.launch_with_root(&instance_type, root_gb);
+                        let m = ctx.launch_with(&instance_type, root_gb, capacity);
                         let id = format!("m-{m}");
                         self.pool.reserve(&id, &class, &instance_type, now);
                         self.engine_of.insert(id.clone(), m);
@@ -188,13 +202,13 @@ impl Scaler for Flotilla {
         }
     }
 
-    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]) {
         if let Some(id) = self.pool_of.get(&machine).cloned() {
             self.pool.mark_broken(&id, "spot instance reclaimed");
         }
-        if let Some(j) = job {
-            if let Some(lease) = self.lease_of.remove(&j) {
-                // As the job's cleanup does: the lease ends, the machine stays broken.
+        // As each job's cleanup does: its lease ends, the machine stays broken.
+        for j in jobs {
+            if let Some(lease) = self.lease_of.remove(j) {
                 self.pool.release(
                     &lease,
                     ReleaseOutcome::Broken,
@@ -202,9 +216,12 @@ impl Scaler for Flotilla {
                     ctx.now_utc(),
                 );
             }
-            // The job fails with a system failure; its retry is a new acquire.
+        }
+        // Each job fails with a system failure; its retry is a new acquire.
+        for &j in jobs {
             self.acquire(ctx, j);
-        } else {
+        }
+        if jobs.is_empty() {
             self.replan(ctx);
         }
     }
@@ -266,6 +283,24 @@ mod tests {
     }
 
     #[test]
+    fn with_slots_and_without_the_forecast_the_plan_still_behaves_like_taskscaler() {
+        let t = trace(&bursts());
+        for (idle_count, idle_time) in [(0, 60), (2, 60), (3, 300)] {
+            let mut c = config(false, idle_count, idle_time);
+            c.classes.get_mut("c").unwrap().jobs_per_machine = 2;
+            let ours = run_flotilla("f", &c, &t, &env(60.0));
+            let theirs = run_taskscaler("t", taskscaler_from(&c), &t, &env(60.0));
+            assert_eq!(ours.violations + theirs.violations, 0);
+            let (ours, theirs) = (ours.summary(), theirs.summary());
+            assert_eq!(
+                (ours.p95_wait_s, ours.idle_slot_hours, ours.launches),
+                (theirs.p95_wait_s, theirs.idle_slot_hours, theirs.launches),
+                "idle_count {idle_count}, idle_time {idle_time}"
+            );
+        }
+    }
+
+    #[test]
     fn the_forecast_learns_the_stream_and_jobs_stop_waiting() {
         let t = trace(&bursts());
         let off = run_flotilla("off", &config(false, 0, 60), &t, &env(60.0));
@@ -315,6 +350,69 @@ mod tests {
         // (its horizon), then its machines are terminated.
         assert!(fixed.stopped_machine_hours > 3.0 * 8.0, "{fixed:?}");
         assert!(sized.stopped_machine_hours < 3.0 * 6.5, "{sized:?}");
+    }
+
+    fn sharing(slots: u32) -> flotilla_proto::config::Config {
+        let mut c = config(false, 0, 60);
+        c.classes.get_mut("c").unwrap().jobs_per_machine = slots;
+        c
+    }
+
+    #[test]
+    fn two_jobs_arriving_together_share_one_machine_with_two_slots() {
+        let t = trace(&[(0, 100), (0, 100)]);
+        let shared = run_flotilla("2", &sharing(2), &t, &env(60.0));
+        assert_eq!(shared.violations, 0);
+        assert_eq!(shared.launches, 1);
+        assert_eq!(shared.waits_ms, vec![60_000, 60_000]);
+        assert_eq!(
+            shared.busy_ms, 100_000,
+            "one machine, busy while its jobs run"
+        );
+        // One job per machine, as before slots: a machine each.
+        let alone = run_flotilla("1", &sharing(1), &t, &env(60.0));
+        assert_eq!(alone.violations, 0);
+        assert_eq!(alone.launches, 2);
+        assert_eq!(alone.waits_ms, vec![60_000, 60_000]);
+        assert_eq!(alone.busy_ms, 200_000);
+        assert!(
+            (alone.cost - 2.0 * shared.cost).abs() < 1e-9,
+            "{} vs {}",
+            alone.cost,
+            shared.cost
+        );
+    }
+
+    #[test]
+    fn jobs_of_a_reclaimed_shared_machine_all_run_again() {
+        let mut e = env(10.0);
+        e.reclaims_per_hour = 60.0; // mean life 60 s: most 110 s runs are cut short
+        let t = trace(&[(0, 100), (0, 100)]);
+        let mut reclaimed = 0;
+        for seed in 1..=10 {
+            e.seed = seed;
+            let mut s = Flotilla::new(
+                crate::plan::Policy::from_config(&sharing(2)),
+                BTreeMap::from([("c".to_string(), "t".to_string())]),
+                BTreeMap::new(),
+                "c".into(),
+                Pool::default(),
+            );
+            let out = run("f", &t, &mut s, &e);
+            assert_eq!(out.violations, 0);
+            reclaimed += out.reclaims;
+            // Both jobs finished (the run ended long before its horizon) and every lease,
+            // the lost ones too, was released.
+            assert!(out.end - out.start < 86_400_000, "{out:?}");
+            assert!(s.pool.leases().is_empty());
+            assert!(s.pool.waiting_by_class().is_empty());
+            assert!(
+                out.waits_ms.iter().all(|&w| w >= 10_000),
+                "{:?}",
+                out.waits_ms
+            );
+        }
+        assert!(reclaimed > 0);
     }
 
     #[test]

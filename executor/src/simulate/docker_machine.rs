@@ -369,12 +369,10 @@ impl Scaler for DockerMachine {
         }
     }
 
-    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]) {
         if let Some((r, i)) = self.runner_with(machine) {
             r.machines.remove(i);
-            if let Some(j) = job {
-                r.pending.push_back(j);
-            }
+            r.pending.extend(jobs.iter().copied());
             r.step(ctx);
         }
     }

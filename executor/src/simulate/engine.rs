@@ -26,10 +26,11 @@ pub(super) trait Scaler {
     fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize);
     /// A launched machine finished booting.
     fn ready(&mut self, ctx: &mut Ctx<'_>, machine: usize);
-    /// A job ended; its machine is free.
+    /// A job ended; its slot on the machine is free.
     fn finish(&mut self, ctx: &mut Ctx<'_>, job: usize, machine: usize);
-    /// EC2 took the machine back (spot reclaim); `job` was running on it and must run again.
-    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>);
+    /// EC2 took the machine back (spot reclaim); `jobs` (in the order they started, none
+    /// for an idle or booting machine) were running on it and must run again.
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]);
     /// The periodic reconcile pass.
     fn tick(&mut self, ctx: &mut Ctx<'_>);
 }
@@ -82,8 +83,16 @@ struct SimMachine {
     stopped_ms: i64,
     ready: Option<i64>,
     ended: Option<i64>,
+    /// Jobs it runs at once (`jobs_per_machine`; 1 for one job per machine).
+    capacity: u32,
+    /// Time it ran at least one job (closed periods), and since when it runs one now: a
+    /// machine is busy while it runs any job, idle (paid for nothing) while it runs none.
     busy_ms: i64,
-    job: Option<(usize, i64)>,
+    busy_since: Option<i64>,
+    /// The jobs running on it and when each started, oldest first.
+    jobs: Vec<(usize, i64)>,
+    /// Time its jobs ran (closed runs), summed over its slots.
+    job_ms: i64,
 }
 
 /// Hours in a month as AWS bills EBS (GB-months are prorated by the hour over 730 h).
@@ -125,6 +134,13 @@ pub(super) struct Outcome {
     pub waits_ms: Vec<i64>,
     pub machine_ms: i64,
     pub busy_ms: i64,
+    /// Running time x capacity (job slots paid for) and the time jobs ran in them
+    /// (reruns of reclaimed jobs too); equal to `machine_ms` and `busy_ms` when every
+    /// machine runs one job at a time.
+    pub slot_ms: i64,
+    pub job_ms: i64,
+    /// Whether some machine had more than one slot (then the summary shows idle slots).
+    pub shared: bool,
     pub launches: u64,
     /// StartInstances of stopped machines, and their stopped time.
     pub starts: u64,
@@ -178,9 +194,21 @@ impl<'a> Ctx<'a> {
         self.launch_with_root(instance_type, DEFAULT_ROOT_GB)
     }
 
-    /// Launches an instance of `instance_type` with a `root_gb` root volume; it is ready
-    /// after a draw from the launch distribution. Returns the machine's index.
+    /// Launches an instance of `instance_type` with a `root_gb` root volume, for one job
+    /// at a time. Returns the machine's index.
     pub(super) fn launch_with_root(&mut self, instance_type: &str, root_gb: u32) -> usize {
+        self.launch_with(instance_type, root_gb, 1)
+    }
+
+    /// Launches an instance of `instance_type` with a `root_gb` root volume that runs up
+    /// to `capacity` jobs at once (0 counts as 1); it is ready after a draw from the
+    /// launch distribution. Returns the machine's index.
+    pub(super) fn launch_with(
+        &mut self,
+        instance_type: &str,
+        root_gb: u32,
+        capacity: u32,
+    ) -> usize {
         let id = self.machines.len();
         let price = self.env.prices.get(instance_type).copied().unwrap_or(0.0);
         let disk_per_hour = f64::from(root_gb) * self.env.ebs_usd_per_gb_month / HOURS_PER_MONTH;
@@ -194,8 +222,11 @@ impl<'a> Ctx<'a> {
             stopped_ms: 0,
             ready: None,
             ended: None,
+            capacity: capacity.max(1),
             busy_ms: 0,
-            job: None,
+            busy_since: None,
+            jobs: Vec::new(),
+            job_ms: 0,
         });
         self.alive += 1;
         self.launches += 1;
@@ -208,7 +239,8 @@ impl<'a> Ctx<'a> {
         id
     }
 
-    /// Terminates a machine (no-op when it is already gone). Refused for a busy machine.
+    /// Terminates a machine (no-op when it is already gone). Refused for a machine running
+    /// any job.
     pub(super) fn terminate(&mut self, m: usize) {
         let Some(machine) = self.machines.get_mut(m) else {
             self.violations += 1;
@@ -217,7 +249,7 @@ impl<'a> Ctx<'a> {
         if machine.ended.is_some() {
             return;
         }
-        if machine.job.is_some() {
+        if !machine.jobs.is_empty() {
             self.violations += 1;
             return;
         }
@@ -239,7 +271,7 @@ impl<'a> Ctx<'a> {
             return;
         };
         if machine.ended.is_some()
-            || machine.job.is_some()
+            || !machine.jobs.is_empty()
             || machine.ready.is_none()
             || machine.stopped_since.is_some()
         {
@@ -271,21 +303,25 @@ impl<'a> Ctx<'a> {
         self.push(now + start_ms, Ev::Ready(m));
     }
 
-    /// Runs `job` on machine `m` (ready, alive and free).
+    /// Runs `job` on machine `m` (ready, alive, with a free slot). A job does not slow
+    /// the others on its machine: it takes its recorded duration however many share it.
     pub(super) fn start(&mut self, job: usize, m: usize) {
-        let ok = self
-            .machines
-            .get(m)
-            .is_some_and(|x| x.ended.is_none() && x.ready.is_some() && x.job.is_none())
-            && self.running_on[job].is_none()
+        let ok = self.machines.get(m).is_some_and(|x| {
+            x.ended.is_none() && x.ready.is_some() && (x.jobs.len() as u32) < x.capacity
+        }) && self.running_on[job].is_none()
             && self.started[job].is_none();
         if !ok {
             self.violations += 1;
             return;
         }
-        self.machines[m].job = Some((job, self.now));
+        let now = self.now;
+        let machine = &mut self.machines[m];
+        if machine.jobs.is_empty() {
+            machine.busy_since = Some(now);
+            self.busy += 1;
+        }
+        machine.jobs.push((job, now));
         self.running_on[job] = Some(m);
-        self.busy += 1;
         let duration = self.jobs[job].duration;
         self.push(self.now + duration, Ev::Finish(job, m));
     }
@@ -357,10 +393,14 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
             }
             Ev::Finish(j, m) => {
                 let machine = &mut ctx.machines[m];
-                if machine.ended.is_none() && machine.job.map(|(x, _)| x) == Some(j) {
-                    let (_, since) = machine.job.take().unwrap_or((j, t));
-                    machine.busy_ms += t - since;
-                    ctx.busy -= 1;
+                let at = machine.jobs.iter().position(|&(x, _)| x == j);
+                if let Some(at) = at.filter(|_| machine.ended.is_none()) {
+                    let (_, since) = machine.jobs.remove(at);
+                    machine.job_ms += t - since;
+                    if machine.jobs.is_empty() {
+                        machine.busy_ms += t - machine.busy_since.take().unwrap_or(t);
+                        ctx.busy -= 1;
+                    }
                     ctx.running_on[j] = None;
                     ctx.started[j] = Some(since);
                     ctx.done += 1;
@@ -374,18 +414,20 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
                 if machine.ended.is_none() && machine.stopped_since.is_none() {
                     machine.ended = Some(t);
                     machine.end_run(t);
-                    let job = machine.job.take().map(|(j, since)| {
+                    let running = std::mem::take(&mut machine.jobs);
+                    if let Some(since) = machine.busy_since.take() {
                         machine.busy_ms += t - since;
-                        (j, t - since)
-                    });
+                        ctx.busy -= 1;
+                    }
                     ctx.alive -= 1;
                     ctx.reclaims += 1;
-                    if let Some((j, ran)) = job {
-                        ctx.busy -= 1;
+                    for &(j, since) in &running {
+                        machine.job_ms += t - since;
                         ctx.running_on[j] = None;
-                        ctx.ran_before[j] += ran;
+                        ctx.ran_before[j] += t - since;
                     }
-                    scaler.lost(&mut ctx, m, job.map(|(j, _)| j));
+                    let jobs: Vec<usize> = running.iter().map(|&(j, _)| j).collect();
+                    scaler.lost(&mut ctx, m, &jobs);
                 }
             }
             Ev::Tick => {
@@ -423,9 +465,13 @@ pub(super) fn run(name: &str, trace: &Trace, scaler: &mut dyn Scaler, env: &Env)
                 m.end_run(end);
             }
         }
-        let busy = m.busy_ms + m.job.map_or(0, |(_, since)| end - since);
+        let busy = m.busy_ms + m.busy_since.map_or(0, |since| end - since);
+        let jobs: i64 = m.jobs.iter().map(|&(_, since)| end - since).sum();
         out.machine_ms += m.run_ms;
         out.busy_ms += busy;
+        out.slot_ms += m.run_ms * i64::from(m.capacity);
+        out.job_ms += m.job_ms + jobs;
+        out.shared |= m.capacity > 1;
         out.stopped_ms += m.stopped_ms;
         out.cost +=
             m.billed_ms as f64 * m.price_per_ms + m.stopped_ms as f64 * m.stopped_price_per_ms;
@@ -453,6 +499,11 @@ pub(super) struct Summary {
     pub idle_machine_hours: f64,
     pub busy_machine_hours: f64,
     pub stopped_machine_hours: f64,
+    /// Job slots paid for and running no job (slot-hours), when machines run several jobs
+    /// at once: a machine is busy while any of its jobs runs, so idle machine-hours alone
+    /// hide its empty slots. Absent (and not in the JSON) with one job per machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_slot_hours: Option<f64>,
     pub launches: u64,
     pub starts: u64,
     pub cost: f64,
@@ -481,6 +532,7 @@ impl Outcome {
             idle_machine_hours: h(self.machine_ms - self.busy_ms),
             busy_machine_hours: h(self.busy_ms),
             stopped_machine_hours: h(self.stopped_ms),
+            idle_slot_hours: self.shared.then(|| h(self.slot_ms - self.job_ms)),
             launches: self.launches,
             starts: self.starts,
             cost: (self.cost * 100.0).round() / 100.0,
@@ -538,8 +590,9 @@ pub(crate) mod tests {
         fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
             ctx.terminate(machine);
         }
-        fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+        fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]) {
             let booting = self.waiting.iter().position(|(m, _)| *m == machine);
+            let job = jobs.first().copied();
             if let Some(j) = job.or_else(|| booting.map(|i| self.waiting.remove(i).1)) {
                 self.arrive(ctx, j);
             }
@@ -609,7 +662,7 @@ pub(crate) mod tests {
         fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
             ctx.terminate(machine);
         }
-        fn lost(&mut self, _ctx: &mut Ctx<'_>, _machine: usize, _job: Option<usize>) {}
+        fn lost(&mut self, _ctx: &mut Ctx<'_>, _machine: usize, _jobs: &[usize]) {}
         fn tick(&mut self, ctx: &mut Ctx<'_>) {
             if let (Some(m), Some(at)) = (self.machine, self.stopped_at) {
                 if self.job.is_some() && ctx.now - at >= 3_600_000 {
@@ -632,6 +685,155 @@ pub(crate) mod tests {
         // Booted 40 s, billed 60 s ($0.06 at $3.6/h); stopped an hour ($1); started and
         // ran the job: 110 s ($0.11).
         assert!((out.cost - 1.17).abs() < 1e-9, "{}", out.cost);
+    }
+
+    /// Every job on one machine of `capacity` slots, launched on the first arrival (and
+    /// again after a reclaim), terminated once it runs nothing and nothing waits. A
+    /// `careless` one terminates it whenever a job ends; `assumed` is the slots it believes
+    /// the machine has.
+    struct Shared {
+        capacity: u32,
+        assumed: u32,
+        careless: bool,
+        machine: Option<usize>,
+        ready: bool,
+        running: u32,
+        queue: Vec<usize>,
+        /// The most jobs one reclaim took.
+        most_lost: usize,
+    }
+
+    impl Shared {
+        fn new(capacity: u32) -> Self {
+            Self {
+                capacity,
+                assumed: capacity,
+                careless: false,
+                machine: None,
+                ready: false,
+                running: 0,
+                queue: Vec::new(),
+                most_lost: 0,
+            }
+        }
+
+        fn run_queued(&mut self, ctx: &mut Ctx<'_>) {
+            match self.machine {
+                None if !self.queue.is_empty() => {
+                    self.machine = Some(ctx.launch_with("t", DEFAULT_ROOT_GB, self.capacity));
+                }
+                Some(m) if self.ready => {
+                    while self.running < self.assumed && !self.queue.is_empty() {
+                        ctx.start(self.queue.remove(0), m);
+                        self.running += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    impl Scaler for Shared {
+        fn arrive(&mut self, ctx: &mut Ctx<'_>, job: usize) {
+            self.queue.push(job);
+            self.run_queued(ctx);
+        }
+        fn ready(&mut self, ctx: &mut Ctx<'_>, _machine: usize) {
+            self.ready = true;
+            self.run_queued(ctx);
+        }
+        fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
+            self.running -= 1;
+            self.run_queued(ctx);
+            if self.careless || (self.running == 0 && self.queue.is_empty()) {
+                ctx.terminate(machine);
+            }
+            if self.running == 0 && self.queue.is_empty() {
+                self.machine = None;
+                self.ready = false;
+            }
+        }
+        fn lost(&mut self, ctx: &mut Ctx<'_>, _machine: usize, jobs: &[usize]) {
+            self.most_lost = self.most_lost.max(jobs.len());
+            (self.machine, self.ready, self.running) = (None, false, 0);
+            self.queue.extend_from_slice(jobs);
+            self.run_queued(ctx);
+        }
+        fn tick(&mut self, _ctx: &mut Ctx<'_>) {}
+    }
+
+    #[test]
+    fn jobs_sharing_a_machine_run_together_and_it_is_busy_while_any_runs() {
+        // Two slots: both jobs run from the boot (40 s); the machine is busy 100 s, not
+        // 150 (the job-seconds), and billed 140 s.
+        let t = trace(&[(0, 100), (0, 50)]);
+        let out = run("x", &t, &mut Shared::new(2), &env(40.0));
+        assert_eq!(out.violations, 0);
+        assert_eq!(out.launches, 1);
+        assert_eq!(out.waits_ms, vec![40_000, 40_000]);
+        assert_eq!((out.machine_ms, out.busy_ms), (140_000, 100_000));
+        // Two slots for 140 s, jobs in them for 150 s: 130 slot-seconds idle.
+        assert_eq!((out.slot_ms, out.job_ms), (280_000, 150_000));
+        assert_eq!(out.summary().idle_slot_hours, Some(0.04));
+        assert!((out.cost - 0.14).abs() < 1e-9, "{}", out.cost);
+        // One slot: the second job waits for the first, as before slots.
+        let out = run("x", &t, &mut Shared::new(1), &env(40.0));
+        assert_eq!(out.violations, 0);
+        assert_eq!(out.waits_ms, vec![40_000, 140_000]);
+        assert_eq!((out.machine_ms, out.busy_ms), (190_000, 150_000));
+        assert_eq!((out.slot_ms, out.job_ms), (190_000, 150_000));
+        assert_eq!(
+            out.summary().idle_slot_hours,
+            None,
+            "one slot: idle machine-hours say it"
+        );
+    }
+
+    #[test]
+    fn a_machine_running_any_job_is_not_terminated_and_a_full_one_takes_none() {
+        let t = trace(&[(0, 100), (0, 50)]);
+        let mut careless = Shared::new(2);
+        careless.careless = true;
+        let out = run("x", &t, &mut careless, &env(40.0));
+        // The first end (90 s) leaves a job running: refused; the second is fine.
+        assert_eq!(out.violations, 1);
+        assert_eq!(out.machine_ms, 140_000);
+        // A third job on a two-slot machine is refused; with two, it waits for a slot.
+        let t = trace(&[(0, 100), (0, 100), (0, 100)]);
+        let mut overfull = Shared::new(2);
+        overfull.assumed = 3;
+        assert_eq!(run("x", &t, &mut overfull, &env(40.0)).violations, 1);
+        let ok = run("x", &t, &mut Shared::new(2), &env(40.0));
+        assert_eq!(ok.violations, 0);
+        assert_eq!(ok.waits_ms, vec![40_000, 40_000, 140_000]);
+    }
+
+    #[test]
+    fn a_reclaimed_shared_machine_gives_back_every_job_it_ran() {
+        let mut e = env(10.0);
+        e.reclaims_per_hour = 60.0; // mean life 60 s: most 110 s runs are cut short
+        let t = trace(&[(0, 100), (0, 100)]);
+        let mut both_lost = 0;
+        for seed in 1..=10 {
+            e.seed = seed;
+            let mut s = Shared::new(2);
+            let out = run("x", &t, &mut s, &e);
+            assert_eq!(out.violations, 0);
+            if s.most_lost == 2 {
+                both_lost += 1;
+                // Both ran again from the start; only the time not running is waiting.
+                assert!(out.launches > 1 && out.busy_ms > 100_000, "{out:?}");
+                assert!(
+                    out.waits_ms.iter().all(|&w| w >= 20_000),
+                    "{:?}",
+                    out.waits_ms
+                );
+            }
+        }
+        assert!(
+            both_lost > 0,
+            "no seed reclaimed the machine under both jobs"
+        );
     }
 
     #[test]

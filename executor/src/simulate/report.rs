@@ -65,4 +65,14 @@ pub(super) fn print_table(out: &mut String, rows: &[Summary]) {
             format!("${:.2}", r.cost),
         );
     }
+    // Only with shared machines, so one-job-per-machine tables stay as they were.
+    for r in rows {
+        if let Some(idle) = r.idle_slot_hours {
+            outln!(
+                out,
+                "{:<width$}  {idle:.1} idle slot-hours (job slots paid for, running no job)",
+                r.name
+            );
+        }
+    }
 }

@@ -67,6 +67,7 @@ pub(super) fn run_taskscaler(
 
 /// docker+machine with the config's knobs under docker+machine's semantics (schedules
 /// become `[[runners.machine.autoscaling]]` periods, unset fields taking the class value).
+/// `jobs_per_machine` has no counterpart there: docker+machine runs one job per machine.
 pub(super) fn docker_machine_from(config: &Config) -> BTreeMap<String, docker_machine::Config> {
     config
         .classes
@@ -109,7 +110,8 @@ pub(super) fn docker_machine_from(config: &Config) -> BTreeMap<String, docker_ma
 
 /// taskscaler with the config's knobs: `idle_count` (or with a scale factor, `idle_count_min`
 /// as the floor and `idle_count` as `scale_factor_limit`), `idle_time`, `max_builds` as
-/// `max_use_count`, `max_machines` as `max_instances`.
+/// `max_use_count`, `max_machines` as `max_instances`, `jobs_per_machine` as
+/// `capacity_per_instance`.
 pub(super) fn taskscaler_from(config: &Config) -> BTreeMap<String, taskscaler::Config> {
     let knobs = |count: u32, min: u32, factor: f64, idle_time_s: u64| taskscaler::Knobs {
         idle_count: if factor > 0.0 { min } else { count },
@@ -144,6 +146,7 @@ pub(super) fn taskscaler_from(config: &Config) -> BTreeMap<String, taskscaler::C
                     max_instances: k.max_machines.min(config.max_machines),
                     max_use_count: k.max_builds,
                     instance_type: k.instance_types.first().cloned().unwrap_or_default(),
+                    capacity_per_instance: k.jobs_per_machine,
                 },
             )
         })

@@ -487,6 +487,7 @@ mod tests {
             idle_machine_hours: idle,
             busy_machine_hours: 0.0,
             stopped_machine_hours: 0.0,
+            idle_slot_hours: None,
             launches: 0,
             starts: 0,
             cost: 0.0,

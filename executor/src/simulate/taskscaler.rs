@@ -1,21 +1,25 @@
 //! Baseline: GitLab Runner's docker-autoscaler executor (taskscaler + a fleeting plugin),
-//! modelled on its documentation, with `capacity_per_instance = 1`:
+//! modelled on its documentation, `capacity_per_instance` the class's `jobs_per_machine`
+//! (1 unless set):
 //!
-//! - A job is taken at once and reserves capacity; it runs on an idle instance, or waits
-//!   until one is ready (the default, non-preemptive mode).
+//! - A job is taken at once and reserves capacity; it runs in a free slot of a ready
+//!   instance, or waits until one is (the default, non-preemptive mode).
 //! - Wanted capacity, in job slots = in use + waiting + the idle capacity, where the idle
 //!   capacity is `idle_count`, or with `scale_factor` set,
 //!   `max(idle_count, min(ceil(in_use x scale_factor), scale_factor_limit))` ("idle_count
 //!   becomes the minimum idle capacity and scale_factor_limit the maximum");
-//!   `scale_factor_limit = 0` leaves it uncapped. Missing instances are requested at once
+//!   `scale_factor_limit = 0` leaves it uncapped. Instances wanted =
+//!   `ceil(wanted capacity / capacity_per_instance)`; missing ones are requested at once
 //!   (scale_throttle is 100/s), up to `max_instances`.
-//! - An instance idle for `idle_time` (since its last job ended, or since it was
+//! - An instance running no job for `idle_time` (since its last job ended, or since it was
 //!   provisioned) is removed unless it is needed for the wanted capacity; the longest idle
-//!   go first. An instance that ran `max_use_count` jobs is removed when released.
+//!   go first. An instance that took `max_use_count` jobs takes no more and is removed
+//!   once its last one is released.
 //! - `[[runners.autoscaler.policy]]` entries are periods; the last match wins.
 //!
 //! Assumptions where the documentation is silent: `ceil` for the scale-factor product,
-//! and a job takes the most recently idle instance (so old ones can age out).
+//! and a job takes a slot on the fullest instance, then the most recently idle one (so
+//! old ones can age out), as Flotilla's pool does.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -62,6 +66,8 @@ pub(super) struct Config {
     /// 0: unlimited.
     pub max_use_count: u32,
     pub instance_type: String,
+    /// Jobs an instance runs at once (0 counts as 1).
+    pub capacity_per_instance: u32,
 }
 
 impl Config {
@@ -97,9 +103,12 @@ enum State {
 #[derive(Debug, Clone)]
 struct Instance {
     m: usize,
+    /// `Busy` while it runs any job.
     state: State,
     idle_since: i64,
     uses: u32,
+    /// Jobs running on it.
+    running: u32,
 }
 
 struct Scaler1 {
@@ -117,19 +126,26 @@ impl Scaler1 {
         }
     }
 
-    fn count(&self, s: State) -> u32 {
-        self.instances.iter().filter(|i| i.state == s).count() as u32
+    fn capacity(&self) -> u32 {
+        self.config.capacity_per_instance.max(1)
+    }
+
+    /// Whether the instance may take one more job: ready, a slot free, `max_use_count`
+    /// not reached.
+    fn may_take(&self, x: &Instance) -> bool {
+        let max = self.config.max_use_count;
+        x.state != State::Creating && x.running < self.capacity() && (max == 0 || x.uses < max)
     }
 
     fn step(&mut self, ctx: &mut Ctx<'_>) {
-        // Waiting jobs take the most recently idle instances.
+        // Waiting jobs fill the fullest instances, then the most recently idle.
         while !self.waiting.is_empty() {
             let Some(i) = self
                 .instances
                 .iter()
                 .enumerate()
-                .filter(|(_, x)| x.state == State::Idle)
-                .max_by_key(|(_, x)| x.idle_since)
+                .filter(|(_, x)| self.may_take(x))
+                .max_by_key(|(_, x)| (x.running, x.idle_since))
                 .map(|(i, _)| i)
             else {
                 break;
@@ -138,11 +154,13 @@ impl Scaler1 {
             let inst = &mut self.instances[i];
             inst.state = State::Busy;
             inst.uses += 1;
+            inst.running += 1;
             ctx.start(job, inst.m);
         }
         let k = self.knobs(ctx.now);
-        let in_use = self.count(State::Busy);
-        let wanted = in_use + self.waiting.len() as u32 + k.idle_capacity(in_use);
+        let in_use: u32 = self.instances.iter().map(|x| x.running).sum();
+        let slots = in_use + self.waiting.len() as u32 + k.idle_capacity(in_use);
+        let wanted = slots.div_ceil(self.capacity());
         let have = self.instances.len() as u32;
         if wanted > have {
             let room = if self.config.max_instances > 0 {
@@ -151,12 +169,17 @@ impl Scaler1 {
                 u32::MAX
             };
             for _ in 0..(wanted - have).min(room) {
-                let m = ctx.launch(&self.config.instance_type);
+                let m = ctx.launch_with(
+                    &self.config.instance_type,
+                    super::engine::DEFAULT_ROOT_GB,
+                    self.capacity(),
+                );
                 self.instances.push(Instance {
                     m,
                     state: State::Creating,
                     idle_since: ctx.now,
                     uses: 0,
+                    running: 0,
                 });
             }
         } else if wanted < have {
@@ -241,7 +264,10 @@ impl Scaler for Taskscaler {
     fn finish(&mut self, ctx: &mut Ctx<'_>, _job: usize, machine: usize) {
         if let Some((r, i)) = self.runner_with(machine) {
             let inst = &mut r.instances[i];
-            if r.config.max_use_count > 0 && inst.uses >= r.config.max_use_count {
+            inst.running = inst.running.saturating_sub(1);
+            if inst.running > 0 {
+                // Other jobs run on: still busy (and not yet removable).
+            } else if r.config.max_use_count > 0 && inst.uses >= r.config.max_use_count {
                 ctx.terminate(inst.m);
                 r.instances.remove(i);
             } else {
@@ -252,12 +278,10 @@ impl Scaler for Taskscaler {
         }
     }
 
-    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, job: Option<usize>) {
+    fn lost(&mut self, ctx: &mut Ctx<'_>, machine: usize, jobs: &[usize]) {
         if let Some((r, i)) = self.runner_with(machine) {
             r.instances.remove(i);
-            if let Some(j) = job {
-                r.waiting.push_back(j);
-            }
+            r.waiting.extend(jobs.iter().copied());
             r.step(ctx);
         }
     }
@@ -287,6 +311,7 @@ mod tests {
             max_instances: 0,
             max_use_count: 0,
             instance_type: "t".into(),
+            capacity_per_instance: 1,
         }
     }
 
@@ -355,6 +380,27 @@ mod tests {
             60.0,
         );
         assert_eq!(out.waits_ms, vec![60_000, 0, 0, 0]);
+    }
+
+    #[test]
+    fn with_capacity_per_instance_jobs_share_instances_and_idle_capacity_is_in_slots() {
+        let mut c = ts(0, 600);
+        c.capacity_per_instance = 2;
+        let out = replay(c.clone(), &[(0, 100), (0, 100), (0, 100)], 60.0);
+        // Three jobs, two slots an instance: two instances, three jobs at once.
+        assert_eq!(out.launches, 2);
+        assert_eq!(out.waits_ms, vec![60_000; 3]);
+        // idle_count 3 slots: two instances before the first job; the second job takes
+        // the free slot next to the first (fullest first), and with 2 in use + 3 idle
+        // = 5 slots wanted, a third instance is requested.
+        c.knobs.idle_count = 3;
+        let out = replay(c, &[(0, 1000), (10, 10)], 60.0);
+        assert_eq!(out.waits_ms, vec![0, 0]);
+        assert_eq!(out.launches, 3);
+        assert_eq!(
+            out.busy_ms, 1_000_000,
+            "the second job ran beside the first"
+        );
     }
 
     #[test]
