@@ -37,8 +37,9 @@ pub struct ClassPolicy {
     pub learned: Option<Learned>,
 }
 
-/// Flotilla's default policy, on top of the configured idle target: keep warm a machine
-/// for each job the arrival history expects within `lookahead`, at the larger of the rate
+/// Flotilla's default policy, on top of the configured idle target: keep warm a job slot
+/// (a machine, with one job per machine) for each job the arrival history expects within
+/// `lookahead`, at the larger of the rate
 /// learned for this hour of the day on this kind of day (weekday or weekend, over past
 /// days) and the rate of the last `memory` (see [`crate::forecast`]); at most `max_idle`.
 /// Those machines are launched before the jobs arrive. Idle machines beyond the target go
@@ -56,8 +57,9 @@ pub struct Learned {
 }
 
 impl Learned {
-    /// Machines to keep warm for `class` at `now`: the whole jobs expected within the
-    /// look-ahead (rounded down, so a trickle of jobs does not keep a machine up).
+    /// Job slots to keep warm for `class` at `now`: the whole jobs expected within the
+    /// look-ahead (rounded down, so a trickle of jobs does not keep a machine up). The
+    /// plan turns slots into machines (`ClassPolicy::machines_for`).
     pub fn warm(&self, history: &DemandHistory, class: &str, now: DateTime<Utc>) -> u32 {
         let o = history.outlook(class, now, self.memory);
         let rate = o.profile_per_hour.unwrap_or(0.0).max(o.recent_per_hour);

@@ -457,7 +457,8 @@ pub struct ForecastConfig {
     /// Off: the idle policy (`idle_count`, scale factor, schedules, `idle_time`) alone.
     #[serde(default = "defaults::forecast_enabled")]
     pub enabled: bool,
-    /// Most machines the forecast keeps idle (its spending cap).
+    /// Most job slots the forecast keeps idle (its spending cap): machines, with one job
+    /// per machine; with `jobs_per_machine = N`, this many slots, in whole machines.
     #[serde(default = "defaults::forecast_max_idle")]
     pub max_idle: u32,
     /// Jobs expected within this look-ahead get a warm machine before they arrive.
