@@ -440,9 +440,8 @@ fn scale_down_idle<'a>(
         let in_use_jobs: u32 = leased.iter().map(|m| (m.leases.len() as u32).max(1)).sum();
         let partial_free: u32 = leased
             .iter()
-            .filter(|m| !m.leases.is_empty() && m.adopted_at.is_none())
             .filter(|m| class.retire_reason(m, now).is_none())
-            .map(|m| class.slots().saturating_sub(m.leases.len() as u32))
+            .map(|m| m.free_slots(class.slots()))
             .sum();
         let waiting_jobs = pool.waiting(name);
         let mut idle_policy = class.idle_at(now);

@@ -150,18 +150,21 @@ impl Machine {
         }
     }
 
-    /// Whether it may take one more job with `slots` per machine: ready and idle, or
-    /// leased with a slot free (never an adopted machine, which is held for no job).
-    fn has_free_slot(&self, slots: u32) -> bool {
+    /// The jobs it may still take with `slots` per machine: all of them ready and idle;
+    /// the slots left while leased (none for an adopted machine, held for no job, or one
+    /// a job found broken). The lease and the plan both count by this.
+    pub fn free_slots(&self, slots: u32) -> u32 {
+        let slots = slots.max(1);
         match self.state {
-            MachineState::Idle => true,
-            MachineState::Leased => {
-                self.adopted_at.is_none()
+            MachineState::Idle => slots,
+            MachineState::Leased
+                if self.adopted_at.is_none()
                     && self.broken_after_jobs.is_none()
-                    && !self.leases.is_empty()
-                    && (self.leases.len() as u32) < slots.max(1)
+                    && !self.leases.is_empty() =>
+            {
+                slots.saturating_sub(self.leases.len() as u32)
             }
-            _ => false,
+            _ => 0,
         }
     }
 }
@@ -427,7 +430,7 @@ impl Pool {
         let machine = self
             .machines
             .values_mut()
-            .filter(|m| m.class == class && m.has_free_slot(terms.slots))
+            .filter(|m| m.class == class && m.free_slots(terms.slots) > 0)
             .filter(|m| may_take(m))
             .max_by(|a, b| {
                 (a.leases.len(), a.idle_since, &a.id).cmp(&(b.leases.len(), b.idle_since, &b.id))
