@@ -300,29 +300,18 @@ pub async fn wait_for_http(
     ready.map_err(|e| anyhow::anyhow!("{e:#}\n{what} log:\n{}", tail(log, 30)))
 }
 
-/// Waits for the child with this pid (which must not be waited for elsewhere) and returns
-/// its exit status and its peak resident set size in KiB, as the kernel accounted it at
-/// exit (`wait4`'s `ru_maxrss`): exact, where sampling `/proc` would miss a short peak.
-pub fn wait_with_max_rss(pid: u32) -> Result<(std::process::ExitStatus, u64)> {
-    use std::os::unix::process::ExitStatusExt;
-    let mut status: libc::c_int = 0;
-    // SAFETY: an all-zero rusage is a valid value of that plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: both pointers are to live locals of the right types.
-        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-        if r == pid as libc::pid_t {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err).with_context(|| format!("wait4 for pid {pid}"));
-        }
-    }
-    Ok((
-        std::process::ExitStatus::from_raw(status),
-        u64::try_from(usage.ru_maxrss).unwrap_or(0),
-    ))
+/// The peak resident set size in KiB of the live process `pid` so far (`VmHWM` in
+/// `/proc/<pid>/status`), or `None` once it has exited. The high-water mark of its own
+/// address space only: `wait4`'s `ru_maxrss` is not, since a child spawned with
+/// `posix_spawn` (vfork) is charged at exec with the spawning process's peak, here the test
+/// binary's, which grows with every test running beside it.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Bytes waiting in the pipe whose read end is `fd` (FIONREAD), and the pipe's capacity
