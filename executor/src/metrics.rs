@@ -28,6 +28,7 @@ pub struct Metrics {
     machines: Family<Labels, Gauge>,
     leases: Gauge,
     waiting: Family<Labels, Gauge>,
+    job_slots: Family<Labels, Gauge>,
     pub lease_wait: Histogram,
     pub boot_time: Histogram,
     launches: Family<Labels, Counter>,
@@ -56,6 +57,7 @@ impl Metrics {
             machines: Family::default(),
             leases: Gauge::default(),
             waiting: Family::default(),
+            job_slots: Family::default(),
             lease_wait: Histogram::new(exponential_buckets(0.005, 2.0, 18)),
             boot_time: Histogram::new(exponential_buckets(0.5, 2.0, 12)),
             launches: Family::default(),
@@ -80,6 +82,12 @@ impl Metrics {
             "waiting_requests",
             "Acquire requests waiting for a machine, by class",
             m.waiting.clone(),
+        );
+        registry.register(
+            "job_slots",
+            "Job slots of ready machines by class and state: busy (a job holds it) or free \
+             (a job may take it); with jobs_per_machine 1, one per machine",
+            m.job_slots.clone(),
         );
         registry.register(
             "lease_wait_seconds",
@@ -196,8 +204,10 @@ impl Metrics {
             .inc_by(seconds);
     }
 
-    /// The text exposition, with pool gauges taken from `pool` now.
-    pub fn render(&self, pool: &Pool, classes: &[&str]) -> String {
+    /// The text exposition, with pool gauges taken from `pool` now. `classes` are the
+    /// configured ones with their `jobs_per_machine` (a machine of a class no longer
+    /// configured counts one slot).
+    pub fn render(&self, pool: &Pool, classes: &[(&str, u32)]) -> String {
         let _guard = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         let states = [
             MachineState::Booting,
@@ -209,13 +219,13 @@ impl Metrics {
             MachineState::Stopped,
             MachineState::Starting,
         ];
-        let mut all_classes: Vec<&str> = classes.to_vec();
+        let mut all_classes: Vec<(&str, u32)> = classes.to_vec();
         for m in pool.machines().values() {
-            if !all_classes.contains(&m.class.as_str()) {
-                all_classes.push(&m.class);
+            if !all_classes.iter().any(|(c, _)| *c == m.class) {
+                all_classes.push((&m.class, 1));
             }
         }
-        for class in &all_classes {
+        for &(class, slots) in &all_classes {
             for state in states {
                 self.machines
                     .get_or_create(&labels(&[("class", class), ("state", state.as_str())]))
@@ -224,6 +234,22 @@ impl Metrics {
             self.waiting
                 .get_or_create(&labels(&[("class", class)]))
                 .set(i64::from(pool.waiting(class)));
+            let (busy, free) = pool.machines().values().filter(|m| m.class == class).fold(
+                (0i64, 0i64),
+                |(busy, free), m| {
+                    let held = if m.state == MachineState::Leased {
+                        m.leases.len() as i64
+                    } else {
+                        0
+                    };
+                    (busy + held, free + i64::from(m.free_slots(slots)))
+                },
+            );
+            for (state, n) in [("busy", busy), ("free", free)] {
+                self.job_slots
+                    .get_or_create(&labels(&[("class", class), ("state", state)]))
+                    .set(n);
+            }
         }
         self.leases.set(pool.leases().len() as i64);
         let mut out = String::new();
@@ -244,7 +270,7 @@ mod tests {
         m.launched("small", "t3.micro", "on-demand");
         m.launched("small", "t3.micro", "on-demand");
         m.terminated("idle_timeout", 1);
-        let text = m.render(&Pool::default(), &["small"]);
+        let text = m.render(&Pool::default(), &[("small", 1)]);
         assert!(text.contains(r#"flotilla_launches_total{class="small",instance_type="t3.micro",market="on-demand"} 2"#), "{text}");
         assert!(
             text.contains(r#"flotilla_terminations_total{reason="idle_timeout"} 1"#),
@@ -255,5 +281,36 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn job_slots_count_jobs_held_and_slots_free_on_ready_machines() {
+        use chrono::{TimeZone, Utc};
+        let now = Utc.timestamp_opt(1_700_000_000, 0).unwrap();
+        let mut pool = Pool::default();
+        for id in ["a", "b", "booting"] {
+            pool.reserve(id, "shared", "m5.xlarge", now);
+            pool.record_launch(id, &format!("i-{id}"), "10.0.0.1", "m5.xlarge");
+        }
+        assert!(pool.mark_ready("a", now) && pool.mark_ready("b", now));
+        let terms = crate::pool::LeaseTerms {
+            slots: 4,
+            ..Default::default()
+        };
+        for job in ["j1", "j2", "j3"] {
+            let lease =
+                pool.try_lease_with_terms(job, "shared", format!("l-{job}"), terms.clone(), now);
+            assert!(lease.is_some());
+        }
+        let text = Metrics::new().render(&pool, &[("shared", 4), ("empty", 2)]);
+        // Three jobs fill one machine first: 1 slot left on it, 4 on the idle one; the
+        // booting machine offers none yet.
+        for line in [
+            r#"flotilla_job_slots{class="shared",state="busy"} 3"#,
+            r#"flotilla_job_slots{class="shared",state="free"} 5"#,
+            r#"flotilla_job_slots{class="empty",state="free"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 }

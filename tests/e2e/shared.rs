@@ -1,13 +1,14 @@
 //! Several jobs per machine (`jobs_per_machine`, docker-autoscaler's
 //! `capacity_per_instance`): two jobs prepared at once share the fleet's one machine, each
 //! container limited to half its CPUs and memory; one job's cleanup leaves the other's
-//! containers alone, and the other runs on to its end.
+//! containers alone, and the other runs on to its end. `flotilla_job_slots` counts them.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use flotilla_sandbox::runner::StageDriver;
-use flotilla_sandbox::{docker_on, Job, Sandbox, SandboxOptions};
+use flotilla_sandbox::sandbox::CLASS;
+use flotilla_sandbox::{docker_on, prom, Job, Sandbox, SandboxOptions};
 
 use crate::common::bounded;
 use crate::compat::{all_output, the_machine};
@@ -18,6 +19,7 @@ async fn two_jobs_share_one_machine_each_limited_to_half_of_it() -> Result<()> {
         let sb = Sandbox::start(SandboxOptions {
             max_machines: 1,
             jobs_per_machine: 2,
+            metrics: true,
             prefetch_images: Some(0),
             ..Default::default()
         })
@@ -38,6 +40,7 @@ async fn two_jobs_share_one_machine_each_limited_to_half_of_it() -> Result<()> {
             status.contains("(+1 more)"),
             "status shows two jobs on the machine:\n{status}"
         );
+        ensure_slots(&sb, 2, 0).await?;
 
         let info = docker_on(&m, &["info", "--format", "{{.NCPU}} {{.MemTotal}}"]).await?;
         let (ncpu, mem) = info
@@ -97,7 +100,20 @@ async fn two_jobs_share_one_machine_each_limited_to_half_of_it() -> Result<()> {
             status.lines().any(|l| l.contains(&m.instance_id) && l.contains("idle")),
             "the machine is idle after its last job:\n{status}"
         );
+        ensure_slots(&sb, 0, 2).await?;
         sb.shutdown().await
     })
     .await
+}
+
+/// `flotilla_job_slots` of the class says `busy` and `free` slots.
+async fn ensure_slots(sb: &Sandbox, busy: u32, free: u32) -> Result<()> {
+    let text = sb.metrics().await?;
+    let m = prom::parse(&text).context("/metrics")?;
+    let slots = |state| m.get("flotilla_job_slots", &[("class", CLASS), ("state", state)]);
+    ensure!(
+        (slots("busy"), slots("free")) == (Some(f64::from(busy)), Some(f64::from(free))),
+        "flotilla_job_slots: {busy} busy and {free} free expected:\n{text}"
+    );
+    Ok(())
 }

@@ -254,7 +254,7 @@ pub fn exported_families() -> Result<BTreeMap<String, String>> {
     m.prefetched("pulled");
     let mut pool = flotilla::pool::Pool::default();
     pool.add_waiter("default");
-    let text = m.render(&pool, &["default"]);
+    let text = m.render(&pool, &[("default", 1)]);
     Ok(prom::parse(&text)
         .context("the daemon's exposition does not parse")?
         .types)

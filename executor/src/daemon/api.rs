@@ -602,7 +602,12 @@ pub(super) async fn serve_metrics(
         .route(
             "/metrics",
             get(|State(shared): State<Arc<Shared>>| async move {
-                let classes = shared.config.class_names();
+                let classes: Vec<(&str, u32)> = shared
+                    .config
+                    .classes
+                    .iter()
+                    .map(|(name, class)| (name.as_str(), class.jobs_per_machine))
+                    .collect();
                 let body = shared.metrics.render(&shared.pool(), &classes);
                 (
                     [(

@@ -258,7 +258,7 @@ async fn prune_machine(config: &Config, lease: &Lease, percent: u8) {
                 "flotilla: build machine {} runs other jobs: pruning untagged images only",
                 lease.machine_id
             );
-            return (images, Ok(Default::default()));
+            return (images, None);
         }
         let volume_filters = |all: bool| {
             let mut f =
@@ -277,7 +277,7 @@ async fn prune_machine(config: &Config, lease: &Lease, percent: u8) {
             }) if message.contains("all") => docker.prune_volumes(volume_filters(false)).await,
             r => r,
         };
-        (images, volumes)
+        (images, Some(volumes))
     };
     let (images, volumes) = match tokio::time::timeout(PRUNE_TIMEOUT, prune).await {
         Ok(r) => r,
@@ -306,13 +306,15 @@ async fn prune_machine(config: &Config, lease: &Lease, percent: u8) {
             describe_docker_error(&e)
         ),
     }
+    // None: a machine other jobs share keeps its cache volumes (none were tried).
     match volumes {
-        Ok(r) => parts.push(format!(
+        None => {}
+        Some(Ok(r)) => parts.push(format!(
             "{} cache volume(s) ({})",
             r.volumes_deleted.unwrap_or_default().len(),
             human_bytes(r.space_reclaimed.unwrap_or(0))
         )),
-        Err(e) => eprintln!(
+        Some(Err(e)) => eprintln!(
             "flotilla: warning: pruning cache volumes on build machine {} failed: {}",
             lease.machine_id,
             describe_docker_error(&e)
