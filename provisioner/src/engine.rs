@@ -41,6 +41,9 @@ pub async fn converge(ctx: &Ctx<'_>) -> Result<Outputs> {
     let stack = ctx.stack;
     let region = ctx.aws.region.clone();
     tracing::info!("reading stack {} in {region}", stack.name);
+    if let Some(note) = stack.concurrency_note() {
+        ctx.plan.note(note);
+    }
     let inv = inventory::read(ctx).await?;
     let images = image::images(ctx).await?;
     let host_image = images.get(&stack.runner_hosts.ami);

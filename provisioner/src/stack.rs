@@ -246,6 +246,27 @@ mod defaults {
     }
 }
 
+/// The jobs one daemon's fleet can run at once: each class's machines times its
+/// `jobs_per_machine`, within the fleet-wide `max_machines`. Pure.
+fn fleet_job_slots(config: &Config) -> u32 {
+    let by_class: u32 = config
+        .classes
+        .values()
+        .map(|c| {
+            c.max_machines
+                .min(config.max_machines)
+                .saturating_mul(c.jobs_per_machine.max(1))
+        })
+        .fold(0, u32::saturating_add);
+    let widest = config
+        .classes
+        .values()
+        .map(|c| c.jobs_per_machine.max(1))
+        .max()
+        .unwrap_or(1);
+    by_class.min(config.max_machines.saturating_mul(widest))
+}
+
 /// A stack file that cannot be used, naming the file and (where there is one) the key.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -391,6 +412,23 @@ impl Stack {
         let fleets = self.host_fleets();
         let last = fleets.last().map_or(self.fleet_name(), String::as_str);
         self.fleet_config(&FleetIds::placeholders(self), last)
+    }
+
+    /// A plan note when `gitlab.concurrent` holds a runner host below the job slots its
+    /// fleet offers (`max_machines x jobs_per_machine`): machines (or shared machines'
+    /// slots) the operator pays for would never get a job. None for a fleet that does not
+    /// validate (validation reports that).
+    pub(crate) fn concurrency_note(&self) -> Option<String> {
+        let config = self.placeholder_config().ok()?;
+        let slots = fleet_job_slots(&config);
+        (self.gitlab.concurrent < slots).then(|| {
+            format!(
+                "gitlab.concurrent is {}: a runner host runs at most {} jobs at once, but its \
+                 fleet has {slots} job slots (max_machines x jobs_per_machine); raise \
+                 gitlab.concurrent to {slots} to use them",
+                self.gitlab.concurrent, self.gitlab.concurrent
+            )
+        })
     }
 
     /// One fleet name per runner host: the fleet name itself for host 0, `<fleet>-<n>`
@@ -997,6 +1035,33 @@ instance_types = ["t3.medium"]
             Err(e) => e,
             Ok(s) => s.validate().unwrap_err().to_string(),
         }
+    }
+
+    #[test]
+    fn concurrent_below_the_fleets_job_slots_gets_a_plan_note() {
+        // Defaults: 10 machines, one job each, concurrent 10.
+        assert_eq!(Stack::from_toml(GOOD).unwrap().concurrency_note(), None);
+        let shared = GOOD.replace(
+            "instance_types = [\"t3.medium\"]",
+            "instance_types = [\"t3.medium\"]\nmax_machines = 5\njobs_per_machine = 4",
+        );
+        let note = Stack::from_toml(&shared)
+            .unwrap()
+            .concurrency_note()
+            .unwrap();
+        assert!(note.contains("gitlab.concurrent is 10"), "{note}");
+        assert!(note.contains("20 job slots"), "{note}");
+        let raised = shared.replace(
+            "tags = [\"flotilla\"]",
+            "tags = [\"flotilla\"]\nconcurrent = 20",
+        );
+        assert_eq!(Stack::from_toml(&raised).unwrap().concurrency_note(), None);
+        // The fleet-wide max_machines bounds the classes' machines together.
+        let capped = shared.replace(
+            "default_class = \"small\"",
+            "default_class = \"small\"\nmax_machines = 2",
+        );
+        assert_eq!(Stack::from_toml(&capped).unwrap().concurrency_note(), None);
     }
 
     #[test]
