@@ -234,21 +234,16 @@ impl Metrics {
             self.waiting
                 .get_or_create(&labels(&[("class", class)]))
                 .set(i64::from(pool.waiting(class)));
-            let (busy, free) = pool.machines().values().filter(|m| m.class == class).fold(
-                (0i64, 0i64),
-                |(busy, free), m| {
-                    let held = if m.state == MachineState::Leased {
-                        m.leases.len() as i64
-                    } else {
-                        0
-                    };
-                    (busy + held, free + i64::from(m.free_slots(slots)))
-                },
-            );
-            for (state, n) in [("busy", busy), ("free", free)] {
+            let free: u32 = pool
+                .machines()
+                .values()
+                .filter(|m| m.class == class)
+                .map(|m| m.free_slots(slots))
+                .sum();
+            for (state, n) in [("busy", pool.jobs_on(class)), ("free", free)] {
                 self.job_slots
                     .get_or_create(&labels(&[("class", class), ("state", state)]))
-                    .set(n);
+                    .set(i64::from(n));
             }
         }
         self.leases.set(pool.leases().len() as i64);

@@ -477,9 +477,6 @@ impl Pool {
                     match outcome {
                         // Other jobs still run on it: it stays leased.
                         ReleaseOutcome::Healthy if !m.leases.is_empty() => {}
-                        ReleaseOutcome::Broken if !m.leases.is_empty() => {
-                            m.broken_after_jobs = Some(why());
-                        }
                         ReleaseOutcome::Healthy if m.broken_after_jobs.is_none() => {
                             m.state = MachineState::Idle;
                             m.idle_since = now;
@@ -491,7 +488,7 @@ impl Pool {
                         }
                         ReleaseOutcome::Broken => {
                             let machine_id = m.id.clone();
-                            self.mark_broken(&machine_id, &why());
+                            self.broken_by_job(&machine_id, lease_id, why());
                         }
                     }
                 }
@@ -733,6 +730,19 @@ impl Pool {
         }
     }
 
+    /// The job holding `lease_id` found its machine broken (or abandoned it): the machine
+    /// is broken now if no other job runs on it, else once the last of them ends (they
+    /// are not failed for what one job found).
+    fn broken_by_job(&mut self, machine_id: &str, lease_id: &str, why: String) {
+        match self.machines.get_mut(machine_id) {
+            Some(m) if m.leases.iter().any(|l| l != lease_id) => {
+                m.leases.retain(|l| l != lease_id);
+                m.broken_after_jobs = Some(why);
+            }
+            _ => self.mark_broken(machine_id, &why),
+        }
+    }
+
     /// Leases older than their job may run (or `max_age` when the job did not say) belong
     /// to jobs whose runner died before `cleanup`: their machines are taken back as broken
     /// (never reused: their state is unknown). Returns the expired lease ids.
@@ -757,14 +767,7 @@ impl Pool {
             let why = format!(
                 "lease {lease_id} was held longer than its job may run without cleanup (its runner is gone)"
             );
-            match self.machines.get_mut(machine_id) {
-                // Its other jobs run on; the machine is broken once they end.
-                Some(m) if m.leases.iter().any(|l| l != lease_id) => {
-                    m.leases.retain(|l| l != lease_id);
-                    m.broken_after_jobs = Some(why.clone());
-                }
-                _ => self.mark_broken(machine_id, &why),
-            }
+            self.broken_by_job(machine_id, lease_id, why.clone());
             if let Some(l) = self.leases.get_mut(lease_id) {
                 l.lost = Some(why);
             }
@@ -1041,6 +1044,16 @@ impl Pool {
     #[cfg(test)]
     pub(crate) fn machine_mut_for_test(&mut self, machine_id: &str) -> Option<&mut Machine> {
         self.machines.get_mut(machine_id)
+    }
+
+    /// Jobs running on the class's machines: the leases they hold, several per machine
+    /// with `jobs_per_machine`.
+    pub fn jobs_on(&self, class: &str) -> u32 {
+        self.machines
+            .values()
+            .filter(|m| m.class == class)
+            .map(|m| m.leases.len() as u32)
+            .sum()
     }
 
     pub fn count(&self, class: &str, state: MachineState) -> u32 {

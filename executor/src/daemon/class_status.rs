@@ -86,12 +86,6 @@ pub fn class_statuses(
                     "a launch on the next reconcile pass".to_owned()
                 }
             });
-            let jobs = pool
-                .machines()
-                .values()
-                .filter(|m| &m.class == name)
-                .map(|m| m.leases.len() as u32)
-                .sum();
             let status = ClassStatus {
                 idle,
                 leased,
@@ -99,7 +93,7 @@ pub fn class_statuses(
                 stopped,
                 starting,
                 live,
-                jobs,
+                jobs: pool.jobs_on(name),
                 jobs_per_machine: class.slots(),
                 max_machines: class.max_machines,
                 waiting,
